@@ -1,0 +1,45 @@
+# The two commands a new user needs: `make demo` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CONSUL := $(VENV)/bin/consul
+SHARED_ENSURE_CONSUL := ../shared/bin/ensure-consul
+
+.PHONY: demo test bench lint clean consul venv
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ferryman needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# A real Consul agent binary: one on PATH, else the project's shared helper (Debian package, no root).
+$(CONSUL):
+	@mkdir -p $(VENV)/bin
+	@if command -v consul >/dev/null 2>&1; then \
+		cp "$$(command -v consul)" $(CONSUL); \
+	elif [ -x $(SHARED_ENSURE_CONSUL) ]; then \
+		$(SHARED_ENSURE_CONSUL) $(VENV)/bin >/dev/null; \
+	else \
+		echo "No Consul binary found. Install Consul (e.g. 'apt-get install consul' or HashiCorp's release) so that 'consul' is on PATH, then run make again." >&2; \
+		exit 1; \
+	fi
+	@$(CONSUL) version | head -n 1
+
+consul: $(CONSUL)
+
+demo: $(VENV)/.installed $(CONSUL)
+	$(PY) -m demo.run --consul-bin $(CONSUL)
+
+test: $(VENV)/.installed $(CONSUL)
+	CONSUL_BIN=$(abspath $(CONSUL)) $(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check discovery proxy tests demo bench
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,86 @@
+"""Value types that cross from discovery into the proxy.
+
+Everything here is frozen and slotted: a Snapshot is built once, compared with the previous one (equal
+snapshots are dropped) and then only read. Tuples, never lists or dicts, so equality and hashing are cheap
+and nothing downstream can mutate what the watcher handed over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One healthy instance of a service: where to send requests."""
+
+    service: str
+    instance_id: str
+    address: str
+    port: int
+    node: str = ""
+    weight: int = 1
+
+    @property
+    def key(self) -> str:
+        """Stable identity of the instance across snapshots (Consul service IDs are unique per node)."""
+        return f"{self.node}/{self.instance_id}"
+
+    @property
+    def authority(self) -> str:
+        """host:port for a URL; IPv6 literals get their brackets (RFC 3986 §3.2.2)."""
+        if ":" in self.address:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """What one route tag declares: host (lower case, no port; "" = any host), path prefix, options."""
+
+    host: str
+    path: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    def option(self, name: str) -> str | None:
+        for key, value in self.options:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def strip(self) -> str | None:
+        return self.option("strip")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRoutes:
+    """A routed service: the routes its tags declare and its instances that pass every check."""
+
+    name: str
+    routes: tuple[RouteSpec, ...]
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A bad item that was skipped while building a snapshot (logged, never fatal)."""
+
+    kind: str
+    service: str
+    detail: str
+    item: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The whole routed world at one moment, sorted by service name so equal worlds compare equal."""
+
+    services: tuple[ServiceRoutes, ...] = ()
+    problems: tuple[Problem, ...] = field(default=(), compare=False)
+
+    def service(self, name: str) -> ServiceRoutes | None:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        return None

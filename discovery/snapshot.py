@@ -1,0 +1,119 @@
+"""Build a Snapshot from Consul's JSON: the catalog's service list and each routed service's health entries.
+
+Routes come from the tags in /v1/catalog/services (the union of every instance's tags), so a route stays
+declared while all its instances are failing: the proxy then answers 503 (no healthy instance) rather than
+404 (no such route). Endpoints come from /v1/health/service/<name>, keeping only instances that pass every
+check. A malformed tag or entry becomes a Problem and is skipped; the rest of the snapshot still applies.
+Pure: JSON in, Snapshot out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .health import is_passing
+from .model import Endpoint, Problem, RouteSpec, ServiceRoutes, Snapshot
+from .tags import DEFAULT_PREFIX, TagError, is_route_tag, parse_route_tag, unknown_options
+
+
+def routes_from_tags(
+    service: str, tags: Sequence[str], prefix: str = DEFAULT_PREFIX
+) -> tuple[tuple[RouteSpec, ...], list[Problem]]:
+    """The valid routes a service's tags declare, deduplicated and sorted, and a Problem per bad tag."""
+    routes: set[RouteSpec] = set()
+    problems: list[Problem] = []
+    for tag in tags:
+        if not isinstance(tag, str) or not is_route_tag(tag, prefix):
+            continue
+        try:
+            spec = parse_route_tag(tag, prefix)
+        except TagError as exc:
+            problems.append(Problem("route_tag_invalid", service, str(exc), tag))
+            continue
+        ignored = unknown_options(spec)
+        if ignored:
+            problems.append(Problem("route_option_ignored", service, f"options not supported: {ignored}", tag))
+        routes.add(spec)
+    return tuple(sorted(routes, key=lambda r: (r.host, r.path, r.options))), problems
+
+
+def endpoint_from_entry(service: str, entry: Mapping[str, Any]) -> Endpoint:
+    """One health entry to an Endpoint; ValueError when it lacks what is needed to connect."""
+    svc = entry.get("Service")
+    node = entry.get("Node")
+    if not isinstance(svc, Mapping) or not isinstance(node, Mapping):
+        raise ValueError("entry has no Service or Node object")
+    # An instance registered without an address is reachable at its node's address (Consul's own rule).
+    address = svc.get("Address") or node.get("Address")
+    port = svc.get("Port")
+    if not isinstance(address, str) or not address:
+        raise ValueError("instance has no address and neither has its node")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"instance port {port!r} is not a TCP port")
+    weights = svc.get("Weights")
+    weight = 1
+    if isinstance(weights, Mapping):
+        passing = weights.get("Passing")
+        if isinstance(passing, int) and not isinstance(passing, bool) and passing > 0:
+            weight = passing
+    return Endpoint(
+        service=service,
+        instance_id=str(svc.get("ID") or f"{address}:{port}"),
+        address=address.strip("[]"),
+        port=port,
+        node=str(node.get("Node", "")),
+        weight=weight,
+    )
+
+
+def healthy_endpoints(
+    service: str, entries: Sequence[Mapping[str, Any]]
+) -> tuple[tuple[Endpoint, ...], list[Problem]]:
+    endpoints: list[Endpoint] = []
+    problems: list[Problem] = []
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            problems.append(Problem("instance_invalid", service, "entry is not an object"))
+            continue
+        if not is_passing(entry):
+            continue
+        try:
+            endpoints.append(endpoint_from_entry(service, entry))
+        except ValueError as exc:
+            sid = entry.get("Service", {}).get("ID", "") if isinstance(entry.get("Service"), Mapping) else ""
+            problems.append(Problem("instance_invalid", service, str(exc), str(sid)))
+    endpoints.sort(key=lambda e: (e.node, e.instance_id, e.address, e.port))
+    return tuple(endpoints), problems
+
+
+def build_snapshot(
+    catalog: Mapping[str, Sequence[str]],
+    health: Mapping[str, Sequence[Mapping[str, Any]]],
+    prefix: str = DEFAULT_PREFIX,
+) -> Snapshot:
+    """The routed services of `catalog` whose health is known in `health`, as one Snapshot.
+
+    A service with route tags but no entry in `health` yet is left out until its health is known, so a new
+    service never flashes through a 503 state with zero instances.
+    """
+    services: list[ServiceRoutes] = []
+    problems: list[Problem] = []
+    for name in sorted(catalog):
+        routes, bad = routes_from_tags(name, catalog[name] or (), prefix)
+        problems.extend(bad)
+        if not routes or name not in health:
+            continue
+        endpoints, bad = healthy_endpoints(name, health[name])
+        problems.extend(bad)
+        services.append(ServiceRoutes(name=name, routes=routes, endpoints=endpoints))
+    return Snapshot(services=tuple(services), problems=tuple(problems))
+
+
+def routed_services(catalog: Mapping[str, Sequence[str]], prefix: str = DEFAULT_PREFIX) -> set[str]:
+    """Names of services with at least one route tag (valid or not: validity is reported by the builder)."""
+    return {
+        name
+        for name, tags in catalog.items()
+        if any(isinstance(t, str) and is_route_tag(t, prefix) for t in (tags or ()))
+    }

@@ -1,0 +1,116 @@
+"""Route tags in Fabio's syntax, so services move from Fabio to Ferryman untouched.
+
+    urlprefix-/api                       any host, path prefix /api
+    urlprefix-api.example.com/           one host, every path
+    urlprefix-*.example.com/v1 strip=/v1 wildcard host, prefix stripped before forwarding
+
+The part after the prefix is `[host[:port]]/path`, then options separated by blanks, each `key=value`.
+Options are kept in the RouteSpec in tag order; the ones Ferryman knows are validated here so a typo is
+reported at the tag rather than misbehaving at request time. Parsing is pure: a string in, a RouteSpec out,
+or TagError saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from .model import RouteSpec
+
+DEFAULT_PREFIX: Final = "urlprefix-"
+
+# Options understood by the proxy. Others are kept and reported as ignored (Fabio has options Ferryman does
+# not implement, such as auth=; silently routing without them would surprise, so they are surfaced).
+KNOWN_OPTIONS: Final = frozenset({"strip", "proto", "tlsskipverify"})
+
+# RFC 1123 labels (underscore allowed: it appears in real service host names), optionally "*." in front.
+_HOST_RE: Final = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$")
+_PATH_RE: Final = re.compile(r"^/[^\s?#]*$")
+_OPTION_KEY_RE: Final = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class TagError(ValueError):
+    """A route tag that cannot be used; the message says why."""
+
+
+def is_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> bool:
+    return tag.startswith(prefix)
+
+
+def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
+    """Parse one `urlprefix-` tag into a RouteSpec; raise TagError for a malformed one."""
+    if not tag.startswith(prefix):
+        raise TagError(f"not a route tag (does not start with {prefix!r})")
+    words = tag[len(prefix) :].split()
+    if not words:
+        raise TagError("empty route: expected [host]/path after the prefix")
+    target, option_words = words[0], words[1:]
+
+    slash = target.find("/")
+    if slash < 0:
+        if target.startswith(":"):
+            raise TagError("TCP routes (urlprefix-:port) are not supported; declare an HTTP path")
+        raise TagError(f"route {target!r} has no path: write {target}/ for every path of the host")
+    host, path = _parse_host(target[:slash]), target[slash:]
+    if not _PATH_RE.match(path):
+        raise TagError(f"invalid path {path!r}: no blanks, '?' or '#' allowed")
+    if "/../" in path + "/" or "/./" in path + "/":
+        raise TagError(f"invalid path {path!r}: dot-segments are not allowed in a route")
+    path = normalize_prefix(path)
+
+    options: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for word in option_words:
+        key, eq, value = word.partition("=")
+        if not eq or not key:
+            raise TagError(f"option {word!r} is not key=value")
+        if not _OPTION_KEY_RE.match(key):
+            raise TagError(f"option name {key!r} is invalid")
+        if key in seen:
+            raise TagError(f"option {key!r} is given twice")
+        seen.add(key)
+        options.append((key, _validate_option(key, value, path)))
+    return RouteSpec(host=host, path=path, options=tuple(options))
+
+
+def normalize_prefix(path: str) -> str:
+    """`/api/` and `/api` are the same segment-boundary prefix; `/` stays `/`."""
+    stripped = path.rstrip("/")
+    return stripped or "/"
+
+
+def unknown_options(spec: RouteSpec) -> list[str]:
+    return [key for key, _ in spec.options if key not in KNOWN_OPTIONS]
+
+
+def _parse_host(raw: str) -> str:
+    if not raw:
+        return ""
+    host = raw.lower()
+    name, colon, port = host.rpartition(":") if ":" in host else (host, "", "")
+    if colon:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise TagError(f"invalid port in host {raw!r}")
+        host = name
+    if not _HOST_RE.match(host):
+        raise TagError(f"invalid host {raw!r}")
+    return host
+
+
+def _validate_option(key: str, value: str, path: str) -> str:
+    if key == "strip":
+        if not value.startswith("/"):
+            raise TagError(f"strip={value!r} must start with '/'")
+        value = normalize_prefix(value)
+        if value == "/":
+            raise TagError("strip=/ strips nothing")
+        if not (path == value or path.startswith(value + "/")):
+            raise TagError(f"strip={value!r} is not a prefix of the route path {path!r}")
+    elif key == "proto":
+        if value == "tcp" or value == "grpc" or value == "grpcs":
+            raise TagError(f"proto={value} is not supported; Ferryman proxies HTTP")
+        if value not in ("http", "https"):
+            raise TagError(f"proto={value!r} must be http or https")
+    elif key == "tlsskipverify" and value not in ("true", "false"):
+        raise TagError(f"tlsskipverify={value!r} must be true or false")
+    return value

@@ -1,0 +1,116 @@
+"""Wiring: discovery watcher -> routing table + pools -> proxy listener, plus the admin listener.
+
+The only place that owns long-lived resources (Consul client, upstream ClientSession, listeners) and the
+only place that starts and stops them, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from aiohttp import web
+
+from discovery.consul import ConsulClient
+from discovery.model import Problem, Snapshot
+from discovery.watcher import Watcher
+
+from .admin import make_admin_app
+from .config import Settings
+from .forwarder import Forwarder
+from .metrics import Metrics
+from .pool import Pools
+from .server import ProxyHandler, Router
+from .table import RoutingTable
+
+log = structlog.get_logger("ferryman")
+
+
+class Ferryman:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.router = Router()
+        self.pools = Pools()
+        self.generation = 0
+        self._conflicts: set[Problem] = set()
+        self.forwarder = Forwarder(
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            max_connections=settings.upstream_max_connections,
+            idle_timeout=settings.upstream_idle_timeout,
+        )
+        self._consul: ConsulClient | None = None
+        self._watcher: Watcher | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._runners: list[web.BaseRunner] = []
+
+    def apply(self, snapshot: Snapshot) -> None:
+        """Install a new snapshot: pools first (so every route of the new table has its pool), then the
+        table in one assignment."""
+        self.generation += 1
+        table = RoutingTable.from_snapshot(snapshot, self.generation)
+        changes = self.pools.reconcile(snapshot)
+        self.router.current = table
+        self.metrics.set_pools((p.service, len(p)) for p in self.pools)
+        self.metrics.routes.set(len(table.routes))
+        self.metrics.discovery_updates.inc()
+        for problem in set(table.conflicts) - self._conflicts:
+            log.warning(problem.kind, service=problem.service, route=problem.item, error=problem.detail)
+        self._conflicts = set(table.conflicts)
+        log.info(
+            "table_swapped", generation=self.generation, routes=len(table.routes), services=len(self.pools),
+            added=changes.added, removed=changes.removed, changed=changes.changed,
+        )
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.forwarder.start()
+        self._consul = ConsulClient(s.consul_address, token=s.consul_token, dc=s.consul_dc, wait_s=s.consul_wait)
+        self._watcher = Watcher(
+            self._consul, self.apply, prefix=s.tag_prefix,
+            on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
+        )
+        self._watch_task = asyncio.get_running_loop().create_task(self._watcher.run(), name="consul-watcher")
+
+        listen = s.listen_addr
+        handler = ProxyHandler(
+            self.router, self.pools, self.forwarder, self.metrics,
+            max_attempts=s.max_attempts, listen_port=listen.port, access_log_enabled=s.access_log,
+        )
+        proxy_runner = web.ServerRunner(
+            web.Server(handler, access_log=None), shutdown_timeout=s.shutdown_timeout,
+        )
+        await proxy_runner.setup()
+        self._runners.append(proxy_runner)
+        await web.TCPSite(proxy_runner, listen.host, listen.port, backlog=1024).start()
+
+        admin = s.admin_addr
+        admin_runner = web.AppRunner(make_admin_app(self.router, self.pools, self.metrics), access_log=None)
+        await admin_runner.setup()
+        self._runners.append(admin_runner)
+        await web.TCPSite(admin_runner, admin.host, admin.port).start()
+        log.info("ferryman_started", listen=str(listen), admin=str(admin), consul=s.consul_addr)
+
+    async def wait_synced(self, timeout: float) -> bool:
+        if self._watcher is None:
+            return False
+        try:
+            await asyncio.wait_for(self._watcher.synced.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        log.info("ferryman_stopping", shutdown_timeout_s=self.settings.shutdown_timeout)
+        # Listeners first (in-flight requests finish within shutdown_timeout), then discovery and clients.
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+        if self._consul is not None:
+            await self._consul.close()
+        await self.forwarder.close()
+        log.info("ferryman_stopped")

@@ -1,0 +1,104 @@
+"""`ferryman`: the command line. Flags mirror config keys (--read-timeout for read_timeout)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from . import __version__, logs
+from .app import Ferryman
+from .config import DEFAULTS, FIELD_TYPES, ConfigError, Settings, env_name, flag_name, load
+
+_HELP = {
+    "listen": "proxy listener, host:port",
+    "admin_listen": "admin listener (/metrics, /healthz, /api/routes), host:port",
+    "consul_addr": "Consul HTTP API, host:port or http(s)://host:port",
+    "consul_token": "Consul ACL token",
+    "consul_dc": "Consul datacenter (default: the agent's)",
+    "consul_wait": "blocking-query wait in seconds",
+    "tag_prefix": "prefix of route tags (Fabio's urlprefix-)",
+    "log_format": "auto (json unless stdout is a terminal), json or console",
+    "log_level": "debug, info, warning or error",
+    "access_log": "one log line per request (true/false)",
+    "connect_timeout": "seconds to connect to an upstream",
+    "read_timeout": "seconds an upstream may stay silent (head or body) before 504 / abort",
+    "max_attempts": "instances tried per request on connection failures (capped by the pool size)",
+    "upstream_max_connections": "upstream connections in total, 0 for no limit",
+    "upstream_idle_timeout": "seconds an idle upstream keep-alive connection is kept",
+    "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ferryman",
+        description="HTTP reverse proxy that routes to the healthy instances Consul knows.",
+        epilog="Each flag can also be set as FERRYMAN_<KEY> in the environment or as <key> in the config "
+        "file. Precedence: flag > environment > file > default.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML config file")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--version", action="version", version=f"ferryman {__version__}")
+    for key, kind in FIELD_TYPES.items():
+        default = getattr(DEFAULTS, key)
+        parser.add_argument(
+            flag_name(key), dest=key, metavar=kind.__name__.upper() if kind is not str else "VALUE",
+            default=None, help=f"{_HELP.get(key, key)} (default: {default!r}; env {env_name(key)})",
+        )
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    args = build_parser().parse_args(argv)
+    flags = {key: getattr(args, key) for key in FIELD_TYPES}
+    return args, load(config_file=args.config, environ=os.environ, flags=flags)
+
+
+async def _serve(settings: Settings) -> None:
+    app = Ferryman(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        await app.stop()
+
+
+def _run(settings: Settings) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_serve(settings))
+        return
+    uvloop.run(_serve(settings))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args, settings = load_settings(argv)
+    except ConfigError as exc:
+        print(f"ferryman: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"ferryman: configuration OK{' (' + args.config + ')' if args.config else ''}")
+        return 0
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        _run(settings)
+    except OSError as exc:
+        structlog.get_logger("ferryman").error("startup_failed", error=str(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

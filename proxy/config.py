@@ -1,0 +1,252 @@
+"""Settings: defaults < config file (TOML) < environment (FERRYMAN_<KEY>) < command-line flags.
+
+Every key has one name in all three places: `read_timeout` in the file, FERRYMAN_READ_TIMEOUT in the
+environment, --read-timeout on the command line. An unknown key or a bad value is a ConfigError that names
+where it came from (file and line, variable, or flag), the key and the problem; nothing is ignored silently.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+
+from discovery.consul import ConsulAddress
+
+ENV_PREFIX: Final = "FERRYMAN_"
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names its source, the key and what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        """`host:port`, `:port` (every interface) or `[v6]:port`."""
+        host, sep, port = text.strip().rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"{text!r} is not host:port")
+        host = host.strip("[]") or "0.0.0.0"
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str = "0.0.0.0:8080"
+    admin_listen: str = "127.0.0.1:9090"
+    consul_addr: str = "127.0.0.1:8500"
+    consul_token: str = ""
+    consul_dc: str = ""
+    consul_wait: float = 30.0
+    tag_prefix: str = "urlprefix-"
+    log_format: str = "auto"
+    log_level: str = "info"
+    access_log: bool = True
+    connect_timeout: float = 2.0
+    read_timeout: float = 30.0
+    max_attempts: int = 3
+    upstream_max_connections: int = 1024
+    upstream_idle_timeout: float = 60.0
+    shutdown_timeout: float = 10.0
+
+    @property
+    def listen_addr(self) -> HostPort:
+        return HostPort.parse(self.listen)
+
+    @property
+    def admin_addr(self) -> HostPort:
+        return HostPort.parse(self.admin_listen)
+
+    @property
+    def consul_address(self) -> ConsulAddress:
+        return ConsulAddress.parse(self.consul_addr)
+
+
+def _choice(*allowed: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+    return check
+
+
+def _positive(value: Any) -> None:
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+
+
+def _between(low: float, high: float) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g}")
+    return check
+
+
+def _parses(parser: Callable[[str], Any]) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        parser(value)
+    return check
+
+
+def _prefix(value: Any) -> None:
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("must be a non-empty word without blanks")
+
+
+_CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
+    "listen": _parses(HostPort.parse),
+    "admin_listen": _parses(HostPort.parse),
+    "consul_addr": _parses(ConsulAddress.parse),
+    "consul_wait": _between(1, 600),
+    "tag_prefix": _prefix,
+    "log_format": _choice("auto", "json", "console"),
+    "log_level": _choice("debug", "info", "warning", "error"),
+    "connect_timeout": _positive,
+    "read_timeout": _positive,
+    "max_attempts": _between(1, 10),
+    "upstream_max_connections": _between(0, 1_000_000),
+    "upstream_idle_timeout": _positive,
+    "shutdown_timeout": _between(0, 3600),
+}
+
+FIELD_TYPES: Final[Mapping[str, type]] = {
+    f.name: {"str": str, "float": float, "int": int, "bool": bool}[str(f.type)] for f in fields(Settings)
+}
+DEFAULTS: Final = Settings()
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def _coerce_text(key: str, text: str) -> Any:
+    """A value given as text (environment, flag) to the key's type."""
+    kind = FIELD_TYPES[key]
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{text!r} is not a boolean (true/false)")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a whole number") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+    return text
+
+
+def _check_typed(key: str, value: Any) -> Any:
+    """A value from TOML must already have the key's type (an int is accepted for a float)."""
+    kind = FIELD_TYPES[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, bool):
+        raise ValueError(f"must be a whole number, got {value!r}")
+    if not isinstance(value, kind):
+        raise ValueError(f"must be a {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _validate(key: str, value: Any) -> None:
+    check = _CHECKS.get(key)
+    if check is not None:
+        check(value)
+
+
+def _key_line(text: str, key: str) -> int | None:
+    pattern = re.compile(rf"^\s*(\"{re.escape(key)}\"|'{re.escape(key)}'|{re.escape(key)})\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.match(line):
+            return number
+    return None
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read and validate a TOML config file: {key: value}; ConfigError naming file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        line = _key_line(text, key)
+        where = f"{path}:{line}" if line else str(path)
+        if key not in FIELD_TYPES:
+            kind = "table" if isinstance(value, dict) else "key"
+            raise ConfigError(f"{where}: unknown {kind} {key!r} (known keys: {', '.join(FIELD_TYPES)})")
+        try:
+            value = _check_typed(key, value)
+            _validate(key, value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: key {key!r}: {exc}") from exc
+        out[key] = value
+    return out
+
+
+def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in FIELD_TYPES:
+            raise ConfigError(f"environment variable {name}: unknown key {key!r}")
+        try:
+            value = _coerce_text(key, text)
+            _validate(key, value)
+        except ValueError as exc:
+            raise ConfigError(f"environment variable {name}: key {key!r}: {exc}") from exc
+        out[key] = value
+    return out
+
+
+def load_flags(flags: Mapping[str, str | None]) -> dict[str, Any]:
+    """Flags given as text by argparse ({key: text or None when not given})."""
+    out: dict[str, Any] = {}
+    for key, text in flags.items():
+        if text is None:
+            continue
+        try:
+            value = _coerce_text(key, text)
+            _validate(key, value)
+        except ValueError as exc:
+            raise ConfigError(f"flag {flag_name(key)}: key {key!r}: {exc}") from exc
+        out[key] = value
+    return out
+
+
+def load(
+    *, config_file: str | None, environ: Mapping[str, str], flags: Mapping[str, str | None]
+) -> Settings:
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(load_file(config_file))
+    merged.update(load_env(environ))
+    merged.update(load_flags(flags))
+    return Settings(**merged)
