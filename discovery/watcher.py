@@ -89,7 +89,8 @@ class Watcher:
         self._health_tasks: dict[str, asyncio.Task[None]] = {}
         self._last: Snapshot | None = None
         self._known_problems: set[Problem] = set()
-        self._outage_since: float | None = None
+        self._failing: set[str] = set()  # loops whose last query failed; an outage lasts while non-empty
+        self._outage_since = 0.0
         self.last_success: float | None = None
         self.synced = asyncio.Event()
 
@@ -121,7 +122,7 @@ class Watcher:
                 continue
             self._on_request(time.monotonic() - started)
             backoff.reset()
-            self._succeeded()
+            self._succeeded("catalog")
             index = next_index(index, returned)
             if services != self._catalog:
                 self._catalog = services
@@ -133,6 +134,7 @@ class Watcher:
             if name not in wanted:
                 self._health_tasks.pop(name).cancel()
                 self._health.pop(name, None)
+                self._recovered(f"health:{name}")
         for name in sorted(wanted - self._health_tasks.keys()):
             self._health_tasks[name] = asyncio.get_running_loop().create_task(
                 self._health_loop(name), name=f"consul-health-{name}"
@@ -152,7 +154,7 @@ class Watcher:
                 continue
             self._on_request(time.monotonic() - started)
             backoff.reset()
-            self._succeeded()
+            self._succeeded(f"health:{service}")
             index = next_index(index, returned)
             if self._health.get(service) != entries:
                 self._health[service] = entries
@@ -178,12 +180,20 @@ class Watcher:
 
     def _failed(self, exc: ConsulError, query: str) -> None:
         self._on_error(exc.reason)
-        if self._outage_since is None:
+        if not self._failing:
             self._outage_since = time.monotonic()
             log.warning("consul_unreachable", reason=exc.reason, query=query, error=exc.detail)
+        self._failing.add(query)
 
-    def _succeeded(self) -> None:
+    def _succeeded(self, query: str) -> None:
         self.last_success = time.time()
-        if self._outage_since is not None:
-            log.info("consul_recovered", outage_s=round(time.monotonic() - self._outage_since, 3))
-            self._outage_since = None
+        self._recovered(query)
+
+    def _recovered(self, query: str) -> None:
+        # The outage ends when every loop that failed has succeeded again (or was stopped), not at the first
+        # answer: a restarting agent answers some queries before it has a leader, and a per-query view would
+        # log the same outage several times.
+        if query in self._failing:
+            self._failing.discard(query)
+            if not self._failing:
+                log.info("consul_recovered", outage_s=round(time.monotonic() - self._outage_since, 3))

@@ -1,0 +1,326 @@
+"""Real components for integration tests: a Consul dev agent, Ferryman as a subprocess, aiohttp backends.
+
+Everything listens on 127.0.0.1 on ports the kernel hands out; every process started here is stopped by its
+PID. Nothing here mocks Consul: the agent is the real binary (CONSUL_BIN, set by `make test`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def consul_binary() -> str:
+    path = os.environ.get("CONSUL_BIN") or str(REPO / ".venv" / "bin" / "consul")
+    if not Path(path).is_file():
+        raise RuntimeError(
+            f"no Consul binary at {path}: run the tests with `make test`, which obtains one, or set CONSUL_BIN"
+        )
+    return path
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # still starting up
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
+
+
+async def async_wait_until(
+    predicate: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.02
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = await predicate()
+            if value:
+                return value
+        except Exception as exc:
+            last_exc = exc
+        await asyncio.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
+
+
+def _http_json(method: str, url: str, body: Any = None, timeout: float = 5) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw.strip() else None
+
+
+def _stop_pid(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@dataclass
+class ConsulAgent:
+    """A `consul agent -dev` on free loopback ports; restartable on the same ports."""
+
+    workdir: Path
+    http_port: int = field(default_factory=free_port)
+    ports: tuple[int, int, int] = field(default_factory=lambda: (free_port(), free_port(), free_port()))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.addr}"
+
+    def start(self) -> None:
+        serf_lan, serf_wan, server = self.ports
+        log = open(self.workdir / "consul.log", "ab")  # noqa: SIM115 - handed to the child process
+        self.proc = subprocess.Popen(
+            [consul_binary(), "agent", "-dev", "-node", "ferryman-test", "-bind", "127.0.0.1",
+             "-client", "127.0.0.1", "-http-port", str(self.http_port), "-dns-port", "-1", "-grpc-port", "-1",
+             "-serf-lan-port", str(serf_lan), "-serf-wan-port", str(serf_wan), "-server-port", str(server)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        wait_until(self._ready, 30, "Consul to elect itself leader and register its node")
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"consul exited with {self.proc.returncode}; see {self.workdir / 'consul.log'}")
+        leader = _http_json("GET", f"{self.url}/v1/status/leader", timeout=1)
+        nodes = _http_json("GET", f"{self.url}/v1/catalog/nodes", timeout=1)
+        return bool(leader) and bool(nodes)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_pid(self.proc)
+            self.proc = None
+
+    # --- agent API, synchronous (used from fixtures and via to_thread from async tests) ---
+    def register(self, name: str, instance: str, port: int, tags: list[str], *, ttl: bool = True,
+                 address: str = "127.0.0.1", meta: dict[str, str] | None = None) -> None:
+        body: dict[str, Any] = {"Name": name, "ID": instance, "Address": address, "Port": port, "Tags": tags}
+        if meta:
+            body["Meta"] = meta
+        if ttl:
+            body["Check"] = {"CheckID": f"service:{instance}", "TTL": "30s", "Status": "passing"}
+        _http_json("PUT", f"{self.url}/v1/agent/service/register", body)
+
+    def deregister(self, instance: str) -> None:
+        _http_json("PUT", f"{self.url}/v1/agent/service/deregister/{instance}")
+
+    def ttl(self, instance: str, status: str) -> None:
+        verb = {"passing": "pass", "warning": "warn", "critical": "fail"}[status]
+        _http_json("PUT", f"{self.url}/v1/agent/check/{verb}/service:{instance}")
+
+
+@dataclass
+class FerrymanProcess:
+    consul_addr: str
+    workdir: Path
+    extra: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    admin_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"ferryman-{self.port}.log"
+
+    def start(self) -> None:
+        exe = Path(sys.executable).parent / "ferryman"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
+        self.proc = subprocess.Popen(
+            [str(exe), "--listen", f"127.0.0.1:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin_port}",
+             "--consul-addr", self.consul_addr, "--log-format", "json", "--consul-wait", "5", *self.extra],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
+        log.close()
+        wait_until(lambda: _http_json("GET", f"{self.admin_url}/api/routes", timeout=1) is not None, 20,
+                   "Ferryman's admin listener")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_pid(self.proc)
+            self.proc = None
+
+    def routes(self) -> dict[str, Any]:
+        return _http_json("GET", f"{self.admin_url}/api/routes", timeout=2)  # type: ignore[no-any-return]
+
+    def instances(self, route_id: str) -> list[str]:
+        for route in self.routes()["routes"]:
+            if route["id"] == route_id:
+                return sorted(i["id"] for i in route["instances"])
+        return []
+
+    def wait_instances(self, route_id: str, expected: list[str], timeout: float = 10) -> None:
+        wait_until(lambda: self.instances(route_id) == sorted(expected), timeout,
+                   f"route {route_id} to have instances {expected}")
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+        return events
+
+
+@dataclass
+class Hit:
+    at: float
+    method: str
+    path: str
+
+
+class Backend:
+    """An aiohttp server in the test's event loop that records every request it receives."""
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self.port = free_port()
+        self.hits: list[Hit] = []
+        self.gate = asyncio.Event()
+        self.first_chunk_received = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> Backend:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        self.hits.append(Hit(time.monotonic(), request.method, request.raw_path))
+        tail = request.match_info["tail"]
+        action = tail.rsplit("/", 1)[-1]
+        handler = getattr(self, f"_do_{action}", None)
+        if handler is not None:
+            return await handler(request)  # type: ignore[no-any-return]
+        return await self._echo(request)
+
+    async def _echo(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response({
+            "instance": self.instance, "method": request.method, "path": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()], "body_bytes": len(body),
+        })
+
+    async def _do_upload(self, request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        size = 0
+        first = True
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+            if first:
+                self.first_chunk_received.set()
+                first = False
+        return web.json_response({"sha256": digest.hexdigest(), "size": size,
+                                  "chunked": "chunked" in request.headers.get("Transfer-Encoding", "")})
+
+    async def _do_download(self, request: web.Request) -> web.StreamResponse:
+        size = int(request.query.get("size", "0"))
+        resp = web.StreamResponse()
+        resp.content_length = size
+        await resp.prepare(request)
+        for offset in range(0, size, 65536):
+            await resp.write(pattern_bytes(offset, min(65536, size - offset)))
+        await resp.write_eof()
+        return resp
+
+    async def _do_gated(self, request: web.Request) -> web.StreamResponse:
+        """First chunk, then wait until the test saw it through the proxy, then the rest."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)
+        await resp.write(b"first\n")
+        await asyncio.wait_for(self.gate.wait(), 10)
+        await resp.write(b"second\n")
+        await resp.write_eof()
+        return resp
+
+    async def _do_slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("delay", "1")))
+        return web.Response(text="late\n")
+
+    async def _do_hopbyhop(self, request: web.Request) -> web.Response:
+        resp = web.Response(text="ok\n")
+        resp.headers.add("Set-Cookie", "a=1; Path=/")
+        resp.headers.add("Set-Cookie", "b=2; Path=/")
+        resp.headers["Connection"] = "X-Hop"
+        resp.headers["X-Hop"] = "must not reach the client"
+        resp.headers["Keep-Alive"] = "timeout=5"
+        resp.headers["X-End-To-End"] = "kept"
+        return resp
+
+
+def pattern_bytes(offset: int, length: int) -> bytes:
+    """Deterministic, incompressible-looking bytes: the same offset always gives the same content."""
+    out = bytearray()
+    block = offset // 32
+    while len(out) < length + (offset % 32):
+        out += hashlib.sha256(block.to_bytes(8, "big")).digest()
+        block += 1
+    start = offset % 32
+    return bytes(out[start : start + length])
+
+
+def new_workdir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, bytes, Any]:
+    async with session.request(kwargs.pop("method", "GET"), url, **kwargs) as resp:
+        return resp.status, await resp.read(), resp.headers
