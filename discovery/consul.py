@@ -103,7 +103,7 @@ class ConsulClient:
             raise
         except consul.ACLPermissionDenied as exc:
             raise ConsulError("forbidden", str(exc) or "ACL permission denied") from exc
-        except (consul.Timeout, asyncio.TimeoutError) as exc:
+        except (TimeoutError, consul.Timeout) as exc:
             raise ConsulError("timeout", "no answer from Consul in time") from exc
         except consul.ConsulException as exc:
             raise ConsulError("bad_response", str(exc)) from exc

@@ -24,7 +24,8 @@ DEFAULT_PREFIX: Final = "urlprefix-"
 KNOWN_OPTIONS: Final = frozenset({"strip", "proto", "tlsskipverify"})
 
 # RFC 1123 labels (underscore allowed: it appears in real service host names), optionally "*." in front.
-_HOST_RE: Final = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$")
+_LABEL: Final = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST_RE: Final = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
 _PATH_RE: Final = re.compile(r"^/[^\s?#]*$")
 _OPTION_KEY_RE: Final = re.compile(r"^[a-z][a-z0-9_]*$")
 

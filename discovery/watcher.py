@@ -87,6 +87,7 @@ class Watcher:
         self._catalog: dict[str, list[str]] | None = None
         self._health: dict[str, list[dict[str, Any]]] = {}
         self._health_tasks: dict[str, asyncio.Task[None]] = {}
+        self._pending: set[str] = set()  # health loops whose first query has not answered (or failed) yet
         self._last: Snapshot | None = None
         self._known_problems: set[Problem] = set()
         self._failing: set[str] = set()  # loops whose last query failed; an outage lasts while non-empty
@@ -134,8 +135,10 @@ class Watcher:
             if name not in wanted:
                 self._health_tasks.pop(name).cancel()
                 self._health.pop(name, None)
+                self._pending.discard(name)
                 self._recovered(f"health:{name}")
         for name in sorted(wanted - self._health_tasks.keys()):
+            self._pending.add(name)
             self._health_tasks[name] = asyncio.get_running_loop().create_task(
                 self._health_loop(name), name=f"consul-health-{name}"
             )
@@ -149,6 +152,11 @@ class Watcher:
                 returned, entries = await self._source.health(service, index)
             except ConsulError as exc:
                 self._failed(exc, f"health:{service}")
+                if service in self._pending:
+                    # A service whose health cannot be read must not hold back every other update: it stays
+                    # out of the table (or keeps its last known state) until a query succeeds.
+                    self._pending.discard(service)
+                    self._publish()
                 index = 0
                 await asyncio.sleep(backoff.next_delay())
                 continue
@@ -156,6 +164,7 @@ class Watcher:
             backoff.reset()
             self._succeeded(f"health:{service}")
             index = next_index(index, returned)
+            self._pending.discard(service)
             if self._health.get(service) != entries:
                 self._health[service] = entries
                 self._publish()
@@ -163,9 +172,9 @@ class Watcher:
     def _publish(self) -> None:
         if self._catalog is None:
             return
-        # Until every routed service's health is known, keep serving the previous table (or none): a
-        # half-known world would briefly drop routes that are fine.
-        if any(name not in self._health for name in self._health_tasks):
+        # Until every new routed service's first health query has answered, keep serving the previous table:
+        # a half-known world would briefly drop routes that are fine.
+        if self._pending:
             return
         snapshot = build_snapshot(self._catalog, self._health, self._prefix)
         problems = set(snapshot.problems)

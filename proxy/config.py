@@ -7,6 +7,7 @@ where it came from (file and line, variable, or flag), the key and the problem; 
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -81,13 +82,13 @@ def _choice(*allowed: str) -> Callable[[Any], None]:
 
 
 def _positive(value: Any) -> None:
-    if value <= 0:
-        raise ValueError("must be greater than 0")
+    if not (value > 0 and math.isfinite(value)):  # written so that NaN fails too
+        raise ValueError(f"must be a finite number greater than 0, got {value!r}")
 
 
 def _between(low: float, high: float) -> Callable[[Any], None]:
     def check(value: Any) -> None:
-        if not low <= value <= high:
+        if not low <= value <= high:  # NaN fails every comparison, so it is refused here too
             raise ValueError(f"must be between {low:g} and {high:g}")
     return check
 
@@ -175,7 +176,9 @@ def _validate(key: str, value: Any) -> None:
 
 
 def _key_line(text: str, key: str) -> int | None:
-    pattern = re.compile(rf"^\s*(\"{re.escape(key)}\"|'{re.escape(key)}'|{re.escape(key)})\s*=")
+    """The line where a top-level key is set: `key =`, a dotted `key.sub =`, or a `[key]` table header."""
+    name = rf"(\"{re.escape(key)}\"|'{re.escape(key)}'|{re.escape(key)})"
+    pattern = re.compile(rf"^\s*(\[\[?\s*{name}\s*[\].]|{name}\s*[=.])")
     for number, line in enumerate(text.splitlines(), start=1):
         if pattern.match(line):
             return number

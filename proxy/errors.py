@@ -74,7 +74,7 @@ def map_client_errors(authority: str) -> Iterator[None]:
     except aiohttp.ClientConnectorError as exc:
         # The TCP (or TLS) connection was never established: nothing was sent, any method may go elsewhere.
         raise UpstreamConnectError(f"cannot connect to {authority}: {exc.os_error}", retryable=True) from exc
-    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise UpstreamTimeout(f"{authority} did not answer in time") from exc
     except aiohttp.ServerDisconnectedError as exc:
         raise UpstreamConnectError(f"{authority} closed the connection before answering") from exc

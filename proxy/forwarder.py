@@ -90,7 +90,7 @@ class Forwarder:
         session = self._session
         assert session is not None, "Forwarder.start() was not awaited"
         url = URL(f"{scheme}://{authority}{target}", encoded=True)
-        ssl_arg: ssl.SSLContext | bool | None = False if tls_skip_verify else True
+        ssl_arg: ssl.SSLContext | bool = not tls_skip_verify
         with map_client_errors(authority):
             return await session.request(
                 method,

@@ -151,7 +151,7 @@ class ProxyHandler:
                 sent += len(chunk)
         except asyncio.CancelledError:
             raise
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             # The head is out: the only honest signal left is to cut the connection.
             err: ProxyError
             if isinstance(exc, asyncio.TimeoutError):

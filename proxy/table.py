@@ -98,7 +98,8 @@ class RoutingTable:
         any_host: dict[str, Route] = {}
         routes: list[Route] = []
         conflicts: list[Problem] = []
-        for svc in snapshot.services:  # sorted by name: the first declaration wins, deterministically
+        # By service name, whatever order the provider used: the first declaration wins, deterministically.
+        for svc in sorted(snapshot.services, key=lambda s: s.name):
             for spec in svc.routes:
                 route = Route.from_spec(svc.name, spec)
                 if not spec.host:

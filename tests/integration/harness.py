@@ -112,7 +112,7 @@ class ConsulAgent:
 
     def start(self) -> None:
         serf_lan, serf_wan, server = self.ports
-        log = open(self.workdir / "consul.log", "ab")  # noqa: SIM115 - handed to the child process
+        log = open(self.workdir / "consul.log", "ab")
         self.proc = subprocess.Popen(
             [consul_binary(), "agent", "-dev", "-node", "ferryman-test", "-bind", "127.0.0.1",
              "-client", "127.0.0.1", "-http-port", str(self.http_port), "-dns-port", "-1", "-grpc-port", "-1",
@@ -176,7 +176,7 @@ class FerrymanProcess:
     def start(self) -> None:
         exe = Path(sys.executable).parent / "ferryman"
         env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [str(exe), "--listen", f"127.0.0.1:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin_port}",
              "--consul-addr", self.consul_addr, "--log-format", "json", "--consul-wait", "5", *self.extra],

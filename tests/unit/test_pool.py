@@ -1,0 +1,166 @@
+"""Pools and round robin: which instance a request gets, and how that state survives a table swap."""
+
+from __future__ import annotations
+
+import pytest
+
+from discovery.model import Endpoint, ServiceRoutes, Snapshot
+from proxy.balancer import RoundRobin
+from proxy.pool import Pool, Pools, Reconciled
+
+A = Endpoint("web", "a", "10.0.0.1", 80, node="n1")
+B = Endpoint("web", "b", "10.0.0.2", 80, node="n1")
+C = Endpoint("web", "c", "10.0.0.3", 80, node="n2")
+
+
+def snapshot(**services: tuple[Endpoint, ...]) -> Snapshot:
+    return Snapshot(tuple(ServiceRoutes(name, (), eps) for name, eps in sorted(services.items())))
+
+
+def picks(balancer: RoundRobin, endpoints: tuple[Endpoint, ...], n: int, exclude: set[str] | None = None
+          ) -> list[str]:
+    out = []
+    for _ in range(n):
+        endpoint = balancer.pick(endpoints, exclude or set())
+        out.append(endpoint.instance_id if endpoint else "-")
+    return out
+
+
+class TestRoundRobin:
+    """Each instance in turn, skipping the ones a request already tried."""
+
+    @pytest.mark.parametrize(
+        ("endpoints", "expected"),
+        [
+            ((A,), ["a", "a", "a"]),
+            ((A, B), ["a", "b", "a", "b"]),
+            ((A, B, C), ["a", "b", "c", "a", "b", "c"]),
+        ],
+        ids=["one", "two", "three"],
+    )
+    def test_rotates(self, endpoints: tuple[Endpoint, ...], expected: list[str]) -> None:
+        assert picks(RoundRobin(), endpoints, len(expected)) == expected
+
+    def test_spreads_evenly(self) -> None:
+        counts = {"a": 0, "b": 0, "c": 0}
+        for name in picks(RoundRobin(), (A, B, C), 300):
+            counts[name] += 1
+        assert counts == {"a": 100, "b": 100, "c": 100}
+
+    @pytest.mark.parametrize(
+        ("exclude", "expected"),
+        [
+            ({A.key}, ["b", "c", "b", "c"]),
+            ({B.key}, ["a", "c", "a", "c"]),
+            ({A.key, C.key}, ["b", "b"]),
+        ],
+        ids=["first-tried", "middle-tried", "all-but-one-tried"],
+    )
+    def test_exclude_skips_tried_instances(self, exclude: set[str], expected: list[str]) -> None:
+        assert picks(RoundRobin(), (A, B, C), len(expected), exclude) == expected
+
+    def test_exclude_is_by_key_not_by_address(self) -> None:
+        """Two instances on one address are distinct (Consul service IDs are unique per node)."""
+        twin = Endpoint("web", "a2", A.address, A.port, node="n1")
+        assert picks(RoundRobin(), (A, twin), 2, {A.key}) == ["a2", "a2"]
+
+    @pytest.mark.parametrize(
+        ("endpoints", "exclude"),
+        [((), set()), ((A, B), {A.key, B.key})],
+        ids=["empty", "all-excluded"],
+    )
+    def test_none_when_nothing_to_pick(self, endpoints: tuple[Endpoint, ...], exclude: set[str]) -> None:
+        assert RoundRobin().pick(endpoints, exclude) is None
+
+    def test_keeps_rotating_when_the_pool_grows(self) -> None:
+        balancer = RoundRobin()
+        assert picks(balancer, (A, B), 1) == ["a"]
+        assert picks(balancer, (A, B, C), 3) == ["b", "c", "a"]
+
+
+class TestPool:
+    """A pool hands out its endpoints and counts requests in flight per instance."""
+
+    def test_pick_uses_the_balancer(self) -> None:
+        pool = Pool("web", (A, B))
+        assert [pool.pick().instance_id, pool.pick().instance_id, pool.pick().instance_id] == ["a", "b", "a"]
+
+    def test_pick_from_empty_pool(self) -> None:
+        assert Pool("web").pick() is None
+        assert len(Pool("web")) == 0
+
+    def test_acquire_and_release_count_in_flight(self) -> None:
+        pool = Pool("web", (A, B))
+        pool.acquire(A)
+        pool.acquire(A)
+        pool.acquire(B)
+        assert pool.in_flight == {A.key: 2, B.key: 1}
+        pool.release(A)
+        pool.release(B)
+        assert pool.in_flight == {A.key: 1}
+        pool.release(A)
+        assert pool.in_flight == {}
+
+    def test_release_without_acquire_never_goes_negative(self) -> None:
+        pool = Pool("web", (A,))
+        pool.release(A)
+        assert pool.in_flight == {}
+        pool.acquire(A)
+        assert pool.in_flight == {A.key: 1}
+
+
+class TestReconcile:
+    """Pools outlive snapshots: existing pools are updated in place, so round-robin position survives."""
+
+    def test_first_snapshot_adds_pools(self) -> None:
+        pools = Pools()
+        assert pools.reconcile(snapshot(web=(A, B), api=())) == Reconciled(added=["api", "web"], removed=[],
+                                                                           changed=[])
+        assert len(pools) == 2
+        web = pools.get("web")
+        assert web is not None and web.endpoints == (A, B)
+
+    def test_same_pool_object_and_position_after_swap(self) -> None:
+        pools = Pools()
+        pools.reconcile(snapshot(web=(A, B)))
+        web = pools.get("web")
+        assert web is not None
+        first = web.pick()
+        assert first == A
+        web.acquire(A)
+
+        changes = pools.reconcile(snapshot(web=(A, B, C)))
+
+        assert changes == Reconciled(added=[], removed=[], changed=["web"])
+        assert pools.get("web") is web
+        assert [web.pick(), web.pick(), web.pick()] == [B, C, A]  # continues after A, does not restart
+        assert web.in_flight == {A.key: 1}
+
+    def test_unchanged_service_is_not_reported(self) -> None:
+        pools = Pools()
+        pools.reconcile(snapshot(web=(A, B), api=(C,)))
+        changes = pools.reconcile(snapshot(web=(A, B), api=()))
+        assert changes == Reconciled(added=[], removed=[], changed=["api"])
+
+    def test_vanished_services_are_removed(self) -> None:
+        pools = Pools()
+        pools.reconcile(snapshot(web=(A,), api=(B,), old=(C,)))
+        assert pools.reconcile(snapshot(web=(A,))) == Reconciled(added=[], removed=["api", "old"], changed=[])
+        assert [p.service for p in pools] == ["web"]
+        assert pools.get("api") is None
+
+    def test_service_with_no_healthy_instance_keeps_its_pool(self) -> None:
+        """A routed service whose instances all fail keeps an empty pool (the server answers 503)."""
+        pools = Pools()
+        pools.reconcile(snapshot(web=(A,)))
+        web = pools.get("web")
+        assert pools.reconcile(snapshot(web=())) == Reconciled(added=[], removed=[], changed=["web"])
+        assert pools.get("web") is web and web is not None and web.pick() is None
+
+    def test_returning_service_gets_a_fresh_pool(self) -> None:
+        pools = Pools()
+        pools.reconcile(snapshot(web=(A, B)))
+        old = pools.get("web")
+        pools.reconcile(snapshot())
+        assert pools.reconcile(snapshot(web=(A, B))) == Reconciled(added=["web"], removed=[], changed=[])
+        assert pools.get("web") is not old

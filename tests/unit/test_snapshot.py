@@ -1,0 +1,300 @@
+"""Consul JSON in, Snapshot out: routes from catalog tags, endpoints from instances that pass every check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from discovery.health import failing_checks, is_passing
+from discovery.model import Endpoint, Problem, RouteSpec, ServiceRoutes, Snapshot
+from discovery.snapshot import build_snapshot, routed_services
+
+RECORDING = Path(__file__).resolve().parents[1] / "fixtures" / "consul_1_8_7.json"
+
+
+def recorded() -> tuple[dict[str, list[str]], dict[str, list[dict[str, Any]]]]:
+    """The recorded Consul 1.8.7 answers: (/v1/catalog/services, {service: /v1/health/service/<service>})."""
+    data = json.loads(RECORDING.read_text(encoding="utf-8"))
+    return data["catalog_services"], data["health"]
+
+
+def check(check_id: str, status: str = "passing", service_id: str = "") -> dict[str, Any]:
+    """One check as Consul reports it inside a health entry."""
+    return {"CheckID": check_id, "Status": status, "ServiceID": service_id, "Name": check_id}
+
+
+def entry(
+    service: str,
+    instance_id: str,
+    *,
+    port: Any = 8080,
+    address: str = "10.0.0.5",
+    node: str = "node-1",
+    node_address: str = "10.0.0.1",
+    checks: list[dict[str, Any]] | None = None,
+    weights: Any = None,
+) -> dict[str, Any]:
+    """One /v1/health/service/<service> entry; by default serfHealth and the service check are passing."""
+    svc: dict[str, Any] = {"ID": instance_id, "Service": service, "Address": address, "Tags": []}
+    if port is not None:
+        svc["Port"] = port
+    if weights is not None:
+        svc["Weights"] = weights
+    if checks is None:
+        checks = [check("serfHealth"), check(f"service:{instance_id}", service_id=instance_id)]
+    return {"Node": {"Node": node, "Address": node_address}, "Service": svc, "Checks": checks}
+
+
+def endpoint(service: str, instance_id: str, **kw: Any) -> Endpoint:
+    defaults: dict[str, Any] = {"address": "10.0.0.5", "port": 8080, "node": "node-1", "weight": 1}
+    return Endpoint(service=service, instance_id=instance_id, **{**defaults, **kw})
+
+
+class TestRecordedConsul187:
+    """The recorded Consul 1.8.7 answers build the snapshot an operator of that cluster expects."""
+
+    def test_whole_snapshot(self) -> None:
+        catalog, health = recorded()
+        assert build_snapshot(catalog, health) == Snapshot(
+            services=(
+                ServiceRoutes(
+                    name="api",
+                    routes=(RouteSpec("api.example.com", "/v1", (("strip", "/v1"),)),),
+                    endpoints=(Endpoint("api", "api-1", "127.0.0.1", 18003, node="vm", weight=5),),
+                ),
+                ServiceRoutes(
+                    name="web",
+                    routes=(RouteSpec("", "/"), RouteSpec("", "/api", (("strip", "/api"),))),
+                    endpoints=(),
+                ),
+            )
+        )
+
+    def test_web_keeps_routes_with_no_healthy_instance(self) -> None:
+        """Both web instances are out (one TTL critical, one in maintenance): routes stay, so 503 not 404."""
+        web = build_snapshot(*recorded()).service("web")
+        assert web is not None
+        assert web.endpoints == ()
+        assert [r.path for r in web.routes] == ["/", "/api"]
+
+    def test_api_instance_without_address_uses_node_address(self) -> None:
+        api = build_snapshot(*recorded()).service("api")
+        assert api is not None
+        (only,) = api.endpoints
+        assert (only.address, only.port, only.weight) == ("127.0.0.1", 18003, 5)
+        assert only.authority == "127.0.0.1:18003"
+
+    def test_malformed_tag_is_a_problem_and_valid_route_still_applies(self) -> None:
+        snapshot = build_snapshot(*recorded())
+        assert [(p.kind, p.service, p.item) for p in snapshot.problems] == [
+            ("route_tag_invalid", "api", "urlprefix-bad tag")
+        ]
+        assert "has no path" in snapshot.problems[0].detail
+        api = snapshot.service("api")
+        assert api is not None and api.routes == (RouteSpec("api.example.com", "/v1", (("strip", "/v1"),)),)
+
+    @pytest.mark.parametrize("name", ["plain", "consul"], ids=["plain-tags-only", "consul-itself"])
+    def test_services_without_route_tags_are_left_out(self, name: str) -> None:
+        assert build_snapshot(*recorded()).service(name) is None
+
+    def test_why_web_instances_are_out(self) -> None:
+        _, health = recorded()
+        assert {e["Service"]["ID"]: failing_checks(e) for e in health["web"]} == {
+            "web-vm-18001": ["service:web-vm-18001"],
+            "web-vm-18002": ["_service_maintenance:web-vm-18002"],
+        }
+
+
+HEALTH_CASES = [
+    ([check("serfHealth"), check("service:a")], True, "all-passing"),
+    ([], True, "no-checks-at-all"),
+    ([check("serfHealth", "critical"), check("service:a")], False, "node-serf-health-critical"),
+    ([check("serfHealth"), check("service:a", "warning")], False, "service-check-warning"),
+    ([check("serfHealth"), check("service:a", "critical")], False, "service-check-critical"),
+    ([check("serfHealth"), check("_node_maintenance", "critical")], False, "node-in-maintenance"),
+    ([check("serfHealth"), check("_service_maintenance:a", "critical")], False, "service-in-maintenance"),
+    ([check("serfHealth"), check("service:a", "maintenance")], False, "unknown-status"),
+]
+
+
+class TestHealthRule:
+    """An instance receives traffic only when every check on it and on its node is passing."""
+
+    @pytest.mark.parametrize(
+        ("checks", "included"), [(c, i) for c, i, _ in HEALTH_CASES], ids=[i for *_, i in HEALTH_CASES]
+    )
+    def test_instance_in_or_out(self, checks: list[dict[str, Any]], included: bool) -> None:
+        snapshot = build_snapshot({"a": ["urlprefix-/a"]}, {"a": [entry("a", "a-1", checks=checks)]})
+        svc = snapshot.service("a")
+        assert svc is not None
+        assert svc.endpoints == ((endpoint("a", "a-1"),) if included else ())
+        assert snapshot.problems == ()
+
+    @pytest.mark.parametrize(
+        ("health_entry", "failing"),
+        [
+            ({"Checks": [check("serfHealth"), check("service:a")]}, []),
+            (
+                {"Checks": [check("serfHealth", "critical"), check("service:a", "warning")]},
+                ["serfHealth", "service:a"],
+            ),
+            ({"Checks": None}, []),
+            ({}, []),
+            ({"Checks": ["not-an-object"]}, ["<malformed check>"]),
+            ({"Checks": [{"Status": "critical"}]}, ["<unnamed>"]),
+        ],
+        ids=["passing", "every-failing-check-named-in-order", "null-checks", "no-checks-key",
+             "malformed-check", "check-without-id"],
+    )
+    def test_failing_checks(self, health_entry: dict[str, Any], failing: list[str]) -> None:
+        assert failing_checks(health_entry) == failing
+        assert is_passing(health_entry) is (not failing)
+
+
+class TestEndpoints:
+    """A passing instance becomes an Endpoint; one that cannot be reached is skipped as a Problem."""
+
+    @pytest.mark.parametrize(
+        ("health_entry", "expected"),
+        [
+            (entry("a", "a-1"), endpoint("a", "a-1")),
+            (entry("a", "a-1", address=""), endpoint("a", "a-1", address="10.0.0.1")),
+            (entry("a", "a-1", address="[::1]"), endpoint("a", "a-1", address="::1")),
+            (entry("a", "a-1", weights={"Passing": 3, "Warning": 1}), endpoint("a", "a-1", weight=3)),
+            (entry("a", "a-1", weights={"Passing": 0}), endpoint("a", "a-1", weight=1)),
+            (entry("a", "a-1", weights={"Passing": True}), endpoint("a", "a-1", weight=1)),
+        ],
+        ids=["service-address", "empty-address-falls-back-to-node", "ipv6-brackets-removed",
+             "weight-from-weights-passing", "zero-weight-means-default", "boolean-weight-ignored"],
+    )
+    def test_entry_to_endpoint(self, health_entry: dict[str, Any], expected: Endpoint) -> None:
+        snapshot = build_snapshot({"a": ["urlprefix-/a"]}, {"a": [health_entry]})
+        svc = snapshot.service("a")
+        assert svc is not None and svc.endpoints == (expected,)
+
+    def test_ipv6_endpoint_authority_has_brackets(self) -> None:
+        assert endpoint("a", "a-1", address="::1", port=80).authority == "[::1]:80"
+
+    @pytest.mark.parametrize(
+        ("health_entry", "detail"),
+        [
+            (entry("a", "a-1", port=None), "port None is not a TCP port"),
+            (entry("a", "a-1", port=0), "port 0 is not a TCP port"),
+            (entry("a", "a-1", port=70000), "port 70000 is not a TCP port"),
+            (entry("a", "a-1", port="8080"), "port '8080' is not a TCP port"),
+            (entry("a", "a-1", address="", node_address=""), "no address"),
+        ],
+        ids=["missing-port", "port-zero", "port-too-large", "port-as-text", "no-address-anywhere"],
+    )
+    def test_unreachable_instance_is_a_problem(self, health_entry: dict[str, Any], detail: str) -> None:
+        snapshot = build_snapshot(
+            {"a": ["urlprefix-/a"]}, {"a": [health_entry, entry("a", "a-2", port=9090)]}
+        )
+        svc = snapshot.service("a")
+        assert svc is not None and svc.endpoints == (endpoint("a", "a-2", port=9090),)
+        (problem,) = snapshot.problems
+        assert (problem.kind, problem.service, problem.item) == ("instance_invalid", "a", "a-1")
+        assert detail in problem.detail
+
+    def test_entry_that_is_not_an_object_is_a_problem(self) -> None:
+        snapshot = build_snapshot({"a": ["urlprefix-/a"]}, {"a": ["garbage", entry("a", "a-1")]})
+        svc = snapshot.service("a")
+        assert svc is not None and svc.endpoints == (endpoint("a", "a-1"),)
+        assert [p.kind for p in snapshot.problems] == ["instance_invalid"]
+
+    def test_failing_instance_with_bad_port_is_not_reported(self) -> None:
+        """An instance that is out anyway is not a problem worth logging."""
+        bad = entry("a", "a-1", port=None, checks=[check("serfHealth", "critical")])
+        assert build_snapshot({"a": ["urlprefix-/a"]}, {"a": [bad]}).problems == ()
+
+
+class TestWhichServicesAreRouted:
+    """Only services with at least one valid route tag and known health appear in the snapshot."""
+
+    def test_service_without_health_yet_is_left_out(self) -> None:
+        snapshot = build_snapshot(
+            {"a": ["urlprefix-/a"], "b": ["urlprefix-/b"]}, {"a": [entry("a", "a-1")]}
+        )
+        assert [s.name for s in snapshot.services] == ["a"]
+
+    def test_service_with_known_empty_health_is_kept(self) -> None:
+        snapshot = build_snapshot({"a": ["urlprefix-/a"]}, {"a": []})
+        assert snapshot.services == (ServiceRoutes("a", (RouteSpec("", "/a"),), ()),)
+
+    def test_service_with_only_malformed_tags_is_left_out_and_reported(self) -> None:
+        snapshot = build_snapshot({"a": ["urlprefix-nopath"]}, {"a": [entry("a", "a-1")]})
+        assert snapshot.services == ()
+        assert snapshot.problems == (
+            Problem(
+                "route_tag_invalid",
+                "a",
+                "route 'nopath' has no path: write nopath/ for every path of the host",
+                "urlprefix-nopath",
+            ),
+        )
+
+    def test_unknown_option_is_reported_and_route_still_applies(self) -> None:
+        snapshot = build_snapshot({"a": ["urlprefix-/a auth=basic"]}, {"a": [entry("a", "a-1")]})
+        svc = snapshot.service("a")
+        assert svc is not None and svc.routes == (RouteSpec("", "/a", (("auth", "basic"),)),)
+        assert [(p.kind, p.item) for p in snapshot.problems] == [
+            ("route_option_ignored", "urlprefix-/a auth=basic")
+        ]
+
+    def test_routes_are_deduplicated_and_sorted(self) -> None:
+        tags = ["urlprefix-b.example.com/", "urlprefix-/z", "urlprefix-/a", "urlprefix-/a/", "urlprefix-/z"]
+        svc = build_snapshot({"a": tags}, {"a": []}).service("a")
+        assert svc is not None
+        assert svc.routes == (RouteSpec("", "/a"), RouteSpec("", "/z"), RouteSpec("b.example.com", "/"))
+
+    def test_custom_tag_prefix(self) -> None:
+        snapshot = build_snapshot({"a": ["route-/a", "urlprefix-/b"]}, {"a": []}, prefix="route-")
+        svc = snapshot.service("a")
+        assert svc is not None and svc.routes == (RouteSpec("", "/a"),)
+
+    def test_routed_services_counts_malformed_route_tags(self) -> None:
+        """The watcher follows every service with a route tag; whether it is valid is the builder's call."""
+        catalog, _ = recorded()
+        assert routed_services(catalog) == {"api", "web"}
+
+
+class TestSnapshotEquality:
+    """Equal Consul answers give equal snapshots, so the watcher can drop an unchanged one."""
+
+    def test_equal_inputs_give_equal_snapshots(self) -> None:
+        assert build_snapshot(*recorded()) == build_snapshot(*recorded())
+
+    def test_instance_order_does_not_matter(self) -> None:
+        entries = [entry("a", "a-1"), entry("a", "a-2", node="node-2"), entry("a", "a-3", port=9090)]
+        forward = build_snapshot({"a": ["urlprefix-/a"]}, {"a": entries})
+        backward = build_snapshot({"a": ["urlprefix-/a"]}, {"a": entries[::-1]})
+        assert forward == backward
+        svc = forward.service("a")
+        assert svc is not None and len(svc.endpoints) == 3
+
+    def test_tag_and_service_order_do_not_matter(self) -> None:
+        one = build_snapshot(
+            {"a": ["urlprefix-/a", "urlprefix-/b"], "b": ["urlprefix-/c"]}, {"a": [], "b": []}
+        )
+        other = build_snapshot(
+            {"b": ["urlprefix-/c"], "a": ["urlprefix-/b", "urlprefix-/a"]}, {"b": [], "a": []}
+        )
+        assert one == other
+        assert [s.name for s in one.services] == ["a", "b"]
+
+    def test_changed_health_gives_a_different_snapshot(self) -> None:
+        healthy = build_snapshot({"a": ["urlprefix-/a"]}, {"a": [entry("a", "a-1")]})
+        failing = build_snapshot(
+            {"a": ["urlprefix-/a"]}, {"a": [entry("a", "a-1", checks=[check("serfHealth", "critical")])]}
+        )
+        assert healthy != failing
+
+    def test_problems_do_not_count_for_equality(self) -> None:
+        """A malformed tag added next to valid ones changes no route, so nothing needs rebuilding."""
+        clean = build_snapshot({"a": ["urlprefix-/a"]}, {"a": []})
+        noisy = build_snapshot({"a": ["urlprefix-/a", "urlprefix-broken"]}, {"a": []})
+        assert clean == noisy
+        assert noisy.problems != ()

@@ -1,0 +1,416 @@
+"""The watcher: blocking-query answers in, a new Snapshot out only when the routed world changed; Consul
+failures keep the last good snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from discovery.consul import ConsulError
+from discovery.model import Snapshot
+from discovery.snapshot import build_snapshot
+from discovery.watcher import Backoff, Watcher, next_index
+
+WAIT_S = 5.0  # an upper bound so a broken watcher fails the test instead of hanging it; never asserted on
+
+
+def instance(service: str, instance_id: str, port: int, status: str = "passing") -> dict[str, Any]:
+    return {
+        "Node": {"Node": "node-1", "Address": "10.0.0.1"},
+        "Service": {"ID": instance_id, "Service": service, "Address": "10.0.0.5", "Port": port},
+        "Checks": [
+            {"CheckID": "serfHealth", "Status": "passing"},
+            {"CheckID": f"service:{instance_id}", "Status": status},
+        ],
+    }
+
+
+CATALOG: dict[str, list[str]] = {
+    "web": ["urlprefix-/"],
+    "api": ["urlprefix-/api strip=/api", "urlprefix-bad tag"],
+    "plain": ["metrics"],
+}
+HEALTH: dict[str, list[dict[str, Any]]] = {
+    "web": [instance("web", "web-1", 8001), instance("web", "web-2", 8002)],
+    "api": [instance("api", "api-1", 9001)],
+    "plain": [instance("plain", "plain-1", 7001)],
+}
+ROUTED = ("catalog", "health:api", "health:web")
+
+
+class FakeConsul:
+    """An in-memory CatalogSource that answers like Consul's blocking queries.
+
+    A query whose index is the current one waits until something changes; index 0 answers at once. While
+    `down`, every query (waiting ones included) fails with ConsulError. A service in `held` has its health
+    query wait until released, like a slow first answer. `waiting` shows which queries are blocked, and at
+    which index, so a test can tell that every loop has processed the last answer.
+    """
+
+    def __init__(self, catalog: dict[str, list[str]], health: dict[str, list[dict[str, Any]]]) -> None:
+        self.index = 100
+        self.catalog = copy.deepcopy(catalog)
+        self.entries = copy.deepcopy(health)
+        self.down = False
+        self.held: set[str] = set()
+        self.forbidden: set[str] = set()  # services whose health query fails like an ACL denial
+        self.waiting: dict[str, int] = {}
+        self.refused: Counter[str] = Counter()
+        self._changed = asyncio.Event()
+        self._progress = asyncio.Event()
+
+    # CatalogSource
+
+    async def services(self, index: int) -> tuple[int, dict[str, list[str]]]:
+        await self._answer("catalog", index)
+        return self.index, copy.deepcopy(self.catalog)
+
+    async def health(self, service: str, index: int) -> tuple[int, list[dict[str, Any]]]:
+        await self._answer(f"health:{service}", index, service)
+        return self.index, copy.deepcopy(self.entries.get(service, []))
+
+    # What the test does to "Consul"
+
+    def change(self, *, catalog: dict[str, list[str]] | None = None, **health: list[dict[str, Any]]) -> None:
+        if catalog is not None:
+            self.catalog = copy.deepcopy(catalog)
+        self.entries.update(copy.deepcopy(health))
+        self.touch()
+
+    def touch(self) -> None:
+        """Raise the index without changing any data (Consul does this on unrelated writes)."""
+        self.index += 1
+        self._wake()
+
+    def release(self, service: str) -> None:
+        self.held.discard(service)
+        self._wake()
+
+    def go_down(self) -> None:
+        self.down = True
+        self._wake()
+
+    def come_back(self) -> None:
+        self.down = False
+        self.touch()
+
+    # What the test waits for
+
+    def settled(self, *queries: str) -> bool:
+        """Every given query is blocked at the current index: its loop has handled every earlier answer."""
+        return all(self.waiting.get(q) == self.index for q in queries)
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self._progress.wait()
+
+    async def _answer(self, query: str, index: int, service: str | None = None) -> None:
+        self.waiting[query] = index
+        self._signal()
+        try:
+            while True:
+                if self.down:
+                    self.refused[query] += 1
+                    raise ConsulError("unreachable", "connection refused")
+                if service in self.forbidden:
+                    raise ConsulError("forbidden", "Permission denied")
+                blocking = index > 0 and index >= self.index
+                if not blocking and service not in self.held:
+                    return
+                await self._changed.wait()
+        finally:
+            self.waiting.pop(query, None)
+            self._signal()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        self._signal()
+
+    def _signal(self) -> None:
+        progress, self._progress = self._progress, asyncio.Event()
+        progress.set()
+
+
+class Harness:
+    """A Watcher on a FakeConsul, with every snapshot it hands over queued and every error reason counted."""
+
+    def __init__(self, consul: FakeConsul) -> None:
+        self.consul = consul
+        self.published: asyncio.Queue[Snapshot] = asyncio.Queue()
+        self.errors: list[str] = []
+        self.watcher = Watcher(
+            consul,
+            self.published.put_nowait,
+            on_error=self.errors.append,
+            backoff_base=0.001,
+            backoff_cap=0.01,
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.watcher.run())
+
+    async def next_snapshot(self) -> Snapshot:
+        return await asyncio.wait_for(self.published.get(), WAIT_S)
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        await asyncio.wait_for(self.consul.until(predicate), WAIT_S)
+
+    async def settle(self, *queries: str) -> None:
+        await self.until(lambda: self.consul.settled(*queries))
+
+    def nothing_published(self) -> bool:
+        return self.published.empty()
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self.task, WAIT_S)
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    h = Harness(FakeConsul(CATALOG, HEALTH))
+    try:
+        yield h
+    finally:
+        await h.stop()
+
+
+async def started(h: Harness) -> Snapshot:
+    """Start the watcher, take its first snapshot and wait until every loop blocks on the current index."""
+    h.start()
+    first = await h.next_snapshot()
+    await h.settle(*ROUTED)
+    return first
+
+
+class TestFirstSnapshot:
+    """The first snapshot is handed over only once every routed service's health is known."""
+
+    async def test_waits_for_every_routed_service(self, harness: Harness) -> None:
+        harness.consul.held.add("api")
+        harness.start()
+        await harness.settle("catalog", "health:web")
+        await harness.until(lambda: "health:api" in harness.consul.waiting)
+
+        assert harness.nothing_published()
+        assert harness.watcher.last_snapshot is None
+        assert not harness.watcher.synced.is_set()
+
+        harness.consul.release("api")
+        first = await harness.next_snapshot()
+
+        assert first == build_snapshot(CATALOG, HEALTH)
+        assert [s.name for s in first.services] == ["api", "web"]
+        assert harness.watcher.last_snapshot == first
+        assert harness.watcher.synced.is_set()
+
+    async def test_a_service_whose_health_cannot_be_read_does_not_hold_back_the_others(self) -> None:
+        catalog = {**CATALOG, "secret": ["urlprefix-/secret"]}
+        h = Harness(FakeConsul(catalog, HEALTH))
+        h.consul.forbidden.add("secret")
+        try:
+            h.start()
+            first = await h.next_snapshot()
+            assert [s.name for s in first.services] == ["api", "web"]
+            assert "forbidden" in h.errors
+        finally:
+            await h.stop()
+
+    async def test_health_of_unrouted_services_is_not_followed(self, harness: Harness) -> None:
+        await started(harness)
+        assert set(harness.consul.waiting) == set(ROUTED)
+
+    async def test_no_routed_service_gives_an_empty_snapshot(self) -> None:
+        h = Harness(FakeConsul({"plain": ["metrics"]}, {}))
+        try:
+            h.start()
+            assert await h.next_snapshot() == Snapshot()
+        finally:
+            await h.stop()
+
+    async def test_cancelling_stops_every_query(self, harness: Harness) -> None:
+        await started(harness)
+        await harness.stop()
+        assert harness.consul.waiting == {}
+
+
+class TestChanges:
+    """Each change in Consul gives exactly one new snapshot; an unchanged answer gives none."""
+
+    async def test_unchanged_answer_publishes_nothing(self, harness: Harness) -> None:
+        first = await started(harness)
+
+        harness.consul.touch()
+        await harness.settle(*ROUTED)
+
+        assert harness.nothing_published()
+        assert harness.watcher.last_snapshot == first
+
+    async def test_health_change_publishes_one_snapshot(self, harness: Harness) -> None:
+        await started(harness)
+
+        web_1_failing = instance("web", "web-1", 8001, "critical")
+        harness.consul.change(web=[web_1_failing, instance("web", "web-2", 8002)])
+        second = await harness.next_snapshot()
+        await harness.settle(*ROUTED)
+
+        web = second.service("web")
+        assert web is not None and [e.instance_id for e in web.endpoints] == ["web-2"]
+        assert harness.nothing_published()
+
+    async def test_change_of_unrouted_service_publishes_nothing(self, harness: Harness) -> None:
+        await started(harness)
+
+        harness.consul.change(catalog={**CATALOG, "plain": ["metrics", "v2"]}, plain=[])
+        await harness.settle(*ROUTED)
+
+        assert harness.nothing_published()
+
+    async def test_new_service_appears_once_its_health_is_known(self, harness: Harness) -> None:
+        await started(harness)
+        harness.consul.held.add("shop")
+
+        harness.consul.change(catalog={**CATALOG, "shop": ["urlprefix-shop.example.com/"]},
+                              shop=[instance("shop", "shop-1", 6001)])
+        await harness.settle(*ROUTED)
+        await harness.until(lambda: "health:shop" in harness.consul.waiting)
+        assert harness.nothing_published()
+
+        harness.consul.release("shop")
+        snapshot = await harness.next_snapshot()
+        shop = snapshot.service("shop")
+        assert shop is not None and len(shop.endpoints) == 1
+
+    async def test_removed_service_leaves_and_its_query_stops(self, harness: Harness) -> None:
+        await started(harness)
+
+        harness.consul.change(catalog={"web": CATALOG["web"]})
+        snapshot = await harness.next_snapshot()
+        await harness.settle("catalog", "health:web")
+
+        assert [s.name for s in snapshot.services] == ["web"]
+        assert "health:api" not in harness.consul.waiting
+
+    async def test_malformed_tag_logged_once(self, harness: Harness) -> None:
+        with capture_logs() as logs:
+            await started(harness)
+            harness.consul.change(web=[instance("web", "web-1", 8001)])
+            await harness.next_snapshot()
+            await harness.settle(*ROUTED)
+
+        invalid = [e for e in logs if e["event"] == "route_tag_invalid"]
+        assert [(e["service"], e["tag"], e["log_level"]) for e in invalid] == [
+            ("api", "urlprefix-bad tag", "warning")
+        ]
+
+
+class TestConsulFailures:
+    """While Consul fails the last snapshot keeps serving; outage and recovery are each logged once."""
+
+    async def test_outage_keeps_last_snapshot_and_logs_once(self, harness: Harness) -> None:
+        first = await started(harness)
+
+        with capture_logs() as logs:
+            harness.consul.go_down()
+            await harness.until(lambda: all(harness.consul.refused[q] >= 3 for q in ROUTED))
+            harness.consul.come_back()
+            await harness.settle(*ROUTED)
+
+        assert harness.nothing_published()
+        assert harness.watcher.last_snapshot == first
+        assert [e["event"] for e in logs if e["event"].startswith("consul_")] == [
+            "consul_unreachable", "consul_recovered"
+        ]
+        unreachable = next(e for e in logs if e["event"] == "consul_unreachable")
+        assert (unreachable["reason"], unreachable["log_level"]) == ("unreachable", "warning")
+        assert len(harness.errors) >= 9 and set(harness.errors) == {"unreachable"}
+
+    async def test_change_during_outage_arrives_after_recovery(self, harness: Harness) -> None:
+        await started(harness)
+
+        harness.consul.go_down()
+        await harness.until(lambda: all(harness.consul.refused[q] >= 2 for q in ROUTED))
+        harness.consul.entries["api"] = []
+        harness.consul.come_back()
+        snapshot = await harness.next_snapshot()
+
+        api = snapshot.service("api")
+        assert api is not None and api.endpoints == ()
+
+    async def test_unreachable_at_start_publishes_nothing_until_recovery(self, harness: Harness) -> None:
+        harness.consul.down = True
+        with capture_logs() as logs:
+            harness.start()
+            await harness.until(lambda: harness.consul.refused["catalog"] >= 3)
+            assert harness.nothing_published()
+            assert harness.watcher.last_snapshot is None
+            harness.consul.come_back()
+            first = await harness.next_snapshot()
+
+        assert first == build_snapshot(CATALOG, HEALTH)
+        assert [e["event"] for e in logs if e["event"].startswith("consul_")] == [
+            "consul_unreachable", "consul_recovered"
+        ]
+
+
+class TestNextIndex:
+    """Consul's blocking-query index rules decide the index of the next query."""
+
+    @pytest.mark.parametrize(
+        ("previous", "returned", "expected"),
+        [
+            (0, 42, 42),
+            (42, 42, 42),
+            (42, 50, 50),
+            (50, 42, 0),
+            (2, 1, 0),
+            (42, 0, 1),
+            (0, 0, 1),
+            (42, -5, 1),
+        ],
+        ids=["first-answer", "unchanged", "moved-on", "went-backwards-reads-afresh", "backwards-by-one",
+             "zero-clamped-to-one", "zero-at-start-clamped", "negative-clamped-to-one"],
+    )
+    def test_next_index(self, previous: int, returned: int, expected: int) -> None:
+        assert next_index(previous, returned) == expected
+
+
+class _Highest(random.Random):
+    """Always the upper bound, so the backoff ceiling itself is visible."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+class TestBackoff:
+    """Retry delays grow exponentially up to a cap, are jittered below that ceiling, and reset on success."""
+
+    def test_ceiling_doubles_up_to_cap(self) -> None:
+        backoff = Backoff(base=1.0, cap=10.0, rng=_Highest())
+        assert [backoff.next_delay() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+    def test_reset_starts_over(self) -> None:
+        backoff = Backoff(base=1.0, cap=10.0, rng=_Highest())
+        backoff.next_delay()
+        backoff.next_delay()
+        backoff.reset()
+        assert backoff.next_delay() == 1.0
+
+    def test_jitter_stays_below_ceiling(self) -> None:
+        backoff = Backoff(base=0.5, cap=4.0, rng=random.Random(7))
+        ceilings = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+        delays = [backoff.next_delay() for _ in ceilings]
+        assert all(0 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+        assert len(set(delays)) == len(delays)
