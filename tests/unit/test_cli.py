@@ -119,3 +119,16 @@ class TestConsoleScript:
         assert (result.returncode, result.stdout, result.stderr) == (
             0, f"ferryman: configuration OK ({config})\n", ""
         )
+
+
+class TestShippedExample:
+    """The example config in the repository is valid and spells out every key with its default."""
+
+    def test_example_config_checks_and_matches_the_defaults(self) -> None:
+        from proxy.config import DEFAULTS, FIELD_TYPES, load_file
+
+        example = Path(__file__).resolve().parents[2] / "ferryman.example.toml"
+        assert main(["--check", "--config", str(example)]) == 0
+        values = load_file(example)
+        assert set(values) == set(FIELD_TYPES)
+        assert {k: getattr(DEFAULTS, k) for k in values} == values
