@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.integration.harness import Backend, ConsulAgent, FerrymanProcess, new_workdir  # noqa: E402
+from tests.integration.harness import Backend, ConsulAgent, FerrymanProcess, new_workdir
 
 ROUTE = "lat@*any*/lat"
 

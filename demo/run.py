@@ -106,7 +106,7 @@ def main() -> None:
                                         *tag_args])
         spawn("ferryman", [str(Path(py).parent / "ferryman"), "--listen", f"127.0.0.1:{proxy_port}",
                            "--admin-listen", f"127.0.0.1:{admin_port}", "--consul-addr", consul_addr,
-                           "--log-format", "console"])
+                           "--log-format", "console", "--workers", "1"])
 
         def all_routed(body: bytes) -> bool:
             routes = json.loads(body)["routes"]

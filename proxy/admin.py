@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .metrics import Metrics
 from .pool import Pools
 from .server import Router
 
@@ -36,9 +36,9 @@ def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
     }
 
 
-def make_admin_app(router: Router, pools: Pools, metrics: Metrics) -> web.Application:
+def make_admin_app(router: Router, pools: Pools, exposition: Callable[[], bytes]) -> web.Application:
     async def metrics_handler(_: web.Request) -> web.Response:
-        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")

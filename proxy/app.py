@@ -7,6 +7,7 @@ only place that starts and stops them, in order.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 from aiohttp import web
@@ -25,11 +26,29 @@ from .table import RoutingTable
 
 log = structlog.get_logger("ferryman")
 
+# The proxy listener opens once the first routing table is in (so a new worker never answers 404 for routes
+# that exist), or after this long without one.
+_FIRST_SYNC_WAIT_S = 5.0
+
 
 class Ferryman:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    """One process's proxy. With several workers each worker runs one with `serve_admin=False` and
+    `reuse_port=True`, and the supervisor runs one with `serve_proxy=False` for the admin listener."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        serve_proxy: bool = True,
+        serve_admin: bool = True,
+        reuse_port: bool = False,
+        exposition: Callable[[], bytes] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.serve_proxy, self.serve_admin, self.reuse_port = serve_proxy, serve_admin, reuse_port
+        self.exposition = exposition or self.metrics.exposition
         self.router = Router()
         self.pools = Pools()
         self.generation = 0
@@ -73,24 +92,30 @@ class Ferryman:
         )
         self._watch_task = asyncio.get_running_loop().create_task(self._watcher.run(), name="consul-watcher")
 
-        listen = s.listen_addr
-        handler = ProxyHandler(
-            self.router, self.pools, self.forwarder, self.metrics,
-            max_attempts=s.max_attempts, listen_port=listen.port, access_log_enabled=s.access_log,
-        )
-        proxy_runner = web.ServerRunner(
-            web.Server(handler, access_log=None), shutdown_timeout=s.shutdown_timeout,
-        )
-        await proxy_runner.setup()
-        self._runners.append(proxy_runner)
-        await web.TCPSite(proxy_runner, listen.host, listen.port, backlog=1024).start()
-
-        admin = s.admin_addr
-        admin_runner = web.AppRunner(make_admin_app(self.router, self.pools, self.metrics), access_log=None)
-        await admin_runner.setup()
-        self._runners.append(admin_runner)
-        await web.TCPSite(admin_runner, admin.host, admin.port).start()
-        log.info("ferryman_started", listen=str(listen), admin=str(admin), consul=s.consul_addr)
+        listen, admin = s.listen_addr, s.admin_addr
+        if self.serve_proxy and not await self.wait_synced(_FIRST_SYNC_WAIT_S):
+            # Consul is down or slow: serve anyway (404 until it answers) rather than refuse connections.
+            log.warning("started_without_routes", waited_s=_FIRST_SYNC_WAIT_S, consul=s.consul_addr)
+        if self.serve_proxy:
+            handler = ProxyHandler(
+                self.router, self.pools, self.forwarder, self.metrics,
+                max_attempts=s.max_attempts, listen_port=listen.port, access_log_enabled=s.access_log,
+            )
+            proxy_runner = web.ServerRunner(
+                web.Server(handler, access_log=None), shutdown_timeout=s.shutdown_timeout,
+            )
+            await proxy_runner.setup()
+            self._runners.append(proxy_runner)
+            await web.TCPSite(
+                proxy_runner, listen.host, listen.port, backlog=1024, reuse_port=self.reuse_port or None,
+            ).start()
+        if self.serve_admin:
+            admin_runner = web.AppRunner(make_admin_app(self.router, self.pools, self.exposition), access_log=None)
+            await admin_runner.setup()
+            self._runners.append(admin_runner)
+            await web.TCPSite(admin_runner, admin.host, admin.port).start()
+        log.info("ferryman_started", listen=str(listen) if self.serve_proxy else None,
+                 admin=str(admin) if self.serve_admin else None, consul=s.consul_addr)
 
     async def wait_synced(self, timeout: float) -> bool:
         if self._watcher is None:

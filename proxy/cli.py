@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 import structlog
 
 from . import __version__, logs
-from .app import Ferryman
 from .config import DEFAULTS, FIELD_TYPES, ConfigError, Settings, env_name, flag_name, load
+from .workers import effective_workers, run_event_loop, run_supervisor, serve
 
 _HELP = {
     "listen": "proxy listener, host:port",
@@ -32,6 +30,7 @@ _HELP = {
     "upstream_max_connections": "upstream connections in total, 0 for no limit",
     "upstream_idle_timeout": "seconds an idle upstream keep-alive connection is kept",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
+    "workers": "proxy processes sharing the listener (SO_REUSEPORT); 0 = one per CPU",
 }
 
 
@@ -60,28 +59,6 @@ def load_settings(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace
     return args, load(config_file=args.config, environ=os.environ, flags=flags)
 
 
-async def _serve(settings: Settings) -> None:
-    app = Ferryman(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await app.start()
-    try:
-        await stop.wait()
-    finally:
-        await app.stop()
-
-
-def _run(settings: Settings) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_serve(settings))
-        return
-    uvloop.run(_serve(settings))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, settings = load_settings(argv)
@@ -93,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logs.configure(settings.log_format, settings.log_level)
     try:
-        _run(settings)
+        if effective_workers(settings) > 1:
+            return run_supervisor(settings)
+        run_event_loop(serve(settings))
     except OSError as exc:
         structlog.get_logger("ferryman").error("startup_failed", error=str(exc))
         return 1

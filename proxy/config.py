@@ -60,6 +60,7 @@ class Settings:
     upstream_max_connections: int = 1024
     upstream_idle_timeout: float = 60.0
     shutdown_timeout: float = 10.0
+    workers: int = 0
 
     @property
     def listen_addr(self) -> HostPort:
@@ -118,6 +119,7 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
     "upstream_max_connections": _between(0, 1_000_000),
     "upstream_idle_timeout": _positive,
     "shutdown_timeout": _between(0, 3600),
+    "workers": _between(0, 256),
 }
 
 FIELD_TYPES: Final[Mapping[str, type]] = {

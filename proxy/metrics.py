@@ -30,8 +30,10 @@ class Metrics:
             "ferryman_request_duration_seconds", "Time from request received to response finished.",
             ["service"], buckets=DURATION_BUCKETS, registry=r,
         )
+        # With several workers every one reports the same pool: "livemax" shows it once, from live workers.
         self.upstream_instances = Gauge(
             "ferryman_upstream_instances", "Healthy instances in the service's pool.", ["service"], registry=r,
+            multiprocess_mode="livemax",
         )
         self.discovery_updates = Counter(
             "ferryman_discovery_updates", "Routing tables built from a changed discovery snapshot.", registry=r,
@@ -39,7 +41,9 @@ class Metrics:
         self.discovery_errors = Counter(
             "ferryman_discovery_errors", "Failed requests to Consul, by reason.", ["reason"], registry=r,
         )
-        self.routes = Gauge("ferryman_routing_table_routes", "Routes in the current table.", registry=r)
+        self.routes = Gauge(
+            "ferryman_routing_table_routes", "Routes in the current table.", registry=r, multiprocess_mode="livemax",
+        )
         self._services: set[str] = set()
 
     def observe_request(self, service: str, method: str, status: int, seconds: float) -> None:

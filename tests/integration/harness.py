@@ -157,6 +157,7 @@ class FerrymanProcess:
     consul_addr: str
     workdir: Path
     extra: list[str] = field(default_factory=list)
+    workers: int = 1
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -179,12 +180,20 @@ class FerrymanProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [str(exe), "--listen", f"127.0.0.1:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin_port}",
-             "--consul-addr", self.consul_addr, "--log-format", "json", "--consul-wait", "5", *self.extra],
+             "--consul-addr", self.consul_addr, "--log-format", "json", "--consul-wait", "5",
+             "--workers", str(self.workers), *self.extra],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
         log.close()
         wait_until(lambda: _http_json("GET", f"{self.admin_url}/api/routes", timeout=1) is not None, 20,
                    "Ferryman's admin listener")
+        wait_until(self._proxy_accepts, 20, "Ferryman's proxy listener")
+
+    def _proxy_accepts(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"ferryman exited with {self.proc.returncode}; see {self.log_path}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            return True
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -1,0 +1,148 @@
+"""Several proxy processes on one listener: a supervisor and N workers (`--workers N`, 0 = one per CPU).
+
+Each worker is a whole Ferryman (own event loop, own Consul watcher, own upstream pool) bound to the same
+address with SO_REUSEPORT, so the kernel spreads connections over them and a Consul change reaches every
+worker as fast as it reaches one. The supervisor serves the admin listener: /metrics adds up the workers'
+metrics through prometheus-client's multiprocess mode (each worker writes its values to files in a private
+directory), and /api/routes comes from the supervisor's own watcher. SIGTERM or SIGINT to the supervisor
+stops the workers (each finishes its in-flight requests within shutdown_timeout) and then itself. A worker
+that dies after running a while is restarted; one that dies at start (a port in use) stops everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+from multiprocessing.process import BaseProcess
+
+import structlog
+
+from . import logs
+from .config import Settings
+
+log = structlog.get_logger("ferryman.supervisor")
+
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_MIN_HEALTHY_RUN_S = 5.0
+
+
+def effective_workers(settings: Settings) -> int:
+    return settings.workers or os.cpu_count() or 1
+
+
+def run_event_loop(main: object) -> None:
+    """Run a coroutine on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)  # type: ignore[arg-type]
+        return
+    uvloop.run(main)  # type: ignore[arg-type]
+
+
+async def serve(settings: Settings, **kwargs: object) -> None:
+    """Run one Ferryman until SIGTERM or SIGINT."""
+    from .app import Ferryman
+
+    app = Ferryman(settings, **kwargs)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        await app.stop()
+
+
+def _worker_main(settings: Settings, index: int) -> None:
+    logs.configure(settings.log_format, settings.log_level)
+    structlog.contextvars.bind_contextvars(worker=index)
+    run_event_loop(serve(settings, serve_admin=False, reuse_port=True))
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.count = effective_workers(settings)
+        self.metrics_dir = tempfile.mkdtemp(prefix="ferryman-metrics-")
+        self._ctx = multiprocessing.get_context("spawn")
+        self._workers: dict[int, tuple[BaseProcess, float]] = {}
+        self.failed = False
+
+    def _spawn(self, index: int) -> None:
+        proc = self._ctx.Process(target=_worker_main, args=(self.settings, index), name=f"ferryman-worker-{index}")
+        proc.start()
+        self._workers[index] = (proc, time.monotonic())
+        log.info("worker_started", worker=index, pid=proc.pid)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+        return generate_latest(registry)
+
+    async def run(self) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        from .app import Ferryman
+
+        # Workers are spawned (fresh interpreters), so they see this before importing prometheus-client.
+        os.environ[_MULTIPROC_ENV] = self.metrics_dir
+        for index in range(self.count):
+            self._spawn(index)
+        admin = Ferryman(self.settings, serve_proxy=False, exposition=self.exposition)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await admin.start()
+        try:
+            while not stop.is_set():
+                for index, (proc, started) in list(self._workers.items()):
+                    if proc.is_alive():
+                        continue
+                    mark_process_dead(proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+                    ran = time.monotonic() - started
+                    log.error("worker_exited", worker=index, pid=proc.pid, exitcode=proc.exitcode,
+                              ran_s=round(ran, 1))
+                    if ran < _MIN_HEALTHY_RUN_S:
+                        self.failed = True
+                        stop.set()
+                        break
+                    self._spawn(index)
+                try:
+                    await asyncio.wait_for(stop.wait(), 0.5)
+                except TimeoutError:
+                    pass
+        finally:
+            await self._stop_workers()
+            await admin.stop()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    async def _stop_workers(self) -> None:
+        for proc, _ in self._workers.values():
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_timeout + 5
+        for index, (proc, _) in self._workers.items():
+            await asyncio.to_thread(proc.join, max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("worker_killed", worker=index, pid=proc.pid)
+                proc.kill()
+                await asyncio.to_thread(proc.join, 5)
+
+
+def run_supervisor(settings: Settings) -> int:
+    supervisor = Supervisor(settings)
+    log.info("supervisor_starting", workers=supervisor.count)
+    run_event_loop(supervisor.run())
+    return 1 if supervisor.failed else 0

@@ -1,0 +1,77 @@
+"""Several worker processes behind one listener act as one proxy: same routes, one set of metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+
+import aiohttp
+import pytest
+
+from .harness import Backend, ConsulAgent, FerrymanProcess, fetch
+
+pytestmark = pytest.mark.integration
+
+
+def _worker_pids(log_events: list[dict]) -> set[int]:
+    return {e["pid"] for e in log_events if e.get("event") == "worker_started"}
+
+
+class TestWorkers:
+    """`--workers 2`: both workers serve, follow Consul, and their metrics add up on the admin port."""
+
+    async def test_two_workers_follow_consul_and_sum_metrics(self, consul: ConsulAgent, workdir, backends):
+        proxy = FerrymanProcess(consul.addr, workdir, workers=2)
+        try:
+            proxy.start()
+            a, b = Backend("multi-a"), Backend("multi-b")
+            for backend in (a, b):
+                backends.append(await backend.start())
+                await asyncio.to_thread(consul.register, "multi", backend.instance, backend.port,
+                                        ["urlprefix-/multi"])
+            await asyncio.to_thread(proxy.wait_instances, "multi@*any*/multi", ["multi-a", "multi-b"])
+            # The supervisor's table has both; every worker follows Consul on its own within the same 1 s bound.
+            await asyncio.sleep(1.0)
+
+            # A new connection per request, so the kernel spreads them over both workers.
+            total = 60
+            for _ in range(total):
+                async with aiohttp.ClientSession() as http:
+                    status, _, _ = await fetch(http, f"{proxy.url}/multi/")
+                    assert status == 200
+            served_by = {e.get("worker") for e in proxy.log_events() if e.get("event") == "access"}
+            assert served_by == {0, 1}
+
+            async with aiohttp.ClientSession() as http:
+                _, body, _ = await fetch(http, f"{proxy.admin_url}/metrics")
+            text = body.decode()
+            count = re.search(r'ferryman_requests_total\{code="200",method="GET",service="multi"\} (\S+)', text)
+            assert count is not None and float(count.group(1)) == total
+            assert re.search(r'ferryman_upstream_instances\{service="multi"\} 2\.0', text)
+
+            # A deregistration reaches every worker: no request on any connection lands on multi-b after 1 s.
+            deregistered_at = time.monotonic()
+            await asyncio.to_thread(consul.deregister, "multi-b")
+            await asyncio.sleep(1.0)
+            b.hits.clear()
+            for _ in range(30):
+                async with aiohttp.ClientSession() as http:
+                    status, _, _ = await fetch(http, f"{proxy.url}/multi/")
+                    assert status == 200
+            assert b.hits == [], f"multi-b got traffic {time.monotonic() - deregistered_at:.2f}s after leaving"
+
+            # SIGTERM to the supervisor stops every worker and exits 0.
+            pids = _worker_pids(proxy.log_events())
+            assert len(pids) == 2
+            assert proxy.proc is not None
+            proxy.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proxy.proc.wait, 20) == 0
+            for pid in pids:
+                with pytest.raises(ProcessLookupError):
+                    import os
+
+                    os.kill(pid, 0)
+        finally:
+            proxy.stop()
