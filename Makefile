@@ -37,6 +37,24 @@ demo: $(VENV)/.installed $(CONSUL)
 test: $(VENV)/.installed $(CONSUL)
 	CONSUL_BIN=$(abspath $(CONSUL)) $(PY) -m pytest -q
 
+# The benchmark (issue 3): Ferryman beside nginx and HAProxy, through a real Consul agent, on loopback.
+# Debian's wrk, nginx-light and haproxy are installed when missing; bench/run.py runs its own instances
+# of them (own configs, temp dirs, loopback ports) and never uses or touches their system services.
+BENCH_DEBS := wrk nginx-light haproxy
+
+bench: $(VENV)/.installed $(CONSUL)
+	@missing=""; \
+	for p in $(BENCH_DEBS); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		echo "bench: installing$$missing"; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check discovery proxy tests demo bench
 	$(VENV)/bin/mypy

@@ -18,10 +18,11 @@ from discovery.watcher import Watcher
 
 from .admin import make_admin_app
 from .config import Settings
-from .forwarder import Forwarder
+from .forwarder import UpstreamPool
 from .metrics import Metrics
 from .pool import Pools
-from .server import ProxyHandler, Router
+from .server import ProxyServer, Router
+from .server import Settings as ServerSettings
 from .table import RoutingTable
 
 log = structlog.get_logger("ferryman")
@@ -53,12 +54,12 @@ class Ferryman:
         self.pools = Pools()
         self.generation = 0
         self._conflicts: set[Problem] = set()
-        self.forwarder = Forwarder(
+        self.upstream = UpstreamPool(
             connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            max_connections=settings.upstream_max_connections,
+            keepalive=settings.upstream_keepalive,
             idle_timeout=settings.upstream_idle_timeout,
         )
+        self._proxy: ProxyServer | None = None
         self._consul: ConsulClient | None = None
         self._watcher: Watcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -84,7 +85,6 @@ class Ferryman:
 
     async def start(self) -> None:
         s = self.settings
-        await self.forwarder.start()
         self._consul = ConsulClient(s.consul_address, token=s.consul_token, dc=s.consul_dc, wait_s=s.consul_wait)
         self._watcher = Watcher(
             self._consul, self.apply, prefix=s.tag_prefix,
@@ -97,18 +97,12 @@ class Ferryman:
             # Consul is down or slow: serve anyway (404 until it answers) rather than refuse connections.
             log.warning("started_without_routes", waited_s=_FIRST_SYNC_WAIT_S, consul=s.consul_addr)
         if self.serve_proxy:
-            handler = ProxyHandler(
-                self.router, self.pools, self.forwarder, self.metrics,
-                max_attempts=s.max_attempts, listen_port=listen.port, access_log_enabled=s.access_log,
-            )
-            proxy_runner = web.ServerRunner(
-                web.Server(handler, access_log=None), shutdown_timeout=s.shutdown_timeout,
-            )
-            await proxy_runner.setup()
-            self._runners.append(proxy_runner)
-            await web.TCPSite(
-                proxy_runner, listen.host, listen.port, backlog=1024, reuse_port=self.reuse_port or None,
-            ).start()
+            self._proxy = ProxyServer(ServerSettings(
+                router=self.router, pools=self.pools, upstream=self.upstream, metrics=self.metrics,
+                max_attempts=s.max_attempts, read_timeout=s.read_timeout, idle_timeout=s.client_idle_timeout,
+                listen_port=listen.port, proto="http", access_log=s.access_log, loop=asyncio.get_running_loop(),
+            ))
+            await self._proxy.start(listen.host, listen.port, reuse_port=self.reuse_port)
         if self.serve_admin:
             admin_runner = web.AppRunner(make_admin_app(self.router, self.pools, self.exposition), access_log=None)
             await admin_runner.setup()
@@ -129,6 +123,9 @@ class Ferryman:
     async def stop(self) -> None:
         log.info("ferryman_stopping", shutdown_timeout_s=self.settings.shutdown_timeout)
         # Listeners first (in-flight requests finish within shutdown_timeout), then discovery and clients.
+        if self._proxy is not None:
+            await self._proxy.stop(self.settings.shutdown_timeout)
+            self._proxy = None
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
@@ -137,5 +134,5 @@ class Ferryman:
             await asyncio.gather(self._watch_task, return_exceptions=True)
         if self._consul is not None:
             await self._consul.close()
-        await self.forwarder.close()
+        self.upstream.close()
         log.info("ferryman_stopped")

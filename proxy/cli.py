@@ -27,9 +27,10 @@ _HELP = {
     "connect_timeout": "seconds to connect to an upstream",
     "read_timeout": "seconds an upstream may stay silent (head or body) before 504 / abort",
     "max_attempts": "instances tried per request on connection failures (capped by the pool size)",
-    "upstream_max_connections": "upstream connections in total, 0 for no limit",
+    "upstream_keepalive": "idle keep-alive connections kept per upstream instance",
     "upstream_idle_timeout": "seconds an idle upstream keep-alive connection is kept",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
+    "client_idle_timeout": "seconds a client connection may wait idle, or send a request head, before it is closed",
     "workers": "proxy processes sharing the listener (SO_REUSEPORT); 0 = one per CPU",
 }
 

@@ -57,9 +57,10 @@ class Settings:
     connect_timeout: float = 2.0
     read_timeout: float = 30.0
     max_attempts: int = 3
-    upstream_max_connections: int = 1024
+    upstream_keepalive: int = 64
     upstream_idle_timeout: float = 60.0
     shutdown_timeout: float = 10.0
+    client_idle_timeout: float = 75.0
     workers: int = 0
 
     @property
@@ -116,7 +117,8 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
     "connect_timeout": _positive,
     "read_timeout": _positive,
     "max_attempts": _between(1, 10),
-    "upstream_max_connections": _between(0, 1_000_000),
+    "upstream_keepalive": _between(0, 100_000),
+    "client_idle_timeout": _positive,
     "upstream_idle_timeout": _positive,
     "shutdown_timeout": _between(0, 3600),
     "workers": _between(0, 256),

@@ -1,102 +1,282 @@
-"""Send one request upstream over a shared, keep-alive ClientSession and hand back the streaming response.
+"""The upstream side: keep-alive HTTP/1.1 connections to instances, on asyncio protocols with llhttp.
 
-One ClientSession for the process, created at start-up with an explicit TCPConnector (pool size, idle
-keep-alive) and ClientTimeout (connect, and read between bytes; no total, so a long download is fine while
-it moves). Nothing is decompressed, no cookie jar, no redirects followed, no header invented: aiohttp's
-default Accept, Accept-Encoding, User-Agent and Content-Type are suppressed so the upstream sees what the
-client sent. The request body is relayed as an async iterator of the client's chunks.
+Written by hand on purpose (aiohttp's ClientSession was the hot path's largest cost: see README, Performance):
+one `UpstreamConnection` per TCP connection, its response parsed by llhttp (through httptools) straight
+into callbacks on the request's `ResponseSink`, which writes to the client as bytes arrive. Nothing is
+buffered beyond what the transports hold, nothing is decompressed, no header is invented.
+
+`UpstreamPool` keeps idle connections per instance (last in, first out, at most `keepalive` each, closed
+after `idle_timeout`) and opens new ones with a connect timeout. Connection failures leave as ProxyErrors
+marked retryable, since nothing reached the upstream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-from collections.abc import AsyncIterator
-from typing import Final
+from typing import Final, Protocol
 
-import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
+import httptools
 
-from .errors import map_client_errors
+from .errors import ProxyError, UpstreamConnectError, UpstreamConnectTimeout, UpstreamProtocolError
 
-# Headers aiohttp's client adds when absent; a transparent proxy must not add them.
-_NO_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# How a response body is delimited, as far as the relay is concerned.
+FRAMING_NONE: Final = 0  # HEAD, 1xx, 204, 304: no body whatever the headers say
+FRAMING_LENGTH: Final = 1
+FRAMING_CHUNKED: Final = 2
+FRAMING_EOF: Final = 3  # neither: the body ends when the upstream closes (RFC 9112 §6.3 rule 8)
 
-
-class RequestBody:
-    """The client's request body, relayed chunk by chunk. `started` tells whether any byte was consumed:
-    until then the request may still go to another instance."""
-
-    __slots__ = ("_content", "started")
-
-    def __init__(self, request: web.BaseRequest) -> None:
-        self._content = request.content
-        self.started = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        self.started = True
-        async for chunk in self._content.iter_any():
-            yield chunk
+PoolKey = tuple[str, str, int, bool]
 
 
-class Forwarder:
-    def __init__(
-        self,
-        *,
-        connect_timeout: float,
-        read_timeout: float,
-        max_connections: int,
-        idle_timeout: float,
-    ) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
-        self._max_connections = max_connections
-        self._idle_timeout = idle_timeout
-        self._session: aiohttp.ClientSession | None = None
+class ResponseSink(Protocol):
+    """What an upstream connection reports to, for the one request it carries."""
 
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections,
-            limit_per_host=0,
-            keepalive_timeout=self._idle_timeout,
-            ttl_dns_cache=10,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_NO_AUTO_HEADERS,
-            trust_env=False,
-        )
+    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_complete(self, reusable: bool) -> None: ...
+    def on_error(self, error: ProxyError, *, nothing_received: bool) -> None: ...
+    def upstream_pause_writing(self) -> None: ...
+    def upstream_resume_writing(self) -> None: ...
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
-    async def send(
-        self,
-        method: str,
-        scheme: str,
-        authority: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: RequestBody | None,
-        *,
-        tls_skip_verify: bool = False,
-    ) -> aiohttp.ClientResponse:
-        """Send the request and return once the response head arrived; the body is left to stream."""
-        session = self._session
-        assert session is not None, "Forwarder.start() was not awaited"
-        url = URL(f"{scheme}://{authority}{target}", encoded=True)
-        ssl_arg: ssl.SSLContext | bool = not tls_skip_verify
-        with map_client_errors(authority):
-            return await session.request(
-                method,
-                url,
-                headers=headers,
-                data=body.chunks() if body is not None else None,
-                allow_redirects=False,
-                ssl=ssl_arg,
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_head_request", "_headers", "_headers_done", "_interim", "_reason", "_sink", "_skip_rest", "closed",
+        "framing", "idle_since", "key", "parser", "pool", "received", "transport",
+    )
+
+    def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self._sink: ResponseSink | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._head_request = False
+        self._interim = False
+        self._skip_rest = False
+        self._headers_done = False
+        self.framing = FRAMING_NONE
+        self.received = False
+        self.closed = False
+        self.idle_since = 0.0
+
+    # --- driven by the request relay ---
+    def send(self, head: bytes, sink: ResponseSink, *, head_request: bool) -> None:
+        self._sink = sink
+        self._headers = []
+        self._reason = b""
+        self._head_request = head_request
+        self._interim = False
+        self._skip_rest = False
+        self.received = False
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def detach(self) -> None:
+        """The request gave up on this connection (client gone, timeout): it cannot be reused."""
+        self._sink = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- asyncio.Protocol ---
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._sink is None:
+            # Bytes nobody asked for (an idle connection talking): it is no longer safe to reuse.
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamProtocolError("upstream switched protocols unasked"))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        sink = self._sink
+        if sink is None:
+            return
+        self._sink = None
+        if self.framing == FRAMING_EOF and not self._interim and self.received and self._headers_done:
+            sink.on_complete(False)
+        else:
+            reason = f": {exc}" if exc else ""
+            sink.on_error(
+                UpstreamConnectError(f"upstream closed the connection before the response was complete{reason}"),
+                nothing_received=not self.received,
             )
+
+    def pause_writing(self) -> None:
+        if self._sink is not None:
+            self._sink.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._sink is not None:
+            self._sink.upstream_resume_writing()
+
+    # --- llhttp callbacks ---
+    def on_message_begin(self) -> None:
+        self._headers_done = False
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        sink = self._sink
+        if sink is None:
+            return
+        status = self.parser.get_status_code()
+        if status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the final one follows on this parser.
+            self._interim = True
+            self._headers = []
+            self._reason = b""
+            return
+        self._headers_done = True
+        if self._head_request or status == 204 or status == 304:
+            framing = FRAMING_NONE
+        else:
+            framing = FRAMING_EOF
+            for name, value in self._headers:
+                lower = name.lower()
+                if lower == b"content-length":
+                    framing = FRAMING_LENGTH
+                elif lower == b"transfer-encoding":
+                    framing = FRAMING_CHUNKED if value.lower().rstrip().endswith(b"chunked") else FRAMING_EOF
+                    break
+        self.framing = framing
+        sink.on_head(status, self._reason, self._headers, framing)
+        if self._head_request and self._sink is sink:
+            # llhttp cannot be told a response answers HEAD, so it would wait for Content-Length bytes that
+            # never come: finish here and give the next response a fresh parser.
+            keep_alive = self.parser.should_keep_alive()
+            self._skip_rest = True
+            self.parser = httptools.HttpResponseParser(self)
+            self._finish(keep_alive)
+
+    def on_body(self, data: bytes) -> None:
+        if self._skip_rest or self._sink is None:
+            return
+        self._sink.on_body(data)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self._skip_rest or self._sink is None:
+            return
+        self._finish(self.parser.should_keep_alive())
+
+    # --- internals ---
+    def _finish(self, keep_alive: bool) -> None:
+        sink = self._sink
+        self._sink = None
+        if sink is not None:
+            sink.on_complete(keep_alive and self.framing != FRAMING_EOF)
+
+    def _fail(self, error: ProxyError) -> None:
+        sink = self._sink
+        self._sink = None
+        if self.transport is not None:
+            self.transport.abort()
+        if sink is not None:
+            sink.on_error(error, nothing_received=False)
+
+
+class UpstreamPool:
+    def __init__(self, *, connect_timeout: float, keepalive: int, idle_timeout: float) -> None:
+        self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
+        self.idle_timeout = idle_timeout
+        self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        self._all: set[UpstreamConnection] = set()
+        self._ssl_verified: ssl.SSLContext | None = None
+        self._ssl_unverified: ssl.SSLContext | None = None
+
+    async def acquire(
+        self, scheme: str, host: str, port: int, tls_skip_verify: bool
+    ) -> tuple[UpstreamConnection, bool]:
+        """A connection to the instance: an idle one (reused=True) or a new one."""
+        key = (scheme, host, port, tls_skip_verify)
+        idle = self._idle.get(key)
+        if idle:
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and now - conn.idle_since < self.idle_timeout:
+                    return conn, True
+                if conn.transport is not None:
+                    conn.transport.close()
+        return await self._connect(key), False
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        if not reusable or conn.closed or conn.transport is None:
+            if conn.transport is not None and not conn.closed:
+                conn.transport.close()
+            return
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= self.keepalive:
+            conn.transport.close()
+            return
+        conn.idle_since = asyncio.get_running_loop().time()
+        idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self._all.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close(self) -> None:
+        for conn in list(self._all):
+            if conn.transport is not None:
+                conn.transport.close()
+        self._idle.clear()
+
+    async def _connect(self, key: PoolKey) -> UpstreamConnection:
+        scheme, host, port, skip_verify = key
+        loop = asyncio.get_running_loop()
+        ssl_ctx = self._ssl_context(skip_verify) if scheme == "https" else None
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self, key), host, port, ssl=ssl_ctx,
+                    server_hostname=host if ssl_ctx is not None else None,
+                )
+        except TimeoutError as exc:
+            raise UpstreamConnectTimeout(f"connecting to {authority} timed out", retryable=True) from exc
+        except (OSError, ssl.SSLError) as exc:
+            detail = exc.strerror or str(exc) or type(exc).__name__
+            raise UpstreamConnectError(f"cannot connect to {authority}: {detail}", retryable=True) from exc
+        self._all.add(conn)
+        return conn
+
+    def _ssl_context(self, skip_verify: bool) -> ssl.SSLContext:
+        if skip_verify:
+            if self._ssl_unverified is None:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                self._ssl_unverified = ctx
+            return self._ssl_unverified
+        if self._ssl_verified is None:
+            self._ssl_verified = ssl.create_default_context()
+        return self._ssl_verified

@@ -1,80 +1,142 @@
-"""Header rules between client and upstream. Pure: headers in, headers out.
+"""Header rules between client and upstream, on raw header lists. Pure: bytes in, bytes out.
+
+Headers arrive from the HTTP/1.1 parser as a list of (name, value) byte pairs in wire order, and leave as the
+bytes of the next hop's message head, so a request costs one pass over its headers and one join.
 
 Hop-by-hop headers belong to one connection and never cross the proxy, in either direction (RFC 9110
 §7.6.1): Connection and every header it names, Keep-Alive, Proxy-Connection, TE, Trailer,
-Transfer-Encoding, Upgrade. The framing of each hop is the proxy's own business (the server and client
-re-frame bodies). Host passes through unchanged, so virtual hosts upstream see what the client asked for.
+Transfer-Encoding, Upgrade. Each hop frames bodies itself, so Transfer-Encoding is set anew by the proxy
+when it chunks. Host passes through unchanged, so virtual hosts upstream see what the client asked for.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Final
 
-from multidict import CIMultiDict, CIMultiDictProxy
+Header = tuple[bytes, bytes]
+Headers = Sequence[Header]
 
 HOP_BY_HOP: Final = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
+# Describe this hop, so an incoming value is replaced: a client cannot claim https or another host.
+X_FORWARDED_FOR: Final = b"x-forwarded-for"
+_THIS_HOP: Final = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip"})
+# The proxy answers `Expect: 100-continue` itself once it has an upstream for the request (RFC 9110 §10.1.1).
+_EXPECT: Final = b"expect"
+_CRLF: Final = b"\r\n"
+_SEP: Final = b": "
 
-X_FORWARDED_FOR: Final = "X-Forwarded-For"
-X_FORWARDED_PROTO: Final = "X-Forwarded-Proto"
-X_FORWARDED_HOST: Final = "X-Forwarded-Host"
-X_FORWARDED_PORT: Final = "X-Forwarded-Port"
-X_REAL_IP: Final = "X-Real-IP"
-
-HeadersIn = CIMultiDict[str] | CIMultiDictProxy[str]
+STATUS_REASONS: Final = {
+    400: b"Bad Request", 404: b"Not Found", 413: b"Content Too Large", 414: b"URI Too Long",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
 
 
-def connection_tokens(headers: HeadersIn) -> set[str]:
+def connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
     """Lower-cased header names listed in Connection (RFC 9110 §7.6.1: they are hop-by-hop too)."""
-    names: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        for token in value.split(","):
-            token = token.strip().lower()
-            if token:
-                names.add(token)
-    return names
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token:
+                    names.add(token)
+    return frozenset(names)
 
 
-def _end_to_end(headers: HeadersIn) -> CIMultiDict[str]:
-    named = connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named:
-            continue
-        out.add(name, value)
-    return out
+def upstream_request_head(
+    method: bytes,
+    target: bytes,
+    headers: Headers,
+    *,
+    client_ip: bytes,
+    proto: bytes,
+    port: bytes,
+    default_host: bytes,
+    chunked: bool,
+) -> bytes:
+    """The HTTP/1.1 request head for the upstream.
 
-
-def upstream_request_headers(
-    headers: HeadersIn, *, client_ip: str, proto: str, port: int
-) -> CIMultiDict[str]:
-    """Headers for the upstream request.
-
-    X-Forwarded-For is appended to (every incoming value kept, the client's address last), so the chain
-    stays auditable. X-Forwarded-Proto/-Host/-Port and X-Real-IP describe this hop and are replaced: a
-    client cannot claim https or another host through them.
+    X-Forwarded-For is appended to (every incoming value kept, the client's address last), so the chain stays
+    auditable; X-Forwarded-Proto/-Host/-Port and X-Real-IP are replaced. A request without Host (HTTP/1.0)
+    gets `default_host`, since HTTP/1.1 requires one. `chunked` frames the body with chunked coding.
     """
-    out = _end_to_end(headers)
-    prior = [v.strip() for v in out.popall(X_FORWARDED_FOR, ()) if v.strip()]
-    out[X_FORWARDED_FOR] = ", ".join([*prior, client_ip]) if client_ip else ", ".join(prior)
-    if not out[X_FORWARDED_FOR]:
-        del out[X_FORWARDED_FOR]
-    out[X_FORWARDED_PROTO] = proto
-    host = headers.get("Host")
-    if host:
-        out[X_FORWARDED_HOST] = host
-    else:
-        out.popall(X_FORWARDED_HOST, None)
-    out[X_FORWARDED_PORT] = str(port)
+    named = connection_tokens(headers)
+    out = [method, b" ", target, b" HTTP/1.1\r\n"]
+    forwarded_for: list[bytes] = []
+    host = b""
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in _THIS_HOP or lower == _EXPECT or (named and lower in named):
+            continue
+        if lower == X_FORWARDED_FOR:
+            value = value.strip()
+            if value:
+                forwarded_for.append(value)
+            continue
+        if lower == b"host":
+            host = value
+        out += (name, _SEP, value, _CRLF)
+    if not host:
+        out += (b"Host: ", default_host, _CRLF)
     if client_ip:
-        out[X_REAL_IP] = client_ip
-    else:
-        out.popall(X_REAL_IP, None)
-    return out
+        forwarded_for.append(client_ip)
+    if forwarded_for:
+        out += (b"X-Forwarded-For: ", b", ".join(forwarded_for), _CRLF)
+    out += (b"X-Forwarded-Proto: ", proto, _CRLF)
+    if host:
+        out += (b"X-Forwarded-Host: ", host, _CRLF)
+    out += (b"X-Forwarded-Port: ", port, _CRLF)
+    if client_ip:
+        out += (b"X-Real-IP: ", client_ip, _CRLF)
+    if chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    out.append(_CRLF)
+    return b"".join(out)
 
 
-def client_response_headers(headers: HeadersIn) -> CIMultiDict[str]:
-    """Headers for the client: the upstream's end-to-end headers, repeated ones (Set-Cookie) kept apart."""
-    return _end_to_end(headers)
+def client_response_head(
+    status: int, reason: bytes, headers: Headers, *, chunked: bool, keep_alive: bool, http10: bool
+) -> bytes:
+    """The response head for the client: the upstream's end-to-end headers (repeated ones such as Set-Cookie
+    kept apart, in order), then this hop's framing and connection headers."""
+    named = connection_tokens(headers)
+    out = [b"HTTP/1.0 " if http10 else b"HTTP/1.1 ", str(status).encode(), b" ", reason or b"", _CRLF]
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or (named and lower in named):
+            continue
+        out += (name, _SEP, value, _CRLF)
+    if chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    if not keep_alive:
+        out.append(b"Connection: close\r\n")
+    elif http10:
+        out.append(b"Connection: keep-alive\r\n")
+    out.append(_CRLF)
+    return b"".join(out)
+
+
+def error_response(status: int, message: str, *, keep_alive: bool, http10: bool = False) -> bytes:
+    """A complete short plain-text answer the proxy gives itself (404, 502, ...)."""
+    body = f"{status} {message}\n".encode()
+    head = [
+        b"HTTP/1.0 " if http10 else b"HTTP/1.1 ", str(status).encode(), b" ",
+        STATUS_REASONS.get(status, b"Error"), _CRLF,
+        b"Content-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n",
+        b"Content-Length: ", str(len(body)).encode(), _CRLF,
+        b"Connection: keep-alive\r\n" if keep_alive and http10 else b"" if keep_alive else b"Connection: close\r\n",
+        _CRLF,
+    ]
+    return b"".join(head) + body
+
+
+def header_value(headers: Headers, name: bytes) -> bytes | None:
+    """The first value of a header (name given in lower case)."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None

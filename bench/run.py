@@ -1,0 +1,933 @@
+#!/usr/bin/env python3
+"""Ferryman beside nginx and HAProxy on this machine: one command, loopback only, bounded in time.
+
+    .venv/bin/python bench/run.py [--quick] [--ferryman-workers N]      (or: make bench)
+
+How it works. Everything runs on 127.0.0.1 ports picked free at start, from one temporary directory:
+  * backends: one nginx instance (1 worker) with two server blocks, each serving /1k (1 KiB) and /64k
+    (64 KiB) as static files, so the backend is never the bottleneck;
+  * a Consul dev agent, with both backends registered as one service tagged `urlprefix-/`;
+  * the proxies under test, all with access logging on and the same forwarding headers:
+    Ferryman (routes from Consul, round robin over its pool), nginx (1 worker, upstream keepalive 64) and
+    HAProxy (1 thread, http-reuse always).
+wrk (1 thread) drives each proxy in turn: interleaved rounds with the order rotated (so drift in the machine
+hits every proxy alike), then one round at 8 connections for p99, then one round of 64 KiB bodies. The CPU
+time each proxy spent (utime+stime of its process and its children, from /proc) is read before and after
+each wrk run, so "requests per proxy CPU-second" says what a proxy costs whatever the other processes took.
+
+Every process started here is stopped by its PID (SIGTERM, then SIGKILL after a grace period), on success,
+on error and on Ctrl-C. Every load run is bounded in duration and guarded by a timeout, and the whole
+benchmark has a deadline; runs that would overshoot it are skipped and reported.
+The table is printed and written to bench/out/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+OUT_DIR: Final = ROOT / "bench" / "out"
+VENV_BIN: Final = ROOT / ".venv" / "bin"
+
+DEADLINE_S: Final = 285.0  # the whole run, set-up and tear-down included, stays under 5 minutes
+SERVICE: Final = "bench-backend"
+PATH_1K: Final = "/1k"
+PATH_64K: Final = "/64k"
+PROXIES: Final = ("nginx", "haproxy", "ferryman")
+CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+
+# urllib must never go through a proxy from the environment: everything here is loopback.
+_HTTP: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class BenchError(Exception):
+    """Set-up failed; the message says which part and where its log is."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# processes
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    errlog: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        """The end of what the process wrote on stderr (and stdout when that is not a separate log)."""
+        try:
+            text = self.errlog.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Stack:
+    """Owns the temporary directory and every process started in it; stops them by PID, newest first."""
+
+    def __init__(self, keep_tmp: bool = False) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="ferryman-bench-"))
+        self.tmp.chmod(0o755)  # nginx workers may run as another user and must read the files in here
+        self.keep_tmp = keep_tmp
+        self.procs: list[Proc] = []
+
+    def spawn(self, name: str, argv: Sequence[str], *, stdout: Path | None = None,
+              env: dict[str, str] | None = None) -> Proc:
+        log = stdout or self.tmp / f"{name}.log"
+        # With a separate stdout (an access log), stderr goes to <name>.stderr; else both to <name>.log.
+        errlog = self.tmp / f"{name}.stderr" if stdout is not None else log
+        with open(log, "ab") as out, open(errlog, "ab") as err:
+            popen = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=self.tmp,
+            )
+        proc = Proc(name, popen, log, errlog)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc, grace: float = 5.0) -> None:
+        if proc.alive():
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+                proc.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.popen.wait(timeout=5)
+            except ProcessLookupError:
+                pass
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def close(self) -> None:
+        for proc in reversed(list(self.procs)):
+            try:
+                self.stop(proc)
+            except Exception as exc:  # tear-down goes on for the others
+                print(f"warning: could not stop {proc.name} (pid {proc.pid}): {exc}", file=sys.stderr)
+        if not self.keep_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextmanager
+def running_stack(keep_tmp: bool = False) -> Iterator[Stack]:
+    """A Stack that is torn down however the block ends, SIGTERM included (turned into KeyboardInterrupt)."""
+    stack = Stack(keep_tmp)
+
+    def on_term(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield stack
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stack.close()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float, procs: Sequence[Proc] = ()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if not proc.alive():
+                raise BenchError(f"{proc.name} exited (code {proc.popen.returncode}) while waiting for "
+                                 f"{what}; {proc.errlog}:\n{proc.tail()}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    tails = "\n".join(f"--- {p.name} ({p.errlog}):\n{p.tail()}" for p in procs)
+    raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method=method)
+    try:
+        with _HTTP.open(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def answers(port: int, path: str = "/1k") -> bool:
+    return http("GET", f"http://127.0.0.1:{port}{path}")[0] == 200
+
+
+# --------------------------------------------------------------------------------------------------------
+# /proc: CPU time and memory of a process tree
+
+
+def _stat_fields(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    # comm (field 2) is in parentheses and may hold spaces: split after the last ')'.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants (nginx master -> workers, ferryman -> worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(_stat_fields(int(entry.name))[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def cpu_ticks(pids: Sequence[int]) -> dict[int, int]:
+    """utime+stime (fields 14 and 15) of each process that still exists, in clock ticks."""
+    out = {}
+    for pid in pids:
+        try:
+            f = _stat_fields(pid)
+        except OSError:
+            continue
+        out[pid] = int(f[11]) + int(f[12])
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss_kib(root: int) -> dict[int, int]:
+    return {pid: rss_kib(pid) for pid in process_tree(root)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# the pieces
+
+
+def nginx_user_line() -> str:
+    """nginx run as root switches its workers to `nobody` (whose group Debian calls nogroup); keep the
+    invoking user instead so the temp files stay readable and writable. Ignored by nginx when not root."""
+    if os.geteuid() != 0:
+        return ""
+    import grp
+    import pwd
+    return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
+
+
+def nginx_common(prefix: Path) -> str:
+    return f"""
+daemon off;
+master_process on;
+worker_processes 1;
+{nginx_user_line()}
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; multi_accept on; }}
+"""
+
+
+def nginx_temp_paths(prefix: Path) -> str:
+    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    return "\n".join(f"  {kind}_temp_path {prefix}/{kind}_temp;" for kind in kinds)
+
+
+def start_nginx(stack: Stack, name: str, config: str) -> Proc:
+    prefix = stack.tmp / name
+    prefix.mkdir(exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(config)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    argv = [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
+    test = subprocess.run([*argv, "-t", "-q"], capture_output=True, text=True, timeout=30)
+    if test.returncode != 0:
+        raise BenchError(f"{name}: nginx rejected {conf}:\n{test.stderr}")
+    return stack.spawn(name, argv)
+
+
+def start_backends(stack: Stack) -> tuple[Proc, list[int]]:
+    www = stack.tmp / "www"
+    www.mkdir()
+    (www / PATH_1K.lstrip("/")).write_bytes(b"x" * 1023 + b"\n")
+    (www / PATH_64K.lstrip("/")).write_bytes(b"y" * (64 * 1024 - 1) + b"\n")
+    ports = free_ports(2)
+    prefix = stack.tmp / "backends"
+    servers = "\n".join(f"  server {{ listen 127.0.0.1:{p} backlog=4096; root {www}; }}" for p in ports)
+    config = nginx_common(prefix) + f"""
+http {{
+  access_log off;
+  default_type application/octet-stream;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_timeout 120s;
+  keepalive_requests 10000000;
+  open_file_cache max=16 inactive=600s;
+  open_file_cache_valid 600s;
+{nginx_temp_paths(prefix)}
+{servers}
+}}
+"""
+    proc = start_nginx(stack, "backends", config)
+    for port in ports:
+        wait_until(f"backend on port {port}", functools.partial(answers, port), 15, [proc])
+    return proc, ports
+
+
+def start_consul(stack: Stack, consul_bin: str, backends: Sequence[int]) -> tuple[Proc, int]:
+    http_port, lan, wan, server = free_ports(4)
+    proc = stack.spawn("consul", [
+        consul_bin, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1", "-node", "bench",
+        "-http-port", str(http_port), "-dns-port", "-1", "-grpc-port", "-1", "-serf-lan-port", str(lan),
+        "-serf-wan-port", str(wan), "-server-port", str(server), "-log-level", "warn",
+    ])
+    base = f"http://127.0.0.1:{http_port}"
+    def has_leader() -> bool:
+        return http("GET", f"{base}/v1/status/leader")[1].strip() not in (b"", b'""')
+
+    wait_until("the Consul leader", has_leader, 30, [proc])
+    for i, port in enumerate(backends, 1):
+        doc = {"ID": f"{SERVICE}-{i}", "Name": SERVICE, "Address": "127.0.0.1", "Port": port,
+               "Tags": ["urlprefix-/"]}
+        status, body = http("PUT", f"{base}/v1/agent/service/register", json.dumps(doc).encode())
+        if status != 200:
+            raise BenchError(f"Consul refused the registration of {doc['ID']}: {status} {body!r}")
+    return proc, http_port
+
+
+def ferryman_has_workers_flag() -> bool:
+    """Whether this Ferryman knows --workers (its default may then be one process per CPU)."""
+    try:
+        out = subprocess.run([str(VENV_BIN / "ferryman"), "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--workers" in out.stdout
+
+
+def ferryman_argv(listen: int, admin: int, consul: int, workers: int, workers_flag: bool) -> list[str]:
+    argv = [str(VENV_BIN / "ferryman"), "--listen", f"127.0.0.1:{listen}",
+            "--admin-listen", f"127.0.0.1:{admin}", "--consul-addr", f"127.0.0.1:{consul}",
+            # The issue measures with everything on: the access log is on, JSON, to a file.
+            "--access-log", "true", "--log-format", "json", "--log-level", "info",
+            "--shutdown-timeout", "2"]
+    # Always say how many processes when Ferryman knows the flag (its default may be one per CPU); without
+    # the flag, only ask for more than one (and fall back to one if it is refused).
+    if workers_flag or workers > 1:
+        argv += ["--workers", str(workers)]
+    return argv
+
+
+def routes_ready(admin: int) -> bool:
+    status, body = http("GET", f"http://127.0.0.1:{admin}/api/routes", timeout=2)
+    if status != 200:
+        return False
+    for route in json.loads(body).get("routes", []):
+        instances = route.get("instances", ())
+        if route.get("service") == SERVICE and route.get("path") == "/" and len(instances) == 2:
+            return True
+    return False
+
+
+def start_ferryman(stack: Stack, consul: int, workers: int, notes: list[str]) -> tuple[Proc, int, int, int]:
+    """Ferryman with its access log on, sent to a file. Returns (proc, listen port, admin port, workers)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
+    listen, admin = free_ports(2)
+    stdout = stack.tmp / "ferryman-access.log"
+    workers_flag = ferryman_has_workers_flag()
+    if workers > 1 and not workers_flag:
+        print(f"NOTE: `ferryman --help` lists no --workers; trying --workers {workers} all the same")
+    proc = stack.spawn("ferryman", ferryman_argv(listen, admin, consul, workers, workers_flag), stdout=stdout,
+                       env=env)
+    if workers > 1:
+        time.sleep(1.5)
+        if not proc.alive():
+            err = (stack.tmp / "ferryman.stderr").read_text(errors="replace").strip()
+            note = (f"Ferryman did not start with --workers {workers} (exit {proc.popen.returncode}: "
+                    f"{err.splitlines()[-1] if err else 'no message'}); measured with 1 process instead.")
+            print(f"NOTE: {note}")
+            notes.append(note)
+            stack.stop(proc)
+            workers = 1
+            listen, admin = free_ports(2)
+            proc = stack.spawn("ferryman", ferryman_argv(listen, admin, consul, 1, workers_flag), stdout=stdout,
+                               env=env)
+    wait_until("Ferryman's /api/routes to list the route with 2 instances", lambda: routes_ready(admin), 45,
+               [proc])
+    wait_until("Ferryman to answer through the route", lambda: answers(listen), 15, [proc])
+    return proc, listen, admin, workers
+
+
+FORWARD_HEADERS_NGINX: Final = """
+      proxy_set_header Host $http_host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $http_host;
+      proxy_set_header X-Forwarded-Port $server_port;
+      proxy_set_header X-Real-IP $remote_addr;"""
+
+
+def start_nginx_proxy(stack: Stack, backends: Sequence[int]) -> tuple[Proc, int]:
+    port = free_port()
+    prefix = stack.tmp / "nginx"
+    upstreams = "\n".join(f"    server 127.0.0.1:{p};" for p in backends)
+    config = nginx_common(prefix) + f"""
+http {{
+  access_log {prefix}/access.log;
+  keepalive_timeout 120s;
+  keepalive_requests 10000000;
+{nginx_temp_paths(prefix)}
+  upstream backends {{
+{upstreams}
+    keepalive 64;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+  }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";{FORWARD_HEADERS_NGINX}
+      proxy_max_temp_file_size 0;
+    }}
+  }}
+}}
+"""
+    proc = start_nginx(stack, "nginx", config)
+    wait_until("nginx (proxy)", lambda: answers(port), 15, [proc])
+    return proc, port
+
+
+def start_haproxy(stack: Stack, backends: Sequence[int]) -> tuple[Proc, int]:
+    port = free_port()
+    prefix = stack.tmp / "haproxy"
+    prefix.mkdir()
+    servers = "\n".join(f"  server b{i} 127.0.0.1:{p}" for i, p in enumerate(backends, 1))
+    conf = prefix / "haproxy.cfg"
+    conf.write_text(f"""
+global
+  nbthread 1
+  maxconn 4096
+  log stdout format raw local0 info
+
+defaults
+  mode http
+  log global
+  option httplog
+  option http-keep-alive
+  option forwardfor
+  http-reuse always
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  timeout http-keep-alive 120s
+
+frontend proxy
+  bind 127.0.0.1:{port}
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request set-header X-Forwarded-Port %[dst_port]
+  http-request set-header X-Real-IP %[src]
+  default_backend backends
+
+backend backends
+  balance roundrobin
+{servers}
+""")
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    test = subprocess.run([haproxy, "-c", "-q", "-f", str(conf)], capture_output=True, text=True, timeout=30)
+    if test.returncode != 0:
+        raise BenchError(f"haproxy rejected {conf}:\n{test.stdout}{test.stderr}")
+    # -db: stay in the foreground, one process, so the PID we hold is the one that works.
+    proc = stack.spawn("haproxy", [haproxy, "-db", "-f", str(conf)], stdout=prefix / "access.log")
+    wait_until("haproxy", lambda: answers(port), 15, [proc])
+    return proc, port
+
+
+# --------------------------------------------------------------------------------------------------------
+# load
+
+
+_UNITS_MS: Final = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"unknown latency {text!r}")
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
+@dataclass
+class WrkResult:
+    rps: float = 0.0
+    requests: int = 0
+    seconds: float = 0.0
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    non2xx: int = 0
+    socket_errors: dict[str, int] = field(default_factory=dict)
+    failure: str = ""
+
+    @property
+    def errors(self) -> int:
+        return self.non2xx + sum(self.socket_errors.values())
+
+
+def parse_wrk(text: str) -> WrkResult:
+    r = WrkResult()
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if m:
+        r.rps = float(m.group(1))
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", text)
+    if m:
+        r.requests = int(m.group(1))
+        r.seconds = _ms(m.group(2) + m.group(3)) / 1000
+    m = re.search(r"^\s+50%\s+(\S+)", text, re.M)
+    if m:
+        r.p50_ms = _ms(m.group(1))
+    m = re.search(r"^\s+99%\s+(\S+)", text, re.M)
+    if m:
+        r.p99_ms = _ms(m.group(1))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if m:
+        r.non2xx = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        kinds = ("connect", "read", "write", "timeout")
+        r.socket_errors = {k: int(v) for k, v in zip(kinds, m.groups(), strict=True) if int(v)}
+    if not r.requests:
+        r.failure = "wrk reported no requests"
+    return r
+
+
+@dataclass
+class Run:
+    proxy: str
+    wrk: WrkResult
+    cpu_s: float
+    rss_peak_kib: int = 0
+
+    @property
+    def per_cpu_s(self) -> float:
+        return self.wrk.requests / self.cpu_s if self.cpu_s > 0 else 0.0
+
+
+def _stop_wrk(wrk: subprocess.Popen[bytes]) -> None:
+    if wrk.poll() is None:
+        os.kill(wrk.pid, signal.SIGKILL)
+        wrk.wait(timeout=5)
+
+
+def measure(proxy: str, proc: Proc, port: int, path: str, connections: int, duration: int) -> Run:
+    """One wrk run against one proxy, with the proxy tree's CPU time read before and after."""
+    url = f"http://127.0.0.1:{port}{path}"
+    pids = process_tree(proc.pid)
+    before = cpu_ticks(pids)
+    rss_peak = sum(tree_rss_kib(proc.pid).values())
+    wrk = subprocess.Popen(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "2s", "--latency", url],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    limit = time.monotonic() + duration + 20
+    try:
+        while wrk.poll() is None:
+            if time.monotonic() > limit:
+                raise subprocess.TimeoutExpired(wrk.args, duration + 20)
+            time.sleep(0.25)
+            rss_peak = max(rss_peak, sum(tree_rss_kib(proc.pid).values()))
+        out = wrk.stdout.read().decode(errors="replace") if wrk.stdout else ""
+        after = cpu_ticks(process_tree(proc.pid))
+    except subprocess.TimeoutExpired:
+        _stop_wrk(wrk)
+        return Run(proxy, WrkResult(failure=f"wrk did not finish within {duration + 20}s"), 0.0, rss_peak)
+    except BaseException:  # Ctrl-C or SIGTERM: wrk goes too
+        _stop_wrk(wrk)
+        raise
+    finally:
+        if wrk.stdout:
+            wrk.stdout.close()
+    # Processes that exited during the run are not counted; new ones count from 0.
+    ticks = sum(after[p] - before.get(p, 0) for p in after)
+    result = parse_wrk(out)
+    if wrk.returncode != 0 and not result.failure:
+        result.failure = f"wrk exited {wrk.returncode}"
+    if result.failure:
+        result.failure += ": " + " ".join(out.split())[-300:]
+    if not proc.alive():
+        result.failure = f"{proxy} died during the run (exit {proc.popen.returncode})"
+    return Run(proxy, result, ticks / CLK_TCK, rss_peak)
+
+
+# --------------------------------------------------------------------------------------------------------
+# report
+
+
+def _median(values: Sequence[float]) -> float:
+    values = [v for v in values if v == v]  # drop NaN
+    return statistics.median(values) if values else float("nan")
+
+
+@dataclass
+class Row:
+    proxy: str
+    runs: list[Run]
+
+    def _ok(self) -> list[Run]:
+        return [r for r in self.runs if not r.wrk.failure] or self.runs
+
+    @property
+    def rps(self) -> float:
+        return _median([r.wrk.rps for r in self._ok()])
+
+    @property
+    def p50(self) -> float:
+        return _median([r.wrk.p50_ms for r in self._ok()])
+
+    @property
+    def p99(self) -> float:
+        return _median([r.wrk.p99_ms for r in self._ok()])
+
+    @property
+    def cpu(self) -> float:
+        return _median([r.cpu_s for r in self._ok()])
+
+    @property
+    def per_cpu(self) -> float:
+        return _median([r.per_cpu_s for r in self._ok()])
+
+    @property
+    def errors(self) -> str:
+        parts = []
+        failures = [r.wrk.failure for r in self.runs if r.wrk.failure]
+        if failures:
+            parts.append(f"{len(failures)}/{len(self.runs)} runs failed ({failures[0]})")
+        non2xx = sum(r.wrk.non2xx for r in self.runs)
+        if non2xx:
+            parts.append(f"non-2xx {non2xx}")
+        sock: dict[str, int] = {}
+        for r in self.runs:
+            for k, v in r.wrk.socket_errors.items():
+                sock[k] = sock.get(k, 0) + v
+        if sock:
+            parts.append("socket " + ", ".join(f"{k} {v}" for k, v in sock.items()))
+        return "**" + "; ".join(parts) + "**" if parts else "0"
+
+
+def _num(v: float, fmt: str = ",.0f") -> str:
+    return "n/a" if v != v else format(v, fmt)
+
+
+def _pct(a: float, b: float) -> str:
+    return "n/a" if not (a == a and b == b and b) else f"{100 * a / b:.1f}%"
+
+
+def table(rows: Sequence[Row], p99_delta: bool = False) -> list[str]:
+    base = next((r for r in rows if r.proxy == "nginx"), None)
+    head = ["proxy", "req/s", "p50", "p99", "proxy CPU s", "req per CPU-s", "req/s vs nginx",
+            "req per CPU-s vs nginx"]
+    if p99_delta:
+        head.append("p99 vs nginx")
+    head.append("errors")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r.proxy, _num(r.rps), f"{_num(r.p50, '.2f')} ms", f"{_num(r.p99, '.2f')} ms",
+                 _num(r.cpu, ".2f"), _num(r.per_cpu), _pct(r.rps, base.rps) if base else "n/a",
+                 _pct(r.per_cpu, base.per_cpu) if base else "n/a"]
+        if p99_delta:
+            delta = r.p99 - base.p99 if base else float("nan")
+            cells.append("n/a" if delta != delta else f"{delta:+.2f} ms")
+        cells.append(r.errors)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cmd_version(argv: Sequence[str], pattern: str) -> str:
+    try:
+        p = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    m = re.search(pattern, p.stdout + p.stderr)
+    return m.group(1) if m else "?"
+
+
+def machine(consul_bin: str) -> list[str]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    mem = "?"
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kib / 1024 / 1024:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    probe = ("import aiohttp, sys\ntry:\n import uvloop; u = uvloop.__version__\nexcept ImportError:\n"
+             " u = 'not installed'\nprint(sys.version.split()[0], aiohttp.__version__, u)")
+    py = subprocess.run([str(VENV_BIN / "python"), "-c", probe], capture_output=True, text=True,
+                        timeout=30).stdout.split()
+    py += ["?"] * (3 - len(py))
+    nginx = _cmd_version(["nginx", "-v"], r"nginx/(\S+)")
+    haproxy = _cmd_version(["haproxy", "-v"], r"version (\S+)")
+    wrk = _cmd_version(["wrk", "-v"], r"wrk (\S+)")
+    consul = _cmd_version([consul_bin, "version"], r"v(\S+)")
+    return [
+        f"- machine: {usable} CPUs usable (nproc), {os.cpu_count()} online, {model}, {mem} RAM",
+        f"- kernel: {platform.system()} {platform.release()} ({platform.machine()})",
+        f"- software: Python {py[0]}, aiohttp {py[1]}, uvloop {py[2]}; nginx {nginx}, HAProxy {haproxy}, "
+        f"wrk {wrk}, Consul {consul}",
+    ]
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:.1f} MiB"
+
+
+# --------------------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 s runs, 1 round (about 40 s in all)")
+    ap.add_argument("--ferryman-workers", type=int, default=1, metavar="N",
+                    help="Ferryman processes; passed as --workers N only when N > 1 (default 1)")
+    ap.add_argument("--consul-bin", default=os.environ.get("CONSUL_BIN", str(VENV_BIN / "consul")))
+    ap.add_argument("--keep-tmp", action="store_true",
+                    help="keep the temp dir (configs, logs) for inspection")
+    args = ap.parse_args(argv)
+
+    started = time.monotonic()
+    duration = 2 if args.quick else 8
+    rounds = 1 if args.quick else 3
+    warmup = 1 if args.quick else 2
+    for tool in ("wrk", "nginx", "haproxy"):
+        if not shutil.which(tool):
+            print(f"bench: {tool} is not installed (make bench installs Debian's wrk, nginx-light, haproxy)",
+                  file=sys.stderr)
+            return 2
+    if not Path(args.consul_bin).exists():
+        print(f"bench: no Consul binary at {args.consul_bin} (make consul)", file=sys.stderr)
+        return 2
+
+    notes: list[str] = []
+    runs: dict[str, list[Run]] = {}  # scenario -> runs
+    skipped: list[str] = []
+    mem: dict[str, Any] = {}
+    workers = args.ferryman_workers
+
+    def left() -> float:
+        return DEADLINE_S - (time.monotonic() - started)
+
+    try:
+        with running_stack(args.keep_tmp) as stack:
+            print(f"bench: temp dir {stack.tmp}")
+            backends_proc, backends = start_backends(stack)
+            _, consul_port = start_consul(stack, args.consul_bin, backends)
+            ferry, ferry_port, _, workers = start_ferryman(stack, consul_port, workers, notes)
+            nginx, nginx_port = start_nginx_proxy(stack, backends)
+            haproxy, haproxy_port = start_haproxy(stack, backends)
+            targets = {"nginx": (nginx, nginx_port), "haproxy": (haproxy, haproxy_port),
+                       "ferryman": (ferry, ferry_port)}
+            print(f"bench: backends :{backends[0]} :{backends[1]} (nginx pid {backends_proc.pid}), "
+                  f"Consul :{consul_port}, Ferryman :{ferry_port} (pid {ferry.pid}, {workers} worker(s)), "
+                  f"nginx :{nginx_port} (pid {nginx.pid}), HAProxy :{haproxy_port} (pid {haproxy.pid})")
+            time.sleep(1.0)
+            mem["idle"] = tree_rss_kib(ferry.pid)
+
+            def go(scenario: str, name: str, path: str, conns: int, secs: int) -> None:
+                if left() < secs + 25:
+                    skipped.append(f"{scenario} / {name}")
+                    print(f"  {scenario:<8} {name:<9} skipped: the {DEADLINE_S:.0f} s deadline is near")
+                    return
+                proc, port = targets[name]
+                run = measure(name, proc, port, path, conns, secs)
+                runs.setdefault(scenario, []).append(run)
+                w = run.wrk
+                status = f"  errors {w.errors}" if w.errors else ""
+                if w.failure:
+                    status = f"  FAILED: {w.failure}"
+                print(f"  {scenario:<8} {name:<9} {w.rps:>10,.0f} req/s  p50 {w.p50_ms:6.2f} ms  "
+                      f"p99 {w.p99_ms:6.2f} ms  cpu {run.cpu_s:5.2f} s  {run.per_cpu_s:>8,.0f} req/cpu-s"
+                      f"{status}")
+
+            print(f"warm-up ({warmup} s each)")
+            for name in PROXIES:
+                go("warm-up", name, PATH_1K, 64, warmup)
+            runs.pop("warm-up", None)
+            for r in range(rounds):
+                order = PROXIES[r % 3:] + PROXIES[: r % 3]
+                print(f"round {r + 1}/{rounds}: 1 KiB, 64 connections, {duration} s, "
+                      f"order {', '.join(order)}")
+                for name in order:
+                    go("1k-c64", name, PATH_1K, 64, duration)
+            order = PROXIES[1:] + PROXIES[:1]
+            print(f"1 KiB, 8 connections, {duration} s")
+            for name in order:
+                go("1k-c8", name, PATH_1K, 8, duration)
+            order = PROXIES[2:] + PROXIES[:2]
+            print(f"64 KiB, 64 connections, {duration} s")
+            for name in order:
+                go("64k-c64", name, PATH_64K, 64, duration)
+            ferry_runs = [r for rs in runs.values() for r in rs if r.proxy == "ferryman"]
+            mem["load_peak"] = max((r.rss_peak_kib for r in ferry_runs), default=0)
+            time.sleep(0.5)
+            mem["after"] = tree_rss_kib(ferry.pid)
+            log_lines = sum(1 for _ in open(stack.tmp / "ferryman-access.log", "rb"))
+            notes.append(f"Ferryman wrote {log_lines:,} log lines (JSON access log) during the run.")
+    except BenchError as exc:
+        print(f"bench: set-up failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process started was stopped", file=sys.stderr)
+        return 130
+
+    report = render(runs, mem, workers, duration, rounds, notes, skipped, time.monotonic() - started,
+                    args.consul_bin)
+    print()
+    print(report)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "results.md").write_text(report + "\n")
+    print(f"\n(written to {OUT_DIR / 'results.md'})")
+    failed = any(r.wrk.failure for rs in runs.values() for r in rs)
+    return 1 if failed else 0
+
+
+def render(runs: dict[str, list[Run]], mem: dict[str, Any], workers: int, duration: int, rounds: int,
+           notes: list[str], skipped: list[str], elapsed: float, consul_bin: str) -> str:
+    def rows(scenario: str) -> list[Row]:
+        return [Row(p, [r for r in runs.get(scenario, []) if r.proxy == p]) for p in PROXIES
+                if any(r.proxy == p for r in runs.get(scenario, []))]
+
+    out = ["# Ferryman beside nginx and HAProxy", ""]
+    out += machine(consul_bin)
+    out += [
+        f"- load: `wrk -t1 -c64 -d{duration}s --latency` (and `-c8`), one proxy at a time, loopback; "
+        f"backends: 1 nginx (1 worker) with two ports, registered in a Consul dev agent as one service",
+        f"- proxies: Ferryman {workers} worker(s) (routing from Consul, round robin, metrics, JSON access "
+        "log to a file), nginx 1 worker (upstream keepalive 64), HAProxy nbthread 1 (http-reuse always); "
+        "all three log each request and set X-Forwarded-For/-Proto/-Host/-Port and X-Real-IP",
+        "- proxy CPU s: utime+stime of the proxy's process tree (nginx: master and worker; Ferryman: "
+        "supervisor and workers) during one wrk run; "
+        "req per CPU-s: requests completed / proxy CPU s; median over the rounds",
+        "",
+        f"## 1 KiB responses, 64 connections (median of {rounds} interleaved "
+        f"round{'s' if rounds > 1 else ''}, order rotated)",
+        "",
+    ]
+    out += table(rows("1k-c64"))
+    out += ["", "## 1 KiB responses, 8 connections (1 round)", ""]
+    out += table(rows("1k-c8"), p99_delta=True)
+    out += ["", "## 64 KiB responses, 64 connections (1 round)", ""]
+    out += table(rows("64k-c64"))
+
+    idle = mem.get("idle", {})
+    after = mem.get("after", {})
+    out += ["", "## Ferryman memory (VmRSS)", ""]
+    if idle:
+        per = ", ".join(mib(v) for v in idle.values())
+        out.append(f"- idle, after start-up: {mib(sum(idle.values()))} in {len(idle)} process(es) ({per})")
+    if mem.get("load_peak"):
+        out.append(f"- under load (peak sampled every 0.25 s): {mib(mem['load_peak'])}")
+    if after:
+        out.append(f"- idle again, after the runs: {mib(sum(after.values()))}")
+
+    out += ["", "## Against the targets of issue 3", "", "| target | measured | met |", "|---|---|---|"]
+
+    def ratio(scenario: str) -> float | None:
+        rs = {r.proxy: r for r in rows(scenario)}
+        if "ferryman" in rs and "nginx" in rs and rs["nginx"].per_cpu:
+            return rs["ferryman"].per_cpu / rs["nginx"].per_cpu
+        return None
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("yes" if ok else "no")
+
+    r1 = ratio("1k-c64")
+    out.append(f"| req per CPU-s ≥ 25% of nginx (1 KiB, c64, Ferryman {workers} worker(s)) | "
+               f"{'n/a' if r1 is None else f'{100 * r1:.1f}%'} | "
+               f"{verdict(None if r1 is None else r1 >= 0.25)} |")
+    rs8 = {r.proxy: r for r in rows("1k-c8")}
+    d = rs8["ferryman"].p99 - rs8["nginx"].p99 if "ferryman" in rs8 and "nginx" in rs8 else None
+    out.append(f"| p99 at 8 connections within 2 ms of nginx | {'n/a' if d is None else f'{d:+.2f} ms'} | "
+               f"{verdict(None if d is None else d <= 2.0)} |")
+    r64 = ratio("64k-c64")
+    out.append(f"| 64 KiB: req per CPU-s ≥ 40% of nginx | {'n/a' if r64 is None else f'{100 * r64:.1f}%'} | "
+               f"{verdict(None if r64 is None else r64 >= 0.40)} |")
+    if idle:
+        worst = max(idle.values())
+        out.append(f"| idle RSS per worker < 60 MiB | {mib(worst)} (largest process) | "
+                   f"{verdict(worst < 60 * 1024)} |")
+        if mem.get("load_peak"):
+            growth = mem["load_peak"] / sum(idle.values())
+            out.append(f"| RSS under load ≤ 2 x idle | {growth:.2f} x | {verdict(growth <= 2.0)} |")
+    out.append("| with 2 workers, more req/s than Caddy | not measured here (no Caddy in this bench) | n/a |")
+
+    if skipped or notes:
+        out += ["", "## Notes", ""]
+        out += [f"- {n}" for n in notes]
+        if skipped:
+            out.append(f"- skipped to stay within {DEADLINE_S:.0f} s: {', '.join(skipped)}")
+    out += ["", f"Whole run: {elapsed:.0f} s. Reproduce: `make bench` "
+            "(or `.venv/bin/python bench/run.py --quick` for a smoke run)."]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
