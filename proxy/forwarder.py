@@ -36,6 +36,7 @@ class ResponseSink(Protocol):
     def on_body(self, data: bytes) -> None: ...
     def on_complete(self, reusable: bool) -> None: ...
     def on_error(self, error: ProxyError, *, nothing_received: bool) -> None: ...
+    def flush(self) -> None: ...
     def upstream_pause_writing(self) -> None: ...
     def upstream_resume_writing(self) -> None: ...
 
@@ -96,8 +97,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.close()
             return
         self.received = True
+        sink = self._sink
         try:
             self.parser.feed_data(data)
+            # What one read produced (often head, body and end at once) goes to the client in one write.
+            sink.flush()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamProtocolError("upstream switched protocols unasked"))
         except httptools.HttpParserError as exc:
@@ -209,22 +213,19 @@ class UpstreamPool:
         self._ssl_verified: ssl.SSLContext | None = None
         self._ssl_unverified: ssl.SSLContext | None = None
 
-    async def acquire(
-        self, scheme: str, host: str, port: int, tls_skip_verify: bool
-    ) -> tuple[UpstreamConnection, bool]:
-        """A connection to the instance: an idle one (reused=True) or a new one."""
-        key = (scheme, host, port, tls_skip_verify)
+    def take_idle(self, key: PoolKey, now: float) -> UpstreamConnection | None:
+        """An idle keep-alive connection to the instance, most recently used first (no await: the fast path)."""
         idle = self._idle.get(key)
-        if idle:
-            loop = asyncio.get_running_loop()
-            now = loop.time()
-            while idle:
-                conn = idle.pop()
-                if not conn.closed and now - conn.idle_since < self.idle_timeout:
-                    return conn, True
-                if conn.transport is not None:
-                    conn.transport.close()
-        return await self._connect(key), False
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < self.idle_timeout:
+                return conn
+            if conn.transport is not None:
+                conn.transport.close()
+        return None
+
+    async def connect(self, key: PoolKey) -> UpstreamConnection:
+        return await self._connect(key)
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         if not reusable or conn.closed or conn.transport is None:

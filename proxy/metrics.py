@@ -8,7 +8,7 @@ left the table are removed, so churn cannot grow the series count.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -45,12 +45,21 @@ class Metrics:
             "ferryman_routing_table_routes", "Routes in the current table.", registry=r, multiprocess_mode="livemax",
         )
         self._services: set[str] = set()
+        # Label children looked up once per label set, not per request (labels() costs a lock and a tuple).
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._duration_children: dict[str, Any] = {}
 
     def observe_request(self, service: str, method: str, status: int, seconds: float) -> None:
-        if method not in KNOWN_METHODS:
-            method = "OTHER"
-        self.requests.labels(service, method, str(status)).inc()
-        self.request_duration.labels(service).observe(seconds)
+        key = (service, method, status)
+        counter = self._request_children.get(key)
+        if counter is None:
+            label_method = method if method in KNOWN_METHODS else "OTHER"
+            counter = self._request_children[key] = self.requests.labels(service, label_method, str(status))
+        counter.inc()
+        histogram = self._duration_children.get(service)
+        if histogram is None:
+            histogram = self._duration_children[service] = self.request_duration.labels(service)
+        histogram.observe(seconds)
 
     def set_pools(self, sizes: Iterable[tuple[str, int]]) -> None:
         current: set[str] = set()

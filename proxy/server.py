@@ -121,7 +121,7 @@ class Relay:
     """One request's exchange with one upstream connection: writes the response to the client as it comes."""
 
     __slots__ = (
-        "bytes_out", "chunked_out", "client", "conn", "done", "endpoint", "head", "last_activity", "loop",
+        "bytes_out", "chunked_out", "client", "conn", "done", "endpoint", "head", "last_activity", "loop", "out",
         "read_timeout", "req", "status", "timer",
     )
 
@@ -141,6 +141,7 @@ class Relay:
         self.status = 0
         self.bytes_out = 0
         self.chunked_out = False
+        self.out: list[bytes] = []  # response bytes from the current upstream read, written once by flush()
         self.last_activity = loop.time()
         self.timer: asyncio.TimerHandle | None = loop.call_at(self.last_activity + read_timeout, self._check_timeout)
 
@@ -176,7 +177,7 @@ class Relay:
             keep_alive = False  # the upstream answered before the client finished sending: do not read on
         req.keep_alive = keep_alive
         self.status = status
-        self.client.write(client_response_head(
+        self.out.append(client_response_head(
             status, reason, headers, chunked=self.chunked_out, keep_alive=keep_alive, http10=req.http10,
         ))
         if not self.head.done():
@@ -186,14 +187,21 @@ class Relay:
         self.last_activity = self.loop.time()
         self.bytes_out += len(data)
         if self.chunked_out:
-            self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
-            self.client.write(data)
+            self.out.append(data)
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            self.client.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def on_complete(self, reusable: bool) -> None:
         self._stop_timer()
         if self.chunked_out:
-            self.client.write(_LAST_CHUNK)
+            self.out.append(_LAST_CHUNK)
+        self.flush()
         self.client.cfg.upstream.release(self.conn, reusable and self.req.body_done)
         if not self.done.done():
             self.done.set_result(None)
@@ -211,6 +219,7 @@ class Relay:
 
     def _fail(self, error: Exception) -> None:
         """Deliver a failure to whichever future the request is waiting on (the head, else the body)."""
+        self.flush()
         if not self.head.done():
             self.head.set_exception(error)
             self.done.cancel()
@@ -472,8 +481,12 @@ class ClientConnection(asyncio.Protocol):
             if endpoint is None:
                 raise NoHealthyEndpoint(f"no healthy instance of service {pool.service!r}")
             tried.add(endpoint.key)
+            key = (scheme, endpoint.address, endpoint.port, skip_verify)
+            conn = cfg.upstream.take_idle(key, cfg.loop.time())
+            reused = conn is not None
             try:
-                conn, reused = await cfg.upstream.acquire(scheme, endpoint.address, endpoint.port, skip_verify)
+                if conn is None:
+                    conn = await cfg.upstream.connect(key)
             except ProxyError as err:
                 err.upstream = endpoint.authority
                 if len(tried) < attempts and not self.closing:

@@ -12,6 +12,7 @@ that dies after running a while is restarted; one that dies at start (a port in 
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import shutil
@@ -55,10 +56,20 @@ async def serve(settings: Settings, **kwargs: object) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await app.start()
+    _settle_gc()
     try:
         await stop.wait()
     finally:
         await app.stop()
+
+
+def _settle_gc() -> None:
+    """Move start-up objects out of the collector's sight and collect young objects less often: the hot path
+    allocates short-lived objects per request, and CPython's default gen-0 threshold (700) ran the cyclic
+    collector thousands of times a second under load (6% of CPU in profiles)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def _worker_main(settings: Settings, index: int) -> None:

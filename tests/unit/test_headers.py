@@ -1,92 +1,260 @@
-"""Header rules between client and upstream: hop-by-hop headers stop at the proxy, X-Forwarded-* describe the
-hop, everything else passes through untouched."""
+"""Header rules between client and upstream, on raw header lists: hop-by-hop headers stop at the proxy,
+X-Forwarded-* describe the hop, each hop frames its own body, everything else passes through untouched.
+
+Each test parses the bytes a function produced the way the next hop would read them, so assertions speak of
+start lines and header fields rather than byte offsets."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.headers import client_response_headers, connection_tokens, upstream_request_headers
+from proxy.headers import (
+    Header,
+    client_response_head,
+    connection_tokens,
+    error_response,
+    header_value,
+    upstream_request_head,
+)
 
-CLIENT_IP = "192.0.2.7"
+CLIENT_IP = b"192.0.2.7"
+DEFAULT_HOST = b"10.0.0.5:8080"
 
 
-def upstream(*pairs: tuple[str, str], client_ip: str = CLIENT_IP, proto: str = "http", port: int = 8080
-             ) -> CIMultiDict[str]:
-    return upstream_request_headers(CIMultiDict(pairs), client_ip=client_ip, proto=proto, port=port)
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as the next hop reads it: start line, field lines in wire order, body."""
+
+    start_line: bytes
+    fields: list[Header]
+    body: bytes
+
+    def values(self, name: bytes) -> list[bytes]:
+        """Every value of a header, in wire order (names compare case-insensitively)."""
+        return [value for key, value in self.fields if key.lower() == name.lower()]
+
+    def names(self) -> set[bytes]:
+        return {key.lower() for key, _ in self.fields}
+
+
+def parse(message: bytes) -> Message:
+    """Split a message on CRLF; fail on anything that is not `name: value` between start line and blank line."""
+    head, blank, body = message.partition(b"\r\n\r\n")
+    assert blank, f"head not ended by an empty line: {message!r}"
+    start_line, *lines = head.split(b"\r\n")
+    fields = []
+    for line in lines:
+        name, sep, value = line.partition(b": ")
+        assert sep and name and name == name.strip() and b"\n" not in line, f"malformed field line {line!r}"
+        fields.append((name, value))
+    return Message(start_line, fields, body)
+
+
+def to_upstream(
+    *headers: Header,
+    method: bytes = b"GET",
+    target: bytes = b"/",
+    client_ip: bytes = CLIENT_IP,
+    proto: bytes = b"http",
+    port: bytes = b"8080",
+    default_host: bytes = DEFAULT_HOST,
+    chunked: bool = False,
+) -> Message:
+    message = parse(upstream_request_head(
+        method, target, list(headers), client_ip=client_ip, proto=proto, port=port, default_host=default_host,
+        chunked=chunked,
+    ))
+    assert message.body == b"", "a head carries no body bytes"
+    return message
+
+
+def to_client(
+    *headers: Header,
+    status: int = 200,
+    reason: bytes = b"OK",
+    chunked: bool = False,
+    keep_alive: bool = True,
+    http10: bool = False,
+) -> Message:
+    message = parse(client_response_head(
+        status, reason, list(headers), chunked=chunked, keep_alive=keep_alive, http10=http10,
+    ))
+    assert message.body == b"", "a head carries no body bytes"
+    return message
 
 
 HOP_BY_HOP = [
-    ("Connection", "close"),
-    ("Keep-Alive", "timeout=5"),
-    ("Proxy-Connection", "keep-alive"),
-    ("TE", "trailers"),
-    ("Trailer", "Expires"),
-    ("Transfer-Encoding", "chunked"),
-    ("Upgrade", "websocket"),
-    ("connection", "close"),
-    ("TRANSFER-ENCODING", "chunked"),
+    (b"Connection", b"close"),
+    (b"Keep-Alive", b"timeout=5"),
+    (b"Proxy-Connection", b"keep-alive"),
+    (b"TE", b"trailers"),
+    (b"Trailer", b"Expires"),
+    (b"Transfer-Encoding", b"chunked"),
+    (b"Upgrade", b"websocket"),
+    (b"connection", b"close"),
+    (b"TRANSFER-ENCODING", b"chunked"),
 ]
 HOP_IDS = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
            "lower-case-name", "upper-case-name"]
+
+
+class TestRequestLine:
+    """The upstream request line is the client's method and target, always over HTTP/1.1."""
+
+    @pytest.mark.parametrize(
+        ("method", "target", "expected"),
+        [
+            (b"GET", b"/", b"GET / HTTP/1.1"),
+            (b"POST", b"/api/v1/orders?id=7&x=%20", b"POST /api/v1/orders?id=7&x=%20 HTTP/1.1"),
+            (b"OPTIONS", b"*", b"OPTIONS * HTTP/1.1"),
+            (b"DELETE", b"/a%2Fb/", b"DELETE /a%2Fb/ HTTP/1.1"),
+        ],
+        ids=["get-root", "post-with-query", "options-asterisk", "encoded-path-untouched"],
+    )
+    def test_request_line(self, method: bytes, target: bytes, expected: bytes) -> None:
+        assert to_upstream((b"Host", b"h"), method=method, target=target).start_line == expected
 
 
 class TestHopByHop:
     """Hop-by-hop headers (RFC 9110 §7.6.1) are dropped in both directions; end-to-end ones pass."""
 
     @pytest.mark.parametrize("header", HOP_BY_HOP, ids=HOP_IDS)
-    def test_dropped_from_request(self, header: tuple[str, str]) -> None:
-        out = upstream(("Host", "a.example.com"), header, ("Accept", "text/html"))
-        assert header[0] not in out
-        assert out["Accept"] == "text/html"
+    def test_dropped_from_request(self, header: Header) -> None:
+        out = to_upstream((b"Host", b"a.example.com"), header, (b"Accept", b"text/html"))
+        assert header[0].lower() not in out.names()
+        assert out.values(b"Accept") == [b"text/html"]
 
     @pytest.mark.parametrize("header", HOP_BY_HOP, ids=HOP_IDS)
-    def test_dropped_from_response(self, header: tuple[str, str]) -> None:
-        out = client_response_headers(CIMultiDict([header, ("Content-Type", "text/plain")]))
-        assert list(out.items()) == [("Content-Type", "text/plain")]
+    def test_dropped_from_response(self, header: Header) -> None:
+        out = to_client(header, (b"Content-Type", b"text/plain"))
+        assert out.fields == [(b"Content-Type", b"text/plain")]
 
     @pytest.mark.parametrize(
         ("connection", "named"),
         [
-            (["X-Secret"], ["X-Secret"]),
-            (["close, X-Secret ,X-Other"], ["X-Secret", "X-Other"]),
-            (["x-secret"], ["X-Secret"]),
-            (["close", "X-Secret"], ["X-Secret"]),
+            ([b"X-Secret"], [b"X-Secret"]),
+            ([b"close, X-Secret ,X-Other"], [b"X-Secret", b"X-Other"]),
+            ([b"x-secret"], [b"X-Secret"]),
+            ([b"close", b"X-Secret"], [b"X-Secret"]),
         ],
         ids=["one-name", "comma-list-with-blanks", "case-insensitive", "several-connection-lines"],
     )
-    def test_headers_named_by_connection_are_dropped(self, connection: list[str], named: list[str]) -> None:
-        pairs = [("Connection", c) for c in connection] + [(n, "v") for n in named] + [("X-Kept", "k")]
-        request = upstream(("Host", "h"), *pairs)
-        response = client_response_headers(CIMultiDict(pairs))
-        for out in (request, response):
-            assert "Connection" not in out
+    def test_headers_named_by_connection_are_dropped(self, connection: list[bytes], named: list[bytes]) -> None:
+        pairs = [(b"Connection", c) for c in connection] + [(n, b"v") for n in named] + [(b"X-Kept", b"k")]
+        for out in (to_upstream((b"Host", b"h"), *pairs), to_client(*pairs)):
+            assert b"connection" not in out.names()
             for name in named:
-                assert name not in out
-            assert out["X-Kept"] == "k"
+                assert name.lower() not in out.names()
+            assert out.values(b"X-Kept") == [b"k"]
 
     def test_connection_tokens(self) -> None:
-        headers = CIMultiDict([("Connection", "Keep-Alive, X-A"), ("connection", " ,x-b,")])
-        assert connection_tokens(headers) == {"keep-alive", "x-a", "x-b"}
+        headers = [(b"Connection", b"Keep-Alive, X-A"), (b"connection", b" ,x-b,"), (b"X-A", b"not a list")]
+        assert connection_tokens(headers) == {b"keep-alive", b"x-a", b"x-b"}
 
-    def test_end_to_end_headers_keep_order_and_repeats(self) -> None:
-        pairs = [("Accept", "a"), ("Cookie", "c1"), ("Cookie", "c2"), ("Authorization", "Bearer t")]
-        out = upstream(*pairs)
-        assert out.getall("Cookie") == ["c1", "c2"]
-        assert out["Accept"] == "a" and out["Authorization"] == "Bearer t"
+    def test_end_to_end_headers_keep_order_repeats_and_case(self) -> None:
+        pairs = [(b"Accept", b"a"), (b"Cookie", b"c1"), (b"x-lower", b"l"), (b"Cookie", b"c2"),
+                 (b"Authorization", b"Bearer t")]
+        out = to_upstream((b"Host", b"h"), *pairs)
+        assert out.fields[:len(pairs) + 1] == [(b"Host", b"h"), *pairs]
 
     def test_input_is_not_modified(self) -> None:
-        headers = CIMultiDict([("Connection", "close"), ("X-Forwarded-For", "1.1.1.1")])
-        before = list(headers.items())
-        upstream_request_headers(headers, client_ip=CLIENT_IP, proto="http", port=80)
-        client_response_headers(headers)
-        assert list(headers.items()) == before
+        headers = [(b"Connection", b"close"), (b"X-Forwarded-For", b"1.1.1.1"), (b"Expect", b"100-continue")]
+        before = list(headers)
+        upstream_request_head(b"GET", b"/", headers, client_ip=CLIENT_IP, proto=b"http", port=b"80",
+                              default_host=DEFAULT_HOST, chunked=True)
+        client_response_head(200, b"OK", headers, chunked=True, keep_alive=False, http10=True)
+        assert headers == before
 
-    def test_read_only_proxy_accepted(self) -> None:
-        """aiohttp hands over its headers as a read-only CIMultiDictProxy."""
-        headers = CIMultiDictProxy(CIMultiDict([("Host", "h"), ("Upgrade", "websocket")]))
-        out = upstream_request_headers(headers, client_ip=CLIENT_IP, proto="http", port=80)
-        assert "Upgrade" not in out and out["Host"] == "h"
+    def test_any_sequence_accepted(self) -> None:
+        """The parser's list is the usual input, but a tuple of pairs reads the same."""
+        headers = ((b"Host", b"h"), (b"Upgrade", b"websocket"))
+        out = parse(upstream_request_head(b"GET", b"/", headers, client_ip=CLIENT_IP, proto=b"http", port=b"80",
+                                          default_host=DEFAULT_HOST, chunked=False))
+        assert b"upgrade" not in out.names() and out.values(b"Host") == [b"h"]
+
+
+INCOMING_TRANSFER_ENCODING = [
+    [],
+    [(b"Transfer-Encoding", b"chunked")],
+    [(b"transfer-encoding", b"gzip, chunked")],
+    [(b"Transfer-Encoding", b"gzip"), (b"Transfer-Encoding", b"chunked")],
+]
+INCOMING_TRANSFER_ENCODING_IDS = ["none", "chunked", "coding-list-lower-case-name", "several-lines"]
+
+
+class TestFraming:
+    """Each hop frames its own body: the `chunked` flag alone decides Transfer-Encoding, length framing passes."""
+
+    @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "not-chunked"])
+    @pytest.mark.parametrize("incoming", INCOMING_TRANSFER_ENCODING, ids=INCOMING_TRANSFER_ENCODING_IDS)
+    def test_request_transfer_encoding(self, incoming: list[Header], chunked: bool) -> None:
+        out = to_upstream((b"Host", b"h"), *incoming, chunked=chunked)
+        assert out.values(b"Transfer-Encoding") == ([b"chunked"] if chunked else [])
+
+    @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "not-chunked"])
+    @pytest.mark.parametrize("incoming", INCOMING_TRANSFER_ENCODING, ids=INCOMING_TRANSFER_ENCODING_IDS)
+    def test_response_transfer_encoding(self, incoming: list[Header], chunked: bool) -> None:
+        out = to_client(*incoming, chunked=chunked)
+        assert out.values(b"Transfer-Encoding") == ([b"chunked"] if chunked else [])
+
+    def test_content_length_passes_both_ways(self) -> None:
+        assert to_upstream((b"Host", b"h"), (b"Content-Length", b"5"), method=b"POST").values(
+            b"Content-Length") == [b"5"]
+        assert to_client((b"Content-Length", b"5")).values(b"Content-Length") == [b"5"]
+
+    def test_request_content_length_survives_connection_naming_it(self) -> None:
+        """The proxy relays the body by its length, so the upstream must be told that length; otherwise the
+        body bytes are read as the next request on a pooled upstream connection (request smuggling)."""
+        out = to_upstream((b"Host", b"h"), (b"Connection", b"content-length"), (b"Content-Length", b"3"),
+                          method=b"POST")
+        assert out.values(b"Content-Length") == [b"3"]
+
+    def test_response_content_length_survives_connection_naming_it(self) -> None:
+        """The proxy relays the body by its length and keeps the connection open, so the client must be told
+        that length; otherwise it reads until close and the next response becomes part of this body."""
+        out = to_client((b"Connection", b"content-length"), (b"Content-Length", b"3"))
+        assert out.values(b"Content-Length") == [b"3"]
+
+
+class TestHost:
+    """Host passes through unchanged; a request without one gets the upstream's authority."""
+
+    @pytest.mark.parametrize(
+        "header",
+        [(b"Host", b"shop.example.com"), (b"Host", b"Shop.Example.com:8080"), (b"Host", b"[::1]:8080"),
+         (b"host", b"shop.example.com")],
+        ids=["plain", "case-and-port", "ipv6", "lower-case-name"],
+    )
+    def test_host_unchanged(self, header: Header) -> None:
+        out = to_upstream(header)
+        assert [(k, v) for k, v in out.fields if k.lower() == b"host"] == [header]
+
+    def test_missing_host_gets_default(self) -> None:
+        """HTTP/1.0 clients may omit Host; HTTP/1.1 requires one (RFC 9112 §3.2)."""
+        out = to_upstream((b"Accept", b"*/*"))
+        assert out.values(b"Host") == [DEFAULT_HOST]
+        assert b"x-forwarded-host" not in out.names()
+
+    def test_empty_host_is_not_doubled(self) -> None:
+        """An empty Host is still a Host (RFC 9112 §3.2); a second one makes the upstream answer 400."""
+        out = to_upstream((b"Host", b""))
+        assert len(out.values(b"Host")) == 1
+
+
+class TestExpect:
+    """Expect is not forwarded: the proxy answers 100-continue itself (RFC 9110 §10.1.1)."""
+
+    @pytest.mark.parametrize(
+        "header",
+        [(b"Expect", b"100-continue"), (b"expect", b"100-Continue"), (b"EXPECT", b"something-else")],
+        ids=["100-continue", "lower-case-name", "other-expectation"],
+    )
+    def test_not_forwarded(self, header: Header) -> None:
+        out = to_upstream((b"Host", b"h"), header, (b"Content-Length", b"5"), method=b"PUT")
+        assert b"expect" not in out.names()
+        assert out.values(b"Content-Length") == [b"5"]
 
 
 class TestXForwardedFor:
@@ -96,77 +264,175 @@ class TestXForwardedFor:
         ("incoming", "expected"),
         [
             ([], CLIENT_IP),
-            (["203.0.113.1"], f"203.0.113.1, {CLIENT_IP}"),
-            (["203.0.113.1, 198.51.100.2"], f"203.0.113.1, 198.51.100.2, {CLIENT_IP}"),
-            (["203.0.113.1", "198.51.100.2, 198.51.100.3"],
-             f"203.0.113.1, 198.51.100.2, 198.51.100.3, {CLIENT_IP}"),
-            (["", "  "], CLIENT_IP),
+            ([b"203.0.113.1"], b"203.0.113.1, " + CLIENT_IP),
+            ([b"203.0.113.1, 198.51.100.2"], b"203.0.113.1, 198.51.100.2, " + CLIENT_IP),
+            ([b"203.0.113.1", b"198.51.100.2, 198.51.100.3"],
+             b"203.0.113.1, 198.51.100.2, 198.51.100.3, " + CLIENT_IP),
+            ([b"", b"  "], CLIENT_IP),
         ],
         ids=["first-hop", "existing-value-kept", "existing-list-kept", "several-lines-merged-in-order",
              "blank-values-dropped"],
     )
-    def test_appended(self, incoming: list[str], expected: str) -> None:
-        out = upstream(("Host", "h"), *[("X-Forwarded-For", v) for v in incoming])
-        assert out.getall("X-Forwarded-For") == [expected]
+    def test_appended(self, incoming: list[bytes], expected: bytes) -> None:
+        out = to_upstream((b"Host", b"h"), *[(b"X-Forwarded-For", v) for v in incoming])
+        assert out.values(b"X-Forwarded-For") == [expected]
 
     def test_lower_case_lines_merged(self) -> None:
-        out = upstream(("x-forwarded-for", "203.0.113.1"), ("X-FORWARDED-FOR", "203.0.113.2"))
-        assert out.getall("X-Forwarded-For") == [f"203.0.113.1, 203.0.113.2, {CLIENT_IP}"]
+        out = to_upstream((b"x-forwarded-for", b"203.0.113.1"), (b"X-FORWARDED-FOR", b"203.0.113.2"))
+        assert out.values(b"X-Forwarded-For") == [b"203.0.113.1, 203.0.113.2, " + CLIENT_IP]
 
     def test_unknown_client_address_adds_nothing(self) -> None:
-        assert upstream(("X-Forwarded-For", "203.0.113.1"), client_ip="")["X-Forwarded-For"] == "203.0.113.1"
-        assert "X-Forwarded-For" not in upstream(client_ip="")
+        assert to_upstream((b"X-Forwarded-For", b"203.0.113.1"), client_ip=b"").values(
+            b"X-Forwarded-For") == [b"203.0.113.1"]
+        assert b"x-forwarded-for" not in to_upstream(client_ip=b"").names()
 
 
 class TestHopDescription:
     """X-Forwarded-Proto/-Host/-Port and X-Real-IP describe this hop; whatever the client sent is replaced."""
 
     def test_set_from_the_connection(self) -> None:
-        out = upstream(("Host", "shop.example.com:8080"), proto="https", port=8443)
-        assert out.getall("X-Forwarded-Proto") == ["https"]
-        assert out.getall("X-Forwarded-Host") == ["shop.example.com:8080"]
-        assert out.getall("X-Forwarded-Port") == ["8443"]
-        assert out.getall("X-Real-IP") == [CLIENT_IP]
+        out = to_upstream((b"Host", b"shop.example.com:8080"), proto=b"https", port=b"8443")
+        assert out.values(b"X-Forwarded-Proto") == [b"https"]
+        assert out.values(b"X-Forwarded-Host") == [b"shop.example.com:8080"]
+        assert out.values(b"X-Forwarded-Port") == [b"8443"]
+        assert out.values(b"X-Real-IP") == [CLIENT_IP]
 
     @pytest.mark.parametrize(
         ("name", "forged", "expected"),
         [
-            ("X-Forwarded-Proto", "https", "http"),
-            ("X-Forwarded-Host", "admin.internal", "shop.example.com"),
-            ("X-Forwarded-Port", "443", "8080"),
-            ("X-Real-IP", "10.0.0.1", CLIENT_IP),
-            ("x-real-ip", "10.0.0.1", CLIENT_IP),
+            (b"X-Forwarded-Proto", b"https", b"http"),
+            (b"X-Forwarded-Host", b"admin.internal", b"shop.example.com"),
+            (b"X-Forwarded-Port", b"443", b"8080"),
+            (b"X-Real-IP", b"10.0.0.1", CLIENT_IP),
+            (b"x-real-ip", b"10.0.0.1", CLIENT_IP),
         ],
         ids=["proto", "host", "port", "real-ip", "lower-case-name"],
     )
-    def test_client_value_overwritten(self, name: str, forged: str, expected: str) -> None:
-        out = upstream(("Host", "shop.example.com"), (name, forged), (name, forged), proto="http", port=8080)
-        assert out.getall(name) == [expected]
+    def test_client_value_overwritten(self, name: bytes, forged: bytes, expected: bytes) -> None:
+        out = to_upstream((b"Host", b"shop.example.com"), (name, forged), (name, forged), proto=b"http",
+                          port=b"8080")
+        assert out.values(name) == [expected]
 
     def test_forged_values_removed_when_unknown(self) -> None:
         """Without a Host header or a client address there is nothing true to say, so nothing forged stays."""
-        out = upstream(("X-Forwarded-Host", "admin.internal"), ("X-Real-IP", "10.0.0.1"), client_ip="")
-        assert "X-Forwarded-Host" not in out
-        assert "X-Real-IP" not in out
+        out = to_upstream((b"X-Forwarded-Host", b"admin.internal"), (b"X-Real-IP", b"10.0.0.1"), client_ip=b"")
+        assert b"x-forwarded-host" not in out.names()
+        assert b"x-real-ip" not in out.names()
+
+    def test_no_connection_header_to_upstream(self) -> None:
+        """Upstream connections are HTTP/1.1 keep-alive by default, whatever the client asked for its own."""
+        assert b"connection" not in to_upstream((b"Host", b"h"), (b"Connection", b"close")).names()
+
+
+CONNECTION_FOR_CLIENT = [
+    (True, False, []),
+    (False, False, [b"close"]),
+    (True, True, [b"keep-alive"]),
+    (False, True, [b"close"]),
+]
+CONNECTION_FOR_CLIENT_IDS = ["http11-keep-alive", "http11-close", "http10-keep-alive", "http10-close"]
+
+
+class TestResponseHead:
+    """The client gets its own HTTP version, the upstream's status and end-to-end headers, and this hop's framing."""
 
     @pytest.mark.parametrize(
-        "host",
-        ["shop.example.com", "Shop.Example.com:8080", "[::1]:8080"],
-        ids=["plain", "case-and-port", "ipv6"],
+        ("status", "reason", "http10", "expected"),
+        [
+            (200, b"OK", False, b"HTTP/1.1 200 OK"),
+            (200, b"OK", True, b"HTTP/1.0 200 OK"),
+            (404, b"Not Found", False, b"HTTP/1.1 404 Not Found"),
+            (503, b"Service Unavailable", True, b"HTTP/1.0 503 Service Unavailable"),
+            (299, b"", False, b"HTTP/1.1 299 "),
+        ],
+        ids=["http11", "http10-client", "reason-with-space", "http10-error", "empty-reason-keeps-separator"],
     )
-    def test_host_unchanged(self, host: str) -> None:
-        assert upstream(("Host", host)).getall("Host") == [host]
+    def test_status_line(self, status: int, reason: bytes, http10: bool, expected: bytes) -> None:
+        assert to_client(status=status, reason=reason, http10=http10).start_line == expected
 
-
-class TestResponseHeaders:
-    """Response headers reach the client as the upstream sent them, repeated ones kept apart."""
+    @pytest.mark.parametrize(("keep_alive", "http10", "expected"), CONNECTION_FOR_CLIENT,
+                             ids=CONNECTION_FOR_CLIENT_IDS)
+    def test_connection_says_what_this_hop_does(self, keep_alive: bool, http10: bool, expected: list[bytes]
+                                                ) -> None:
+        """The upstream's own Connection and Keep-Alive never reach the client."""
+        out = to_client((b"Connection", b"close"), (b"Keep-Alive", b"timeout=5"), keep_alive=keep_alive,
+                        http10=http10)
+        assert out.values(b"Connection") == expected
+        assert b"keep-alive" not in out.names()
 
     def test_multiple_set_cookie_kept(self) -> None:
-        out = client_response_headers(
-            CIMultiDict([("Set-Cookie", "a=1; Path=/"), ("Connection", "keep-alive"), ("set-cookie", "b=2")])
-        )
-        assert out.getall("Set-Cookie") == ["a=1; Path=/", "b=2"]
+        out = to_client((b"Set-Cookie", b"a=1; Path=/"), (b"Connection", b"keep-alive"), (b"set-cookie", b"b=2"))
+        assert out.values(b"Set-Cookie") == [b"a=1; Path=/", b"b=2"]
 
     def test_no_forwarding_headers_added(self) -> None:
-        out = client_response_headers(CIMultiDict([("Content-Length", "5"), ("Server", "backend")]))
-        assert list(out.items()) == [("Content-Length", "5"), ("Server", "backend")]
+        out = to_client((b"Content-Length", b"5"), (b"Server", b"backend"))
+        assert out.fields == [(b"Content-Length", b"5"), (b"Server", b"backend")]
+
+
+ERRORS = [
+    (400, b"Bad Request", "400"),
+    (404, b"Not Found", "404"),
+    (413, b"Content Too Large", "413"),
+    (414, b"URI Too Long", "414"),
+    (431, b"Request Header Fields Too Large", "431"),
+    (500, b"Internal Server Error", "500"),
+    (502, b"Bad Gateway", "502"),
+    (503, b"Service Unavailable", "503"),
+    (504, b"Gateway Timeout", "504"),
+    (418, b"Error", "unknown-status-generic-reason"),
+]
+
+
+class TestErrorResponse:
+    """The proxy's own answers are complete plain-text messages whose Content-Length matches the body."""
+
+    @pytest.mark.parametrize(("status", "reason"), [e[:2] for e in ERRORS], ids=[e[2] for e in ERRORS])
+    def test_status_line_and_body(self, status: int, reason: bytes) -> None:
+        out = parse(error_response(status, "no route", keep_alive=True))
+        assert out.start_line == b"HTTP/1.1 %d %b" % (status, reason)
+        assert out.body == b"%d no route\n" % status
+
+    @pytest.mark.parametrize(
+        "message",
+        ["no route for shop.example.com/", "", "upstream «api» is down — café"],
+        ids=["ascii", "empty-message", "non-ascii-counts-bytes"],
+    )
+    def test_content_length_matches_body(self, message: str) -> None:
+        out = parse(error_response(502, message, keep_alive=True))
+        assert out.values(b"Content-Length") == [str(len(out.body)).encode()]
+        assert out.body.decode("utf-8") == f"502 {message}\n"
+
+    def test_plain_text_not_cached(self) -> None:
+        out = parse(error_response(404, "no route", keep_alive=True))
+        assert out.values(b"Content-Type") == [b"text/plain; charset=utf-8"]
+        assert out.values(b"Cache-Control") == [b"no-store"]
+        assert b"transfer-encoding" not in out.names()
+
+    def test_http10_status_line(self) -> None:
+        out = parse(error_response(504, "upstream timed out", keep_alive=False, http10=True))
+        assert out.start_line == b"HTTP/1.0 504 Gateway Timeout"
+
+    @pytest.mark.parametrize(("keep_alive", "http10", "expected"), CONNECTION_FOR_CLIENT,
+                             ids=CONNECTION_FOR_CLIENT_IDS)
+    def test_connection(self, keep_alive: bool, http10: bool, expected: list[bytes]) -> None:
+        out = parse(error_response(503, "no healthy instance", keep_alive=keep_alive, http10=http10))
+        assert out.values(b"Connection") == expected
+
+
+class TestHeaderValue:
+    """header_value finds the first value of a header, whatever the case of its name on the wire."""
+
+    @pytest.mark.parametrize(
+        ("headers", "expected"),
+        [
+            ([(b"Host", b"a"), (b"Upgrade", b"websocket")], b"websocket"),
+            ([(b"UPGRADE", b"websocket")], b"websocket"),
+            ([(b"Upgrade", b"h2c"), (b"upgrade", b"websocket")], b"h2c"),
+            ([(b"Upgrade", b"")], b""),
+            ([(b"Host", b"a")], None),
+            ([], None),
+        ],
+        ids=["present", "upper-case-on-wire", "first-of-several", "empty-value-is-present", "absent", "no-headers"],
+    )
+    def test_header_value(self, headers: list[Header], expected: bytes | None) -> None:
+        assert header_value(headers, b"upgrade") == expected
