@@ -20,18 +20,15 @@ class Endpoint:
     port: int
     node: str = ""
     weight: int = 1
+    # Derived once, read on every request: the identity across snapshots (Consul service IDs are unique per
+    # node) and host:port for the wire, IPv6 literals in brackets (RFC 3986 §3.2.2).
+    key: str = field(init=False, compare=False, repr=False)
+    authority: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def key(self) -> str:
-        """Stable identity of the instance across snapshots (Consul service IDs are unique per node)."""
-        return f"{self.node}/{self.instance_id}"
-
-    @property
-    def authority(self) -> str:
-        """host:port for a URL; IPv6 literals get their brackets (RFC 3986 §3.2.2)."""
-        if ":" in self.address:
-            return f"[{self.address}]:{self.port}"
-        return f"{self.address}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.node}/{self.instance_id}")
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        object.__setattr__(self, "authority", f"{host}:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ _HELP = {
     "log_format": "auto (json unless stdout is a terminal), json or console",
     "log_level": "debug, info, warning or error",
     "access_log": "one log line per request (true/false)",
+    "log_flush_interval": "seconds info lines (the access log) may wait in a buffer; 0 writes each at once",
     "connect_timeout": "seconds to connect to an upstream",
     "read_timeout": "seconds an upstream may stay silent (head or body) before 504 / abort",
     "max_attempts": "instances tried per request on connection failures (capped by the pool size)",
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print(f"ferryman: configuration OK{' (' + args.config + ')' if args.config else ''}")
         return 0
-    logs.configure(settings.log_format, settings.log_level)
+    logs.configure(settings.log_format, settings.log_level, buffered=settings.log_flush_interval > 0)
     try:
         if effective_workers(settings) > 1:
             return run_supervisor(settings)

@@ -54,6 +54,7 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     access_log: bool = True
+    log_flush_interval: float = 0.25
     connect_timeout: float = 2.0
     read_timeout: float = 30.0
     max_attempts: int = 3
@@ -114,6 +115,7 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
     "tag_prefix": _prefix,
     "log_format": _choice("auto", "json", "console"),
     "log_level": _choice("debug", "info", "warning", "error"),
+    "log_flush_interval": _between(0, 60),
     "connect_timeout": _positive,
     "read_timeout": _positive,
     "max_attempts": _between(1, 10),

@@ -35,16 +35,27 @@ STATUS_REASONS: Final = {
 }
 
 
+# Framing and routing headers stay whatever Connection names: dropping Content-Length or Host because a
+# message listed them would let the next hop read the body as another request (request smuggling).
+_NEVER_NAMED: Final = frozenset({b"content-length", b"host"})
+
+
 def connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
-    """Lower-cased header names listed in Connection (RFC 9110 §7.6.1: they are hop-by-hop too)."""
+    """Lower-cased header names listed in Connection (RFC 9110 §7.6.1: they are hop-by-hop too), except the
+    framing and routing headers, which are never dropped that way."""
     names: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
             for token in value.split(b","):
                 token = token.strip().lower()
-                if token:
+                if token and token not in _NEVER_NAMED:
                     names.add(token)
     return frozenset(names)
+
+
+def _drop_named(pairs: list[Header], connection_values: list[bytes]) -> list[Header]:
+    named = connection_tokens((b"connection", v) for v in connection_values)
+    return [(n, v) for n, v in pairs if n.lower() not in named] if named else pairs
 
 
 def upstream_request_head(
@@ -61,26 +72,35 @@ def upstream_request_head(
     """The HTTP/1.1 request head for the upstream.
 
     X-Forwarded-For is appended to (every incoming value kept, the client's address last), so the chain stays
-    auditable; X-Forwarded-Proto/-Host/-Port and X-Real-IP are replaced. A request without Host (HTTP/1.0)
-    gets `default_host`, since HTTP/1.1 requires one. `chunked` frames the body with chunked coding.
+    auditable; X-Forwarded-Proto/-Host/-Port and X-Real-IP are replaced. A request without a Host header
+    (HTTP/1.0) gets `default_host`, since HTTP/1.1 requires one. `chunked` frames the body with chunked coding.
+    One pass over the headers; a second only when a Connection header names others (rare).
     """
-    named = connection_tokens(headers)
-    out = [method, b" ", target, b" HTTP/1.1\r\n"]
+    kept: list[Header] = []
+    connection: list[bytes] = []
     forwarded_for: list[bytes] = []
-    host = b""
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in _THIS_HOP or lower == _EXPECT or (named and lower in named):
+    host: bytes | None = None
+    for pair in headers:
+        lower = pair[0].lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"connection":
+                connection.append(pair[1])
+        elif lower in _THIS_HOP or lower == _EXPECT:
             continue
-        if lower == X_FORWARDED_FOR:
-            value = value.strip()
+        elif lower == X_FORWARDED_FOR:
+            value = pair[1].strip()
             if value:
                 forwarded_for.append(value)
-            continue
-        if lower == b"host":
-            host = value
+        else:
+            if lower == b"host":
+                host = pair[1]
+            kept.append(pair)
+    if connection:
+        kept = _drop_named(kept, connection)
+    out = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in kept:
         out += (name, _SEP, value, _CRLF)
-    if not host:
+    if host is None:
         out += (b"Host: ", default_host, _CRLF)
     if client_ip:
         forwarded_for.append(client_ip)
@@ -103,12 +123,19 @@ def client_response_head(
 ) -> bytes:
     """The response head for the client: the upstream's end-to-end headers (repeated ones such as Set-Cookie
     kept apart, in order), then this hop's framing and connection headers."""
-    named = connection_tokens(headers)
-    out = [b"HTTP/1.0 " if http10 else b"HTTP/1.1 ", str(status).encode(), b" ", reason or b"", _CRLF]
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or (named and lower in named):
-            continue
+    kept: list[Header] = []
+    connection: list[bytes] = []
+    for pair in headers:
+        lower = pair[0].lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"connection":
+                connection.append(pair[1])
+        else:
+            kept.append(pair)
+    if connection:
+        kept = _drop_named(kept, connection)
+    out = [b"HTTP/1.0 " if http10 else b"HTTP/1.1 ", b"%d " % status, reason, _CRLF]
+    for name, value in kept:
         out += (name, _SEP, value, _CRLF)
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")

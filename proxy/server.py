@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 from typing import Final
 
 import httptools
@@ -75,7 +76,7 @@ class ClientGone(Exception):
 
 class Request:
     __slots__ = (
-        "body_done", "body_kind", "body_sent", "buffer", "buffered", "expect_continue", "headers", "host",
+        "bad", "body_done", "body_kind", "body_sent", "buffer", "buffered", "expect_continue", "headers", "host",
         "http10", "keep_alive", "method", "sink", "target",
     )
 
@@ -93,6 +94,7 @@ class Request:
         self.buffer: list[bytes] = []
         self.buffered = 0
         self.sink: Relay | None = None
+        self.bad: ProxyError | None = None  # a request that parsed but must be refused (answered in order)
 
 
 class Settings:
@@ -121,8 +123,8 @@ class Relay:
     """One request's exchange with one upstream connection: writes the response to the client as it comes."""
 
     __slots__ = (
-        "bytes_out", "chunked_out", "client", "conn", "done", "endpoint", "head", "last_activity", "loop", "out",
-        "read_timeout", "req", "status", "timer",
+        "bytes_out", "chunked_out", "client", "conn", "endpoint", "error", "finished", "head", "last_activity",
+        "loop", "on_done", "out", "path", "pool", "read_timeout", "req", "service", "started", "status", "timer",
     )
 
     def __init__(
@@ -137,7 +139,15 @@ class Relay:
         self.loop = loop
         self.read_timeout = read_timeout
         self.head: asyncio.Future[None] = loop.create_future()
-        self.done: asyncio.Future[None] = loop.create_future()
+        # After the head, the end of the exchange is reported by callback (no second future, no task wake-up):
+        # `on_done(relay)` runs once, with `error` set when the body broke off.
+        self.finished = False
+        self.error: Exception | None = None
+        self.on_done: Callable[[Relay], None] | None = None
+        self.started = 0.0
+        self.service = ""
+        self.path = ""
+        self.pool: Pool | None = None
         self.status = 0
         self.bytes_out = 0
         self.chunked_out = False
@@ -203,8 +213,7 @@ class Relay:
             self.out.append(_LAST_CHUNK)
         self.flush()
         self.client.cfg.upstream.release(self.conn, reusable and self.req.body_done)
-        if not self.done.done():
-            self.done.set_result(None)
+        self._end(None)
 
     def on_error(self, error: ProxyError, *, nothing_received: bool) -> None:
         self._stop_timer()
@@ -218,13 +227,21 @@ class Relay:
         self._fail(ClientGone())
 
     def _fail(self, error: Exception) -> None:
-        """Deliver a failure to whichever future the request is waiting on (the head, else the body)."""
+        """Deliver a failure to whoever waits: the coroutine awaiting the head, else the completion callback."""
         self.flush()
         if not self.head.done():
+            self.finished = True
             self.head.set_exception(error)
-            self.done.cancel()
-        elif not self.done.done():
-            self.done.set_exception(error)
+        else:
+            self._end(error)
+
+    def _end(self, error: Exception | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.error = error
+        if self.on_done is not None:
+            self.on_done(self)
 
     def _check_timeout(self) -> None:
         idle = self.loop.time() - self.last_activity
@@ -334,10 +351,12 @@ class ClientConnection(asyncio.Protocol):
         req.method = parser.get_method().decode("ascii", "replace")
         req.http10 = parser.get_http_version() == "1.0"
         req.keep_alive = parser.should_keep_alive()
+        hosts = 0
         for name, value in req.headers:
             lower = name.lower()
             if lower == b"host":
                 req.host = value
+                hosts += 1
             elif lower == b"content-length":
                 if req.body_kind == BODY_NONE and value.strip() != b"0":
                     req.body_kind = BODY_LENGTH
@@ -345,6 +364,10 @@ class ClientConnection(asyncio.Protocol):
                 req.body_kind = BODY_CHUNKED
             elif lower == b"expect" and value.lower() == b"100-continue":
                 req.expect_continue = True
+        if hosts > 1:
+            # RFC 9112 §3.2: more than one Host is a 400; routing on one while the upstream reads another is
+            # how requests reach hosts they were not routed to.
+            req.bad = BadRequest("more than one Host header")
         if req.body_kind == BODY_NONE:
             req.body_done = True
         self._cancel_idle_timer()  # the head arrived in time; the request now runs under upstream timeouts
@@ -408,14 +431,17 @@ class ClientConnection(asyncio.Protocol):
         self._arm_idle_timer()
 
     async def _serve(self, req: Request) -> None:
+        """Route and forward one request; returns once the response head went out (or an error answer did).
+        The rest of the exchange finishes in `_relay_done`, called back by the relay."""
         cfg = self.cfg
         started = time.perf_counter()
         service = NO_SERVICE
         upstream = ""
         status = 0
-        sent = 0
         path = req.target.partition(b"?")[0].decode("latin-1")
         try:
+            if req.bad is not None:
+                raise req.bad
             route = cfg.router.current.lookup(req.host.decode("latin-1"), path)
             if route is None:
                 raise NoRoute("no route for this host and path")
@@ -425,20 +451,6 @@ class ClientConnection(asyncio.Protocol):
                 raise NoHealthyEndpoint(f"no healthy instance of service {service!r}")
             target = route.upstream_target(req.target.decode("latin-1")).encode("latin-1")
             relay = await self._forward(req, route.scheme, route.tls_skip_verify, pool, target)
-            upstream = relay.endpoint.authority
-            status = relay.status
-            try:
-                await relay.done
-            except ProxyError as err:
-                # The head is out: the only honest signal left is to cut the connection.
-                log.warning("upstream_body_aborted", service=service, upstream=upstream, reason=err.reason,
-                            error=err.message, bytes=relay.bytes_out)
-                req.keep_alive = False
-                if self.transport is not None:
-                    self.transport.abort()
-            finally:
-                pool.release(relay.endpoint)
-            sent = relay.bytes_out
         except ProxyError as err:
             status = err.status
             upstream = err.upstream or upstream
@@ -455,16 +467,50 @@ class ClientConnection(asyncio.Protocol):
             status = 500
             req.keep_alive = False
             self.write(error_response(500, "internal proxy error", keep_alive=False, http10=req.http10))
-        finally:
-            elapsed = time.perf_counter() - started
-            cfg.metrics.observe_request(service, req.method, status, elapsed)
-            if cfg.access_log:
-                access_log.info(
-                    "access", method=req.method, host=req.host.decode("latin-1"), path=path, status=status,
-                    service=service, upstream=upstream, duration_ms=round(elapsed * 1000, 3), bytes=sent,
-                    client=self.peer.decode(),
-                )
-            self._finished(req)
+        else:
+            relay.started = started
+            relay.service = service
+            relay.path = path
+            relay.pool = pool
+            if relay.finished:
+                self._relay_done(relay)
+            else:
+                relay.on_done = self._relay_done
+            return
+        self._record(req, service, status, started, upstream, 0, path)
+        self._finished(req)
+
+    def _relay_done(self, relay: Relay) -> None:
+        req = relay.req
+        if relay.pool is not None:
+            relay.pool.release(relay.endpoint)
+        status = relay.status
+        error = relay.error
+        if isinstance(error, ProxyError):
+            # The head is out: the only honest signal left is to cut the connection.
+            log.warning("upstream_body_aborted", service=relay.service, upstream=relay.endpoint.authority,
+                        reason=error.reason, error=error.message, bytes=relay.bytes_out)
+            req.keep_alive = False
+            if self.transport is not None:
+                self.transport.abort()
+        elif error is not None:
+            status = 499
+            req.keep_alive = False
+        self._record(req, relay.service, status, relay.started, relay.endpoint.authority, relay.bytes_out,
+                     relay.path)
+        self._finished(req)
+
+    def _record(self, req: Request, service: str, status: int, started: float, upstream: str, sent: int,
+                path: str) -> None:
+        cfg = self.cfg
+        elapsed = time.perf_counter() - started
+        cfg.metrics.observe_request(service, req.method, status, elapsed)
+        if cfg.access_log:
+            access_log.info(
+                "access", method=req.method, host=req.host.decode("latin-1"), path=path, status=status,
+                service=service, upstream=upstream, duration_ms=round(elapsed * 1000, 3), bytes=sent,
+                client=self.peer.decode(),
+            )
 
     async def _forward(self, req: Request, scheme: str, skip_verify: bool, pool: Pool, target: bytes) -> Relay:
         """Send the request to an instance and wait for the response head, trying another where it is safe.

@@ -57,10 +57,14 @@ async def serve(settings: Settings, **kwargs: object) -> None:
         loop.add_signal_handler(signum, stop.set)
     await app.start()
     _settle_gc()
+    flusher = logs.start_flushing(settings.log_flush_interval)
     try:
         await stop.wait()
     finally:
         await app.stop()
+        if flusher is not None:
+            flusher.cancel()
+        logs.flush()
 
 
 def _settle_gc() -> None:
@@ -73,7 +77,7 @@ def _settle_gc() -> None:
 
 
 def _worker_main(settings: Settings, index: int) -> None:
-    logs.configure(settings.log_format, settings.log_level)
+    logs.configure(settings.log_format, settings.log_level, buffered=settings.log_flush_interval > 0)
     structlog.contextvars.bind_contextvars(worker=index)
     run_event_loop(serve(settings, serve_admin=False, reuse_port=True))
 
@@ -116,6 +120,7 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await admin.start()
+        flusher = logs.start_flushing(self.settings.log_flush_interval)
         try:
             while not stop.is_set():
                 for index, (proc, started) in list(self._workers.items()):
@@ -138,6 +143,9 @@ class Supervisor:
             await self._stop_workers()
             await admin.stop()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            if flusher is not None:
+                flusher.cancel()
+            logs.flush()
 
     async def _stop_workers(self) -> None:
         for proc, _ in self._workers.values():

@@ -158,6 +158,7 @@ class FerrymanProcess:
     workdir: Path
     extra: list[str] = field(default_factory=list)
     workers: int = 1
+    log_flush_interval: float = 0  # tests read the log as they go; buffering is covered on its own
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -181,7 +182,7 @@ class FerrymanProcess:
         self.proc = subprocess.Popen(
             [str(exe), "--listen", f"127.0.0.1:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin_port}",
              "--consul-addr", self.consul_addr, "--log-format", "json", "--consul-wait", "5",
-             "--workers", str(self.workers), *self.extra],
+             "--workers", str(self.workers), "--log-flush-interval", str(self.log_flush_interval), *self.extra],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
         log.close()

@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from .harness import Backend, ConsulAgent, FerrymanProcess, fetch
+from .harness import Backend, ConsulAgent, FerrymanProcess, fetch, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ class TestWorkers:
     """`--workers 2`: both workers serve, follow Consul, and their metrics add up on the admin port."""
 
     async def test_two_workers_follow_consul_and_sum_metrics(self, consul: ConsulAgent, workdir, backends):
-        proxy = FerrymanProcess(consul.addr, workdir, workers=2)
+        proxy = FerrymanProcess(consul.addr, workdir, workers=2, log_flush_interval=0.25)
         try:
             proxy.start()
             a, b = Backend("multi-a"), Backend("multi-b")
@@ -41,8 +41,13 @@ class TestWorkers:
                 async with aiohttp.ClientSession() as http:
                     status, _, _ = await fetch(http, f"{proxy.url}/multi/")
                     assert status == 200
-            served_by = {e.get("worker") for e in proxy.log_events() if e.get("event") == "access"}
-            assert served_by == {0, 1}
+            # Access lines are buffered (log_flush_interval 0.25 s) and reach the log within the interval.
+            def served_by() -> set[int]:
+                return {e.get("worker") for e in proxy.log_events() if e.get("event") == "access"}
+
+            await asyncio.to_thread(wait_until, lambda: served_by() == {0, 1}, 5, "access lines of both workers")
+            access_lines = sum(1 for e in proxy.log_events() if e.get("event") == "access")
+            assert access_lines == total
 
             async with aiohttp.ClientSession() as http:
                 _, body, _ = await fetch(http, f"{proxy.admin_url}/metrics")

@@ -132,3 +132,33 @@ class TestShippedExample:
         values = load_file(example)
         assert set(values) == set(FIELD_TYPES)
         assert {k: getattr(DEFAULTS, k) for k in values} == values
+
+
+class TestLogBuffer:
+    """Info lines are batched; a warning flushes everything before it, in order."""
+
+    def test_info_lines_wait_and_urgent_lines_flush_in_order(self) -> None:
+        import io
+
+        from proxy.logs import BufferedBytesLogger, LineBuffer
+
+        sink = io.BytesIO()
+        logger = BufferedBytesLogger(LineBuffer(sink))
+        logger.info(b'{"event":"access","n":1}')
+        logger.info(b'{"event":"access","n":2}')
+        assert sink.getvalue() == b""
+        logger.warning(b'{"event":"proxy_error"}')
+        assert sink.getvalue().splitlines() == [
+            b'{"event":"access","n":1}', b'{"event":"access","n":2}', b'{"event":"proxy_error"}',
+        ]
+
+    def test_a_full_buffer_is_written_without_waiting(self) -> None:
+        import io
+
+        from proxy.logs import BufferedBytesLogger, LineBuffer
+
+        sink = io.BytesIO()
+        logger = BufferedBytesLogger(LineBuffer(sink, max_bytes=100))
+        for _ in range(10):
+            logger.info(b"x" * 20)
+        assert len(sink.getvalue().splitlines()) >= 4
