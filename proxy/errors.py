@@ -65,3 +65,8 @@ class UpstreamTimeout(ProxyError):
 
 class UpstreamConnectTimeout(UpstreamTimeout):
     reason = "upstream_connect_timeout"
+
+
+class ProxyInternalError(ProxyError):
+    status = 500
+    reason = "internal_error"

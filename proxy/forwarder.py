@@ -114,7 +114,8 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None:
             return
         self._sink = None
-        if self.framing == FRAMING_EOF and not self._interim and self.received and self._headers_done:
+        # A close-delimited body is whole only when the upstream closed cleanly; a reset means it was cut.
+        if exc is None and self.framing == FRAMING_EOF and not self._interim and self._headers_done:
             sink.on_complete(False)
         else:
             reason = f": {exc}" if exc else ""

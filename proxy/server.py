@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import socket
+import struct
 import time
-from collections.abc import Callable
 from typing import Final
 
 import httptools
@@ -34,6 +36,7 @@ from .errors import (
     NoHealthyEndpoint,
     NoRoute,
     ProxyError,
+    ProxyInternalError,
     UpstreamConnectError,
     UpstreamTimeout,
     UriTooLong,
@@ -42,7 +45,7 @@ from .forwarder import FRAMING_CHUNKED, FRAMING_EOF, UpstreamConnection, Upstrea
 from .headers import client_response_head, error_response, upstream_request_head
 from .metrics import NO_SERVICE, Metrics
 from .pool import Pool, Pools
-from .table import RoutingTable
+from .table import Route, RoutingTable
 
 log = structlog.get_logger("ferryman.proxy")
 access_log = structlog.get_logger("ferryman.access")
@@ -55,6 +58,7 @@ MAX_HEADER_BYTES: Final = 64 * 1024
 MAX_BUFFERED_BODY: Final = 256 * 1024
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 BODY_NONE: Final = 0
 BODY_LENGTH: Final = 1
@@ -93,7 +97,7 @@ class Request:
         self.body_sent = 0
         self.buffer: list[bytes] = []
         self.buffered = 0
-        self.sink: Relay | None = None
+        self.sink: Exchange | None = None
         self.bad: ProxyError | None = None  # a request that parsed but must be refused (answered in order)
 
 
@@ -119,53 +123,207 @@ class Settings:
         self.loop = loop
 
 
-class Relay:
-    """One request's exchange with one upstream connection: writes the response to the client as it comes."""
+class Exchange:
+    """One request, from routing to its last byte, across the instances it is tried on.
+
+    Driven by callbacks only, so a request on a pooled keep-alive connection costs no task and no future:
+    `attempt()` picks an instance and sends the head at once when an idle connection is at hand (a task is
+    started only to open a new connection); the upstream connection then calls `on_head`, `on_body`,
+    `on_complete` or `on_error`, which write to the client as bytes arrive. Before the response head, a
+    failure may lead to another attempt (see `_attempt_failed`); after it, the client connection is aborted.
+    """
 
     __slots__ = (
-        "bytes_out", "chunked_out", "client", "conn", "endpoint", "error", "finished", "head", "last_activity",
-        "loop", "on_done", "out", "path", "pool", "read_timeout", "req", "service", "started", "status", "timer",
+        "attempts",
+        "bytes_out",
+        "chunked_out",
+        "client",
+        "conn",
+        "endpoint",
+        "fresh",
+        "head_request",
+        "head_sent",
+        "key",
+        "last_activity",
+        "loop",
+        "out",
+        "over",
+        "path",
+        "pool",
+        "req",
+        "reused",
+        "route",
+        "service",
+        "stale_retry_left",
+        "started",
+        "status",
+        "target",
+        "timer",
+        "tried",
     )
 
     def __init__(
-        self, client: ClientConnection, req: Request, conn: UpstreamConnection, endpoint: Endpoint,
-        read_timeout: float,
+        self, client: ClientConnection, req: Request, route: Route, pool: Pool, target: bytes, started: float,
+        path: str,
     ) -> None:
-        loop = client.cfg.loop
+        cfg = client.cfg
         self.client = client
-        self.endpoint = endpoint
+        self.loop = cfg.loop
         self.req = req
-        self.conn = conn
-        self.loop = loop
-        self.read_timeout = read_timeout
-        self.head: asyncio.Future[None] = loop.create_future()
-        # After the head, the end of the exchange is reported by callback (no second future, no task wake-up):
-        # `on_done(relay)` runs once, with `error` set when the body broke off.
-        self.finished = False
-        self.error: Exception | None = None
-        self.on_done: Callable[[Relay], None] | None = None
-        self.started = 0.0
-        self.service = ""
-        self.path = ""
-        self.pool: Pool | None = None
+        self.route = route
+        self.pool = pool
+        self.service = route.service
+        self.target = target
+        self.started = started
+        self.path = path
+        self.tried: set[str] = set()
+        self.attempts = min(cfg.max_attempts, len(pool.endpoints))
+        self.stale_retry_left = True
+        self.head_request = req.method == "HEAD"
+        self.endpoint: Endpoint | None = None
+        self.conn: UpstreamConnection | None = None
+        self.key: tuple[str, str, int, bool] | None = None
+        self.reused = False
+        self.head_sent = False
         self.status = 0
         self.bytes_out = 0
         self.chunked_out = False
         self.out: list[bytes] = []  # response bytes from the current upstream read, written once by flush()
-        self.last_activity = loop.time()
-        self.timer: asyncio.TimerHandle | None = loop.call_at(self.last_activity + read_timeout, self._check_timeout)
+        self.last_activity = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.over = False  # answered and recorded: every later callback is a no-op
+        self.fresh = False  # the next attempt opens a new connection instead of taking a pooled one
+
+    # --- choosing an instance and sending ---
+    def attempt(self) -> None:
+        client = self.client
+        if client.closing:
+            self._finish(499)
+            return
+        endpoint = self.pool.pick(self.tried)
+        if endpoint is None:
+            self._answer(NoHealthyEndpoint(f"no healthy instance of service {self.service!r}"))
+            return
+        self.tried.add(endpoint.key)
+        route = self.route
+        key = (route.scheme, endpoint.address, endpoint.port, route.tls_skip_verify)
+        upstream = client.cfg.upstream
+        conn = None if self.fresh else upstream.take_idle(key, self.loop.time())
+        self.fresh = False
+        if conn is not None:
+            self._send(endpoint, conn, reused=True)
+        else:
+            self.loop.create_task(self._connect(endpoint, key))
+
+    async def _connect(self, endpoint: Endpoint, key: tuple[str, str, int, bool]) -> None:
+        try:
+            conn = await self.client.cfg.upstream.connect(key)
+        except ProxyError as err:
+            self._attempt_failed(endpoint, err, connected=False)
+            return
+        except Exception:  # a bug, not an upstream failure: answer 500 rather than leave the client hanging
+            log.exception("proxy_internal_error", service=self.service, path=self.path)
+            self._answer(ProxyInternalError("internal proxy error"))
+            return
+        if self.over or self.client.closing:
+            self.client.cfg.upstream.release(conn, True)
+            self._finish(499)
+            return
+        self._send(endpoint, conn, reused=False)
+
+    def _send(self, endpoint: Endpoint, conn: UpstreamConnection, *, reused: bool) -> None:
+        client = self.client
+        cfg = client.cfg
+        req = self.req
+        self.endpoint = endpoint
+        self.conn = conn
+        self.reused = reused
+        self.pool.acquire(endpoint)
+        conn.send(upstream_request_head(
+            req.method.encode(), self.target, req.headers, client_ip=client.peer, proto=cfg.proto,
+            port=cfg.listen_port, default_host=endpoint.authority.encode(), chunked=req.body_kind == BODY_CHUNKED,
+        ), self, head_request=self.head_request)
+        if req.body_kind != BODY_NONE:
+            client.attach_body(req, self)  # arms the read timeout once the body is complete (end_body)
+        else:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """The upstream's silence counts from when it has the whole request (a slow upload is not its fault)."""
+        if self.timer is None and not self.over:
+            self.last_activity = self.loop.time()
+            self.timer = self.loop.call_at(self.last_activity + self.client.cfg.read_timeout, self._check_timeout)
+
+    def _attempt_failed(self, endpoint: Endpoint, err: ProxyError, *, connected: bool) -> None:
+        """Before any response byte reached the client: try elsewhere when that is safe, else answer."""
+        if self.over:
+            return
+        req = self.req
+        client = self.client
+        err.upstream = endpoint.authority
+        if connected:
+            self._stop_timer()
+            self.pool.release(endpoint)
+            req.sink = None  # body chunks arriving meanwhile wait in the buffer for the next attempt
+            self.conn = None
+            if (
+                # A reused keep-alive connection the upstream had already closed: nothing was processed, so
+                # an idempotent request whose body was not sent yet goes once more, on a new connection.
+                self.reused and err.nothing_received and isinstance(err, UpstreamConnectError)
+                and self.stale_retry_left and req.method in IDEMPOTENT and req.body_sent == 0
+            ):
+                self.stale_retry_left = False
+                self.tried.discard(endpoint.key)
+                self.fresh = True  # other pooled connections to it may be just as stale
+                self.attempt()
+                return
+        elif len(self.tried) < self.attempts and not client.closing:
+            # The connection was never made: nothing reached the upstream, any method may go elsewhere.
+            log.info("upstream_retry", service=self.service, upstream=endpoint.authority, reason=err.reason,
+                     error=err.message, attempt=len(self.tried))
+            self.attempt()
+            return
+        self._answer(err)
+
+    def _answer(self, err: ProxyError) -> None:
+        if not self.over:
+            self.over = True
+            self.client.answer_error(self.req, err, self.service, self.started, self.path)
 
     # --- request body, client -> upstream ---
     def send_body(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None:
+            return
         self.req.body_sent += len(data)
         if self.req.body_kind == BODY_CHUNKED:
-            self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            conn.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
-            self.conn.write(data)
+            conn.write(data)
 
     def end_body(self) -> None:
+        if self.conn is None:
+            return
         if self.req.body_kind == BODY_CHUNKED:
             self.conn.write(_LAST_CHUNK)
+        self._arm_timer()
+
+    def client_body_broken(self, err: ProxyError) -> None:
+        """The client's request body turned out malformed while it was being relayed."""
+        if self.over:
+            return
+        self._stop_timer()
+        if self.conn is not None:
+            self.conn.detach()
+        self.req.keep_alive = False
+        if self.head_sent:
+            reset_connection(self.client.transport)
+            self._finish(self.status)
+        else:
+            if self.endpoint is not None and self.conn is not None:
+                self.pool.release(self.endpoint)
+            self.conn = None
+            self._answer(err)
 
     def upstream_pause_writing(self) -> None:
         self.client.pause_reading()
@@ -187,11 +345,11 @@ class Relay:
             keep_alive = False  # the upstream answered before the client finished sending: do not read on
         req.keep_alive = keep_alive
         self.status = status
+        self.head_sent = True
+        self._arm_timer()  # an upstream may answer before it read the whole body: its silence counts from now
         self.out.append(client_response_head(
             status, reason, headers, chunked=self.chunked_out, keep_alive=keep_alive, http10=req.http10,
         ))
-        if not self.head.done():
-            self.head.set_result(None)
 
     def on_body(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -212,49 +370,70 @@ class Relay:
         if self.chunked_out:
             self.out.append(_LAST_CHUNK)
         self.flush()
-        self.client.cfg.upstream.release(self.conn, reusable and self.req.body_done)
-        self._end(None)
+        if self.conn is not None:
+            self.client.cfg.upstream.release(self.conn, reusable and self.req.body_done)
+        self._finish(self.status)
 
     def on_error(self, error: ProxyError, *, nothing_received: bool) -> None:
-        self._stop_timer()
         error.nothing_received = nothing_received
-        self._fail(error)
+        if not self.over:
+            self._broken(error)
 
-    # --- client went away, or the upstream went silent ---
+    # --- the client went away, or the upstream went silent ---
     def client_gone(self) -> None:
         self._stop_timer()
-        self.conn.detach()
-        self._fail(ClientGone())
-
-    def _fail(self, error: Exception) -> None:
-        """Deliver a failure to whoever waits: the coroutine awaiting the head, else the completion callback."""
-        self.flush()
-        if not self.head.done():
-            self.finished = True
-            self.head.set_exception(error)
-        else:
-            self._end(error)
-
-    def _end(self, error: Exception | None) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self.error = error
-        if self.on_done is not None:
-            self.on_done(self)
+        if self.conn is not None:
+            self.conn.detach()
+        self._finish(499)  # nginx's code for a client that went away before the answer
 
     def _check_timeout(self) -> None:
         idle = self.loop.time() - self.last_activity
-        if idle < self.read_timeout:
-            self.timer = self.loop.call_later(self.read_timeout - idle, self._check_timeout)
+        timeout = self.client.cfg.read_timeout
+        if idle < timeout:
+            self.timer = self.loop.call_later(timeout - idle, self._check_timeout)
             return
         self.timer = None
-        self.conn.detach()
-        authority = self.endpoint.authority
-        if not self.head.done():
-            self._fail(UpstreamTimeout(f"{authority} did not answer in time"))
+        if self.conn is not None:
+            self.conn.detach()
+        authority = self.endpoint.authority if self.endpoint else "upstream"
+        if self.head_sent:
+            self._broken(UpstreamTimeout(f"{authority} stalled while sending the body"))
         else:
-            self._fail(UpstreamTimeout(f"{authority} stalled while sending the body"))
+            self._broken(UpstreamTimeout(f"{authority} did not answer in time"))
+
+    def _broken(self, error: ProxyError) -> None:
+        self.flush()
+        endpoint = self.endpoint
+        if not self.head_sent and endpoint is not None:
+            if isinstance(error, UpstreamTimeout):
+                # Timeouts are not retried: the upstream may be working on it, and a retry doubles the load.
+                self.stale_retry_left = False
+                self.attempts = 0
+            self._attempt_failed(endpoint, error, connected=True)
+            return
+        self._stop_timer()
+        # The head is out: the only honest signal left is to cut the connection.
+        log.warning("upstream_body_aborted", service=self.service, upstream=error.upstream or
+                    (endpoint.authority if endpoint else ""), reason=error.reason, error=error.message,
+                    bytes=self.bytes_out)
+        self.req.keep_alive = False
+        reset_connection(self.client.transport)
+        self._finish(self.status)
+
+    def _finish(self, status: int) -> None:
+        if self.over:
+            return
+        self.over = True
+        self._stop_timer()
+        if self.endpoint is not None and self.conn is not None:
+            self.pool.release(self.endpoint)
+        self.conn = None
+        if status == 499:
+            self.req.keep_alive = False
+        client = self.client
+        client.record(self.req, self.service, status, self.started,
+                      self.endpoint.authority if self.endpoint else "", self.bytes_out, self.path)
+        client.finished(self.req)
 
     def _stop_timer(self) -> None:
         if self.timer is not None:
@@ -264,8 +443,8 @@ class Relay:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
-        "_header_bytes", "_idle_timer", "_queue", "_reading_paused", "_req", "_serving", "cfg", "closing",
-        "parser", "peer", "relay", "server", "transport",
+        "_deferred_error", "_header_bytes", "_idle_timer", "_queue", "_reading_paused", "_req", "_serving", "cfg",
+        "closing", "exchange", "parser", "peer", "server", "transport",
     )
 
     def __init__(self, cfg: Settings, server: ProxyServer) -> None:
@@ -280,8 +459,10 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._reading_paused = False
         self._idle_timer: asyncio.TimerHandle | None = None
-        self.relay: Relay | None = None
+        self.exchange: Exchange | None = None
         self.closing = False
+        # A parse error behind requests still being answered: sent, in order, once they are done.
+        self._deferred_error: ProxyError | None = None
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -292,6 +473,8 @@ class ClientConnection(asyncio.Protocol):
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._deferred_error is not None:
+            return  # the stream is broken; nothing after the bad request is read
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -303,6 +486,11 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             cause = exc.__cause__ or exc.__context__
             self._protocol_error(cause if isinstance(cause, ProxyError) else BadRequest(f"malformed request: {exc}"))
+            return
+        # Requests start after the whole read was parsed, so a request whose head parsed but whose framing
+        # llhttp rejects a moment later (Transfer-Encoding not ending in chunked) never reaches an upstream.
+        if not self._serving and self._queue:
+            self._serve_next()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -310,19 +498,20 @@ class ClientConnection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.server.stopping and not self.server.connections:
             self.server.drained.set()
-        if self.relay is not None:
-            self.relay.client_gone()
+        if self.exchange is not None:
+            self.exchange.client_gone()
         self._queue.clear()
 
     def pause_writing(self) -> None:
-        relay = self.relay
-        if relay is not None and relay.conn.transport is not None:
-            relay.conn.transport.pause_reading()
+        exchange = self.exchange
+        if exchange is not None and exchange.conn is not None and exchange.conn.transport is not None:
+            exchange.conn.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        relay = self.relay
-        if relay is not None and relay.conn.transport is not None and not relay.conn.closed:
-            relay.conn.transport.resume_reading()
+        exchange = self.exchange
+        conn = exchange.conn if exchange is not None else None
+        if conn is not None and conn.transport is not None and not conn.closed:
+            conn.transport.resume_reading()
 
     # --- llhttp callbacks ---
     def on_message_begin(self) -> None:
@@ -372,8 +561,6 @@ class ClientConnection(asyncio.Protocol):
             req.body_done = True
         self._cancel_idle_timer()  # the head arrived in time; the request now runs under upstream timeouts
         self._queue.append(req)
-        if not self._serving:
-            self._serve_next()
 
     def on_body(self, data: bytes) -> None:
         req = self._req
@@ -412,96 +599,62 @@ class ClientConnection(asyncio.Protocol):
 
     # --- serving requests, one at a time per connection ---
     def _serve_next(self) -> None:
+        if not self._queue and self._deferred_error is not None and not self.closing:
+            err = self._deferred_error
+            self.write(error_response(err.status, err.message, keep_alive=False))
+            self._close()
         if not self._queue or self.closing:
             self._serving = False
             return
         self._serving = True
-        self.cfg.loop.create_task(self._serve(self._queue.popleft()))
+        self._start(self._queue.popleft())
 
-    def _finished(self, req: Request) -> None:
-        self.relay = None
+    def finished(self, req: Request) -> None:
+        """The request's answer is complete: go on with the next request, or wait, or close."""
+        self.exchange = None
         if not req.keep_alive or (self.server.stopping and not self._queue) or self.closing:
             self._close()
             return
-        if self._queue:
+        if self._queue or self._deferred_error is not None:
             self._serve_next()
             return
         self._serving = False
         self.resume_reading()
         self._arm_idle_timer()
 
-    async def _serve(self, req: Request) -> None:
-        """Route and forward one request; returns once the response head went out (or an error answer did).
-        The rest of the exchange finishes in `_relay_done`, called back by the relay."""
-        cfg = self.cfg
+    def _start(self, req: Request) -> None:
+        """Route a request and start forwarding it; errors known before any upstream is involved answer here."""
         started = time.perf_counter()
-        service = NO_SERVICE
-        upstream = ""
-        status = 0
         path = req.target.partition(b"?")[0].decode("latin-1")
+        service = NO_SERVICE
         try:
             if req.bad is not None:
                 raise req.bad
-            route = cfg.router.current.lookup(req.host.decode("latin-1"), path)
+            route = self.cfg.router.current.lookup(req.host.decode("latin-1"), path)
             if route is None:
                 raise NoRoute("no route for this host and path")
             service = route.service
-            pool = cfg.pools.get(service)
+            pool = self.cfg.pools.get(service)
             if pool is None or not pool.endpoints:
                 raise NoHealthyEndpoint(f"no healthy instance of service {service!r}")
             target = route.upstream_target(req.target.decode("latin-1")).encode("latin-1")
-            relay = await self._forward(req, route.scheme, route.tls_skip_verify, pool, target)
         except ProxyError as err:
-            status = err.status
-            upstream = err.upstream or upstream
-            log.warning("proxy_error", status=err.status, reason=err.reason, error=err.message,
-                        service=service, upstream=upstream, method=req.method, path=path)
-            if not req.body_done:
-                req.keep_alive = False  # the unread rest of the body would be taken for the next request
-            self.write(error_response(err.status, err.message, keep_alive=req.keep_alive, http10=req.http10))
-        except ClientGone:
-            status = 499  # nginx's code for a client that went away before the answer
-            req.keep_alive = False
-        except Exception:
-            log.exception("proxy_internal_error", service=service, method=req.method, path=path)
-            status = 500
-            req.keep_alive = False
-            self.write(error_response(500, "internal proxy error", keep_alive=False, http10=req.http10))
-        else:
-            relay.started = started
-            relay.service = service
-            relay.path = path
-            relay.pool = pool
-            if relay.finished:
-                self._relay_done(relay)
-            else:
-                relay.on_done = self._relay_done
+            self.answer_error(req, err, service, started, path)
             return
-        self._record(req, service, status, started, upstream, 0, path)
-        self._finished(req)
+        exchange = self.exchange = Exchange(self, req, route, pool, target, started, path)
+        exchange.attempt()
 
-    def _relay_done(self, relay: Relay) -> None:
-        req = relay.req
-        if relay.pool is not None:
-            relay.pool.release(relay.endpoint)
-        status = relay.status
-        error = relay.error
-        if isinstance(error, ProxyError):
-            # The head is out: the only honest signal left is to cut the connection.
-            log.warning("upstream_body_aborted", service=relay.service, upstream=relay.endpoint.authority,
-                        reason=error.reason, error=error.message, bytes=relay.bytes_out)
-            req.keep_alive = False
-            if self.transport is not None:
-                self.transport.abort()
-        elif error is not None:
-            status = 499
-            req.keep_alive = False
-        self._record(req, relay.service, status, relay.started, relay.endpoint.authority, relay.bytes_out,
-                     relay.path)
-        self._finished(req)
+    def answer_error(self, req: Request, err: ProxyError, service: str, started: float, path: str) -> None:
+        log.warning("proxy_error", status=err.status, reason=err.reason, error=err.message,
+                    service=service, upstream=err.upstream, method=req.method, path=path)
+        if not req.body_done:
+            req.keep_alive = False  # the unread rest of the body would be taken for the next request
+        self.write(error_response(err.status, err.message, keep_alive=req.keep_alive, http10=req.http10))
+        self.record(req, service, err.status, started, err.upstream, 0, path)
+        self.finished(req)
 
-    def _record(self, req: Request, service: str, status: int, started: float, upstream: str, sent: int,
-                path: str) -> None:
+    def record(self, req: Request, service: str, status: int, started: float, upstream: str, sent: int,
+               path: str) -> None:
         cfg = self.cfg
         elapsed = time.perf_counter() - started
         cfg.metrics.observe_request(service, req.method, status, elapsed)
@@ -512,87 +665,38 @@ class ClientConnection(asyncio.Protocol):
                 client=self.peer.decode(),
             )
 
-    async def _forward(self, req: Request, scheme: str, skip_verify: bool, pool: Pool, target: bytes) -> Relay:
-        """Send the request to an instance and wait for the response head, trying another where it is safe.
-
-        On return the instance counts the request as in flight (`pool.acquire`); the caller releases it.
-        """
-        cfg = self.cfg
-        tried: set[str] = set()
-        attempts = min(cfg.max_attempts, len(pool.endpoints))
-        stale_retry_left = True
-        head_request = req.method == "HEAD"
-        while True:
-            endpoint: Endpoint | None = pool.pick(tried)
-            if endpoint is None:
-                raise NoHealthyEndpoint(f"no healthy instance of service {pool.service!r}")
-            tried.add(endpoint.key)
-            key = (scheme, endpoint.address, endpoint.port, skip_verify)
-            conn = cfg.upstream.take_idle(key, cfg.loop.time())
-            reused = conn is not None
-            try:
-                if conn is None:
-                    conn = await cfg.upstream.connect(key)
-            except ProxyError as err:
-                err.upstream = endpoint.authority
-                if len(tried) < attempts and not self.closing:
-                    log.info("upstream_retry", service=pool.service, upstream=endpoint.authority,
-                             reason=err.reason, error=err.message, attempt=len(tried))
-                    continue
-                raise
-            if self.closing:
-                cfg.upstream.release(conn, True)
-                raise ClientGone()
-            pool.acquire(endpoint)
-            relay = Relay(self, req, conn, endpoint, cfg.read_timeout)
-            self.relay = relay
-            conn.send(upstream_request_head(
-                req.method.encode(), target, req.headers, client_ip=self.peer, proto=cfg.proto,
-                port=cfg.listen_port, default_host=endpoint.authority.encode(),
-                chunked=req.body_kind == BODY_CHUNKED,
-            ), relay, head_request=head_request)
-            if req.body_kind != BODY_NONE:
-                self._attach_body(req, relay)
-            try:
-                await relay.head
-            except ProxyError as err:
-                self.relay = None
-                pool.release(endpoint)
-                err.upstream = endpoint.authority
-                # A reused keep-alive connection the upstream had already closed: nothing was processed, so an
-                # idempotent request without a body sent yet goes once more, on a new connection.
-                stale = reused and err.nothing_received and isinstance(err, UpstreamConnectError)
-                if stale and stale_retry_left and req.method in IDEMPOTENT and req.body_sent == 0:
-                    stale_retry_left = False
-                    tried.discard(endpoint.key)
-                    continue
-                raise
-            except BaseException:
-                self.relay = None
-                pool.release(endpoint)
-                raise
-            return relay
-
-    def _attach_body(self, req: Request, relay: Relay) -> None:
-        if req.expect_continue and not req.buffer and not req.body_done:
+    def attach_body(self, req: Request, exchange: Exchange) -> None:
+        """From now on the request body goes to the upstream as it arrives; what waited in the buffer first."""
+        # RFC 9110 §10.1.1 and §15.2: HTTP/1.0 clients get no 1xx; they send the body anyway.
+        if req.expect_continue and not req.http10 and not req.buffer and not req.body_done:
             self.write(_CONTINUE)
+            req.expect_continue = False
         for chunk in req.buffer:
-            relay.send_body(chunk)
+            exchange.send_body(chunk)
         req.buffer.clear()
         req.buffered = 0
-        req.sink = relay
+        req.sink = exchange
         if req.body_done:
-            relay.end_body()
+            exchange.end_body()
         self.resume_reading()
 
     # --- errors and closing ---
     def _protocol_error(self, err: ProxyError) -> None:
+        """A request llhttp (or a limit) rejected: answer it after the requests before it, then close."""
         log.warning("client_protocol_error", status=err.status, reason=err.reason, error=err.message,
                     client=self.peer.decode())
         self.cfg.metrics.observe_request(NO_SERVICE, "OTHER", err.status, 0.0)
-        if self.relay is None and not self._serving:
-            self.write(error_response(err.status, err.message, keep_alive=False))
-        self._close()
+        bad = self._req
+        self._req = None
+        if bad is not None and bad in self._queue:
+            self._queue.remove(bad)  # its head parsed, its framing did not: it never starts
+        elif bad is not None and self.exchange is not None and self.exchange.req is bad:
+            self.exchange.client_body_broken(err)  # its body broke off while being relayed
+            return
+        self._deferred_error = err
+        self.pause_reading()
+        if not self._serving:
+            self._serve_next()
 
     def _arm_idle_timer(self) -> None:
         self._cancel_idle_timer()
@@ -618,6 +722,18 @@ class ClientConnection(asyncio.Protocol):
         """Stop after the request in progress; close now if there is none."""
         if not self._serving:
             self._close()
+
+
+def reset_connection(transport: asyncio.Transport | None) -> None:
+    """Close with a TCP reset (SO_LINGER 0): a plain close sends FIN, which a client reading a close-delimited
+    body takes for a complete response."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
 
 
 class ProxyServer:
