@@ -134,6 +134,7 @@ class Exchange:
     """
 
     __slots__ = (
+        "armed",
         "attempts",
         "bytes_out",
         "chunked_out",
@@ -158,7 +159,6 @@ class Exchange:
         "started",
         "status",
         "target",
-        "timer",
         "tried",
     )
 
@@ -190,7 +190,7 @@ class Exchange:
         self.chunked_out = False
         self.out: list[bytes] = []  # response bytes from the current upstream read, written once by flush()
         self.last_activity = 0.0
-        self.timer: asyncio.TimerHandle | None = None
+        self.armed = False  # the read timeout runs (checked by the server's sweeper, not a timer per request)
         self.over = False  # answered and recorded: every later callback is a no-op
         self.fresh = False  # the next attempt opens a new connection instead of taking a pooled one
 
@@ -250,9 +250,9 @@ class Exchange:
 
     def _arm_timer(self) -> None:
         """The upstream's silence counts from when it has the whole request (a slow upload is not its fault)."""
-        if self.timer is None and not self.over:
+        if not self.armed and not self.over:
+            self.armed = True
             self.last_activity = self.loop.time()
-            self.timer = self.loop.call_at(self.last_activity + self.client.cfg.read_timeout, self._check_timeout)
 
     def _attempt_failed(self, endpoint: Endpoint, err: ProxyError, *, connected: bool) -> None:
         """Before any response byte reached the client: try elsewhere when that is safe, else answer."""
@@ -386,13 +386,10 @@ class Exchange:
             self.conn.detach()
         self._finish(499)  # nginx's code for a client that went away before the answer
 
-    def _check_timeout(self) -> None:
-        idle = self.loop.time() - self.last_activity
-        timeout = self.client.cfg.read_timeout
-        if idle < timeout:
-            self.timer = self.loop.call_later(timeout - idle, self._check_timeout)
+    def check_timeout(self, now: float) -> None:
+        if not self.armed or now - self.last_activity < self.client.cfg.read_timeout:
             return
-        self.timer = None
+        self.armed = False
         if self.conn is not None:
             self.conn.detach()
         authority = self.endpoint.authority if self.endpoint else "upstream"
@@ -436,15 +433,25 @@ class Exchange:
         client.finished(self.req)
 
     def _stop_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.armed = False
 
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
-        "_deferred_error", "_header_bytes", "_idle_timer", "_queue", "_reading_paused", "_req", "_serving", "cfg",
-        "closing", "exchange", "parser", "peer", "server", "transport",
+        "_deferred_error",
+        "_header_bytes",
+        "_idle_since",
+        "_queue",
+        "_reading_paused",
+        "_req",
+        "_serving",
+        "cfg",
+        "closing",
+        "exchange",
+        "parser",
+        "peer",
+        "server",
+        "transport",
     )
 
     def __init__(self, cfg: Settings, server: ProxyServer) -> None:
@@ -458,7 +465,7 @@ class ClientConnection(asyncio.Protocol):
         self._serving = False
         self._header_bytes = 0
         self._reading_paused = False
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None  # waiting for (the rest of) a request head since then
         self.exchange: Exchange | None = None
         self.closing = False
         # A parse error behind requests still being answered: sent, in order, once they are done.
@@ -699,16 +706,21 @@ class ClientConnection(asyncio.Protocol):
             self._serve_next()
 
     def _arm_idle_timer(self) -> None:
-        self._cancel_idle_timer()
-        self._idle_timer = self.cfg.loop.call_later(self.cfg.idle_timeout, self._idle_expired)
+        self._idle_since = self.cfg.loop.time()
 
     def _cancel_idle_timer(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._idle_since = None
+
+    def sweep(self, now: float) -> None:
+        """Called by the server a few times a second: enforce the idle and read timeouts."""
+        if self._idle_since is not None and now - self._idle_since >= self.cfg.idle_timeout:
+            self._idle_expired()
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.check_timeout(now)
 
     def _idle_expired(self) -> None:
-        self._idle_timer = None
+        self._idle_since = None
         if not self._serving:
             self._close()
 
@@ -745,11 +757,25 @@ class ProxyServer:
         self.stopping = False
         self.drained = asyncio.Event()
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> None:
         self._server = await self.cfg.loop.create_server(
             lambda: ClientConnection(self.cfg, self), host, port, reuse_port=reuse_port or None, backlog=backlog,
         )
+        self._sweeper = self.cfg.loop.create_task(self._sweep(), name="proxy-timeouts")
+
+    async def _sweep(self) -> None:
+        """Timeouts are checked here a few times a second rather than with a timer per request and per idle
+        connection (creating and cancelling those was a measurable share of a request's cost). A timeout fires
+        between its value and its value plus one tick."""
+        cfg = self.cfg
+        tick = min(1.0, max(0.05, min(cfg.read_timeout, cfg.idle_timeout) / 4))
+        while True:
+            await asyncio.sleep(tick)
+            now = cfg.loop.time()
+            for conn in list(self.connections):
+                conn.sweep(now)
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True
@@ -765,5 +791,7 @@ class ProxyServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             await self._server.wait_closed()
