@@ -16,6 +16,7 @@ from discovery.consul import ConsulClient
 from discovery.model import Problem, Snapshot
 from discovery.watcher import Watcher
 
+from . import logs
 from .admin import make_admin_app
 from .config import Settings
 from .forwarder import UpstreamPool
@@ -100,7 +101,8 @@ class Ferryman:
             self._proxy = ProxyServer(ServerSettings(
                 router=self.router, pools=self.pools, upstream=self.upstream, metrics=self.metrics,
                 max_attempts=s.max_attempts, read_timeout=s.read_timeout, idle_timeout=s.client_idle_timeout,
-                listen_port=listen.port, proto="http", access_log=s.access_log, loop=asyncio.get_running_loop(),
+                listen_port=listen.port, proto="http", access_log=logs.access_writer() if s.access_log else None,
+                loop=asyncio.get_running_loop(),
             ))
             await self._proxy.start(listen.host, listen.port, reuse_port=self.reuse_port)
         if self.serve_admin:

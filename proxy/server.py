@@ -43,12 +43,12 @@ from .errors import (
 )
 from .forwarder import FRAMING_CHUNKED, FRAMING_EOF, UpstreamConnection, UpstreamPool
 from .headers import client_response_head, error_response, upstream_request_head
+from .logs import AccessWriter
 from .metrics import NO_SERVICE, Metrics
 from .pool import Pool, Pools
 from .table import Route, RoutingTable
 
 log = structlog.get_logger("ferryman.proxy")
-access_log = structlog.get_logger("ferryman.access")
 
 # RFC 9110 §9.2.2: methods whose repetition has the same effect; only these are retried after a reused
 # connection dropped. Any method is retried when the connection was never established.
@@ -111,7 +111,7 @@ class Settings:
 
     def __init__(
         self, *, router: Router, pools: Pools, upstream: UpstreamPool, metrics: Metrics, max_attempts: int,
-        read_timeout: float, idle_timeout: float, listen_port: int, proto: str, access_log: bool,
+        read_timeout: float, idle_timeout: float, listen_port: int, proto: str, access_log: AccessWriter | None,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.router, self.pools, self.upstream, self.metrics = router, pools, upstream, metrics
@@ -665,12 +665,9 @@ class ClientConnection(asyncio.Protocol):
         cfg = self.cfg
         elapsed = time.perf_counter() - started
         cfg.metrics.observe_request(service, req.method, status, elapsed)
-        if cfg.access_log:
-            access_log.info(
-                "access", method=req.method, host=req.host.decode("latin-1"), path=path, status=status,
-                service=service, upstream=upstream, duration_ms=round(elapsed * 1000, 3), bytes=sent,
-                client=self.peer.decode(),
-            )
+        if cfg.access_log is not None:
+            cfg.access_log(req.method, req.host.decode("latin-1"), path, status, service, upstream,
+                           round(elapsed * 1000, 3), sent, self.peer.decode())
 
     def attach_body(self, req: Request, exchange: Exchange) -> None:
         """From now on the request body goes to the upstream as it arrives; what waited in the buffer first."""

@@ -162,3 +162,38 @@ class TestLogBuffer:
         for _ in range(10):
             logger.info(b"x" * 20)
         assert len(sink.getvalue().splitlines()) >= 4
+
+
+class TestAccessLine:
+    """The access log's fast path writes the line structlog would: same keys, context and timestamp format."""
+
+    def test_fast_access_line_matches_structlog_json(self) -> None:
+        import io
+        import json
+        import re
+
+        import structlog
+
+        from proxy import logs
+
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, write_through=True)
+        logs.configure("json", "info", stream, buffered=False)
+        structlog.contextvars.bind_contextvars(worker=3)
+        try:
+            write = logs.access_writer()
+            write("GET", "shop.example.com", "/cart", 200, "shop", "10.0.0.5:8080", 1.25, 512, "192.0.2.1")
+            structlog.get_logger("t").info("access", method="GET", host="shop.example.com", path="/cart",
+                                           status=200, service="shop", upstream="10.0.0.5:8080",
+                                           duration_ms=1.25, bytes=512, client="192.0.2.1")
+        finally:
+            structlog.contextvars.clear_contextvars()
+            structlog.reset_defaults()
+        fast, reference = (json.loads(line) for line in raw.getvalue().splitlines())
+        assert set(fast) == set(reference)
+        assert {k: v for k, v in fast.items() if k != "timestamp"} == {
+            k: v for k, v in reference.items() if k != "timestamp"
+        }
+        assert fast["worker"] == 3
+        iso = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"
+        assert re.match(iso, fast["timestamp"]) and re.match(iso, reference["timestamp"])
