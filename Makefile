@@ -37,10 +37,11 @@ demo: $(VENV)/.installed $(CONSUL)
 test: $(VENV)/.installed $(CONSUL)
 	CONSUL_BIN=$(abspath $(CONSUL)) $(PY) -m pytest -q
 
-# The benchmark (issue 3): Ferryman beside nginx and HAProxy, through a real Consul agent, on loopback.
-# Debian's wrk, nginx-light and haproxy are installed when missing; bench/run.py runs its own instances
-# of them (own configs, temp dirs, loopback ports) and never uses or touches their system services.
-BENCH_DEBS := wrk nginx-light haproxy
+# The benchmark (issue 3): Ferryman beside nginx, HAProxy and Caddy, through a real Consul agent, on loopback.
+# Debian's wrk, nginx-light, haproxy and caddy are installed when missing; bench/run.py runs its own
+# instances of them (own configs, temp dirs, loopback ports; Caddy with its admin API off and HOME/XDG_* in
+# the temp dir) and never uses or touches their system services.
+BENCH_DEBS := wrk nginx-light haproxy caddy
 
 bench: $(VENV)/.installed $(CONSUL)
 	@missing=""; \

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Ferryman beside nginx and HAProxy on this machine: one command, loopback only, bounded in time.
+"""Ferryman beside nginx, HAProxy and Caddy on this machine: one command, loopback only, bounded in time.
 
     .venv/bin/python bench/run.py [--quick] [--ferryman-workers N]      (or: make bench)
 
@@ -8,12 +8,16 @@ How it works. Everything runs on 127.0.0.1 ports picked free at start, from one 
     (64 KiB) as static files, so the backend is never the bottleneck;
   * a Consul dev agent, with both backends registered as one service tagged `urlprefix-/`;
   * the proxies under test, all with access logging on and the same forwarding headers:
-    Ferryman (routes from Consul, round robin over its pool), nginx (1 worker, upstream keepalive 64) and
-    HAProxy (1 thread, http-reuse always).
-wrk (1 thread) drives each proxy in turn: interleaved rounds with the order rotated (so drift in the machine
-hits every proxy alike), then one round at 8 connections for p99, then one round of 64 KiB bodies. The CPU
-time each proxy spent (utime+stime of its process and its children, from /proc) is read before and after
-each wrk run, so "requests per proxy CPU-second" says what a proxy costs whatever the other processes took.
+    Ferryman (routes from Consul, round robin over its pool), nginx (1 worker, upstream keepalive 64),
+    HAProxy (1 thread, http-reuse always) and Caddy (Go, GOMAXPROCS left at its default, round robin,
+    upstream keep-alive; its own Caddyfile, admin API off, HOME and XDG_* dirs in the temp dir);
+  * a second Ferryman with --workers 2 on its own ports, for issue 3's "with 2 workers, more req/s than
+    Caddy": it takes part in the 1 KiB / 64-connection rounds only, and is reported in its own table.
+wrk (1 thread) drives one proxy at a time (so never two Ferryman instances are under load together):
+interleaved rounds with the order rotated (so drift in the machine hits every proxy alike), then one round
+at 8 connections for p99, then one round of 64 KiB bodies. The CPU time each proxy spent (utime+stime of
+its process, all its threads, and its children, from /proc) is read before and after each wrk run, so
+"requests per proxy CPU-second" says what a proxy costs whatever the other processes took.
 
 Every process started here is stopped by its PID (SIGTERM, then SIGKILL after a grace period), on success,
 on error and on Ctrl-C. Every load run is bounded in duration and guarded by a timeout, and the whole
@@ -53,7 +57,9 @@ DEADLINE_S: Final = 285.0  # the whole run, set-up and tear-down included, stays
 SERVICE: Final = "bench-backend"
 PATH_1K: Final = "/1k"
 PATH_64K: Final = "/64k"
-PROXIES: Final = ("nginx", "haproxy", "ferryman")
+PROXIES: Final = ("nginx", "haproxy", "caddy", "ferryman")  # the main tables, in this order
+FERRY2: Final = "ferryman-2w"  # Ferryman with --workers 2: 1 KiB / c64 rounds only, its own table
+FERRY2_WORKERS: Final = 2
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
 # urllib must never go through a proxy from the environment: everything here is loopback.
@@ -376,32 +382,38 @@ def routes_ready(admin: int) -> bool:
     return False
 
 
-def start_ferryman(stack: Stack, consul: int, workers: int, notes: list[str]) -> tuple[Proc, int, int, int]:
-    """Ferryman with its access log on, sent to a file. Returns (proc, listen port, admin port, workers)."""
+def start_ferryman(stack: Stack, consul: int, workers: int, notes: list[str], name: str = "ferryman",
+                   fallback: bool = True) -> tuple[Proc, int, int, int]:
+    """Ferryman with its access log on, sent to <name>-access.log. Returns (proc, listen port, admin port,
+    workers). When --workers N > 1 is refused: with `fallback`, start 1 process instead (and say so in the
+    notes); without, raise BenchError."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
     listen, admin = free_ports(2)
-    stdout = stack.tmp / "ferryman-access.log"
+    stdout = stack.tmp / f"{name}-access.log"
     workers_flag = ferryman_has_workers_flag()
     if workers > 1 and not workers_flag:
         print(f"NOTE: `ferryman --help` lists no --workers; trying --workers {workers} all the same")
-    proc = stack.spawn("ferryman", ferryman_argv(listen, admin, consul, workers, workers_flag), stdout=stdout,
-                       env=env)
+    proc = stack.spawn(name, ferryman_argv(listen, admin, consul, workers, workers_flag), stdout=stdout, env=env)
     if workers > 1:
         time.sleep(1.5)
         if not proc.alive():
-            err = (stack.tmp / "ferryman.stderr").read_text(errors="replace").strip()
-            note = (f"Ferryman did not start with --workers {workers} (exit {proc.popen.returncode}: "
-                    f"{err.splitlines()[-1] if err else 'no message'}); measured with 1 process instead.")
+            err = proc.errlog.read_text(errors="replace").strip()
+            why = (f"Ferryman did not start with --workers {workers} (exit {proc.popen.returncode}: "
+                   f"{err.splitlines()[-1] if err else 'no message'})")
+            stack.stop(proc)
+            if not fallback:
+                raise BenchError(why)
+            note = f"{why}; measured with 1 process instead."
             print(f"NOTE: {note}")
             notes.append(note)
-            stack.stop(proc)
             workers = 1
             listen, admin = free_ports(2)
-            proc = stack.spawn("ferryman", ferryman_argv(listen, admin, consul, 1, workers_flag), stdout=stdout,
-                               env=env)
+            proc = stack.spawn(name, ferryman_argv(listen, admin, consul, 1, workers_flag), stdout=stdout, env=env)
     wait_until("Ferryman's /api/routes to list the route with 2 instances", lambda: routes_ready(admin), 45,
                [proc])
-    wait_until("Ferryman to answer through the route", lambda: answers(listen), 15, [proc])
+    # Several answers in a row, each on a new connection: with SO_REUSEPORT they land on different workers.
+    for _ in range(10 * workers):
+        wait_until(f"{name} to answer through the route", lambda: answers(listen), 15, [proc])
     return proc, listen, admin, workers
 
 
@@ -492,6 +504,54 @@ backend backends
     return proc, port
 
 
+def start_caddy(stack: Stack, backends: Sequence[int]) -> tuple[Proc, int]:
+    """Caddy from its own Caddyfile: plain HTTP on a loopback port, admin API off, round robin over both
+    backends with keep-alive, JSON access log to a file. Caddy itself sets X-Forwarded-For/-Proto/-Host
+    and keeps Host; X-Forwarded-Port and X-Real-IP are set here like the others do. HOME and the XDG dirs
+    point into the temp dir, so nothing (autosave.json, instance id, storage) is written anywhere else."""
+    port = free_port()
+    prefix = stack.tmp / "caddy"
+    prefix.mkdir()
+    upstreams = " ".join(f"127.0.0.1:{p}" for p in backends)
+    conf = prefix / "Caddyfile"
+    conf.write_text(f"""{{
+	admin off
+	auto_https off
+	grace_period 2s
+	storage file_system {prefix}/storage
+}}
+
+:{port} {{
+	bind 127.0.0.1
+	log {{
+		output file {prefix}/access.log {{
+			roll_disabled
+		}}
+		format json
+	}}
+	reverse_proxy {upstreams} {{
+		lb_policy round_robin
+		header_up X-Forwarded-Port {{http.request.port}}
+		header_up X-Real-IP {{http.request.remote.host}}
+		transport http {{
+			keepalive 120s
+			keepalive_idle_conns 128
+			keepalive_idle_conns_per_host 64
+		}}
+	}}
+}}
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CADDY", "XDG_"))}
+    env.update(HOME=str(prefix / "home"), XDG_DATA_HOME=str(prefix / "data"),
+               XDG_CONFIG_HOME=str(prefix / "config"), XDG_CACHE_HOME=str(prefix / "cache"))
+    for sub in ("home", "data", "config", "cache"):
+        (prefix / sub).mkdir()
+    caddy = shutil.which("caddy") or "/usr/bin/caddy"
+    proc = stack.spawn("caddy", [caddy, "run", "--config", str(conf), "--adapter", "caddyfile"], env=env)
+    wait_until("caddy", lambda: answers(port), 20, [proc])
+    return proc, port
+
+
 # --------------------------------------------------------------------------------------------------------
 # load
 
@@ -555,6 +615,7 @@ class Run:
     wrk: WrkResult
     cpu_s: float
     rss_peak_kib: int = 0
+    round_no: int = 0
 
     @property
     def per_cpu_s(self) -> float:
@@ -726,17 +787,29 @@ def machine(consul_bin: str) -> list[str]:
     nginx = _cmd_version(["nginx", "-v"], r"nginx/(\S+)")
     haproxy = _cmd_version(["haproxy", "-v"], r"version (\S+)")
     wrk = _cmd_version(["wrk", "-v"], r"wrk (\S+)")
+    caddy = _cmd_version(["caddy", "version"], r"v?(\d\S*)")
     consul = _cmd_version([consul_bin, "version"], r"v(\S+)")
     return [
         f"- machine: {usable} CPUs usable (nproc), {os.cpu_count()} online, {model}, {mem} RAM",
         f"- kernel: {platform.system()} {platform.release()} ({platform.machine()})",
         f"- software: Python {py[0]}, aiohttp {py[1]}, uvloop {py[2]}; nginx {nginx}, HAProxy {haproxy}, "
-        f"wrk {wrk}, Consul {consul}",
+        f"Caddy {caddy}, wrk {wrk}, Consul {consul}",
     ]
 
 
 def mib(kib: int) -> str:
     return f"{kib / 1024:.1f} MiB"
+
+
+def count_lines(path: Path) -> int:
+    n = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                n += chunk.count(b"\n")
+    except OSError:
+        pass
+    return n
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -745,7 +818,7 @@ def mib(kib: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 s runs, 1 round (about 40 s in all)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 s runs, 1 round (about 50 s in all)")
     ap.add_argument("--ferryman-workers", type=int, default=1, metavar="N",
                     help="Ferryman processes; passed as --workers N only when N > 1 (default 1)")
     ap.add_argument("--consul-bin", default=os.environ.get("CONSUL_BIN", str(VENV_BIN / "consul")))
@@ -757,10 +830,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     duration = 2 if args.quick else 8
     rounds = 1 if args.quick else 3
     warmup = 1 if args.quick else 2
-    for tool in ("wrk", "nginx", "haproxy"):
+    for tool in ("wrk", "nginx", "haproxy", "caddy"):
         if not shutil.which(tool):
-            print(f"bench: {tool} is not installed (make bench installs Debian's wrk, nginx-light, haproxy)",
-                  file=sys.stderr)
+            print(f"bench: {tool} is not installed (make bench installs Debian's wrk, nginx-light, haproxy, "
+                  "caddy)", file=sys.stderr)
             return 2
     if not Path(args.consul_bin).exists():
         print(f"bench: no Consul binary at {args.consul_bin} (make consul)", file=sys.stderr)
@@ -783,45 +856,64 @@ def main(argv: Sequence[str] | None = None) -> int:
             ferry, ferry_port, _, workers = start_ferryman(stack, consul_port, workers, notes)
             nginx, nginx_port = start_nginx_proxy(stack, backends)
             haproxy, haproxy_port = start_haproxy(stack, backends)
+            caddy, caddy_port = start_caddy(stack, backends)
             targets = {"nginx": (nginx, nginx_port), "haproxy": (haproxy, haproxy_port),
-                       "ferryman": (ferry, ferry_port)}
+                       "caddy": (caddy, caddy_port), "ferryman": (ferry, ferry_port)}
             print(f"bench: backends :{backends[0]} :{backends[1]} (nginx pid {backends_proc.pid}), "
                   f"Consul :{consul_port}, Ferryman :{ferry_port} (pid {ferry.pid}, {workers} worker(s)), "
-                  f"nginx :{nginx_port} (pid {nginx.pid}), HAProxy :{haproxy_port} (pid {haproxy.pid})")
+                  f"nginx :{nginx_port} (pid {nginx.pid}), HAProxy :{haproxy_port} (pid {haproxy.pid}), "
+                  f"Caddy :{caddy_port} (pid {caddy.pid})")
             time.sleep(1.0)
             mem["idle"] = tree_rss_kib(ferry.pid)
+            # The second Ferryman, --workers 2, own ports and access log. It only ever gets load in its own
+            # turn of the 1 KiB / c64 rounds, never at the same time as the first one.
+            try:
+                ferry2, ferry2_port, _, _ = start_ferryman(stack, consul_port, FERRY2_WORKERS, notes, name=FERRY2,
+                                                           fallback=False)
+            except BenchError as exc:
+                note = f"Ferryman with --workers {FERRY2_WORKERS} not measured: {exc}"
+                print(f"NOTE: {note}")
+                notes.append(note)
+            else:
+                targets[FERRY2] = (ferry2, ferry2_port)
+                print(f"bench: Ferryman --workers {FERRY2_WORKERS} :{ferry2_port} (pid {ferry2.pid})")
+                time.sleep(1.0)
+                mem["idle2"] = tree_rss_kib(ferry2.pid)
+            in_rounds = [*PROXIES, FERRY2] if FERRY2 in targets else list(PROXIES)
 
-            def go(scenario: str, name: str, path: str, conns: int, secs: int) -> None:
+            def go(scenario: str, name: str, path: str, conns: int, secs: int, round_no: int = 0) -> None:
                 if left() < secs + 25:
                     skipped.append(f"{scenario} / {name}")
-                    print(f"  {scenario:<8} {name:<9} skipped: the {DEADLINE_S:.0f} s deadline is near")
+                    print(f"  {scenario:<8} {name:<11} skipped: the {DEADLINE_S:.0f} s deadline is near")
                     return
                 proc, port = targets[name]
                 run = measure(name, proc, port, path, conns, secs)
+                run.round_no = round_no
                 runs.setdefault(scenario, []).append(run)
                 w = run.wrk
                 status = f"  errors {w.errors}" if w.errors else ""
                 if w.failure:
                     status = f"  FAILED: {w.failure}"
-                print(f"  {scenario:<8} {name:<9} {w.rps:>10,.0f} req/s  p50 {w.p50_ms:6.2f} ms  "
+                print(f"  {scenario:<8} {name:<11} {w.rps:>10,.0f} req/s  p50 {w.p50_ms:6.2f} ms  "
                       f"p99 {w.p99_ms:6.2f} ms  cpu {run.cpu_s:5.2f} s  {run.per_cpu_s:>8,.0f} req/cpu-s"
                       f"{status}")
 
             print(f"warm-up ({warmup} s each)")
-            for name in PROXIES:
+            for name in in_rounds:
                 go("warm-up", name, PATH_1K, 64, warmup)
             runs.pop("warm-up", None)
+            n = len(in_rounds)
             for r in range(rounds):
-                order = PROXIES[r % 3:] + PROXIES[: r % 3]
+                order = in_rounds[r % n:] + in_rounds[: r % n]
                 print(f"round {r + 1}/{rounds}: 1 KiB, 64 connections, {duration} s, "
                       f"order {', '.join(order)}")
                 for name in order:
-                    go("1k-c64", name, PATH_1K, 64, duration)
-            order = PROXIES[1:] + PROXIES[:1]
+                    go("1k-c64", name, PATH_1K, 64, duration, r + 1)
+            order = list(PROXIES[1:] + PROXIES[:1])
             print(f"1 KiB, 8 connections, {duration} s")
             for name in order:
                 go("1k-c8", name, PATH_1K, 8, duration)
-            order = PROXIES[2:] + PROXIES[:2]
+            order = list(PROXIES[2:] + PROXIES[:2])
             print(f"64 KiB, 64 connections, {duration} s")
             for name in order:
                 go("64k-c64", name, PATH_64K, 64, duration)
@@ -829,8 +921,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             mem["load_peak"] = max((r.rss_peak_kib for r in ferry_runs), default=0)
             time.sleep(0.5)
             mem["after"] = tree_rss_kib(ferry.pid)
-            log_lines = sum(1 for _ in open(stack.tmp / "ferryman-access.log", "rb"))
-            notes.append(f"Ferryman wrote {log_lines:,} log lines (JSON access log) during the run.")
+            logs = {"Ferryman": stack.tmp / "ferryman-access.log", "nginx": stack.tmp / "nginx" / "access.log",
+                    "HAProxy": stack.tmp / "haproxy" / "access.log", "Caddy": stack.tmp / "caddy" / "access.log"}
+            if FERRY2 in targets:
+                logs[f"Ferryman --workers {FERRY2_WORKERS}"] = stack.tmp / f"{FERRY2}-access.log"
+            counts = ", ".join(f"{who} {count_lines(path):,}" for who, path in logs.items())
+            notes.append(f"Access log lines written during the run (warm-up included): {counts}.")
     except BenchError as exc:
         print(f"bench: set-up failed: {exc}", file=sys.stderr)
         return 1
@@ -849,22 +945,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def caddy_vs_ferry2(c64: Sequence[Run]) -> tuple[Row, Row] | None:
+    caddy = Row("caddy", [r for r in c64 if r.proxy == "caddy"])
+    f2 = Row(FERRY2, [r for r in c64 if r.proxy == FERRY2])
+    if not caddy.runs or not f2.runs or caddy.rps != caddy.rps or f2.rps != f2.rps:
+        return None
+    return caddy, f2
+
+
+def ferry2_section(c64: Sequence[Run], rounds: int) -> list[str]:
+    """Ferryman --workers 2 next to Caddy, both from the same interleaved 1 KiB / c64 rounds."""
+    out = ["", f"## Ferryman with {FERRY2_WORKERS} workers beside Caddy (1 KiB, 64 connections, the same "
+           f"{rounds} interleaved round{'s' if rounds > 1 else ''})", ""]
+    pair = caddy_vs_ferry2(c64)
+    if pair is None:
+        return [*out, "Not measured (see the notes)."]
+    caddy, f2 = pair
+    head = ["proxy", "req/s", "p50", "p99", "proxy CPU s", "req per CPU-s", "req/s vs Caddy",
+            "req per CPU-s vs Caddy", "errors"]
+    out += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for label, row in (("caddy", caddy), (f"ferryman, {FERRY2_WORKERS} workers", f2)):
+        out.append("| " + " | ".join([
+            label, _num(row.rps), f"{_num(row.p50, '.2f')} ms", f"{_num(row.p99, '.2f')} ms",
+            _num(row.cpu, ".2f"), _num(row.per_cpu), _pct(row.rps, caddy.rps), _pct(row.per_cpu, caddy.per_cpu),
+            row.errors]) + " |")
+    by_round: dict[int, dict[str, Run]] = {}
+    for r in c64:
+        if r.proxy in ("caddy", FERRY2) and not r.wrk.failure:
+            by_round.setdefault(r.round_no, {})[r.proxy] = r
+    per_round = [f"{100 * d[FERRY2].wrk.rps / d['caddy'].wrk.rps:.0f}%" for _, d in sorted(by_round.items())
+                 if FERRY2 in d and "caddy" in d and d["caddy"].wrk.rps]
+    if per_round:
+        out += ["", f"Ferryman {FERRY2_WORKERS} workers' req/s as a share of Caddy's, round by round: "
+                f"{', '.join(per_round)}."]
+    return out
+
+
 def render(runs: dict[str, list[Run]], mem: dict[str, Any], workers: int, duration: int, rounds: int,
            notes: list[str], skipped: list[str], elapsed: float, consul_bin: str) -> str:
     def rows(scenario: str) -> list[Row]:
         return [Row(p, [r for r in runs.get(scenario, []) if r.proxy == p]) for p in PROXIES
                 if any(r.proxy == p for r in runs.get(scenario, []))]
 
-    out = ["# Ferryman beside nginx and HAProxy", ""]
+    out = ["# Ferryman beside nginx, HAProxy and Caddy", ""]
     out += machine(consul_bin)
     out += [
         f"- load: `wrk -t1 -c64 -d{duration}s --latency` (and `-c8`), one proxy at a time, loopback; "
         f"backends: 1 nginx (1 worker) with two ports, registered in a Consul dev agent as one service",
         f"- proxies: Ferryman {workers} worker(s) (routing from Consul, round robin, metrics, JSON access "
-        "log to a file), nginx 1 worker (upstream keepalive 64), HAProxy nbthread 1 (http-reuse always); "
-        "all three log each request and set X-Forwarded-For/-Proto/-Host/-Port and X-Real-IP",
-        "- proxy CPU s: utime+stime of the proxy's process tree (nginx: master and worker; Ferryman: "
-        "supervisor and workers) during one wrk run; "
+        "log to a file), nginx 1 worker (upstream keepalive 64), HAProxy nbthread 1 (http-reuse always), "
+        f"Caddy (Go, GOMAXPROCS = its default, {os.cpu_count()} here; round robin, upstream keep-alive 64 per "
+        "backend, JSON access log to a file); all four log each request and set X-Forwarded-For/-Proto/-Host/"
+        "-Port and X-Real-IP",
+        "- proxy CPU s: utime+stime of the proxy's process tree, all threads (nginx: master and worker; "
+        "Ferryman: supervisor and workers) during one wrk run; "
         "req per CPU-s: requests completed / proxy CPU s; median over the rounds",
         "",
         f"## 1 KiB responses, 64 connections (median of {rounds} interleaved "
@@ -872,6 +1006,7 @@ def render(runs: dict[str, list[Run]], mem: dict[str, Any], workers: int, durati
         "",
     ]
     out += table(rows("1k-c64"))
+    out += ferry2_section(runs.get("1k-c64", []), rounds)
     out += ["", "## 1 KiB responses, 8 connections (1 round)", ""]
     out += table(rows("1k-c8"), p99_delta=True)
     out += ["", "## 64 KiB responses, 64 connections (1 round)", ""]
@@ -887,6 +1022,11 @@ def render(runs: dict[str, list[Run]], mem: dict[str, Any], workers: int, durati
         out.append(f"- under load (peak sampled every 0.25 s): {mib(mem['load_peak'])}")
     if after:
         out.append(f"- idle again, after the runs: {mib(sum(after.values()))}")
+    idle2 = mem.get("idle2", {})
+    if idle2:
+        per = ", ".join(mib(v) for v in idle2.values())
+        out.append(f"- the --workers {FERRY2_WORKERS} instance, idle after start-up: {mib(sum(idle2.values()))} "
+                   f"in {len(idle2)} process(es) ({per})")
 
     out += ["", "## Against the targets of issue 3", "", "| target | measured | met |", "|---|---|---|"]
 
@@ -917,7 +1057,14 @@ def render(runs: dict[str, list[Run]], mem: dict[str, Any], workers: int, durati
         if mem.get("load_peak"):
             growth = mem["load_peak"] / sum(idle.values())
             out.append(f"| RSS under load ≤ 2 x idle | {growth:.2f} x | {verdict(growth <= 2.0)} |")
-    out.append("| with 2 workers, more req/s than Caddy | not measured here (no Caddy in this bench) | n/a |")
+    c2 = caddy_vs_ferry2(runs.get("1k-c64", []))
+    if c2 is None:
+        out.append(f"| with {FERRY2_WORKERS} workers, more req/s than Caddy (1 KiB, c64) | n/a (not measured) | n/a |")
+    else:
+        caddy_row, f2_row = c2
+        out.append(f"| with {FERRY2_WORKERS} workers, more req/s than Caddy (1 KiB, c64) | "
+                   f"{_num(f2_row.rps)} vs {_num(caddy_row.rps)} req/s ({_pct(f2_row.rps, caddy_row.rps)} of "
+                   f"Caddy) | {verdict(f2_row.rps > caddy_row.rps)} |")
 
     if skipped or notes:
         out += ["", "## Notes", ""]

@@ -218,6 +218,16 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def _load_text(key: str, text: str, where: str) -> Any:
+    """A value given as text (environment, flag): typed and validated, or ConfigError naming `where`."""
+    try:
+        value = _coerce_text(key, text)
+        _validate(key, value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: key {key!r}: {exc}") from exc
+    return value
+
+
 def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, text in environ.items():
@@ -226,28 +236,13 @@ def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
         key = name[len(ENV_PREFIX) :].lower()
         if key not in FIELD_TYPES:
             raise ConfigError(f"environment variable {name}: unknown key {key!r}")
-        try:
-            value = _coerce_text(key, text)
-            _validate(key, value)
-        except ValueError as exc:
-            raise ConfigError(f"environment variable {name}: key {key!r}: {exc}") from exc
-        out[key] = value
+        out[key] = _load_text(key, text, f"environment variable {name}")
     return out
 
 
 def load_flags(flags: Mapping[str, str | None]) -> dict[str, Any]:
     """Flags given as text by argparse ({key: text or None when not given})."""
-    out: dict[str, Any] = {}
-    for key, text in flags.items():
-        if text is None:
-            continue
-        try:
-            value = _coerce_text(key, text)
-            _validate(key, value)
-        except ValueError as exc:
-            raise ConfigError(f"flag {flag_name(key)}: key {key!r}: {exc}") from exc
-        out[key] = value
-    return out
+    return {key: _load_text(key, text, f"flag {flag_name(key)}") for key, text in flags.items() if text is not None}
 
 
 def load(

@@ -26,6 +26,16 @@ async def _start(backends: list[Backend], *names: str) -> list[Backend]:
     return started
 
 
+async def _routed(consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], service: str,
+                  *names: str, tags: list[str] | None = None) -> list[Backend]:
+    """Start backends, register them as `service` with route `/service` (or `tags`), wait until routed."""
+    started = await _start(backends, *names)
+    for backend in started:
+        await _register(consul, service, backend, tags or [f"urlprefix-/{service}"])
+    await asyncio.to_thread(ferryman.wait_instances, f"{service}@*any*/{service}", list(names))
+    return started
+
+
 async def _instance_of(http: aiohttp.ClientSession, url: str, **kwargs: object) -> str:
     async with http.get(url, **kwargs) as resp:  # type: ignore[arg-type]
         assert resp.status == 200, await resp.text()
@@ -36,10 +46,7 @@ class TestDiscoveryToTraffic:
     """Instances registered in Consul receive traffic; instances that leave or fail stop receiving it."""
 
     async def test_two_instances_share_traffic(self, consul, ferryman, backends, http):
-        a, b = await _start(backends, "share-a", "share-b")
-        for backend in (a, b):
-            await _register(consul, "share", backend, ["urlprefix-/share"])
-        await asyncio.to_thread(ferryman.wait_instances, "share@*any*/share", ["share-a", "share-b"])
+        await _routed(consul, ferryman, backends, "share", "share-a", "share-b")
 
         seen = Counter([await _instance_of(http, f"{ferryman.url}/share/x") for _ in range(20)])
 
@@ -48,10 +55,7 @@ class TestDiscoveryToTraffic:
     async def test_deregistered_instance_stops_receiving_within_1s_with_zero_failures(
         self, consul, ferryman, backends, http
     ):
-        a, b = await _start(backends, "dereg-a", "dereg-b")
-        for backend in (a, b):
-            await _register(consul, "dereg", backend, ["urlprefix-/dereg"])
-        await asyncio.to_thread(ferryman.wait_instances, "dereg@*any*/dereg", ["dereg-a", "dereg-b"])
+        a, b = await _routed(consul, ferryman, backends, "dereg", "dereg-a", "dereg-b")
 
         failures: list[str] = []
         stop = asyncio.Event()
@@ -81,10 +85,7 @@ class TestDiscoveryToTraffic:
     async def test_instance_with_critical_ttl_check_is_removed_and_returns_when_passing(
         self, consul, ferryman, backends, http
     ):
-        a, b = await _start(backends, "ttl-a", "ttl-b")
-        for backend in (a, b):
-            await _register(consul, "ttl", backend, ["urlprefix-/ttl"])
-        await asyncio.to_thread(ferryman.wait_instances, "ttl@*any*/ttl", ["ttl-a", "ttl-b"])
+        await _routed(consul, ferryman, backends, "ttl", "ttl-a", "ttl-b")
 
         await asyncio.to_thread(consul.ttl, "ttl-b", "critical")
         await asyncio.to_thread(ferryman.wait_instances, "ttl@*any*/ttl", ["ttl-a"], 1.0)
@@ -151,9 +152,7 @@ class TestStreaming:
     """Bodies stream through both ways, intact, without being buffered whole."""
 
     async def test_5_mib_upload_and_download_arrive_intact(self, consul, ferryman, backends, http):
-        (a,) = await _start(backends, "bulk-a")
-        await _register(consul, "bulk", a, ["urlprefix-/bulk"])
-        await asyncio.to_thread(ferryman.wait_instances, "bulk@*any*/bulk", ["bulk-a"])
+        await _routed(consul, ferryman, backends, "bulk", "bulk-a")
         size = 5 * 1024 * 1024
         payload = os.urandom(size)
 
@@ -176,9 +175,7 @@ class TestStreaming:
         assert hashlib.sha256(body).digest() == hashlib.sha256(pattern_bytes(0, size)).digest()
 
     async def test_response_chunks_reach_the_client_as_they_are_sent(self, consul, ferryman, backends, http):
-        (a,) = await _start(backends, "gate-a")
-        await _register(consul, "gate", a, ["urlprefix-/gate"])
-        await asyncio.to_thread(ferryman.wait_instances, "gate@*any*/gate", ["gate-a"])
+        (a,) = await _routed(consul, ferryman, backends, "gate", "gate-a")
 
         async with http.get(f"{ferryman.url}/gate/gated") as resp:
             # The backend sends "second" only after the gate opens, and the gate opens only once "first"
@@ -191,9 +188,7 @@ class TestStreaming:
     async def test_request_body_reaches_the_backend_before_the_client_finished_sending(
         self, consul, ferryman, backends, http
     ):
-        (a,) = await _start(backends, "upgate-a")
-        await _register(consul, "upgate", a, ["urlprefix-/upgate"])
-        await asyncio.to_thread(ferryman.wait_instances, "upgate@*any*/upgate", ["upgate-a"])
+        (a,) = await _routed(consul, ferryman, backends, "upgate", "upgate-a")
 
         async def body():
             yield b"x" * 1000
@@ -209,9 +204,7 @@ class TestHeaders:
     """Forwarding headers are set as a reverse proxy must; hop-by-hop headers never cross."""
 
     async def test_forwarded_headers_host_and_hop_by_hop(self, consul, ferryman, backends, http):
-        (a,) = await _start(backends, "hdr-a")
-        await _register(consul, "hdr", a, ["urlprefix-/hdr"])
-        await asyncio.to_thread(ferryman.wait_instances, "hdr@*any*/hdr", ["hdr-a"])
+        await _routed(consul, ferryman, backends, "hdr", "hdr-a")
 
         status, body, _ = await fetch(http, f"{ferryman.url}/hdr/echo", headers={
             "Host": "shop.example.com:8443",
@@ -238,9 +231,7 @@ class TestHeaders:
         assert "Accept-Encoding" not in headers, "the proxy must not invent headers the client did not send"
 
     async def test_response_hop_by_hop_removed_and_set_cookies_kept(self, consul, ferryman, backends, http):
-        (a,) = await _start(backends, "resp-a")
-        await _register(consul, "resp", a, ["urlprefix-/resp"])
-        await asyncio.to_thread(ferryman.wait_instances, "resp@*any*/resp", ["resp-a"])
+        await _routed(consul, ferryman, backends, "resp", "resp-a")
 
         status, _, headers = await fetch(http, f"{ferryman.url}/resp/hopbyhop")
         assert status == 200
@@ -250,9 +241,7 @@ class TestHeaders:
         assert headers["X-End-To-End"] == "kept"
 
     async def test_strip_option_removes_the_prefix_upstream(self, consul, ferryman, backends, http):
-        (a,) = await _start(backends, "strip-a")
-        await _register(consul, "strip", a, ["urlprefix-/strip strip=/strip"])
-        await asyncio.to_thread(ferryman.wait_instances, "strip@*any*/strip", ["strip-a"])
+        await _routed(consul, ferryman, backends, "strip", "strip-a", tags=["urlprefix-/strip strip=/strip"])
 
         status, body, _ = await fetch(http, f"{ferryman.url}/strip/users/7?full=1")
         assert status == 200
@@ -268,9 +257,7 @@ class TestErrorAnswers:
         assert b"no route" in body
 
     async def test_route_without_healthy_instance_is_503(self, consul, ferryman, backends, http):
-        (a,) = await _start(backends, "sick-a")
-        await _register(consul, "sick", a, ["urlprefix-/sick"])
-        await asyncio.to_thread(ferryman.wait_instances, "sick@*any*/sick", ["sick-a"])
+        await _routed(consul, ferryman, backends, "sick", "sick-a")
         await asyncio.to_thread(consul.ttl, "sick-a", "critical")
         await asyncio.to_thread(ferryman.wait_instances, "sick@*any*/sick", [])
 
@@ -301,9 +288,7 @@ class TestErrorAnswers:
         assert b"cannot connect" in body
 
     async def test_upstream_read_timeout_is_504(self, consul, ferryman, backends, http):
-        (a,) = await _start(backends, "slow-a")
-        await _register(consul, "slow", a, ["urlprefix-/slow"])
-        await asyncio.to_thread(ferryman.wait_instances, "slow@*any*/slow", ["slow-a"])
+        await _routed(consul, ferryman, backends, "slow", "slow-a")
 
         status, body, _ = await fetch(http, f"{ferryman.url}/slow/slow?delay=3")  # read timeout is 1 s
         assert status == 504
@@ -316,9 +301,7 @@ class TestAdmin:
     """The admin listener exposes metrics, liveness and the routing table."""
 
     async def test_metrics_count_requests_by_service_and_code(self, consul, ferryman, backends, http):
-        (a,) = await _start(backends, "metric-a")
-        await _register(consul, "metric", a, ["urlprefix-/metric"])
-        await asyncio.to_thread(ferryman.wait_instances, "metric@*any*/metric", ["metric-a"])
+        await _routed(consul, ferryman, backends, "metric", "metric-a")
         for _ in range(3):
             await fetch(http, f"{ferryman.url}/metric/")
 
