@@ -70,3 +70,18 @@ class UpstreamConnectTimeout(UpstreamTimeout):
 class ProxyInternalError(ProxyError):
     status = 500
     reason = "internal_error"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    reason = "client_body_timeout"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    reason = "method_not_allowed"
+
+
+class NotImplementedCoding(ProxyError):
+    status = 501
+    reason = "transfer_coding_not_implemented"

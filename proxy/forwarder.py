@@ -27,6 +27,7 @@ FRAMING_CHUNKED: Final = 2
 FRAMING_EOF: Final = 3  # neither: the body ends when the upstream closes (RFC 9112 §6.3 rule 8)
 
 PoolKey = tuple[str, str, int, bool]
+MAX_RESPONSE_HEAD: Final = 256 * 1024
 
 
 class ResponseSink(Protocol):
@@ -43,8 +44,25 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "_head_request", "_headers", "_headers_done", "_interim", "_reason", "_sink", "_skip_rest", "closed",
-        "framing", "idle_since", "key", "parser", "pool", "received", "transport",
+        "_extra",
+        "_head_bytes",
+        "_head_request",
+        "_headers",
+        "_headers_done",
+        "_interim",
+        "_pending",
+        "_reason",
+        "_sink",
+        "_skip_rest",
+        "closed",
+        "framing",
+        "idle_since",
+        "key",
+        "parser",
+        "pool",
+        "reading_paused",
+        "received",
+        "transport",
     )
 
     def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
@@ -63,6 +81,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.received = False
         self.closed = False
         self.idle_since = 0.0
+        self.reading_paused = False
+        # The end of a response is acted on after the read that held it was parsed (never inside llhttp's
+        # callback), so bytes beyond the response's framing cannot be parsed as the next exchange's answer.
+        self._pending: tuple[ResponseSink, bool] | None = None
+        self._extra = False
+        self._head_bytes = 0
 
     # --- driven by the request relay ---
     def send(self, head: bytes, sink: ResponseSink, *, head_request: bool) -> None:
@@ -79,6 +103,16 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
 
     def detach(self) -> None:
         """The request gave up on this connection (client gone, timeout): it cannot be reused."""
@@ -98,14 +132,29 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.received = True
         sink = self._sink
+        if not self._headers_done:
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-            # What one read produced (often head, body and end at once) goes to the client in one write.
-            sink.flush()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamProtocolError("upstream switched protocols unasked"))
+            return
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
+            if self._pending is None:
+                self._fail(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
+                return
+            self._extra = True  # garbage after a complete response: the answer stands, the connection goes
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            done_sink, keep_alive = pending
+            done_sink.on_complete(keep_alive and not self._extra)
+            return
+        if not self._headers_done and self._head_bytes > MAX_RESPONSE_HEAD:
+            self._fail(UpstreamProtocolError(f"response head larger than {MAX_RESPONSE_HEAD} bytes"))
+            return
+        # What one read produced (often head, body and end at once) goes to the client in one write.
+        sink.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -134,7 +183,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- llhttp callbacks ---
     def on_message_begin(self) -> None:
+        if self._pending is not None:
+            self._extra = True  # a second response in the same read: the upstream broke framing
         self._headers_done = False
+        self._head_bytes = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -193,7 +245,8 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self._sink
         self._sink = None
         if sink is not None:
-            sink.on_complete(keep_alive and self.framing != FRAMING_EOF)
+            self._extra = False
+            self._pending = (sink, keep_alive and self.framing != FRAMING_EOF)
 
     def _fail(self, error: ProxyError) -> None:
         sink = self._sink
@@ -229,6 +282,7 @@ class UpstreamPool:
         return await self._connect(key)
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        conn.resume_reading()  # a pooled connection always reads, so a close by the upstream is noticed
         if not reusable or conn.closed or conn.transport is None:
             if conn.transport is not None and not conn.closed:
                 conn.transport.close()

@@ -22,16 +22,19 @@ HOP_BY_HOP: Final = frozenset(
 )
 # Describe this hop, so an incoming value is replaced: a client cannot claim https or another host.
 X_FORWARDED_FOR: Final = b"x-forwarded-for"
-_THIS_HOP: Final = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip"})
+_THIS_HOP: Final = frozenset(
+    {b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip", b"forwarded"}
+)
 # The proxy answers `Expect: 100-continue` itself once it has an upstream for the request (RFC 9110 §10.1.1).
 _EXPECT: Final = b"expect"
 _CRLF: Final = b"\r\n"
 _SEP: Final = b": "
 
 STATUS_REASONS: Final = {
-    400: b"Bad Request", 404: b"Not Found", 413: b"Content Too Large", 414: b"URI Too Long",
-    431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
-    503: b"Service Unavailable", 504: b"Gateway Timeout",
+    400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+    413: b"Content Too Large", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout",
 }
 
 
@@ -112,10 +115,25 @@ def upstream_request_head(
     out += (b"X-Forwarded-Port: ", port, _CRLF)
     if client_ip:
         out += (b"X-Real-IP: ", client_ip, _CRLF)
+    out += (b"Forwarded: ", forwarded_element(client_ip, host, proto), _CRLF)
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     out.append(_CRLF)
     return b"".join(out)
+
+
+def forwarded_element(client_ip: bytes, host: bytes | None, proto: bytes) -> bytes:
+    """This hop as one RFC 7239 element. An incoming Forwarded header is replaced, not extended: frameworks
+    read its first element, which a client could otherwise write (`proto=https`); trusted proxies that may
+    extend it come with the trusted_proxies setting."""
+    parts = []
+    if client_ip:
+        # §6: an IPv6 address is bracketed and, containing ':', quoted.
+        parts.append(b'for="[' + client_ip + b']"' if b":" in client_ip else b"for=" + client_ip)
+    if host:
+        parts.append(b'host="' + host.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"')
+    parts.append(b"proto=" + proto)
+    return b";".join(parts)
 
 
 def client_response_head(

@@ -51,8 +51,12 @@ class LineBuffer:
             data = b"".join(self._parts)
             self._parts.clear()
             self._size = 0
-            self._file.write(data)
-            self._file.flush()
+            try:
+                self._file.write(data)
+                self._file.flush()
+            except (OSError, ValueError):
+                # stdout gone (EPIPE, closed): losing log lines must not break the request that logged them.
+                pass
 
 
 class BufferedBytesLogger:

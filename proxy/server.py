@@ -33,10 +33,13 @@ from discovery.model import Endpoint
 from .errors import (
     BadRequest,
     HeaderTooLarge,
+    MethodNotAllowed,
     NoHealthyEndpoint,
     NoRoute,
+    NotImplementedCoding,
     ProxyError,
     ProxyInternalError,
+    RequestTimeout,
     UpstreamConnectError,
     UpstreamTimeout,
     UriTooLong,
@@ -55,7 +58,9 @@ log = structlog.get_logger("ferryman.proxy")
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 MAX_TARGET_BYTES: Final = 8 * 1024
 MAX_HEADER_BYTES: Final = 64 * 1024
+MAX_HEAD_BYTES: Final = MAX_TARGET_BYTES + MAX_HEADER_BYTES + 1024
 MAX_BUFFERED_BODY: Final = 256 * 1024
+MAX_PIPELINED: Final = 32  # queued requests on one connection before reading pauses
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
@@ -239,18 +244,20 @@ class Exchange:
         self.conn = conn
         self.reused = reused
         self.pool.acquire(endpoint)
+        if client.writing_paused:
+            conn.pause_reading()  # the client is still behind on an earlier answer on this connection
+        self._arm_timer()
         conn.send(upstream_request_head(
             req.method.encode(), self.target, req.headers, client_ip=client.peer, proto=cfg.proto,
             port=cfg.listen_port, default_host=endpoint.authority.encode(), chunked=req.body_kind == BODY_CHUNKED,
         ), self, head_request=self.head_request)
         if req.body_kind != BODY_NONE:
-            client.attach_body(req, self)  # arms the read timeout once the body is complete (end_body)
-        else:
-            self._arm_timer()
+            client.attach_body(req, self)
 
     def _arm_timer(self) -> None:
-        """The upstream's silence counts from when it has the whole request (a slow upload is not its fault)."""
-        if not self.armed and not self.over:
+        """(Re)start the inactivity clock. While the request body flows, the client's progress counts too; the
+        upstream's silence counts from when it has the whole request (a slow upload is not its fault)."""
+        if not self.over:
             self.armed = True
             self.last_activity = self.loop.time()
 
@@ -296,6 +303,7 @@ class Exchange:
         if conn is None:
             return
         self.req.body_sent += len(data)
+        self.last_activity = self.loop.time()
         if self.req.body_kind == BODY_CHUNKED:
             conn.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
@@ -326,9 +334,11 @@ class Exchange:
             self._answer(err)
 
     def upstream_pause_writing(self) -> None:
+        self.client.paused_by_upstream = True
         self.client.pause_reading()
 
     def upstream_resume_writing(self) -> None:
+        self.client.paused_by_upstream = False
         self.client.resume_reading()
 
     # --- response, upstream -> client (ResponseSink) ---
@@ -341,8 +351,10 @@ class Exchange:
                 keep_alive = False  # HTTP/1.0 has no chunked coding: the end of the body is the end of the connection
             else:
                 self.chunked_out = True
-        if not req.body_done:
-            keep_alive = False  # the upstream answered before the client finished sending: do not read on
+        if not req.body_done or client_stopping(self.client):
+            # The upstream answered before the client finished sending (do not read on), or the server is
+            # shutting down: say so in this answer rather than race the client's next request with a close.
+            keep_alive = False
         req.keep_alive = keep_alive
         self.status = status
         self.head_sent = True
@@ -393,7 +405,13 @@ class Exchange:
         if self.conn is not None:
             self.conn.detach()
         authority = self.endpoint.authority if self.endpoint else "upstream"
-        if self.head_sent:
+        if not self.req.body_done and not self.head_sent:
+            self.req.keep_alive = False
+            if self.client.paused_by_upstream:
+                self._broken(UpstreamTimeout(f"{authority} stopped reading the request body"))
+            else:
+                self._broken(RequestTimeout("the client stopped sending the request body"))
+        elif self.head_sent:
             self._broken(UpstreamTimeout(f"{authority} stalled while sending the body"))
         else:
             self._broken(UpstreamTimeout(f"{authority} did not answer in time"))
@@ -402,7 +420,7 @@ class Exchange:
         self.flush()
         endpoint = self.endpoint
         if not self.head_sent and endpoint is not None:
-            if isinstance(error, UpstreamTimeout):
+            if isinstance(error, UpstreamTimeout | RequestTimeout):
                 # Timeouts are not retried: the upstream may be working on it, and a retry doubles the load.
                 self.stale_retry_left = False
                 self.attempts = 0
@@ -438,20 +456,27 @@ class Exchange:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_current_done",
         "_deferred_error",
+        "_head_bytes",
         "_header_bytes",
         "_idle_since",
+        "_in_head",
+        "_in_loop",
         "_queue",
         "_reading_paused",
         "_req",
         "_serving",
+        "_upgraded",
         "cfg",
         "closing",
         "exchange",
         "parser",
+        "paused_by_upstream",
         "peer",
         "server",
         "transport",
+        "writing_paused",
     )
 
     def __init__(self, cfg: Settings, server: ProxyServer) -> None:
@@ -470,6 +495,13 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False
         # A parse error behind requests still being answered: sent, in order, once they are done.
         self._deferred_error: ProxyError | None = None
+        self._upgraded = False
+        self._in_head = False  # between a request's first byte and the end of its head
+        self._head_bytes = 0
+        self.writing_paused = False  # the client reads slower than we write: upstream reading stays paused
+        self.paused_by_upstream = False  # reading paused because the upstream does not take the body
+        self._in_loop = False
+        self._current_done = False
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -482,17 +514,25 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._deferred_error is not None:
             return  # the stream is broken; nothing after the bad request is read
+        if self._upgraded:
+            return  # after an Upgrade or CONNECT head the bytes are not HTTP: the connection closes after it
+        if self._in_head:
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            # An Upgrade (WebSocket) request: Upgrade is hop-by-hop and not forwarded, so the request is
-            # answered as plain HTTP; bytes after its head are parsed as the next request.
-            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-            if offset < len(data):
-                self.data_received(data[offset:])
+        except httptools.HttpParserUpgrade:
+            # An Upgrade (WebSocket) or CONNECT request: Upgrade is hop-by-hop and not forwarded, so it is
+            # answered as plain HTTP and the connection then closes; what follows its head is never parsed
+            # as requests (it may be another protocol, or a body smuggled past a head that claimed none).
+            self._upgraded = True
+            self.pause_reading()
         except httptools.HttpParserError as exc:
             cause = exc.__cause__ or exc.__context__
             self._protocol_error(cause if isinstance(cause, ProxyError) else BadRequest(f"malformed request: {exc}"))
+            return
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+            # One endless header line never completes a field, so the per-field check would never run.
+            self._protocol_error(HeaderTooLarge(f"request head larger than {MAX_HEAD_BYTES} bytes"))
             return
         # Requests start after the whole read was parsed, so a request whose head parsed but whose framing
         # llhttp rejects a moment later (Transfer-Encoding not ending in chunked) never reaches an upstream.
@@ -510,20 +550,23 @@ class ClientConnection(asyncio.Protocol):
         self._queue.clear()
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         exchange = self.exchange
-        if exchange is not None and exchange.conn is not None and exchange.conn.transport is not None:
-            exchange.conn.transport.pause_reading()
+        if exchange is not None and exchange.conn is not None:
+            exchange.conn.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         exchange = self.exchange
-        conn = exchange.conn if exchange is not None else None
-        if conn is not None and conn.transport is not None and not conn.closed:
-            conn.transport.resume_reading()
+        if exchange is not None and exchange.conn is not None:
+            exchange.conn.resume_reading()
 
     # --- llhttp callbacks ---
     def on_message_begin(self) -> None:
         self._req = Request()
         self._header_bytes = 0
+        self._head_bytes = 0
+        self._in_head = True
 
     def on_url(self, url: bytes) -> None:
         req = self._req
@@ -535,6 +578,10 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._req
         assert req is not None
+        if not self._in_head:
+            # A chunked body's trailer fields (RFC 9110 §6.5): never merged into the head, where they could add
+            # a second Host or forge headers after the checks ran. They are not forwarded.
+            return
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > MAX_HEADER_BYTES:
             raise HeaderTooLarge(f"request header fields larger than {MAX_HEADER_BYTES} bytes")
@@ -544,10 +591,12 @@ class ClientConnection(asyncio.Protocol):
         req = self._req
         assert req is not None
         parser = self.parser
+        self._in_head = False
         req.method = parser.get_method().decode("ascii", "replace")
         req.http10 = parser.get_http_version() == "1.0"
         req.keep_alive = parser.should_keep_alive()
         hosts = 0
+        coding = b""
         for name, value in req.headers:
             lower = name.lower()
             if lower == b"host":
@@ -558,16 +607,50 @@ class ClientConnection(asyncio.Protocol):
                     req.body_kind = BODY_LENGTH
             elif lower == b"transfer-encoding":
                 req.body_kind = BODY_CHUNKED
+                coding = value.strip().lower()
             elif lower == b"expect" and value.lower() == b"100-continue":
                 req.expect_continue = True
         if hosts > 1:
             # RFC 9112 §3.2: more than one Host is a 400; routing on one while the upstream reads another is
             # how requests reach hosts they were not routed to.
             req.bad = BadRequest("more than one Host header")
+        elif coding and coding != b"chunked":
+            # llhttp accepted `gzip, chunked`; relaying it would drop the gzip coding without a word (nginx: 501).
+            req.bad = NotImplementedCoding(f"transfer coding {coding.decode('latin-1')!r} is not supported")
+            req.keep_alive = False
+        if req.method == "CONNECT":
+            req.bad = MethodNotAllowed("CONNECT is not supported: this is a reverse proxy")
+        if parser.should_upgrade():
+            # llhttp reads no body after an upgrade head, whatever Content-Length says: a head that claims one
+            # would have the next bytes read as its body upstream (request smuggling).
+            req.keep_alive = False
+            if req.body_kind != BODY_NONE and req.bad is None:
+                req.bad = BadRequest("an upgrade request must not have a body")
+        if req.target[:1] != b"/" and req.target != b"*" and req.bad is None and req.method != "CONNECT":
+            self._absolute_form(req)
         if req.body_kind == BODY_NONE:
             req.body_done = True
         self._cancel_idle_timer()  # the head arrived in time; the request now runs under upstream timeouts
         self._queue.append(req)
+        if len(self._queue) >= MAX_PIPELINED:
+            self.pause_reading()  # resumed once the queue has drained
+
+    def _absolute_form(self, req: Request) -> None:
+        """RFC 9112 §3.2.2: with an absolute-form target the URI's authority is the host; it replaces Host for
+        routing and upstream, and the upstream gets the origin form. Anything else is a 400."""
+        scheme, sep, rest = req.target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            req.bad = BadRequest("request target must be a path or an absolute http(s) URI")
+            return
+        end = next((i for i, c in enumerate(rest) if c in b"/?#"), len(rest))
+        authority, path = rest[:end].rpartition(b"@")[2], rest[end:]
+        if not authority:
+            req.bad = BadRequest("absolute request target without a host")
+            return
+        req.target = path if path.startswith(b"/") else b"/" + path
+        req.host = authority
+        req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
+        req.headers.append((b"Host", authority))
 
     def on_body(self, data: bytes) -> None:
         req = self._req
@@ -606,24 +689,40 @@ class ClientConnection(asyncio.Protocol):
 
     # --- serving requests, one at a time per connection ---
     def _serve_next(self) -> None:
-        if not self._queue and self._deferred_error is not None and not self.closing:
-            err = self._deferred_error
-            self.write(error_response(err.status, err.message, keep_alive=False))
-            self._close()
-        if not self._queue or self.closing:
-            self._serving = False
+        """Start queued requests in order. A loop, not recursion: requests answered at once (404s in a
+        pipeline) would otherwise nest one call per request."""
+        if self._in_loop:
             return
-        self._serving = True
-        self._start(self._queue.popleft())
+        self._in_loop = True
+        try:
+            while True:
+                if self.closing:
+                    self._serving = False
+                    return
+                if not self._queue:
+                    self._serving = False
+                    err = self._deferred_error
+                    if err is not None:
+                        self.write(error_response(err.status, err.message, keep_alive=False))
+                        self._close()
+                    return
+                self._serving = True
+                self._current_done = False
+                self._start(self._queue.popleft())
+                if not self._current_done:
+                    return  # in progress; finished() takes it from there
+        finally:
+            self._in_loop = False
 
     def finished(self, req: Request) -> None:
         """The request's answer is complete: go on with the next request, or wait, or close."""
         self.exchange = None
+        self._current_done = True
         if not req.keep_alive or (self.server.stopping and not self._queue) or self.closing:
             self._close()
             return
         if self._queue or self._deferred_error is not None:
-            self._serve_next()
+            self._serve_next()  # a no-op inside the loop, which goes on by itself
             return
         self._serving = False
         self.resume_reading()
@@ -654,7 +753,7 @@ class ClientConnection(asyncio.Protocol):
     def answer_error(self, req: Request, err: ProxyError, service: str, started: float, path: str) -> None:
         log.warning("proxy_error", status=err.status, reason=err.reason, error=err.message,
                     service=service, upstream=err.upstream, method=req.method, path=path)
-        if not req.body_done:
+        if not req.body_done or self.server.stopping:
             req.keep_alive = False  # the unread rest of the body would be taken for the next request
         self.write(error_response(err.status, err.message, keep_alive=req.keep_alive, http10=req.http10))
         self.record(req, service, err.status, started, err.upstream, 0, path)
@@ -733,6 +832,10 @@ class ClientConnection(asyncio.Protocol):
             self._close()
 
 
+def client_stopping(client: ClientConnection) -> bool:
+    return client.server.stopping
+
+
 def reset_connection(transport: asyncio.Transport | None) -> None:
     """Close with a TCP reset (SO_LINGER 0): a plain close sends FIN, which a client reading a close-delimited
     body takes for a complete response."""
@@ -772,7 +875,10 @@ class ProxyServer:
             await asyncio.sleep(tick)
             now = cfg.loop.time()
             for conn in list(self.connections):
-                conn.sweep(now)
+                try:
+                    conn.sweep(now)
+                except Exception:  # one broken connection must not end timeouts for all the others
+                    log.exception("timeout_sweep_failed", client=conn.peer.decode())
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True
