@@ -324,6 +324,26 @@ class TestHopDescription:
         assert b"connection" not in to_upstream((b"Host", b"h"), (b"Connection", b"close")).names()
 
 
+class TestForwarded:
+    """RFC 7239 Forwarded describes this hop and replaces whatever the client sent (it could claim https)."""
+
+    @pytest.mark.parametrize(
+        ("client_ip", "host", "expected"),
+        [
+            (b"192.0.2.7", b"shop.example.com:8080", b'for=192.0.2.7;host="shop.example.com:8080";proto=http'),
+            (b"2001:db8::1", b"shop.example.com", b'for="[2001:db8::1]";host="shop.example.com";proto=http'),
+            (b"192.0.2.7", None, b"for=192.0.2.7;proto=http"),
+            (b"192.0.2.7", b'a"b', b'for=192.0.2.7;host="a\\"b";proto=http'),
+        ],
+        ids=["ipv4-with-port", "ipv6-bracketed-and-quoted", "no-host", "quote-escaped"],
+    )
+    def test_element_for_this_hop(self, client_ip: bytes, host: bytes | None, expected: bytes) -> None:
+        headers = [(b"Host", host)] if host is not None else []
+        headers.append((b"Forwarded", b"for=1.2.3.4;proto=https"))
+        out = to_upstream(*headers, client_ip=client_ip, default_host=b"10.0.0.5:80")
+        assert out.values(b"Forwarded") == [expected]
+
+
 CONNECTION_FOR_CLIENT = [
     (True, False, []),
     (False, False, [b"close"]),
