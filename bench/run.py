@@ -507,38 +507,39 @@ backend backends
 def start_caddy(stack: Stack, backends: Sequence[int]) -> tuple[Proc, int]:
     """Caddy from its own Caddyfile: plain HTTP on a loopback port, admin API off, round robin over both
     backends with keep-alive, JSON access log to a file. Caddy itself sets X-Forwarded-For/-Proto/-Host
-    and keeps Host; X-Forwarded-Port and X-Real-IP are set here like the others do. HOME and the XDG dirs
-    point into the temp dir, so nothing (autosave.json, instance id, storage) is written anywhere else."""
+    and keeps Host; X-Forwarded-Port (the listen port, written in: Caddy 2.6 has no placeholder for the
+    local port) and X-Real-IP are set here like the others do. HOME and the XDG dirs point into the temp
+    dir, so nothing (autosave.json, instance id, storage) is written anywhere else."""
     port = free_port()
     prefix = stack.tmp / "caddy"
     prefix.mkdir()
     upstreams = " ".join(f"127.0.0.1:{p}" for p in backends)
     conf = prefix / "Caddyfile"
     conf.write_text(f"""{{
-	admin off
-	auto_https off
-	grace_period 2s
-	storage file_system {prefix}/storage
+  admin off
+  auto_https off
+  grace_period 2s
+  storage file_system {prefix}/storage
 }}
 
 :{port} {{
-	bind 127.0.0.1
-	log {{
-		output file {prefix}/access.log {{
-			roll_disabled
-		}}
-		format json
-	}}
-	reverse_proxy {upstreams} {{
-		lb_policy round_robin
-		header_up X-Forwarded-Port {{http.request.port}}
-		header_up X-Real-IP {{http.request.remote.host}}
-		transport http {{
-			keepalive 120s
-			keepalive_idle_conns 128
-			keepalive_idle_conns_per_host 64
-		}}
-	}}
+  bind 127.0.0.1
+  log {{
+    output file {prefix}/access.log {{
+      roll_disabled
+    }}
+    format json
+  }}
+  reverse_proxy {upstreams} {{
+    lb_policy round_robin
+    header_up X-Forwarded-Port {port}
+    header_up X-Real-IP {{http.request.remote.host}}
+    transport http {{
+      keepalive 120s
+      keepalive_idle_conns 128
+      keepalive_idle_conns_per_host 64
+    }}
+  }}
 }}
 """)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CADDY", "XDG_"))}
