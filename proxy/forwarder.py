@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from typing import Final, Protocol
 
 import httptools
@@ -291,7 +292,7 @@ class UpstreamPool:
         if len(idle) >= self.keepalive:
             conn.transport.close()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = time.monotonic()  # the event loop's clock (asyncio and uvloop use the monotonic clock)
         idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:

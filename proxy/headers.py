@@ -56,8 +56,15 @@ def connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
     return frozenset(names)
 
 
+# Connection options that name no end-to-end header (keep-alive names the hop-by-hop Keep-Alive header).
+_NAMES_NOTHING_KEPT: Final = HOP_BY_HOP | {b"close"}
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+
+
 def _drop_named(pairs: list[Header], connection_values: list[bytes]) -> list[Header]:
-    named = connection_tokens((b"connection", v) for v in connection_values)
+    if len(connection_values) == 1 and connection_values[0] in _PLAIN_CONNECTION:
+        return pairs  # the usual `Connection: keep-alive`: nothing to drop, nothing to parse
+    named = connection_tokens((b"connection", v) for v in connection_values) - _NAMES_NOTHING_KEPT
     return [(n, v) for n, v in pairs if n.lower() not in named] if named else pairs
 
 
@@ -131,7 +138,9 @@ def forwarded_element(client_ip: bytes, host: bytes | None, proto: bytes) -> byt
         # §6: an IPv6 address is bracketed and, containing ':', quoted.
         parts.append(b'for="[' + client_ip + b']"' if b":" in client_ip else b"for=" + client_ip)
     if host:
-        parts.append(b'host="' + host.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"')
+        if b'"' in host or b"\\" in host:
+            host = host.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+        parts.append(b'host="' + host + b'"')
     parts.append(b"proto=" + proto)
     return b";".join(parts)
 

@@ -474,6 +474,7 @@ class ClientConnection(asyncio.Protocol):
         "parser",
         "paused_by_upstream",
         "peer",
+        "peer_text",
         "server",
         "transport",
         "writing_paused",
@@ -485,6 +486,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer = b""
+        self.peer_text = ""
         self._req: Request | None = None
         self._queue: collections.deque[Request] = collections.deque()
         self._serving = False
@@ -507,7 +509,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.peer = peer[0].encode() if isinstance(peer, tuple) else b""
+        self.peer_text = peer[0] if isinstance(peer, tuple) else ""
+        self.peer = self.peer_text.encode()
         self.server.connections.add(self)
         self._arm_idle_timer()
 
@@ -743,7 +746,9 @@ class ClientConnection(asyncio.Protocol):
             pool = self.cfg.pools.get(service)
             if pool is None or not pool.endpoints:
                 raise NoHealthyEndpoint(f"no healthy instance of service {service!r}")
-            target = route.upstream_target(req.target.decode("latin-1")).encode("latin-1")
+            target = req.target if route.strip is None else (
+                route.upstream_target(req.target.decode("latin-1")).encode("latin-1")
+            )
         except ProxyError as err:
             self.answer_error(req, err, service, started, path)
             return
@@ -766,7 +771,7 @@ class ClientConnection(asyncio.Protocol):
         cfg.metrics.observe_request(service, req.method, status, elapsed)
         if cfg.access_log is not None:
             cfg.access_log(req.method, req.host.decode("latin-1"), path, status, service, upstream,
-                           round(elapsed * 1000, 3), sent, self.peer.decode())
+                           round(elapsed * 1000, 3), sent, self.peer_text)
 
     def attach_body(self, req: Request, exchange: Exchange) -> None:
         """From now on the request body goes to the upstream as it arrives; what waited in the buffer first."""

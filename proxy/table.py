@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Final
 
 from discovery.model import Problem, RouteSpec, Snapshot
 
@@ -80,6 +81,7 @@ def _path_prefixes(path: str) -> Iterable[str]:
 
 
 PathIndex = Mapping[str, Route]
+_MEMO_SIZE: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,10 @@ class RoutingTable:
     wildcard: Mapping[str, PathIndex] = field(default_factory=lambda: MappingProxyType({}))
     any_host: PathIndex = field(default_factory=lambda: MappingProxyType({}))
     conflicts: tuple[Problem, ...] = ()
+    # Memo of lookups (the table never changes, so an answer never goes stale); bounded, cleared when full.
+    _memo: dict[tuple[str | None, str], Route | None] = field(
+        default_factory=dict, compare=False, repr=False, hash=False
+    )
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, generation: int = 0) -> RoutingTable:
@@ -129,6 +135,17 @@ class RoutingTable:
 
     def lookup(self, host: str | None, path: str) -> Route | None:
         """The route for a request; `host` is the raw Host header, `path` the request path without query."""
+        memo = self._memo
+        try:
+            return memo[host, path]
+        except KeyError:
+            pass
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()  # random hosts and paths cannot grow it without bound
+        route = memo[host, path] = self._lookup(host, path)
+        return route
+
+    def _lookup(self, host: str | None, path: str) -> Route | None:
         key = normalize_host(host)
         if key:
             index = self.exact.get(key)
