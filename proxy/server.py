@@ -456,6 +456,7 @@ class Exchange:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_body_fed",
         "_current_done",
         "_deferred_error",
         "_head_bytes",
@@ -463,6 +464,7 @@ class ClientConnection(asyncio.Protocol):
         "_idle_since",
         "_in_head",
         "_in_loop",
+        "_nonbody_run",
         "_queue",
         "_reading_paused",
         "_req",
@@ -500,6 +502,8 @@ class ClientConnection(asyncio.Protocol):
         self._upgraded = False
         self._in_head = False  # between a request's first byte and the end of its head
         self._head_bytes = 0
+        self._body_fed = 0  # body bytes llhttp delivered during the current read
+        self._nonbody_run = 0  # bytes of the body phase since the last body byte
         self.writing_paused = False  # the client reads slower than we write: upstream reading stays paused
         self.paused_by_upstream = False  # reading paused because the upstream does not take the body
         self._in_loop = False
@@ -537,6 +541,16 @@ class ClientConnection(asyncio.Protocol):
             # One endless header line never completes a field, so the per-field check would never run.
             self._protocol_error(HeaderTooLarge(f"request head larger than {MAX_HEAD_BYTES} bytes"))
             return
+        if self._req is not None and not self._in_head:
+            # Bytes of a request's body phase that were not body: chunk framing and, at the end, trailer
+            # fields, which llhttp gathers whole however long. A run of them with no body byte is bounded
+            # like a head.
+            nonbody = len(data) - self._body_fed
+            self._nonbody_run = nonbody if self._body_fed else self._nonbody_run + nonbody
+            if self._nonbody_run > MAX_HEAD_BYTES:
+                self._protocol_error(HeaderTooLarge(f"request trailer section larger than {MAX_HEAD_BYTES} bytes"))
+                return
+        self._body_fed = 0
         # Requests start after the whole read was parsed, so a request whose head parsed but whose framing
         # llhttp rejects a moment later (Transfer-Encoding not ending in chunked) never reaches an upstream.
         if not self._serving and self._queue:
@@ -553,7 +567,10 @@ class ClientConnection(asyncio.Protocol):
         self._queue.clear()
 
     def pause_writing(self) -> None:
+        # The client does not read its answers fast enough: stop reading the upstream and stop taking new
+        # requests from it (answers it never reads must not pile up in memory).
         self.writing_paused = True
+        self.pause_reading()
         exchange = self.exchange
         if exchange is not None and exchange.conn is not None:
             exchange.conn.pause_reading()
@@ -563,12 +580,15 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None and exchange.conn is not None:
             exchange.conn.resume_reading()
+        if not self.paused_by_upstream and len(self._queue) < MAX_PIPELINED:
+            self.resume_reading()
 
     # --- llhttp callbacks ---
     def on_message_begin(self) -> None:
         self._req = Request()
         self._header_bytes = 0
         self._head_bytes = 0
+        self._nonbody_run = 0
         self._in_head = True
 
     def on_url(self, url: bytes) -> None:
@@ -610,14 +630,15 @@ class ClientConnection(asyncio.Protocol):
                     req.body_kind = BODY_LENGTH
             elif lower == b"transfer-encoding":
                 req.body_kind = BODY_CHUNKED
-                coding = value.strip().lower()
+                # Repeated field lines form one list (RFC 9110 §5.3): `gzip` then `chunked` is `gzip, chunked`.
+                coding = coding + b"," + value if coding else value
             elif lower == b"expect" and value.lower() == b"100-continue":
                 req.expect_continue = True
         if hosts > 1:
             # RFC 9112 §3.2: more than one Host is a 400; routing on one while the upstream reads another is
             # how requests reach hosts they were not routed to.
             req.bad = BadRequest("more than one Host header")
-        elif coding and coding != b"chunked":
+        elif coding and [c.strip().lower() for c in coding.split(b",")] != [b"chunked"]:
             # llhttp accepted `gzip, chunked`; relaying it would drop the gzip coding without a word (nginx: 501).
             req.bad = NotImplementedCoding(f"transfer coding {coding.decode('latin-1')!r} is not supported")
             req.keep_alive = False
@@ -658,6 +679,7 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         req = self._req
         assert req is not None
+        self._body_fed += len(data)
         if req.sink is not None:
             req.sink.send_body(data)
             return
@@ -728,7 +750,8 @@ class ClientConnection(asyncio.Protocol):
             self._serve_next()  # a no-op inside the loop, which goes on by itself
             return
         self._serving = False
-        self.resume_reading()
+        if not self.writing_paused:
+            self.resume_reading()
         self._arm_idle_timer()
 
     def _start(self, req: Request) -> None:
