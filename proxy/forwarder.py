@@ -279,9 +279,6 @@ class UpstreamPool:
                 conn.transport.close()
         return None
 
-    async def connect(self, key: PoolKey) -> UpstreamConnection:
-        return await self._connect(key)
-
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         conn.resume_reading()  # a pooled connection always reads, so a close by the upstream is noticed
         if not reusable or conn.closed or conn.transport is None:
@@ -307,7 +304,8 @@ class UpstreamPool:
                 conn.transport.close()
         self._idle.clear()
 
-    async def _connect(self, key: PoolKey) -> UpstreamConnection:
+    async def connect(self, key: PoolKey) -> UpstreamConnection:
+        """A new connection to the instance, within connect_timeout; failures are retryable ProxyErrors."""
         scheme, host, port, skip_verify = key
         loop = asyncio.get_running_loop()
         ssl_ctx = self._ssl_context(skip_verify) if scheme == "https" else None

@@ -186,11 +186,3 @@ def error_response(status: int, message: str, *, keep_alive: bool, http10: bool 
         _CRLF,
     ]
     return b"".join(head) + body
-
-
-def header_value(headers: Headers, name: bytes) -> bytes | None:
-    """The first value of a header (name given in lower case)."""
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None

@@ -351,7 +351,7 @@ class Exchange:
                 keep_alive = False  # HTTP/1.0 has no chunked coding: the end of the body is the end of the connection
             else:
                 self.chunked_out = True
-        if not req.body_done or client_stopping(self.client):
+        if not req.body_done or self.client.server.stopping:
             # The upstream answered before the client finished sending (do not read on), or the server is
             # shutting down: say so in this answer rather than race the client's next request with a close.
             keep_alive = False
@@ -858,10 +858,6 @@ class ClientConnection(asyncio.Protocol):
         """Stop after the request in progress; close now if there is none."""
         if not self._serving:
             self._close()
-
-
-def client_stopping(client: ClientConnection) -> bool:
-    return client.server.stopping
 
 
 def reset_connection(transport: asyncio.Transport | None) -> None:

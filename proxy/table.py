@@ -164,9 +164,6 @@ class RoutingTable:
                     dot = key.find(".", dot + 1)
         return _match(self.any_host, path) if self.any_host else None
 
-    def services(self) -> set[str]:
-        return {r.service for r in self.routes}
-
 
 def _match(index: PathIndex, path: str) -> Route | None:
     for prefix in _path_prefixes(path):

@@ -15,7 +15,6 @@ from proxy.headers import (
     client_response_head,
     connection_tokens,
     error_response,
-    header_value,
     upstream_request_head,
 )
 
@@ -437,22 +436,3 @@ class TestErrorResponse:
     def test_connection(self, keep_alive: bool, http10: bool, expected: list[bytes]) -> None:
         out = parse(error_response(503, "no healthy instance", keep_alive=keep_alive, http10=http10))
         assert out.values(b"Connection") == expected
-
-
-class TestHeaderValue:
-    """header_value finds the first value of a header, whatever the case of its name on the wire."""
-
-    @pytest.mark.parametrize(
-        ("headers", "expected"),
-        [
-            ([(b"Host", b"a"), (b"Upgrade", b"websocket")], b"websocket"),
-            ([(b"UPGRADE", b"websocket")], b"websocket"),
-            ([(b"Upgrade", b"h2c"), (b"upgrade", b"websocket")], b"h2c"),
-            ([(b"Upgrade", b"")], b""),
-            ([(b"Host", b"a")], None),
-            ([], None),
-        ],
-        ids=["present", "upper-case-on-wire", "first-of-several", "empty-value-is-present", "absent", "no-headers"],
-    )
-    def test_header_value(self, headers: list[Header], expected: bytes | None) -> None:
-        assert header_value(headers, b"upgrade") == expected

@@ -189,7 +189,7 @@ class TestConflicts:
     def test_no_conflict(self, tag_a: str, tag_b: str) -> None:
         routes = table(a=[tag_a], b=[tag_b])
         assert routes.conflicts == ()
-        assert routes.services() == {"a", "b"}
+        assert {r.service for r in routes.routes} == {"a", "b"}
 
 
 class TestRouteFromSpec:
