@@ -22,8 +22,7 @@ from .config import Settings
 from .forwarder import UpstreamPool
 from .metrics import Metrics
 from .pool import Pools
-from .server import ProxyServer, Router
-from .server import Settings as ServerSettings
+from .server import ProxyContext, ProxyServer, Router
 from .table import RoutingTable
 
 log = structlog.get_logger("ferryman")
@@ -98,7 +97,7 @@ class Ferryman:
             # Consul is down or slow: serve anyway (404 until it answers) rather than refuse connections.
             log.warning("started_without_routes", waited_s=_FIRST_SYNC_WAIT_S, consul=s.consul_addr)
         if self.serve_proxy:
-            self._proxy = ProxyServer(ServerSettings(
+            self._proxy = ProxyServer(ProxyContext(
                 router=self.router, pools=self.pools, upstream=self.upstream, metrics=self.metrics,
                 max_attempts=s.max_attempts, read_timeout=s.read_timeout, idle_timeout=s.client_idle_timeout,
                 listen_port=listen.port, proto="http", access_log=logs.access_writer() if s.access_log else None,

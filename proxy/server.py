@@ -106,7 +106,7 @@ class Request:
         self.bad: ProxyError | None = None  # a request that parsed but must be refused (answered in order)
 
 
-class Settings:
+class ProxyContext:
     """What every connection needs, gathered once."""
 
     __slots__ = (
@@ -482,7 +482,7 @@ class ClientConnection(asyncio.Protocol):
         "writing_paused",
     )
 
-    def __init__(self, cfg: Settings, server: ProxyServer) -> None:
+    def __init__(self, cfg: ProxyContext, server: ProxyServer) -> None:
         self.cfg = cfg
         self.server = server
         self.transport: asyncio.Transport | None = None
@@ -875,7 +875,7 @@ def reset_connection(transport: asyncio.Transport | None) -> None:
 class ProxyServer:
     """Listens and tracks connections so shutdown can let requests in progress finish."""
 
-    def __init__(self, cfg: Settings) -> None:
+    def __init__(self, cfg: ProxyContext) -> None:
         self.cfg = cfg
         self.connections: set[ClientConnection] = set()
         self.stopping = False
