@@ -92,8 +92,8 @@ def main() -> None:
 
         py = sys.executable
         backends = [
-            ("web", 0, ["urlprefix-/"]),
-            ("web", 0, ["urlprefix-/"]),
+            ("web", 0, ["urlprefix-/ lb=round_robin"]),
+            ("web", 0, ["urlprefix-/ lb=round_robin"]),
             ("api", 0, ["urlprefix-/api strip=/api", "urlprefix-api.localhost/"]),
         ]
         backend_ports = []

@@ -21,7 +21,10 @@ DEFAULT_PREFIX: Final = "urlprefix-"
 
 # Options understood by the proxy. Others are kept and reported as ignored (Fabio has options Ferryman does
 # not implement, such as auth=; silently routing without them would surprise, so they are surfaced).
-KNOWN_OPTIONS: Final = frozenset({"strip", "proto", "tlsskipverify"})
+KNOWN_OPTIONS: Final = frozenset({"strip", "proto", "tlsskipverify", "lb", "hash_key"})
+# Load-balancing algorithms a route may ask for with lb= (implemented in proxy.balancer, which checks that
+# both lists agree); hash_key= says what `hash` hashes: the client address, a header or a cookie.
+LB_CHOICES: Final = ("round_robin", "weighted", "least_conn", "p2c", "random", "hash")
 
 # RFC 1123 labels (underscore allowed: it appears in real service host names), optionally "*." in front.
 _LABEL: Final = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
@@ -114,4 +117,10 @@ def _validate_option(key: str, value: str, path: str) -> str:
             raise TagError(f"proto={value!r} must be http or https")
     elif key == "tlsskipverify" and value not in ("true", "false"):
         raise TagError(f"tlsskipverify={value!r} must be true or false")
+    elif key == "lb" and value not in LB_CHOICES:
+        raise TagError(f"lb={value!r} must be one of {', '.join(LB_CHOICES)}")
+    elif key == "hash_key" and not (
+        value == "ip" or (value.partition(":")[0] in ("header", "cookie") and value.partition(":")[2])
+    ):
+        raise TagError(f"hash_key={value!r} must be ip, header:NAME or cookie:NAME")
     return value

@@ -46,6 +46,7 @@ from types import MappingProxyType
 from typing import Final, Protocol
 
 from discovery.model import Endpoint
+from discovery.tags import LB_CHOICES
 
 DEFAULT_BALANCER: Final = "p2c"
 
@@ -361,6 +362,7 @@ _FACTORIES: Final[Mapping[str, Callable[[random.Random | None], Balancer]]] = Ma
 )
 
 BALANCERS: Final[tuple[str, ...]] = tuple(_FACTORIES)
+assert set(BALANCERS) == set(LB_CHOICES), "discovery.tags.LB_CHOICES must name exactly these algorithms"
 
 
 def make_balancer(name: str, rng: random.Random | None = None) -> Balancer:

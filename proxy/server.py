@@ -205,7 +205,8 @@ class Exchange:
         if client.closing:
             self._finish(499)
             return
-        endpoint = self.pool.pick(self.tried)
+        pool = self.pool
+        endpoint = pool.pick(self.tried, hash_key(self.req, client.peer_text, pool.hash_on) if pool.hash_on else None)
         if endpoint is None:
             self._answer(NoHealthyEndpoint(f"no healthy instance of service {self.service!r}"))
             return
@@ -858,6 +859,25 @@ class ClientConnection(asyncio.Protocol):
         """Stop after the request in progress; close now if there is none."""
         if not self._serving:
             self._close()
+
+
+def hash_key(req: Request, client_ip: str, hash_on: tuple[str, str]) -> str | None:
+    """What `lb=hash` hashes for this request: the client address, a header's value or a cookie's value
+    (None when the request lacks it: the balancer then picks at random)."""
+    kind, name = hash_on
+    if kind == "ip":
+        return client_ip
+    wanted = b"cookie" if kind == "cookie" else name.encode("latin-1")
+    for header, value in req.headers:
+        if header.lower() != wanted:
+            continue
+        if kind == "header":
+            return value.decode("latin-1")
+        for pair in value.split(b";"):
+            cookie, eq, cookie_value = pair.strip().partition(b"=")
+            if eq and cookie.decode("latin-1") == name:
+                return cookie_value.decode("latin-1")
+    return None
 
 
 def reset_connection(transport: asyncio.Transport | None) -> None:

@@ -46,7 +46,8 @@ class TestDiscoveryToTraffic:
     """Instances registered in Consul receive traffic; instances that leave or fail stop receiving it."""
 
     async def test_two_instances_share_traffic(self, consul, ferryman, backends, http):
-        await _routed(consul, ferryman, backends, "share", "share-a", "share-b")
+        await _routed(consul, ferryman, backends, "share", "share-a", "share-b",
+                      tags=["urlprefix-/share lb=round_robin"])
 
         seen = Counter([await _instance_of(http, f"{ferryman.url}/share/x") for _ in range(20)])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from discovery.model import Endpoint, ServiceRoutes, Snapshot
+from discovery.model import Endpoint, RouteSpec, ServiceRoutes, Snapshot
 from proxy.balancer import RoundRobin
 from proxy.pool import Pool, Pools, Reconciled
 
@@ -13,8 +13,11 @@ B = Endpoint("web", "b", "10.0.0.2", 80, node="n1")
 C = Endpoint("web", "c", "10.0.0.3", 80, node="n2")
 
 
-def snapshot(**services: tuple[Endpoint, ...]) -> Snapshot:
-    return Snapshot(tuple(ServiceRoutes(name, (), eps) for name, eps in sorted(services.items())))
+ROUND_ROBIN = (RouteSpec("", "/", (("lb", "round_robin"),)),)
+
+
+def snapshot(routes: tuple[RouteSpec, ...] = ROUND_ROBIN, **services: tuple[Endpoint, ...]) -> Snapshot:
+    return Snapshot(tuple(ServiceRoutes(name, routes, eps) for name, eps in sorted(services.items())))
 
 
 def picks(balancer: RoundRobin, endpoints: tuple[Endpoint, ...], n: int, exclude: set[str] | None = None
@@ -135,6 +138,20 @@ class TestReconcile:
         assert pools.get("web") is web
         assert [web.pick(), web.pick(), web.pick()] == [B, C, A]  # continues after A, does not restart
         assert web.in_flight == {A.key: 1}
+
+    def test_algorithm_comes_from_the_lb_option_and_defaults_to_p2c(self) -> None:
+        pools = Pools()
+        pools.reconcile(snapshot((RouteSpec("", "/"),), web=(A, B)))
+        web = pools.get("web")
+        assert web is not None and web.algorithm == "p2c" and web.hash_on is None
+
+        spec = RouteSpec("", "/", (("lb", "hash"), ("hash_key", "header:X-User")))
+        changes = pools.reconcile(snapshot((spec,), web=(A, B)))
+
+        assert pools.get("web") is web
+        assert changes.changed == ["web"]
+        assert (web.algorithm, web.hash_on) == ("hash", ("header", "x-user"))
+        assert web.pick(key="alice") == web.pick(key="alice")
 
     def test_unchanged_service_is_not_reported(self) -> None:
         pools = Pools()

@@ -8,6 +8,10 @@ from discovery.model import RouteSpec
 from discovery.tags import TagError, is_route_tag, normalize_prefix, parse_route_tag, unknown_options
 
 VALID = [
+    ("urlprefix-/api lb=least_conn", RouteSpec(host="", path="/api", options=(("lb", "least_conn"),)),
+     "lb-option"),
+    ("urlprefix-/api lb=hash hash_key=cookie:session",
+     RouteSpec(host="", path="/api", options=(("lb", "hash"), ("hash_key", "cookie:session"))), "hash-on-cookie"),
     ("urlprefix-/api", RouteSpec(host="", path="/api"), "any-host-path-prefix"),
     ("urlprefix-/", RouteSpec(host="", path="/"), "any-host-every-path"),
     ("urlprefix-api.example.com/", RouteSpec(host="api.example.com", path="/"), "one-host-every-path"),
@@ -54,6 +58,10 @@ VALID = [
 ]
 
 MALFORMED = [
+    ("urlprefix-/api lb=fastest", "lb='fastest' must be one of round_robin", "unknown-lb"),
+    ("urlprefix-/api lb=hash hash_key=body", "hash_key='body' must be ip, header:NAME or cookie:NAME",
+     "bad-hash-key"),
+    ("urlprefix-/api lb=hash hash_key=header:", "must be ip, header:NAME or cookie:NAME", "hash-key-without-name"),
     ("urlprefix-", "empty route", "empty"),
     ("urlprefix-   ", "empty route", "only-blanks"),
     ("urlprefix-foo", "has no path: write foo/", "no-path"),
