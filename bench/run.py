@@ -6,7 +6,7 @@
 How it works. Everything runs on 127.0.0.1 ports picked free at start, from one temporary directory:
   * backends: one nginx instance (1 worker) with two server blocks, each serving /1k (1 KiB) and /64k
     (64 KiB) as static files, so the backend is never the bottleneck;
-  * a Consul dev agent, with both backends registered as one service tagged `urlprefix-/`;
+  * a Consul dev agent, with both backends registered as one service tagged `urlprefix-/ lb=round_robin`;
   * the proxies under test, all with access logging on and the same forwarding headers:
     Ferryman (routes from Consul, round robin over its pool), nginx (1 worker, upstream keepalive 64),
     HAProxy (1 thread, http-reuse always) and Caddy (Go, GOMAXPROCS left at its default, round robin,
@@ -342,7 +342,7 @@ def start_consul(stack: Stack, consul_bin: str, backends: Sequence[int]) -> tupl
     wait_until("the Consul leader", has_leader, 30, [proc])
     for i, port in enumerate(backends, 1):
         doc = {"ID": f"{SERVICE}-{i}", "Name": SERVICE, "Address": "127.0.0.1", "Port": port,
-               "Tags": ["urlprefix-/"]}
+               "Tags": ["urlprefix-/ lb=round_robin"]}
         status, body = http("PUT", f"{base}/v1/agent/service/register", json.dumps(doc).encode())
         if status != 200:
             raise BenchError(f"Consul refused the registration of {doc['ID']}: {status} {body!r}")
