@@ -72,6 +72,8 @@ class Ferryman:
         table = RoutingTable.from_snapshot(snapshot, self.generation)
         changes = self.pools.reconcile(snapshot)
         self.router.current = table
+        if changes.removed or changes.changed:
+            self.upstream.close_idle_except({(e.address, e.port) for p in self.pools for e in p.endpoints})
         self.metrics.set_pools((p.service, len(p)) for p in self.pools)
         self.metrics.routes.set(len(table.routes))
         self.metrics.discovery_updates.inc()

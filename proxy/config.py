@@ -59,7 +59,7 @@ class Settings:
     read_timeout: float = 30.0
     max_attempts: int = 3
     upstream_keepalive: int = 64
-    upstream_idle_timeout: float = 60.0
+    upstream_idle_timeout: float = 30.0
     shutdown_timeout: float = 10.0
     client_idle_timeout: float = 75.0
     workers: int = 0

@@ -41,6 +41,14 @@ class Metrics:
         self.discovery_errors = Counter(
             "ferryman_discovery_errors", "Failed requests to Consul, by reason.", ["reason"], registry=r,
         )
+        self.retries = Counter(
+            "ferryman_upstream_retries", "Requests sent again after a failed attempt, by service.", ["service"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            "ferryman_upstream_ejections", "Instances taken out of a pool by passive health checks, by service.",
+            ["service"], registry=r,
+        )
         self.routes = Gauge(
             "ferryman_routing_table_routes", "Routes in the current table.", registry=r, multiprocess_mode="livemax",
         )

@@ -9,7 +9,7 @@ wins and the disagreement is reported. A changed algorithm replaces the balancer
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 from discovery.model import Endpoint, RouteSpec, Snapshot
@@ -17,8 +17,101 @@ from discovery.model import Endpoint, RouteSpec, Snapshot
 from .balancer import DEFAULT_BALANCER, Balancer, make_balancer
 
 
+class RetryBudget:
+    """Retries may be at most `ratio` of the requests of the current `window` (seconds), plus `minimum` per
+    window so a quiet service can still retry. Counted in fixed windows: coarse, O(1), and enough to stop a
+    failing pool from doubling its own load (Envoy's and Finagle's retry budgets, simplified)."""
+
+    __slots__ = ("_requests", "_retries", "_window_start", "minimum", "ratio", "window")
+
+    def __init__(self, ratio: float = 0.2, window: float = 10.0, minimum: int = 3) -> None:
+        self.ratio, self.window, self.minimum = ratio, window, minimum
+        self._window_start = float("-inf")
+        self._requests = 0
+        self._retries = 0
+
+    def _roll(self, now: float) -> None:
+        if now - self._window_start >= self.window:
+            self._window_start = now
+            self._requests = 0
+            self._retries = 0
+
+    def record_request(self, now: float) -> None:
+        self._roll(now)
+        self._requests += 1
+
+    def allow(self, now: float) -> bool:
+        """Take one retry from the budget if there is one left."""
+        self._roll(now)
+        if self._retries < self.minimum + self.ratio * self._requests:
+            self._retries += 1
+            return True
+        return False
+
+
+class _Excluded:
+    """Tried instances and ejected ones, as one container for the balancer (no set built per request)."""
+
+    __slots__ = ("ejected", "tried")
+
+    def __init__(self, tried: Container[str], ejected: Container[str]) -> None:
+        self.tried, self.ejected = tried, ejected
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tried or key in self.ejected
+
+
+class Outliers:
+    """Passive health: an instance with `after` consecutive failures (connection refused or reset before a
+    response) is ejected for `base` seconds, doubling with each ejection in a row (capped at `cap`), then
+    re-admitted; a success resets it. Never more than `max_share` of a pool is ejected at once. Pure: the
+    time comes in as `now`."""
+
+    __slots__ = ("_count", "_failures", "_until", "after", "base", "cap", "max_share")
+
+    def __init__(self, after: int = 3, base: float = 10.0, cap: float = 300.0, max_share: float = 0.5) -> None:
+        self.after, self.base, self.cap, self.max_share = after, base, cap, max_share
+        self._failures: dict[str, int] = {}
+        self._until: dict[str, float] = {}  # the ejected, until when
+        self._count: dict[str, int] = {}  # ejections in a row
+
+    @property
+    def ejected(self) -> Mapping[str, float]:
+        return self._until
+
+    def readmit_expired(self, now: float) -> list[str]:
+        back = [key for key, until in self._until.items() if now >= until]
+        for key in back:
+            del self._until[key]
+            self._failures.pop(key, None)
+        return back
+
+    def success(self, key: str) -> None:
+        if key in self._failures:
+            del self._failures[key]
+            self._count.pop(key, None)
+
+    def failure(self, key: str, now: float, pool_size: int) -> float | None:
+        """Count a failure; returns the ejection time when this one ejects the instance."""
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        if failures < self.after or key in self._until:
+            return None
+        if len(self._until) + 1 > self.max_share * pool_size:
+            return None  # keep most of the pool: Consul calls these healthy
+        count = self._count[key] = self._count.get(key, 0) + 1
+        duration = min(self.cap, self.base * 2.0 ** (count - 1))
+        self._until[key] = now + duration
+        self._failures[key] = 0
+        return duration
+
+    def forget_except(self, keys: set[str]) -> None:
+        for table in (self._failures, self._until, self._count):
+            for key in [k for k in table if k not in keys]:
+                del table[key]
+
+
 class Pool:
-    __slots__ = ("algorithm", "balancer", "endpoints", "hash_on", "in_flight", "service")
+    __slots__ = ("algorithm", "balancer", "budget", "endpoints", "hash_on", "in_flight", "outliers", "service")
 
     def __init__(
         self,
@@ -36,12 +129,22 @@ class Pool:
         # What the `hash` algorithm hashes: ("ip", ""), ("header", name) or ("cookie", name); None otherwise.
         self.hash_on = hash_on
         self.in_flight: dict[str, int] = {}
+        self.budget = RetryBudget()
+        self.outliers = Outliers()
 
     def __len__(self) -> int:
         return len(self.endpoints)
 
     def pick(self, exclude: Container[str] = (), key: str | None = None) -> Endpoint | None:
-        return self.balancer.pick(self.endpoints, exclude, in_flight=self.in_flight, key=key)
+        """An instance that is neither excluded nor ejected; when only ejected ones are left, any of them
+        (Envoy's panic mode: Consul calls the pool healthy, so trying beats answering 503)."""
+        ejected = self.outliers.ejected
+        if not ejected:
+            return self.balancer.pick(self.endpoints, exclude, in_flight=self.in_flight, key=key)
+        endpoint = self.balancer.pick(self.endpoints, _Excluded(exclude, ejected), in_flight=self.in_flight, key=key)
+        if endpoint is None:
+            endpoint = self.balancer.pick(self.endpoints, exclude, in_flight=self.in_flight, key=key)
+        return endpoint
 
     def acquire(self, endpoint: Endpoint) -> None:
         self.in_flight[endpoint.key] = self.in_flight.get(endpoint.key, 0) + 1
@@ -108,6 +211,7 @@ class Pools:
             pool.hash_on = hash_on
             if pool.endpoints != svc.endpoints:
                 pool.endpoints = svc.endpoints
+                pool.outliers.forget_except({e.key for e in svc.endpoints})
                 if not changed or changed[-1] != svc.name:
                     changed.append(svc.name)
         removed = [name for name in self._pools if name not in seen]

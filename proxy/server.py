@@ -41,6 +41,7 @@ from .errors import (
     ProxyInternalError,
     RequestTimeout,
     UpstreamConnectError,
+    UpstreamConnectTimeout,
     UpstreamTimeout,
     UriTooLong,
 )
@@ -183,6 +184,7 @@ class Exchange:
         self.path = path
         self.tried: set[str] = set()
         self.attempts = min(cfg.max_attempts, len(pool.endpoints))
+        pool.budget.record_request(self.loop.time())
         self.stale_retry_left = True
         self.head_request = req.method == "HEAD"
         self.endpoint: Endpoint | None = None
@@ -206,6 +208,9 @@ class Exchange:
             self._finish(499)
             return
         pool = self.pool
+        if pool.outliers.ejected:
+            for instance in pool.outliers.readmit_expired(self.loop.time()):
+                log.info("upstream_readmitted", service=self.service, instance=instance)
         endpoint = pool.pick(self.tried, hash_key(self.req, client.peer_text, pool.hash_on) if pool.hash_on else None)
         if endpoint is None:
             self._answer(NoHealthyEndpoint(f"no healthy instance of service {self.service!r}"))
@@ -263,35 +268,65 @@ class Exchange:
             self.last_activity = self.loop.time()
 
     def _attempt_failed(self, endpoint: Endpoint, err: ProxyError, *, connected: bool) -> None:
-        """Before any response byte reached the client: try elsewhere when that is safe, else answer."""
+        """Before any response byte reached the client: try again when that is safe, else answer.
+
+        - The connection was never made (refused, connect timeout): nothing reached the upstream, so any
+          method goes to another instance.
+        - The upstream closed the connection before any byte of its response and the request is idempotent
+          with no body byte sent (RFC 9110 §9.2.2): a reused keep-alive connection the upstream had already
+          dropped is retried once on a new connection to the same instance, and otherwise another instance
+          is tried (a crashed backend).
+        Other instances are tried at most `max_attempts` in all and within the pool's retry budget, so that
+        retries cannot multiply an outage. Timeouts are never retried.
+        """
         if self.over:
             return
         req = self.req
         client = self.client
         err.upstream = endpoint.authority
+        may_retry = not connected
+        if isinstance(err, UpstreamConnectError | UpstreamConnectTimeout) and not (connected and self.reused):
+            # The instance refused, reset or did not accept: count it against the instance (a pooled
+            # connection the upstream had dropped is not the instance's fault).
+            self._instance_failed(endpoint)
         if connected:
             self._stop_timer()
             self.pool.release(endpoint)
             req.sink = None  # body chunks arriving meanwhile wait in the buffer for the next attempt
             self.conn = None
-            if (
-                # A reused keep-alive connection the upstream had already closed: nothing was processed, so
-                # an idempotent request whose body was not sent yet goes once more, on a new connection.
-                self.reused and err.nothing_received and isinstance(err, UpstreamConnectError)
-                and self.stale_retry_left and req.method in IDEMPOTENT and req.body_sent == 0
-            ):
+            closed_early = (
+                err.nothing_received and isinstance(err, UpstreamConnectError)
+                and req.method in IDEMPOTENT and req.body_sent == 0
+            )
+            if closed_early and self.reused and self.stale_retry_left:
                 self.stale_retry_left = False
                 self.tried.discard(endpoint.key)
                 self.fresh = True  # other pooled connections to it may be just as stale
+                self._count_retry(endpoint, err)
                 self.attempt()
                 return
-        elif len(self.tried) < self.attempts and not client.closing:
-            # The connection was never made: nothing reached the upstream, any method may go elsewhere.
-            log.info("upstream_retry", service=self.service, upstream=endpoint.authority, reason=err.reason,
-                     error=err.message, attempt=len(self.tried))
+            may_retry = closed_early
+        if (
+            may_retry and len(self.tried) < self.attempts and not client.closing
+            and self.pool.budget.allow(self.loop.time())
+        ):
+            self._count_retry(endpoint, err)
             self.attempt()
             return
         self._answer(err)
+
+    def _instance_failed(self, endpoint: Endpoint) -> None:
+        pool = self.pool
+        ejected_for = pool.outliers.failure(endpoint.key, self.loop.time(), len(pool.endpoints))
+        if ejected_for is not None:
+            log.warning("upstream_ejected", service=self.service, upstream=endpoint.authority,
+                        instance=endpoint.key, for_s=ejected_for)
+            self.client.cfg.metrics.ejections.labels(self.service).inc()
+
+    def _count_retry(self, endpoint: Endpoint, err: ProxyError) -> None:
+        log.info("upstream_retry", service=self.service, upstream=endpoint.authority, reason=err.reason,
+                 error=err.message, attempt=len(self.tried))
+        self.client.cfg.metrics.retries.labels(self.service).inc()
 
     def _answer(self, err: ProxyError) -> None:
         if not self.over:
@@ -359,6 +394,8 @@ class Exchange:
         req.keep_alive = keep_alive
         self.status = status
         self.head_sent = True
+        if self.endpoint is not None:
+            self.pool.outliers.success(self.endpoint.key)
         self._arm_timer()  # an upstream may answer before it read the whole body: its silence counts from now
         self.out.append(client_response_head(
             status, reason, headers, chunked=self.chunked_out, keep_alive=keep_alive, http10=req.http10,

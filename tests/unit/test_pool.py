@@ -181,3 +181,65 @@ class TestReconcile:
         pools.reconcile(snapshot())
         assert pools.reconcile(snapshot(web=(A, B))) == Reconciled(added=["web"], removed=[], changed=[])
         assert pools.get("web") is not old
+
+
+class TestRetryBudget:
+    """Retries stay within 20% of the window's requests (plus a small floor), and the window rolls over."""
+
+    def test_floor_then_share_of_requests(self) -> None:
+        from proxy.pool import RetryBudget
+
+        budget = RetryBudget(ratio=0.2, window=10.0, minimum=3)
+        assert [budget.allow(0.0) for _ in range(4)] == [True, True, True, False]  # the floor alone
+        for _ in range(50):
+            budget.record_request(1.0)
+        granted = sum(budget.allow(2.0) for _ in range(100))
+        assert granted == 10  # 3 + 0.2 * 50 = 13 in the window, 3 already used
+
+    def test_new_window_starts_afresh(self) -> None:
+        from proxy.pool import RetryBudget
+
+        budget = RetryBudget(ratio=0.2, window=10.0, minimum=1)
+        assert budget.allow(0.0) and not budget.allow(5.0)
+        assert budget.allow(10.0)
+
+
+class TestOutliers:
+    """Consecutive failures eject an instance for a doubling time; at most half a pool; panic mode beyond."""
+
+    def test_ejected_after_consecutive_failures_and_readmitted(self) -> None:
+        from proxy.pool import Outliers
+
+        outliers = Outliers(after=3, base=10.0, max_share=0.5)
+        assert [outliers.failure("a", 0.0, 4) for _ in range(3)] == [None, None, 10.0]
+        assert set(outliers.ejected) == {"a"}
+        assert outliers.readmit_expired(9.9) == [] and outliers.readmit_expired(10.0) == ["a"]
+        # ejected again in a row: twice as long
+        assert [outliers.failure("a", 11.0, 4) for _ in range(3)] == [None, None, 20.0]
+
+    def test_a_success_resets_the_count(self) -> None:
+        from proxy.pool import Outliers
+
+        outliers = Outliers(after=3)
+        outliers.failure("a", 0.0, 4)
+        outliers.failure("a", 0.0, 4)
+        outliers.success("a")
+        assert outliers.failure("a", 0.0, 4) is None
+        assert not outliers.ejected
+
+    def test_never_more_than_the_share(self) -> None:
+        from proxy.pool import Outliers
+
+        outliers = Outliers(after=1, max_share=0.5)
+        ejected = [outliers.failure(key, 0.0, 4) is not None for key in "abcd"]
+        assert ejected == [True, True, False, False]
+
+    def test_pool_skips_ejected_and_panics_when_only_they_are_left(self) -> None:
+        pools = Pools()
+        pools.reconcile(snapshot(web=(A, B)))
+        web = pools.get("web")
+        assert web is not None
+        web.outliers.after = 1
+        web.outliers.failure(A.key, 0.0, len(web))
+        assert {web.pick() for _ in range(4)} == {B}
+        assert web.pick(exclude={B.key}) == A  # only the ejected one is left: try it rather than 503
