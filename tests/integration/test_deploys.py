@@ -90,9 +90,9 @@ class TestCrash:
         try:
             for i in range(3):
                 port = free_port()
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "demo.backend", "--service", "crash", "--id", f"crash-{i}",
-                     "--port", str(port), "--consul", consul.addr, "--tag", "urlprefix-/crash"],
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "demo.backend", "--service", "crash", "--id", f"crash-{i}",
+                    "--port", str(port), "--consul", consul.addr, "--tag", "urlprefix-/crash",
                     cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
                 procs.append(proc)
@@ -118,13 +118,14 @@ class TestCrash:
             )
         finally:
             for proc in procs:
-                if proc.poll() is None:
+                if proc.returncode is None:
                     proc.send_signal(signal.SIGTERM)
             for proc in procs:
                 try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
+                    await asyncio.wait_for(proc.wait(), 10)
+                except TimeoutError:
                     proc.kill()
+                    await proc.wait()
 
 
 class TestRetryBudget:
