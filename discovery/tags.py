@@ -21,7 +21,9 @@ DEFAULT_PREFIX: Final = "urlprefix-"
 
 # Options understood by the proxy. Others are kept and reported as ignored (Fabio has options Ferryman does
 # not implement, such as auth=; silently routing without them would surprise, so they are surfaced).
-KNOWN_OPTIONS: Final = frozenset({"strip", "proto", "tlsskipverify", "lb", "hash_key"})
+KNOWN_OPTIONS: Final = frozenset({"strip", "proto", "tlsskipverify", "lb", "hash_key", "sticky"})
+# RFC 6265 cookie-name: an RFC 9110 token.
+_COOKIE_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Load-balancing algorithms a route may ask for with lb= (implemented in proxy.balancer, which checks that
 # both lists agree); hash_key= says what `hash` hashes: the client address, a header or a cookie.
 LB_CHOICES: Final = ("round_robin", "weighted", "least_conn", "p2c", "random", "hash")
@@ -123,4 +125,6 @@ def _validate_option(key: str, value: str, path: str) -> str:
         value == "ip" or (value.partition(":")[0] in ("header", "cookie") and value.partition(":")[2])
     ):
         raise TagError(f"hash_key={value!r} must be ip, header:NAME or cookie:NAME")
+    elif key == "sticky" and not _COOKIE_NAME_RE.match(value):
+        raise TagError(f"sticky={value!r} must be a cookie name")
     return value

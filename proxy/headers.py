@@ -146,7 +146,8 @@ def forwarded_element(client_ip: bytes, host: bytes | None, proto: bytes) -> byt
 
 
 def client_response_head(
-    status: int, reason: bytes, headers: Headers, *, chunked: bool, keep_alive: bool, http10: bool
+    status: int, reason: bytes, headers: Headers, *, chunked: bool, keep_alive: bool, http10: bool,
+    extra: Headers = (),
 ) -> bytes:
     """The response head for the client: the upstream's end-to-end headers (repeated ones such as Set-Cookie
     kept apart, in order), then this hop's framing and connection headers."""
@@ -163,6 +164,8 @@ def client_response_head(
         kept = _drop_named(kept, connection)
     out = [b"HTTP/1.0 " if http10 else b"HTTP/1.1 ", b"%d " % status, reason, _CRLF]
     for name, value in kept:
+        out += (name, _SEP, value, _CRLF)
+    for name, value in extra:  # headers this hop adds (a sticky-session cookie)
         out += (name, _SEP, value, _CRLF)
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")

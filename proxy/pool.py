@@ -9,6 +9,7 @@ wins and the disagreement is reported. A changed algorithm replaces the balancer
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Container, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
@@ -111,7 +112,10 @@ class Outliers:
 
 
 class Pool:
-    __slots__ = ("algorithm", "balancer", "budget", "endpoints", "hash_on", "in_flight", "outliers", "service")
+    __slots__ = (
+        "_sticky_for", "_sticky_map", "algorithm", "balancer", "budget", "endpoints", "hash_on", "in_flight",
+        "outliers", "service", "sticky",
+    )
 
     def __init__(
         self,
@@ -131,6 +135,9 @@ class Pool:
         self.in_flight: dict[str, int] = {}
         self.budget = RetryBudget()
         self.outliers = Outliers()
+        self.sticky: str | None = None  # name of the session cookie pinning a client to an instance
+        self._sticky_for: tuple[Endpoint, ...] | None = None
+        self._sticky_map: dict[str, Endpoint] = {}
 
     def __len__(self) -> int:
         return len(self.endpoints)
@@ -146,6 +153,18 @@ class Pool:
             endpoint = self.balancer.pick(self.endpoints, exclude, in_flight=self.in_flight, key=key)
         return endpoint
 
+    def pinned(self, value: str | None, exclude: Container[str] = ()) -> Endpoint | None:
+        """The instance a sticky cookie value names, if it is still in the pool, not excluded, not ejected."""
+        if not value:
+            return None
+        if self._sticky_for is not self.endpoints:
+            self._sticky_map = {sticky_value(e): e for e in self.endpoints}
+            self._sticky_for = self.endpoints
+        endpoint = self._sticky_map.get(value)
+        if endpoint is None or endpoint.key in exclude or endpoint.key in self.outliers.ejected:
+            return None
+        return endpoint
+
     def acquire(self, endpoint: Endpoint) -> None:
         self.in_flight[endpoint.key] = self.in_flight.get(endpoint.key, 0) + 1
 
@@ -157,20 +176,30 @@ class Pool:
             self.in_flight.pop(endpoint.key, None)
 
 
-def balancing_of(routes: Iterable[RouteSpec]) -> tuple[str, tuple[str, str] | None]:
-    """The algorithm and hash key a service's routes ask for (the first route that says, in table order)."""
+def sticky_value(endpoint: Endpoint) -> str:
+    """The sticky cookie's value for an instance: a digest of its identity, so no address leaks to clients."""
+    return hashlib.blake2b(endpoint.key.encode(), digest_size=8).hexdigest()
+
+
+def balancing_of(routes: Iterable[RouteSpec]) -> tuple[str, tuple[str, str] | None, str | None]:
+    """The algorithm, hash key and sticky cookie a service's routes ask for (for each, the first route that
+    says, in table order)."""
     algorithm = DEFAULT_BALANCER
     hash_key = "ip"
+    sticky = None
+    seen_lb = False
     for spec in routes:
         lb = spec.option("lb")
-        if lb is not None:
+        if lb is not None and not seen_lb:
+            seen_lb = True
             algorithm = lb
             hash_key = spec.option("hash_key") or "ip"
-            break
+        if sticky is None:
+            sticky = spec.option("sticky")
     if algorithm != "hash":
-        return algorithm, None
+        return algorithm, None, sticky
     kind, _, name = hash_key.partition(":")
-    return algorithm, (kind, name.lower() if kind == "header" else name)
+    return algorithm, (kind, name.lower() if kind == "header" else name), sticky
 
 
 class Reconciled(NamedTuple):
@@ -198,12 +227,14 @@ class Pools:
         seen: set[str] = set()
         for svc in snapshot.services:
             seen.add(svc.name)
-            algorithm, hash_on = balancing_of(svc.routes)
+            algorithm, hash_on, sticky = balancing_of(svc.routes)
             pool = self._pools.get(svc.name)
             if pool is None:
-                self._pools[svc.name] = Pool(svc.name, svc.endpoints, algorithm=algorithm, hash_on=hash_on)
+                pool = self._pools[svc.name] = Pool(svc.name, svc.endpoints, algorithm=algorithm, hash_on=hash_on)
+                pool.sticky = sticky
                 added.append(svc.name)
                 continue
+            pool.sticky = sticky
             if pool.algorithm != algorithm:
                 pool.algorithm = algorithm
                 pool.balancer = make_balancer(algorithm)

@@ -49,7 +49,7 @@ from .forwarder import FRAMING_CHUNKED, FRAMING_EOF, UpstreamConnection, Upstrea
 from .headers import client_response_head, error_response, upstream_request_head
 from .logs import AccessWriter
 from .metrics import NO_SERVICE, Metrics
-from .pool import Pool, Pools
+from .pool import Pool, Pools, sticky_value
 from .table import Route, RoutingTable
 
 log = structlog.get_logger("ferryman.proxy")
@@ -211,7 +211,13 @@ class Exchange:
         if pool.outliers.ejected:
             for instance in pool.outliers.readmit_expired(self.loop.time()):
                 log.info("upstream_readmitted", service=self.service, instance=instance)
-        endpoint = pool.pick(self.tried, hash_key(self.req, client.peer_text, pool.hash_on) if pool.hash_on else None)
+        endpoint = None
+        if pool.sticky is not None:
+            endpoint = pool.pinned(hash_key(self.req, client.peer_text, ("cookie", pool.sticky)), self.tried)
+        if endpoint is None:
+            endpoint = pool.pick(
+                self.tried, hash_key(self.req, client.peer_text, pool.hash_on) if pool.hash_on else None
+            )
         if endpoint is None:
             self._answer(NoHealthyEndpoint(f"no healthy instance of service {self.service!r}"))
             return
@@ -399,7 +405,19 @@ class Exchange:
         self._arm_timer()  # an upstream may answer before it read the whole body: its silence counts from now
         self.out.append(client_response_head(
             status, reason, headers, chunked=self.chunked_out, keep_alive=keep_alive, http10=req.http10,
+            extra=self._sticky_cookie() if self.pool.sticky is not None else (),
         ))
+
+    def _sticky_cookie(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Pin the client to the instance that answered, unless its cookie already does."""
+        name = self.pool.sticky
+        endpoint = self.endpoint
+        if name is None or endpoint is None:
+            return ()
+        value = sticky_value(endpoint)
+        if hash_key(self.req, self.client.peer_text, ("cookie", name)) == value:
+            return ()
+        return ((b"Set-Cookie", f"{name}={value}; Path=/; HttpOnly; SameSite=Lax".encode()),)
 
     def on_body(self, data: bytes) -> None:
         self.last_activity = self.loop.time()

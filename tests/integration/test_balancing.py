@@ -59,3 +59,32 @@ class TestLeastConn:
         assert (await slow)[0] == 200
         assert [h.path for h in busy.hits] == ["/leastc/slow?delay=0.8"]
         assert len(idle.hits) == 10
+
+
+class TestSticky:
+    """`sticky=NAME`: a Set-Cookie pins the client to one instance; when it leaves, another is pinned."""
+
+    async def test_cookie_pins_and_repins(self, consul, ferryman, backends):
+        import aiohttp
+
+        started = await _routed(consul, ferryman, backends, "sticky", 3, "urlprefix-/sticky sticky=srv")
+        # Its cookie jar plays the browser (unsafe=True: aiohttp keeps no cookies for IP hosts otherwise).
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
+            for _ in range(100):
+                status, _, _ = await fetch(client, f"{ferryman.url}/sticky/page")
+                assert status == 200
+            served = [b for b in started if b.hits]
+            assert len(served) == 1 and len(served[0].hits) == 100
+            pinned = served[0]
+
+            await asyncio.to_thread(consul.deregister, pinned.instance)
+            await asyncio.to_thread(ferryman.wait_instances, "sticky@*any*/sticky",
+                                    [b.instance for b in started if b is not pinned])
+            status, _, headers = await fetch(client, f"{ferryman.url}/sticky/page")
+            assert status == 200
+            assert headers.get("Set-Cookie", "").startswith("srv="), "re-pinned to another instance"
+            for _ in range(20):
+                await fetch(client, f"{ferryman.url}/sticky/page")
+            others = [b for b in started if b is not pinned and b.hits]
+            assert len(others) == 1 and len(others[0].hits) == 21
+            assert len(pinned.hits) == 100

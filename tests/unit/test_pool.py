@@ -243,3 +243,22 @@ class TestOutliers:
         web.outliers.failure(A.key, 0.0, len(web))
         assert {web.pick() for _ in range(4)} == {B}
         assert web.pick(exclude={B.key}) == A  # only the ejected one is left: try it rather than 503
+
+
+class TestSticky:
+    """A sticky cookie names an instance by a digest; it pins while the instance is in, usable and untried."""
+
+    def test_pinned_instance_and_its_fallbacks(self) -> None:
+        from proxy.pool import sticky_value
+
+        pools = Pools()
+        pools.reconcile(snapshot((RouteSpec("", "/", (("sticky", "srv"),)),), web=(A, B)))
+        web = pools.get("web")
+        assert web is not None and web.sticky == "srv"
+        assert web.pinned(sticky_value(B)) == B
+        assert web.pinned(sticky_value(B), exclude={B.key}) is None  # tried already: pick another
+        assert web.pinned("not-a-known-value") is None
+        assert web.pinned(None) is None
+        pools.reconcile(snapshot((RouteSpec("", "/", (("sticky", "srv"),)),), web=(A,)))
+        assert web.pinned(sticky_value(B)) is None  # left the pool
+        assert sticky_value(A) != sticky_value(B) and "127.0.0.1" not in sticky_value(A)

@@ -58,6 +58,7 @@ VALID = [
 ]
 
 MALFORMED = [
+    ("urlprefix-/api sticky=a;b", "sticky='a;b' must be a cookie name", "sticky-not-a-cookie-name"),
     ("urlprefix-/api lb=fastest", "lb='fastest' must be one of round_robin", "unknown-lb"),
     ("urlprefix-/api lb=hash hash_key=body", "hash_key='body' must be ip, header:NAME or cookie:NAME",
      "bad-hash-key"),
