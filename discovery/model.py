@@ -57,6 +57,14 @@ class ServiceRoutes:
     name: str
     routes: tuple[RouteSpec, ...]
     endpoints: tuple[Endpoint, ...]
+    # Balancing settings from the instances' service meta (`ferryman-lb` -> ("lb", ...)), already validated.
+    settings: tuple[tuple[str, str], ...] = ()
+
+    def setting(self, name: str) -> str | None:
+        for key, value in self.settings:
+            if key == name:
+                return value
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,12 @@ Pure: JSON in, Snapshot out.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, Final
 
 from .health import is_passing
 from .model import Endpoint, Problem, RouteSpec, ServiceRoutes, Snapshot
-from .tags import DEFAULT_PREFIX, TagError, is_route_tag, parse_route_tag, unknown_options
+from .tags import DEFAULT_PREFIX, TagError, is_route_tag, parse_route_tag, unknown_options, validate_balancing
 
 
 def routes_from_tags(
@@ -79,12 +80,58 @@ def healthy_endpoints(
         if not is_passing(entry):
             continue
         try:
-            endpoints.append(endpoint_from_entry(service, entry))
+            endpoint = endpoint_from_entry(service, entry)
         except ValueError as exc:
             sid = entry.get("Service", {}).get("ID", "") if isinstance(entry.get("Service"), Mapping) else ""
             problems.append(Problem("instance_invalid", service, str(exc), str(sid)))
+            continue
+        weight = _meta(entry).get(META_WEIGHT)
+        if weight is not None:
+            if isinstance(weight, str) and weight.isdigit() and 0 < int(weight) <= 10_000:
+                endpoint = replace(endpoint, weight=int(weight))
+            else:
+                problems.append(Problem("service_meta_invalid", service,
+                                        f"{META_WEIGHT}={weight!r} must be a whole number from 1 to 10000",
+                                        endpoint.instance_id))
+        endpoints.append(endpoint)
     endpoints.sort(key=lambda e: (e.node, e.instance_id, e.address, e.port))
     return tuple(endpoints), problems
+
+
+# Service meta keys Ferryman reads (Consul meta keys allow letters, digits, '-' and '_').
+META_WEIGHT: Final = "ferryman-weight"
+META_SETTINGS: Final = {"ferryman-lb": "lb", "ferryman-hash-key": "hash_key", "ferryman-sticky": "sticky"}
+
+
+def _meta(entry: Mapping[str, Any]) -> Mapping[str, Any]:
+    svc = entry.get("Service")
+    meta = svc.get("Meta") if isinstance(svc, Mapping) else None
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def meta_settings(
+    service: str, entries: Sequence[Mapping[str, Any]]
+) -> tuple[tuple[tuple[str, str], ...], list[Problem]]:
+    """Balancing settings from the instances' meta (all instances, healthy or not, in ID order; the first that
+    sets a key wins). An invalid value is reported and ignored."""
+    found: dict[str, str] = {}
+    problems: list[Problem] = []
+    ordered = sorted((e for e in entries if isinstance(e, Mapping)), key=lambda e: str(_meta_id(e)))
+    for entry in ordered:
+        for meta_key, setting in META_SETTINGS.items():
+            value = _meta(entry).get(meta_key)
+            if setting in found or not isinstance(value, str) or not value:
+                continue
+            try:
+                found[setting] = validate_balancing(setting, value)
+            except TagError as exc:
+                problems.append(Problem("service_meta_invalid", service, str(exc), f"{meta_key}={value}"))
+    return tuple(sorted(found.items())), problems
+
+
+def _meta_id(entry: Mapping[str, Any]) -> object:
+    svc = entry.get("Service")
+    return svc.get("ID", "") if isinstance(svc, Mapping) else ""
 
 
 def build_snapshot(
@@ -106,7 +153,9 @@ def build_snapshot(
             continue
         endpoints, bad = healthy_endpoints(name, health[name])
         problems.extend(bad)
-        services.append(ServiceRoutes(name=name, routes=routes, endpoints=endpoints))
+        settings, bad = meta_settings(name, health[name])
+        problems.extend(bad)
+        services.append(ServiceRoutes(name=name, routes=routes, endpoints=endpoints, settings=settings))
     return Snapshot(services=tuple(services), problems=tuple(problems))
 
 

@@ -103,6 +103,17 @@ def _parse_host(raw: str) -> str:
     return host
 
 
+BALANCING_OPTIONS: Final = ("lb", "hash_key", "sticky")
+
+
+def validate_balancing(key: str, value: str) -> str:
+    """Check one balancing setting (lb, hash_key, sticky) wherever it comes from: a tag option, service meta
+    or the config file; TagError saying what is wrong."""
+    if key not in BALANCING_OPTIONS:
+        raise TagError(f"unknown balancing setting {key!r}: one of {', '.join(BALANCING_OPTIONS)}")
+    return _validate_option(key, value, "/")
+
+
 def _validate_option(key: str, value: str, path: str) -> str:
     if key == "strip":
         if not value.startswith("/"):

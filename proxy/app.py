@@ -51,7 +51,7 @@ class Ferryman:
         self.serve_proxy, self.serve_admin, self.reuse_port = serve_proxy, serve_admin, reuse_port
         self.exposition = exposition or self.metrics.exposition
         self.router = Router()
-        self.pools = Pools()
+        self.pools = Pools(settings.service_overrides())
         self.generation = 0
         self._conflicts: set[Problem] = set()
         self.upstream = UpstreamPool(

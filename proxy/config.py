@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from discovery.consul import ConsulAddress
+from discovery.tags import TagError, validate_balancing
 
 ENV_PREFIX: Final = "FERRYMAN_"
 
@@ -63,6 +64,12 @@ class Settings:
     shutdown_timeout: float = 10.0
     client_idle_timeout: float = 75.0
     workers: int = 0
+    # [services.NAME] tables of the config file: per-service balancing (lb, hash_key, sticky), which take
+    # precedence over service meta and route tags. File only: no flag or variable sets them.
+    services: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+
+    def service_overrides(self) -> dict[str, dict[str, str]]:
+        return {name: dict(pairs) for name, pairs in self.services}
 
     @property
     def listen_addr(self) -> HostPort:
@@ -127,7 +134,9 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
 }
 
 FIELD_TYPES: Final[Mapping[str, type]] = {
-    f.name: {"str": str, "float": float, "int": int, "bool": bool}[str(f.type)] for f in fields(Settings)
+    f.name: {"str": str, "float": float, "int": int, "bool": bool}[str(f.type)]
+    for f in fields(Settings)
+    if f.name != "services"
 }
 DEFAULTS: Final = Settings()
 
@@ -206,6 +215,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
     for key, value in data.items():
         line = _key_line(text, key)
         where = f"{path}:{line}" if line else str(path)
+        if key == "services":
+            out["services"] = _load_services(value, text, path, where)
+            continue
         if key not in FIELD_TYPES:
             kind = "table" if isinstance(value, dict) else "key"
             raise ConfigError(f"{where}: unknown {kind} {key!r} (known keys: {', '.join(FIELD_TYPES)})")
@@ -216,6 +228,32 @@ def load_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{where}: key {key!r}: {exc}") from exc
         out[key] = value
     return out
+
+
+ServiceSettings = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+
+
+def _load_services(value: Any, text: str, path: Path, where: str) -> ServiceSettings:
+    """`[services.NAME]` tables: each a table of balancing settings, checked like route tag options."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: 'services' must be tables such as [services.api]")
+    out = []
+    for name, table in sorted(value.items()):
+        header = re.compile(rf"^\s*\[\s*services\.(\"{re.escape(name)}\"|{re.escape(name)})\s*\]")
+        line = next((n for n, text_line in enumerate(text.splitlines(), 1) if header.match(text_line)), None)
+        here = f"{path}:{line}" if line else where
+        if not isinstance(table, dict):
+            raise ConfigError(f"{here}: services.{name} must be a table of settings (lb, hash_key, sticky)")
+        pairs = []
+        for key, setting in sorted(table.items()):
+            try:
+                if not isinstance(setting, str):
+                    raise TagError(f"must be text, got {type(setting).__name__} {setting!r}")
+                pairs.append((key, validate_balancing(key, setting)))
+            except TagError as exc:
+                raise ConfigError(f"{here}: key 'services.{name}.{key}': {exc}") from exc
+        out.append((name, tuple(pairs)))
+    return tuple(out)
 
 
 def _load_text(key: str, text: str, where: str) -> Any:

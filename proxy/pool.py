@@ -10,10 +10,10 @@ wins and the disagreement is reported. A changed algorithm replaces the balancer
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Container, Iterable, Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from typing import NamedTuple
 
-from discovery.model import Endpoint, RouteSpec, Snapshot
+from discovery.model import Endpoint, ServiceRoutes, Snapshot
 
 from .balancer import DEFAULT_BALANCER, Balancer, make_balancer
 
@@ -181,24 +181,30 @@ def sticky_value(endpoint: Endpoint) -> str:
     return hashlib.blake2b(endpoint.key.encode(), digest_size=8).hexdigest()
 
 
-def balancing_of(routes: Iterable[RouteSpec]) -> tuple[str, tuple[str, str] | None, str | None]:
-    """The algorithm, hash key and sticky cookie a service's routes ask for (for each, the first route that
-    says, in table order)."""
-    algorithm = DEFAULT_BALANCER
-    hash_key = "ip"
-    sticky = None
-    seen_lb = False
-    for spec in routes:
-        lb = spec.option("lb")
-        if lb is not None and not seen_lb:
-            seen_lb = True
-            algorithm = lb
-            hash_key = spec.option("hash_key") or "ip"
-        if sticky is None:
-            sticky = spec.option("sticky")
+def balancing_of(
+    service: ServiceRoutes, override: Mapping[str, str] | None = None
+) -> tuple[str, tuple[str, str] | None, str | None]:
+    """The algorithm, hash key and sticky cookie for a service. Each setting comes from, in order: the config
+    file (`[services.NAME]`), the instances' service meta (`ferryman-lb`, ...), the route tags (the first
+    route, in table order, that has the option); else the default."""
+
+    def setting(name: str) -> str | None:
+        if override and name in override:
+            return override[name]
+        value = service.setting(name)
+        if value is not None:
+            return value
+        for spec in service.routes:
+            value = spec.option(name)
+            if value is not None:
+                return value
+        return None
+
+    algorithm = setting("lb") or DEFAULT_BALANCER
+    sticky = setting("sticky")
     if algorithm != "hash":
         return algorithm, None, sticky
-    kind, _, name = hash_key.partition(":")
+    kind, _, name = (setting("hash_key") or "ip").partition(":")
     return algorithm, (kind, name.lower() if kind == "header" else name), sticky
 
 
@@ -209,8 +215,9 @@ class Reconciled(NamedTuple):
 
 
 class Pools:
-    def __init__(self) -> None:
+    def __init__(self, overrides: Mapping[str, Mapping[str, str]] | None = None) -> None:
         self._pools: dict[str, Pool] = {}
+        self._overrides = overrides or {}
 
     def get(self, service: str) -> Pool | None:
         return self._pools.get(service)
@@ -227,7 +234,7 @@ class Pools:
         seen: set[str] = set()
         for svc in snapshot.services:
             seen.add(svc.name)
-            algorithm, hash_on, sticky = balancing_of(svc.routes)
+            algorithm, hash_on, sticky = balancing_of(svc, self._overrides.get(svc.name))
             pool = self._pools.get(svc.name)
             if pool is None:
                 pool = self._pools[svc.name] = Pool(svc.name, svc.endpoints, algorithm=algorithm, hash_on=hash_on)

@@ -88,3 +88,19 @@ class TestSticky:
             others = [b for b in started if b is not pinned and b.hits]
             assert len(others) == 1 and len(others[0].hits) == 21
             assert len(pinned.hits) == 100
+
+
+class TestWeightsFromMeta:
+    """`ferryman-weight` service meta, read from Consul, splits traffic for `lb=weighted` (smooth WRR)."""
+
+    async def test_three_to_one(self, consul, ferryman, backends, http):
+        heavy, light = await Backend("wmeta-heavy").start(), await Backend("wmeta-light").start()
+        backends.extend([heavy, light])
+        for backend, weight in ((heavy, "3"), (light, "1")):
+            await asyncio.to_thread(consul.register, "wmeta", backend.instance, backend.port,
+                                    ["urlprefix-/wmeta lb=weighted"], meta={"ferryman-weight": weight})
+        await asyncio.to_thread(ferryman.wait_instances, "wmeta@*any*/wmeta", ["wmeta-heavy", "wmeta-light"])
+        for _ in range(40):
+            status, _, _ = await fetch(http, f"{ferryman.url}/wmeta/")
+            assert status == 200
+        assert (len(heavy.hits), len(light.hits)) == (30, 10)

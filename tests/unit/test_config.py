@@ -256,3 +256,32 @@ class TestChoicesAndAddresses:
     def test_default_addresses(self) -> None:
         assert DEFAULTS.listen_addr == HostPort("0.0.0.0", 8080)
         assert DEFAULTS.admin_addr == HostPort("127.0.0.1", 9090)
+
+
+class TestServiceTables:
+    """[services.NAME] tables set a service's balancing; a bad one is an error naming file, line and key."""
+
+    def test_tables_are_read(self, tmp_path: Path) -> None:
+        path = tmp_path / "ferryman.toml"
+        path.write_text('listen = ":8080"\n\n[services.api]\nlb = "hash"\nhash_key = "cookie:session"\n'
+                        '\n[services.web]\nsticky = "srv"\n')
+        settings = load(config_file=str(path), environ={}, flags={})
+        assert settings.service_overrides() == {
+            "api": {"lb": "hash", "hash_key": "cookie:session"}, "web": {"sticky": "srv"},
+        }
+
+    @pytest.mark.parametrize(
+        ("text", "detail"),
+        [
+            ('[services.api]\nlb = "fastest"\n', "key 'services.api.lb': lb='fastest' must be one of"),
+            ('[services.api]\nweight = "3"\n', "key 'services.api.weight': unknown balancing setting"),
+            ('[services.api]\nlb = 3\n', "key 'services.api.lb': must be text"),
+        ],
+        ids=["bad-algorithm", "unknown-setting", "not-text"],
+    )
+    def test_bad_table_names_file_line_and_key(self, tmp_path: Path, text: str, detail: str) -> None:
+        path = tmp_path / "ferryman.toml"
+        path.write_text('listen = ":8080"\n' + text)
+        with pytest.raises(ConfigError) as err:
+            load(config_file=str(path), environ={}, flags={})
+        assert f"{path}:2: " in str(err.value) and detail in str(err.value)

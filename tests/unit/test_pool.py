@@ -262,3 +262,24 @@ class TestSticky:
         pools.reconcile(snapshot((RouteSpec("", "/", (("sticky", "srv"),)),), web=(A,)))
         assert web.pinned(sticky_value(B)) is None  # left the pool
         assert sticky_value(A) != sticky_value(B) and "127.0.0.1" not in sticky_value(A)
+
+
+class TestPrecedence:
+    """Config file > service meta > route tag > default, for each balancing setting."""
+
+    @pytest.mark.parametrize(
+        ("override", "meta", "tag", "expected"),
+        [
+            (None, (), (), "p2c"),
+            (None, (), (("lb", "least_conn"),), "least_conn"),
+            (None, (("lb", "random"),), (("lb", "least_conn"),), "random"),
+            ({"lb": "round_robin"}, (("lb", "random"),), (("lb", "least_conn"),), "round_robin"),
+        ],
+        ids=["default", "tag", "meta-over-tag", "config-over-meta"],
+    )
+    def test_algorithm(self, override, meta, tag, expected) -> None:
+        from discovery.model import ServiceRoutes
+        from proxy.pool import balancing_of
+
+        svc = ServiceRoutes("api", (RouteSpec("", "/api", tag),), (A,), settings=meta)
+        assert balancing_of(svc, override)[0] == expected

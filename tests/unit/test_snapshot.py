@@ -298,3 +298,37 @@ class TestSnapshotEquality:
         noisy = build_snapshot({"a": ["urlprefix-/a", "urlprefix-broken"]}, {"a": []})
         assert clean == noisy
         assert noisy.problems != ()
+
+
+class TestServiceMeta:
+    """Service meta sets balancing (ferryman-lb, -hash-key, -sticky) and weights (ferryman-weight)."""
+
+    def test_meta_settings_and_weight(self) -> None:
+        first = entry("api", "api-1")
+        first["Service"]["Meta"] = {"ferryman-lb": "weighted", "ferryman-weight": "5"}
+        second = entry("api", "api-2", port=8081)
+        second["Service"]["Meta"] = {"ferryman-lb": "random", "ferryman-sticky": "srv"}
+        snap = build_snapshot({"api": ["urlprefix-/api"]}, {"api": [second, first]})
+        api = snap.service("api")
+        assert api is not None
+        assert api.settings == (("lb", "weighted"), ("sticky", "srv"))  # api-1 sorts first and wins lb
+        assert {e.instance_id: e.weight for e in api.endpoints} == {"api-1": 5, "api-2": 1}
+        assert snap.problems == ()
+
+    @pytest.mark.parametrize(
+        ("meta", "kind_detail"),
+        [
+            ({"ferryman-lb": "fastest"}, "lb='fastest' must be one of"),
+            ({"ferryman-weight": "heavy"}, "ferryman-weight='heavy' must be a whole number"),
+            ({"ferryman-sticky": "a b"}, "must be a cookie name"),
+        ],
+        ids=["bad-lb", "bad-weight", "bad-sticky"],
+    )
+    def test_bad_meta_is_reported_and_ignored(self, meta: dict[str, str], kind_detail: str) -> None:
+        item = entry("api", "api-1")
+        item["Service"]["Meta"] = meta
+        snap = build_snapshot({"api": ["urlprefix-/api"]}, {"api": [item]})
+        api = snap.service("api")
+        assert api is not None and api.settings == () and [e.weight for e in api.endpoints] == [1]
+        assert [p.kind for p in snap.problems] == ["service_meta_invalid"]
+        assert kind_detail in snap.problems[0].detail
