@@ -100,7 +100,10 @@ def healthy_endpoints(
 
 # Service meta keys Ferryman reads (Consul meta keys allow letters, digits, '-' and '_').
 META_WEIGHT: Final = "ferryman-weight"
-META_SETTINGS: Final = {"ferryman-lb": "lb", "ferryman-hash-key": "hash_key", "ferryman-sticky": "sticky"}
+META_SETTINGS: Final = {
+    "ferryman-lb": "lb", "ferryman-hash-key": "hash_key", "ferryman-sticky": "sticky",
+    "ferryman-health-path": "health_path",
+}
 
 
 def _meta(entry: Mapping[str, Any]) -> Mapping[str, Any]:

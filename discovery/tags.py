@@ -103,7 +103,7 @@ def _parse_host(raw: str) -> str:
     return host
 
 
-BALANCING_OPTIONS: Final = ("lb", "hash_key", "sticky")
+BALANCING_OPTIONS: Final = ("lb", "hash_key", "sticky", "health_path")
 
 
 def validate_balancing(key: str, value: str) -> str:
@@ -138,4 +138,6 @@ def _validate_option(key: str, value: str, path: str) -> str:
         raise TagError(f"hash_key={value!r} must be ip, header:NAME or cookie:NAME")
     elif key == "sticky" and not _COOKIE_NAME_RE.match(value):
         raise TagError(f"sticky={value!r} must be a cookie name")
+    elif key == "health_path" and not _PATH_RE.match(value.partition("?")[0]):
+        raise TagError(f"health_path={value!r} must be a path starting with '/'")
     return value

@@ -7,13 +7,15 @@ only place that starts and stops them, in order.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
+import aiohttp
 import structlog
 from aiohttp import web
 
 from discovery.consul import ConsulClient
-from discovery.model import Problem, Snapshot
+from discovery.model import Endpoint, Problem, Snapshot
 from discovery.watcher import Watcher
 
 from . import logs
@@ -21,7 +23,7 @@ from .admin import make_admin_app
 from .config import Settings
 from .forwarder import UpstreamPool
 from .metrics import Metrics
-from .pool import Pools
+from .pool import Pool, PoolPolicy, Pools
 from .server import ProxyContext, ProxyServer, Router
 from .table import RoutingTable
 
@@ -51,7 +53,12 @@ class Ferryman:
         self.serve_proxy, self.serve_admin, self.reuse_port = serve_proxy, serve_admin, reuse_port
         self.exposition = exposition or self.metrics.exposition
         self.router = Router()
-        self.pools = Pools(settings.service_overrides())
+        self.pools = Pools(settings.service_overrides(), PoolPolicy(
+            eject_after=settings.eject_after, eject_base=settings.eject_base,
+            eject_max_share=settings.eject_max_share, eject_on_5xx=settings.eject_on_5xx,
+            retry_budget=settings.retry_budget, slow_start=settings.slow_start,
+        ))
+        self._checks_task: asyncio.Task[None] | None = None
         self.generation = 0
         self._conflicts: set[Problem] = set()
         self.upstream = UpstreamPool(
@@ -70,7 +77,7 @@ class Ferryman:
         table in one assignment."""
         self.generation += 1
         table = RoutingTable.from_snapshot(snapshot, self.generation)
-        changes = self.pools.reconcile(snapshot)
+        changes = self.pools.reconcile(snapshot, now=time.monotonic())  # the event loop's clock
         self.router.current = table
         if changes.removed or changes.changed:
             self.upstream.close_idle_except({(e.address, e.port) for p in self.pools for e in p.endpoints})
@@ -93,6 +100,8 @@ class Ferryman:
             on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
         )
         self._watch_task = asyncio.get_running_loop().create_task(self._watcher.run(), name="consul-watcher")
+        if self.serve_proxy:
+            self._checks_task = asyncio.get_running_loop().create_task(self._active_checks(), name="active-checks")
 
         listen, admin = s.listen_addr, s.admin_addr
         if self.serve_proxy and not await self.wait_synced(_FIRST_SYNC_WAIT_S):
@@ -114,6 +123,38 @@ class Ferryman:
         log.info("ferryman_started", listen=str(listen) if self.serve_proxy else None,
                  admin=str(admin) if self.serve_admin else None, consul=s.consul_addr)
 
+    async def _active_checks(self) -> None:
+        """Ferryman's own checks, for services whose meta names a `ferryman-health-path`: every interval a GET
+        to each instance; an answer other than 2xx/3xx (or none in time) takes it out of its pool until a
+        check passes again. On top of Consul's checks, never instead of them."""
+        s = self.settings
+        timeout = aiohttp.ClientTimeout(total=s.active_check_timeout)
+        async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
+            while True:
+                await asyncio.sleep(s.active_check_interval)
+                checks = [
+                    self._check(session, pool, endpoint)
+                    for pool in self.pools if pool.health_path
+                    for endpoint in pool.endpoints
+                ]
+                if checks:
+                    await asyncio.gather(*checks)
+
+    async def _check(self, session: aiohttp.ClientSession, pool: Pool, endpoint: Endpoint) -> None:
+        url = f"http://{endpoint.authority}{pool.health_path}"
+        try:
+            async with session.get(url, allow_redirects=False) as resp:
+                healthy, detail = resp.status < 400, f"status {resp.status}"
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            healthy, detail = False, f"{type(exc).__name__}: {exc}"
+        if healthy and endpoint.key in pool.down:
+            pool.down.discard(endpoint.key)
+            log.info("upstream_check_passed", service=pool.service, upstream=endpoint.authority)
+        elif not healthy and endpoint.key not in pool.down:
+            pool.down.add(endpoint.key)
+            log.warning("upstream_check_failed", service=pool.service, upstream=endpoint.authority,
+                        path=pool.health_path, error=detail)
+
     async def wait_synced(self, timeout: float) -> bool:
         if self._watcher is None:
             return False
@@ -132,9 +173,10 @@ class Ferryman:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            await asyncio.gather(self._watch_task, return_exceptions=True)
+        for task in (self._watch_task, self._checks_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._consul is not None:
             await self._consul.close()
         self.upstream.close()

@@ -33,6 +33,14 @@ _HELP = {
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
     "client_idle_timeout": "seconds a client connection may wait idle, or send a request head, before it is closed",
     "workers": "proxy processes sharing the listener (SO_REUSEPORT); 0 = one per CPU",
+    "eject_after": "consecutive failures of an instance before it is ejected",
+    "eject_base": "seconds of a first ejection (doubling with each ejection in a row)",
+    "eject_max_share": "largest share of a pool ejected at once",
+    "eject_on_5xx": "count 5xx answers as failures for ejection (true/false)",
+    "retry_budget": "retries allowed per request over 10 s windows (0.2 = 20%%), plus 3",
+    "slow_start": "seconds over which a newly added instance ramps up to its full share; 0 = off",
+    "active_check_interval": "seconds between Ferryman's own checks (service meta ferryman-health-path)",
+    "active_check_timeout": "seconds one active check may take",
 }
 
 

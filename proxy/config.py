@@ -64,6 +64,14 @@ class Settings:
     shutdown_timeout: float = 10.0
     client_idle_timeout: float = 75.0
     workers: int = 0
+    eject_after: int = 3
+    eject_base: float = 10.0
+    eject_max_share: float = 0.5
+    eject_on_5xx: bool = False
+    retry_budget: float = 0.2
+    slow_start: float = 0.0
+    active_check_interval: float = 5.0
+    active_check_timeout: float = 2.0
     # [services.NAME] tables of the config file: per-service balancing (lb, hash_key, sticky), which take
     # precedence over service meta and route tags. File only: no flag or variable sets them.
     services: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
@@ -131,6 +139,13 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
     "upstream_idle_timeout": _positive,
     "shutdown_timeout": _between(0, 3600),
     "workers": _between(0, 256),
+    "eject_after": _between(1, 1000),
+    "eject_base": _between(0.1, 3600),
+    "eject_max_share": _between(0, 1),
+    "retry_budget": _between(0, 10),
+    "slow_start": _between(0, 3600),
+    "active_check_interval": _between(0.1, 3600),
+    "active_check_timeout": _between(0.01, 600),
 }
 
 FIELD_TYPES: Final[Mapping[str, type]] = {

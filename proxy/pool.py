@@ -10,7 +10,9 @@ wins and the disagreement is reported. A changed algorithm replaces the balancer
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Container, Iterator, Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from discovery.model import Endpoint, ServiceRoutes, Snapshot
@@ -50,16 +52,29 @@ class RetryBudget:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class PoolPolicy:
+    """Health and retry settings every pool follows (from the config)."""
+
+    eject_after: int = 3
+    eject_base: float = 10.0
+    eject_max_share: float = 0.5
+    eject_on_5xx: bool = False
+    retry_budget: float = 0.2
+    slow_start: float = 0.0
+
+
 class _Excluded:
-    """Tried instances and ejected ones, as one container for the balancer (no set built per request)."""
+    """Tried, ejected and actively-checked-down instances as one container for the balancer (no set built
+    per request)."""
 
-    __slots__ = ("ejected", "tried")
+    __slots__ = ("down", "ejected", "tried")
 
-    def __init__(self, tried: Container[str], ejected: Container[str]) -> None:
-        self.tried, self.ejected = tried, ejected
+    def __init__(self, tried: Container[str], ejected: Container[str], down: Container[str]) -> None:
+        self.tried, self.ejected, self.down = tried, ejected, down
 
     def __contains__(self, key: object) -> bool:
-        return key in self.tried or key in self.ejected
+        return key in self.tried or key in self.ejected or key in self.down
 
 
 class Outliers:
@@ -113,8 +128,8 @@ class Outliers:
 
 class Pool:
     __slots__ = (
-        "_sticky_for", "_sticky_map", "algorithm", "balancer", "budget", "endpoints", "hash_on", "in_flight",
-        "outliers", "service", "sticky",
+        "_sticky_for", "_sticky_map", "algorithm", "balancer", "budget", "down", "endpoints", "hash_on",
+        "health_path", "in_flight", "joined", "outliers", "policy", "rng", "service", "sticky",
     )
 
     def __init__(
@@ -125,6 +140,8 @@ class Pool:
         *,
         algorithm: str = "round_robin",
         hash_on: tuple[str, str] | None = None,
+        policy: PoolPolicy | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.service = service
         self.endpoints = endpoints
@@ -133,8 +150,13 @@ class Pool:
         # What the `hash` algorithm hashes: ("ip", ""), ("header", name) or ("cookie", name); None otherwise.
         self.hash_on = hash_on
         self.in_flight: dict[str, int] = {}
-        self.budget = RetryBudget()
-        self.outliers = Outliers()
+        policy = self.policy = policy or PoolPolicy()
+        self.budget = RetryBudget(ratio=policy.retry_budget)
+        self.outliers = Outliers(after=policy.eject_after, base=policy.eject_base, max_share=policy.eject_max_share)
+        self.down: set[str] = set()  # failing Ferryman's own active checks
+        self.health_path: str | None = None  # service meta ferryman-health-path: checked by Ferryman itself
+        self.joined: dict[str, float] = {}  # instances still ramping up (slow start), since when
+        self.rng = rng or random.Random()
         self.sticky: str | None = None  # name of the session cookie pinning a client to an instance
         self._sticky_for: tuple[Endpoint, ...] | None = None
         self._sticky_map: dict[str, Endpoint] = {}
@@ -142,15 +164,30 @@ class Pool:
     def __len__(self) -> int:
         return len(self.endpoints)
 
-    def pick(self, exclude: Container[str] = (), key: str | None = None) -> Endpoint | None:
-        """An instance that is neither excluded nor ejected; when only ejected ones are left, any of them
-        (Envoy's panic mode: Consul calls the pool healthy, so trying beats answering 503)."""
-        ejected = self.outliers.ejected
-        if not ejected:
-            return self.balancer.pick(self.endpoints, exclude, in_flight=self.in_flight, key=key)
-        endpoint = self.balancer.pick(self.endpoints, _Excluded(exclude, ejected), in_flight=self.in_flight, key=key)
-        if endpoint is None:
+    def pick(self, exclude: Container[str] = (), key: str | None = None, now: float = 0.0) -> Endpoint | None:
+        """An instance that is neither excluded, ejected nor down; when only those are left, any of them
+        (Envoy's panic mode: Consul calls the pool healthy, so trying beats answering 503). An instance in
+        slow start is passed over with the probability of the share it has not ramped up to yet."""
+        ejected, down = self.outliers.ejected, self.down
+        if not ejected and not down:
             endpoint = self.balancer.pick(self.endpoints, exclude, in_flight=self.in_flight, key=key)
+        else:
+            endpoint = self.balancer.pick(
+                self.endpoints, _Excluded(exclude, ejected, down), in_flight=self.in_flight, key=key
+            )
+            if endpoint is None:
+                endpoint = self.balancer.pick(self.endpoints, exclude, in_flight=self.in_flight, key=key)
+        if endpoint is not None and self.joined and endpoint.key in self.joined:
+            ramp = (now - self.joined[endpoint.key]) / self.policy.slow_start
+            if ramp >= 1:
+                del self.joined[endpoint.key]
+            elif self.rng.random() > max(0.1, ramp):
+                other = self.balancer.pick(
+                    self.endpoints, _Excluded(exclude, ejected, (*down, endpoint.key)),
+                    in_flight=self.in_flight, key=key,
+                )
+                if other is not None:
+                    return other
         return endpoint
 
     def pinned(self, value: str | None, exclude: Container[str] = ()) -> Endpoint | None:
@@ -161,7 +198,9 @@ class Pool:
             self._sticky_map = {sticky_value(e): e for e in self.endpoints}
             self._sticky_for = self.endpoints
         endpoint = self._sticky_map.get(value)
-        if endpoint is None or endpoint.key in exclude or endpoint.key in self.outliers.ejected:
+        if endpoint is None or endpoint.key in exclude or endpoint.key in self.outliers.ejected or (
+            endpoint.key in self.down
+        ):
             return None
         return endpoint
 
@@ -215,9 +254,12 @@ class Reconciled(NamedTuple):
 
 
 class Pools:
-    def __init__(self, overrides: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    def __init__(
+        self, overrides: Mapping[str, Mapping[str, str]] | None = None, policy: PoolPolicy | None = None,
+    ) -> None:
         self._pools: dict[str, Pool] = {}
         self._overrides = overrides or {}
+        self.policy = policy or PoolPolicy()
 
     def get(self, service: str) -> Pool | None:
         return self._pools.get(service)
@@ -228,7 +270,7 @@ class Pools:
     def __len__(self) -> int:
         return len(self._pools)
 
-    def reconcile(self, snapshot: Snapshot) -> Reconciled:
+    def reconcile(self, snapshot: Snapshot, now: float = 0.0) -> Reconciled:
         added: list[str] = []
         changed: list[str] = []
         seen: set[str] = set()
@@ -237,19 +279,32 @@ class Pools:
             algorithm, hash_on, sticky = balancing_of(svc, self._overrides.get(svc.name))
             pool = self._pools.get(svc.name)
             if pool is None:
-                pool = self._pools[svc.name] = Pool(svc.name, svc.endpoints, algorithm=algorithm, hash_on=hash_on)
+                pool = self._pools[svc.name] = Pool(
+                    svc.name, svc.endpoints, algorithm=algorithm, hash_on=hash_on, policy=self.policy,
+                )
                 pool.sticky = sticky
+                pool.health_path = svc.setting("health_path")
                 added.append(svc.name)
                 continue
             pool.sticky = sticky
+            pool.health_path = svc.setting("health_path")
             if pool.algorithm != algorithm:
                 pool.algorithm = algorithm
                 pool.balancer = make_balancer(algorithm)
                 changed.append(svc.name)
             pool.hash_on = hash_on
             if pool.endpoints != svc.endpoints:
+                if self.policy.slow_start > 0:
+                    known = {e.key for e in pool.endpoints}
+                    for endpoint in svc.endpoints:
+                        if endpoint.key not in known:
+                            pool.joined[endpoint.key] = now
+                keys = {e.key for e in svc.endpoints}
                 pool.endpoints = svc.endpoints
-                pool.outliers.forget_except({e.key for e in svc.endpoints})
+                pool.outliers.forget_except(keys)
+                pool.down &= keys
+                for gone in [k for k in pool.joined if k not in keys]:
+                    del pool.joined[gone]
                 if not changed or changed[-1] != svc.name:
                     changed.append(svc.name)
         removed = [name for name in self._pools if name not in seen]

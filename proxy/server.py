@@ -216,7 +216,8 @@ class Exchange:
             endpoint = pool.pinned(hash_key(self.req, client.peer_text, ("cookie", pool.sticky)), self.tried)
         if endpoint is None:
             endpoint = pool.pick(
-                self.tried, hash_key(self.req, client.peer_text, pool.hash_on) if pool.hash_on else None
+                self.tried, hash_key(self.req, client.peer_text, pool.hash_on) if pool.hash_on else None,
+                self.loop.time(),
             )
         if endpoint is None:
             self._answer(NoHealthyEndpoint(f"no healthy instance of service {self.service!r}"))
@@ -401,7 +402,10 @@ class Exchange:
         self.status = status
         self.head_sent = True
         if self.endpoint is not None:
-            self.pool.outliers.success(self.endpoint.key)
+            if status >= 500 and self.pool.policy.eject_on_5xx:
+                self._instance_failed(self.endpoint)
+            else:
+                self.pool.outliers.success(self.endpoint.key)
         self._arm_timer()  # an upstream may answer before it read the whole body: its silence counts from now
         self.out.append(client_response_head(
             status, reason, headers, chunked=self.chunked_out, keep_alive=keep_alive, http10=req.http10,

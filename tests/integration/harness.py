@@ -301,6 +301,11 @@ class Backend:
         await resp.write_eof()
         return resp
 
+    health_status = 200  # what GET .../healthcheck answers (for Ferryman's active checks)
+
+    async def _do_healthcheck(self, request: web.Request) -> web.Response:
+        return web.Response(status=self.health_status, text="health\n")
+
     async def _do_slow(self, request: web.Request) -> web.Response:
         await asyncio.sleep(float(request.query.get("delay", "1")))
         return web.Response(text="late\n")

@@ -104,3 +104,42 @@ class TestWeightsFromMeta:
             status, _, _ = await fetch(http, f"{ferryman.url}/wmeta/")
             assert status == 200
         assert (len(heavy.hits), len(light.hits)) == (30, 10)
+
+
+class TestActiveChecks:
+    """Service meta `ferryman-health-path`: Ferryman's own checks take a failing instance out and back in."""
+
+    async def test_failing_check_removes_and_passing_check_restores(self, consul, workdir, backends, http):
+        import random
+
+        proxy = FerrymanProcess(consul.addr, workdir, extra=["--active-check-interval", "0.2"])
+        try:
+            proxy.start()
+            a, b = Backend("active-a").start(), Backend("active-b").start()
+            a, b = await a, await b
+            backends.extend([a, b])
+            for backend in (a, b):
+                await asyncio.to_thread(consul.register, "active", backend.instance, backend.port,
+                                        ["urlprefix-/active lb=round_robin"],
+                                        meta={"ferryman-health-path": "/active/healthcheck"})
+            await asyncio.to_thread(proxy.wait_instances, "active@*any*/active", ["active-a", "active-b"])
+
+            b.health_status = 503
+            await asyncio.sleep(1.0)  # a few check intervals
+            a_before, b_before = len(a.hits), len(b.hits)
+            for _ in range(10):
+                status, _, _ = await fetch(http, f"{proxy.url}/active/x?{random.random()}")
+                assert status == 200
+            served_b = [h for h in b.hits[b_before:] if "healthcheck" not in h.path]
+            assert served_b == [], "a failing active check keeps the instance out"
+            assert len([h for h in a.hits[a_before:] if "healthcheck" not in h.path]) == 10
+            assert any(e.get("event") == "upstream_check_failed" for e in proxy.log_events())
+
+            b.health_status = 200
+            await asyncio.sleep(1.0)
+            b_before = len(b.hits)
+            for _ in range(10):
+                await fetch(http, f"{proxy.url}/active/y")
+            assert [h for h in b.hits[b_before:] if "healthcheck" not in h.path], "back in after passing"
+        finally:
+            proxy.stop()

@@ -73,7 +73,7 @@ class TestRollingDeploy:
             await asyncio.sleep(1.0)
             await old.stop()
             current[i] = new
-        await asyncio.sleep(1.0)
+            await asyncio.sleep(4.5)  # the whole deploy runs under load for about 20 s
         await load.stop()
 
         print(f"rolling deploy: {load.sent} requests, {len(load.failures)} failed")

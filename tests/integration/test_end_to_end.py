@@ -141,7 +141,6 @@ class TestConsulOutage:
             await async_wait_until(routed, 15, "the service registered after the outage to be routed")
             events = [e["event"] for e in proxy.log_events()]
             consul_events = [e for e in proxy.log_events() if e["event"].startswith("consul_")]
-            print("CONSUL_EVENTS", consul_events)
             assert events.count("consul_unreachable") == 1, consul_events
             assert events.count("consul_recovered") == 1
         finally:

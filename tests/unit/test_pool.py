@@ -283,3 +283,24 @@ class TestPrecedence:
 
         svc = ServiceRoutes("api", (RouteSpec("", "/api", tag),), (A,), settings=meta)
         assert balancing_of(svc, override)[0] == expected
+
+
+class TestSlowStart:
+    """A newly added instance gets a share growing with its time in the pool, the full share at the end."""
+
+    def test_ramp(self) -> None:
+        import random
+
+        from proxy.pool import PoolPolicy
+
+        pools = Pools(policy=PoolPolicy(slow_start=10.0))
+        pools.reconcile(snapshot(web=(A, B)), now=0.0)
+        web = pools.get("web")
+        assert web is not None
+        web.rng = random.Random(7)
+        pools.reconcile(snapshot(web=(A, B, C)), now=100.0)  # C joins at t=100
+        early = [web.pick(now=101.0) for _ in range(3000)].count(C) / 3000
+        late = [web.pick(now=110.0) for _ in range(3000)].count(C) / 3000
+        assert early < 0.12  # about a tenth of its third
+        assert 0.28 < late < 0.39  # ramped: its full third
+        assert C.key not in web.joined
