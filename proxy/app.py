@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import fields
 
 import aiohttp
 import structlog
@@ -53,11 +54,9 @@ class Ferryman:
         self.serve_proxy, self.serve_admin, self.reuse_port = serve_proxy, serve_admin, reuse_port
         self.exposition = exposition or self.metrics.exposition
         self.router = Router()
-        self.pools = Pools(settings.service_overrides(), PoolPolicy(
-            eject_after=settings.eject_after, eject_base=settings.eject_base,
-            eject_max_share=settings.eject_max_share, eject_on_5xx=settings.eject_on_5xx,
-            retry_budget=settings.retry_budget, slow_start=settings.slow_start,
-        ))
+        # PoolPolicy's fields are config keys of the same names.
+        policy = PoolPolicy(**{f.name: getattr(settings, f.name) for f in fields(PoolPolicy)})
+        self.pools = Pools(settings.service_overrides(), policy)
         self._checks_task: asyncio.Task[None] | None = None
         self.generation = 0
         self._conflicts: set[Problem] = set()
