@@ -78,7 +78,7 @@ class Ferryman:
         table = RoutingTable.from_snapshot(snapshot, self.generation)
         changes = self.pools.reconcile(snapshot, now=time.monotonic())  # the event loop's clock
         self.router.current = table
-        if changes.removed or changes.changed:
+        if changes.added or changes.removed or changes.changed:
             self.upstream.close_idle_except({(e.address, e.port) for p in self.pools for e in p.endpoints})
         self.metrics.set_pools((p.service, len(p)) for p in self.pools)
         self.metrics.routes.set(len(table.routes))
@@ -140,16 +140,17 @@ class Ferryman:
                     await asyncio.gather(*checks)
 
     async def _check(self, session: aiohttp.ClientSession, pool: Pool, endpoint: Endpoint) -> None:
-        url = f"http://{endpoint.authority}{pool.health_path}"
+        url = f"{pool.check_scheme}://{endpoint.authority}{pool.health_path}"
         try:
-            async with session.get(url, allow_redirects=False) as resp:
+            async with session.get(url, allow_redirects=False, ssl=not pool.check_skip_verify) as resp:
                 healthy, detail = resp.status < 400, f"status {resp.status}"
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             healthy, detail = False, f"{type(exc).__name__}: {exc}"
         if healthy and endpoint.key in pool.down:
             pool.down.discard(endpoint.key)
             log.info("upstream_check_passed", service=pool.service, upstream=endpoint.authority)
-        elif not healthy and endpoint.key not in pool.down:
+        elif not healthy and endpoint.key not in pool.down and endpoint in pool.endpoints and pool.health_path:
+            # (an instance that left, or checks switched off, while this check was under way stays out of it)
             pool.down.add(endpoint.key)
             log.warning("upstream_check_failed", service=pool.service, upstream=endpoint.authority,
                         path=pool.health_path, error=detail)

@@ -265,6 +265,7 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
+        self._live: set[tuple[str, int]] | None = None  # instances in some pool, as of the last drain
         self._ssl_verified: ssl.SSLContext | None = None
         self._ssl_unverified: ssl.SSLContext | None = None
 
@@ -281,6 +282,9 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         conn.resume_reading()  # a pooled connection always reads, so a close by the upstream is noticed
+        live = self._live
+        if live is not None and (conn.key[1], conn.key[2]) not in live:
+            reusable = False  # the instance left its pool while this request ran: drained, not kept
         if not reusable or conn.closed or conn.transport is None:
             if conn.transport is not None and not conn.closed:
                 conn.transport.close()
@@ -296,6 +300,7 @@ class UpstreamPool:
         """Close idle connections to instances no longer in any pool (drain: the in-flight ones finish on
         their own connections); returns how many were closed."""
         closed = 0
+        self._live = live
         for key in [k for k in self._idle if (k[1], k[2]) not in live]:
             for conn in self._idle.pop(key):
                 if conn.transport is not None:

@@ -103,8 +103,9 @@ class Outliers:
         return back
 
     def success(self, key: str) -> None:
-        if key in self._failures:
-            del self._failures[key]
+        # Both counts go: failures in a row, and ejections in a row (so a later ejection starts at `base`).
+        if key in self._failures or key in self._count:
+            self._failures.pop(key, None)
             self._count.pop(key, None)
 
     def failure(self, key: str, now: float, pool_size: int) -> float | None:
@@ -128,8 +129,9 @@ class Outliers:
 
 class Pool:
     __slots__ = (
-        "_sticky_for", "_sticky_map", "algorithm", "balancer", "budget", "down", "endpoints", "hash_on",
-        "health_path", "in_flight", "joined", "outliers", "policy", "rng", "service", "sticky",
+        "_sticky_for", "_sticky_map", "algorithm", "balancer", "budget", "check_scheme", "check_skip_verify",
+        "down", "endpoints", "hash_on", "health_path", "in_flight", "joined", "outliers", "policy", "rng",
+        "service", "sticky",
     )
 
     def __init__(
@@ -155,6 +157,8 @@ class Pool:
         self.outliers = Outliers(after=policy.eject_after, base=policy.eject_base, max_share=policy.eject_max_share)
         self.down: set[str] = set()  # failing Ferryman's own active checks
         self.health_path: str | None = None  # service meta ferryman-health-path: checked by Ferryman itself
+        self.check_scheme = "http"  # how active checks reach the instances: as the service's routes do
+        self.check_skip_verify = False
         self.joined: dict[str, float] = {}  # instances still ramping up (slow start), since when
         self.rng = rng or random.Random()
         self.sticky: str | None = None  # name of the session cookie pinning a client to an instance
@@ -247,6 +251,16 @@ def balancing_of(
     return algorithm, (kind, name.lower() if kind == "header" else name), sticky
 
 
+def _set_checks(pool: Pool, service: ServiceRoutes, override: Mapping[str, str] | None) -> None:
+    """Active-check settings: the path from the config file, else service meta; scheme as the routes say."""
+    pool.health_path = (override or {}).get("health_path") or service.setting("health_path")
+    if not pool.health_path:
+        pool.down.clear()  # no checks run any more: nothing they found may keep an instance out
+    first = service.routes[0] if service.routes else None
+    pool.check_scheme = (first.option("proto") if first else None) or "http"
+    pool.check_skip_verify = bool(first and first.option("tlsskipverify") == "true")
+
+
 class Reconciled(NamedTuple):
     added: list[str]
     removed: list[str]
@@ -283,11 +297,11 @@ class Pools:
                     svc.name, svc.endpoints, algorithm=algorithm, hash_on=hash_on, policy=self.policy,
                 )
                 pool.sticky = sticky
-                pool.health_path = svc.setting("health_path")
+                _set_checks(pool, svc, self._overrides.get(svc.name))
                 added.append(svc.name)
                 continue
             pool.sticky = sticky
-            pool.health_path = svc.setting("health_path")
+            _set_checks(pool, svc, self._overrides.get(svc.name))
             if pool.algorithm != algorithm:
                 pool.algorithm = algorithm
                 pool.balancer = make_balancer(algorithm)

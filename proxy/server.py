@@ -421,7 +421,9 @@ class Exchange:
         value = sticky_value(endpoint)
         if hash_key(self.req, self.client.peer_text, ("cookie", name)) == value:
             return ()
-        return ((b"Set-Cookie", f"{name}={value}; Path=/; HttpOnly; SameSite=Lax".encode()),)
+        # Scoped to the route's path, so two services under one host keep their own pins.
+        path = self.route.path
+        return ((b"Set-Cookie", f"{name}={value}; Path={path}; HttpOnly; SameSite=Lax".encode()),)
 
     def on_body(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -484,6 +486,10 @@ class Exchange:
                 # Timeouts are not retried: the upstream may be working on it, and a retry doubles the load.
                 self.stale_retry_left = False
                 self.attempts = 0
+            if isinstance(error, UpstreamTimeout) and not isinstance(error, RequestTimeout):
+                # An instance that accepts but does not answer counts against it, like a refusal (Envoy's
+                # consecutive gateway failures): otherwise a hung backend keeps 1/N of requests waiting.
+                self._instance_failed(endpoint)
             self._attempt_failed(endpoint, error, connected=True)
             return
         self._stop_timer()

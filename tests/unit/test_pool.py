@@ -304,3 +304,33 @@ class TestSlowStart:
         assert early < 0.12  # about a tenth of its third
         assert 0.28 < late < 0.39  # ramped: its full third
         assert C.key not in web.joined
+
+
+class TestReviewRegressions:
+    """Ejection counts reset after a success; active-check state follows the health path's presence."""
+
+    def test_ejections_in_a_row_reset_by_a_success_after_readmission(self) -> None:
+        from proxy.pool import Outliers
+
+        outliers = Outliers(after=1, base=10.0)
+        assert outliers.failure("a", 0.0, 4) == 10.0
+        outliers.readmit_expired(10.0)
+        outliers.success("a")
+        assert outliers.failure("a", 100.0, 4) == 10.0  # not 20: the earlier ejection was not "in a row"
+
+    def test_down_cleared_when_checks_are_switched_off_and_path_from_config(self) -> None:
+        from discovery.model import ServiceRoutes
+
+        pools = Pools(overrides={"web": {"health_path": "/healthz"}})
+        routes = (RouteSpec("", "/", (("proto", "https"), ("tlsskipverify", "true"))),)
+        pools.reconcile(Snapshot((ServiceRoutes("web", routes, (A, B)),)))
+        web = pools.get("web")
+        assert web is not None
+        assert (web.health_path, web.check_scheme, web.check_skip_verify) == ("/healthz", "https", True)
+
+        web.down.add(A.key)
+        Pools.reconcile(pools, Snapshot((ServiceRoutes("web", routes, (A, B), settings=()),)))
+        assert web.down == {A.key}  # still checked (config), still out
+        pools._overrides = {}
+        pools.reconcile(Snapshot((ServiceRoutes("web", routes, (A, B)),)))
+        assert web.health_path is None and web.down == set()
