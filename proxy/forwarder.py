@@ -296,17 +296,14 @@ class UpstreamPool:
         conn.idle_since = time.monotonic()  # the event loop's clock (asyncio and uvloop use the monotonic clock)
         idle.append(conn)
 
-    def close_idle_except(self, live: set[tuple[str, int]]) -> int:
+    def close_idle_except(self, live: set[tuple[str, int]]) -> None:
         """Close idle connections to instances no longer in any pool (drain: the in-flight ones finish on
-        their own connections); returns how many were closed."""
-        closed = 0
+        their own connections, and are not pooled again)."""
         self._live = live
         for key in [k for k in self._idle if (k[1], k[2]) not in live]:
             for conn in self._idle.pop(key):
                 if conn.transport is not None:
                     conn.transport.close()
-                    closed += 1
-        return closed
 
     def forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)

@@ -150,12 +150,12 @@ class Exchange:
         "fresh",
         "head_request",
         "head_sent",
-        "key",
         "last_activity",
         "loop",
         "out",
         "over",
         "path",
+        "pin",
         "pool",
         "req",
         "reused",
@@ -189,7 +189,6 @@ class Exchange:
         self.head_request = req.method == "HEAD"
         self.endpoint: Endpoint | None = None
         self.conn: UpstreamConnection | None = None
-        self.key: tuple[str, str, int, bool] | None = None
         self.reused = False
         self.head_sent = False
         self.status = 0
@@ -200,6 +199,8 @@ class Exchange:
         self.armed = False  # the read timeout runs (checked by the server's sweeper, not a timer per request)
         self.over = False  # answered and recorded: every later callback is a no-op
         self.fresh = False  # the next attempt opens a new connection instead of taking a pooled one
+        # The sticky cookie's value the client sent, read once (used to pick, then to decide on Set-Cookie).
+        self.pin = hash_key(req, client.peer_text, ("cookie", pool.sticky)) if pool.sticky is not None else None
 
     # --- choosing an instance and sending ---
     def attempt(self) -> None:
@@ -212,8 +213,8 @@ class Exchange:
             for instance in pool.outliers.readmit_expired(self.loop.time()):
                 log.info("upstream_readmitted", service=self.service, instance=instance)
         endpoint = None
-        if pool.sticky is not None:
-            endpoint = pool.pinned(hash_key(self.req, client.peer_text, ("cookie", pool.sticky)), self.tried)
+        if self.pin is not None:
+            endpoint = pool.pinned(self.pin, self.tried)
         if endpoint is None:
             endpoint = pool.pick(
                 self.tried, hash_key(self.req, client.peer_text, pool.hash_on) if pool.hash_on else None,
@@ -419,7 +420,7 @@ class Exchange:
         if name is None or endpoint is None:
             return ()
         value = sticky_value(endpoint)
-        if hash_key(self.req, self.client.peer_text, ("cookie", name)) == value:
+        if self.pin == value:
             return ()
         # Scoped to the route's path, so two services under one host keep their own pins.
         path = self.route.path

@@ -334,3 +334,17 @@ class TestReviewRegressions:
         pools._overrides = {}
         pools.reconcile(Snapshot((ServiceRoutes("web", routes, (A, B)),)))
         assert web.health_path is None and web.down == set()
+
+
+class TestPolicyDefaults:
+    """PoolPolicy's defaults are the config's defaults (app.py builds one from the other by field name)."""
+
+    def test_same_as_config(self) -> None:
+        from dataclasses import fields
+
+        from proxy.config import DEFAULTS
+        from proxy.pool import PoolPolicy
+
+        assert {f.name: getattr(PoolPolicy(), f.name) for f in fields(PoolPolicy)} == {
+            f.name: getattr(DEFAULTS, f.name) for f in fields(PoolPolicy)
+        }
