@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CONSUL := $(VENV)/bin/consul
 SHARED_ENSURE_CONSUL := ../shared/bin/ensure-consul
 
-.PHONY: demo test bench lint clean consul venv
+.PHONY: demo test test-debs bench lint clean consul venv
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ferryman needs Python 3.11 or newer")'
@@ -34,7 +34,28 @@ consul: $(CONSUL)
 demo: $(VENV)/.installed $(CONSUL)
 	$(PY) -m demo.run --consul-bin $(CONSUL)
 
-test: $(VENV)/.installed $(CONSUL)
+# Install Debian packages that are missing (as root, or through sudo); used by `test` and `bench`.
+define APT_ENSURE
+	@missing=""; \
+	for p in $(1); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		echo "installing$$missing"; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+endef
+
+# The observability tests run a real Prometheus (its binary, with the test's own config; never the system
+# service) and a headless Chromium against the status page.
+TEST_DEBS := prometheus chromium
+
+test-debs:
+	$(call APT_ENSURE,$(TEST_DEBS))
+
+test: $(VENV)/.installed $(CONSUL) test-debs
 	CONSUL_BIN=$(abspath $(CONSUL)) $(PY) -m pytest -q
 
 # The benchmark (issue 3): Ferryman beside nginx, HAProxy and Caddy, through a real Consul agent, on loopback.
@@ -44,16 +65,7 @@ test: $(VENV)/.installed $(CONSUL)
 BENCH_DEBS := wrk nginx-light haproxy caddy
 
 bench: $(VENV)/.installed $(CONSUL)
-	@missing=""; \
-	for p in $(BENCH_DEBS); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
-		echo "bench: installing$$missing"; \
-		$$sudo apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	$(call APT_ENSURE,$(BENCH_DEBS))
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed

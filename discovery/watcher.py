@@ -74,14 +74,14 @@ class Watcher:
         *,
         prefix: str = DEFAULT_PREFIX,
         on_error: Callable[[str], None] | None = None,
-        on_request: Callable[[float], None] | None = None,
+        on_request: Callable[[str, float], None] | None = None,
         backoff_base: float = 0.05,
         backoff_cap: float = 5.0,
     ) -> None:
         self._source = source
         self._on_snapshot = on_snapshot
         self._on_error = on_error or (lambda reason: None)
-        self._on_request = on_request or (lambda seconds: None)
+        self._on_request = on_request or (lambda query, seconds: None)
         self._prefix = prefix
         self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
         self._catalog: dict[str, list[str]] | None = None
@@ -98,6 +98,11 @@ class Watcher:
     @property
     def last_snapshot(self) -> Snapshot | None:
         return self._last
+
+    @property
+    def reachable(self) -> bool:
+        """Consul answered the last query of every loop (no outage under way)."""
+        return self.last_success is not None and not self._failing
 
     async def run(self) -> None:
         """Run until cancelled; cancelling stops every loop."""
@@ -121,7 +126,7 @@ class Watcher:
                 index = 0
                 await asyncio.sleep(backoff.next_delay())
                 continue
-            self._on_request(time.monotonic() - started)
+            self._on_request("catalog", time.monotonic() - started)
             backoff.reset()
             self._succeeded("catalog")
             index = next_index(index, returned)
@@ -160,7 +165,7 @@ class Watcher:
                 index = 0
                 await asyncio.sleep(backoff.next_delay())
                 continue
-            self._on_request(time.monotonic() - started)
+            self._on_request("health", time.monotonic() - started)
             backoff.reset()
             self._succeeded(f"health:{service}")
             index = next_index(index, returned)

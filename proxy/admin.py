@@ -1,15 +1,30 @@
-"""The admin listener: /metrics (Prometheus text), /healthz (liveness), /api/routes (the current table)."""
+"""The admin listener (aiohttp): the status page, /metrics, /healthz, /ready, /api/routes, /api/status.
+
+- `/healthz`: liveness only (the process answers).
+- `/ready`: 200 once a first routing table came from discovery, 503 while draining (shutting down) or when
+  Consul last answered longer than `max_sync_age` ago: a proxy whose table silently went stale takes itself
+  out of its load balancer instead of routing to instances that may be long gone.
+- `/api/status`: routes in match order, every service's instances with state, in-flight and recent errors,
+  and the discovery state; `/` is a page that shows it and refreshes itself (static HTML + vanilla JS).
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from . import __version__
 from .pool import Pools
 from .server import Router
+from .state import Report
+
+STATUS_PAGE: Final = Path(__file__).with_name("static") / "status.html"
 
 
 def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
@@ -36,18 +51,86 @@ def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
     }
 
 
-def make_admin_app(router: Router, pools: Pools, exposition: Callable[[], bytes]) -> web.Application:
+def readiness(report: Report, max_sync_age: float, now: float) -> tuple[bool, str]:
+    """(ready, why) for /ready."""
+    if report.draining:
+        return False, "draining: shutting down"
+    if not report.synced:
+        return False, "no routing table from Consul yet"
+    if max_sync_age:
+        if report.last_success is None:
+            return False, "Consul has not answered yet"
+        age = now - report.last_success
+        if age > max_sync_age:
+            return False, f"routing table stale: Consul last answered {age:.1f} s ago (max_sync_age {max_sync_age:g} s)"
+    return True, "ready"
+
+
+def status_document(router: Router, report: Report, consul: str, max_sync_age: float, now: float) -> dict[str, Any]:
+    ready, why = readiness(report, max_sync_age, now)
+    return {
+        "version": __version__,
+        "ready": ready,
+        "ready_reason": why,
+        "draining": report.draining,
+        "discovery": {
+            "consul": consul,
+            "reachable": report.reachable,
+            "last_sync_age_s": None if report.last_success is None else round(max(0.0, now - report.last_success), 3),
+            "generation": report.generation,
+            "routes": report.routes,
+            "workers": report.workers,
+        },
+        "connections": report.connections,
+        "routes": [
+            {"id": r.id, "host": r.host or "*", "path": r.path, "service": r.service, "strip": r.strip,
+             "proto": r.scheme}
+            for r in router.current.routes
+        ],
+        "services": [
+            {"name": s.name, "algorithm": s.algorithm, "instances": [
+                {k: v for k, v in asdict(i).items() if k not in ("key", "label")} for i in s.instances
+            ]}
+            for s in report.services
+        ],
+    }
+
+
+def make_admin_app(
+    router: Router,
+    pools: Pools,
+    exposition: Callable[[], bytes],
+    report: Callable[[], Report],
+    *,
+    consul: str = "",
+    max_sync_age: float = 0.0,
+) -> web.Application:
+    async def status_page(_: web.Request) -> web.Response:
+        return web.Response(body=STATUS_PAGE.read_bytes(), content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-store"})
+
     async def metrics_handler(_: web.Request) -> web.Response:
         return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
+    async def ready(_: web.Request) -> web.Response:
+        ok, why = readiness(report(), max_sync_age, time.time())
+        return web.Response(text=why + "\n", status=200 if ok else 503, headers={"Cache-Control": "no-store"})
+
     async def api_routes(_: web.Request) -> web.Response:
         return web.json_response(routes_document(router, pools))
 
+    async def api_status(_: web.Request) -> web.Response:
+        document = status_document(router, report(), consul, max_sync_age, time.time())
+        return web.json_response(document, headers={"Cache-Control": "no-store"})
+
     app = web.Application()
+    app.router.add_get("/", status_page)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/ready", ready)
     app.router.add_get("/api/routes", api_routes)
+    app.router.add_get("/api/status", api_status)
     return app

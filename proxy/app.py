@@ -23,9 +23,10 @@ from . import logs
 from .admin import make_admin_app
 from .config import Settings
 from .forwarder import UpstreamPool
-from .metrics import Metrics
+from .metrics import Metrics, StateCollector
 from .pool import Pool, PoolPolicy, Pools
 from .server import ProxyContext, ProxyServer, Router
+from .state import Report, pools_state, write_report
 from .table import RoutingTable
 
 log = structlog.get_logger("ferryman")
@@ -33,6 +34,8 @@ log = structlog.get_logger("ferryman")
 # The proxy listener opens once the first routing table is in (so a new worker never answers 404 for routes
 # that exist), or after this long without one.
 _FIRST_SYNC_WAIT_S = 5.0
+# How often a worker writes its state report for the supervisor (status page, state gauges, /ready).
+REPORT_INTERVAL_S = 1.0
 
 
 class Ferryman:
@@ -48,11 +51,20 @@ class Ferryman:
         serve_admin: bool = True,
         reuse_port: bool = False,
         exposition: Callable[[], bytes] | None = None,
+        report: Callable[[], Report] | None = None,
+        report_dir: str | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.serve_proxy, self.serve_admin, self.reuse_port = serve_proxy, serve_admin, reuse_port
         self.exposition = exposition or self.metrics.exposition
+        # What the admin port reports: this process's state, or (supervisor) every worker's merged.
+        self.report_source = report or self.report
+        if exposition is None:
+            self.metrics.registry.register(StateCollector(self.report_source))
+        self.report_dir = report_dir  # a worker writes its report here for the supervisor
+        self._report_task: asyncio.Task[None] | None = None
+        self.draining = False
         self.router = Router()
         # PoolPolicy's fields are config keys of the same names.
         policy = PoolPolicy(**{f.name: getattr(settings, f.name) for f in fields(PoolPolicy)})
@@ -78,10 +90,10 @@ class Ferryman:
         table = RoutingTable.from_snapshot(snapshot, self.generation)
         changes = self.pools.reconcile(snapshot, now=time.monotonic())  # the event loop's clock
         self.router.current = table
+        for service in changes.added:
+            self.metrics.new_service(service)
         if changes.added or changes.removed or changes.changed:
             self.upstream.close_idle_except({(e.address, e.port) for p in self.pools for e in p.endpoints})
-        self.metrics.set_pools((p.service, len(p)) for p in self.pools)
-        self.metrics.routes.set(len(table.routes))
         self.metrics.discovery_updates.inc()
         for problem in set(table.conflicts) - self._conflicts:
             log.warning(problem.kind, service=problem.service, route=problem.item, error=problem.detail)
@@ -97,6 +109,7 @@ class Ferryman:
         self._watcher = Watcher(
             self._consul, self.apply, prefix=s.tag_prefix,
             on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
+            on_request=self.metrics.observe_consul,
         )
         self._watch_task = asyncio.get_running_loop().create_task(self._watcher.run(), name="consul-watcher")
         if self.serve_proxy:
@@ -110,17 +123,48 @@ class Ferryman:
             self._proxy = ProxyServer(ProxyContext(
                 router=self.router, pools=self.pools, upstream=self.upstream, metrics=self.metrics,
                 max_attempts=s.max_attempts, read_timeout=s.read_timeout, idle_timeout=s.client_idle_timeout,
-                listen_port=listen.port, proto="http", access_log=logs.access_writer() if s.access_log else None,
-                loop=asyncio.get_running_loop(),
+                listen_port=listen.port, proto="http",
+                access_log=logs.access_writer(s.access_log_format, s.access_log_file) if s.access_log else None,
+                access_sample=s.access_log_sample, loop=asyncio.get_running_loop(),
             ))
             await self._proxy.start(listen.host, listen.port, reuse_port=self.reuse_port)
         if self.serve_admin:
-            admin_runner = web.AppRunner(make_admin_app(self.router, self.pools, self.exposition), access_log=None)
+            admin_runner = web.AppRunner(make_admin_app(
+                self.router, self.pools, self.exposition, self.report_source, consul=s.consul_addr,
+                max_sync_age=s.max_sync_age,
+            ), access_log=None)
             await admin_runner.setup()
             self._runners.append(admin_runner)
             await web.TCPSite(admin_runner, admin.host, admin.port).start()
+        if self.report_dir is not None:
+            self._report_task = asyncio.get_running_loop().create_task(self._write_reports(), name="state-report")
         log.info("ferryman_started", listen=str(listen) if self.serve_proxy else None,
                  admin=str(admin) if self.serve_admin else None, consul=s.consul_addr)
+
+    def report(self) -> Report:
+        """This process's state now (called on the event loop)."""
+        watcher = self._watcher
+        return Report(
+            services=pools_state(self.pools, asyncio.get_running_loop().time()),
+            connections=len(self._proxy.connections) if self._proxy is not None else 0,
+            synced=watcher is not None and watcher.synced.is_set(),
+            reachable=watcher is not None and watcher.reachable,
+            last_success=watcher.last_success if watcher is not None else None,
+            generation=self.generation,
+            routes=len(self.router.current.routes),
+            draining=self.draining,
+            at=time.time(),
+        )
+
+    async def _write_reports(self) -> None:
+        assert self.report_dir is not None
+        while True:
+            self.metrics.flush_bytes()
+            try:
+                write_report(self.report_dir, self.report())
+            except OSError as exc:
+                log.warning("state_report_failed", error=str(exc))
+            await asyncio.sleep(REPORT_INTERVAL_S)
 
     async def _active_checks(self) -> None:
         """Ferryman's own checks, for services whose meta names a `ferryman-health-path`: every interval a GET
@@ -164,7 +208,18 @@ class Ferryman:
             return False
         return True
 
+    async def drain(self) -> None:
+        """Say not-ready (/ready 503) and keep serving for `drain_delay` seconds, so load balancers in front
+        stop sending before the listener closes."""
+        self.draining = True
+        if self._report_task is not None and self.report_dir is not None:
+            write_report(self.report_dir, self.report())
+        if self.settings.drain_delay > 0:
+            log.info("ferryman_draining", drain_delay_s=self.settings.drain_delay)
+            await asyncio.sleep(self.settings.drain_delay)
+
     async def stop(self) -> None:
+        self.draining = True
         log.info("ferryman_stopping", shutdown_timeout_s=self.settings.shutdown_timeout)
         # Listeners first (in-flight requests finish within shutdown_timeout), then discovery and clients.
         if self._proxy is not None:
@@ -173,7 +228,7 @@ class Ferryman:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        for task in (self._watch_task, self._checks_task):
+        for task in (self._watch_task, self._checks_task, self._report_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

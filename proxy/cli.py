@@ -15,7 +15,7 @@ from .workers import effective_workers, run_event_loop, run_supervisor, serve
 
 _HELP = {
     "listen": "proxy listener, host:port",
-    "admin_listen": "admin listener (/metrics, /healthz, /api/routes), host:port",
+    "admin_listen": "admin listener (status page, /metrics, /healthz, /ready, /api/routes, /api/status), host:port",
     "consul_addr": "Consul HTTP API, host:port or http(s)://host:port",
     "consul_token": "Consul ACL token",
     "consul_dc": "Consul datacenter (default: the agent's)",
@@ -24,6 +24,9 @@ _HELP = {
     "log_format": "auto (json unless stdout is a terminal), json or console",
     "log_level": "debug, info, warning or error",
     "access_log": "one log line per request (true/false)",
+    "access_log_format": "json, common or combined (NCSA, as nginx and Apache write them)",
+    "access_log_file": "file the access log is appended to; empty = with the other log lines on stdout",
+    "access_log_sample": "share of successful (< 400) requests logged, 0..1; errors are always logged",
     "log_flush_interval": "seconds info lines (the access log) may wait in a buffer; 0 writes each at once",
     "connect_timeout": "seconds to connect to an upstream",
     "read_timeout": "seconds an upstream may stay silent (head or body) before 504 / abort",
@@ -31,6 +34,8 @@ _HELP = {
     "upstream_keepalive": "idle keep-alive connections kept per upstream instance",
     "upstream_idle_timeout": "seconds an idle upstream keep-alive connection is kept",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
+    "drain_delay": "seconds /ready answers 503 on SIGTERM before the listener closes (for load balancers)",
+    "max_sync_age": "seconds without an answer from Consul after which /ready answers 503; 0 = never",
     "client_idle_timeout": "seconds a client connection may wait idle, or send a request head, before it is closed",
     "workers": "proxy processes sharing the listener (SO_REUSEPORT); 0 = one per CPU",
     "eject_after": "consecutive failures of an instance before it is ejected",

@@ -55,6 +55,9 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     access_log: bool = True
+    access_log_format: str = "json"
+    access_log_file: str = ""
+    access_log_sample: float = 1.0
     log_flush_interval: float = 0.25
     connect_timeout: float = 2.0
     read_timeout: float = 30.0
@@ -62,6 +65,8 @@ class Settings:
     upstream_keepalive: int = 64
     upstream_idle_timeout: float = 30.0
     shutdown_timeout: float = 10.0
+    drain_delay: float = 0.0
+    max_sync_age: float = 60.0
     client_idle_timeout: float = 75.0
     workers: int = 0
     eject_after: int = 3
@@ -138,6 +143,10 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
     "client_idle_timeout": _positive,
     "upstream_idle_timeout": _positive,
     "shutdown_timeout": _between(0, 3600),
+    "drain_delay": _between(0, 3600),
+    "max_sync_age": _between(0, 86400),
+    "access_log_format": _choice("json", "common", "combined"),
+    "access_log_sample": _between(0, 1),
     "workers": _between(0, 256),
     "eject_after": _between(1, 1000),
     "eject_base": _between(0.1, 3600),
@@ -215,8 +224,9 @@ def _key_line(text: str, key: str) -> int | None:
     return None
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read and validate a TOML config file: {key: value}; ConfigError naming file, line and key."""
+def load_file(path: str | Path, sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """Read and validate a TOML config file: {key: value}; ConfigError naming file, line and key. Where each
+    key was set goes into `sources` (file:line)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -242,6 +252,8 @@ def load_file(path: str | Path) -> dict[str, Any]:
         except ValueError as exc:
             raise ConfigError(f"{where}: key {key!r}: {exc}") from exc
         out[key] = value
+        if sources is not None:
+            sources[key] = where
     return out
 
 
@@ -302,8 +314,29 @@ def load(
     *, config_file: str | None, environ: Mapping[str, str], flags: Mapping[str, str | None]
 ) -> Settings:
     merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     if config_file:
-        merged.update(load_file(config_file))
-    merged.update(load_env(environ))
-    merged.update(load_flags(flags))
-    return Settings(**merged)
+        merged.update(load_file(config_file, sources))
+    from_env = load_env(environ)
+    merged.update(from_env)
+    sources.update({key: f"environment variable {env_name(key)}" for key in from_env})
+    from_flags = load_flags(flags)
+    merged.update(from_flags)
+    sources.update({key: f"flag {flag_name(key)}" for key in from_flags})
+    settings = Settings(**merged)
+    _check_together(settings, sources)
+    return settings
+
+
+def _check_together(settings: Settings, sources: Mapping[str, str]) -> None:
+    """Rules between keys, reported where the key that breaks them was set."""
+    # A healthy blocking query answers within consul_wait plus up to 1/16 of jitter: a shorter bound would
+    # flap /ready on a quiet, healthy cluster.
+    floor = settings.consul_wait * 17 / 16 + 1
+    if settings.max_sync_age and settings.max_sync_age <= floor:
+        key = "max_sync_age" if "max_sync_age" in sources or "consul_wait" not in sources else "consul_wait"
+        raise ConfigError(
+            f"{sources.get(key, 'default')}: key {key!r}: max_sync_age ({settings.max_sync_age:g} s) must be "
+            f"longer than consul_wait ({settings.consul_wait:g} s) plus its jitter and a second, over "
+            f"{floor:g} s (or 0 to turn the readiness watchdog off)"
+        )

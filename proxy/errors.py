@@ -15,12 +15,16 @@ class ProxyError(Exception):
     status: ClassVar[int] = 502
     reason: ClassVar[str] = "proxy_error"
 
-    def __init__(self, message: str, *, retryable: bool = False, nothing_received: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False, nothing_received: bool = False,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.nothing_received = nothing_received
         self.upstream = ""
+        self.headers = headers  # extra response headers for the answer (Retry-After on a 503)
 
 
 class BadRequest(ProxyError):

@@ -23,8 +23,10 @@ HOP_BY_HOP: Final = frozenset(
 # Describe this hop, so an incoming value is replaced: a client cannot claim https or another host.
 X_FORWARDED_FOR: Final = b"x-forwarded-for"
 _THIS_HOP: Final = frozenset(
-    {b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip", b"forwarded"}
+    {b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip", b"forwarded", b"x-request-id"}
 )
+# The request id the proxy settled on (the client's, when sane, else a new one) goes both ways, once.
+X_REQUEST_ID: Final = b"x-request-id"
 # The proxy answers `Expect: 100-continue` itself once it has an upstream for the request (RFC 9110 §10.1.1).
 _EXPECT: Final = b"expect"
 _CRLF: Final = b"\r\n"
@@ -78,6 +80,7 @@ def upstream_request_head(
     port: bytes,
     default_host: bytes,
     chunked: bool,
+    request_id: bytes = b"",
 ) -> bytes:
     """The HTTP/1.1 request head for the upstream.
 
@@ -123,6 +126,8 @@ def upstream_request_head(
     if client_ip:
         out += (b"X-Real-IP: ", client_ip, _CRLF)
     out += (b"Forwarded: ", forwarded_element(client_ip, host, proto), _CRLF)
+    if request_id:
+        out += (b"X-Request-ID: ", request_id, _CRLF)
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     out.append(_CRLF)
@@ -147,10 +152,11 @@ def forwarded_element(client_ip: bytes, host: bytes | None, proto: bytes) -> byt
 
 def client_response_head(
     status: int, reason: bytes, headers: Headers, *, chunked: bool, keep_alive: bool, http10: bool,
-    extra: Headers = (),
+    extra: Headers = (), request_id: bytes = b"",
 ) -> bytes:
     """The response head for the client: the upstream's end-to-end headers (repeated ones such as Set-Cookie
-    kept apart, in order), then this hop's framing and connection headers."""
+    kept apart, in order), then this hop's framing and connection headers. With a `request_id`, the
+    upstream's own X-Request-ID gives way to it, so the client sees the id the proxy logged."""
     kept: list[Header] = []
     connection: list[bytes] = []
     for pair in headers:
@@ -158,7 +164,7 @@ def client_response_head(
         if lower in HOP_BY_HOP:
             if lower == b"connection":
                 connection.append(pair[1])
-        else:
+        elif lower != X_REQUEST_ID or not request_id:
             kept.append(pair)
     if connection:
         kept = _drop_named(kept, connection)
@@ -167,6 +173,8 @@ def client_response_head(
         out += (name, _SEP, value, _CRLF)
     for name, value in extra:  # headers this hop adds (a sticky-session cookie)
         out += (name, _SEP, value, _CRLF)
+    if request_id:
+        out += (b"X-Request-ID: ", request_id, _CRLF)
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if not keep_alive:
@@ -177,7 +185,10 @@ def client_response_head(
     return b"".join(out)
 
 
-def error_response(status: int, message: str, *, keep_alive: bool, http10: bool = False) -> bytes:
+def error_response(
+    status: int, message: str, *, keep_alive: bool, http10: bool = False, request_id: bytes = b"",
+    extra: Headers = (),
+) -> bytes:
     """A complete short plain-text answer the proxy gives itself (404, 502, ...)."""
     body = f"{status} {message}\n".encode()
     head = [
@@ -185,6 +196,8 @@ def error_response(status: int, message: str, *, keep_alive: bool, http10: bool 
         STATUS_REASONS.get(status, b"Error"), _CRLF,
         b"Content-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n",
         b"Content-Length: ", str(len(body)).encode(), _CRLF,
+        *(b"X-Request-ID: " + request_id + _CRLF for _ in (1,) if request_id),
+        *(name + _SEP + value + _CRLF for name, value in extra),
         b"Connection: keep-alive\r\n" if keep_alive and http10 else b"" if keep_alive else b"Connection: close\r\n",
         _CRLF,
     ]

@@ -9,15 +9,49 @@ wins and the disagreement is reported. A changed algorithm replaces the balancer
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import random
 from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from discovery.model import Endpoint, ServiceRoutes, Snapshot
 
 from .balancer import DEFAULT_BALANCER, Balancer, make_balancer
+
+ERROR_WINDOW_S: Final = 60.0
+
+
+class RecentErrors:
+    """Failed attempts per instance over the last `window` seconds (timestamps, pruned when read).
+    Errors are rare next to requests, so a deque per failing instance is cheap; each is capped."""
+
+    __slots__ = ("_times", "window")
+
+    def __init__(self, window: float = ERROR_WINDOW_S, cap: int = 10_000) -> None:
+        self.window = window
+        self._times: dict[str, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=cap)
+        )
+
+    def add(self, key: str, now: float) -> None:
+        self._times[key].append(now)
+
+    def count(self, key: str, now: float) -> int:
+        times = self._times.get(key)
+        if times is None:
+            return 0
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._times[key]
+            return 0
+        return len(times)
+
+    def forget_except(self, keys: set[str]) -> None:
+        for key in [k for k in self._times if k not in keys]:
+            del self._times[key]
 
 
 class RetryBudget:
@@ -130,8 +164,8 @@ class Outliers:
 class Pool:
     __slots__ = (
         "_sticky_for", "_sticky_map", "algorithm", "balancer", "budget", "check_scheme", "check_skip_verify",
-        "down", "endpoints", "hash_on", "health_path", "in_flight", "joined", "outliers", "policy", "rng",
-        "service", "sticky",
+        "departed", "down", "endpoints", "errors", "hash_on", "health_path", "in_flight", "joined", "outliers",
+        "policy", "rng", "service", "sticky",
     )
 
     def __init__(
@@ -160,6 +194,9 @@ class Pool:
         self.check_scheme = "http"  # how active checks reach the instances: as the service's routes do
         self.check_skip_verify = False
         self.joined: dict[str, float] = {}  # instances still ramping up (slow start), since when
+        self.errors = RecentErrors()  # failed attempts per instance, for the status page
+        # Instances that left while requests to them were in flight (draining), until those finish.
+        self.departed: dict[str, Endpoint] = {}
         self.rng = rng or random.Random()
         self.sticky: str | None = None  # name of the session cookie pinning a client to an instance
         self._sticky_for: tuple[Endpoint, ...] | None = None
@@ -314,8 +351,12 @@ class Pools:
                         if endpoint.key not in known:
                             pool.joined[endpoint.key] = now
                 keys = {e.key for e in svc.endpoints}
+                for endpoint in pool.endpoints:
+                    if endpoint.key not in keys and pool.in_flight.get(endpoint.key):
+                        pool.departed[endpoint.key] = endpoint
                 pool.endpoints = svc.endpoints
                 pool.outliers.forget_except(keys)
+                pool.errors.forget_except(keys)
                 pool.down &= keys
                 for gone in [k for k in pool.joined if k not in keys]:
                     del pool.joined[gone]

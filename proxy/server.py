@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import random
+import re
 import socket
 import struct
 import time
@@ -48,7 +50,7 @@ from .errors import (
 from .forwarder import FRAMING_CHUNKED, FRAMING_EOF, UpstreamConnection, UpstreamPool
 from .headers import client_response_head, error_response, upstream_request_head
 from .logs import AccessWriter
-from .metrics import NO_SERVICE, Metrics
+from .metrics import NO_ROUTE, NO_SERVICE, Metrics
 from .pool import Pool, Pools, sticky_value
 from .table import Route, RoutingTable
 
@@ -70,6 +72,22 @@ BODY_NONE: Final = 0
 BODY_LENGTH: Final = 1
 BODY_CHUNKED: Final = 2
 
+# A client's X-Request-ID is kept when it is a plain token of sane length; anything else is replaced by a
+# fresh id (128 random bits in hex, as nginx's $request_id), so a log line cannot be forged through it.
+_SANE_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._~:@+/=-]{1,128}\Z").match
+_ids = random.Random()
+
+
+def new_request_id() -> bytes:
+    return b"%032x" % _ids.getrandbits(128)
+
+
+def request_log(req: Request, level: str, event: str, **fields: object) -> None:
+    """A log line about one request, with its request id bound through structlog's context variables for
+    the line (the engine runs requests as callbacks, with no task of their own to hold a context)."""
+    with structlog.contextvars.bound_contextvars(request_id=req.request_id.decode("latin-1")):
+        getattr(log, level)(event, **fields)
+
 
 class Router:
     """Holds the current table; replaced whole by one assignment (atomic on the event loop)."""
@@ -87,7 +105,7 @@ class ClientGone(Exception):
 class Request:
     __slots__ = (
         "bad", "body_done", "body_kind", "body_sent", "buffer", "buffered", "expect_continue", "headers", "host",
-        "http10", "keep_alive", "method", "sink", "target",
+        "http10", "keep_alive", "method", "request_id", "sink", "target",
     )
 
     def __init__(self) -> None:
@@ -105,20 +123,21 @@ class Request:
         self.buffered = 0
         self.sink: Exchange | None = None
         self.bad: ProxyError | None = None  # a request that parsed but must be refused (answered in order)
+        self.request_id = b""
 
 
 class ProxyContext:
     """What every connection needs, gathered once."""
 
     __slots__ = (
-        "access_log", "idle_timeout", "listen_port", "loop", "max_attempts", "metrics", "pools", "proto",
-        "read_timeout", "router", "upstream",
+        "access_log", "access_sample", "idle_timeout", "listen_port", "loop", "max_attempts", "metrics", "pools",
+        "proto", "read_timeout", "router", "upstream",
     )
 
     def __init__(
         self, *, router: Router, pools: Pools, upstream: UpstreamPool, metrics: Metrics, max_attempts: int,
         read_timeout: float, idle_timeout: float, listen_port: int, proto: str, access_log: AccessWriter | None,
-        loop: asyncio.AbstractEventLoop,
+        loop: asyncio.AbstractEventLoop, access_sample: float = 1.0,
     ) -> None:
         self.router, self.pools, self.upstream, self.metrics = router, pools, upstream, metrics
         self.max_attempts = max(1, max_attempts)
@@ -126,6 +145,7 @@ class ProxyContext:
         self.listen_port = str(listen_port).encode()
         self.proto = proto.encode()
         self.access_log = access_log
+        self.access_sample = access_sample  # share of successful (< 400) requests logged; errors always are
         self.loop = loop
 
 
@@ -160,12 +180,14 @@ class Exchange:
         "req",
         "reused",
         "route",
+        "sent_at",
         "service",
         "stale_retry_left",
         "started",
         "status",
         "target",
         "tried",
+        "upstream_s",
     )
 
     def __init__(
@@ -193,6 +215,8 @@ class Exchange:
         self.head_sent = False
         self.status = 0
         self.bytes_out = 0
+        self.sent_at = 0.0
+        self.upstream_s: float | None = None  # request sent to response head received, on the last attempt
         self.chunked_out = False
         self.out: list[bytes] = []  # response bytes from the current upstream read, written once by flush()
         self.last_activity = 0.0
@@ -211,7 +235,7 @@ class Exchange:
         pool = self.pool
         if pool.outliers.ejected:
             for instance in pool.outliers.readmit_expired(self.loop.time()):
-                log.info("upstream_readmitted", service=self.service, instance=instance)
+                request_log(self.req, "info", "upstream_readmitted", service=self.service, instance=instance)
         endpoint = None
         if self.pin is not None:
             endpoint = pool.pinned(self.pin, self.tried)
@@ -241,7 +265,7 @@ class Exchange:
             self._attempt_failed(endpoint, err, connected=False)
             return
         except Exception:  # a bug, not an upstream failure: answer 500 rather than leave the client hanging
-            log.exception("proxy_internal_error", service=self.service, path=self.path)
+            request_log(self.req, "exception", "proxy_internal_error", service=self.service, path=self.path)
             self._answer(ProxyInternalError("internal proxy error"))
             return
         if self.over or self.client.closing:
@@ -261,9 +285,11 @@ class Exchange:
         if client.writing_paused:
             conn.pause_reading()  # the client is still behind on an earlier answer on this connection
         self._arm_timer()
+        self.sent_at = time.perf_counter()
         conn.send(upstream_request_head(
             req.method.encode(), self.target, req.headers, client_ip=client.peer, proto=cfg.proto,
             port=cfg.listen_port, default_host=endpoint.authority.encode(), chunked=req.body_kind == BODY_CHUNKED,
+            request_id=req.request_id,
         ), self, head_request=self.head_request)
         if req.body_kind != BODY_NONE:
             client.attach_body(req, self)
@@ -325,21 +351,23 @@ class Exchange:
 
     def _instance_failed(self, endpoint: Endpoint) -> None:
         pool = self.pool
-        ejected_for = pool.outliers.failure(endpoint.key, self.loop.time(), len(pool.endpoints))
+        now = self.loop.time()
+        pool.errors.add(endpoint.key, now)
+        ejected_for = pool.outliers.failure(endpoint.key, now, len(pool.endpoints))
         if ejected_for is not None:
-            log.warning("upstream_ejected", service=self.service, upstream=endpoint.authority,
+            request_log(self.req, "warning", "upstream_ejected", service=self.service, upstream=endpoint.authority,
                         instance=endpoint.key, for_s=ejected_for)
             self.client.cfg.metrics.ejections.labels(self.service).inc()
 
     def _count_retry(self, endpoint: Endpoint, err: ProxyError) -> None:
-        log.info("upstream_retry", service=self.service, upstream=endpoint.authority, reason=err.reason,
-                 error=err.message, attempt=len(self.tried))
+        request_log(self.req, "info", "upstream_retry", service=self.service, upstream=endpoint.authority,
+                    reason=err.reason, error=err.message, attempt=len(self.tried))
         self.client.cfg.metrics.retries.labels(self.service).inc()
 
     def _answer(self, err: ProxyError) -> None:
         if not self.over:
             self.over = True
-            self.client.answer_error(self.req, err, self.service, self.started, self.path)
+            self.client.answer_error(self.req, err, self.service, self.started, self.path, self.route.id)
 
     # --- request body, client -> upstream ---
     def send_body(self, data: bytes) -> None:
@@ -387,6 +415,7 @@ class Exchange:
 
     # --- response, upstream -> client (ResponseSink) ---
     def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int) -> None:
+        self.upstream_s = time.perf_counter() - self.sent_at
         self.last_activity = self.loop.time()
         req = self.req
         keep_alive = req.keep_alive
@@ -406,11 +435,13 @@ class Exchange:
             if status >= 500 and self.pool.policy.eject_on_5xx:
                 self._instance_failed(self.endpoint)
             else:
+                if status >= 500:
+                    self.pool.errors.add(self.endpoint.key, self.loop.time())
                 self.pool.outliers.success(self.endpoint.key)
         self._arm_timer()  # an upstream may answer before it read the whole body: its silence counts from now
         self.out.append(client_response_head(
             status, reason, headers, chunked=self.chunked_out, keep_alive=keep_alive, http10=req.http10,
-            extra=self._sticky_cookie() if self.pool.sticky is not None else (),
+            extra=self._sticky_cookie() if self.pool.sticky is not None else (), request_id=req.request_id,
         ))
 
     def _sticky_cookie(self) -> tuple[tuple[bytes, bytes], ...]:
@@ -495,7 +526,7 @@ class Exchange:
             return
         self._stop_timer()
         # The head is out: the only honest signal left is to cut the connection.
-        log.warning("upstream_body_aborted", service=self.service, upstream=error.upstream or
+        request_log(self.req, "warning", "upstream_body_aborted", service=self.service, upstream=error.upstream or
                     (endpoint.authority if endpoint else ""), reason=error.reason, error=error.message,
                     bytes=self.bytes_out)
         self.req.keep_alive = False
@@ -513,8 +544,8 @@ class Exchange:
         if status == 499:
             self.req.keep_alive = False
         client = self.client
-        client.record(self.req, self.service, status, self.started,
-                      self.endpoint.authority if self.endpoint else "", self.bytes_out, self.path)
+        client.record(self.req, self.service, self.route.id, status, self.started,
+                      self.endpoint.authority if self.endpoint else "", self.bytes_out, self.path, self.upstream_s)
         client.finished(self.req)
 
     def _stop_timer(self) -> None:
@@ -701,6 +732,8 @@ class ClientConnection(asyncio.Protocol):
                 coding = coding + b"," + value if coding else value
             elif lower == b"expect" and value.lower() == b"100-continue":
                 req.expect_continue = True
+            elif lower == b"x-request-id":
+                req.request_id = value
         if hosts > 1:
             # RFC 9112 §3.2: more than one Host is a 400; routing on one while the upstream reads another is
             # how requests reach hosts they were not routed to.
@@ -826,6 +859,9 @@ class ClientConnection(asyncio.Protocol):
         started = time.perf_counter()
         path = req.target.partition(b"?")[0].decode("latin-1")
         service = NO_SERVICE
+        route_id = NO_ROUTE
+        if not req.request_id or _SANE_REQUEST_ID(req.request_id) is None:
+            req.request_id = new_request_id()
         try:
             if req.bad is not None:
                 raise req.bad
@@ -833,6 +869,7 @@ class ClientConnection(asyncio.Protocol):
             if route is None:
                 raise NoRoute("no route for this host and path")
             service = route.service
+            route_id = route.id
             pool = self.cfg.pools.get(service)
             if pool is None or not pool.endpoints:
                 raise NoHealthyEndpoint(f"no healthy instance of service {service!r}")
@@ -840,28 +877,33 @@ class ClientConnection(asyncio.Protocol):
                 route.upstream_target(req.target.decode("latin-1")).encode("latin-1")
             )
         except ProxyError as err:
-            self.answer_error(req, err, service, started, path)
+            self.answer_error(req, err, service, started, path, route_id)
             return
         exchange = self.exchange = Exchange(self, req, route, pool, target, started, path)
         exchange.attempt()
 
-    def answer_error(self, req: Request, err: ProxyError, service: str, started: float, path: str) -> None:
-        log.warning("proxy_error", status=err.status, reason=err.reason, error=err.message,
+    def answer_error(
+        self, req: Request, err: ProxyError, service: str, started: float, path: str, route_id: str,
+    ) -> None:
+        request_log(req, "warning", "proxy_error", status=err.status, reason=err.reason, error=err.message,
                     service=service, upstream=err.upstream, method=req.method, path=path)
         if not req.body_done or self.server.stopping:
             req.keep_alive = False  # the unread rest of the body would be taken for the next request
-        self.write(error_response(err.status, err.message, keep_alive=req.keep_alive, http10=req.http10))
-        self.record(req, service, err.status, started, err.upstream, 0, path)
+        self.write(error_response(
+            err.status, err.message, keep_alive=req.keep_alive, http10=req.http10, request_id=req.request_id,
+            extra=err.headers,
+        ))
+        self.record(req, service, route_id, err.status, started, err.upstream, 0, path, None)
         self.finished(req)
 
-    def record(self, req: Request, service: str, status: int, started: float, upstream: str, sent: int,
-               path: str) -> None:
+    def record(self, req: Request, service: str, route_id: str, status: int, started: float, upstream: str,
+               sent: int, path: str, upstream_s: float | None) -> None:
         cfg = self.cfg
         elapsed = time.perf_counter() - started
-        cfg.metrics.observe_request(service, req.method, status, elapsed)
-        if cfg.access_log is not None:
-            cfg.access_log(req.method, req.host.decode("latin-1"), path, status, service, upstream,
-                           round(elapsed * 1000, 3), sent, self.peer_text)
+        cfg.metrics.observe_request(service, route_id, req.method, status, elapsed, upstream_s, req.body_sent, sent)
+        access_log = cfg.access_log
+        if access_log is not None and (status >= 400 or cfg.access_sample >= 1.0 or _ids.random() < cfg.access_sample):
+            access_log(req, path, status, service, upstream, round(elapsed * 1000, 3), sent, self.peer_text)
 
     def attach_body(self, req: Request, exchange: Exchange) -> None:
         """From now on the request body goes to the upstream as it arrives; what waited in the buffer first."""
@@ -883,7 +925,7 @@ class ClientConnection(asyncio.Protocol):
         """A request llhttp (or a limit) rejected: answer it after the requests before it, then close."""
         log.warning("client_protocol_error", status=err.status, reason=err.reason, error=err.message,
                     client=self.peer.decode())
-        self.cfg.metrics.observe_request(NO_SERVICE, "OTHER", err.status, 0.0)
+        self.cfg.metrics.observe_request(NO_SERVICE, NO_ROUTE, "OTHER", err.status, 0.0)
         bad = self._req
         self._req = None
         if bad is not None and bad in self._queue:

@@ -20,16 +20,24 @@ import signal
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
 import structlog
 
 from . import logs
 from .config import Settings
+from .metrics import StateCollector
+from .state import Report, merge, read_reports, remove_report
+
+if TYPE_CHECKING:
+    from .app import Ferryman
 
 log = structlog.get_logger("ferryman.supervisor")
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _MIN_HEALTHY_RUN_S = 5.0
+# A worker's state report older than this counts as missing (the worker hangs): /ready says not ready.
+_REPORT_MAX_AGE_S = 5.0
 
 
 def effective_workers(settings: Settings) -> int:
@@ -46,8 +54,8 @@ def run_event_loop(main: object) -> None:
     uvloop.run(main)  # type: ignore[arg-type]
 
 
-async def serve(settings: Settings, **kwargs: object) -> None:
-    """Run one Ferryman until SIGTERM or SIGINT."""
+async def serve(settings: Settings, *, drain: bool = True, **kwargs: object) -> None:
+    """Run one Ferryman until SIGTERM or SIGINT; then drain (when `drain`) and stop."""
     from .app import Ferryman
 
     app = Ferryman(settings, **kwargs)  # type: ignore[arg-type]
@@ -60,6 +68,8 @@ async def serve(settings: Settings, **kwargs: object) -> None:
     flusher = logs.start_flushing(settings.log_flush_interval)
     try:
         await stop.wait()
+        if drain:
+            await app.drain()
     finally:
         await app.stop()
         if flusher is not None:
@@ -79,7 +89,10 @@ def _settle_gc() -> None:
 def _worker_main(settings: Settings, index: int) -> None:
     logs.configure(settings.log_format, settings.log_level, buffered=settings.log_flush_interval > 0)
     structlog.contextvars.bind_contextvars(worker=index)
-    run_event_loop(serve(settings, serve_admin=False, reuse_port=True))
+    # The supervisor drains (says not-ready for drain_delay) before it stops the workers.
+    run_event_loop(serve(
+        settings, drain=False, serve_admin=False, reuse_port=True, report_dir=os.environ[_MULTIPROC_ENV],
+    ))
 
 
 class Supervisor:
@@ -90,6 +103,7 @@ class Supervisor:
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: dict[int, tuple[BaseProcess, float]] = {}
         self.failed = False
+        self._admin: Ferryman | None = None
 
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(target=_worker_main, args=(self.settings, index), name=f"ferryman-worker-{index}")
@@ -103,7 +117,15 @@ class Supervisor:
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+        registry.register(StateCollector(self.report))
         return generate_latest(registry)
+
+    def report(self) -> Report:
+        """The supervisor's own view of Consul (membership) merged with what every live worker reported."""
+        assert self._admin is not None
+        pids = [proc.pid for proc, _ in self._workers.values() if proc.pid is not None and proc.is_alive()]
+        workers = read_reports(self.metrics_dir, pids, time.time(), max_age=_REPORT_MAX_AGE_S)
+        return merge(self._admin.report(), workers, expected=self.count)
 
     async def run(self) -> None:
         from prometheus_client.multiprocess import mark_process_dead
@@ -114,7 +136,9 @@ class Supervisor:
         os.environ[_MULTIPROC_ENV] = self.metrics_dir
         for index in range(self.count):
             self._spawn(index)
-        admin = Ferryman(self.settings, serve_proxy=False, exposition=self.exposition)
+        admin = self._admin = Ferryman(
+            self.settings, serve_proxy=False, exposition=self.exposition, report=self.report,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -127,6 +151,8 @@ class Supervisor:
                     if proc.is_alive():
                         continue
                     mark_process_dead(proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+                    if proc.pid is not None:
+                        remove_report(self.metrics_dir, proc.pid)
                     ran = time.monotonic() - started
                     log.error("worker_exited", worker=index, pid=proc.pid, exitcode=proc.exitcode,
                               ran_s=round(ran, 1))
@@ -139,6 +165,7 @@ class Supervisor:
                     await asyncio.wait_for(stop.wait(), 0.5)
                 except TimeoutError:
                     pass
+            await admin.drain()
         finally:
             await self._stop_workers()
             await admin.stop()

@@ -308,9 +308,11 @@ class TestAdmin:
         status, body, headers = await fetch(http, f"{ferryman.admin_url}/metrics")
         text = body.decode()
         assert status == 200 and headers["Content-Type"].startswith("text/plain")
-        assert 'ferryman_requests_total{code="200",method="GET",service="metric"} 3.0' in text
-        assert 'ferryman_upstream_instances{service="metric"} 1.0' in text
-        assert 'ferryman_request_duration_seconds_count{service="metric"} 3.0' in text
+        route = 'route="metric@*any*/metric"'
+        assert f'ferryman_requests_total{{code="200",method="GET",{route},service="metric"}} 3.0' in text
+        assert 'ferryman_upstream_instances{service="metric",state="healthy"} 1.0' in text
+        assert f'ferryman_request_duration_seconds_count{{{route},service="metric"}} 3.0' in text
+        assert 'ferryman_upstream_duration_seconds_count{service="metric"} 3.0' in text
         assert "ferryman_discovery_updates_total" in text
 
         status, body, _ = await fetch(http, f"{ferryman.admin_url}/healthz")

@@ -51,9 +51,12 @@ class TestWorkers:
             async with aiohttp.ClientSession() as http:
                 _, body, _ = await fetch(http, f"{proxy.admin_url}/metrics")
             text = body.decode()
-            count = re.search(r'ferryman_requests_total\{code="200",method="GET",service="multi"\} (\S+)', text)
+            count = re.search(
+                r'ferryman_requests_total\{code="200",method="GET",route="multi@\*any\*/multi",service="multi"\} (\S+)',
+                text,
+            )
             assert count is not None and float(count.group(1)) == total
-            assert re.search(r'ferryman_upstream_instances\{service="multi"\} 2\.0', text)
+            assert re.search(r'ferryman_upstream_instances\{service="multi",state="healthy"\} 2\.0', text)
 
             # A deregistration reaches every worker: no request on any connection lands on multi-b after 1 s.
             deregistered_at = time.monotonic()

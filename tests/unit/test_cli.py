@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -182,10 +183,12 @@ class TestAccessLine:
         structlog.contextvars.bind_contextvars(worker=3)
         try:
             write = logs.access_writer()
-            write("GET", "shop.example.com", "/cart", 200, "shop", "10.0.0.5:8080", 1.25, 512, "192.0.2.1")
+            req = SimpleNamespace(method="GET", host=b"shop.example.com", target=b"/cart?x=1", headers=[],
+                                  http10=False, request_id=b"abc123")
+            write(req, "/cart", 200, "shop", "10.0.0.5:8080", 1.25, 512, "192.0.2.1")
             structlog.get_logger("t").info("access", method="GET", host="shop.example.com", path="/cart",
                                            status=200, service="shop", upstream="10.0.0.5:8080",
-                                           duration_ms=1.25, bytes=512, client="192.0.2.1")
+                                           duration_ms=1.25, bytes=512, client="192.0.2.1", request_id="abc123")
         finally:
             structlog.contextvars.clear_contextvars()
             structlog.reset_defaults()
