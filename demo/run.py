@@ -123,8 +123,10 @@ Ferryman demo is running (logs in {work}).
                      http://127.0.0.1:{proxy_port}/api/hello     service api, /api stripped
                      curl -H 'Host: api.localhost' http://127.0.0.1:{proxy_port}/hello
                      http://127.0.0.1:{proxy_port}/stream?chunks=5&delay=0.5   a streamed response
+  Status page        http://127.0.0.1:{admin_port}/              routes, instances, discovery (refreshes itself)
   Routing table      http://127.0.0.1:{admin_port}/api/routes
   Metrics            http://127.0.0.1:{admin_port}/metrics
+  Readiness          http://127.0.0.1:{admin_port}/ready
 
 Watch a backend fail over (in another terminal):
   while true; do curl -s http://127.0.0.1:{proxy_port}/ | grep -o '"instance": "[^"]*"'; sleep 0.3; done
