@@ -116,7 +116,11 @@ class ConsulAgent:
         self.proc = subprocess.Popen(
             [consul_binary(), "agent", "-dev", "-node", "ferryman-test", "-bind", "127.0.0.1",
              "-client", "127.0.0.1", "-http-port", str(self.http_port), "-dns-port", "-1", "-grpc-port", "-1",
-             "-serf-lan-port", str(serf_lan), "-serf-wan-port", str(serf_wan), "-server-port", str(server)],
+             "-serf-lan-port", str(serf_lan), "-serf-wan-port", str(serf_wan), "-server-port", str(server),
+             # Every test process connects from 127.0.0.1, and each Ferryman process holds a blocking query per
+             # routed service: the session's agent outgrows Consul's default of 200 connections per client
+             # address (beyond it the agent resets new connections).
+             "-hcl", "limits { http_max_conns_per_client = 4000 }"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
