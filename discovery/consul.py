@@ -1,14 +1,23 @@
 """Consul's HTTP API through py-consul's asyncio client: blocking queries on the catalog and on health.
 
 Only the endpoints every Consul release since 1.0 speaks are used: /v1/catalog/services and
-/v1/health/service/<name>, each with `index` and `wait`. Every failure leaves this module as one
-ConsulError carrying a bounded `reason` (used as a metric label), so callers never see aiohttp or
-py-consul exception types.
+/v1/health/service/<name>, each with `index` and `wait` (plus /v1/acl/token/self, 1.4+, in the start-time
+access check). Every failure leaves this module as one ConsulError carrying a bounded `reason` (used as a
+metric label), so callers never see aiohttp or py-consul exception types.
+
+Several addresses (servers or agents of one cluster) are tried in order: a request that finds its address
+unreachable, silent, or answering 5xx / 429 (a server that lost its leader answers 500 "No cluster leader" or
+"rpc error ..." until an election ends) moves the client to the next address for the requests that follow.
+The caller's retry goes there. A blocking-query index is the cluster's Raft index, so one read from one server
+is valid on another; an index that went backwards is the watcher's `next_index` business.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -16,18 +25,43 @@ from urllib.parse import urlsplit
 import aiohttp
 import consul
 import consul.aio
+import structlog
+
+log = structlog.get_logger("ferryman.discovery")
 
 # Consul adds up to wait/16 of jitter to a blocking query; the HTTP timeout must outlast both.
 _TIMEOUT_MARGIN_S: Final = 10.0
+# Each request of the start-time access check waits this long at most (a silent address is skipped).
+_CHECK_TIMEOUT_S: Final = 5.0
+# The anonymous token's AccessorID, the same in every Consul with the 1.4+ ACL system.
+_ANONYMOUS_ACCESSOR: Final = "00000000-0000-0000-0000-000000000002"
+MINIMAL_POLICY: Final = 'service_prefix "" { policy = "read" }  node_prefix "" { policy = "read" }'
 
 
 class ConsulError(Exception):
-    """A Consul request that failed. `reason` is one of: unreachable, forbidden, timeout, bad_response."""
+    """A Consul request that failed. `reason` is one of: unreachable, forbidden, timeout, bad_response;
+    `status` is the HTTP status when Consul answered one."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, status: int | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.status = status
+
+    @property
+    def failover(self) -> bool:
+        """Another address of the cluster may answer: this one is down, silent, without a leader or overloaded.
+        A refused token (403) or a bad request would be refused by every server alike."""
+        if self.reason in ("unreachable", "timeout"):
+            return True
+        return self.status is not None and (self.status >= 500 or self.status == 429)
+
+
+class ConsulAccessError(ConsulError):
+    """The token is unknown to Consul, or may not read what Ferryman needs: a configuration error."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("forbidden", detail, 403)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,22 +70,59 @@ class ConsulAddress:
     host: str
     port: int
 
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
     @classmethod
     def parse(cls, text: str) -> ConsulAddress:
         """`host:port`, `http://host:port` or `https://host:port`; ValueError naming what is wrong."""
         raw = text.strip()
-        parts = urlsplit(raw if "://" in raw else f"http://{raw}")
+        try:
+            parts = urlsplit(raw if "://" in raw else f"http://{raw}")
+        except ValueError as exc:  # "Invalid IPv6 URL"
+            raise ValueError(f"consul address {text!r}: {exc}") from exc
         if parts.scheme not in ("http", "https"):
             raise ValueError(f"consul address {text!r}: scheme must be http or https")
         try:
             port = parts.port
         except ValueError as exc:
             raise ValueError(f"consul address {text!r}: invalid port") from exc
-        if not parts.hostname:
+        if port == 0:
+            raise ValueError(f"consul address {text!r}: invalid port")
+        host = parts.hostname
+        if not host:
             raise ValueError(f"consul address {text!r}: missing host")
-        if parts.path not in ("", "/"):
+        if "@" in parts.netloc:
+            raise ValueError(f"consul address {text!r}: must not have user info (the token is consul_token)")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError(f"consul address {text!r}: must not have a path")
-        return cls(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 8500))
+        if any(c.isspace() for c in raw) or ("[" in host or "]" in host):
+            raise ValueError(f"consul address {text!r}: invalid host")
+        if ":" in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError as exc:
+                raise ValueError(f"consul address {text!r}: invalid IPv6 address") from exc
+        return cls(parts.scheme, host, port or (443 if parts.scheme == "https" else 8500))
+
+    @classmethod
+    def parse_list(cls, text: str) -> tuple[ConsulAddress, ...]:
+        """One address or several, comma-separated (`a:8500,b:8500,https://c:8501`), in the order they are
+        tried; ValueError naming the item that is wrong."""
+        items = text.split(",")
+        addresses: list[ConsulAddress] = []
+        for number, item in enumerate(items, 1):
+            if len(items) > 1 and not item.strip():
+                raise ValueError(f"consul address list {text!r}: item {number} is empty")
+            address = cls.parse(item)
+            if address in addresses:
+                raise ValueError(f"consul address {item.strip()!r} is listed twice (as {address})")
+            addresses.append(address)
+        return tuple(addresses)
+
+
+_STATUS = re.compile(r"(\d{3}) ")
 
 
 def _index(raw: Any) -> int:
@@ -62,50 +133,187 @@ def _index(raw: Any) -> int:
 
 
 class ConsulClient:
-    """Blocking-query reads of the catalog and of service health. Create and close inside the event loop."""
+    """Blocking-query reads of the catalog and of service health from one of several addresses of a cluster.
+    Create and close inside the event loop."""
 
-    def __init__(self, address: ConsulAddress, *, token: str | None, dc: str | None, wait_s: float) -> None:
-        self.address = address
+    def __init__(
+        self,
+        addresses: ConsulAddress | Sequence[ConsulAddress],
+        *,
+        token: str | None,
+        dc: str | None,
+        wait_s: float,
+    ) -> None:
+        self.addresses = (addresses,) if isinstance(addresses, ConsulAddress) else tuple(addresses)
+        if not self.addresses:
+            raise ValueError("at least one Consul address is needed")
         self.wait = f"{max(1, int(wait_s))}s"
-        self._api = consul.aio.Consul(
-            host=address.host,
-            port=address.port,
-            scheme=address.scheme,
-            token=token or None,
-            dc=dc or None,
-            connections_timeout=wait_s + wait_s / 16 + _TIMEOUT_MARGIN_S,
-        )
+        self._token = token or None
+        self._dc = dc or None
+        self._timeout = wait_s + wait_s / 16 + _TIMEOUT_MARGIN_S
+        self._current = 0
+        self._failed: set[int] = set()  # addresses that failed since one last answered
+        self._apis: dict[int, consul.aio.Consul] = {}  # one py-consul client per address, made on first use
+
+    @property
+    def address(self) -> ConsulAddress:
+        """The address requests go to now."""
+        return self.addresses[self._current]
 
     async def services(self, index: int) -> tuple[int, dict[str, list[str]]]:
         """(index, {service: tags}) from /v1/catalog/services; blocks until a change when index > 0."""
-        raw_index, data = await self._call(self._api.catalog.services(index=index or None, wait=self.wait))
+        raw_index, data = await self._request(
+            lambda api: api.catalog.services(index=index or None, wait=self.wait, dc=self._dc)
+        )
         if not isinstance(data, dict):
             raise ConsulError("bad_response", "catalog/services did not return an object")
         return _index(raw_index), data
 
     async def health(self, service: str, index: int) -> tuple[int, list[dict[str, Any]]]:
         """(index, entries) from /v1/health/service/<service>, every instance with its checks."""
-        raw_index, data = await self._call(self._api.health.service(service, index=index or None, wait=self.wait))
+        raw_index, data = await self._request(
+            lambda api: api.health.service(service, index=index or None, wait=self.wait, dc=self._dc)
+        )
         if data is None:
             data = []
         if not isinstance(data, list):
             raise ConsulError("bad_response", f"health/service/{service} did not return a list")
         return _index(raw_index), data
 
-    async def close(self) -> None:
-        await self._api.close()
+    async def check_access(self) -> None:
+        """At start: raise ConsulAccessError when Consul does not know the token, or when the token (the
+        anonymous one if none is set) may not read services or nodes. Returns quietly when ACLs are off, and
+        when no address answers (the watcher will retry; that is not a configuration error).
 
-    @staticmethod
-    async def _call(awaitable: Any) -> Any:
+        `GET /v1/acl/token/self` needs no permission: 401 means ACLs are off, 403 that the token does not exist
+        (also what Consul 1.8 answers without a token). A known token that lacks read rights is not refused:
+        Consul filters what it may not see, so reads answer 200 and empty. Every datacenter lists the `consul`
+        service (its servers), so an empty catalog means no service:read; a listed service whose health comes
+        back empty means no node:read (health entries need both)."""
         try:
-            return await awaitable
-        except asyncio.CancelledError:
+            try:
+                me = await self._answer(lambda api: api.acl.token.read_self())
+            except ConsulError as exc:
+                if exc.status == 401:  # "ACL support disabled"
+                    return
+                if exc.reason != "forbidden":
+                    raise
+                if self._token is not None:
+                    raise ConsulAccessError(
+                        f"Consul does not know the consul_token ({exc.detail}): set the SecretID of an existing "
+                        f"token whose policy grants {MINIMAL_POLICY}"
+                    ) from exc
+                me = None  # no token: the anonymous token, which Consul 1.8 does not show
+            who = _who(self._token, me)
+            services = await self._answer(lambda api: api.catalog.services(dc=self._dc))
+            if not isinstance(services, tuple) or not isinstance(services[1], dict):
+                return
+            if not services[1]:
+                raise ConsulAccessError(
+                    f"{who} may not read any service (the catalog comes back empty, without even `consul`): "
+                    f'Ferryman needs service:read and node:read, e.g. {MINIMAL_POLICY}'
+                )
+            probe = "consul" if "consul" in services[1] else sorted(services[1])[0]
+            health = await self._answer(lambda api: api.health.service(probe, dc=self._dc))
+            if isinstance(health, tuple) and not health[1]:
+                raise ConsulAccessError(
+                    f"{who} may read services but not nodes (the health of `{probe}` comes back empty): "
+                    f'its policy needs node:read too, e.g. node_prefix "" {{ policy = "read" }}'
+                )
+        except ConsulAccessError:
             raise
-        except consul.ACLPermissionDenied as exc:
-            raise ConsulError("forbidden", str(exc) or "ACL permission denied") from exc
-        except (TimeoutError, consul.Timeout) as exc:
-            raise ConsulError("timeout", "no answer from Consul in time") from exc
-        except consul.ConsulException as exc:
-            raise ConsulError("bad_response", str(exc)) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise ConsulError("unreachable", str(exc) or type(exc).__name__) from exc
+        except ConsulError as exc:
+            if exc.reason == "forbidden":
+                raise ConsulAccessError(f"Consul refuses the consul_token: {exc.detail}") from exc
+            log.info("consul_access_unchecked", reason=exc.reason, error=exc.detail)
+
+    async def close(self) -> None:
+        apis, self._apis = list(self._apis.values()), {}
+        for api in apis:
+            await api.close()
+
+    async def _answer(self, make: Callable[[consul.aio.Consul], Awaitable[Any]]) -> Any:
+        """One short request, tried on each address in turn until one answers (for the access check)."""
+        for attempt in range(len(self.addresses)):
+            try:
+                return await self._request(make, timeout=_CHECK_TIMEOUT_S)
+            except ConsulError as exc:
+                if not exc.failover or attempt == len(self.addresses) - 1:
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _request(
+        self, make: Callable[[consul.aio.Consul], Awaitable[Any]], *, timeout: float | None = None
+    ) -> Any:
+        at = self._current
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    answer = await _call(make(self._api(at)))
+            except TimeoutError as exc:  # only the `timeout` above: _call turns its own into ConsulError
+                raise ConsulError("timeout", "no answer from Consul in time") from exc
+        except ConsulError as exc:
+            if exc.failover:
+                self._fail_over(at, exc)
+            raise
+        self._failed.clear()
+        return answer
+
+    def _fail_over(self, at: int, exc: ConsulError) -> None:
+        """Move on from address `at`, unless another request already did: every loop blocked on a server that
+        dies fails at once, and that is one switch, not one per loop. Each switch is logged; once every address
+        has failed without one answering in between (all down, or an election under way) the switches go on
+        at debug level: the outage itself is the watcher's `consul_unreachable`."""
+        self._failed.add(at)
+        if len(self.addresses) < 2 or self._current != at:
+            return
+        self._current = (at + 1) % len(self.addresses)
+        emit = log.debug if self._current in self._failed else log.warning
+        emit(
+            "consul_failover", **{"from": str(self.addresses[at])}, to=str(self.addresses[self._current]),
+            reason=exc.reason, status=exc.status, error=exc.detail,
+        )
+
+    def _api(self, at: int) -> consul.aio.Consul:
+        api = self._apis.get(at)
+        if api is None:
+            address = self.addresses[at]
+            api = self._apis[at] = consul.aio.Consul(
+                host=address.host,
+                port=address.port,
+                scheme=address.scheme,
+                token=self._token,
+                dc=self._dc,
+                connections_timeout=self._timeout,
+            )
+        return api
+
+
+def _who(token: str | None, me: Any) -> str:
+    if token is None:
+        return "no consul_token is set, and the anonymous token"
+    if isinstance(me, dict) and me.get("AccessorID") == _ANONYMOUS_ACCESSOR:
+        return "the consul_token (Consul's anonymous token)"
+    if isinstance(me, dict) and me.get("AccessorID"):
+        description = f", {me['Description']!r}" if me.get("Description") else ""
+        return f"the consul_token (accessor {me['AccessorID']}{description})"
+    return "the consul_token"
+
+
+async def _call(awaitable: Awaitable[Any]) -> Any:
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        raise
+    except consul.ACLPermissionDenied as exc:
+        raise ConsulError("forbidden", str(exc) or "ACL permission denied", 403) from exc
+    except consul.ACLDisabled as exc:
+        raise ConsulError("bad_response", str(exc) or "ACL support disabled", 401) from exc
+    except (TimeoutError, consul.Timeout) as exc:
+        raise ConsulError("timeout", "no answer from Consul in time") from exc
+    except consul.ConsulException as exc:
+        # py-consul words HTTP errors "<status> <body>"; decoding errors have no status.
+        match = _STATUS.match(str(exc))
+        raise ConsulError("bad_response", str(exc), int(match[1]) if match else None) from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise ConsulError("unreachable", str(exc) or type(exc).__name__) from exc

@@ -18,7 +18,10 @@ PASSING: Final = "passing"
 def failing_checks(entry: Mapping[str, Any]) -> list[str]:
     """CheckIDs of the checks that keep this instance out (empty when it may receive traffic)."""
     out: list[str] = []
-    for check in entry.get("Checks") or ():
+    checks = entry.get("Checks") or ()
+    if not isinstance(checks, list | tuple):
+        return ["<malformed checks>"]
+    for check in checks:
         if not isinstance(check, Mapping):
             out.append("<malformed check>")
         elif check.get("Status") != PASSING:

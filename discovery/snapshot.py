@@ -48,6 +48,8 @@ def endpoint_from_entry(service: str, entry: Mapping[str, Any]) -> Endpoint:
     # An instance registered without an address is reachable at its node's address (Consul's own rule).
     address = svc.get("Address") or node.get("Address")
     port = svc.get("Port")
+    if isinstance(address, str):
+        address = address.strip("[]")  # an IPv6 literal may come bracketed
     if not isinstance(address, str) or not address:
         raise ValueError("instance has no address and neither has its node")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
@@ -61,7 +63,7 @@ def endpoint_from_entry(service: str, entry: Mapping[str, Any]) -> Endpoint:
     return Endpoint(
         service=service,
         instance_id=str(svc.get("ID") or f"{address}:{port}"),
-        address=address.strip("[]"),
+        address=address,
         port=port,
         node=str(node.get("Node", "")),
         weight=weight,
@@ -87,7 +89,7 @@ def healthy_endpoints(
             continue
         weight = _meta(entry).get(META_WEIGHT)
         if weight is not None:
-            if isinstance(weight, str) and weight.isdigit() and 0 < int(weight) <= 10_000:
+            if isinstance(weight, str) and weight.isascii() and weight.isdigit() and 0 < int(weight) <= 10_000:
                 endpoint = replace(endpoint, weight=int(weight))
             else:
                 problems.append(Problem("service_meta_invalid", service,
@@ -150,7 +152,8 @@ def build_snapshot(
     services: list[ServiceRoutes] = []
     problems: list[Problem] = []
     for name in sorted(catalog):
-        routes, bad = routes_from_tags(name, catalog[name] or (), prefix)
+        tags = catalog[name]
+        routes, bad = routes_from_tags(name, tags if isinstance(tags, list) else (), prefix)
         problems.extend(bad)
         if not routes or name not in health:
             continue
@@ -167,5 +170,5 @@ def routed_services(catalog: Mapping[str, Sequence[str]], prefix: str = DEFAULT_
     return {
         name
         for name, tags in catalog.items()
-        if any(isinstance(t, str) and is_route_tag(t, prefix) for t in (tags or ()))
+        if isinstance(tags, list) and any(isinstance(t, str) and is_route_tag(t, prefix) for t in tags)
     }

@@ -21,7 +21,7 @@ DEFAULT_PREFIX: Final = "urlprefix-"
 
 # Options understood by the proxy. Others are kept and reported as ignored (Fabio has options Ferryman does
 # not implement, such as auth=; silently routing without them would surprise, so they are surfaced).
-KNOWN_OPTIONS: Final = frozenset({"strip", "proto", "tlsskipverify", "lb", "hash_key", "sticky"})
+KNOWN_OPTIONS: Final = frozenset({"strip", "proto", "tlsskipverify", "lb", "hash_key", "sticky", "maxbody"})
 # RFC 6265 cookie-name: an RFC 9110 token.
 _COOKIE_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Load-balancing algorithms a route may ask for with lb= (implemented in proxy.balancer, which checks that
@@ -95,7 +95,7 @@ def _parse_host(raw: str) -> str:
     host = raw.lower()
     name, colon, port = host.rpartition(":") if ":" in host else (host, "", "")
     if colon:
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise TagError(f"invalid port in host {raw!r}")
         host = name
     if not _HOST_RE.match(host):
@@ -104,13 +104,25 @@ def _parse_host(raw: str) -> str:
 
 
 BALANCING_OPTIONS: Final = ("lb", "hash_key", "sticky", "health_path")
+# What a config file's [services.NAME] table may set: balancing, and the service's limits.
+SERVICE_OPTIONS: Final = (*BALANCING_OPTIONS, "max_body_size", "max_concurrent")
+_SIZE_RE: Final = re.compile(r"^(\d{1,15})\s*([kmg]?)i?b?$", re.IGNORECASE)
+_SIZE_UNITS: Final = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """`1048576`, `512k`, `10m`, `1g` (binary units, an optional `b`/`ib`) -> bytes; TagError otherwise."""
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise TagError(f"{text!r} is not a size such as 1048576, 512k, 10m or 1g")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
 def validate_balancing(key: str, value: str) -> str:
-    """Check one balancing setting (lb, hash_key, sticky) wherever it comes from: a tag option, service meta
-    or the config file; TagError saying what is wrong."""
-    if key not in BALANCING_OPTIONS:
-        raise TagError(f"unknown balancing setting {key!r}: one of {', '.join(BALANCING_OPTIONS)}")
+    """Check one per-service setting (lb, hash_key, sticky, health_path, max_body_size, max_concurrent)
+    wherever it comes from: a tag option, service meta or the config file; TagError saying what is wrong."""
+    if key not in SERVICE_OPTIONS:
+        raise TagError(f"unknown service setting {key!r}: one of {', '.join(SERVICE_OPTIONS)}")
     return _validate_option(key, value, "/")
 
 
@@ -140,4 +152,8 @@ def _validate_option(key: str, value: str, path: str) -> str:
         raise TagError(f"sticky={value!r} must be a cookie name")
     elif key == "health_path" and not _PATH_RE.match(value.partition("?")[0]):
         raise TagError(f"health_path={value!r} must be a path starting with '/'")
+    elif key in ("maxbody", "max_body_size"):
+        parse_size(value)
+    elif key == "max_concurrent" and not (value.isascii() and value.isdigit() and 0 <= int(value) <= 10_000_000):
+        raise TagError(f"max_concurrent={value!r} must be a whole number (0: no limit)")
     return value

@@ -103,8 +103,9 @@ def make_admin_app(
     report: Callable[[], Report],
     *,
     consul: str = "",
-    max_sync_age: float = 0.0,
+    max_sync_age: Callable[[], float] = lambda: 0.0,
 ) -> web.Application:
+    """`max_sync_age` is read at each request: a SIGHUP reload may change it."""
     async def status_page(_: web.Request) -> web.Response:
         return web.Response(body=STATUS_PAGE.read_bytes(), content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-store"})
@@ -116,14 +117,14 @@ def make_admin_app(
         return web.Response(text="ok\n")
 
     async def ready(_: web.Request) -> web.Response:
-        ok, why = readiness(report(), max_sync_age, time.time())
+        ok, why = readiness(report(), max_sync_age(), time.time())
         return web.Response(text=why + "\n", status=200 if ok else 503, headers={"Cache-Control": "no-store"})
 
     async def api_routes(_: web.Request) -> web.Response:
         return web.json_response(routes_document(router, pools))
 
     async def api_status(_: web.Request) -> web.Response:
-        document = status_document(router, report(), consul, max_sync_age, time.time())
+        document = status_document(router, report(), consul, max_sync_age(), time.time())
         return web.json_response(document, headers={"Cache-Control": "no-store"})
 
     app = web.Application()

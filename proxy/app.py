@@ -15,13 +15,14 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from discovery.consul import ConsulClient
+from discovery.consul import ConsulAccessError, ConsulClient
 from discovery.model import Endpoint, Problem, Snapshot
+from discovery.tags import parse_size
 from discovery.watcher import Watcher
 
 from . import logs
 from .admin import make_admin_app
-from .config import Settings
+from .config import ConfigError, Settings, reloaded
 from .forwarder import UpstreamPool
 from .metrics import Metrics, StateCollector
 from .pool import Pool, PoolPolicy, Pools
@@ -105,7 +106,13 @@ class Ferryman:
 
     async def start(self) -> None:
         s = self.settings
-        self._consul = ConsulClient(s.consul_address, token=s.consul_token, dc=s.consul_dc, wait_s=s.consul_wait)
+        self._consul = ConsulClient(s.consul_addresses, token=s.consul_token, dc=s.consul_dc, wait_s=s.consul_wait)
+        try:  # a token Consul refuses is a config error (exit 2); an unreachable Consul is not (serve, retry)
+            await self._consul.check_access()
+        except ConsulAccessError as exc:
+            await self._consul.close()
+            log.error("consul_forbidden", error=exc.detail, consul=s.consul_addr)
+            raise ConfigError(f"consul_token: {exc.detail}") from exc
         self._watcher = Watcher(
             self._consul, self.apply, prefix=s.tag_prefix,
             on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
@@ -126,12 +133,15 @@ class Ferryman:
                 listen_port=listen.port, proto="http",
                 access_log=logs.access_writer(s.access_log_format, s.access_log_file) if s.access_log else None,
                 access_sample=s.access_log_sample, loop=asyncio.get_running_loop(),
+                header_timeout=s.client_header_timeout, max_connections=s.max_connections,
+                max_target=s.max_request_target, max_header_bytes=s.max_header_bytes,
+                max_header_count=s.max_header_count, max_body=parse_size(s.max_body_size),
             ))
             await self._proxy.start(listen.host, listen.port, reuse_port=self.reuse_port)
         if self.serve_admin:
             admin_runner = web.AppRunner(make_admin_app(
                 self.router, self.pools, self.exposition, self.report_source, consul=s.consul_addr,
-                max_sync_age=s.max_sync_age,
+                max_sync_age=lambda: self.settings.max_sync_age,
             ), access_log=None)
             await admin_runner.setup()
             self._runners.append(admin_runner)
@@ -140,6 +150,33 @@ class Ferryman:
             self._report_task = asyncio.get_running_loop().create_task(self._write_reports(), name="state-report")
         log.info("ferryman_started", listen=str(listen) if self.serve_proxy else None,
                  admin=str(admin) if self.serve_admin else None, consul=s.consul_addr)
+
+    def reload(self, new: Settings) -> None:
+        """Take over what a SIGHUP re-read: timeouts, limits, balancing and health settings, per-service tables.
+        Keys that shape listeners, processes, the Consul client or logging keep their running values (logged)."""
+        settings, changed, restart = reloaded(self.settings, new)
+        self.settings = s = settings
+        if self._proxy is not None:
+            ctx = self._proxy.cfg
+            ctx.read_timeout, ctx.idle_timeout, ctx.header_timeout = (
+                s.read_timeout, s.client_idle_timeout, s.client_header_timeout)
+            ctx.max_attempts, ctx.max_connections, ctx.max_body = (
+                max(1, s.max_attempts), s.max_connections, parse_size(s.max_body_size))
+            ctx.max_target, ctx.max_header_bytes, ctx.max_header_count = (
+                s.max_request_target, s.max_header_bytes, s.max_header_count)
+            ctx.max_head = s.max_request_target + s.max_header_bytes + 1024
+            ctx.access_sample = s.access_log_sample
+        self.upstream.connect_timeout, self.upstream.keepalive, self.upstream.idle_timeout = (
+            s.connect_timeout, s.upstream_keepalive, s.upstream_idle_timeout)
+        policy = PoolPolicy(**{f.name: getattr(s, f.name) for f in fields(PoolPolicy)})
+        self.pools.configure(s.service_overrides(), policy)
+        snapshot = self._watcher.last_snapshot if self._watcher is not None else None
+        if snapshot is not None:
+            self.pools.reconcile(snapshot, now=asyncio.get_running_loop().time())
+        log.info("config_reloaded", changed=changed)
+        if restart:
+            log.warning("config_reload_needs_restart", keys=restart,
+                        detail="these keys keep their running values until Ferryman is restarted")
 
     def report(self) -> Report:
         """This process's state now (called on the event loop)."""

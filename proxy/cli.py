@@ -10,13 +10,14 @@ from collections.abc import Sequence
 import structlog
 
 from . import __version__, logs
-from .config import DEFAULTS, FIELD_TYPES, ConfigError, Settings, env_name, flag_name, load
+from .config import DEFAULTS, FIELD_TYPES, ConfigError, Settings, Source, env_name, flag_name, load
 from .workers import effective_workers, run_event_loop, run_supervisor, serve
 
 _HELP = {
     "listen": "proxy listener, host:port",
     "admin_listen": "admin listener (status page, /metrics, /healthz, /ready, /api/routes, /api/status), host:port",
-    "consul_addr": "Consul HTTP API, host:port or http(s)://host:port",
+    "consul_addr": "Consul HTTP API, host:port or http(s)://host:port; several, comma-separated, are tried in "
+                   "order, moving to the next when one is down, silent or without a leader",
     "consul_token": "Consul ACL token",
     "consul_dc": "Consul datacenter (default: the agent's)",
     "consul_wait": "blocking-query wait in seconds",
@@ -85,9 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logs.configure(settings.log_format, settings.log_level, buffered=settings.log_flush_interval > 0)
     try:
+        # SIGHUP reads the file again, with the same flags and environment.
+        source = Source(args.config, tuple((key, getattr(args, key)) for key in FIELD_TYPES))
         if effective_workers(settings) > 1:
-            return run_supervisor(settings)
-        run_event_loop(serve(settings))
+            return run_supervisor(settings, source)
+        run_event_loop(serve(settings, source=source))
+    except ConfigError as exc:  # found only at start, such as a Consul token Consul refuses
+        logs.flush()
+        print(f"ferryman: config error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         structlog.get_logger("ferryman").error("startup_failed", error=str(exc))
         return 1

@@ -11,12 +11,12 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
 from discovery.consul import ConsulAddress
-from discovery.tags import TagError, validate_balancing
+from discovery.tags import TagError, parse_size, validate_balancing
 
 ENV_PREFIX: Final = "FERRYMAN_"
 
@@ -34,7 +34,7 @@ class HostPort:
     def parse(cls, text: str) -> HostPort:
         """`host:port`, `:port` (every interface) or `[v6]:port`."""
         host, sep, port = text.strip().rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
             raise ValueError(f"{text!r} is not host:port")
         host = host.strip("[]") or "0.0.0.0"
         return cls(host, int(port))
@@ -68,6 +68,13 @@ class Settings:
     drain_delay: float = 0.0
     max_sync_age: float = 60.0
     client_idle_timeout: float = 75.0
+    client_header_timeout: float = 10.0
+    max_connections: int = 10_000
+    max_request_target: int = 8192
+    max_header_bytes: int = 65536
+    max_header_count: int = 100
+    max_body_size: str = "0"
+    service_max_concurrent: int = 0
     workers: int = 0
     eject_after: int = 3
     eject_base: float = 10.0
@@ -93,8 +100,14 @@ class Settings:
         return HostPort.parse(self.admin_listen)
 
     @property
+    def consul_addresses(self) -> tuple[ConsulAddress, ...]:
+        """Every address of `consul_addr` (comma-separated), in the order they are tried."""
+        return ConsulAddress.parse_list(self.consul_addr)
+
+    @property
     def consul_address(self) -> ConsulAddress:
-        return ConsulAddress.parse(self.consul_addr)
+        """The first of `consul_addresses`."""
+        return self.consul_addresses[0]
 
 
 def _choice(*allowed: str) -> Callable[[Any], None]:
@@ -130,7 +143,7 @@ def _prefix(value: Any) -> None:
 _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
     "listen": _parses(HostPort.parse),
     "admin_listen": _parses(HostPort.parse),
-    "consul_addr": _parses(ConsulAddress.parse),
+    "consul_addr": _parses(ConsulAddress.parse_list),
     "consul_wait": _between(1, 600),
     "tag_prefix": _prefix,
     "log_format": _choice("auto", "json", "console"),
@@ -141,6 +154,13 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
     "max_attempts": _between(1, 10),
     "upstream_keepalive": _between(0, 100_000),
     "client_idle_timeout": _positive,
+    "client_header_timeout": _positive,
+    "max_connections": _between(1, 10_000_000),
+    "max_request_target": _between(256, 1024 * 1024),
+    "max_header_bytes": _between(1024, 16 * 1024 * 1024),
+    "max_header_count": _between(8, 100_000),
+    "max_body_size": _parses(parse_size),
+    "service_max_concurrent": _between(0, 10_000_000),
     "upstream_idle_timeout": _positive,
     "shutdown_timeout": _between(0, 3600),
     "drain_delay": _between(0, 3600),
@@ -200,7 +220,10 @@ def _check_typed(key: str, value: Any) -> Any:
     """A value from TOML must already have the key's type (an int is accepted for a float)."""
     kind = FIELD_TYPES[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError(f"{value} is out of range") from None
     if kind is int and isinstance(value, bool):
         raise ValueError(f"must be a whole number, got {value!r}")
     if not isinstance(value, kind):
@@ -224,6 +247,10 @@ def _key_line(text: str, key: str) -> int | None:
     return None
 
 
+def text_line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
 def load_file(path: str | Path, sources: dict[str, str] | None = None) -> dict[str, Any]:
     """Read and validate a TOML config file: {key: value}; ConfigError naming file, line and key. Where each
     key was set goes into `sources` (file:line)."""
@@ -232,6 +259,9 @@ def load_file(path: str | Path, sources: dict[str, str] | None = None) -> dict[s
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        at = text_line_of(path.read_bytes(), exc.start)
+        raise ConfigError(f"{path}:{at}: not UTF-8 (byte {exc.object[exc.start]:#04x}); TOML is UTF-8") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -274,6 +304,8 @@ def _load_services(value: Any, text: str, path: Path, where: str) -> ServiceSett
         pairs = []
         for key, setting in sorted(table.items()):
             try:
+                if key in ("max_concurrent", "max_body_size") and type(setting) is int:
+                    setting = str(setting)
                 if not isinstance(setting, str):
                     raise TagError(f"must be text, got {type(setting).__name__} {setting!r}")
                 pairs.append((key, validate_balancing(key, setting)))
@@ -340,3 +372,31 @@ def _check_together(settings: Settings, sources: Mapping[str, str]) -> None:
             f"longer than consul_wait ({settings.consul_wait:g} s) plus its jitter and a second, over "
             f"{floor:g} s (or 0 to turn the readiness watchdog off)"
         )
+
+
+# Keys a running proxy cannot take over on SIGHUP: they shape listeners, processes, the Consul client or the
+# log set-up. A reload that changes them logs that a restart is needed and keeps their running values.
+RESTART_KEYS: Final = frozenset({
+    "listen", "admin_listen", "workers", "consul_addr", "consul_token", "consul_dc", "consul_wait", "tag_prefix",
+    "log_format", "log_level", "access_log", "access_log_format", "access_log_file", "log_flush_interval",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where the settings came from, to read them again on SIGHUP: the file (re-read), the flags (as given)
+    and the environment (the process's own, which does not change under it). Picklable, for workers."""
+
+    config_file: str | None = None
+    flags: tuple[tuple[str, str | None], ...] = ()
+
+    def load(self, environ: Mapping[str, str]) -> Settings:
+        return load(config_file=self.config_file, environ=environ, flags=dict(self.flags))
+
+
+def reloaded(running: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:
+    """(settings to run with, keys changed and applied, keys changed that need a restart)."""
+    changed = [f.name for f in fields(Settings) if getattr(running, f.name) != getattr(new, f.name)]
+    restart = [key for key in changed if key in RESTART_KEYS]
+    kept = {key: getattr(running, key) for key in RESTART_KEYS}
+    return replace(new, **kept), [key for key in changed if key not in RESTART_KEYS], restart

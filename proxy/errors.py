@@ -89,3 +89,30 @@ class MethodNotAllowed(ProxyError):
 class NotImplementedCoding(ProxyError):
     status = 501
     reason = "transfer_coding_not_implemented"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    reason = "body_too_large"
+
+
+class ServiceOverloaded(ProxyError):
+    """The service has as many requests in flight through this worker as its limit allows."""
+
+    status = 503
+    reason = "service_overloaded"
+
+
+class HeaderTimeout(ProxyError):
+    status = 408
+    reason = "client_header_timeout"
+
+
+class TooManyConnections(ProxyError):
+    status = 503
+    reason = "too_many_connections"
+
+
+class VersionNotSupported(ProxyError):
+    status = 505
+    reason = "http_version_not_supported"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from discovery.model import Endpoint, ServiceRoutes, Snapshot
+from discovery.tags import parse_size
 
 from .balancer import DEFAULT_BALANCER, Balancer, make_balancer
 
@@ -96,6 +97,7 @@ class PoolPolicy:
     eject_on_5xx: bool = False
     retry_budget: float = 0.2
     slow_start: float = 0.0
+    service_max_concurrent: int = 0
 
 
 class _Excluded:
@@ -163,9 +165,9 @@ class Outliers:
 
 class Pool:
     __slots__ = (
-        "_sticky_for", "_sticky_map", "algorithm", "balancer", "budget", "check_scheme", "check_skip_verify",
-        "departed", "down", "endpoints", "errors", "hash_on", "health_path", "in_flight", "joined", "outliers",
-        "policy", "rng", "service", "sticky",
+        "_sticky_for", "_sticky_map", "active", "algorithm", "balancer", "budget", "check_scheme",
+        "check_skip_verify", "departed", "down", "endpoints", "errors", "hash_on", "health_path", "in_flight",
+        "joined", "max_body", "max_concurrent", "outliers", "policy", "rng", "service", "sticky",
     )
 
     def __init__(
@@ -195,6 +197,9 @@ class Pool:
         self.check_skip_verify = False
         self.joined: dict[str, float] = {}  # instances still ramping up (slow start), since when
         self.errors = RecentErrors()  # failed attempts per instance, for the status page
+        self.active = 0  # requests of this service in progress in this process
+        self.max_concurrent = policy.service_max_concurrent  # beyond it: 503 with Retry-After (0: no limit)
+        self.max_body = 0  # request body limit in bytes from [services.NAME] max_body_size (0: the global one)
         # Instances that left while requests to them were in flight (draining), until those finish.
         self.departed: dict[str, Endpoint] = {}
         self.rng = rng or random.Random()
@@ -289,8 +294,12 @@ def balancing_of(
 
 
 def _set_checks(pool: Pool, service: ServiceRoutes, override: Mapping[str, str] | None) -> None:
-    """Active-check settings: the path from the config file, else service meta; scheme as the routes say."""
-    pool.health_path = (override or {}).get("health_path") or service.setting("health_path")
+    """Active-check settings: the path from the config file, else service meta; scheme as the routes say.
+    And the service's limits from the config file."""
+    override = override or {}
+    pool.max_concurrent = int(override.get("max_concurrent") or pool.policy.service_max_concurrent)
+    pool.max_body = parse_size(override.get("max_body_size") or "0")
+    pool.health_path = override.get("health_path") or service.setting("health_path")
     if not pool.health_path:
         pool.down.clear()  # no checks run any more: nothing they found may keep an instance out
     first = service.routes[0] if service.routes else None
@@ -311,6 +320,18 @@ class Pools:
         self._pools: dict[str, Pool] = {}
         self._overrides = overrides or {}
         self.policy = policy or PoolPolicy()
+
+    def configure(self, overrides: Mapping[str, Mapping[str, str]], policy: PoolPolicy) -> None:
+        """New per-service tables and policy (a reload); the next reconcile() applies the tables. The pools'
+        balancers, in-flight counts and ejections stay."""
+        self._overrides = overrides
+        self.policy = policy
+        for pool in self._pools.values():
+            pool.policy = policy
+            pool.budget.ratio = policy.retry_budget
+            outliers = pool.outliers
+            outliers.after, outliers.base, outliers.max_share = (
+                policy.eject_after, policy.eject_base, policy.eject_max_share)
 
     def get(self, service: str) -> Pool | None:
         return self._pools.get(service)

@@ -34,18 +34,23 @@ from discovery.model import Endpoint
 
 from .errors import (
     BadRequest,
+    HeaderTimeout,
     HeaderTooLarge,
     MethodNotAllowed,
     NoHealthyEndpoint,
     NoRoute,
     NotImplementedCoding,
+    PayloadTooLarge,
     ProxyError,
     ProxyInternalError,
     RequestTimeout,
+    ServiceOverloaded,
+    TooManyConnections,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamTimeout,
     UriTooLong,
+    VersionNotSupported,
 )
 from .forwarder import FRAMING_CHUNKED, FRAMING_EOF, UpstreamConnection, UpstreamPool
 from .headers import client_response_head, error_response, upstream_request_head
@@ -59,12 +64,15 @@ log = structlog.get_logger("ferryman.proxy")
 # RFC 9110 §9.2.2: methods whose repetition has the same effect; only these are retried after a reused
 # connection dropped. Any method is retried when the connection was never established.
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Defaults of the limits (config keys max_request_target, max_header_bytes, max_header_count).
 MAX_TARGET_BYTES: Final = 8 * 1024
 MAX_HEADER_BYTES: Final = 64 * 1024
-MAX_HEAD_BYTES: Final = MAX_TARGET_BYTES + MAX_HEADER_BYTES + 1024
+MAX_HEADER_COUNT: Final = 100
 MAX_BUFFERED_BODY: Final = 256 * 1024
 MAX_PIPELINED: Final = 32  # queued requests on one connection before reading pauses
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_RETRY_AFTER: Final = ((b"Retry-After", b"1"),)
+_LIMITED_LOG_EVERY_S: Final = 10.0
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
@@ -74,6 +82,8 @@ BODY_CHUNKED: Final = 2
 
 # A client's X-Request-ID is kept when it is a plain token of sane length; anything else is replaced by a
 # fresh id (128 random bits in hex, as nginx's $request_id), so a log line cannot be forged through it.
+# Bytes a Host value may have: a reg-name, an IPv4 or a bracketed IPv6 literal, an optional port.
+_HOST_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+;=:[]"
 _SANE_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._~:@+/=-]{1,128}\Z").match
 _ids = random.Random()
 
@@ -104,8 +114,24 @@ class ClientGone(Exception):
 
 class Request:
     __slots__ = (
-        "bad", "body_done", "body_kind", "body_sent", "buffer", "buffered", "expect_continue", "headers", "host",
-        "http10", "keep_alive", "method", "request_id", "sink", "target",
+        "absolute",
+        "bad",
+        "body_done",
+        "body_kind",
+        "body_sent",
+        "buffer",
+        "buffered",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "host",
+        "http10",
+        "keep_alive",
+        "max_body",
+        "method",
+        "request_id",
+        "sink",
+        "target",
     )
 
     def __init__(self) -> None:
@@ -124,20 +150,26 @@ class Request:
         self.sink: Exchange | None = None
         self.bad: ProxyError | None = None  # a request that parsed but must be refused (answered in order)
         self.request_id = b""
+        self.content_length = -1  # the Content-Length header's value, -1 without one
+        self.absolute = False  # the target was in absolute form (http://host/path)
+        self.max_body = 0  # the body limit of the route it took (0: none)
 
 
 class ProxyContext:
     """What every connection needs, gathered once."""
 
     __slots__ = (
-        "access_log", "access_sample", "idle_timeout", "listen_port", "loop", "max_attempts", "metrics", "pools",
-        "proto", "read_timeout", "router", "upstream",
+        "access_log", "access_sample", "header_timeout", "idle_timeout", "listen_port", "loop", "max_attempts",
+        "max_body", "max_connections", "max_head", "max_header_bytes", "max_header_count", "max_target", "metrics",
+        "pools", "proto", "read_timeout", "router", "upstream",
     )
 
     def __init__(
         self, *, router: Router, pools: Pools, upstream: UpstreamPool, metrics: Metrics, max_attempts: int,
         read_timeout: float, idle_timeout: float, listen_port: int, proto: str, access_log: AccessWriter | None,
-        loop: asyncio.AbstractEventLoop, access_sample: float = 1.0,
+        loop: asyncio.AbstractEventLoop, access_sample: float = 1.0, header_timeout: float = 10.0,
+        max_connections: int = 10_000, max_target: int = MAX_TARGET_BYTES, max_header_bytes: int = MAX_HEADER_BYTES,
+        max_header_count: int = MAX_HEADER_COUNT, max_body: int = 0,
     ) -> None:
         self.router, self.pools, self.upstream, self.metrics = router, pools, upstream, metrics
         self.max_attempts = max(1, max_attempts)
@@ -147,6 +179,13 @@ class ProxyContext:
         self.access_log = access_log
         self.access_sample = access_sample  # share of successful (< 400) requests logged; errors always are
         self.loop = loop
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.max_target, self.max_header_bytes, self.max_header_count = max_target, max_header_bytes, max_header_count
+        # One endless line never completes a field, so the per-field checks would never run: the head as a
+        # whole is bounded too.
+        self.max_head = max_target + max_header_bytes + 1024
+        self.max_body = max_body
 
 
 class Exchange:
@@ -207,6 +246,7 @@ class Exchange:
         self.tried: set[str] = set()
         self.attempts = min(cfg.max_attempts, len(pool.endpoints))
         pool.budget.record_request(self.loop.time())
+        pool.active += 1
         self.stale_retry_left = True
         self.head_request = req.method == "HEAD"
         self.endpoint: Endpoint | None = None
@@ -367,6 +407,7 @@ class Exchange:
     def _answer(self, err: ProxyError) -> None:
         if not self.over:
             self.over = True
+            self.pool.active -= 1
             self.client.answer_error(self.req, err, self.service, self.started, self.path, self.route.id)
 
     # --- request body, client -> upstream ---
@@ -374,7 +415,13 @@ class Exchange:
         conn = self.conn
         if conn is None:
             return
-        self.req.body_sent += len(data)
+        req = self.req
+        if req.max_body and req.body_sent + len(data) > req.max_body:
+            # A chunked body (a declared length was checked before forwarding) grew past the limit: the upstream
+            # never gets the bytes beyond it, and the request ends here.
+            self.client_body_broken(PayloadTooLarge(f"request body larger than {req.max_body} bytes"))
+            return
+        req.body_sent += len(data)
         self.last_activity = self.loop.time()
         if self.req.body_kind == BODY_CHUNKED:
             conn.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -537,6 +584,7 @@ class Exchange:
         if self.over:
             return
         self.over = True
+        self.pool.active -= 1
         self._stop_timer()
         if self.endpoint is not None and self.conn is not None:
             self.pool.release(self.endpoint)
@@ -557,6 +605,7 @@ class ClientConnection(asyncio.Protocol):
         "_body_fed",
         "_current_done",
         "_deferred_error",
+        "_fresh",
         "_head_bytes",
         "_header_bytes",
         "_idle_since",
@@ -593,6 +642,7 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._reading_paused = False
         self._idle_since: float | None = None  # waiting for (the rest of) a request head since then
+        self._fresh = True  # no request head completed yet: waiting for one runs on client_header_timeout
         self.exchange: Exchange | None = None
         self.closing = False
         # A parse error behind requests still being answered: sent, in order, once they are done.
@@ -613,12 +663,19 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_text = peer[0] if isinstance(peer, tuple) else ""
         self.peer = self.peer_text.encode()
-        self.server.connections.add(self)
+        server = self.server
+        if len(server.connections) >= self.cfg.max_connections:
+            # Over the limit: answered at once and closed, so the proxy stays responsive for the connections
+            # it has (the kernel's backlog would otherwise queue clients for no one).
+            self.closing = True
+            server.refuse(self)
+            return
+        server.connections.add(self)
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self._deferred_error is not None:
-            return  # the stream is broken; nothing after the bad request is read
+        if self._deferred_error is not None or self.closing:
+            return  # the stream is broken (nothing after the bad request is read), or the connection refused
         if self._upgraded:
             return  # after an Upgrade or CONNECT head the bytes are not HTTP: the connection closes after it
         if self._in_head:
@@ -635,9 +692,9 @@ class ClientConnection(asyncio.Protocol):
             cause = exc.__cause__ or exc.__context__
             self._protocol_error(cause if isinstance(cause, ProxyError) else BadRequest(f"malformed request: {exc}"))
             return
-        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+        if self._in_head and self._head_bytes > self.cfg.max_head:
             # One endless header line never completes a field, so the per-field check would never run.
-            self._protocol_error(HeaderTooLarge(f"request head larger than {MAX_HEAD_BYTES} bytes"))
+            self._protocol_error(HeaderTooLarge(f"request head larger than {self.cfg.max_head} bytes"))
             return
         if self._req is not None and not self._in_head:
             # Bytes of a request's body phase that were not body: chunk framing and, at the end, trailer
@@ -645,8 +702,8 @@ class ClientConnection(asyncio.Protocol):
             # like a head.
             nonbody = len(data) - self._body_fed
             self._nonbody_run = nonbody if self._body_fed else self._nonbody_run + nonbody
-            if self._nonbody_run > MAX_HEAD_BYTES:
-                self._protocol_error(HeaderTooLarge(f"request trailer section larger than {MAX_HEAD_BYTES} bytes"))
+            if self._nonbody_run > self.cfg.max_head:
+                self._protocol_error(HeaderTooLarge(f"request trailer section larger than {self.cfg.max_head} bytes"))
                 return
         self._body_fed = 0
         # Requests start after the whole read was parsed, so a request whose head parsed but whose framing
@@ -688,13 +745,14 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._nonbody_run = 0
         self._in_head = True
+        self._idle_since = self.cfg.loop.time()  # from the first byte, the head must arrive in client_header_timeout
 
     def on_url(self, url: bytes) -> None:
         req = self._req
         assert req is not None
         req.target += url
-        if len(req.target) > MAX_TARGET_BYTES:
-            raise UriTooLong(f"request target longer than {MAX_TARGET_BYTES} bytes")
+        if len(req.target) > self.cfg.max_target:
+            raise UriTooLong(f"request target longer than {self.cfg.max_target} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._req
@@ -704,9 +762,11 @@ class ClientConnection(asyncio.Protocol):
             # a second Host or forge headers after the checks ran. They are not forwarded.
             return
         self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > MAX_HEADER_BYTES:
-            raise HeaderTooLarge(f"request header fields larger than {MAX_HEADER_BYTES} bytes")
+        if self._header_bytes > self.cfg.max_header_bytes:
+            raise HeaderTooLarge(f"request header fields larger than {self.cfg.max_header_bytes} bytes")
         req.headers.append((name, value))
+        if len(req.headers) > self.cfg.max_header_count:
+            raise HeaderTooLarge(f"more than {self.cfg.max_header_count} request header fields")
 
     def on_headers_complete(self) -> None:
         req = self._req
@@ -724,6 +784,8 @@ class ClientConnection(asyncio.Protocol):
                 req.host = value
                 hosts += 1
             elif lower == b"content-length":
+                if value.strip().isdigit():  # llhttp refused anything else, and a second differing value
+                    req.content_length = int(value)
                 if req.body_kind == BODY_NONE and value.strip() != b"0":
                     req.body_kind = BODY_LENGTH
             elif lower == b"transfer-encoding":
@@ -734,10 +796,22 @@ class ClientConnection(asyncio.Protocol):
                 req.expect_continue = True
             elif lower == b"x-request-id":
                 req.request_id = value
-        if hosts > 1:
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            req.bad = VersionNotSupported(f"HTTP/{version} is not supported: HTTP/1.1 or HTTP/1.0 only")
+            req.keep_alive = False
+        elif hosts > 1:
             # RFC 9112 §3.2: more than one Host is a 400; routing on one while the upstream reads another is
             # how requests reach hosts they were not routed to.
             req.bad = BadRequest("more than one Host header")
+            req.keep_alive = False
+        elif hosts == 0 and not req.http10:
+            req.bad = BadRequest("an HTTP/1.1 request must have a Host header")  # RFC 9112 §3.2
+            req.keep_alive = False
+        elif hosts and req.host.translate(None, _HOST_CHARS):
+            # A list, a path, user info, blanks or control bytes: not a host (RFC 9112 §3.2, RFC 3986 §3.2.2).
+            req.bad = BadRequest("invalid Host header")
+            req.keep_alive = False
         elif coding and [c.strip().lower() for c in coding.split(b",")] != [b"chunked"]:
             # llhttp accepted `gzip, chunked`; relaying it would drop the gzip coding without a word (nginx: 501).
             req.bad = NotImplementedCoding(f"transfer coding {coding.decode('latin-1')!r} is not supported")
@@ -755,6 +829,7 @@ class ClientConnection(asyncio.Protocol):
         if req.body_kind == BODY_NONE:
             req.body_done = True
         self._cancel_idle_timer()  # the head arrived in time; the request now runs under upstream timeouts
+        self._fresh = False
         self._queue.append(req)
         if len(self._queue) >= MAX_PIPELINED:
             self.pause_reading()  # resumed once the queue has drained
@@ -773,6 +848,7 @@ class ClientConnection(asyncio.Protocol):
             return
         req.target = path if path.startswith(b"/") else b"/" + path
         req.host = authority
+        req.absolute = True
         req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
         req.headers.append((b"Host", authority))
 
@@ -867,12 +943,25 @@ class ClientConnection(asyncio.Protocol):
                 raise req.bad
             route = self.cfg.router.current.lookup(req.host.decode("latin-1"), path)
             if route is None:
+                if req.absolute:
+                    # Never an open proxy: an absolute URI naming a host this proxy does not route is refused.
+                    raise BadRequest("absolute request target for a host this proxy does not route")
                 raise NoRoute("no route for this host and path")
             service = route.service
             route_id = route.id
             pool = self.cfg.pools.get(service)
             if pool is None or not pool.endpoints:
                 raise NoHealthyEndpoint(f"no healthy instance of service {service!r}")
+            if pool.max_concurrent and pool.active >= pool.max_concurrent:
+                raise ServiceOverloaded(
+                    f"service {service!r} has {pool.max_concurrent} requests in progress, its limit",
+                    headers=_RETRY_AFTER,
+                )
+            max_body = route.max_body or pool.max_body or self.cfg.max_body
+            if max_body and req.body_kind != BODY_NONE:
+                if req.content_length > max_body:
+                    raise PayloadTooLarge(f"request body of {req.content_length} bytes; the limit is {max_body}")
+                req.max_body = max_body
             target = req.target if route.strip is None else (
                 route.upstream_target(req.target.decode("latin-1")).encode("latin-1")
             )
@@ -887,8 +976,10 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         request_log(req, "warning", "proxy_error", status=err.status, reason=err.reason, error=err.message,
                     service=service, upstream=err.upstream, method=req.method, path=path)
-        if not req.body_done or self.server.stopping:
-            req.keep_alive = False  # the unread rest of the body would be taken for the next request
+        if not req.body_done or self.server.stopping or err.status == 413:
+            # The unread rest of the body would be taken for the next request; after a 413 the client may still
+            # be sending what was refused (nginx closes too).
+            req.keep_alive = False
         self.write(error_response(
             err.status, err.message, keep_alive=req.keep_alive, http10=req.http10, request_id=req.request_id,
             extra=err.headers,
@@ -945,12 +1036,31 @@ class ClientConnection(asyncio.Protocol):
         self._idle_since = None
 
     def sweep(self, now: float) -> None:
-        """Called by the server a few times a second: enforce the idle and read timeouts."""
-        if self._idle_since is not None and now - self._idle_since >= self.cfg.idle_timeout:
-            self._idle_expired()
+        """Called by the server a few times a second: enforce the header, idle and read timeouts."""
+        since = self._idle_since
+        if since is not None:
+            cfg = self.cfg
+            if self._in_head or self._fresh:
+                if now - since >= cfg.header_timeout:
+                    self._header_expired()
+            elif now - since >= cfg.idle_timeout:
+                self._idle_expired()
         exchange = self.exchange
         if exchange is not None:
             exchange.check_timeout(now)
+
+    def _header_expired(self) -> None:
+        """A request head (or a new connection's first) did not arrive within client_header_timeout (slowloris):
+        408 when part of a head came, then close; a connection that sent nothing is just closed."""
+        self._idle_since = None
+        if self._serving:
+            return
+        if self._in_head:
+            err = HeaderTimeout(f"request head not received within {self.cfg.header_timeout:g} s")
+            log.info("client_header_timeout", client=self.peer_text, timeout_s=self.cfg.header_timeout)
+            self.cfg.metrics.observe_request(NO_SERVICE, NO_ROUTE, "OTHER", err.status, 0.0)
+            self.write(error_response(err.status, err.message, keep_alive=False))
+        self._close()
 
     def _idle_expired(self) -> None:
         self._idle_since = None
@@ -1010,6 +1120,24 @@ class ProxyServer:
         self.drained = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._refused = 0
+        self._refused_logged_at = float("-inf")
+
+    def refuse(self, conn: ClientConnection) -> None:
+        """A connection over max_connections: a 503 with Retry-After and the connection closed."""
+        transport = conn.transport
+        if transport is not None:
+            err = TooManyConnections(f"more than {self.cfg.max_connections} client connections")
+            transport.write(error_response(err.status, err.message, keep_alive=False, extra=_RETRY_AFTER))
+            transport.close()
+        self._refused += 1
+        self.cfg.metrics.observe_request(NO_SERVICE, NO_ROUTE, "OTHER", 503, 0.0)
+        now = self.cfg.loop.time()
+        if now - self._refused_logged_at >= _LIMITED_LOG_EVERY_S:  # one line per 10 s under a flood
+            log.warning("client_connections_limited", max_connections=self.cfg.max_connections,
+                        refused=self._refused)
+            self._refused_logged_at = now
+            self._refused = 0
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> None:
         self._server = await self.cfg.loop.create_server(
@@ -1022,7 +1150,7 @@ class ProxyServer:
         connection (creating and cancelling those was a measurable share of a request's cost). A timeout fires
         between its value and its value plus one tick."""
         cfg = self.cfg
-        tick = min(1.0, max(0.05, min(cfg.read_timeout, cfg.idle_timeout) / 4))
+        tick = min(1.0, max(0.05, min(cfg.read_timeout, cfg.idle_timeout, cfg.header_timeout) / 4))
         while True:
             await asyncio.sleep(tick)
             now = cfg.loop.time()

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Final
 
 from discovery.model import Problem, RouteSpec, Snapshot
+from discovery.tags import parse_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ class Route:
     strip: str | None = None
     scheme: str = "http"
     tls_skip_verify: bool = False
+    max_body: int = 0  # request body limit in bytes (tag option maxbody=); 0: the service's or the global one
 
     @classmethod
     def from_spec(cls, service: str, spec: RouteSpec) -> Route:
@@ -42,6 +44,7 @@ class Route:
             strip=spec.strip,
             scheme=spec.option("proto") or "http",
             tls_skip_verify=spec.option("tlsskipverify") == "true",
+            max_body=parse_size(spec.option("maxbody") or "0"),
         )
 
     def upstream_target(self, raw_target: str) -> str:

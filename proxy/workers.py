@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from . import logs
-from .config import Settings
+from .config import ConfigError, Settings, Source
 from .metrics import StateCollector
 from .state import Report, merge, read_reports, remove_report
 
@@ -54,8 +54,9 @@ def run_event_loop(main: object) -> None:
     uvloop.run(main)  # type: ignore[arg-type]
 
 
-async def serve(settings: Settings, *, drain: bool = True, **kwargs: object) -> None:
-    """Run one Ferryman until SIGTERM or SIGINT; then drain (when `drain`) and stop."""
+async def serve(settings: Settings, *, drain: bool = True, source: Source | None = None, **kwargs: object) -> None:
+    """Run one Ferryman until SIGTERM or SIGINT; then drain (when `drain`) and stop. SIGHUP reloads the
+    configuration from `source`."""
     from .app import Ferryman
 
     app = Ferryman(settings, **kwargs)  # type: ignore[arg-type]
@@ -63,6 +64,7 @@ async def serve(settings: Settings, *, drain: bool = True, **kwargs: object) -> 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload_from(app, source))
     await app.start()
     _settle_gc()
     flusher = logs.start_flushing(settings.log_flush_interval)
@@ -77,6 +79,18 @@ async def serve(settings: Settings, *, drain: bool = True, **kwargs: object) -> 
         logs.flush()
 
 
+def reload_from(app: Ferryman, source: Source | None) -> None:
+    """SIGHUP: read the configuration again; a bad one keeps the running configuration and says why."""
+    if source is None:
+        return
+    try:
+        new = source.load(os.environ)
+    except ConfigError as exc:
+        log.error("config_reload_failed", error=str(exc), detail="the running configuration stays")
+        return
+    app.reload(new)
+
+
 def _settle_gc() -> None:
     """Move start-up objects out of the collector's sight and collect young objects less often: the hot path
     allocates short-lived objects per request, and CPython's default gen-0 threshold (700) ran the cyclic
@@ -86,18 +100,20 @@ def _settle_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def _worker_main(settings: Settings, index: int) -> None:
+def _worker_main(settings: Settings, index: int, source: Source | None) -> None:
     logs.configure(settings.log_format, settings.log_level, buffered=settings.log_flush_interval > 0)
     structlog.contextvars.bind_contextvars(worker=index)
     # The supervisor drains (says not-ready for drain_delay) before it stops the workers.
     run_event_loop(serve(
         settings, drain=False, serve_admin=False, reuse_port=True, report_dir=os.environ[_MULTIPROC_ENV],
+        source=source,
     ))
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, source: Source | None = None) -> None:
         self.settings = settings
+        self.source = source
         self.count = effective_workers(settings)
         self.metrics_dir = tempfile.mkdtemp(prefix="ferryman-metrics-")
         self._ctx = multiprocessing.get_context("spawn")
@@ -106,8 +122,16 @@ class Supervisor:
         self._admin: Ferryman | None = None
 
     def _spawn(self, index: int) -> None:
-        proc = self._ctx.Process(target=_worker_main, args=(self.settings, index), name=f"ferryman-worker-{index}")
-        proc.start()
+        proc = self._ctx.Process(
+            target=_worker_main, args=(self.settings, index, self.source), name=f"ferryman-worker-{index}",
+        )
+        # The worker starts with SIGHUP ignored (an ignored signal stays ignored across exec) until its event
+        # loop installs its own handler: a reload forwarded during its start-up must not kill it.
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            proc.start()
+        finally:
+            signal.signal(signal.SIGHUP, previous)
         self._workers[index] = (proc, time.monotonic())
         log.info("worker_started", worker=index, pid=proc.pid)
 
@@ -134,16 +158,19 @@ class Supervisor:
 
         # Workers are spawned (fresh interpreters), so they see this before importing prometheus-client.
         os.environ[_MULTIPROC_ENV] = self.metrics_dir
-        for index in range(self.count):
-            self._spawn(index)
         admin = self._admin = Ferryman(
             self.settings, serve_proxy=False, exposition=self.exposition, report=self.report,
         )
+        # The admin side first: a Consul token Consul refuses (or a taken admin port) stops everything before
+        # any worker exists.
+        await admin.start()
+        for index in range(self.count):
+            self._spawn(index)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await admin.start()
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         flusher = logs.start_flushing(self.settings.log_flush_interval)
         try:
             while not stop.is_set():
@@ -174,6 +201,16 @@ class Supervisor:
                 flusher.cancel()
             logs.flush()
 
+    def _reload(self) -> None:
+        """SIGHUP: every worker reads the configuration again itself; the supervisor too (for the admin port
+        and for workers it starts later)."""
+        for proc, _ in self._workers.values():
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGHUP)
+        assert self._admin is not None
+        reload_from(self._admin, self.source)
+        self.settings = self._admin.settings
+
     async def _stop_workers(self) -> None:
         for proc, _ in self._workers.values():
             if proc.is_alive() and proc.pid is not None:
@@ -187,8 +224,8 @@ class Supervisor:
                 await asyncio.to_thread(proc.join, 5)
 
 
-def run_supervisor(settings: Settings) -> int:
-    supervisor = Supervisor(settings)
+def run_supervisor(settings: Settings, source: Source | None = None) -> int:
+    supervisor = Supervisor(settings, source)
     log.info("supervisor_starting", workers=supervisor.count)
     run_event_loop(supervisor.run())
     return 1 if supervisor.failed else 0

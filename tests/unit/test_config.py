@@ -274,7 +274,7 @@ class TestServiceTables:
         ("text", "detail"),
         [
             ('[services.api]\nlb = "fastest"\n', "key 'services.api.lb': lb='fastest' must be one of"),
-            ('[services.api]\nweight = "3"\n', "key 'services.api.weight': unknown balancing setting"),
+            ('[services.api]\nweight = "3"\n', "key 'services.api.weight': unknown service setting"),
             ('[services.api]\nlb = 3\n', "key 'services.api.lb': must be text"),
         ],
         ids=["bad-algorithm", "unknown-setting", "not-text"],
