@@ -136,6 +136,7 @@ class Ferryman:
                 header_timeout=s.client_header_timeout, max_connections=s.max_connections,
                 max_target=s.max_request_target, max_header_bytes=s.max_header_bytes,
                 max_header_count=s.max_header_count, max_body=parse_size(s.max_body_size),
+                tunnel_idle_timeout=s.websocket_idle_timeout,
             ))
             await self._proxy.start(listen.host, listen.port, reuse_port=self.reuse_port)
         if self.serve_admin:
@@ -166,6 +167,7 @@ class Ferryman:
                 s.max_request_target, s.max_header_bytes, s.max_header_count)
             ctx.max_head = s.max_request_target + s.max_header_bytes + 1024
             ctx.access_sample = s.access_log_sample
+            ctx.tunnel_idle_timeout = s.websocket_idle_timeout
         self.upstream.connect_timeout, self.upstream.keepalive, self.upstream.idle_timeout = (
             s.connect_timeout, s.upstream_keepalive, s.upstream_idle_timeout)
         policy = PoolPolicy(**{f.name: getattr(s, f.name) for f in fields(PoolPolicy)})

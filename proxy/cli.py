@@ -35,6 +35,7 @@ _HELP = {
     "upstream_keepalive": "idle keep-alive connections kept per upstream instance",
     "upstream_idle_timeout": "seconds an idle upstream keep-alive connection is kept",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
+    "websocket_idle_timeout": "seconds a WebSocket connection may pass no byte either way before it is closed",
     "drain_delay": "seconds /ready answers 503 on SIGTERM before the listener closes (for load balancers)",
     "max_sync_age": "seconds without an answer from Consul after which /ready answers 503; 0 = never",
     "client_idle_timeout": "seconds a client connection may wait idle, or send a request head, before it is closed",

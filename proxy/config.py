@@ -69,6 +69,7 @@ class Settings:
     max_sync_age: float = 60.0
     client_idle_timeout: float = 75.0
     client_header_timeout: float = 10.0
+    websocket_idle_timeout: float = 600.0
     max_connections: int = 10_000
     max_request_target: int = 8192
     max_header_bytes: int = 65536
@@ -155,6 +156,7 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
     "upstream_keepalive": _between(0, 100_000),
     "client_idle_timeout": _positive,
     "client_header_timeout": _positive,
+    "websocket_idle_timeout": _positive,
     "max_connections": _between(1, 10_000_000),
     "max_request_target": _between(256, 1024 * 1024),
     "max_header_bytes": _between(1024, 16 * 1024 * 1024),

@@ -41,6 +41,10 @@ class ResponseSink(Protocol):
     def flush(self) -> None: ...
     def upstream_pause_writing(self) -> None: ...
     def upstream_resume_writing(self) -> None: ...
+    # A WebSocket (or other upgrade) the upstream accepted with 101: from then on raw bytes both ways.
+    def on_upgrade(self, reason: bytes, headers: list[tuple[bytes, bytes]], rest: bytes) -> None: ...
+    def on_tunnel_data(self, data: bytes) -> None: ...
+    def on_tunnel_closed(self) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -55,6 +59,9 @@ class UpstreamConnection(asyncio.Protocol):
         "_reason",
         "_sink",
         "_skip_rest",
+        "_switching",
+        "_tunnel",
+        "_upgrade",
         "closed",
         "framing",
         "idle_since",
@@ -88,10 +95,15 @@ class UpstreamConnection(asyncio.Protocol):
         self._pending: tuple[ResponseSink, bool] | None = None
         self._extra = False
         self._head_bytes = 0
+        self._upgrade = False  # the request asked to switch protocols
+        self._switching = False  # and the upstream answered 101
+        self._tunnel: ResponseSink | None = None  # after the 101: where the upstream's raw bytes go
 
     # --- driven by the request relay ---
-    def send(self, head: bytes, sink: ResponseSink, *, head_request: bool) -> None:
+    def send(self, head: bytes, sink: ResponseSink, *, head_request: bool, upgrade: bool = False) -> None:
         self._sink = sink
+        self._upgrade = upgrade
+        self._switching = False
         self._headers = []
         self._reason = b""
         self._head_request = head_request
@@ -126,6 +138,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.on_tunnel_data(data)
+            return
         if self._sink is None:
             # Bytes nobody asked for (an idle connection talking): it is no longer safe to reuse.
             if self.transport is not None:
@@ -137,8 +153,15 @@ class UpstreamConnection(asyncio.Protocol):
             self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamProtocolError("upstream switched protocols unasked"))
+        except httptools.HttpParserUpgrade as exc:
+            if not self._switching:
+                self._fail(UpstreamProtocolError("upstream switched protocols unasked"))
+                return
+            # 101 to an upgrade request: what follows its head belongs to the new protocol.
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self._sink = None
+            self._tunnel = sink
+            sink.on_upgrade(self._reason, self._headers, data[offset:])
             return
         except httptools.HttpParserError as exc:
             if self._pending is None:
@@ -160,6 +183,11 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
+        tunnel = self._tunnel
+        if tunnel is not None:
+            self._tunnel = None
+            tunnel.on_tunnel_closed()
+            return
         sink = self._sink
         if sink is None:
             return
@@ -175,12 +203,14 @@ class UpstreamConnection(asyncio.Protocol):
             )
 
     def pause_writing(self) -> None:
-        if self._sink is not None:
-            self._sink.upstream_pause_writing()
+        sink = self._sink or self._tunnel
+        if sink is not None:
+            sink.upstream_pause_writing()
 
     def resume_writing(self) -> None:
-        if self._sink is not None:
-            self._sink.upstream_resume_writing()
+        sink = self._sink or self._tunnel
+        if sink is not None:
+            sink.upstream_resume_writing()
 
     # --- llhttp callbacks ---
     def on_message_begin(self) -> None:
@@ -200,6 +230,9 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None:
             return
         status = self.parser.get_status_code()
+        if status == 101 and self._upgrade:
+            self._switching = True  # llhttp stops after this head; data_received hands over to the tunnel
+            return
         if status < 200:
             # An interim answer (100 Continue, 103 Early Hints): the final one follows on this parser.
             self._interim = True
@@ -234,6 +267,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink.on_body(data)
 
     def on_message_complete(self) -> None:
+        if self._switching:
+            return  # a 101's head is the whole message; the tunnel starts when llhttp stops
         if self._interim:
             self._interim = False
             return

@@ -81,6 +81,7 @@ def upstream_request_head(
     default_host: bytes,
     chunked: bool,
     request_id: bytes = b"",
+    upgrade: bytes = b"",
 ) -> bytes:
     """The HTTP/1.1 request head for the upstream.
 
@@ -128,6 +129,9 @@ def upstream_request_head(
     out += (b"Forwarded: ", forwarded_element(client_ip, host, proto), _CRLF)
     if request_id:
         out += (b"X-Request-ID: ", request_id, _CRLF)
+    if upgrade:
+        # Upgrade and Connection are hop-by-hop: this hop asks the next one for the same switch (WebSocket).
+        out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, _CRLF)
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     out.append(_CRLF)

@@ -175,9 +175,15 @@ class StateCollector(Collector):
             for state, count in counts.items():
                 instances.add_metric([service.name, state], count)
             in_flight.add_metric([service.name], flying)
+        websockets = GaugeMetricFamily(
+            "ferryman_websocket_connections", "WebSocket connections open, by service.", labels=["service"],
+        )
+        for service in report.services:
+            websockets.add_metric([service.name], service.websockets)
         yield instances
         yield up
         yield in_flight
+        yield websockets
 
         yield GaugeMetricFamily(
             "ferryman_client_connections", "Open client connections.", value=report.connections,

@@ -165,9 +165,30 @@ class Outliers:
 
 class Pool:
     __slots__ = (
-        "_sticky_for", "_sticky_map", "active", "algorithm", "balancer", "budget", "check_scheme",
-        "check_skip_verify", "departed", "down", "endpoints", "errors", "hash_on", "health_path", "in_flight",
-        "joined", "max_body", "max_concurrent", "outliers", "policy", "rng", "service", "sticky",
+        "_sticky_for",
+        "_sticky_map",
+        "active",
+        "algorithm",
+        "balancer",
+        "budget",
+        "check_scheme",
+        "check_skip_verify",
+        "departed",
+        "down",
+        "endpoints",
+        "errors",
+        "hash_on",
+        "health_path",
+        "in_flight",
+        "joined",
+        "max_body",
+        "max_concurrent",
+        "outliers",
+        "policy",
+        "rng",
+        "service",
+        "sticky",
+        "tunnels",
     )
 
     def __init__(
@@ -198,6 +219,7 @@ class Pool:
         self.joined: dict[str, float] = {}  # instances still ramping up (slow start), since when
         self.errors = RecentErrors()  # failed attempts per instance, for the status page
         self.active = 0  # requests of this service in progress in this process
+        self.tunnels = 0  # WebSocket connections of this service open in this process
         self.max_concurrent = policy.service_max_concurrent  # beyond it: 503 with Retry-After (0: no limit)
         self.max_body = 0  # request body limit in bytes from [services.NAME] max_body_size (0: the global one)
         # Instances that left while requests to them were in flight (draining), until those finish.

@@ -132,9 +132,11 @@ class Request:
         "request_id",
         "sink",
         "target",
+        "upgrade",
     )
 
     def __init__(self) -> None:
+        self.upgrade = b""  # the protocol a WebSocket upgrade request asks for (b"websocket"), else empty
         self.method = ""
         self.target = b""
         self.host = b""
@@ -161,7 +163,7 @@ class ProxyContext:
     __slots__ = (
         "access_log", "access_sample", "header_timeout", "idle_timeout", "listen_port", "loop", "max_attempts",
         "max_body", "max_connections", "max_head", "max_header_bytes", "max_header_count", "max_target", "metrics",
-        "pools", "proto", "read_timeout", "router", "upstream",
+        "pools", "proto", "read_timeout", "router", "tunnel_idle_timeout", "upstream",
     )
 
     def __init__(
@@ -169,7 +171,7 @@ class ProxyContext:
         read_timeout: float, idle_timeout: float, listen_port: int, proto: str, access_log: AccessWriter | None,
         loop: asyncio.AbstractEventLoop, access_sample: float = 1.0, header_timeout: float = 10.0,
         max_connections: int = 10_000, max_target: int = MAX_TARGET_BYTES, max_header_bytes: int = MAX_HEADER_BYTES,
-        max_header_count: int = MAX_HEADER_COUNT, max_body: int = 0,
+        max_header_count: int = MAX_HEADER_COUNT, max_body: int = 0, tunnel_idle_timeout: float = 600.0,
     ) -> None:
         self.router, self.pools, self.upstream, self.metrics = router, pools, upstream, metrics
         self.max_attempts = max(1, max_attempts)
@@ -186,6 +188,7 @@ class ProxyContext:
         # whole is bounded too.
         self.max_head = max_target + max_header_bytes + 1024
         self.max_body = max_body
+        self.tunnel_idle_timeout = tunnel_idle_timeout  # a WebSocket with no byte either way this long closes
 
 
 class Exchange:
@@ -226,6 +229,7 @@ class Exchange:
         "status",
         "target",
         "tried",
+        "tunnel",
         "upstream_s",
     )
 
@@ -257,6 +261,7 @@ class Exchange:
         self.bytes_out = 0
         self.sent_at = 0.0
         self.upstream_s: float | None = None  # request sent to response head received, on the last attempt
+        self.tunnel = False  # the upstream accepted an upgrade (101): raw bytes both ways until one side closes
         self.chunked_out = False
         self.out: list[bytes] = []  # response bytes from the current upstream read, written once by flush()
         self.last_activity = 0.0
@@ -329,8 +334,8 @@ class Exchange:
         conn.send(upstream_request_head(
             req.method.encode(), self.target, req.headers, client_ip=client.peer, proto=cfg.proto,
             port=cfg.listen_port, default_host=endpoint.authority.encode(), chunked=req.body_kind == BODY_CHUNKED,
-            request_id=req.request_id,
-        ), self, head_request=self.head_request)
+            request_id=req.request_id, upgrade=req.upgrade,
+        ), self, head_request=self.head_request, upgrade=bool(req.upgrade))
         if req.body_kind != BODY_NONE:
             client.attach_body(req, self)
 
@@ -491,6 +496,60 @@ class Exchange:
             extra=self._sticky_cookie() if self.pool.sticky is not None else (), request_id=req.request_id,
         ))
 
+    # --- after a 101: a tunnel (WebSocket) ---
+    def on_upgrade(self, reason: bytes, headers: list[tuple[bytes, bytes]], rest: bytes) -> None:
+        """The upstream switched protocols: answer the client's upgrade with its 101 and relay raw bytes both
+        ways from now on, with flow control as for bodies, until either side closes or it idles out."""
+        if self.over:
+            return
+        self.upstream_s = time.perf_counter() - self.sent_at
+        req = self.req
+        client = self.client
+        self.status = 101
+        self.head_sent = True
+        self.tunnel = True
+        self.last_activity = self.loop.time()
+        self.armed = True
+        if self.endpoint is not None:
+            self.pool.outliers.success(self.endpoint.key)
+        protocol = next((v for n, v in headers if n.lower() == b"upgrade"), req.upgrade)
+        client.write(client_response_head(
+            101, reason, headers, chunked=False, keep_alive=True, http10=False,
+            extra=((b"Connection", b"Upgrade"), (b"Upgrade", protocol)), request_id=req.request_id,
+        ))
+        self.pool.tunnels += 1
+        if rest:
+            self.on_tunnel_data(rest)
+        client.start_tunnel(self)
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        self.bytes_out += len(data)
+        self.client.write(data)
+
+    def tunnel_from_client(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None:
+            self.last_activity = self.loop.time()
+            self.req.body_sent += len(data)
+            conn.write(data)
+
+    def on_tunnel_closed(self) -> None:
+        self.end_tunnel()
+
+    def end_tunnel(self) -> None:
+        """Either side closed (or the tunnel idled out): close the other after what it has buffered."""
+        if self.over:
+            return
+        self.pool.tunnels -= 1
+        conn = self.conn
+        if conn is not None:
+            self.client.cfg.upstream.release(conn, False)
+        transport = self.client.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+        self._finish(101)
+
     def _sticky_cookie(self) -> tuple[tuple[bytes, bytes], ...]:
         """Pin the client to the instance that answered, unless its cookie already does."""
         name = self.pool.sticky
@@ -534,12 +593,21 @@ class Exchange:
 
     # --- the client went away, or the upstream went silent ---
     def client_gone(self) -> None:
+        if self.tunnel:
+            self.end_tunnel()
+            return
         self._stop_timer()
         if self.conn is not None:
             self.conn.detach()
         self._finish(499)  # nginx's code for a client that went away before the answer
 
     def check_timeout(self, now: float) -> None:
+        if self.tunnel:
+            if now - self.last_activity >= self.client.cfg.tunnel_idle_timeout:
+                request_log(self.req, "info", "tunnel_idle_closed", service=self.service,
+                            idle_s=self.client.cfg.tunnel_idle_timeout)
+                self.end_tunnel()
+            return
         if not self.armed or now - self.last_activity < self.client.cfg.read_timeout:
             return
         self.armed = False
@@ -616,6 +684,7 @@ class ClientConnection(asyncio.Protocol):
         "_reading_paused",
         "_req",
         "_serving",
+        "_tunnel_early",
         "_upgraded",
         "cfg",
         "closing",
@@ -653,6 +722,7 @@ class ClientConnection(asyncio.Protocol):
         self._body_fed = 0  # body bytes llhttp delivered during the current read
         self._nonbody_run = 0  # bytes of the body phase since the last body byte
         self.writing_paused = False  # the client reads slower than we write: upstream reading stays paused
+        self._tunnel_early = b""  # bytes a client sent after its upgrade head, before the upstream's 101
         self.paused_by_upstream = False  # reading paused because the upstream does not take the body
         self._in_loop = False
         self._current_done = False
@@ -677,16 +747,26 @@ class ClientConnection(asyncio.Protocol):
         if self._deferred_error is not None or self.closing:
             return  # the stream is broken (nothing after the bad request is read), or the connection refused
         if self._upgraded:
-            return  # after an Upgrade or CONNECT head the bytes are not HTTP: the connection closes after it
+            # After an Upgrade or CONNECT head the bytes are not HTTP: relayed once a WebSocket tunnel is up,
+            # kept until then (reading is paused meanwhile), and otherwise dropped as the connection closes.
+            exchange = self.exchange
+            if exchange is not None and exchange.tunnel:
+                exchange.tunnel_from_client(data)
+            elif len(self._tunnel_early) < MAX_BUFFERED_BODY:
+                self._tunnel_early += data
+            return
         if self._in_head:
             self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # An Upgrade (WebSocket) or CONNECT request: Upgrade is hop-by-hop and not forwarded, so it is
-            # answered as plain HTTP and the connection then closes; what follows its head is never parsed
-            # as requests (it may be another protocol, or a body smuggled past a head that claimed none).
+        except httptools.HttpParserUpgrade as exc:
+            # An Upgrade or CONNECT request: what follows its head is never parsed as requests (it may be
+            # another protocol, or a body smuggled past a head that claimed none). A WebSocket upgrade goes to
+            # the upstream with its Upgrade header and becomes a tunnel if it answers 101; any other is answered
+            # as plain HTTP (Upgrade is hop-by-hop) and the connection then closes.
             self._upgraded = True
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self._tunnel_early = data[offset:]
             self.pause_reading()
         except httptools.HttpParserError as exc:
             cause = exc.__cause__ or exc.__context__
@@ -778,6 +858,7 @@ class ClientConnection(asyncio.Protocol):
         req.keep_alive = parser.should_keep_alive()
         hosts = 0
         coding = b""
+        upgrade = b""
         for name, value in req.headers:
             lower = name.lower()
             if lower == b"host":
@@ -796,6 +877,8 @@ class ClientConnection(asyncio.Protocol):
                 req.expect_continue = True
             elif lower == b"x-request-id":
                 req.request_id = value
+            elif lower == b"upgrade":
+                upgrade = value
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             req.bad = VersionNotSupported(f"HTTP/{version} is not supported: HTTP/1.1 or HTTP/1.0 only")
@@ -824,6 +907,8 @@ class ClientConnection(asyncio.Protocol):
             req.keep_alive = False
             if req.body_kind != BODY_NONE and req.bad is None:
                 req.bad = BadRequest("an upgrade request must not have a body")
+            elif req.method == "GET" and b"websocket" in upgrade.lower():
+                req.upgrade = b"websocket"
         if req.target[:1] != b"/" and req.target != b"*" and req.bad is None and req.method != "CONNECT":
             self._absolute_form(req)
         if req.body_kind == BODY_NONE:
@@ -995,6 +1080,14 @@ class ClientConnection(asyncio.Protocol):
         access_log = cfg.access_log
         if access_log is not None and (status >= 400 or cfg.access_sample >= 1.0 or _ids.random() < cfg.access_sample):
             access_log(req, path, status, service, upstream, round(elapsed * 1000, 3), sent, self.peer_text)
+
+    def start_tunnel(self, exchange: Exchange) -> None:
+        """The upstream accepted the upgrade: what the client sent early goes first, then reading resumes."""
+        early = self._tunnel_early
+        self._tunnel_early = b""
+        if early:
+            exchange.tunnel_from_client(early)
+        self.resume_reading()
 
     def attach_body(self, req: Request, exchange: Exchange) -> None:
         """From now on the request body goes to the upstream as it arrives; what waited in the buffer first."""

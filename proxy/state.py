@@ -48,6 +48,7 @@ class ServiceState:
     name: str
     algorithm: str
     instances: tuple[InstanceState, ...]
+    websockets: int = 0  # WebSocket connections open
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +99,7 @@ def pool_state(pool: Pool, now: float) -> ServiceState:
             del pool.departed[key]  # back in the pool, or its last request finished
             continue
         instances.append(_instance(endpoint, "draining", pool, now, endpoint.key))
-    return ServiceState(pool.service, pool.algorithm, tuple(instances))
+    return ServiceState(pool.service, pool.algorithm, tuple(instances), pool.tunnels)
 
 
 def pools_state(pools: Iterable[Pool], now: float) -> tuple[ServiceState, ...]:
@@ -134,7 +135,8 @@ def merge(base: Report, workers: Sequence[Report], expected: int) -> Report:
                     first, key=key, state="draining", in_flight=sum(v.in_flight for v in views),
                     errors_recent=sum(v.errors_recent for v in views), label=key,
                 ))
-        services.append(replace(service, instances=tuple(instances)))
+        websockets = sum(s.websockets for w in workers for s in w.services if s.name == service.name)
+        services.append(replace(service, instances=tuple(instances), websockets=websockets))
     complete = len(workers) >= expected
     successes = [w.last_success for w in workers]
     return replace(
@@ -181,7 +183,8 @@ def remove_report(directory: str, pid: int) -> None:
 
 def _from_json(data: dict[str, Any]) -> Report:
     services = tuple(
-        ServiceState(s["name"], s["algorithm"], tuple(InstanceState(**i) for i in s["instances"]))
+        ServiceState(s["name"], s["algorithm"], tuple(InstanceState(**i) for i in s["instances"]),
+                     s.get("websockets", 0))
         for s in data.pop("services")
     )
     return Report(services=services, **data)

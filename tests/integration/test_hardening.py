@@ -151,29 +151,32 @@ class TestUpgradeHeads:
         assert wire.ended is not None, "the connection stayed open after the refused upgrade request"
         assert await heads_after_a_round_trip(upstream, connect, name) == [f"GET /{name}/probe"]
 
-    async def test_upgrade_request_without_a_body_is_answered_as_plain_http_then_the_connection_closes(
-        self, consul, ferryman, upstreams, connect
+    @pytest.mark.parametrize("protocol, forwarded", [("websocket", True), ("h2c", False)])
+    async def test_upgrade_the_upstream_does_not_accept_is_answered_as_plain_http_then_the_connection_closes(
+        self, consul, ferryman, upstreams, connect, protocol, forwarded,
     ):
-        upstream = await routed_raw(upstreams, consul, ferryman, "hard-upgrade", echo)
+        """A WebSocket upgrade goes upstream with its Upgrade (the upstream may answer 101: a tunnel); any other
+        upgrade is hop-by-hop and dropped (RFC 9110 §7.6.1). An answer other than 101 is plain HTTP, and the
+        connection closes: the bytes after the upgrade head are never read as requests."""
+        name = f"hard-upgrade-{protocol}"
+        upstream = await routed_raw(upstreams, consul, ferryman, name, echo)
         wire = await connect()
 
         wire.send(
-            b"GET /hard-upgrade/ws HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-            + request("GET", "/hard-upgrade/after")  # what a client would send after a 101: not HTTP to us
+            f"GET /{name}/ws HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n".encode()
+            + request("GET", f"/{name}/after")  # what a client would send after a 101: not HTTP to us
         )
         resp = await answer(wire)
         rest = await rest_of(wire)
 
         got = seen(resp)
-        assert got["target"] == "/hard-upgrade/ws"
-        assert values(got["headers"], "Upgrade") == [], "Upgrade is hop-by-hop (RFC 9110 §7.6.1)"
-        assert values(got["headers"], "Connection") == []
-        assert resp.header("Connection") == "close"
+        assert got["target"] == f"/{name}/ws"
+        assert values(got["headers"], "Upgrade") == ([protocol] if forwarded else [])
+        assert values(got["headers"], "Connection") == (["Upgrade"] if forwarded else [])
+        assert resp.status == 200 and resp.header("Connection") == "close"
         assert rest == b"", f"answers to bytes after the upgrade head: {rest[:300]!r}"
         assert wire.ended is not None, "the connection stayed open after the upgrade request"
-        assert await heads_after_a_round_trip(upstream, connect, "hard-upgrade") == [
-            "GET /hard-upgrade/ws", "GET /hard-upgrade/probe",
-        ]
+        assert await heads_after_a_round_trip(upstream, connect, name) == [f"GET /{name}/ws", f"GET /{name}/probe"]
 
 
 class TestChunkedTrailers:
