@@ -50,11 +50,42 @@ def wait_for(url: str, what: str, procs: list[tuple[str, subprocess.Popen[bytes]
     raise SystemExit(f"demo: {what} did not come up within {timeout:.0f}s ({url})")
 
 
+def self_signed(work: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `name` (and 127.0.0.1), valid a week, for the demo's HTTPS listener."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = work / "demo-cert.pem", work / "demo-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--consul-bin", default=shutil.which("consul") or str(REPO / ".venv/bin/consul"))
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--admin-port", type=int, default=9090)
+    parser.add_argument("--tls-port", type=int, default=8443)
     args = parser.parse_args()
     if not Path(args.consul_bin).is_file():
         raise SystemExit("demo: no Consul binary; install Consul so `consul` is on PATH, or run `make consul`")
@@ -62,6 +93,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ferryman-demo-"))
     consul_port = port_or_free(8500)
     proxy_port, admin_port = port_or_free(args.port), port_or_free(args.admin_port)
+    tls_port = port_or_free(args.tls_port)
+    cert, key = self_signed(work, "localhost")
     consul_addr = f"127.0.0.1:{consul_port}"
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
@@ -106,7 +139,8 @@ def main() -> None:
                                         *tag_args])
         spawn("ferryman", [str(Path(py).parent / "ferryman"), "--listen", f"127.0.0.1:{proxy_port}",
                            "--admin-listen", f"127.0.0.1:{admin_port}", "--consul-addr", consul_addr,
-                           "--log-format", "console", "--workers", "1"])
+                           "--log-format", "console", "--workers", "1",
+                           "--tls-listen", f"127.0.0.1:{tls_port}", "--tls-certs", f"{cert}:{key}"])
 
         def all_routed(body: bytes) -> bool:
             routes = json.loads(body)["routes"]
@@ -123,6 +157,8 @@ Ferryman demo is running (logs in {work}).
                      http://127.0.0.1:{proxy_port}/api/hello     service api, /api stripped
                      curl -H 'Host: api.localhost' http://127.0.0.1:{proxy_port}/hello
                      http://127.0.0.1:{proxy_port}/stream?chunks=5&delay=0.5   a streamed response
+  HTTPS              https://localhost:{tls_port}/             a self-signed certificate for localhost:
+                     curl --cacert {cert} https://localhost:{tls_port}/api/hello
   Status page        http://127.0.0.1:{admin_port}/              routes, instances, discovery (refreshes itself)
   Routing table      http://127.0.0.1:{admin_port}/api/routes
   Metrics            http://127.0.0.1:{admin_port}/metrics

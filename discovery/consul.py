@@ -1,15 +1,21 @@
 """Consul's HTTP API through py-consul's asyncio client: blocking queries on the catalog and on health.
 
-Only the endpoints every Consul release since 1.0 speaks are used: /v1/catalog/services and
-/v1/health/service/<name>, each with `index` and `wait` (plus /v1/acl/token/self, 1.4+, in the start-time
-access check). Every failure leaves this module as one ConsulError carrying a bounded `reason` (used as a
-metric label), so callers never see aiohttp or py-consul exception types.
+Only the endpoints every Consul release since 1.0 speaks are used: /v1/catalog/services,
+/v1/health/service/<name> and /v1/kv/<prefix>?recurse, each with `index` and `wait` (plus
+/v1/acl/token/self, 1.4+, in the start-time access check), and `dc` to read another datacenter. Every failure
+leaves this module as one ConsulError carrying a bounded `reason` (used as a metric label), so callers never
+see aiohttp or py-consul exception types.
 
 Several addresses (servers or agents of one cluster) are tried in order: a request that finds its address
 unreachable, silent, or answering 5xx / 429 (a server that lost its leader answers 500 "No cluster leader" or
 "rpc error ..." until an election ends) moves the client to the next address for the requests that follow.
 The caller's retry goes there. A blocking-query index is the cluster's Raft index, so one read from one server
 is valid on another; an index that went backwards is the watcher's `next_index` business.
+
+Several datacenters (`dc="dc1,dc2"`, in order of preference) are read through the same addresses, each query
+naming its datacenter (`?dc=`): the local servers forward it over the WAN. A remote datacenter that cannot be
+reached answers 500 "No path to datacenter" from every local server alike, so that answer does not move the
+client to another address.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ _CHECK_TIMEOUT_S: Final = 5.0
 # The anonymous token's AccessorID, the same in every Consul with the 1.4+ ACL system.
 _ANONYMOUS_ACCESSOR: Final = "00000000-0000-0000-0000-000000000002"
 MINIMAL_POLICY: Final = 'service_prefix "" { policy = "read" }  node_prefix "" { policy = "read" }'
+# What Consul answers (500) for a datacenter it has no route to: unknown, or its servers out of WAN reach.
+_NO_DC_PATH: Final = "No path to datacenter"
+# Consul's own rule for datacenter names (agent config `datacenter`).
+_DC_NAME: Final = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class ConsulError(Exception):
@@ -51,9 +61,12 @@ class ConsulError(Exception):
     @property
     def failover(self) -> bool:
         """Another address of the cluster may answer: this one is down, silent, without a leader or overloaded.
-        A refused token (403) or a bad request would be refused by every server alike."""
+        A refused token (403), a bad request, or a remote datacenter out of reach would be answered by every
+        server alike."""
         if self.reason in ("unreachable", "timeout"):
             return True
+        if _NO_DC_PATH in self.detail:
+            return False
         return self.status is not None and (self.status >= 500 or self.status == 429)
 
 
@@ -122,6 +135,26 @@ class ConsulAddress:
         return tuple(addresses)
 
 
+def parse_datacenters(text: str) -> tuple[str, ...]:
+    """`consul_dc`: empty (the agent's own datacenter: `()`), one name, or several comma-separated in order of
+    preference (`dc1,dc2`); ValueError naming the item that is wrong. Names are Consul's: letters, digits, `-`
+    and `_`; a name listed twice (in any case: Consul lower-cases datacenter names) is an error."""
+    if not text.strip():
+        return ()
+    items = text.split(",")
+    names: list[str] = []
+    for number, item in enumerate(items, 1):
+        name = item.strip()
+        if not name:
+            raise ValueError(f"datacenter list {text!r}: item {number} is empty")
+        if not _DC_NAME.fullmatch(name):
+            raise ValueError(f"datacenter {name!r}: a name has only letters, digits, '-' and '_'")
+        if name.lower() in (n.lower() for n in names):
+            raise ValueError(f"datacenter {name!r} is listed twice")
+        names.append(name)
+    return tuple(names)
+
+
 _STATUS = re.compile(r"(\d{3}) ")
 
 
@@ -134,22 +167,28 @@ def _index(raw: Any) -> int:
 
 class ConsulClient:
     """Blocking-query reads of the catalog and of service health from one of several addresses of a cluster.
-    Create and close inside the event loop."""
+    Create and close inside the event loop.
+
+    `dc` is `consul_dc` (text, parsed by `parse_datacenters`) or the names themselves: `datacenters` is what the
+    watcher follows, in order of preference, `("",)` for the agent's own datacenter. A query given no `dc`
+    reads the first of them."""
 
     def __init__(
         self,
         addresses: ConsulAddress | Sequence[ConsulAddress],
         *,
         token: str | None,
-        dc: str | None,
+        dc: str | Sequence[str] | None,
         wait_s: float,
     ) -> None:
         self.addresses = (addresses,) if isinstance(addresses, ConsulAddress) else tuple(addresses)
         if not self.addresses:
             raise ValueError("at least one Consul address is needed")
+        names = parse_datacenters(dc) if isinstance(dc, str) else parse_datacenters(",".join(dc or ()))
+        self.datacenters: tuple[str, ...] = names or ("",)
         self.wait = f"{max(1, int(wait_s))}s"
         self._token = token or None
-        self._dc = dc or None
+        self._dc = self.datacenters[0] or None
         self._timeout = wait_s + wait_s / 16 + _TIMEOUT_MARGIN_S
         self._current = 0
         self._failed: set[int] = set()  # addresses that failed since one last answered
@@ -160,25 +199,53 @@ class ConsulClient:
         """The address requests go to now."""
         return self.addresses[self._current]
 
-    async def services(self, index: int) -> tuple[int, dict[str, list[str]]]:
-        """(index, {service: tags}) from /v1/catalog/services; blocks until a change when index > 0."""
+    async def services(self, index: int, dc: str = "") -> tuple[int, dict[str, list[str]]]:
+        """(index, {service: tags}) from /v1/catalog/services of datacenter `dc` (empty: the first listed);
+        blocks until a change when index > 0."""
         raw_index, data = await self._request(
-            lambda api: api.catalog.services(index=index or None, wait=self.wait, dc=self._dc)
+            lambda api: api.catalog.services(index=index or None, wait=self.wait, dc=dc or self._dc)
         )
         if not isinstance(data, dict):
             raise ConsulError("bad_response", "catalog/services did not return an object")
         return _index(raw_index), data
 
-    async def health(self, service: str, index: int) -> tuple[int, list[dict[str, Any]]]:
-        """(index, entries) from /v1/health/service/<service>, every instance with its checks."""
+    async def health(self, service: str, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]:
+        """(index, entries) from /v1/health/service/<service> of datacenter `dc` (empty: the first listed),
+        every instance with its checks."""
         raw_index, data = await self._request(
-            lambda api: api.health.service(service, index=index or None, wait=self.wait, dc=self._dc)
+            lambda api: api.health.service(service, index=index or None, wait=self.wait, dc=dc or self._dc)
         )
         if data is None:
             data = []
         if not isinstance(data, list):
             raise ConsulError("bad_response", f"health/service/{service} did not return a list")
         return _index(raw_index), data
+
+    async def kv(self, prefix: str, index: int, dc: str = "") -> tuple[int, dict[str, bytes]]:
+        """(index, {key: value}) of every key under `prefix` from /v1/kv/<prefix>?recurse of datacenter `dc`
+        (empty: the first listed); blocks until a change when index > 0. Values are the stored bytes (a key
+        stored without a value reads b""). No key under the prefix is `{}` with the index to block on (Consul
+        answers 404 then), so a watch also sees the first key appear."""
+        key = prefix.lstrip("/")
+        try:
+            raw_index, data = await self._request(
+                lambda api: api.kv.get(key, index=index or None, wait=self.wait, recurse=True, dc=dc or self._dc)
+            )
+        except (ValueError, AttributeError) as exc:  # py-consul decodes each item's Value from base64
+            raise ConsulError("bad_response", f"kv/{key}: not a list of entries with base64 values: {exc}") from exc
+        if data is None:
+            return _index(raw_index), {}
+        if not isinstance(data, list):
+            raise ConsulError("bad_response", f"kv/{key} did not return a list")
+        values: dict[str, bytes] = {}
+        for item in data:
+            if not isinstance(item, dict) or not isinstance(item.get("Key"), str):
+                raise ConsulError("bad_response", f"kv/{key}: an entry has no Key")
+            value = item.get("Value")
+            if value is not None and not isinstance(value, bytes):
+                raise ConsulError("bad_response", f"kv/{item['Key']}: Value is not base64 text")
+            values[item["Key"]] = value or b""
+        return _index(raw_index), values
 
     async def check_access(self) -> None:
         """At start: raise ConsulAccessError when Consul does not know the token, or when the token (the
@@ -189,7 +256,11 @@ class ConsulClient:
         (also what Consul 1.8 answers without a token). A known token that lacks read rights is not refused:
         Consul filters what it may not see, so reads answer 200 and empty. Every datacenter lists the `consul`
         service (its servers), so an empty catalog means no service:read; a listed service whose health comes
-        back empty means no node:read (health entries need both)."""
+        back empty means no node:read (health entries need both).
+
+        With datacenters named, the reads are checked in each (a token is only valid where it is known, or
+        replicated), and a name Consul does not list in /v1/catalog/datacenters is logged
+        (`consul_dc_unknown`): its queries will fail until it joins the WAN."""
         try:
             try:
                 me = await self._answer(lambda api: api.acl.token.read_self())
@@ -205,27 +276,56 @@ class ConsulClient:
                     ) from exc
                 me = None  # no token: the anonymous token, which Consul 1.8 does not show
             who = _who(self._token, me)
-            services = await self._answer(lambda api: api.catalog.services(dc=self._dc))
-            if not isinstance(services, tuple) or not isinstance(services[1], dict):
-                return
-            if not services[1]:
-                raise ConsulAccessError(
-                    f"{who} may not read any service (the catalog comes back empty, without even `consul`): "
-                    f'Ferryman needs service:read and node:read, e.g. {MINIMAL_POLICY}'
-                )
-            probe = "consul" if "consul" in services[1] else sorted(services[1])[0]
-            health = await self._answer(lambda api: api.health.service(probe, dc=self._dc))
-            if isinstance(health, tuple) and not health[1]:
-                raise ConsulAccessError(
-                    f"{who} may read services but not nodes (the health of `{probe}` comes back empty): "
-                    f'its policy needs node:read too, e.g. node_prefix "" {{ policy = "read" }}'
-                )
+            datacenters = await self._known_datacenters()
+            for dc in datacenters:
+                try:
+                    await self._check_reads(who, dc)
+                except ConsulAccessError:
+                    raise
+                except ConsulError as exc:
+                    if exc.reason == "forbidden":
+                        raise
+                    log.info("consul_access_unchecked", reason=exc.reason, error=exc.detail,
+                             **({"dc": dc} if dc else {}))
         except ConsulAccessError:
             raise
         except ConsulError as exc:
             if exc.reason == "forbidden":
                 raise ConsulAccessError(f"Consul refuses the consul_token: {exc.detail}") from exc
             log.info("consul_access_unchecked", reason=exc.reason, error=exc.detail)
+
+    async def _known_datacenters(self) -> tuple[str, ...]:
+        """The listed datacenters Consul knows (every one when it cannot tell); the others are logged."""
+        if not any(self.datacenters):
+            return self.datacenters
+        try:
+            known = await self._answer(lambda api: api.catalog.datacenters())
+        except ConsulError:
+            return self.datacenters
+        if not isinstance(known, list):
+            return self.datacenters
+        missing = [dc for dc in self.datacenters if dc not in known]
+        if missing:
+            log.warning("consul_dc_unknown", datacenters=missing, known=known)
+        return tuple(dc for dc in self.datacenters if dc in known)
+
+    async def _check_reads(self, who: str, dc: str) -> None:
+        where = f" in datacenter {dc}" if dc else ""
+        services = await self._answer(lambda api: api.catalog.services(dc=dc or None))
+        if not isinstance(services, tuple) or not isinstance(services[1], dict):
+            return
+        if not services[1]:
+            raise ConsulAccessError(
+                f"{who} may not read any service{where} (the catalog comes back empty, without even `consul`): "
+                f'Ferryman needs service:read and node:read, e.g. {MINIMAL_POLICY}'
+            )
+        probe = "consul" if "consul" in services[1] else sorted(services[1])[0]
+        health = await self._answer(lambda api: api.health.service(probe, dc=dc or None))
+        if isinstance(health, tuple) and not health[1]:
+            raise ConsulAccessError(
+                f"{who} may read services{where} but not nodes (the health of `{probe}` comes back empty): "
+                f'its policy needs node:read too, e.g. node_prefix "" {{ policy = "read" }}'
+            )
 
     async def close(self) -> None:
         apis, self._apis = list(self._apis.values()), {}

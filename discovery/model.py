@@ -20,13 +20,17 @@ class Endpoint:
     port: int
     node: str = ""
     weight: int = 1
+    # The datacenter it was read from when several are followed (`consul_dc = "dc1,dc2"`); "" with one.
+    dc: str = ""
     # Derived once, read on every request: the identity across snapshots (Consul service IDs are unique per
-    # node) and host:port for the wire, IPv6 literals in brackets (RFC 3986 §3.2.2).
+    # node, node names per datacenter: dc/node/id with several, node/id with one) and host:port for the wire,
+    # IPv6 literals in brackets (RFC 3986 §3.2.2).
     key: str = field(init=False, compare=False, repr=False)
     authority: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key", f"{self.node}/{self.instance_id}")
+        key = f"{self.node}/{self.instance_id}"
+        object.__setattr__(self, "key", f"{self.dc}/{key}" if self.dc else key)
         host = f"[{self.address}]" if ":" in self.address else self.address
         object.__setattr__(self, "authority", f"{host}:{self.port}")
 

@@ -5,6 +5,10 @@ declared while all its instances are failing: the proxy then answers 503 (no hea
 404 (no such route). Endpoints come from /v1/health/service/<name>, keeping only instances that pass every
 check. A malformed tag or entry becomes a Problem and is skipped; the rest of the snapshot still applies.
 Pure: JSON in, Snapshot out.
+
+Several datacenters (`build_dc_snapshot`, names in order of preference): a service's routes are the union of
+its route tags in every datacenter's catalog, and its endpoints are the healthy instances of the first
+datacenter that has at least one (failover), each Endpoint carrying that datacenter's name.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def routes_from_tags(
     return tuple(sorted(routes, key=lambda r: (r.host, r.path, r.options))), problems
 
 
-def endpoint_from_entry(service: str, entry: Mapping[str, Any]) -> Endpoint:
+def endpoint_from_entry(service: str, entry: Mapping[str, Any], dc: str = "") -> Endpoint:
     """One health entry to an Endpoint; ValueError when it lacks what is needed to connect."""
     svc = entry.get("Service")
     node = entry.get("Node")
@@ -67,11 +71,12 @@ def endpoint_from_entry(service: str, entry: Mapping[str, Any]) -> Endpoint:
         port=port,
         node=str(node.get("Node", "")),
         weight=weight,
+        dc=dc,
     )
 
 
 def healthy_endpoints(
-    service: str, entries: Sequence[Mapping[str, Any]]
+    service: str, entries: Sequence[Mapping[str, Any]], dc: str = ""
 ) -> tuple[tuple[Endpoint, ...], list[Problem]]:
     endpoints: list[Endpoint] = []
     problems: list[Problem] = []
@@ -82,7 +87,7 @@ def healthy_endpoints(
         if not is_passing(entry):
             continue
         try:
-            endpoint = endpoint_from_entry(service, entry)
+            endpoint = endpoint_from_entry(service, entry, dc)
         except ValueError as exc:
             sid = entry.get("Service", {}).get("ID", "") if isinstance(entry.get("Service"), Mapping) else ""
             problems.append(Problem("instance_invalid", service, str(exc), str(sid)))
@@ -149,20 +154,77 @@ def build_snapshot(
     A service with route tags but no entry in `health` yet is left out until its health is known, so a new
     service never flashes through a 503 state with zero instances.
     """
+    return build_dc_snapshot(("",), {"": catalog}, {name: {"": entries} for name, entries in health.items()},
+                             prefix)
+
+
+def build_dc_snapshot(
+    datacenters: Sequence[str],
+    catalogs: Mapping[str, Mapping[str, Sequence[str]]],
+    health: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
+    prefix: str = DEFAULT_PREFIX,
+) -> Snapshot:
+    """One Snapshot from several datacenters: `catalogs[dc]` and `health[service][dc]` as far as they are known,
+    `datacenters` in order of preference.
+
+    Routes come from the merged catalog (`merge_catalogs`). A routed service's endpoints are the healthy ones
+    of the first datacenter, in order, whose health is known and has at least one; none when no datacenter
+    has one (the proxy answers 503). A service whose health is known in no datacenter yet is left out. With
+    more than one datacenter each Endpoint carries its datacenter's name. Balancing settings come from the
+    instances' meta in every datacenter whose health is known, the preferred one's first, so a failover does
+    not change how the service is balanced.
+    """
+    label = len(datacenters) > 1
+    catalog = merge_catalogs([catalogs[dc] for dc in datacenters if dc in catalogs])
     services: list[ServiceRoutes] = []
     problems: list[Problem] = []
     for name in sorted(catalog):
-        tags = catalog[name]
-        routes, bad = routes_from_tags(name, tags if isinstance(tags, list) else (), prefix)
+        routes, bad = routes_from_tags(name, catalog[name], prefix)
         problems.extend(bad)
-        if not routes or name not in health:
+        known = health.get(name, {})
+        if not routes or not any(dc in known for dc in datacenters):
             continue
-        endpoints, bad = healthy_endpoints(name, health[name])
-        problems.extend(bad)
-        settings, bad = meta_settings(name, health[name])
-        problems.extend(bad)
-        services.append(ServiceRoutes(name=name, routes=routes, endpoints=endpoints, settings=settings))
+        endpoints: tuple[Endpoint, ...] = ()
+        found: dict[str, str] = {}
+        for dc in datacenters:
+            if dc not in known:
+                continue
+            healthy, bad = healthy_endpoints(name, known[dc], dc if label else "")
+            problems.extend(bad)
+            if healthy and not endpoints:
+                endpoints = healthy
+            settings, bad = meta_settings(name, known[dc])
+            problems.extend(bad)
+            for setting, value in settings:
+                found.setdefault(setting, value)
+        services.append(ServiceRoutes(name=name, routes=routes, endpoints=endpoints,
+                                      settings=tuple(sorted(found.items()))))
     return Snapshot(services=tuple(services), problems=tuple(problems))
+
+
+def merge_catalogs(catalogs: Sequence[Mapping[str, Sequence[str]]]) -> dict[str, list[str]]:
+    """One catalog from several datacenters' /v1/catalog/services answers: every service of any of them, with
+    the union of its tags (first seen first). A service whose tags are not a list contributes none."""
+    merged: dict[str, list[str]] = {}
+    for catalog in catalogs:
+        for name, tags in catalog.items():
+            into = merged.setdefault(name, [])
+            if isinstance(tags, list):
+                into.extend(t for t in tags if t not in into)
+    return merged
+
+
+def serving_datacenters(snapshot: Snapshot) -> dict[str, str]:
+    """{service: the datacenter its endpoints come from} for the services that have endpoints from a named
+    datacenter (none with a single datacenter)."""
+    return {s.name: s.endpoints[0].dc for s in snapshot.services if s.endpoints and s.endpoints[0].dc}
+
+
+def datacenter_switches(before: Mapping[str, str], after: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(service, from, to) for each service now served from another datacenter than the one it was last
+    served from. `before` holds the last datacenter that served each service (kept while none serves it);
+    a service served for the first time is not a switch."""
+    return [(name, before[name], dc) for name, dc in sorted(after.items()) if name in before and before[name] != dc]
 
 
 def routed_services(catalog: Mapping[str, Sequence[str]], prefix: str = DEFAULT_PREFIX) -> set[str]:

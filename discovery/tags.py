@@ -21,7 +21,9 @@ DEFAULT_PREFIX: Final = "urlprefix-"
 
 # Options understood by the proxy. Others are kept and reported as ignored (Fabio has options Ferryman does
 # not implement, such as auth=; silently routing without them would surprise, so they are surfaced).
-KNOWN_OPTIONS: Final = frozenset({"strip", "proto", "tlsskipverify", "lb", "hash_key", "sticky", "maxbody"})
+KNOWN_OPTIONS: Final = frozenset(
+    {"strip", "proto", "tlsskipverify", "lb", "hash_key", "sticky", "maxbody", "sni"}
+)
 # RFC 6265 cookie-name: an RFC 9110 token.
 _COOKIE_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Load-balancing algorithms a route may ask for with lb= (implemented in proxy.balancer, which checks that
@@ -152,6 +154,8 @@ def _validate_option(key: str, value: str, path: str) -> str:
         raise TagError(f"sticky={value!r} must be a cookie name")
     elif key == "health_path" and not _PATH_RE.match(value.partition("?")[0]):
         raise TagError(f"health_path={value!r} must be a path starting with '/'")
+    elif key == "sni" and (value.startswith("*") or not _HOST_RE.match(value.lower())):
+        raise TagError(f"sni={value!r} must be a host name")
     elif key in ("maxbody", "max_body_size"):
         parse_size(value)
     elif key == "max_concurrent" and not (value.isascii() and value.isdigit() and 0 <= int(value) <= 10_000_000):

@@ -9,6 +9,13 @@ Failures never empty the table: the last good state stays until Consul answers a
 with exponential backoff and full jitter; the first failure of an outage logs `consul_unreachable`, the first
 success after it logs `consul_recovered`. After a failure the next query is non-blocking (index 0), so a
 restarted Consul whose index went backwards, or jumped, is read afresh instead of blocking on a stale index.
+
+With several datacenters (the source's `datacenters`, in order of preference) every loop runs once per
+datacenter: a catalog loop each, and a health loop per routed service in each datacenter whose catalog lists
+it. Every datacenter is followed all the time, so when the preferred one loses a service's last healthy
+instance the next one's instances are already known and take over in the same snapshot (`build_dc_snapshot`);
+`datacenter_failover` is logged once per switch. A datacenter whose first catalog query fails does not hold
+back the others (its services join when it answers); until one catalog has answered nothing is published.
 """
 
 from __future__ import annotations
@@ -23,15 +30,25 @@ import structlog
 
 from .consul import ConsulError
 from .model import Problem, Snapshot
-from .snapshot import build_snapshot, routed_services
+from .snapshot import build_dc_snapshot, datacenter_switches, routed_services, serving_datacenters
 from .tags import DEFAULT_PREFIX
 
 log = structlog.get_logger("ferryman.discovery")
 
 
 class CatalogSource(Protocol):
-    async def services(self, index: int) -> tuple[int, dict[str, list[str]]]: ...
-    async def health(self, service: str, index: int) -> tuple[int, list[dict[str, Any]]]: ...
+    """What the watcher reads. `datacenters`: the names to follow in order of preference; `("",)` reads the
+    agent's own datacenter (and a query's `dc=""` means that one)."""
+
+    @property
+    def datacenters(self) -> tuple[str, ...]: ...
+    async def services(self, index: int, dc: str = "") -> tuple[int, dict[str, list[str]]]: ...
+    async def health(self, service: str, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]: ...
+
+
+def _query(what: str, dc: str) -> str:
+    """A loop's name in logs and in the outage bookkeeping: `catalog`, `health:web`, `health:web@dc2`."""
+    return f"{what}@{dc}" if dc else what
 
 
 class Backoff:
@@ -84,10 +101,13 @@ class Watcher:
         self._on_request = on_request or (lambda query, seconds: None)
         self._prefix = prefix
         self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
-        self._catalog: dict[str, list[str]] | None = None
-        self._health: dict[str, list[dict[str, Any]]] = {}
-        self._health_tasks: dict[str, asyncio.Task[None]] = {}
-        self._pending: set[str] = set()  # health loops whose first query has not answered (or failed) yet
+        self._datacenters: tuple[str, ...] = tuple(source.datacenters) or ("",)
+        self._catalogs: dict[str, dict[str, list[str]]] = {}  # per datacenter, once it answered
+        self._catalog_pending: set[str] = set(self._datacenters)  # datacenters whose first catalog query is due
+        self._health: dict[str, dict[str, list[dict[str, Any]]]] = {}  # service -> datacenter -> entries
+        self._health_tasks: dict[tuple[str, str], asyncio.Task[None]] = {}  # (service, datacenter)
+        self._pending: set[tuple[str, str]] = set()  # health loops whose first query has not answered (or failed)
+        self._serving: dict[str, str] = {}  # service -> the datacenter that last served it (several followed)
         self._last: Snapshot | None = None
         self._known_problems: set[Problem] = set()
         self._failing: set[str] = set()  # loops whose last query failed; an outage lasts while non-empty
@@ -106,82 +126,103 @@ class Watcher:
 
     async def run(self) -> None:
         """Run until cancelled; cancelling stops every loop."""
+        loop = asyncio.get_running_loop()
+        catalogs = [
+            loop.create_task(self._catalog_loop(dc), name=_query("consul-catalog", dc)) for dc in self._datacenters
+        ]
         try:
-            await self._catalog_loop()
+            await asyncio.gather(*catalogs)
         finally:
-            tasks = list(self._health_tasks.values())
+            tasks = [*catalogs, *self._health_tasks.values()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _catalog_loop(self) -> None:
+    async def _catalog_loop(self, dc: str) -> None:
         backoff = Backoff(self._backoff_base, self._backoff_cap)
+        query = _query("catalog", dc)
         index = 0
         while True:
             started = time.monotonic()
             try:
-                returned, services = await self._source.services(index)
+                returned, services = await self._source.services(index, dc=dc)
             except ConsulError as exc:
-                self._failed(exc, "catalog")
+                self._failed(exc, query)
+                if dc in self._catalog_pending:
+                    # A datacenter out of reach must not hold back the others: its services join when it answers.
+                    self._catalog_pending.discard(dc)
+                    self._publish()
                 index = 0
                 await asyncio.sleep(backoff.next_delay())
                 continue
             self._on_request("catalog", time.monotonic() - started)
             backoff.reset()
-            self._succeeded("catalog")
+            self._succeeded(query)
             index = next_index(index, returned)
-            if services != self._catalog:
-                self._catalog = services
-                self._sync_health_loops(routed_services(services, self._prefix))
+            if services != self._catalogs.get(dc):
+                self._catalogs[dc] = services
+                self._catalog_pending.discard(dc)
+                self._sync_health_loops()
                 self._publish()
 
-    def _sync_health_loops(self, wanted: set[str]) -> None:
-        for name in list(self._health_tasks):
-            if name not in wanted:
-                self._health_tasks.pop(name).cancel()
-                self._health.pop(name, None)
-                self._pending.discard(name)
-                self._recovered(f"health:{name}")
-        for name in sorted(wanted - self._health_tasks.keys()):
-            self._pending.add(name)
-            self._health_tasks[name] = asyncio.get_running_loop().create_task(
-                self._health_loop(name), name=f"consul-health-{name}"
+    def _sync_health_loops(self) -> None:
+        """One health loop per routed service (route tags in any datacenter) in each datacenter listing it."""
+        routed: set[str] = set()
+        for catalog in self._catalogs.values():
+            routed |= routed_services(catalog, self._prefix)
+        wanted = {(name, dc) for dc, catalog in self._catalogs.items() for name in catalog if name in routed}
+        for name, dc in list(self._health_tasks):
+            if (name, dc) not in wanted:
+                self._health_tasks.pop((name, dc)).cancel()
+                known = self._health.get(name, {})
+                known.pop(dc, None)
+                if not known:
+                    self._health.pop(name, None)
+                self._pending.discard((name, dc))
+                self._recovered(_query(f"health:{name}", dc))
+        for name, dc in sorted(wanted - self._health_tasks.keys()):
+            self._pending.add((name, dc))
+            self._health_tasks[(name, dc)] = asyncio.get_running_loop().create_task(
+                self._health_loop(name, dc), name=_query(f"consul-health-{name}", dc)
             )
 
-    async def _health_loop(self, service: str) -> None:
+    async def _health_loop(self, service: str, dc: str) -> None:
         backoff = Backoff(self._backoff_base, self._backoff_cap)
+        query = _query(f"health:{service}", dc)
         index = 0
         while True:
             started = time.monotonic()
             try:
-                returned, entries = await self._source.health(service, index)
+                returned, entries = await self._source.health(service, index, dc=dc)
             except ConsulError as exc:
-                self._failed(exc, f"health:{service}")
-                if service in self._pending:
+                self._failed(exc, query)
+                if (service, dc) in self._pending:
                     # A service whose health cannot be read must not hold back every other update: it stays
                     # out of the table (or keeps its last known state) until a query succeeds.
-                    self._pending.discard(service)
+                    self._pending.discard((service, dc))
                     self._publish()
                 index = 0
                 await asyncio.sleep(backoff.next_delay())
                 continue
             self._on_request("health", time.monotonic() - started)
             backoff.reset()
-            self._succeeded(f"health:{service}")
+            self._succeeded(query)
             index = next_index(index, returned)
-            self._pending.discard(service)
-            if self._health.get(service) != entries:
-                self._health[service] = entries
+            self._pending.discard((service, dc))
+            known = self._health.setdefault(service, {})
+            if known.get(dc) != entries:
+                known[dc] = entries
                 self._publish()
 
     def _publish(self) -> None:
-        if self._catalog is None:
+        # Nothing before a first catalog, nor while a datacenter's first catalog query is under way.
+        if not self._catalogs or self._catalog_pending:
             return
         # Until every new routed service's first health query has answered, keep serving the previous table:
         # a half-known world would briefly drop routes that are fine.
         if self._pending:
             return
-        snapshot = build_snapshot(self._catalog, self._health, self._prefix)
+        snapshot = build_dc_snapshot(self._datacenters, self._catalogs, self._health, self._prefix)
         problems = set(snapshot.problems)
         for problem in sorted(problems - self._known_problems, key=lambda p: (p.service, p.item)):
             log.warning(problem.kind, service=problem.service, tag=problem.item, error=problem.detail)
@@ -189,8 +230,16 @@ class Watcher:
         if snapshot == self._last:
             return
         self._last = snapshot
+        self._log_failovers(snapshot)
         self.synced.set()
         self._on_snapshot(snapshot)
+
+    def _log_failovers(self, snapshot: Snapshot) -> None:
+        serving = serving_datacenters(snapshot)
+        for service, was, now in datacenter_switches(self._serving, serving):
+            log.info("datacenter_failover", service=service, **{"from": was}, to=now)
+        routed = {s.name for s in snapshot.services}
+        self._serving = {name: dc for name, dc in self._serving.items() if name in routed} | serving
 
     def _failed(self, exc: ConsulError, query: str) -> None:
         self._on_error(exc.reason)

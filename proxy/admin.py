@@ -39,8 +39,11 @@ def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
             "service": route.service,
             "strip": route.strip,
             "proto": route.scheme,
+            # `datacenter`: where the instance was read from when several are followed (consul_dc = "dc1,dc2"),
+            # the one serving this service now; null with a single datacenter.
             "instances": [
-                {"id": e.instance_id, "node": e.node, "address": e.address, "port": e.port, "weight": e.weight}
+                {"id": e.instance_id, "node": e.node, "address": e.address, "port": e.port, "weight": e.weight,
+                 "datacenter": e.dc or None}
                 for e in (pool.endpoints if pool else ())
             ],
         })

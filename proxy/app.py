@@ -15,10 +15,10 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from discovery.consul import ConsulAccessError, ConsulClient
+from discovery.consul import ConsulAccessError, ConsulClient, ConsulError
 from discovery.model import Endpoint, Problem, Snapshot
 from discovery.tags import parse_size
-from discovery.watcher import Watcher
+from discovery.watcher import Backoff, Watcher, next_index
 
 from . import logs
 from .admin import make_admin_app
@@ -29,6 +29,7 @@ from .pool import Pool, PoolPolicy, Pools
 from .server import ProxyContext, ProxyServer, Router
 from .state import Report, pools_state, write_report
 from .table import RoutingTable
+from .tls import CertFile, HttpsRedirect, Terminator, TlsError, kv_certificates
 
 log = structlog.get_logger("ferryman")
 
@@ -77,8 +78,11 @@ class Ferryman:
             connect_timeout=settings.connect_timeout,
             keepalive=settings.upstream_keepalive,
             idle_timeout=settings.upstream_idle_timeout,
+            ca_file=settings.upstream_ca_file,
         )
-        self._proxy: ProxyServer | None = None
+        self._proxies: list[ProxyServer] = []  # the plain listener, then the TLS ones
+        self.tls: Terminator | None = None
+        self._tls_tasks: list[asyncio.Task[None]] = []
         self._consul: ConsulClient | None = None
         self._watcher: Watcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -106,6 +110,15 @@ class Ferryman:
 
     async def start(self) -> None:
         s = self.settings
+        if self.serve_proxy and s.tls_addresses:
+            # Certificate files are read before anything starts: a bad one is a config error naming the file.
+            self.tls = Terminator(CertFile.parse_list(s.tls_certs))
+            try:
+                self.tls.load_files()
+            except TlsError as exc:
+                raise ConfigError(f"tls_certs: {exc}") from exc
+            if self.tls.files:
+                log.info("tls_certs_loaded", source="files", names=self.tls.store.names)
         self._consul = ConsulClient(s.consul_addresses, token=s.consul_token, dc=s.consul_dc, wait_s=s.consul_wait)
         try:  # a token Consul refuses is a config error (exit 2); an unreachable Consul is not (serve, retry)
             await self._consul.check_access()
@@ -119,6 +132,12 @@ class Ferryman:
             on_request=self.metrics.observe_consul,
         )
         self._watch_task = asyncio.get_running_loop().create_task(self._watcher.run(), name="consul-watcher")
+        if self.tls is not None:
+            loop = asyncio.get_running_loop()
+            if self.tls.files:
+                self._tls_tasks.append(loop.create_task(self._watch_cert_files(), name="tls-files"))
+            if s.tls_kv_prefix:
+                self._tls_tasks.append(loop.create_task(self._watch_kv_certs(s.tls_kv_prefix), name="tls-kv"))
         if self.serve_proxy:
             self._checks_task = asyncio.get_running_loop().create_task(self._active_checks(), name="active-checks")
 
@@ -127,18 +146,15 @@ class Ferryman:
             # Consul is down or slow: serve anyway (404 until it answers) rather than refuse connections.
             log.warning("started_without_routes", waited_s=_FIRST_SYNC_WAIT_S, consul=s.consul_addr)
         if self.serve_proxy:
-            self._proxy = ProxyServer(ProxyContext(
-                router=self.router, pools=self.pools, upstream=self.upstream, metrics=self.metrics,
-                max_attempts=s.max_attempts, read_timeout=s.read_timeout, idle_timeout=s.client_idle_timeout,
-                listen_port=listen.port, proto="http",
-                access_log=logs.access_writer(s.access_log_format, s.access_log_file) if s.access_log else None,
-                access_sample=s.access_log_sample, loop=asyncio.get_running_loop(),
-                header_timeout=s.client_header_timeout, max_connections=s.max_connections,
-                max_target=s.max_request_target, max_header_bytes=s.max_header_bytes,
-                max_header_count=s.max_header_count, max_body=parse_size(s.max_body_size),
-                tunnel_idle_timeout=s.websocket_idle_timeout,
-            ))
-            await self._proxy.start(listen.host, listen.port, reuse_port=self.reuse_port)
+            access_log = logs.access_writer(s.access_log_format, s.access_log_file) if s.access_log else None
+            plain = ProxyServer(self._context("http", listen.port, access_log))
+            self._proxies.append(plain)
+            await plain.start(listen.host, listen.port, reuse_port=self.reuse_port)
+            for address in s.tls_addresses:
+                assert self.tls is not None
+                secure = ProxyServer(self._context("https", address.port, access_log))
+                self._proxies.append(secure)
+                await secure.start(address.host, address.port, reuse_port=self.reuse_port, ssl=self.tls.context)
         if self.serve_admin:
             admin_runner = web.AppRunner(make_admin_app(
                 self.router, self.pools, self.exposition, self.report_source, consul=s.consul_addr,
@@ -152,22 +168,43 @@ class Ferryman:
         log.info("ferryman_started", listen=str(listen) if self.serve_proxy else None,
                  admin=str(admin) if self.serve_admin else None, consul=s.consul_addr)
 
+    def _context(self, proto: str, port: int, access_log: logs.AccessWriter | None) -> ProxyContext:
+        ctx = ProxyContext(
+            router=self.router, pools=self.pools, upstream=self.upstream, metrics=self.metrics,
+            max_attempts=1, read_timeout=1.0, idle_timeout=1.0, listen_port=port, proto=proto,
+            access_log=access_log, loop=asyncio.get_running_loop(),
+        )
+        self._configure(ctx)
+        return ctx
+
+    def _configure(self, ctx: ProxyContext) -> None:
+        """The settings a listener's context follows (at start and on every reload)."""
+        s = self.settings
+        ctx.read_timeout, ctx.idle_timeout, ctx.header_timeout = (
+            s.read_timeout, s.client_idle_timeout, s.client_header_timeout)
+        ctx.max_attempts, ctx.max_connections, ctx.max_body = (
+            max(1, s.max_attempts), s.max_connections, parse_size(s.max_body_size))
+        ctx.max_target, ctx.max_header_bytes, ctx.max_header_count = (
+            s.max_request_target, s.max_header_bytes, s.max_header_count)
+        ctx.max_head = s.max_request_target + s.max_header_bytes + 1024
+        ctx.access_sample = s.access_log_sample
+        ctx.tunnel_idle_timeout = s.websocket_idle_timeout
+        if ctx.proto == b"http" and s.https_redirect:
+            tls = s.tls_addresses
+            ctx.redirect = HttpsRedirect(s.https_redirect, tls[0].port if tls else 443)
+        else:
+            ctx.redirect = None
+
     def reload(self, new: Settings) -> None:
         """Take over what a SIGHUP re-read: timeouts, limits, balancing and health settings, per-service tables.
         Keys that shape listeners, processes, the Consul client or logging keep their running values (logged)."""
         settings, changed, restart = reloaded(self.settings, new)
         self.settings = s = settings
-        if self._proxy is not None:
-            ctx = self._proxy.cfg
-            ctx.read_timeout, ctx.idle_timeout, ctx.header_timeout = (
-                s.read_timeout, s.client_idle_timeout, s.client_header_timeout)
-            ctx.max_attempts, ctx.max_connections, ctx.max_body = (
-                max(1, s.max_attempts), s.max_connections, parse_size(s.max_body_size))
-            ctx.max_target, ctx.max_header_bytes, ctx.max_header_count = (
-                s.max_request_target, s.max_header_bytes, s.max_header_count)
-            ctx.max_head = s.max_request_target + s.max_header_bytes + 1024
-            ctx.access_sample = s.access_log_sample
-            ctx.tunnel_idle_timeout = s.websocket_idle_timeout
+        for proxy in self._proxies:
+            self._configure(proxy.cfg)
+        if self.tls is not None:
+            self.tls.files = CertFile.parse_list(s.tls_certs)
+            self._reload_tls_files("sighup")
         self.upstream.connect_timeout, self.upstream.keepalive, self.upstream.idle_timeout = (
             s.connect_timeout, s.upstream_keepalive, s.upstream_idle_timeout)
         policy = PoolPolicy(**{f.name: getattr(s, f.name) for f in fields(PoolPolicy)})
@@ -180,12 +217,57 @@ class Ferryman:
             log.warning("config_reload_needs_restart", keys=restart,
                         detail="these keys keep their running values until Ferryman is restarted")
 
+    def _reload_tls_files(self, reason: str) -> None:
+        assert self.tls is not None
+        try:
+            self.tls.load_files()
+        except TlsError as exc:
+            log.error("tls_reload_failed", file=exc.origin, error=exc.detail, reason=reason,
+                      detail="the certificates loaded before stay in use")
+            return
+        log.info("tls_certs_loaded", source="files", names=self.tls.store.names, reason=reason)
+
+    async def _watch_cert_files(self) -> None:
+        """Certificate files are re-read when they change (a renewal writes new files): new handshakes get
+        the new certificate, open connections keep theirs."""
+        assert self.tls is not None
+        while True:
+            await asyncio.sleep(self.settings.tls_reload_interval)
+            if self.tls.files_changed():
+                self._reload_tls_files("files changed")
+
+    async def _watch_kv_certs(self, prefix: str) -> None:
+        """Certificates under a Consul KV prefix (`<name>/cert`, `<name>/key`), followed with blocking queries
+        like the catalog, so every Ferryman of a cluster serves the same ones without files."""
+        assert self.tls is not None and self._consul is not None
+        backoff = Backoff()
+        index = 0
+        last: dict[str, bytes] | None = None
+        while True:
+            try:
+                returned, values = await self._consul.kv(prefix, index)
+            except ConsulError as exc:
+                log.warning("tls_kv_unreadable", prefix=prefix, reason=exc.reason, error=exc.detail)
+                index = 0
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            index = next_index(index, returned)
+            if values == last:
+                continue
+            last = values
+            certificates, problems = kv_certificates(prefix, values)
+            for problem in problems:
+                log.warning("tls_kv_certificate_invalid", error=problem)
+            self.tls.set_kv(certificates)
+            log.info("tls_certs_loaded", source="consul kv", prefix=prefix, names=self.tls.store.names)
+
     def report(self) -> Report:
         """This process's state now (called on the event loop)."""
         watcher = self._watcher
         return Report(
             services=pools_state(self.pools, asyncio.get_running_loop().time()),
-            connections=len(self._proxy.connections) if self._proxy is not None else 0,
+            connections=sum(len(p.connections) for p in self._proxies),
             synced=watcher is not None and watcher.synced.is_set(),
             reachable=watcher is not None and watcher.reachable,
             last_success=watcher.last_success if watcher is not None else None,
@@ -261,13 +343,12 @@ class Ferryman:
         self.draining = True
         log.info("ferryman_stopping", shutdown_timeout_s=self.settings.shutdown_timeout)
         # Listeners first (in-flight requests finish within shutdown_timeout), then discovery and clients.
-        if self._proxy is not None:
-            await self._proxy.stop(self.settings.shutdown_timeout)
-            self._proxy = None
+        await asyncio.gather(*(p.stop(self.settings.shutdown_timeout) for p in self._proxies))
+        self._proxies.clear()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        for task in (self._watch_task, self._checks_task, self._report_task):
+        for task in (self._watch_task, self._checks_task, self._report_task, *self._tls_tasks):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

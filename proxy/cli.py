@@ -19,7 +19,8 @@ _HELP = {
     "consul_addr": "Consul HTTP API, host:port or http(s)://host:port; several, comma-separated, are tried in "
                    "order, moving to the next when one is down, silent or without a leader",
     "consul_token": "Consul ACL token",
-    "consul_dc": "Consul datacenter (default: the agent's)",
+    "consul_dc": "Consul datacenter (default: the agent's); several, comma-separated, in order of preference: "
+                 "a service with no healthy instance in one is served from the next",
     "consul_wait": "blocking-query wait in seconds",
     "tag_prefix": "prefix of route tags (Fabio's urlprefix-)",
     "log_format": "auto (json unless stdout is a terminal), json or console",
@@ -36,6 +37,12 @@ _HELP = {
     "upstream_idle_timeout": "seconds an idle upstream keep-alive connection is kept",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
     "websocket_idle_timeout": "seconds a WebSocket connection may pass no byte either way before it is closed",
+    "tls_listen": "HTTPS listeners, host:port, comma-separated",
+    "tls_certs": "certificate files, CERT.pem:KEY.pem comma-separated; the first is the default",
+    "tls_kv_prefix": "Consul KV prefix holding <name>/cert and <name>/key PEM pairs",
+    "tls_reload_interval": "seconds between checks of the certificate files for changes",
+    "https_redirect": "plain-HTTP hosts answered with a redirect to HTTPS: * or names, comma-separated",
+    "upstream_ca_file": "CA bundle to verify proto=https upstreams (default: the system store)",
     "drain_delay": "seconds /ready answers 503 on SIGTERM before the listener closes (for load balancers)",
     "max_sync_age": "seconds without an answer from Consul after which /ready answers 503; 0 = never",
     "client_idle_timeout": "seconds a client connection may wait idle, or send a request head, before it is closed",

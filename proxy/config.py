@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
-from discovery.consul import ConsulAddress
+from discovery.consul import ConsulAddress, parse_datacenters
 from discovery.tags import TagError, parse_size, validate_balancing
 
 ENV_PREFIX: Final = "FERRYMAN_"
@@ -70,6 +70,12 @@ class Settings:
     client_idle_timeout: float = 75.0
     client_header_timeout: float = 10.0
     websocket_idle_timeout: float = 600.0
+    tls_listen: str = ""
+    tls_certs: str = ""
+    tls_kv_prefix: str = ""
+    tls_reload_interval: float = 2.0
+    https_redirect: str = ""
+    upstream_ca_file: str = ""
     max_connections: int = 10_000
     max_request_target: int = 8192
     max_header_bytes: int = 65536
@@ -97,6 +103,10 @@ class Settings:
         return HostPort.parse(self.listen)
 
     @property
+    def tls_addresses(self) -> tuple[HostPort, ...]:
+        return tuple(HostPort.parse(item) for item in self.tls_listen.split(",") if item.strip())
+
+    @property
     def admin_addr(self) -> HostPort:
         return HostPort.parse(self.admin_listen)
 
@@ -109,6 +119,11 @@ class Settings:
     def consul_address(self) -> ConsulAddress:
         """The first of `consul_addresses`."""
         return self.consul_addresses[0]
+
+    @property
+    def consul_datacenters(self) -> tuple[str, ...]:
+        """The datacenters of `consul_dc` (comma-separated) in order of preference; () for the agent's own."""
+        return parse_datacenters(self.consul_dc)
 
 
 def _choice(*allowed: str) -> Callable[[Any], None]:
@@ -136,6 +151,26 @@ def _parses(parser: Callable[[str], Any]) -> Callable[[Any], None]:
     return check
 
 
+def _cert_files(text: str) -> None:
+    from .tls import CertFile  # the TLS module loads cryptography: only when TLS is configured
+
+    CertFile.parse_list(text)
+
+
+def _kv_prefix(text: str) -> None:
+    if text and (text.startswith("/") or any(c.isspace() for c in text)):
+        raise ValueError("a Consul KV prefix such as ferryman/certs/ (no leading '/', no blanks)")
+
+
+_REDIRECT_HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)$")
+
+
+def _redirect_hosts(text: str) -> None:
+    for item in (part.strip().lower() for part in text.split(",")):
+        if item and not _REDIRECT_HOST.match(item):
+            raise ValueError(f"{item!r} is not a host name, *.suffix or *")
+
+
 def _prefix(value: Any) -> None:
     if not value or any(c.isspace() for c in value):
         raise ValueError("must be a non-empty word without blanks")
@@ -145,6 +180,7 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
     "listen": _parses(HostPort.parse),
     "admin_listen": _parses(HostPort.parse),
     "consul_addr": _parses(ConsulAddress.parse_list),
+    "consul_dc": _parses(parse_datacenters),
     "consul_wait": _between(1, 600),
     "tag_prefix": _prefix,
     "log_format": _choice("auto", "json", "console"),
@@ -157,6 +193,11 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
     "client_idle_timeout": _positive,
     "client_header_timeout": _positive,
     "websocket_idle_timeout": _positive,
+    "tls_listen": _parses(lambda text: [HostPort.parse(item) for item in text.split(",") if item.strip()]),
+    "tls_certs": _parses(lambda text: _cert_files(text)),
+    "tls_kv_prefix": _parses(lambda text: _kv_prefix(text)),
+    "tls_reload_interval": _between(0.1, 3600),
+    "https_redirect": _parses(lambda text: _redirect_hosts(text)),
     "max_connections": _between(1, 10_000_000),
     "max_request_target": _between(256, 1024 * 1024),
     "max_header_bytes": _between(1024, 16 * 1024 * 1024),
@@ -366,6 +407,10 @@ def _check_together(settings: Settings, sources: Mapping[str, str]) -> None:
     """Rules between keys, reported where the key that breaks them was set."""
     # A healthy blocking query answers within consul_wait plus up to 1/16 of jitter: a shorter bound would
     # flap /ready on a quiet, healthy cluster.
+    if settings.tls_listen and not (settings.tls_certs or settings.tls_kv_prefix):
+        key = "tls_listen"
+        raise ConfigError(f"{sources.get(key, 'default')}: key 'tls_listen': a TLS listener needs certificates: "
+                          "set tls_certs (files) or tls_kv_prefix (Consul KV)")
     floor = settings.consul_wait * 17 / 16 + 1
     if settings.max_sync_age and settings.max_sync_age <= floor:
         key = "max_sync_age" if "max_sync_age" in sources or "consul_wait" not in sources else "consul_wait"
@@ -381,6 +426,7 @@ def _check_together(settings: Settings, sources: Mapping[str, str]) -> None:
 RESTART_KEYS: Final = frozenset({
     "listen", "admin_listen", "workers", "consul_addr", "consul_token", "consul_dc", "consul_wait", "tag_prefix",
     "log_format", "log_level", "access_log", "access_log_format", "access_log_file", "log_flush_interval",
+    "tls_listen", "tls_kv_prefix", "tls_reload_interval", "upstream_ca_file",
 })
 
 

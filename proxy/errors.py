@@ -116,3 +116,16 @@ class TooManyConnections(ProxyError):
 class VersionNotSupported(ProxyError):
     status = 505
     reason = "http_version_not_supported"
+
+
+class ToHttps(ProxyError):
+    """Not an error: plain HTTP for a host served over HTTPS. 301 for GET and HEAD, 308 (method and body kept)
+    for the rest."""
+
+    status = 301
+    reason = "https_redirect"
+
+    def __init__(self, location: bytes, method: str) -> None:
+        super().__init__(f"moved to {location.decode('latin-1')}", headers=((b"Location", location),))
+        if method not in ("GET", "HEAD"):
+            self.status = 308  # type: ignore[misc]

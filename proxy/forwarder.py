@@ -27,7 +27,8 @@ FRAMING_LENGTH: Final = 1
 FRAMING_CHUNKED: Final = 2
 FRAMING_EOF: Final = 3  # neither: the body ends when the upstream closes (RFC 9112 §6.3 rule 8)
 
-PoolKey = tuple[str, str, int, bool]
+# (scheme, address, port, skip TLS verification, TLS server name: "" for the address)
+PoolKey = tuple[str, str, int, bool, str]
 MAX_RESPONSE_HEAD: Final = 256 * 1024
 
 
@@ -294,7 +295,10 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    def __init__(self, *, connect_timeout: float, keepalive: int, idle_timeout: float) -> None:
+    def __init__(
+        self, *, connect_timeout: float, keepalive: int, idle_timeout: float, ca_file: str = "",
+    ) -> None:
+        self.ca_file = ca_file  # CA bundle TLS upstreams are verified against ("": the system's store)
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
@@ -354,7 +358,7 @@ class UpstreamPool:
 
     async def connect(self, key: PoolKey) -> UpstreamConnection:
         """A new connection to the instance, within connect_timeout; failures are retryable ProxyErrors."""
-        scheme, host, port, skip_verify = key
+        scheme, host, port, skip_verify, server_name = key
         loop = asyncio.get_running_loop()
         ssl_ctx = self._ssl_context(skip_verify) if scheme == "https" else None
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -362,7 +366,7 @@ class UpstreamPool:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
                     lambda: UpstreamConnection(self, key), host, port, ssl=ssl_ctx,
-                    server_hostname=host if ssl_ctx is not None else None,
+                    server_hostname=(server_name or host) if ssl_ctx is not None else None,
                 )
         except TimeoutError as exc:
             raise UpstreamConnectTimeout(f"connecting to {authority} timed out", retryable=True) from exc
@@ -381,5 +385,5 @@ class UpstreamPool:
                 self._ssl_unverified = ctx
             return self._ssl_unverified
         if self._ssl_verified is None:
-            self._ssl_verified = ssl.create_default_context()
+            self._ssl_verified = ssl.create_default_context(cafile=self.ca_file or None)
         return self._ssl_verified

@@ -33,6 +33,7 @@ _CRLF: Final = b"\r\n"
 _SEP: Final = b": "
 
 STATUS_REASONS: Final = {
+    301: b"Moved Permanently", 308: b"Permanent Redirect",
     400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
@@ -191,11 +192,12 @@ def client_response_head(
 
 def error_response(
     status: int, message: str, *, keep_alive: bool, http10: bool = False, request_id: bytes = b"",
-    extra: Headers = (),
+    extra: Headers = (), head: bool = False,
 ) -> bytes:
-    """A complete short plain-text answer the proxy gives itself (404, 502, ...)."""
+    """A complete short plain-text answer the proxy gives itself (404, 502, ...); to a HEAD request, without
+    its body (RFC 9110 §9.3.2), so the next response on the connection is not taken for one."""
     body = f"{status} {message}\n".encode()
-    head = [
+    lines = [
         b"HTTP/1.0 " if http10 else b"HTTP/1.1 ", str(status).encode(), b" ",
         STATUS_REASONS.get(status, b"Error"), _CRLF,
         b"Content-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n",
@@ -205,4 +207,5 @@ def error_response(
         b"Connection: keep-alive\r\n" if keep_alive and http10 else b"" if keep_alive else b"Connection: close\r\n",
         _CRLF,
     ]
-    return b"".join(head) + body
+    out = b"".join(lines)
+    return out if head else out + body

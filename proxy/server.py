@@ -20,11 +20,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import random
 import re
 import socket
 import struct
+import termios
 import time
+from ssl import SSLContext
 from typing import Final
 
 import httptools
@@ -45,6 +48,7 @@ from .errors import (
     ProxyInternalError,
     RequestTimeout,
     ServiceOverloaded,
+    ToHttps,
     TooManyConnections,
     UpstreamConnectError,
     UpstreamConnectTimeout,
@@ -52,12 +56,13 @@ from .errors import (
     UriTooLong,
     VersionNotSupported,
 )
-from .forwarder import FRAMING_CHUNKED, FRAMING_EOF, UpstreamConnection, UpstreamPool
+from .forwarder import FRAMING_CHUNKED, FRAMING_EOF, PoolKey, UpstreamConnection, UpstreamPool
 from .headers import client_response_head, error_response, upstream_request_head
 from .logs import AccessWriter
 from .metrics import NO_ROUTE, NO_SERVICE, Metrics
 from .pool import Pool, Pools, sticky_value
-from .table import Route, RoutingTable
+from .table import Route, RoutingTable, normalize_host
+from .tls import HttpsRedirect
 
 log = structlog.get_logger("ferryman.proxy")
 
@@ -163,7 +168,7 @@ class ProxyContext:
     __slots__ = (
         "access_log", "access_sample", "header_timeout", "idle_timeout", "listen_port", "loop", "max_attempts",
         "max_body", "max_connections", "max_head", "max_header_bytes", "max_header_count", "max_target", "metrics",
-        "pools", "proto", "read_timeout", "router", "tunnel_idle_timeout", "upstream",
+        "pools", "proto", "read_timeout", "redirect", "router", "tunnel_idle_timeout", "upstream",
     )
 
     def __init__(
@@ -189,6 +194,7 @@ class ProxyContext:
         self.max_head = max_target + max_header_bytes + 1024
         self.max_body = max_body
         self.tunnel_idle_timeout = tunnel_idle_timeout  # a WebSocket with no byte either way this long closes
+        self.redirect: HttpsRedirect | None = None  # plain HTTP sent to HTTPS, for these hosts
 
 
 class Exchange:
@@ -207,6 +213,7 @@ class Exchange:
         "bytes_out",
         "chunked_out",
         "client",
+        "client_backlog",
         "conn",
         "endpoint",
         "fresh",
@@ -259,6 +266,7 @@ class Exchange:
         self.head_sent = False
         self.status = 0
         self.bytes_out = 0
+        self.client_backlog = 0  # the client transport's write buffer when it last paused us, or shrank
         self.sent_at = 0.0
         self.upstream_s: float | None = None  # request sent to response head received, on the last attempt
         self.tunnel = False  # the upstream accepted an upgrade (101): raw bytes both ways until one side closes
@@ -294,7 +302,7 @@ class Exchange:
             return
         self.tried.add(endpoint.key)
         route = self.route
-        key = (route.scheme, endpoint.address, endpoint.port, route.tls_skip_verify)
+        key = (route.scheme, endpoint.address, endpoint.port, route.tls_skip_verify, route.sni)
         upstream = client.cfg.upstream
         conn = None if self.fresh else upstream.take_idle(key, self.loop.time())
         self.fresh = False
@@ -303,7 +311,7 @@ class Exchange:
         else:
             self.loop.create_task(self._connect(endpoint, key))
 
-    async def _connect(self, endpoint: Endpoint, key: tuple[str, str, int, bool]) -> None:
+    async def _connect(self, endpoint: Endpoint, key: PoolKey) -> None:
         try:
             conn = await self.client.cfg.upstream.connect(key)
         except ProxyError as err:
@@ -610,6 +618,13 @@ class Exchange:
             return
         if not self.armed or now - self.last_activity < self.client.cfg.read_timeout:
             return
+        if self.head_sent and self.client.writing_paused:
+            # Waiting on the client. Progress is its backlog shrinking (it reads, if slowly): the clock restarts.
+            backlog = unsent(self.client.transport)
+            if backlog < self.client_backlog:
+                self.client_backlog = backlog
+                self.last_activity = now
+                return
         self.armed = False
         if self.conn is not None:
             self.conn.detach()
@@ -620,6 +635,14 @@ class Exchange:
                 self._broken(UpstreamTimeout(f"{authority} stopped reading the request body"))
             else:
                 self._broken(RequestTimeout("the client stopped sending the request body"))
+        elif self.head_sent and self.client.writing_paused:
+            # The client took none of the response for read_timeout (nginx's send_timeout): its fault, not the
+            # upstream's. The response is cut (a reset, so the client cannot take it for whole).
+            request_log(self.req, "warning", "client_send_timeout", service=self.service, bytes=self.bytes_out,
+                        timeout_s=self.client.cfg.read_timeout)
+            self.req.keep_alive = False
+            reset_connection(self.client.transport)
+            self._finish(self.status)
         elif self.head_sent:
             self._broken(UpstreamTimeout(f"{authority} stalled while sending the body"))
         else:
@@ -807,14 +830,19 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = True
         self.pause_reading()
         exchange = self.exchange
-        if exchange is not None and exchange.conn is not None:
-            exchange.conn.pause_reading()
+        if exchange is not None:
+            exchange.last_activity = self.cfg.loop.time()  # from now on the clock runs on the client's reading
+            exchange.client_backlog = unsent(self.transport)
+            if exchange.conn is not None:
+                exchange.conn.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         exchange = self.exchange
-        if exchange is not None and exchange.conn is not None:
-            exchange.conn.resume_reading()
+        if exchange is not None:
+            exchange.last_activity = self.cfg.loop.time()  # the client read: progress
+            if exchange.conn is not None:
+                exchange.conn.resume_reading()
         if not self.paused_by_upstream and len(self._queue) < MAX_PIPELINED:
             self.resume_reading()
 
@@ -1026,6 +1054,11 @@ class ClientConnection(asyncio.Protocol):
         try:
             if req.bad is not None:
                 raise req.bad
+            redirect = self.cfg.redirect
+            if redirect is not None:
+                location = redirect.location(normalize_host(req.host.decode("latin-1")), req.target)
+                if location is not None:
+                    raise ToHttps(location, req.method)
             route = self.cfg.router.current.lookup(req.host.decode("latin-1"), path)
             if route is None:
                 if req.absolute:
@@ -1059,15 +1092,16 @@ class ClientConnection(asyncio.Protocol):
     def answer_error(
         self, req: Request, err: ProxyError, service: str, started: float, path: str, route_id: str,
     ) -> None:
-        request_log(req, "warning", "proxy_error", status=err.status, reason=err.reason, error=err.message,
-                    service=service, upstream=err.upstream, method=req.method, path=path)
+        if err.status >= 400:  # a redirect to HTTPS is no error: its access line says enough
+            request_log(req, "warning", "proxy_error", status=err.status, reason=err.reason, error=err.message,
+                        service=service, upstream=err.upstream, method=req.method, path=path)
         if not req.body_done or self.server.stopping or err.status == 413:
             # The unread rest of the body would be taken for the next request; after a 413 the client may still
             # be sending what was refused (nginx closes too).
             req.keep_alive = False
         self.write(error_response(
             err.status, err.message, keep_alive=req.keep_alive, http10=req.http10, request_id=req.request_id,
-            extra=err.headers,
+            extra=err.headers, head=req.method == "HEAD",
         ))
         self.record(req, service, route_id, err.status, started, err.upstream, 0, path, None)
         self.finished(req)
@@ -1191,6 +1225,19 @@ def hash_key(req: Request, client_ip: str, hash_on: tuple[str, str]) -> str | No
     return None
 
 
+def unsent(transport: asyncio.Transport | None) -> int:
+    """Bytes written to a client that it has not taken yet: the transport's buffer plus the kernel's send queue
+    (Linux TIOCOUTQ), whose megabytes on a fast link would otherwise hide a slow reader's progress."""
+    if transport is None:
+        return 0
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return size
+
+
 def reset_connection(transport: asyncio.Transport | None) -> None:
     """Close with a TCP reset (SO_LINGER 0): a plain close sends FIN, which a client reading a close-delimited
     body takes for a complete response."""
@@ -1232,9 +1279,12 @@ class ProxyServer:
             self._refused_logged_at = now
             self._refused = 0
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> None:
+    async def start(
+        self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024, ssl: SSLContext | None = None,
+    ) -> None:
         self._server = await self.cfg.loop.create_server(
             lambda: ClientConnection(self.cfg, self), host, port, reuse_port=reuse_port or None, backlog=backlog,
+            ssl=ssl,
         )
         self._sweeper = self.cfg.loop.create_task(self._sweep(), name="proxy-timeouts")
 

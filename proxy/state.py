@@ -41,6 +41,7 @@ class InstanceState:
     in_flight: int = 0
     errors_recent: int = 0
     label: str = ""  # the metric's `instance` label: the id, or node/id where ids repeat within the service
+    dc: str = ""  # its datacenter when several are followed (consul_dc = "dc1,dc2"); "" with one
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,7 @@ def _instance(endpoint: Endpoint, state: str, pool: Pool, now: float, label: str
     return InstanceState(
         key=endpoint.key, id=endpoint.instance_id, node=endpoint.node, address=endpoint.address,
         port=endpoint.port, weight=endpoint.weight, state=state, in_flight=pool.in_flight.get(endpoint.key, 0),
-        errors_recent=pool.errors.count(endpoint.key, now), label=label,
+        errors_recent=pool.errors.count(endpoint.key, now), label=label, dc=endpoint.dc,
     )
 
 

@@ -33,6 +33,7 @@ class Route:
     scheme: str = "http"
     tls_skip_verify: bool = False
     max_body: int = 0  # request body limit in bytes (tag option maxbody=); 0: the service's or the global one
+    sni: str = ""  # TLS server name for proto=https upstreams (tag option sni=); "": the instance's address
 
     @classmethod
     def from_spec(cls, service: str, spec: RouteSpec) -> Route:
@@ -45,6 +46,7 @@ class Route:
             scheme=spec.option("proto") or "http",
             tls_skip_verify=spec.option("tlsskipverify") == "true",
             max_body=parse_size(spec.option("maxbody") or "0"),
+            sni=spec.option("sni") or "",
         )
 
     def upstream_target(self, raw_target: str) -> str:

@@ -219,3 +219,33 @@ class TestClientConnections:
         finally:
             for wire in opened:
                 wire.abort()
+
+
+class TestSlowClients:
+    async def test_a_slow_reader_is_served_and_one_that_stops_reading_is_cut_after_read_timeout(
+        self, consul, workdir, backends,
+    ) -> None:
+        """read_timeout is 1 s: a client that keeps reading, however slowly, gets its body (its progress counts);
+        one that stops reading for longer is cut with a reset, and the log says it was the client."""
+        from .harness import Backend
+        proxy = FerrymanProcess(consul.addr, workdir, extra=["--read-timeout", "1"])
+        await asyncio.to_thread(proxy.start)
+        try:
+            backend = await Backend("lim-slow-1").start()
+            backends.append(backend)
+            await asyncio.to_thread(consul.register, "lim-slow", "lim-slow-1", backend.port, ["urlprefix-/lim-slow"])
+            await asyncio.to_thread(proxy.wait_instances, "lim-slow@*any*/lim-slow", ["lim-slow-1"])
+            wire = await Wire.open(proxy.port, receive_buffer=16 * 1024)
+            wire.send(request("GET", "/lim-slow/download?size=33554432"))  # 32 MiB: more than socket buffers hold
+            started = time.monotonic()
+            await wire.trickle(4 * 1024 * 1024, 0.05)  # small reads with pauses, for longer than read_timeout
+            assert time.monotonic() - started > 1.5 and wire.ended is None
+            assert wire.transport is not None
+            wire.transport.pause_reading()  # now it stops reading
+            await asyncio.to_thread(
+                wait_until, lambda: any(e.get("event") == "client_send_timeout" for e in proxy.log_events()), 6,
+                "client_send_timeout logged")
+            assert not any(e.get("event") == "upstream_body_aborted" for e in proxy.log_events())
+        finally:
+            await asyncio.to_thread(proxy.stop)
+            await asyncio.to_thread(consul.deregister, "lim-slow-1")

@@ -436,3 +436,12 @@ class TestErrorResponse:
     def test_connection(self, keep_alive: bool, http10: bool, expected: list[bytes]) -> None:
         out = parse(error_response(503, "no healthy instance", keep_alive=keep_alive, http10=http10))
         assert out.values(b"Connection") == expected
+
+
+def test_error_answer_to_head_has_no_body_but_keeps_its_length() -> None:
+    from proxy.headers import error_response
+
+    full = error_response(404, "no route", keep_alive=True)
+    head = error_response(404, "no route", keep_alive=True, head=True)
+    assert full.startswith(head) and head.endswith(b"\r\n\r\n") and full[len(head):] == b"404 no route\n"
+    assert b"Content-Length: 13\r\n" in head
