@@ -49,8 +49,9 @@ define APT_ENSURE
 endef
 
 # The observability tests run a real Prometheus (its binary, with the test's own config; never the system
-# service) and a headless Chromium against the status page.
-TEST_DEBS := prometheus chromium
+# service) and a headless Chromium against the status page; tests/unit/test_compose.py validates the compose
+# file with Debian's docker-compose (`docker-compose config` needs no Docker engine).
+TEST_DEBS := prometheus chromium docker-compose
 
 test-debs:
 	$(call APT_ENSURE,$(TEST_DEBS))

@@ -76,6 +76,11 @@ class TlsFerryman(FerrymanProcess):
         super().start()
         for port in (self.tls_port, *self.more_tls_ports):
             wait_until(lambda port=port: self._tls_accepts(port), 10, f"Ferryman's TLS listener on {port}")
+        if self.workers > 1:
+            # The listeners accept as soon as ONE worker is up; the others load the certificate files a little
+            # later, and one that loads them after a test changed them would serve the new ones unasked.
+            wait_until(lambda: {e.get("worker") for e in self.events("ferryman_started")} >= set(range(self.workers)),
+                       10, "every worker to start")
 
     def _tls_accepts(self, port: int) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
