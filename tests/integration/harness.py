@@ -124,7 +124,11 @@ class ConsulAgent:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
-        wait_until(self._ready, 30, "Consul to elect itself leader and register its node")
+        try:
+            wait_until(self._ready, 30, "Consul to elect itself leader and register its node")
+        except BaseException:
+            self.stop()
+            raise
 
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -190,9 +194,13 @@ class FerrymanProcess:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
         log.close()
-        wait_until(lambda: _http_json("GET", f"{self.admin_url}/api/routes", timeout=1) is not None, 20,
-                   "Ferryman's admin listener")
-        wait_until(self._proxy_accepts, 20, "Ferryman's proxy listener")
+        try:
+            wait_until(lambda: _http_json("GET", f"{self.admin_url}/api/routes", timeout=1) is not None, 20,
+                       "Ferryman's admin listener")
+            wait_until(self._proxy_accepts, 20, "Ferryman's proxy listener")
+        except BaseException:
+            self.stop()  # a start that failed leaves no process behind
+            raise
 
     def _proxy_accepts(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
