@@ -161,6 +161,58 @@ class ConsulAgent:
 
 
 @dataclass
+class ConsulServer:
+    """A `consul agent -server` on loopback ports of its own, for tests that build clusters or datacenters;
+    `start(*args)` adds what makes it one (`-bootstrap-expect 3 -retry-join ...`, `-datacenter dc2 ...`).
+    Its log is `<datadir>.log`; stopped by PID."""
+
+    name: str
+    datadir: Path
+    node: str = ""
+    http_port: int = field(default_factory=free_port)
+    serf_lan: int = field(default_factory=free_port)
+    serf_wan: int = field(default_factory=free_port)
+    server_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.addr}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.datadir.parent / f"{self.name}.log"
+
+    def start(self, *args: str) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [consul_binary(), "agent", "-server", "-node", self.node or self.name, "-data-dir", str(self.datadir),
+             "-bind", "127.0.0.1", "-client", "127.0.0.1", "-http-port", str(self.http_port),
+             "-serf-lan-port", str(self.serf_lan), "-serf-wan-port", str(self.serf_wan),
+             "-server-port", str(self.server_port), "-dns-port", "-1", "-grpc-port", "-1",
+             "-hcl", "performance { raft_multiplier = 1 }", *args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+
+    def get(self, path: str) -> Any:
+        return _http_json("GET", f"{self.url}{path}", timeout=2)
+
+    def alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_pid(self.proc)
+            self.proc = None
+
+
+@dataclass
 class FerrymanProcess:
     consul_addr: str
     workdir: Path

@@ -7,53 +7,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from .harness import (
     Backend,
+    ConsulServer,
     FerrymanProcess,
     _http_json,
-    _stop_pid,
     async_wait_until,
-    consul_binary,
     fetch,
-    free_port,
     wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-@dataclass
-class Server:
-    name: str
-    datadir: Path
-    http_port: int = field(default_factory=free_port)
-    serf_lan: int = field(default_factory=free_port)
-    serf_wan: int = field(default_factory=free_port)
-    server_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.addr}"
-
-    def get(self, path: str) -> Any:
-        return _http_json("GET", f"{self.url}{path}", timeout=2)
+Server = ConsulServer
 
 
 class ConsulCluster:
@@ -67,23 +43,12 @@ class ConsulCluster:
         for server in self.servers:
             joins = [arg for other in self.servers if other is not server
                      for arg in ("-retry-join", f"127.0.0.1:{other.serf_lan}")]
-            log = open(self.workdir / f"{server.name}.log", "ab")
-            server.proc = subprocess.Popen(
-                [consul_binary(), "agent", "-server", "-bootstrap-expect", "3", "-node", server.name,
-                 "-data-dir", str(server.datadir), "-bind", "127.0.0.1", "-client", "127.0.0.1",
-                 "-http-port", str(server.http_port), "-serf-lan-port", str(server.serf_lan),
-                 "-serf-wan-port", str(server.serf_wan), "-server-port", str(server.server_port),
-                 "-dns-port", "-1", "-grpc-port", "-1", *joins,
-                 "-hcl", "performance { raft_multiplier = 1 }"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-            log.close()
+            server.start("-bootstrap-expect", "3", *joins)
         wait_until(lambda: self._settled(self.servers), 60, "three Consul servers to elect a leader")
 
     def _settled(self, servers: list[Server]) -> bool:
         for server in servers:
-            if server.proc is not None and server.proc.poll() is not None:
-                raise RuntimeError(f"{server.name} exited; see {self.workdir / (server.name + '.log')}")
+            server.alive()
         leaders = {server.get("/v1/status/leader") for server in servers}
         if len(leaders) != 1 or not next(iter(leaders)):
             return False
@@ -103,9 +68,7 @@ class ConsulCluster:
 
     def stop(self) -> None:
         for server in self.servers:
-            if server.proc is not None:
-                _stop_pid(server.proc)
-                server.proc = None
+            server.stop()
 
 
 @pytest.fixture

@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -27,13 +24,11 @@ from discovery.consul import ConsulAddress, ConsulClient, ConsulError
 
 from .harness import (
     Backend,
+    ConsulServer,
     FerrymanProcess,
     _http_json,
-    _stop_pid,
     async_wait_until,
-    consul_binary,
     fetch,
-    free_port,
     wait_until,
 )
 
@@ -42,51 +37,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 ROUTE = "mdc@*any*/mdc"
 
 
-@dataclass
-class Datacenter:
+class Datacenter(ConsulServer):
     """One `consul agent -server -bootstrap` forming its own datacenter, on its own loopback ports."""
 
-    name: str
-    datadir: Path
-    http_port: int = field(default_factory=free_port)
-    serf_lan: int = field(default_factory=free_port)
-    serf_wan: int = field(default_factory=free_port)
-    server_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.addr}"
-
-    def start(self, join_wan: Datacenter | None = None) -> None:
+    def start_dc(self, join_wan: Datacenter | None = None) -> None:
         # Retried every second (the default is 30 s): the first attempt may come before dc1 listens.
         join = ["-retry-join-wan", f"127.0.0.1:{join_wan.serf_wan}", "-retry-interval-wan", "1s"] if join_wan else []
-        log = open(self.datadir.parent / f"{self.name}.log", "ab")
-        self.proc = subprocess.Popen(
-            [consul_binary(), "agent", "-server", "-bootstrap", "-datacenter", self.name, "-node", f"s-{self.name}",
-             "-data-dir", str(self.datadir), "-bind", "127.0.0.1", "-client", "127.0.0.1",
-             "-http-port", str(self.http_port), "-serf-lan-port", str(self.serf_lan),
-             "-serf-wan-port", str(self.serf_wan), "-server-port", str(self.server_port),
-             "-dns-port", "-1", "-grpc-port", "-1", *join, "-hcl", "performance { raft_multiplier = 1 }"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-        log.close()
-
-    def get(self, path: str) -> Any:
-        return _http_json("GET", f"{self.url}{path}", timeout=2)
-
-    def alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited; see {self.datadir.parent / (self.name + '.log')}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_pid(self.proc)
-            self.proc = None
+        self.start("-bootstrap", "-datacenter", self.name, *join)
 
     # --- agent API ---
     def register(self, service: str, instance: str, port: int, tags: list[str]) -> None:
@@ -104,10 +61,10 @@ def federation(workdir: Path) -> Iterator[tuple[Datacenter, Datacenter]]:
     """Both datacenters, shared by the tests of this module (they use distinct services and keys)."""
     base = workdir / f"mdc-{time.monotonic_ns()}"
     base.mkdir()
-    dc1, dc2 = Datacenter("dc1", base / "dc1"), Datacenter("dc2", base / "dc2")
+    dc1, dc2 = Datacenter("dc1", base / "dc1", node="s-dc1"), Datacenter("dc2", base / "dc2", node="s-dc2")
     try:
-        dc1.start()
-        dc2.start(join_wan=dc1)
+        dc1.start_dc()
+        dc2.start_dc(join_wan=dc1)
 
         def federated() -> bool:
             for dc in (dc1, dc2):

@@ -74,13 +74,17 @@ class TlsFerryman(FerrymanProcess):
         listeners = ",".join(f"127.0.0.1:{port}" for port in (self.tls_port, *self.more_tls_ports))
         self.extra = ["--tls-listen", listeners, *self.extra]
         super().start()
-        for port in (self.tls_port, *self.more_tls_ports):
-            wait_until(lambda port=port: self._tls_accepts(port), 10, f"Ferryman's TLS listener on {port}")
-        if self.workers > 1:
-            # The listeners accept as soon as ONE worker is up; the others load the certificate files a little
-            # later, and one that loads them after a test changed them would serve the new ones unasked.
-            wait_until(lambda: {e.get("worker") for e in self.events("ferryman_started")} >= set(range(self.workers)),
-                       10, "every worker to start")
+        try:
+            for port in (self.tls_port, *self.more_tls_ports):
+                wait_until(lambda port=port: self._tls_accepts(port), 10, f"Ferryman's TLS listener on {port}")
+            if self.workers > 1:
+                # The listeners accept as soon as ONE worker is up; the others load the certificate files a little
+                # later, and one that loads them after a test changed them would serve the new ones unasked.
+                wait_until(lambda: {e.get("worker") for e in self.events("ferryman_started")}
+                           >= set(range(self.workers)), 10, "every worker to start")
+        except BaseException:
+            self.stop()  # as the harness does: a start that failed leaves no process behind
+            raise
 
     def _tls_accepts(self, port: int) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -218,8 +222,8 @@ class TestSniSelection:
         b, b_cert, _ = ca.issue_files(certdir, "b", "b.test", combined=True)  # certificate and key in one file
         proxy = TlsFerryman(consul.addr, workdir, extra=[
             "--tls-certs", f"{d_cert}:{d_key},{a_cert}:{a_key},{b_cert}"])
-        proxy.start()
         try:
+            proxy.start()
             port = proxy.tls_port
             expected = {
                 "a.test": a, "x.wild.test": a,  # exact, and a wildcard covering one label
