@@ -31,7 +31,9 @@ $(CONSUL):
 
 consul: $(CONSUL)
 
-demo: $(VENV)/.installed $(CONSUL)
+# Without a Consul binary the demo runs on Ferryman's static provider (it says so).
+demo: $(VENV)/.installed
+	-@$(MAKE) --no-print-directory consul
 	$(PY) -m demo.run --consul-bin $(CONSUL)
 
 # Install Debian packages that are missing (as root, or through sudo); used by `test` and `bench`.

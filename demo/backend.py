@@ -108,8 +108,26 @@ def log(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
+async def serve_only(args: argparse.Namespace, instance: str) -> None:
+    """No Consul: listen until SIGTERM or SIGINT (the static provider routes to it)."""
+    runner = web.AppRunner(make_app(args.service, instance), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.listen, args.port).start()
+    log("backend_serving", service=args.service, instance=instance, port=args.port, consul=None)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
 async def serve(args: argparse.Namespace) -> None:
     instance = args.id or f"{args.service}-{socket.gethostname()}-{args.port}"
+    if args.check == "none":
+        await serve_only(args, instance)
+        return
     app = make_app(args.service, instance)
     agent = consul_client(args.consul)
     check_id = f"service:{instance}"
@@ -191,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address registered in Consul (an IP or a name Consul and Ferryman resolve)")
     parser.add_argument("--advertise-port", type=int, default=int(env("DEMO_ADVERTISE_PORT", "0")),
                         help="port registered in Consul (default: --port)")
-    parser.add_argument("--check", choices=("ttl", "http", "both"), default=env("DEMO_CHECK", "ttl"),
-                        help="Consul check: a TTL the backend keeps passing, an HTTP GET /health, or both")
+    parser.add_argument("--check", choices=("ttl", "http", "both", "none"), default=env("DEMO_CHECK", "ttl"),
+                        help="Consul check: a TTL the backend keeps passing, an HTTP GET /health, or both; "
+                             "none: no Consul at all (serve only; Ferryman's static_file names it)")
     parser.add_argument("--tag", action="append", default=[], help="Consul tag (repeatable)")
     parser.add_argument("--consul", default=env("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
                         help="Consul agent: host:port or http(s)://host:port")

@@ -80,15 +80,31 @@ def self_signed(work: Path, name: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def static_config(backends: list[tuple[str, int, list[str]]], ports: list[tuple[str, int]]) -> str:
+    """The demo's services as a static file for Ferryman (`static_file`): the same routes, no Consul."""
+    lines = []
+    for service in dict.fromkeys(name for name, _, _ in backends):
+        tags = next(tags for name, _, tags in backends if name == service)
+        routes = ", ".join(json.dumps(tag.removeprefix("urlprefix-")) for tag in tags)
+        instances = ", ".join(json.dumps(f"127.0.0.1:{port}") for name, port in ports if name == service)
+        lines += ["[[services]]", f"name = {json.dumps(service)}", f"routes = [{routes}]",
+                  f"instances = [{instances}]", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--consul-bin", default=shutil.which("consul") or str(REPO / ".venv/bin/consul"))
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--admin-port", type=int, default=9090)
     parser.add_argument("--tls-port", type=int, default=8443)
+    parser.add_argument("--static", action="store_true",
+                        help="no Consul: Ferryman routes from a static file (also the fallback without a binary)")
     args = parser.parse_args()
-    if not Path(args.consul_bin).is_file():
-        raise SystemExit("demo: no Consul binary; install Consul so `consul` is on PATH, or run `make consul`")
+    static = args.static or not Path(args.consul_bin).is_file()
+    if static and not args.static:
+        print("demo: no Consul binary found: running on Ferryman's static provider instead "
+              "(install Consul so `consul` is on PATH for the full demo)")
 
     work = Path(tempfile.mkdtemp(prefix="ferryman-demo-"))
     consul_port = port_or_free(8500)
@@ -116,12 +132,14 @@ def main() -> None:
         procs.clear()
 
     try:
-        ports = [port_or_free() for _ in range(3)]
-        spawn("consul", [args.consul_bin, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
-                         "-http-port", str(consul_port), "-dns-port", "-1", "-grpc-port", "-1",
-                         "-serf-lan-port", str(ports[0]), "-serf-wan-port", str(ports[1]),
-                         "-server-port", str(ports[2])])
-        wait_for(f"http://{consul_addr}/v1/status/leader", "Consul", procs, work, check=lambda b: len(b.strip()) > 2)
+        if not static:
+            ports = [port_or_free() for _ in range(3)]
+            spawn("consul", [args.consul_bin, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+                             "-http-port", str(consul_port), "-dns-port", "-1", "-grpc-port", "-1",
+                             "-serf-lan-port", str(ports[0]), "-serf-wan-port", str(ports[1]),
+                             "-server-port", str(ports[2])])
+            wait_for(f"http://{consul_addr}/v1/status/leader", "Consul", procs, work,
+                     check=lambda b: len(b.strip()) > 2)
 
         py = sys.executable
         backends = [
@@ -136,9 +154,14 @@ def main() -> None:
             tag_args = [a for t in tags for a in ("--tag", t)]
             spawn(f"{service}-{port}", [py, "-m", "demo.backend", "--service", service, "--id",
                                         f"{service}-{port}", "--port", str(port), "--consul", consul_addr,
-                                        *tag_args])
+                                        *(("--check", "none") if static else ()), *tag_args])
+        source = ["--consul-addr", consul_addr]
+        if static:
+            static_file = work / "static.toml"
+            static_file.write_text(static_config(backends, backend_ports))
+            source = ["--static-file", str(static_file)]
         spawn("ferryman", [str(Path(py).parent / "ferryman"), "--listen", f"127.0.0.1:{proxy_port}",
-                           "--admin-listen", f"127.0.0.1:{admin_port}", "--consul-addr", consul_addr,
+                           "--admin-listen", f"127.0.0.1:{admin_port}", *source,
                            "--log-format", "console", "--workers", "1",
                            "--tls-listen", f"127.0.0.1:{tls_port}", "--tls-certs", f"{cert}:{key}"])
 
@@ -149,10 +172,19 @@ def main() -> None:
         wait_for(f"http://127.0.0.1:{admin_port}/api/routes", "Ferryman with every demo route", procs, work,
                  check=all_routed)
         web_a = backend_ports[0][1]
+        source_line = (f"Static file        {work / 'static.toml'}   (no Consul: edit it, Ferryman re-reads it)"
+                       if static else f"Consul UI/API      http://{consul_addr}/ui/")
+        fail_over = (f"""Take a backend out (in another terminal):
+  while true; do curl -s http://127.0.0.1:{proxy_port}/ | grep -o '"instance": "[^"]*"'; sleep 0.3; done
+  edit {work / 'static.toml'}: remove "127.0.0.1:{web_a}" from web's instances; Ferryman follows within 2 s"""
+                     if static else f"""Watch a backend fail over (in another terminal):
+  while true; do curl -s http://127.0.0.1:{proxy_port}/ | grep -o '"instance": "[^"]*"'; sleep 0.3; done
+  curl -X POST http://127.0.0.1:{web_a}/admin/fail      # its Consul TTL check turns critical: out of the pool
+  curl -X POST http://127.0.0.1:{web_a}/admin/recover   # passing again: back in""")
         print(f"""
 Ferryman demo is running (logs in {work}).
 
-  Consul UI/API      http://{consul_addr}/ui/
+  {source_line}
   Proxy              http://127.0.0.1:{proxy_port}/              round robin over two web instances
                      http://127.0.0.1:{proxy_port}/api/hello     service api, /api stripped
                      curl -H 'Host: api.localhost' http://127.0.0.1:{proxy_port}/hello
@@ -164,10 +196,7 @@ Ferryman demo is running (logs in {work}).
   Metrics            http://127.0.0.1:{admin_port}/metrics
   Readiness          http://127.0.0.1:{admin_port}/ready
 
-Watch a backend fail over (in another terminal):
-  while true; do curl -s http://127.0.0.1:{proxy_port}/ | grep -o '"instance": "[^"]*"'; sleep 0.3; done
-  curl -X POST http://127.0.0.1:{web_a}/admin/fail      # its Consul TTL check turns critical: out of the pool
-  curl -X POST http://127.0.0.1:{web_a}/admin/recover   # passing again: back in
+{fail_over}
 
 Ctrl-C stops everything this demo started.
 """, flush=True)

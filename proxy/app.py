@@ -17,6 +17,7 @@ from aiohttp import web
 
 from discovery.consul import ConsulAccessError, ConsulClient, ConsulError
 from discovery.model import Endpoint, Problem, Snapshot
+from discovery.static import StaticError, StaticWatcher
 from discovery.tags import parse_size
 from discovery.watcher import Backoff, Watcher, next_index
 
@@ -84,7 +85,7 @@ class Ferryman:
         self.tls: Terminator | None = None
         self._tls_tasks: list[asyncio.Task[None]] = []
         self._consul: ConsulClient | None = None
-        self._watcher: Watcher | None = None
+        self._watcher: Watcher | StaticWatcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._runners: list[web.BaseRunner] = []
 
@@ -119,18 +120,29 @@ class Ferryman:
                 raise ConfigError(f"tls_certs: {exc}") from exc
             if self.tls.files:
                 log.info("tls_certs_loaded", source="files", names=self.tls.store.names)
-        self._consul = ConsulClient(s.consul_addresses, token=s.consul_token, dc=s.consul_dc, wait_s=s.consul_wait)
-        try:  # a token Consul refuses is a config error (exit 2); an unreachable Consul is not (serve, retry)
-            await self._consul.check_access()
-        except ConsulAccessError as exc:
-            await self._consul.close()
-            log.error("consul_forbidden", error=exc.detail, consul=s.consul_addr)
-            raise ConfigError(f"consul_token: {exc.detail}") from exc
-        self._watcher = Watcher(
-            self._consul, self.apply, prefix=s.tag_prefix,
-            on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
-            on_request=self.metrics.observe_consul,
-        )
+        if s.static_file:
+            # No Consul at all: the file is the catalog. A bad file at start is a config error.
+            static = StaticWatcher(s.static_file, self.apply, prefix=s.tag_prefix)
+            try:
+                static.load()
+            except StaticError as exc:
+                raise ConfigError(f"static_file: {exc}") from exc
+            self._watcher = static
+        else:
+            self._consul = ConsulClient(
+                s.consul_addresses, token=s.consul_token, dc=s.consul_dc, wait_s=s.consul_wait,
+            )
+            try:  # a token Consul refuses is a config error (exit 2); an unreachable Consul is not (serve, retry)
+                await self._consul.check_access()
+            except ConsulAccessError as exc:
+                await self._consul.close()
+                log.error("consul_forbidden", error=exc.detail, consul=s.consul_addr)
+                raise ConfigError(f"consul_token: {exc.detail}") from exc
+            self._watcher = Watcher(
+                self._consul, self.apply, prefix=s.tag_prefix,
+                on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
+                on_request=self.metrics.observe_consul,
+            )
         self._watch_task = asyncio.get_running_loop().create_task(self._watcher.run(), name="consul-watcher")
         if self.tls is not None:
             loop = asyncio.get_running_loop()
@@ -205,6 +217,11 @@ class Ferryman:
         if self.tls is not None:
             self.tls.files = CertFile.parse_list(s.tls_certs)
             self._reload_tls_files("sighup")
+        if isinstance(self._watcher, StaticWatcher):
+            try:
+                self._watcher.load()
+            except StaticError as exc:
+                log.error("static_file_invalid", error=str(exc), detail="the routes loaded before stay")
         self.upstream.connect_timeout, self.upstream.keepalive, self.upstream.idle_timeout = (
             s.connect_timeout, s.upstream_keepalive, s.upstream_idle_timeout)
         policy = PoolPolicy(**{f.name: getattr(s, f.name) for f in fields(PoolPolicy)})

@@ -70,6 +70,7 @@ class Settings:
     client_idle_timeout: float = 75.0
     client_header_timeout: float = 10.0
     websocket_idle_timeout: float = 600.0
+    static_file: str = ""
     tls_listen: str = ""
     tls_certs: str = ""
     tls_kv_prefix: str = ""
@@ -407,6 +408,10 @@ def _check_together(settings: Settings, sources: Mapping[str, str]) -> None:
     """Rules between keys, reported where the key that breaks them was set."""
     # A healthy blocking query answers within consul_wait plus up to 1/16 of jitter: a shorter bound would
     # flap /ready on a quiet, healthy cluster.
+    if settings.static_file and settings.tls_kv_prefix:
+        key = "tls_kv_prefix"
+        raise ConfigError(f"{sources.get(key, 'default')}: key 'tls_kv_prefix': certificates from Consul KV need "
+                          "Consul, and static_file runs without it: use tls_certs")
     if settings.tls_listen and not (settings.tls_certs or settings.tls_kv_prefix):
         key = "tls_listen"
         raise ConfigError(f"{sources.get(key, 'default')}: key 'tls_listen': a TLS listener needs certificates: "
@@ -426,7 +431,7 @@ def _check_together(settings: Settings, sources: Mapping[str, str]) -> None:
 RESTART_KEYS: Final = frozenset({
     "listen", "admin_listen", "workers", "consul_addr", "consul_token", "consul_dc", "consul_wait", "tag_prefix",
     "log_format", "log_level", "access_log", "access_log_format", "access_log_file", "log_flush_interval",
-    "tls_listen", "tls_kv_prefix", "tls_reload_interval", "upstream_ca_file",
+    "tls_listen", "tls_kv_prefix", "tls_reload_interval", "upstream_ca_file", "static_file",
 })
 
 
