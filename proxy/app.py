@@ -297,7 +297,7 @@ class Ferryman:
     async def _write_reports(self) -> None:
         assert self.report_dir is not None
         while True:
-            self.metrics.flush_bytes()
+            self.metrics.flush()
             try:
                 write_report(self.report_dir, self.report())
             except OSError as exc:

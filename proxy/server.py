@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import itertools
 import random
 import re
 import socket
@@ -91,10 +92,14 @@ BODY_CHUNKED: Final = 2
 _HOST_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+;=:[]"
 _SANE_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._~:@+/=-]{1,128}\Z").match
 _ids = random.Random()
+# Ids are a random 64-bit prefix per process and a counter: unique across processes and restarts (for log
+# correlation, not secrets), and cheaper than 128 fresh random bits per request.
+_id_prefix = random.SystemRandom().getrandbits(64)
+_id_counter = itertools.count(_ids.getrandbits(32))
 
 
 def new_request_id() -> bytes:
-    return b"%032x" % _ids.getrandbits(128)
+    return b"%016x%016x" % (_id_prefix, next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF)
 
 
 def request_log(req: Request, level: str, event: str, **fields: object) -> None:
@@ -882,7 +887,8 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         self._in_head = False
         req.method = parser.get_method().decode("ascii", "replace")
-        req.http10 = parser.get_http_version() == "1.0"
+        version = parser.get_http_version()
+        req.http10 = version == "1.0"
         req.keep_alive = parser.should_keep_alive()
         hosts = 0
         coding = b""
@@ -907,7 +913,6 @@ class ClientConnection(asyncio.Protocol):
                 req.request_id = value
             elif lower == b"upgrade":
                 upgrade = value
-        version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             req.bad = VersionNotSupported(f"HTTP/{version} is not supported: HTTP/1.1 or HTTP/1.0 only")
             req.keep_alive = False
