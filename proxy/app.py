@@ -25,6 +25,7 @@ from . import logs
 from .admin import make_admin_app
 from .config import ConfigError, Settings, reloaded
 from .forwarder import UpstreamPool
+from .headers import TrustedProxies
 from .metrics import Metrics, StateCollector
 from .pool import Pool, PoolPolicy, Pools
 from .server import ProxyContext, ProxyServer, Router
@@ -201,6 +202,7 @@ class Ferryman:
         ctx.max_head = s.max_request_target + s.max_header_bytes + 1024
         ctx.access_sample = s.access_log_sample
         ctx.tunnel_idle_timeout = s.websocket_idle_timeout
+        ctx.trusted = TrustedProxies(s.trusted_proxies) if s.trusted_proxies else None
         if ctx.proto == b"http" and s.https_redirect:
             tls = s.tls_addresses
             ctx.redirect = HttpsRedirect(s.https_redirect, tls[0].port if tls else 443)

@@ -71,6 +71,7 @@ class Settings:
     client_header_timeout: float = 10.0
     websocket_idle_timeout: float = 600.0
     static_file: str = ""
+    trusted_proxies: str = ""
     tls_listen: str = ""
     tls_certs: str = ""
     tls_kv_prefix: str = ""
@@ -166,6 +167,17 @@ def _kv_prefix(text: str) -> None:
 _REDIRECT_HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)$")
 
 
+def _networks(text: str) -> None:
+    import ipaddress
+
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+
+
 def _redirect_hosts(text: str) -> None:
     for item in (part.strip().lower() for part in text.split(",")):
         if item and not _REDIRECT_HOST.match(item):
@@ -199,6 +211,7 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
     "tls_kv_prefix": _parses(lambda text: _kv_prefix(text)),
     "tls_reload_interval": _between(0.1, 3600),
     "https_redirect": _parses(lambda text: _redirect_hosts(text)),
+    "trusted_proxies": _parses(lambda text: _networks(text)),
     "max_connections": _between(1, 10_000_000),
     "max_request_target": _between(256, 1024 * 1024),
     "max_header_bytes": _between(1024, 16 * 1024 * 1024),

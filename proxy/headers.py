@@ -11,6 +11,7 @@ when it chunks. Host passes through unchanged, so virtual hosts upstream see wha
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -25,6 +26,8 @@ X_FORWARDED_FOR: Final = b"x-forwarded-for"
 _THIS_HOP: Final = frozenset(
     {b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip", b"forwarded", b"x-request-id"}
 )
+# From a trusted proxy these are kept (and Forwarded extended) instead of replaced.
+_KEPT_FROM_TRUSTED: Final = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"forwarded"})
 # The request id the proxy settled on (the client's, when sane, else a new one) goes both ways, once.
 X_REQUEST_ID: Final = b"x-request-id"
 # The proxy answers `Expect: 100-continue` itself once it has an upstream for the request (RFC 9110 §10.1.1).
@@ -83,24 +86,35 @@ def upstream_request_head(
     chunked: bool,
     request_id: bytes = b"",
     upgrade: bytes = b"",
+    trusted: TrustedProxies | None = None,
 ) -> bytes:
     """The HTTP/1.1 request head for the upstream.
 
     X-Forwarded-For is appended to (every incoming value kept, the client's address last), so the chain stays
-    auditable; X-Forwarded-Proto/-Host/-Port and X-Real-IP are replaced. A request without a Host header
-    (HTTP/1.0) gets `default_host`, since HTTP/1.1 requires one. `chunked` frames the body with chunked coding.
-    One pass over the headers; a second only when a Connection header names others (rare).
+    auditable; X-Forwarded-Proto/-Host/-Port and X-Real-IP are replaced, and Forwarded is this hop's element.
+    From a trusted proxy (`trusted` is given only when the peer is one), its X-Forwarded-Proto/-Host/-Port are
+    kept, its Forwarded is extended with this hop's element, and X-Real-IP is the right-most address of the
+    chain that is not a trusted proxy. A request without a Host header (HTTP/1.0) gets `default_host`, since
+    HTTP/1.1 requires one. `chunked` frames the body with chunked coding. One pass over the headers; a second
+    only when a Connection header names others (rare).
     """
     kept: list[Header] = []
     connection: list[bytes] = []
     forwarded_for: list[bytes] = []
     host: bytes | None = None
+    incoming: dict[bytes, bytes] = {}
+    forwarded_in: list[bytes] = []
     for pair in headers:
         lower = pair[0].lower()
         if lower in HOP_BY_HOP:
             if lower == b"connection":
                 connection.append(pair[1])
         elif lower in _THIS_HOP or lower == _EXPECT:
+            if trusted is not None and lower in _KEPT_FROM_TRUSTED:
+                if lower == b"forwarded":
+                    forwarded_in.append(pair[1].strip())
+                else:
+                    incoming[lower] = pair[1].strip()
             continue
         elif lower == X_FORWARDED_FOR:
             value = pair[1].strip()
@@ -117,17 +131,24 @@ def upstream_request_head(
         out += (name, _SEP, value, _CRLF)
     if host is None:
         out += (b"Host: ", default_host, _CRLF)
+    real_ip = client_ip
+    if trusted is not None and forwarded_for:
+        real_ip = trusted.real_ip(forwarded_for, client_ip)
     if client_ip:
         forwarded_for.append(client_ip)
     if forwarded_for:
         out += (b"X-Forwarded-For: ", b", ".join(forwarded_for), _CRLF)
-    out += (b"X-Forwarded-Proto: ", proto, _CRLF)
-    if host:
-        out += (b"X-Forwarded-Host: ", host, _CRLF)
-    out += (b"X-Forwarded-Port: ", port, _CRLF)
-    if client_ip:
-        out += (b"X-Real-IP: ", client_ip, _CRLF)
-    out += (b"Forwarded: ", forwarded_element(client_ip, host, proto), _CRLF)
+    out += (b"X-Forwarded-Proto: ", incoming.get(b"x-forwarded-proto") or proto, _CRLF)
+    forwarded_host = incoming.get(b"x-forwarded-host") or host
+    if forwarded_host:
+        out += (b"X-Forwarded-Host: ", forwarded_host, _CRLF)
+    out += (b"X-Forwarded-Port: ", incoming.get(b"x-forwarded-port") or port, _CRLF)
+    if real_ip:
+        out += (b"X-Real-IP: ", real_ip, _CRLF)
+    element = forwarded_element(client_ip, host, proto)
+    if forwarded_in:
+        element = b", ".join((*(v for v in forwarded_in if v), element))
+    out += (b"Forwarded: ", element, _CRLF)
     if request_id:
         out += (b"X-Request-ID: ", request_id, _CRLF)
     if upgrade:
@@ -137,6 +158,42 @@ def upstream_request_head(
         out.append(b"Transfer-Encoding: chunked\r\n")
     out.append(_CRLF)
     return b"".join(out)
+
+
+class TrustedProxies:
+    """The `trusted_proxies` networks (CIDRs or addresses): peers whose forwarding headers are believed."""
+
+    __slots__ = ("_known", "networks")
+
+    def __init__(self, spec: str) -> None:
+        self.networks = tuple(
+            ipaddress.ip_network(item.strip(), strict=False) for item in spec.split(",") if item.strip()
+        )
+        self._known: dict[bytes, bool] = {}
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, bytes):
+            return False
+        known = self._known.get(address)
+        if known is None:
+            try:
+                ip = ipaddress.ip_address(address.decode("latin-1").strip().strip("[]"))
+            except ValueError:
+                known = False
+            else:
+                known = any(ip in network for network in self.networks)
+            if len(self._known) < 10_000:  # a bounded memo: client addresses are many
+                self._known[address] = known
+        return known
+
+    def real_ip(self, forwarded_for: list[bytes], peer: bytes) -> bytes:
+        """The client as far as trusted proxies vouch: the right-most address of the chain (X-Forwarded-For
+        entries, then the peer) that is not a trusted proxy; the left-most when every one is."""
+        chain = [a.strip() for value in forwarded_for for a in value.split(b",") if a.strip()]
+        for address in reversed((*chain, peer)):
+            if address not in self:
+                return address
+        return chain[0] if chain else peer
 
 
 def forwarded_element(client_ip: bytes, host: bytes | None, proto: bytes) -> bytes:

@@ -58,7 +58,7 @@ from .errors import (
     VersionNotSupported,
 )
 from .forwarder import FRAMING_CHUNKED, FRAMING_EOF, PoolKey, UpstreamConnection, UpstreamPool
-from .headers import client_response_head, error_response, upstream_request_head
+from .headers import TrustedProxies, client_response_head, error_response, upstream_request_head
 from .logs import AccessWriter
 from .metrics import NO_ROUTE, NO_SERVICE, Metrics
 from .pool import Pool, Pools, sticky_value
@@ -173,7 +173,7 @@ class ProxyContext:
     __slots__ = (
         "access_log", "access_sample", "header_timeout", "idle_timeout", "listen_port", "loop", "max_attempts",
         "max_body", "max_connections", "max_head", "max_header_bytes", "max_header_count", "max_target", "metrics",
-        "pools", "proto", "read_timeout", "redirect", "router", "tunnel_idle_timeout", "upstream",
+        "pools", "proto", "read_timeout", "redirect", "router", "trusted", "tunnel_idle_timeout", "upstream",
     )
 
     def __init__(
@@ -200,6 +200,7 @@ class ProxyContext:
         self.max_body = max_body
         self.tunnel_idle_timeout = tunnel_idle_timeout  # a WebSocket with no byte either way this long closes
         self.redirect: HttpsRedirect | None = None  # plain HTTP sent to HTTPS, for these hosts
+        self.trusted: TrustedProxies | None = None  # peers whose forwarding headers are kept (trusted_proxies)
 
 
 class Exchange:
@@ -347,7 +348,7 @@ class Exchange:
         conn.send(upstream_request_head(
             req.method.encode(), self.target, req.headers, client_ip=client.peer, proto=cfg.proto,
             port=cfg.listen_port, default_host=endpoint.authority.encode(), chunked=req.body_kind == BODY_CHUNKED,
-            request_id=req.request_id, upgrade=req.upgrade,
+            request_id=req.request_id, upgrade=req.upgrade, trusted=cfg.trusted if client.trusted else None,
         ), self, head_request=self.head_request, upgrade=bool(req.upgrade))
         if req.body_kind != BODY_NONE:
             client.attach_body(req, self)
@@ -723,6 +724,7 @@ class ClientConnection(asyncio.Protocol):
         "peer_text",
         "server",
         "transport",
+        "trusted",
         "writing_paused",
     )
 
@@ -751,6 +753,7 @@ class ClientConnection(asyncio.Protocol):
         self._nonbody_run = 0  # bytes of the body phase since the last body byte
         self.writing_paused = False  # the client reads slower than we write: upstream reading stays paused
         self._tunnel_early = b""  # bytes a client sent after its upgrade head, before the upstream's 101
+        self.trusted = False  # the peer is one of trusted_proxies
         self.paused_by_upstream = False  # reading paused because the upstream does not take the body
         self._in_loop = False
         self._current_done = False
@@ -761,6 +764,8 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_text = peer[0] if isinstance(peer, tuple) else ""
         self.peer = self.peer_text.encode()
+        trusted = self.cfg.trusted
+        self.trusted = trusted is not None and self.peer in trusted
         server = self.server
         if len(server.connections) >= self.cfg.max_connections:
             # Over the limit: answered at once and closed, so the proxy stays responsive for the connections

@@ -249,3 +249,38 @@ class TestSlowClients:
         finally:
             await asyncio.to_thread(proxy.stop)
             await asyncio.to_thread(consul.deregister, "lim-slow-1")
+
+
+class TestTrustedProxies:
+    async def test_forwarding_headers_from_a_trusted_peer_are_kept_from_others_replaced(
+        self, consul, workdir, backends,
+    ) -> None:
+        """The test client connects from 127.0.0.1: trusted in one proxy, not in the other."""
+        import json
+
+        from .harness import Backend
+        backend = await Backend("lim-trust-1").start()
+        backends.append(backend)
+        await asyncio.to_thread(consul.register, "lim-trust", "lim-trust-1", backend.port, ["urlprefix-/lim-trust"])
+        sent = ("X-Forwarded-For: 203.0.113.9, 10.0.0.5", "X-Forwarded-Proto: https", "X-Real-IP: 6.6.6.6",
+                "Forwarded: for=203.0.113.9;proto=https")
+        seen = {}
+        for trusted in ("127.0.0.1/32,10.0.0.0/8", "192.0.2.0/24"):
+            proxy = FerrymanProcess(consul.addr, workdir, extra=["--trusted-proxies", trusted])
+            await asyncio.to_thread(proxy.start)
+            try:
+                await asyncio.to_thread(proxy.wait_instances, "lim-trust@*any*/lim-trust", ["lim-trust-1"])
+                wire = await Wire.open(proxy.port)
+                wire.send(request("GET", "/lim-trust/x", *sent))
+                resp = await wire.response()
+                wire.abort()
+                seen[trusted] = dict(json.loads(resp.body)["headers"])
+            finally:
+                await asyncio.to_thread(proxy.stop)
+        await asyncio.to_thread(consul.deregister, "lim-trust-1")
+        kept, replaced = seen["127.0.0.1/32,10.0.0.0/8"], seen["192.0.2.0/24"]
+        assert kept["X-Forwarded-For"] == replaced["X-Forwarded-For"] == "203.0.113.9, 10.0.0.5, 127.0.0.1"
+        assert (kept["X-Forwarded-Proto"], kept["X-Real-IP"]) == ("https", "203.0.113.9")
+        assert kept["Forwarded"].startswith("for=203.0.113.9;proto=https, for=127.0.0.1;")
+        assert (replaced["X-Forwarded-Proto"], replaced["X-Real-IP"]) == ("http", "127.0.0.1")
+        assert replaced["Forwarded"].startswith("for=127.0.0.1;")

@@ -445,3 +445,53 @@ def test_error_answer_to_head_has_no_body_but_keeps_its_length() -> None:
     head = error_response(404, "no route", keep_alive=True, head=True)
     assert full.startswith(head) and head.endswith(b"\r\n\r\n") and full[len(head):] == b"404 no route\n"
     assert b"Content-Length: 13\r\n" in head
+
+
+class TestTrustedProxies:
+    """trusted_proxies: from a trusted peer the forwarding headers are kept and extended; from anyone else they
+    are replaced; X-Real-IP is the right-most address that is not a trusted proxy."""
+
+    @staticmethod
+    def _head(peer: bytes, trusted: object, *extra: tuple[bytes, bytes]) -> dict[str, list[str]]:
+        from proxy.headers import TrustedProxies, upstream_request_head
+
+        proxies = TrustedProxies("10.0.0.0/8, 192.0.2.7")
+        head = upstream_request_head(
+            b"GET", b"/", [(b"Host", b"shop.example"), *extra], client_ip=peer, proto=b"http", port=b"80",
+            default_host=b"x", chunked=False, trusted=proxies if trusted else None,
+        )
+        out: dict[str, list[str]] = {}
+        for line in head.decode().split("\r\n")[1:]:
+            if line:
+                name, _, value = line.partition(": ")
+                out.setdefault(name, []).append(value)
+        return out
+
+    def test_membership(self) -> None:
+        from proxy.headers import TrustedProxies
+
+        proxies = TrustedProxies("10.0.0.0/8,192.0.2.7,2001:db8::/32")
+        assert b"10.1.2.3" in proxies and b"192.0.2.7" in proxies and b"2001:db8::1" in proxies
+        assert b"192.0.2.8" not in proxies and b"not-an-ip" not in proxies and b"" not in proxies
+
+    def test_from_a_trusted_peer_headers_are_kept_and_extended(self) -> None:
+        head = self._head(b"10.0.0.2", True, (b"X-Forwarded-For", b"203.0.113.9, 10.0.0.5"),
+                          (b"X-Forwarded-Proto", b"https"), (b"X-Forwarded-Host", b"shop.example"),
+                          (b"X-Forwarded-Port", b"443"), (b"Forwarded", b"for=203.0.113.9;proto=https"),
+                          (b"X-Real-IP", b"6.6.6.6"))
+        assert head["X-Forwarded-For"] == ["203.0.113.9, 10.0.0.5, 10.0.0.2"]
+        assert head["X-Forwarded-Proto"] == ["https"] and head["X-Forwarded-Port"] == ["443"]
+        assert head["Forwarded"] == ['for=203.0.113.9;proto=https, for=10.0.0.2;host="shop.example";proto=http']
+        assert head["X-Real-IP"] == ["203.0.113.9"]  # right-most that is not a trusted proxy
+
+    def test_from_anyone_else_they_are_replaced(self) -> None:
+        head = self._head(b"198.51.100.4", False, (b"X-Forwarded-For", b"203.0.113.9"),
+                          (b"X-Forwarded-Proto", b"https"), (b"Forwarded", b"for=1.2.3.4;proto=https"),
+                          (b"X-Real-IP", b"6.6.6.6"))
+        assert head["X-Forwarded-For"] == ["203.0.113.9, 198.51.100.4"]  # always appended
+        assert head["X-Forwarded-Proto"] == ["http"] and head["X-Real-IP"] == ["198.51.100.4"]
+        assert head["Forwarded"] == ['for=198.51.100.4;host="shop.example";proto=http']
+
+    def test_a_chain_of_trusted_proxies_only(self) -> None:
+        head = self._head(b"10.0.0.2", True, (b"X-Forwarded-For", b"10.0.0.9"))
+        assert head["X-Real-IP"] == ["10.0.0.9"]  # every hop trusted: the left-most
