@@ -62,7 +62,7 @@ from .headers import TrustedProxies, client_response_head, error_response, upstr
 from .logs import AccessWriter
 from .metrics import NO_ROUTE, NO_SERVICE, Metrics
 from .pool import Pool, Pools, sticky_value
-from .table import Route, RoutingTable, normalize_host
+from .table import Route, RoutingTable, normalize_host, normalize_path
 from .tls import HttpsRedirect
 
 log = structlog.get_logger("ferryman.proxy")
@@ -1057,6 +1057,7 @@ class ClientConnection(asyncio.Protocol):
         """Route a request and start forwarding it; errors known before any upstream is involved answer here."""
         started = time.perf_counter()
         path = req.target.partition(b"?")[0].decode("latin-1")
+        matched = normalize_path(path)  # dot-segments and unreserved escapes resolved; `path` itself if none
         service = NO_SERVICE
         route_id = NO_ROUTE
         if not req.request_id or _SANE_REQUEST_ID(req.request_id) is None:
@@ -1069,7 +1070,7 @@ class ClientConnection(asyncio.Protocol):
                 location = redirect.location(normalize_host(req.host.decode("latin-1")), req.target)
                 if location is not None:
                     raise ToHttps(location, req.method)
-            route = self.cfg.router.current.lookup(req.host.decode("latin-1"), path)
+            route = self.cfg.router.current.lookup(req.host.decode("latin-1"), matched)
             if route is None:
                 if req.absolute:
                     # Never an open proxy: an absolute URI naming a host this proxy does not route is refused.
@@ -1091,7 +1092,7 @@ class ClientConnection(asyncio.Protocol):
                     raise PayloadTooLarge(f"request body of {req.content_length} bytes; the limit is {max_body}")
                 req.max_body = max_body
             target = req.target if route.strip is None else (
-                route.upstream_target(req.target.decode("latin-1")).encode("latin-1")
+                route.upstream_target(req.target.decode("latin-1"), matched).encode("latin-1")
             )
         except ProxyError as err:
             self.answer_error(req, err, service, started, path, route_id)

@@ -49,15 +49,64 @@ class Route:
             sni=spec.option("sni") or "",
         )
 
-    def upstream_target(self, raw_target: str) -> str:
-        """The request target sent upstream: the client's bytes, minus the `strip` prefix when set."""
+    def upstream_target(self, raw_target: str, matched_path: str | None = None) -> str:
+        """The request target sent upstream: the client's bytes, minus the `strip` prefix when set. When the
+        route matched on the normalized path and the raw one does not start with the prefix (`/x/../api/v`
+        matched `/api`), the prefix is stripped from the normalized path, which then goes upstream."""
         strip = self.strip
         if not strip:
             return raw_target
         path, qmark, query = raw_target.partition("?")
+        if matched_path is not None and matched_path != path and not (path == strip or path.startswith(strip + "/")):
+            path = matched_path
         if path == strip or path.startswith(strip + "/"):
             path = path[len(strip) :] or "/"
         return f"{path}{qmark}{query}"
+
+
+_UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def normalize_path(path: str) -> str:
+    """The path routes are matched on (RFC 3986 §6.2.2): percent-encoded unreserved characters decoded (`%7E`
+    -> `~`, `%2e` -> `.`), other escapes kept with upper-case hex (`%2F` stays an escape, never a separator),
+    then dot-segments removed (§5.2.4), so `/public/../admin` is matched as `/admin`, as the upstream will read
+    it. Requests without `%` or `/.` (nearly all) skip all of this."""
+    if "%" not in path and "/." not in path:
+        return path
+    if "%" in path:
+        out, i, n = [], 0, len(path)
+        while i < n:
+            c = path[i]
+            if c == "%" and i + 2 < n and _is_hex(path[i + 1 : i + 3]):
+                decoded = chr(int(path[i + 1 : i + 3], 16))
+                out.append(decoded if decoded in _UNRESERVED else "%" + path[i + 1 : i + 3].upper())
+                i += 3
+            else:
+                out.append(c)
+                i += 1
+        path = "".join(out)
+    if "/." not in path:
+        return path
+    segments: list[str] = []
+    parts = path.split("/")
+    for index, segment in enumerate(parts[1:], 1):
+        last = index == len(parts) - 1
+        if segment == "..":
+            if segments:
+                segments.pop()
+            if last:
+                segments.append("")
+        elif segment == ".":
+            if last:
+                segments.append("")
+        else:
+            segments.append(segment)
+    return "/" + "/".join(segments)
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) == 2 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def normalize_host(host: str | None) -> str:

@@ -284,3 +284,23 @@ class TestTrustedProxies:
         assert kept["Forwarded"].startswith("for=203.0.113.9;proto=https, for=127.0.0.1;")
         assert (replaced["X-Forwarded-Proto"], replaced["X-Real-IP"]) == ("http", "127.0.0.1")
         assert replaced["Forwarded"].startswith("for=127.0.0.1;")
+
+
+class TestPathNormalization:
+    async def test_dot_segments_route_where_the_upstream_will_read_them(
+        self, consul, ferryman, upstreams, connect,
+    ) -> None:
+        public = await _route(consul, ferryman, upstreams, "norm-pub")
+        admin = await _route(consul, ferryman, upstreams, "norm-adm")
+        for raw in ("/norm-pub/../norm-adm/x", "/norm-pub/%2e%2e/norm-adm/x", "/norm-pub/./../norm-adm/x"):
+            wire = await connect()
+            wire.send(request("GET", raw))
+            assert (await wire.response()).status == 200
+        assert public.heads == []
+        # Matched on the normalized path; forwarded with the client's bytes.
+        assert admin.heads == ["GET /norm-pub/../norm-adm/x", "GET /norm-pub/%2e%2e/norm-adm/x",
+                               "GET /norm-pub/./../norm-adm/x"]
+        wire = await connect()
+        wire.send(request("GET", "/norm-pub%2F..%2Fnorm-adm/x"))  # an encoded slash separates nothing
+        await wire.response()
+        assert len(admin.heads) == 3  # one segment `norm-pub%2F..%2Fnorm-adm`: never the admin route
