@@ -13,17 +13,20 @@ or TagError saying what is wrong.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Final
 
+from .matchers import parse_conditions, parse_methods
 from .model import RouteSpec
 
 DEFAULT_PREFIX: Final = "urlprefix-"
 
 # Options understood by the proxy. Others are kept and reported as ignored (Fabio has options Ferryman does
 # not implement, such as auth=; silently routing without them would surprise, so they are surfaced).
-KNOWN_OPTIONS: Final = frozenset(
-    {"strip", "proto", "tlsskipverify", "lb", "hash_key", "sticky", "maxbody", "sni"}
-)
+KNOWN_OPTIONS: Final = frozenset({
+    "strip", "proto", "tlsskipverify", "lb", "hash_key", "sticky", "maxbody", "sni",
+    "method", "header", "cookie", "query", "exact", "priority",
+})
 # RFC 6265 cookie-name: an RFC 9110 token.
 _COOKIE_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Load-balancing algorithms a route may ask for with lb= (implemented in proxy.balancer, which checks that
@@ -120,6 +123,13 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
+def _as_tag_error(check: Callable[[], object]) -> None:
+    try:
+        check()
+    except ValueError as exc:
+        raise TagError(str(exc)) from exc
+
+
 def validate_balancing(key: str, value: str) -> str:
     """Check one per-service setting (lb, hash_key, sticky, health_path, max_body_size, max_concurrent)
     wherever it comes from: a tag option, service meta or the config file; TagError saying what is wrong."""
@@ -156,6 +166,15 @@ def _validate_option(key: str, value: str, path: str) -> str:
         raise TagError(f"health_path={value!r} must be a path starting with '/'")
     elif key == "sni" and (value.startswith("*") or not _HOST_RE.match(value.lower())):
         raise TagError(f"sni={value!r} must be a host name")
+    elif key == "method":
+        _as_tag_error(lambda: parse_methods(value))
+    elif key in ("header", "cookie", "query"):
+        _as_tag_error(lambda: parse_conditions(key, value))
+    elif key == "exact" and value not in ("true", "false"):
+        raise TagError(f"exact={value!r} must be true or false")
+    elif key == "priority" and not (value.lstrip("-").isascii() and value.lstrip("-").isdigit()
+                                    and -1000 <= int(value) <= 1000):
+        raise TagError(f"priority={value!r} must be a whole number from -1000 to 1000")
     elif key in ("maxbody", "max_body_size"):
         parse_size(value)
     elif key == "max_concurrent" and not (value.isascii() and value.isdigit() and 0 <= int(value) <= 10_000_000):

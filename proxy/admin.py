@@ -39,6 +39,10 @@ def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
             "service": route.service,
             "strip": route.strip,
             "proto": route.scheme,
+            "exact": route.exact,
+            "methods": sorted(route.methods),
+            "conditions": [f"{c.kind} {c.text()}" for c in route.conditions],
+            "priority": route.priority,
             # `datacenter`: where the instance was read from when several are followed (consul_dc = "dc1,dc2"),
             # the one serving this service now; null with a single datacenter.
             "instances": [

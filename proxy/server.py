@@ -1070,7 +1070,7 @@ class ClientConnection(asyncio.Protocol):
                 location = redirect.location(normalize_host(req.host.decode("latin-1")), req.target)
                 if location is not None:
                     raise ToHttps(location, req.method)
-            route = self.cfg.router.current.lookup(req.host.decode("latin-1"), matched)
+            route = self.cfg.router.current.lookup(req.host.decode("latin-1"), matched, req)
             if route is None:
                 if req.absolute:
                     # Never an open proxy: an absolute URI naming a host this proxy does not route is refused.

@@ -3,13 +3,17 @@
 Lookup order, most specific first:
 1. exact host (case-insensitive, port ignored), then `*.suffix` wildcards from the longest suffix down
    (`*.example.com` matches `a.example.com` and `a.b.example.com`, not `example.com`), then routes for any
-   host. A host level that has no route for the path falls through to the next level.
-2. within a level, the longest path prefix on a segment boundary: `/api` matches `/api` and `/api/x`, never
-   `/apix`. Each level is a dict keyed by prefix, and a lookup walks the path's own prefixes from the longest
-   down, so its cost grows with the path's depth, not with the number of routes.
+   host. A host level that has no route for the request falls through to the next level.
+2. within a level, an exact path (`exact=true`) first, then the longest path prefix on a segment boundary:
+   `/api` matches `/api` and `/api/x`, never `/apix`. Each level is a dict keyed by path, and a lookup walks
+   the path's own prefixes from the longest down, so its cost grows with the path's depth, not with the
+   number of routes.
+3. at one path, routes with more conditions (method, header, cookie, query) first, then the higher
+   `priority`, then by service name; the first whose conditions all hold wins, else the next path.
 
-Two services declaring the same host and path is a conflict: the first by service name wins and the other
-is reported. Pure: built from values, no I/O; swapped into the router as a whole.
+Two services declaring the same host, path and conditions is a conflict: the first by service name wins and
+the other is reported. Pure: built from values, no I/O; swapped into the router as a whole. Answers that no
+condition took part in are memoized.
 """
 
 from __future__ import annotations
@@ -17,10 +21,29 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final
+from typing import Final, Protocol
 
+from discovery.matchers import KINDS, Condition, holds, parse_conditions, parse_methods
 from discovery.model import Problem, RouteSpec, Snapshot
 from discovery.tags import parse_size
+
+
+class RequestLike(Protocol):
+    """What conditions read of a request (the server's Request)."""
+
+    method: str
+    headers: list[tuple[bytes, bytes]]
+    target: bytes
+
+
+def route_id(service: str, host: str, path: str, exact: bool, methods: frozenset[str],
+             conditions: tuple[Condition, ...]) -> str:
+    """`web@*any*/api`, and for a route with conditions their text: `web@*any*/api[exact,GET,header:x-canary:1]`.
+    Bounded by the routes declared, so usable as a metric label."""
+    parts = (["exact"] if exact else []) + (["|".join(sorted(methods))] if methods else []) + [
+        f"{c.kind}:{c.text()}" for c in conditions
+    ]
+    return f"{service}@{host or '*any*'}{path}" + (f"[{','.join(parts)}]" if parts else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +57,21 @@ class Route:
     tls_skip_verify: bool = False
     max_body: int = 0  # request body limit in bytes (tag option maxbody=); 0: the service's or the global one
     sni: str = ""  # TLS server name for proto=https upstreams (tag option sni=); "": the instance's address
+    exact: bool = False  # the path must be the whole request path, not a prefix
+    methods: frozenset[str] = frozenset()  # empty: any method
+    conditions: tuple[Condition, ...] = ()  # header, cookie and query conditions, all of which must hold
+    priority: int = 0
 
     @classmethod
     def from_spec(cls, service: str, spec: RouteSpec) -> Route:
+        method = spec.option("method")
+        methods = parse_methods(method) if method else frozenset()
+        conditions = tuple(
+            c for kind in KINDS if spec.option(kind) for c in parse_conditions(kind, spec.option(kind) or "")
+        )
+        exact = spec.option("exact") == "true"
         return cls(
-            id=f"{service}@{spec.host or '*any*'}{spec.path}",
+            id=route_id(service, spec.host, spec.path, exact, methods, conditions),
             service=service,
             host=spec.host,
             path=spec.path,
@@ -47,7 +80,30 @@ class Route:
             tls_skip_verify=spec.option("tlsskipverify") == "true",
             max_body=parse_size(spec.option("maxbody") or "0"),
             sni=spec.option("sni") or "",
+            exact=exact,
+            methods=methods,
+            conditions=conditions,
+            priority=int(spec.option("priority") or 0),
         )
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.methods or self.conditions)
+
+    def accepts(self, req: RequestLike | None) -> bool:
+        """Whether the request meets every condition (always, for a route without any). Without a request to
+        look at (an admin query), a route with conditions does not match."""
+        if not self.methods and not self.conditions:
+            return True
+        if req is None:
+            return False
+        if self.methods and req.method not in self.methods:
+            return False
+        return all(holds(c, req.headers, req.target) for c in self.conditions)
+
+    @property
+    def specificity(self) -> tuple[int, int]:
+        return (len(self.conditions) + (1 if self.methods else 0), self.priority)
 
     def upstream_target(self, raw_target: str, matched_path: str | None = None) -> str:
         """The request target sent upstream: the client's bytes, minus the `strip` prefix when set. When the
@@ -134,94 +190,141 @@ def _path_prefixes(path: str) -> Iterable[str]:
         p = p[:cut] if cut > 0 else "/"
 
 
-PathIndex = Mapping[str, Route]
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One host level's routes: by exact path and by path prefix, each path's routes in the order they are
+    tried (more conditions first, then priority, then service name)."""
+
+    exact: Mapping[str, tuple[Route, ...]]
+    prefix: Mapping[str, tuple[Route, ...]]
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.prefix)
+
+    def match(self, path: str, req: RequestLike | None) -> tuple[Route | None, bool]:
+        """(route, whether a condition took part in the answer)."""
+        conditional = False
+        candidates = self.exact.get(path) if self.exact else None
+        if candidates is not None:
+            for route in candidates:
+                conditional = conditional or route.conditional
+                if route.accepts(req):
+                    return route, conditional
+        prefix = self.prefix
+        for p in _path_prefixes(path):
+            candidates = prefix.get(p)
+            if candidates is not None:
+                for route in candidates:
+                    conditional = conditional or route.conditional
+                    if route.accepts(req):
+                        return route, conditional
+        return None, conditional
+
+
+_EMPTY_LEVEL: Final = Level(MappingProxyType({}), MappingProxyType({}))
 _MEMO_SIZE: Final = 4096
+
+
+def _order(routes: list[Route]) -> tuple[Route, ...]:
+    return tuple(sorted(routes, key=lambda r: (-r.specificity[0], -r.specificity[1], r.service, r.id)))
 
 
 @dataclass(frozen=True, slots=True)
 class RoutingTable:
     generation: int = 0
-    routes: tuple[Route, ...] = ()
-    exact: Mapping[str, PathIndex] = field(default_factory=lambda: MappingProxyType({}))
-    wildcard: Mapping[str, PathIndex] = field(default_factory=lambda: MappingProxyType({}))
-    any_host: PathIndex = field(default_factory=lambda: MappingProxyType({}))
+    routes: tuple[Route, ...] = ()  # in match order (what /api/routes shows)
+    exact: Mapping[str, Level] = field(default_factory=lambda: MappingProxyType({}))
+    wildcard: Mapping[str, Level] = field(default_factory=lambda: MappingProxyType({}))
+    any_host: Level = _EMPTY_LEVEL
     conflicts: tuple[Problem, ...] = ()
-    # Memo of lookups (the table never changes, so an answer never goes stale); bounded, cleared when full.
+    # Memo of lookups no condition took part in (the table never changes, so an answer never goes stale);
+    # bounded, cleared when full.
     _memo: dict[tuple[str | None, str], Route | None] = field(
         default_factory=dict, compare=False, repr=False, hash=False
     )
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, generation: int = 0) -> RoutingTable:
-        exact: dict[str, dict[str, Route]] = {}
-        wildcard: dict[str, dict[str, Route]] = {}
-        any_host: dict[str, Route] = {}
-        routes: list[Route] = []
+        levels: dict[tuple[int, str], tuple[dict[str, list[Route]], dict[str, list[Route]]]] = {}
+        seen: dict[tuple[int, str, str, bool, frozenset[str], tuple[Condition, ...]], Route] = {}
         conflicts: list[Problem] = []
         # By service name, whatever order the provider used: the first declaration wins, deterministically.
         for svc in sorted(snapshot.services, key=lambda s: s.name):
             for spec in svc.routes:
                 route = Route.from_spec(svc.name, spec)
-                if not spec.host:
-                    index = any_host
-                elif spec.host.startswith("*."):
-                    index = wildcard.setdefault(spec.host[1:], {})  # key ".example.com"
-                else:
-                    index = exact.setdefault(spec.host, {})
-                winner = index.get(spec.path)
+                kind = 2 if not spec.host else 1 if spec.host.startswith("*.") else 0
+                key = spec.host[1:] if kind == 1 else spec.host  # wildcards by ".example.com"
+                identity = (kind, key, spec.path, route.exact, route.methods, route.conditions)
+                winner = seen.get(identity)
                 if winner is not None:
                     conflicts.append(
                         Problem("route_conflict", svc.name, f"{spec.host}{spec.path} already routed to "
                                 f"{winner.service}", route.id)
                     )
                     continue
-                index[spec.path] = route
-                routes.append(route)
+                seen[identity] = route
+                exact_paths, prefixes = levels.setdefault((kind, key), ({}, {}))
+                (exact_paths if route.exact else prefixes).setdefault(spec.path, []).append(route)
         freeze = MappingProxyType
+
+        def level(maps: tuple[dict[str, list[Route]], dict[str, list[Route]]]) -> Level:
+            return Level(freeze({p: _order(r) for p, r in maps[0].items()}),
+                         freeze({p: _order(r) for p, r in maps[1].items()}))
+
+        exact = {key: level(maps) for (kind, key), maps in levels.items() if kind == 0}
+        wildcard = {key: level(maps) for (kind, key), maps in levels.items() if kind == 1}
+        any_maps = levels.get((2, ""))
+
+        def rank(route: Route) -> tuple[int, int, str, int, int, int, int, str, str]:
+            kind = 2 if not route.host else 1 if route.host.startswith("*.") else 0
+            return (kind, -len(route.host), route.host, 0 if route.exact else 1, -len(route.path),
+                    -route.specificity[0], -route.specificity[1], route.service, route.id)
+
         return cls(
             generation=generation,
-            routes=tuple(routes),
-            exact=freeze({h: freeze(p) for h, p in exact.items()}),
-            wildcard=freeze({h: freeze(p) for h, p in wildcard.items()}),
-            any_host=freeze(any_host),
+            routes=tuple(sorted(seen.values(), key=rank)),
+            exact=freeze(exact),
+            wildcard=freeze(wildcard),
+            any_host=level(any_maps) if any_maps else _EMPTY_LEVEL,
             conflicts=tuple(conflicts),
         )
 
-    def lookup(self, host: str | None, path: str) -> Route | None:
-        """The route for a request; `host` is the raw Host header, `path` the request path without query."""
+    def lookup(self, host: str | None, path: str, req: RequestLike | None = None) -> Route | None:
+        """The route for a request; `host` is the raw Host header, `path` the (normalized) request path
+        without query, `req` what routes with conditions look at."""
         memo = self._memo
         try:
             return memo[host, path]
         except KeyError:
             pass
-        if len(memo) >= _MEMO_SIZE:
-            memo.clear()  # random hosts and paths cannot grow it without bound
-        route = memo[host, path] = self._lookup(host, path)
+        route, conditional = self._lookup(host, path, req)
+        if not conditional:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()  # random hosts and paths cannot grow it without bound
+            memo[host, path] = route
         return route
 
-    def _lookup(self, host: str | None, path: str) -> Route | None:
+    def _lookup(self, host: str | None, path: str, req: RequestLike | None) -> tuple[Route | None, bool]:
+        conditional = False
         key = normalize_host(host)
         if key:
-            index = self.exact.get(key)
-            if index is not None:
-                route = _match(index, path)
+            level = self.exact.get(key)
+            if level is not None:
+                route, cond = level.match(path, req)
+                conditional = conditional or cond
                 if route is not None:
-                    return route
+                    return route, conditional
             if self.wildcard:
                 dot = key.find(".")
                 while dot >= 0:
-                    index = self.wildcard.get(key[dot:])
-                    if index is not None:
-                        route = _match(index, path)
+                    level = self.wildcard.get(key[dot:])
+                    if level is not None:
+                        route, cond = level.match(path, req)
+                        conditional = conditional or cond
                         if route is not None:
-                            return route
+                            return route, conditional
                     dot = key.find(".", dot + 1)
-        return _match(self.any_host, path) if self.any_host else None
-
-
-def _match(index: PathIndex, path: str) -> Route | None:
-    for prefix in _path_prefixes(path):
-        route = index.get(prefix)
-        if route is not None:
-            return route
-    return None
+        if self.any_host:
+            route, cond = self.any_host.match(path, req)
+            return route, conditional or cond
+        return None, conditional
