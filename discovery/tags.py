@@ -25,8 +25,9 @@ DEFAULT_PREFIX: Final = "urlprefix-"
 # not implement, such as auth=; silently routing without them would surprise, so they are surfaced).
 KNOWN_OPTIONS: Final = frozenset({
     "strip", "proto", "tlsskipverify", "lb", "hash_key", "sticky", "maxbody", "sni",
-    "method", "header", "cookie", "query", "exact", "priority",
+    "method", "header", "cookie", "query", "exact", "priority", "redirect",
 })
+REDIRECT_CODES: Final = (301, 302, 303, 307, 308)
 # RFC 6265 cookie-name: an RFC 9110 token.
 _COOKIE_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Load-balancing algorithms a route may ask for with lb= (implemented in proxy.balancer, which checks that
@@ -170,6 +171,13 @@ def _validate_option(key: str, value: str, path: str) -> str:
         _as_tag_error(lambda: parse_methods(value))
     elif key in ("header", "cookie", "query"):
         _as_tag_error(lambda: parse_conditions(key, value))
+    elif key == "redirect":
+        code, comma, url = value.partition(",")
+        if not comma or not code.isascii() or not code.isdigit() or int(code) not in REDIRECT_CODES:
+            codes = ", ".join(map(str, REDIRECT_CODES))
+            raise TagError(f"redirect={value!r} must be CODE,URL with CODE one of {codes}")
+        if not (url.startswith(("http://", "https://", "/")) and len(url) > 1):
+            raise TagError(f"redirect={value!r}: the target must be an http(s) URL or a path")
     elif key == "exact" and value not in ("true", "false"):
         raise TagError(f"exact={value!r} must be true or false")
     elif key == "priority" and not (value.lstrip("-").isascii() and value.lstrip("-").isdigit()

@@ -118,6 +118,17 @@ class VersionNotSupported(ProxyError):
     reason = "http_version_not_supported"
 
 
+class Redirect(ProxyError):
+    """Not an error: a route that answers with a redirect (tag option redirect=CODE,URL)."""
+
+    status = 301
+    reason = "redirect"
+
+    def __init__(self, status: int, location: bytes) -> None:
+        super().__init__(f"moved to {location.decode('latin-1')}", headers=((b"Location", location),))
+        self.status = status  # type: ignore[misc]
+
+
 class ToHttps(ProxyError):
     """Not an error: plain HTTP for a host served over HTTPS. 301 for GET and HEAD, 308 (method and body kept)
     for the rest."""

@@ -47,6 +47,7 @@ from .errors import (
     PayloadTooLarge,
     ProxyError,
     ProxyInternalError,
+    Redirect,
     RequestTimeout,
     ServiceOverloaded,
     ToHttps,
@@ -1078,6 +1079,8 @@ class ClientConnection(asyncio.Protocol):
                 raise NoRoute("no route for this host and path")
             service = route.service
             route_id = route.id
+            if route.redirect is not None:
+                raise Redirect(route.redirect[0], route.location(req.target))
             pool = self.cfg.pools.get(service)
             if pool is None or not pool.endpoints:
                 raise NoHealthyEndpoint(f"no healthy instance of service {service!r}")

@@ -36,6 +36,13 @@ class RequestLike(Protocol):
     target: bytes
 
 
+def _redirect(value: str | None) -> tuple[int, str] | None:
+    if not value:
+        return None
+    code, _, url = value.partition(",")
+    return int(code), url
+
+
 def route_id(service: str, host: str, path: str, exact: bool, methods: frozenset[str],
              conditions: tuple[Condition, ...]) -> str:
     """`web@*any*/api`, and for a route with conditions their text: `web@*any*/api[exact,GET,header:x-canary:1]`.
@@ -61,6 +68,7 @@ class Route:
     methods: frozenset[str] = frozenset()  # empty: any method
     conditions: tuple[Condition, ...] = ()  # header, cookie and query conditions, all of which must hold
     priority: int = 0
+    redirect: tuple[int, str] | None = None  # (status, target with $path): answered by the proxy itself
 
     @classmethod
     def from_spec(cls, service: str, spec: RouteSpec) -> Route:
@@ -84,7 +92,13 @@ class Route:
             methods=methods,
             conditions=conditions,
             priority=int(spec.option("priority") or 0),
+            redirect=_redirect(spec.option("redirect")),
         )
+
+    def location(self, target: bytes) -> bytes:
+        """A redirect route's Location: its target with `$path` replaced by the request's path and query."""
+        assert self.redirect is not None
+        return self.redirect[1].encode("latin-1").replace(b"$path", target)
 
     @property
     def conditional(self) -> bool:

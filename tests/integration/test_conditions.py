@@ -55,3 +55,17 @@ async def test_header_cookie_method_and_query_conditions_pick_their_service(
     finally:
         for name in services:
             await asyncio.to_thread(consul.deregister, f"{name}-1")
+
+
+async def test_a_redirect_route_answers_itself(consul: ConsulAgent, ferryman: FerrymanProcess, http) -> None:
+    from .harness import wait_until
+    await asyncio.to_thread(consul.register, "cond-moved", "cond-moved-1", 9, [
+        "urlprefix-/cond-old redirect=308,https://new.example.com$path"], ttl=False)
+    try:
+        await asyncio.to_thread(wait_until, lambda: any(
+            r["service"] == "cond-moved" for r in ferryman.routes()["routes"]), 10, "the redirect route")
+        status, _, headers = await fetch(http, f"{ferryman.url}/cond-old/a?b=1", method="POST", data=b"x",
+                                         allow_redirects=False)
+        assert status == 308 and headers["Location"] == "https://new.example.com/cond-old/a?b=1"
+    finally:
+        await asyncio.to_thread(consul.deregister, "cond-moved-1")

@@ -109,3 +109,12 @@ def test_parsing() -> None:
     assert parse_methods("get|Post") == frozenset({"GET", "POST"})
     (a, b, c) = parse_conditions("header", "X-A;X-B:1;X-C~^v")
     assert (a.op, b.op, b.value, c.op, c.name) == ("present", "equals", "1", "regex", "x-c")
+
+
+def test_redirect_option() -> None:
+    route = table(("old", "/old redirect=301,https://new.example.com$path")).lookup("h", "/old/x", None)
+    assert route is not None and route.redirect == (301, "https://new.example.com$path")
+    assert route.location(b"/old/x?q=1") == b"https://new.example.com/old/x?q=1"
+    for bad in ("redirect=300,https://x", "redirect=https://x", "redirect=301,ftp://x", "redirect=301,"):
+        with pytest.raises(TagError, match="redirect="):
+            parse_route_tag(f"urlprefix-/old {bad}")
