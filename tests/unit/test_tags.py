@@ -133,7 +133,7 @@ class TestUnknownOptions:
             ("urlprefix-/api", []),
             ("urlprefix-/api strip=/api proto=https tlsskipverify=true", []),
             ("urlprefix-/api auth=basic", ["auth"]),
-            ("urlprefix-/api redirect=301 strip=/api auth=basic", ["redirect", "auth"]),
+            ("urlprefix-/api tls=auto strip=/api auth=basic", ["tls", "auth"]),
         ],
         ids=["no-options", "only-known", "one-unknown", "unknown-in-tag-order"],
     )
