@@ -163,9 +163,11 @@ def build_dc_snapshot(
     catalogs: Mapping[str, Mapping[str, Sequence[str]]],
     health: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
     prefix: str = DEFAULT_PREFIX,
+    also: frozenset[str] = frozenset(),
 ) -> Snapshot:
     """One Snapshot from several datacenters: `catalogs[dc]` and `health[service][dc]` as far as they are known,
-    `datacenters` in order of preference.
+    `datacenters` in order of preference. Services in `also` (routed from elsewhere than tags: the config
+    file's [[routes]]) are kept even without route tags.
 
     Routes come from the merged catalog (`merge_catalogs`). A routed service's endpoints are the healthy ones
     of the first datacenter, in order, whose health is known and has at least one; none when no datacenter
@@ -182,7 +184,7 @@ def build_dc_snapshot(
         routes, bad = routes_from_tags(name, catalog[name], prefix)
         problems.extend(bad)
         known = health.get(name, {})
-        if not routes or not any(dc in known for dc in datacenters):
+        if (not routes and name not in also) or not any(dc in known for dc in datacenters):
             continue
         endpoints: tuple[Endpoint, ...] = ()
         found: dict[str, str] = {}

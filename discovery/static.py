@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from .model import Snapshot
-from .snapshot import build_snapshot
+from .snapshot import build_dc_snapshot
 from .tags import DEFAULT_PREFIX
 
 log = structlog.get_logger("ferryman.discovery")
@@ -123,7 +123,9 @@ def parse_static(text: str, path: str, prefix: str = DEFAULT_PREFIX) -> Snapshot
             entries.append(entry)
         catalog[name] = [prefix + route.strip() for route in routes]
         health[name] = entries
-    snapshot = build_snapshot(catalog, health, prefix)
+    # Every service of the file is kept, routed or not: the config file's [[routes]] may send to it.
+    snapshot = build_dc_snapshot(("",), {"": catalog}, {name: {"": entries} for name, entries in health.items()},
+                                 prefix, frozenset(catalog))
     if snapshot.problems:
         problem = snapshot.problems[0]
         raise StaticError(f"{path}: service {problem.service!r}: {problem.item or problem.kind}: {problem.detail}")

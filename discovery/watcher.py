@@ -100,6 +100,7 @@ class Watcher:
         self._on_error = on_error or (lambda reason: None)
         self._on_request = on_request or (lambda query, seconds: None)
         self._prefix = prefix
+        self.also: frozenset[str] = frozenset()  # services watched without route tags (the config's [[routes]])
         self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
         self._datacenters: tuple[str, ...] = tuple(source.datacenters) or ("",)
         self._catalogs: dict[str, dict[str, list[str]]] = {}  # per datacenter, once it answered
@@ -165,11 +166,20 @@ class Watcher:
                 self._sync_health_loops()
                 self._publish()
 
+    def watch_also(self, services: frozenset[str]) -> None:
+        """Also follow these services (named by routes from elsewhere than tags), from now on."""
+        if services != self.also:
+            self.also = services
+            if self._catalogs:
+                self._sync_health_loops()
+                self._publish()
+
     def _sync_health_loops(self) -> None:
         """One health loop per routed service (route tags in any datacenter) in each datacenter listing it."""
         routed: set[str] = set()
         for catalog in self._catalogs.values():
             routed |= routed_services(catalog, self._prefix)
+        routed |= self.also
         wanted = {(name, dc) for dc, catalog in self._catalogs.items() for name in catalog if name in routed}
         for name, dc in list(self._health_tasks):
             if (name, dc) not in wanted:
@@ -222,7 +232,7 @@ class Watcher:
         # a half-known world would briefly drop routes that are fine.
         if self._pending:
             return
-        snapshot = build_dc_snapshot(self._datacenters, self._catalogs, self._health, self._prefix)
+        snapshot = build_dc_snapshot(self._datacenters, self._catalogs, self._health, self._prefix, self.also)
         problems = set(snapshot.problems)
         for problem in sorted(problems - self._known_problems, key=lambda p: (p.service, p.item)):
             log.warning(problem.kind, service=problem.service, tag=problem.item, error=problem.detail)

@@ -42,6 +42,11 @@ _FIRST_SYNC_WAIT_S = 5.0
 REPORT_INTERVAL_S = 1.0
 
 
+def config_services(settings: Settings) -> frozenset[str]:
+    """Services the config file's [[routes]] send to: followed in Consul whether or not they have route tags."""
+    return frozenset(name for route in settings.routes for name, _ in route.services)
+
+
 class Ferryman:
     """One process's proxy. With several workers each worker runs one with `serve_admin=False` and
     `reuse_port=True`, and the supervisor runs one with `serve_proxy=False` for the admin listener."""
@@ -94,7 +99,7 @@ class Ferryman:
         """Install a new snapshot: pools first (so every route of the new table has its pool), then the
         table in one assignment."""
         self.generation += 1
-        table = RoutingTable.from_snapshot(snapshot, self.generation)
+        table = RoutingTable.from_snapshot(snapshot, self.generation, self.settings.routes)
         changes = self.pools.reconcile(snapshot, now=time.monotonic())  # the event loop's clock
         self.router.current = table
         for service in changes.added:
@@ -144,6 +149,7 @@ class Ferryman:
                 on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
                 on_request=self.metrics.observe_consul,
             )
+            self._watcher.also = config_services(s)
         self._watch_task = asyncio.get_running_loop().create_task(self._watcher.run(), name="consul-watcher")
         if self.tls is not None:
             loop = asyncio.get_running_loop()
@@ -230,7 +236,12 @@ class Ferryman:
         self.pools.configure(s.service_overrides(), policy)
         snapshot = self._watcher.last_snapshot if self._watcher is not None else None
         if snapshot is not None:
-            self.pools.reconcile(snapshot, now=asyncio.get_running_loop().time())
+            if "routes" in changed:
+                if isinstance(self._watcher, Watcher):
+                    self._watcher.watch_also(config_services(s))
+                self.apply(snapshot)  # a new table with the file's new [[routes]]
+            else:
+                self.pools.reconcile(snapshot, now=asyncio.get_running_loop().time())
         log.info("config_reloaded", changed=changed)
         if restart:
             log.warning("config_reload_needs_restart", keys=restart,

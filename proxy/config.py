@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from discovery.consul import ConsulAddress, parse_datacenters
-from discovery.tags import TagError, parse_size, validate_balancing
+from discovery.model import RouteSpec
+from discovery.tags import TagError, parse_route_tag, parse_size, validate_balancing
+
+from .headers import HeaderRules
 
 ENV_PREFIX: Final = "FERRYMAN_"
 
@@ -96,6 +99,8 @@ class Settings:
     # [services.NAME] tables of the config file: per-service balancing (lb, hash_key, sticky), which take
     # precedence over service meta and route tags. File only: no flag or variable sets them.
     services: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    # [[routes]] of the config file: routes operators declare beside the tags, with header rules and splits.
+    routes: tuple[ConfigRoute, ...] = ()
 
     def service_overrides(self) -> dict[str, dict[str, str]]:
         return {name: dict(pairs) for name, pairs in self.services}
@@ -237,7 +242,7 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
 FIELD_TYPES: Final[Mapping[str, type]] = {
     f.name: {"str": str, "float": float, "int": int, "bool": bool}[str(f.type)]
     for f in fields(Settings)
-    if f.name != "services"
+    if f.name not in ("services", "routes")
 }
 DEFAULTS: Final = Settings()
 
@@ -330,6 +335,9 @@ def load_file(path: str | Path, sources: dict[str, str] | None = None) -> dict[s
         if key == "services":
             out["services"] = _load_services(value, text, path, where)
             continue
+        if key == "routes":
+            out["routes"] = _load_routes(value, text, path, where)
+            continue
         if key not in FIELD_TYPES:
             kind = "table" if isinstance(value, dict) else "key"
             raise ConfigError(f"{where}: unknown {kind} {key!r} (known keys: {', '.join(FIELD_TYPES)})")
@@ -345,6 +353,98 @@ def load_file(path: str | Path, sources: dict[str, str] | None = None) -> dict[s
 
 
 ServiceSettings = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigRoute:
+    """One `[[routes]]` table: a route in tag syntax, the services it sends to (one, or a weighted split), and
+    header rules for requests and responses."""
+
+    spec: RouteSpec
+    services: tuple[tuple[str, int], ...]
+    request: HeaderRules | None = None
+    response: HeaderRules | None = None
+    origin: str = ""  # file:line, for messages
+
+
+_ROUTE_KEYS: Final = ("route", "service", "split", "request_headers", "response_headers")
+# Framing and connection fields are the proxy's to write: header rules may not touch them.
+_RULES_FORBIDDEN: Final = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te",
+    "trailer", "upgrade",
+})
+_FIELD_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _header_rules(value: Any, key: str) -> HeaderRules | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"set", "add", "remove"}:
+        raise ValueError(f"{key} must be a table with set, add and/or remove")
+    pairs: dict[str, list[tuple[bytes, bytes]]] = {"set": [], "add": []}
+    for op in ("set", "add"):
+        table = value.get(op, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{key}.{op} must be a table of field = value")
+        for name, text in table.items():
+            if not isinstance(text, str) or any(c in text for c in "\r\n\0"):
+                raise ValueError(f"{key}.{op}.{name}: the value must be text on one line")
+            pairs[op].append((_rule_name(name, f"{key}.{op}"), text.strip().encode("latin-1", "replace")))
+    remove = value.get("remove", [])
+    if not isinstance(remove, list) or not all(isinstance(n, str) for n in remove):
+        raise ValueError(f"{key}.remove must be a list of field names")
+    return HeaderRules(pairs["set"], pairs["add"], [_rule_name(n, f"{key}.remove") for n in remove])
+
+
+def _rule_name(name: str, key: str) -> bytes:
+    if not _FIELD_NAME.match(name):
+        raise ValueError(f"{key}: {name!r} is not a field name")
+    if name.lower() in _RULES_FORBIDDEN:
+        raise ValueError(f"{key}: {name} is framing or routing, which the proxy writes itself")
+    return name.encode("ascii")
+
+
+def _load_routes(value: Any, text: str, path: Path, where: str) -> tuple[ConfigRoute, ...]:
+    """`[[routes]]` tables, each checked like a route tag; errors name file, line and key."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: 'routes' must be [[routes]] tables")
+    headers = [n for n, line in enumerate(text.splitlines(), 1) if re.match(r"^\s*\[\[\s*routes\s*\]\]", line)]
+    out = []
+    for index, table in enumerate(value):
+        here = f"{path}:{headers[index]}" if index < len(headers) else where
+        try:
+            if not isinstance(table, dict):
+                raise ValueError("must be a table")
+            unknown = set(table) - set(_ROUTE_KEYS)
+            if unknown:
+                raise ValueError(f"unknown key {sorted(unknown)[0]!r} (known: {', '.join(_ROUTE_KEYS)})")
+            route = table.get("route")
+            if not isinstance(route, str):
+                raise ValueError("key 'route' must be a route in tag syntax, such as \"/api strip=/api\"")
+            try:
+                spec = parse_route_tag("x-" + route.strip(), "x-")
+            except TagError as exc:
+                raise ValueError(f"key 'route': {exc}") from exc
+            service, split = table.get("service"), table.get("split")
+            if (service is None) == (split is None):
+                raise ValueError("give either 'service' or 'split' (a table of service = weight)")
+            if service is not None:
+                if not isinstance(service, str) or not service:
+                    raise ValueError("key 'service' must be a service name")
+                services: tuple[tuple[str, int], ...] = ((service, 1),)
+            else:
+                if not isinstance(split, dict) or len(split) < 2 or not all(
+                    type(w) is int and 0 < w <= 1_000_000 for w in split.values()
+                ):
+                    raise ValueError("key 'split' must name two or more services with whole weights above 0")
+                services = tuple((name, int(weight)) for name, weight in split.items())
+            out.append(ConfigRoute(
+                spec, services, _header_rules(table.get("request_headers"), "request_headers"),
+                _header_rules(table.get("response_headers"), "response_headers"), here,
+            ))
+        except ValueError as exc:
+            raise ConfigError(f"{here}: routes[{index}]: {exc}") from exc
+    return tuple(out)
 
 
 def _load_services(value: Any, text: str, path: Path, where: str) -> ServiceSettings:

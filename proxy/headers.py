@@ -88,6 +88,7 @@ def upstream_request_head(
     request_id: bytes = b"",
     upgrade: bytes = b"",
     trusted: TrustedProxies | None = None,
+    rules: HeaderRules | None = None,
 ) -> bytes:
     """The HTTP/1.1 request head for the upstream.
 
@@ -127,6 +128,9 @@ def upstream_request_head(
             kept.append(pair)
     if connection:
         kept = _drop_named(kept, connection)
+    if rules is not None:
+        kept = [pair for pair in kept if pair[0].lower() not in rules.drop or pair[0].lower() == b"host"]
+        kept += rules.set + rules.add
     out = [method, b" ", target, b" HTTP/1.1\r\n"]
     for name, value in kept:
         out += (name, _SEP, value, _CRLF)
@@ -159,6 +163,29 @@ def upstream_request_head(
         out.append(b"Transfer-Encoding: chunked\r\n")
     out.append(_CRLF)
     return b"".join(out)
+
+
+class HeaderRules:
+    """A route's header rules for one direction: fields removed (case-insensitive), fields set (replacing any
+    of that name), fields added (beside any of that name). Hop-by-hop and framing fields are refused when the
+    rules are parsed (config.py), so rules never change how a message is delimited."""
+
+    __slots__ = ("add", "drop", "set")
+
+    def __init__(self, set_: Sequence[Header] = (), add: Sequence[Header] = (), remove: Iterable[bytes] = ()) -> None:
+        self.set = tuple(set_)
+        self.add = tuple(add)
+        # Set replaces: the upstream's (or client's) fields of those names go too.
+        self.drop = frozenset(n.lower() for n in remove) | frozenset(n.lower() for n, _ in self.set)
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.add or self.drop)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HeaderRules) and (self.set, self.add, self.drop) == (other.set, other.add, other.drop)
+
+    def __hash__(self) -> int:
+        return hash((self.set, self.add, self.drop))
 
 
 class TrustedProxies:
@@ -215,7 +242,7 @@ def forwarded_element(client_ip: bytes, host: bytes | None, proto: bytes) -> byt
 
 def client_response_head(
     status: int, reason: bytes, headers: Headers, *, chunked: bool, keep_alive: bool, http10: bool,
-    extra: Headers = (), request_id: bytes = b"",
+    extra: Headers = (), request_id: bytes = b"", rules: HeaderRules | None = None,
 ) -> bytes:
     """The response head for the client: the upstream's end-to-end headers (repeated ones such as Set-Cookie
     kept apart, in order), then this hop's framing and connection headers. With a `request_id`, the
@@ -231,6 +258,9 @@ def client_response_head(
             kept.append(pair)
     if connection:
         kept = _drop_named(kept, connection)
+    if rules is not None:
+        kept = [pair for pair in kept if pair[0].lower() not in rules.drop]
+        kept += rules.set + rules.add
     out = [b"HTTP/1.0 " if http10 else b"HTTP/1.1 ", b"%d " % status, reason, _CRLF]
     for name, value in kept:
         out += (name, _SEP, value, _CRLF)

@@ -249,7 +249,7 @@ class Exchange:
 
     def __init__(
         self, client: ClientConnection, req: Request, route: Route, pool: Pool, target: bytes, started: float,
-        path: str,
+        path: str, service: str,
     ) -> None:
         cfg = client.cfg
         self.client = client
@@ -257,7 +257,7 @@ class Exchange:
         self.req = req
         self.route = route
         self.pool = pool
-        self.service = route.service
+        self.service = service  # the route's, or the one a split drew
         self.target = target
         self.started = started
         self.path = path
@@ -350,6 +350,7 @@ class Exchange:
             req.method.encode(), self.target, req.headers, client_ip=client.peer, proto=cfg.proto,
             port=cfg.listen_port, default_host=endpoint.authority.encode(), chunked=req.body_kind == BODY_CHUNKED,
             request_id=req.request_id, upgrade=req.upgrade, trusted=cfg.trusted if client.trusted else None,
+            rules=self.route.request_rules,
         ), self, head_request=self.head_request, upgrade=bool(req.upgrade))
         if req.body_kind != BODY_NONE:
             client.attach_body(req, self)
@@ -509,6 +510,7 @@ class Exchange:
         self.out.append(client_response_head(
             status, reason, headers, chunked=self.chunked_out, keep_alive=keep_alive, http10=req.http10,
             extra=self._sticky_cookie() if self.pool.sticky is not None else (), request_id=req.request_id,
+            rules=self.route.response_rules,
         ))
 
     # --- after a 101: a tunnel (WebSocket) ---
@@ -1081,7 +1083,15 @@ class ClientConnection(asyncio.Protocol):
             route_id = route.id
             if route.redirect is not None:
                 raise Redirect(route.redirect[0], route.location(req.target))
-            pool = self.cfg.pools.get(service)
+            pools = self.cfg.pools
+            if route.split:
+                service = route.pick_service(_ids.random())  # a canary split: this request's service
+                drawn = pools.get(service)
+                if drawn is None or not drawn.endpoints:
+                    # The drawn side has no healthy instance: another side of the split takes the request.
+                    service = next((name for name, _ in route.split if (p := pools.get(name)) and p.endpoints),
+                                   service)
+            pool = pools.get(service)
             if pool is None or not pool.endpoints:
                 raise NoHealthyEndpoint(f"no healthy instance of service {service!r}")
             if pool.max_concurrent and pool.active >= pool.max_concurrent:
@@ -1100,7 +1110,7 @@ class ClientConnection(asyncio.Protocol):
         except ProxyError as err:
             self.answer_error(req, err, service, started, path, route_id)
             return
-        exchange = self.exchange = Exchange(self, req, route, pool, target, started, path)
+        exchange = self.exchange = Exchange(self, req, route, pool, target, started, path, service)
         exchange.attempt()
 
     def answer_error(

@@ -19,13 +19,18 @@ condition took part in are memoized.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from discovery.matchers import KINDS, Condition, holds, parse_conditions, parse_methods
 from discovery.model import Problem, RouteSpec, Snapshot
 from discovery.tags import parse_size
+
+from .headers import HeaderRules
+
+if TYPE_CHECKING:
+    from .config import ConfigRoute
 
 
 class RequestLike(Protocol):
@@ -69,6 +74,10 @@ class Route:
     conditions: tuple[Condition, ...] = ()  # header, cookie and query conditions, all of which must hold
     priority: int = 0
     redirect: tuple[int, str] | None = None  # (status, target with $path): answered by the proxy itself
+    # [[routes]] of the config file: a weighted split over services (cumulative weights), header rules.
+    split: tuple[tuple[str, int], ...] = ()
+    request_rules: HeaderRules | None = None
+    response_rules: HeaderRules | None = None
 
     @classmethod
     def from_spec(cls, service: str, spec: RouteSpec) -> Route:
@@ -94,6 +103,32 @@ class Route:
             priority=int(spec.option("priority") or 0),
             redirect=_redirect(spec.option("redirect")),
         )
+
+    @classmethod
+    def from_config(cls, config: ConfigRoute) -> Route:
+        names = [name for name, _ in config.services]
+        route = cls.from_spec(names[0], config.spec)
+        split: tuple[tuple[str, int], ...] = ()
+        if len(config.services) > 1:
+            total = 0
+            cumulative = []
+            for name, weight in config.services:
+                total += weight
+                cumulative.append((name, total))
+            split = tuple(cumulative)
+        return replace(
+            route, id=route.id if not split else "+".join(names) + route.id[len(names[0]):], split=split,
+            request_rules=config.request or None, response_rules=config.response or None,
+        )
+
+    def pick_service(self, draw: float) -> str:
+        """The service of a split for a draw in [0, 1): weighted by the split's weights."""
+        total = self.split[-1][1]
+        point = draw * total
+        for name, upto in self.split:
+            if point < upto:
+                return name
+        return self.split[-1][0]
 
     def location(self, target: bytes) -> bytes:
         """A redirect route's Location: its target with `$path` replaced by the request's path and query."""
@@ -258,27 +293,32 @@ class RoutingTable:
     )
 
     @classmethod
-    def from_snapshot(cls, snapshot: Snapshot, generation: int = 0) -> RoutingTable:
+    def from_snapshot(
+        cls, snapshot: Snapshot, generation: int = 0, config_routes: Iterable[ConfigRoute] = (),
+    ) -> RoutingTable:
         levels: dict[tuple[int, str], tuple[dict[str, list[Route]], dict[str, list[Route]]]] = {}
         seen: dict[tuple[int, str, str, bool, frozenset[str], tuple[Condition, ...]], Route] = {}
         conflicts: list[Problem] = []
-        # By service name, whatever order the provider used: the first declaration wins, deterministically.
-        for svc in sorted(snapshot.services, key=lambda s: s.name):
-            for spec in svc.routes:
-                route = Route.from_spec(svc.name, spec)
-                kind = 2 if not spec.host else 1 if spec.host.startswith("*.") else 0
-                key = spec.host[1:] if kind == 1 else spec.host  # wildcards by ".example.com"
-                identity = (kind, key, spec.path, route.exact, route.methods, route.conditions)
-                winner = seen.get(identity)
-                if winner is not None:
-                    conflicts.append(
-                        Problem("route_conflict", svc.name, f"{spec.host}{spec.path} already routed to "
-                                f"{winner.service}", route.id)
-                    )
-                    continue
-                seen[identity] = route
-                exact_paths, prefixes = levels.setdefault((kind, key), ({}, {}))
-                (exact_paths if route.exact else prefixes).setdefault(spec.path, []).append(route)
+        # The config file's routes first (an operator's declaration wins over a tag's), then by service name,
+        # whatever order the provider used: the first declaration wins, deterministically.
+        declared = [(Route.from_config(c), c.spec) for c in config_routes] + [
+            (Route.from_spec(svc.name, spec), spec)
+            for svc in sorted(snapshot.services, key=lambda s: s.name) for spec in svc.routes
+        ]
+        for route, spec in declared:
+            kind = 2 if not spec.host else 1 if spec.host.startswith("*.") else 0
+            key = spec.host[1:] if kind == 1 else spec.host  # wildcards by ".example.com"
+            identity = (kind, key, spec.path, route.exact, route.methods, route.conditions)
+            winner = seen.get(identity)
+            if winner is not None:
+                conflicts.append(
+                    Problem("route_conflict", route.service, f"{spec.host}{spec.path} already routed to "
+                            f"{winner.service}", route.id)
+                )
+                continue
+            seen[identity] = route
+            exact_paths, prefixes = levels.setdefault((kind, key), ({}, {}))
+            (exact_paths if route.exact else prefixes).setdefault(spec.path, []).append(route)
         freeze = MappingProxyType
 
         def level(maps: tuple[dict[str, list[Route]], dict[str, list[Route]]]) -> Level:

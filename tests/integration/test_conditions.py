@@ -69,3 +69,41 @@ async def test_a_redirect_route_answers_itself(consul: ConsulAgent, ferryman: Fe
         assert status == 308 and headers["Location"] == "https://new.example.com/cond-old/a?b=1"
     finally:
         await asyncio.to_thread(consul.deregister, "cond-moved-1")
+
+
+async def test_a_95_5_split_and_header_rules_from_the_config_file(consul: ConsulAgent, workdir, backends) -> None:
+    """2,000 requests over a [[routes]] split of 95/5: the canary's share within ±2 points; the route's header
+    rules set, add and remove fields both ways."""
+    config = workdir / "split.toml"
+    config.write_text('''\
+[[routes]]
+route = "/cut"
+split = { cut-stable = 95, cut-canary = 5 }
+request_headers = { set = { X-Env = "prod" }, remove = ["X-Debug"] }
+response_headers = { remove = ["X-Powered-By"], add = { X-Served-Via = "ferryman" } }
+''')
+    for name in ("cut-stable", "cut-canary"):
+        backend = await Backend(f"{name}-1").start()
+        backends.append(backend)
+        await asyncio.to_thread(consul.register, name, f"{name}-1", backend.port, ["no-route"])
+    proxy = FerrymanProcess(consul.addr, workdir, extra=["--config", str(config), "--access-log", "false"])
+    try:
+        await asyncio.to_thread(proxy.start)
+        from .harness import wait_until
+        await asyncio.to_thread(wait_until, lambda: len(proxy.routes()["routes"]) > 0, 10, "the split route")
+        import aiohttp
+        counts = {"cut-stable-1": 0, "cut-canary-1": 0}
+        async with aiohttp.ClientSession() as http:
+            status, body, headers = await fetch(http, f"{proxy.url}/cut/x", headers={"X-Debug": "1", "X-Env": "dev"})
+            seen = dict(json.loads(body)["headers"])
+            assert status == 200 and seen["X-Env"] == "prod" and "X-Debug" not in seen
+            assert headers["X-Served-Via"] == "ferryman" and "X-Powered-By" not in headers
+            for _ in range(2000):
+                _, body, _ = await fetch(http, f"{proxy.url}/cut/x")
+                counts[json.loads(body)["instance"]] += 1
+        share = counts["cut-canary-1"] / 2000
+        assert 0.03 <= share <= 0.07, counts
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        for name in ("cut-stable", "cut-canary"):
+            await asyncio.to_thread(consul.deregister, f"{name}-1")

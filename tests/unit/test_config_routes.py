@@ -1,0 +1,80 @@
+"""`[[routes]]` in the config file: routes beside the tags, weighted splits, header rules; errors name the
+file, line and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from discovery.model import Endpoint, ServiceRoutes, Snapshot
+from discovery.tags import parse_route_tag
+from proxy.config import ConfigError, load_file
+from proxy.headers import client_response_head, upstream_request_head
+from proxy.table import RoutingTable
+
+GOOD = """\
+[[routes]]
+route = "/shop strip=/shop"
+split = { shop = 95, shop-canary = 5 }
+
+[[routes]]
+route = "api.example.com/ header=X-Beta:1"
+service = "api-beta"
+request_headers = { set = { X-Env = "prod" }, add = { X-Trace = "on" }, remove = ["X-Debug"] }
+response_headers = { remove = ["Server", "X-Powered-By"], set = { Cache-Control = "no-store" } }
+"""
+
+
+def _load(tmp_path: Path, text: str) -> dict:
+    path = tmp_path / "f.toml"
+    path.write_text(text)
+    return load_file(path)
+
+
+def test_routes_load_and_build_into_the_table(tmp_path: Path) -> None:
+    routes = _load(tmp_path, GOOD)["routes"]
+    assert [r.services for r in routes] == [(("shop", 95), ("shop-canary", 5)), (("api-beta", 1),)]
+    snapshot = Snapshot((ServiceRoutes("shop", (parse_route_tag("urlprefix-/shop"),),
+                                       (Endpoint("shop", "shop-1", "127.0.0.1", 1),)),))
+    table = RoutingTable.from_snapshot(snapshot, 1, routes)
+    split = table.lookup("h", "/shop/x")
+    assert split is not None and split.id == "shop+shop-canary@*any*/shop" and split.strip == "/shop"
+    # The file's route won over the tag's for the same host and path.
+    assert [p.item for p in table.conflicts] == ["shop@*any*/shop"]
+    draws = [split.pick_service(i / 1000) for i in range(1000)]
+    assert draws.count("shop-canary") == 50
+
+
+def test_header_rules_apply_both_ways(tmp_path: Path) -> None:
+    route = _load(tmp_path, GOOD)["routes"][1]
+    head = upstream_request_head(
+        b"GET", b"/", [(b"Host", b"api.example.com"), (b"X-Env", b"dev"), (b"x-debug", b"1")], client_ip=b"1.2.3.4",
+        proto=b"http", port=b"80", default_host=b"x", chunked=False, rules=route.request,
+    ).decode()
+    assert "X-Env: prod\r\n" in head and "X-Env: dev" not in head and "x-debug" not in head.lower()
+    assert "X-Trace: on\r\n" in head and "Host: api.example.com\r\n" in head
+    back = client_response_head(200, b"OK", [(b"Server", b"gunicorn"), (b"X-Powered-By", b"php"),
+                                             (b"Cache-Control", b"max-age=60"), (b"Content-Length", b"2")],
+                                chunked=False, keep_alive=True, http10=False, rules=route.response).decode()
+    assert "Server" not in back and "X-Powered-By" not in back and "max-age" not in back
+    assert "Cache-Control: no-store\r\n" in back and "Content-Length: 2\r\n" in back
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[routes]]\nroute = "/x"\n', r"f\.toml:1: routes\[0\]: give either 'service' or 'split'"),
+    ('[[routes]]\nroute = "/x"\nservice = "a"\nsplit = { a = 1, b = 1 }\n', "give either"),
+    ('\n[[routes]]\nroute = "nopath"\nservice = "a"\n', r"f\.toml:2: routes\[0\]: key 'route': .*no path"),
+    ('[[routes]]\nroute = "/x"\nsplit = { a = 1 }\n', "two or more services"),
+    ('[[routes]]\nroute = "/x"\nsplit = { a = 1, b = 0 }\n', "weights above 0"),
+    ('[[routes]]\nroute = "/x"\nservice = "a"\nrequest_headers = { set = { Content-Length = "1" } }\n',
+     "framing or routing"),
+    ('[[routes]]\nroute = "/x"\nservice = "a"\nresponse_headers = { drop = [] }\n', "set, add and/or remove"),
+    ('[[routes]]\nroute = "/x"\nservice = "a"\nrequest_headers = { set = { "X A" = "1" } }\n', "not a field name"),
+    ('[[routes]]\nroute = "/x"\nservice = "a"\nweight = 3\n', "unknown key 'weight'"),
+    ('[[routes]]\nroute = "/x"\nservice = "a"\n[[routes]]\nroute = "/y"\nservice = "b"\nrequest_headers = 1\n',
+     r"f\.toml:4: routes\[1\]: request_headers must be a table"),
+])
+def test_bad_routes_name_file_line_and_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, text)
