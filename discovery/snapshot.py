@@ -13,6 +13,7 @@ datacenter that has at least one (failover), each Endpoint carrying that datacen
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final
@@ -31,6 +32,8 @@ def routes_from_tags(
     for tag in tags:
         if not isinstance(tag, str) or not is_route_tag(tag, prefix):
             continue
+        if tag == prefix:
+            continue  # the bare prefix: "my routes are in service meta" (ferryman-route); it makes no route
         try:
             spec = parse_route_tag(tag, prefix)
         except TagError as exc:
@@ -139,6 +142,29 @@ def meta_settings(
     return tuple(sorted(found.items())), problems
 
 
+_META_ROUTE = re.compile(r"^ferryman-route(-\d{1,3})?$")
+
+
+def meta_routes(
+    service: str, entries: Sequence[Mapping[str, Any]], prefix: str = DEFAULT_PREFIX,
+) -> tuple[set[RouteSpec], list[Problem]]:
+    """Routes from the instances' service meta (`ferryman-route`, `ferryman-route-1`, ... in tag syntax without
+    the prefix), for services whose routes do not fit in tags; a bad one is reported with its key and skipped."""
+    routes: set[RouteSpec] = set()
+    problems: list[Problem] = []
+    for entry in sorted((e for e in entries if isinstance(e, Mapping)), key=lambda e: str(_meta_id(e))):
+        for key, value in sorted(_meta(entry).items()):
+            if not isinstance(key, str) or not _META_ROUTE.match(key) or not isinstance(value, str):
+                continue
+            try:
+                spec = parse_route_tag(prefix + value.strip(), prefix)
+            except TagError as exc:
+                problems.append(Problem("service_meta_invalid", service, str(exc), f"{key}={value}"))
+                continue
+            routes.add(spec)
+    return routes, problems
+
+
 def _meta_id(entry: Mapping[str, Any]) -> object:
     svc = entry.get("Service")
     return svc.get("ID", "") if isinstance(svc, Mapping) else ""
@@ -184,6 +210,14 @@ def build_dc_snapshot(
         routes, bad = routes_from_tags(name, catalog[name], prefix)
         problems.extend(bad)
         known = health.get(name, {})
+        from_meta: set[RouteSpec] = set()
+        for dc in datacenters:
+            if dc in known:
+                found_routes, bad = meta_routes(name, known[dc], prefix)
+                from_meta |= found_routes
+                problems.extend(bad)
+        if from_meta - set(routes):
+            routes = tuple(sorted(set(routes) | from_meta, key=lambda r: (r.host, r.path, r.options)))
         if (not routes and name not in also) or not any(dc in known for dc in datacenters):
             continue
         endpoints: tuple[Endpoint, ...] = ()

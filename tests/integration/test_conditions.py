@@ -107,3 +107,23 @@ response_headers = { remove = ["X-Powered-By"], add = { X-Served-Via = "ferryman
         await asyncio.to_thread(proxy.stop)
         for name in ("cut-stable", "cut-canary"):
             await asyncio.to_thread(consul.deregister, f"{name}-1")
+
+
+async def test_routes_from_service_meta(consul: ConsulAgent, ferryman: FerrymanProcess, backends, http) -> None:
+    """A service whose routes do not fit in tags: the bare prefix tag, and the routes in meta."""
+    backend = await Backend("cond-meta-1").start()
+    backends.append(backend)
+    await asyncio.to_thread(consul.register, "cond-meta", "cond-meta-1", backend.port, ["urlprefix-"],
+                            meta={"ferryman-route": "/cond-meta strip=/cond-meta",
+                                  "ferryman-route-1": "/cond-meta2 header=X-Long-Condition:with-a-long-value"})
+    try:
+        from .harness import wait_until
+        await asyncio.to_thread(wait_until, lambda: len(
+            [r for r in ferryman.routes()["routes"] if r["service"] == "cond-meta"]) == 2, 10, "two meta routes")
+        status, body, _ = await fetch(http, f"{ferryman.url}/cond-meta/hello")
+        assert status == 200 and json.loads(body)["path"] == "/hello"
+        status, body, _ = await fetch(http, f"{ferryman.url}/cond-meta2/x",
+                                      headers={"X-Long-Condition": "with-a-long-value"})
+        assert status == 200 and json.loads(body)["instance"] == "cond-meta-1"
+    finally:
+        await asyncio.to_thread(consul.deregister, "cond-meta-1")

@@ -51,3 +51,20 @@ def test_a_good_file_becomes_a_snapshot() -> None:
 def test_bad_files_say_where_and_what(text: str, message: str) -> None:
     with pytest.raises(StaticError, match=message):
         parse_static(text, "s.toml")
+
+
+def test_routes_from_service_meta() -> None:
+    from discovery.snapshot import build_snapshot
+
+    entry = {
+        "Node": {"Node": "n1", "Address": "127.0.0.1"},
+        "Service": {"ID": "m-1", "Service": "m", "Address": "127.0.0.1", "Port": 80, "Meta": {
+            "ferryman-route": "/meta strip=/meta", "ferryman-route-1": "meta.example.com/",
+            "ferryman-route-2": "no-path", "other": "/ignored"}},
+        "Checks": [],
+    }
+    snapshot = build_snapshot({"m": ["urlprefix-"]}, {"m": [entry]})
+    (service,) = snapshot.services
+    assert sorted((r.host, r.path, r.strip) for r in service.routes) == [
+        ("", "/meta", "/meta"), ("meta.example.com", "/", None)]
+    assert [(p.kind, p.item) for p in snapshot.problems] == [("service_meta_invalid", "ferryman-route-2=no-path")]
