@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import fields
 
@@ -23,7 +24,7 @@ from discovery.watcher import Backoff, Watcher, next_index
 
 from . import logs
 from .admin import make_admin_app
-from .config import ConfigError, Settings, reloaded
+from .config import ConfigError, ConfigRoute, Settings, parse_route_entry, reloaded
 from .forwarder import UpstreamPool
 from .headers import TrustedProxies
 from .metrics import Metrics, StateCollector
@@ -42,9 +43,10 @@ _FIRST_SYNC_WAIT_S = 5.0
 REPORT_INTERVAL_S = 1.0
 
 
-def config_services(settings: Settings) -> frozenset[str]:
-    """Services the config file's [[routes]] send to: followed in Consul whether or not they have route tags."""
-    return frozenset(name for route in settings.routes for name, _ in route.services)
+def config_services(settings: Settings, extra: tuple[ConfigRoute, ...] = ()) -> frozenset[str]:
+    """Services the config file's [[routes]] (and KV routes) send to: followed in Consul whether or not they have
+    route tags."""
+    return frozenset(name for route in (*settings.routes, *extra) for name, _ in route.services)
 
 
 class Ferryman:
@@ -90,6 +92,7 @@ class Ferryman:
         self._proxies: list[ProxyServer] = []  # the plain listener, then the TLS ones
         self.tls: Terminator | None = None
         self._tls_tasks: list[asyncio.Task[None]] = []
+        self._kv_routes: tuple[ConfigRoute, ...] = ()  # routes from Consul KV (routes_kv_prefix)
         self._consul: ConsulClient | None = None
         self._watcher: Watcher | StaticWatcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -99,7 +102,8 @@ class Ferryman:
         """Install a new snapshot: pools first (so every route of the new table has its pool), then the
         table in one assignment."""
         self.generation += 1
-        table = RoutingTable.from_snapshot(snapshot, self.generation, self.settings.routes)
+        # KV routes first (an operator's runtime override), then the config file's, then the tags.
+        table = RoutingTable.from_snapshot(snapshot, self.generation, (*self._kv_routes, *self.settings.routes))
         changes = self.pools.reconcile(snapshot, now=time.monotonic())  # the event loop's clock
         self.router.current = table
         for service in changes.added:
@@ -150,6 +154,9 @@ class Ferryman:
                 on_request=self.metrics.observe_consul,
             )
             self._watcher.also = config_services(s)
+            if s.routes_kv_prefix:
+                self._tls_tasks.append(asyncio.get_running_loop().create_task(
+                    self._watch_kv_routes(s.routes_kv_prefix), name="routes-kv"))
         self._watch_task = asyncio.get_running_loop().create_task(self._watcher.run(), name="consul-watcher")
         if self.tls is not None:
             loop = asyncio.get_running_loop()
@@ -238,7 +245,7 @@ class Ferryman:
         if snapshot is not None:
             if "routes" in changed:
                 if isinstance(self._watcher, Watcher):
-                    self._watcher.watch_also(config_services(s))
+                    self._watcher.watch_also(config_services(s, self._kv_routes))
                 self.apply(snapshot)  # a new table with the file's new [[routes]]
             else:
                 self.pools.reconcile(snapshot, now=asyncio.get_running_loop().time())
@@ -291,6 +298,48 @@ class Ferryman:
                 log.warning("tls_kv_certificate_invalid", error=problem)
             self.tls.set_kv(certificates)
             log.info("tls_certs_loaded", source="consul kv", prefix=prefix, names=self.tls.store.names)
+
+    async def _watch_kv_routes(self, prefix: str) -> None:
+        """Routes under a Consul KV prefix, one per key, each holding a [[routes]] table in TOML (route, service
+        or split, header rules), followed with blocking queries: operators add, change (a canary's weight) and
+        delete routes without touching a service. A key that does not load is logged with its name and left
+        out; the others apply."""
+        assert self._consul is not None
+        backoff = Backoff()
+        index = 0
+        last: dict[str, bytes] | None = None
+        unreadable = False
+        while True:
+            try:
+                returned, values = await self._consul.kv(prefix, index)
+            except ConsulError as exc:
+                if not unreadable:
+                    log.warning("routes_kv_unreadable", prefix=prefix, reason=exc.reason, error=exc.detail)
+                    unreadable = True
+                index = 0
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            unreadable = False
+            backoff.reset()
+            index = next_index(index, returned)
+            if values == last:
+                continue
+            last = values
+            routes = []
+            for key, raw in sorted(values.items()):
+                if not raw.strip():
+                    continue  # a folder key, or an emptied one
+                try:
+                    routes.append(parse_route_entry(tomllib.loads(raw.decode("utf-8")), f"consul kv {key}"))
+                except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError is a ValueError
+                    log.warning("kv_route_invalid", key=key, error=str(exc))
+            self._kv_routes = tuple(routes)
+            log.info("kv_routes_loaded", prefix=prefix, routes=len(routes))
+            if isinstance(self._watcher, Watcher):
+                self._watcher.watch_also(config_services(self.settings, self._kv_routes))
+                snapshot = self._watcher.last_snapshot
+                if snapshot is not None:
+                    self.apply(snapshot)
 
     def report(self) -> Report:
         """This process's state now (called on the event loop)."""

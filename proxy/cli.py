@@ -38,6 +38,7 @@ _HELP = {
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
     "websocket_idle_timeout": "seconds a WebSocket connection may pass no byte either way before it is closed",
     "trusted_proxies": "CIDRs/addresses of proxies in front whose X-Forwarded-*/Forwarded headers are kept",
+    "routes_kv_prefix": "Consul KV prefix whose keys each hold a [[routes]] table in TOML; empty: off",
     "static_file": "TOML file of services, routes and instances: run without Consul (re-read when it changes)",
     "tls_listen": "HTTPS listeners, host:port, comma-separated",
     "tls_certs": "certificate files, CERT.pem:KEY.pem comma-separated; the first is the default",

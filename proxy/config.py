@@ -75,6 +75,7 @@ class Settings:
     websocket_idle_timeout: float = 600.0
     static_file: str = ""
     trusted_proxies: str = ""
+    routes_kv_prefix: str = "ferryman/routes/"
     tls_listen: str = ""
     tls_certs: str = ""
     tls_kv_prefix: str = ""
@@ -217,6 +218,7 @@ _CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
     "tls_reload_interval": _between(0.1, 3600),
     "https_redirect": _parses(lambda text: _redirect_hosts(text)),
     "trusted_proxies": _parses(lambda text: _networks(text)),
+    "routes_kv_prefix": _parses(lambda text: _kv_prefix(text)),
     "max_connections": _between(1, 10_000_000),
     "max_request_target": _between(256, 1024 * 1024),
     "max_header_bytes": _between(1024, 16 * 1024 * 1024),
@@ -404,6 +406,39 @@ def _rule_name(name: str, key: str) -> bytes:
     return name.encode("ascii")
 
 
+def parse_route_entry(table: Any, origin: str) -> ConfigRoute:
+    """One route table (a `[[routes]]` entry, or a Consul KV value holding the same keys); ValueError."""
+    if not isinstance(table, dict):
+        raise ValueError("must be a table")
+    unknown = set(table) - set(_ROUTE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r} (known: {', '.join(_ROUTE_KEYS)})")
+    route = table.get("route")
+    if not isinstance(route, str):
+        raise ValueError("key 'route' must be a route in tag syntax, such as \"/api strip=/api\"")
+    try:
+        spec = parse_route_tag("x-" + route.strip(), "x-")
+    except TagError as exc:
+        raise ValueError(f"key 'route': {exc}") from exc
+    service, split = table.get("service"), table.get("split")
+    if (service is None) == (split is None):
+        raise ValueError("give either 'service' or 'split' (a table of service = weight)")
+    if service is not None:
+        if not isinstance(service, str) or not service:
+            raise ValueError("key 'service' must be a service name")
+        services: tuple[tuple[str, int], ...] = ((service, 1),)
+    else:
+        if not isinstance(split, dict) or len(split) < 2 or not all(
+            type(w) is int and 0 < w <= 1_000_000 for w in split.values()
+        ):
+            raise ValueError("key 'split' must name two or more services with whole weights above 0")
+        services = tuple((name, int(weight)) for name, weight in split.items())
+    return ConfigRoute(
+        spec, services, _header_rules(table.get("request_headers"), "request_headers"),
+        _header_rules(table.get("response_headers"), "response_headers"), origin,
+    )
+
+
 def _load_routes(value: Any, text: str, path: Path, where: str) -> tuple[ConfigRoute, ...]:
     """`[[routes]]` tables, each checked like a route tag; errors name file, line and key."""
     if not isinstance(value, list):
@@ -413,35 +448,7 @@ def _load_routes(value: Any, text: str, path: Path, where: str) -> tuple[ConfigR
     for index, table in enumerate(value):
         here = f"{path}:{headers[index]}" if index < len(headers) else where
         try:
-            if not isinstance(table, dict):
-                raise ValueError("must be a table")
-            unknown = set(table) - set(_ROUTE_KEYS)
-            if unknown:
-                raise ValueError(f"unknown key {sorted(unknown)[0]!r} (known: {', '.join(_ROUTE_KEYS)})")
-            route = table.get("route")
-            if not isinstance(route, str):
-                raise ValueError("key 'route' must be a route in tag syntax, such as \"/api strip=/api\"")
-            try:
-                spec = parse_route_tag("x-" + route.strip(), "x-")
-            except TagError as exc:
-                raise ValueError(f"key 'route': {exc}") from exc
-            service, split = table.get("service"), table.get("split")
-            if (service is None) == (split is None):
-                raise ValueError("give either 'service' or 'split' (a table of service = weight)")
-            if service is not None:
-                if not isinstance(service, str) or not service:
-                    raise ValueError("key 'service' must be a service name")
-                services: tuple[tuple[str, int], ...] = ((service, 1),)
-            else:
-                if not isinstance(split, dict) or len(split) < 2 or not all(
-                    type(w) is int and 0 < w <= 1_000_000 for w in split.values()
-                ):
-                    raise ValueError("key 'split' must name two or more services with whole weights above 0")
-                services = tuple((name, int(weight)) for name, weight in split.items())
-            out.append(ConfigRoute(
-                spec, services, _header_rules(table.get("request_headers"), "request_headers"),
-                _header_rules(table.get("response_headers"), "response_headers"), here,
-            ))
+            out.append(parse_route_entry(table, here))
         except ValueError as exc:
             raise ConfigError(f"{here}: routes[{index}]: {exc}") from exc
     return tuple(out)
@@ -544,7 +551,7 @@ def _check_together(settings: Settings, sources: Mapping[str, str]) -> None:
 RESTART_KEYS: Final = frozenset({
     "listen", "admin_listen", "workers", "consul_addr", "consul_token", "consul_dc", "consul_wait", "tag_prefix",
     "log_format", "log_level", "access_log", "access_log_format", "access_log_file", "log_flush_interval",
-    "tls_listen", "tls_kv_prefix", "tls_reload_interval", "upstream_ca_file", "static_file",
+    "tls_listen", "tls_kv_prefix", "tls_reload_interval", "upstream_ca_file", "static_file", "routes_kv_prefix",
 })
 
 

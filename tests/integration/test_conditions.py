@@ -127,3 +127,55 @@ async def test_routes_from_service_meta(consul: ConsulAgent, ferryman: FerrymanP
         assert status == 200 and json.loads(body)["instance"] == "cond-meta-1"
     finally:
         await asyncio.to_thread(consul.deregister, "cond-meta-1")
+
+
+async def test_routes_from_consul_kv_follow_puts_and_deletes(consul: ConsulAgent, ferryman: FerrymanProcess,
+                                                               backends, http) -> None:
+    """ferryman/routes/<name> holds a [[routes]] table: added, shifted (a split) and deleted at run time."""
+    import time
+    import urllib.request
+
+    def kv(method: str, key: str, value: str | None = None) -> None:
+        data = value.encode() if value is not None else None
+        request = urllib.request.Request(f"{consul.url}/v1/kv/ferryman/routes/{key}", data=data, method=method)
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+
+    for name in ("kvr-a", "kvr-b"):
+        backend = await Backend(f"{name}-1").start()
+        backends.append(backend)
+        await asyncio.to_thread(consul.register, name, f"{name}-1", backend.port, ["no-route"])
+
+    async def served() -> str | None:
+        status, body, _ = await fetch(http, f"{ferryman.url}/kvr/x")
+        return str(json.loads(body)["instance"]) if status == 200 else None
+
+    async def until(predicate, what: str) -> float:
+        started = time.monotonic()
+        while not await predicate():
+            assert time.monotonic() - started < 5, what
+            await asyncio.sleep(0.02)
+        return time.monotonic() - started
+
+    try:
+        await asyncio.to_thread(kv, "PUT", "kvr", 'route = "/kvr"\nservice = "kvr-a"\n')
+        took = await until(lambda: _is(served(), "kvr-a-1"), "the KV route to take effect")
+        assert took < 1.5
+        await asyncio.to_thread(kv, "PUT", "broken", 'route = "/kvr-broken"\n')  # no service: logged, skipped
+        await asyncio.to_thread(kv, "PUT", "kvr", 'route = "/kvr"\nsplit = { kvr-a = 1, kvr-b = 999 }\n')
+        await until(lambda: _is(served(), "kvr-b-1"), "the weight shift")
+        from .harness import wait_until
+        await asyncio.to_thread(wait_until, lambda: any(
+            e.get("event") == "kv_route_invalid" and e.get("key") == "ferryman/routes/broken"
+            for e in ferryman.log_events()), 5, "the bad key logged")
+        await asyncio.to_thread(kv, "DELETE", "kvr")
+        await until(lambda: _is(served(), None), "the route gone")
+    finally:
+        for key in ("kvr", "broken"):
+            await asyncio.to_thread(kv, "DELETE", key)
+        for name in ("kvr-a", "kvr-b"):
+            await asyncio.to_thread(consul.deregister, f"{name}-1")
+
+
+async def _is(result, expected) -> bool:
+    return await result == expected
