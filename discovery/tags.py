@@ -25,7 +25,7 @@ DEFAULT_PREFIX: Final = "urlprefix-"
 # not implement, such as auth=; silently routing without them would surprise, so they are surfaced).
 KNOWN_OPTIONS: Final = frozenset({
     "strip", "proto", "tlsskipverify", "lb", "hash_key", "sticky", "maxbody", "sni",
-    "method", "header", "cookie", "query", "exact", "priority", "redirect",
+    "method", "header", "cookie", "query", "exact", "priority", "redirect", "prepend", "host",
 })
 REDIRECT_CODES: Final = (301, 302, 303, 307, 308)
 # RFC 6265 cookie-name: an RFC 9110 token.
@@ -178,6 +178,12 @@ def _validate_option(key: str, value: str, path: str) -> str:
             raise TagError(f"redirect={value!r} must be CODE,URL with CODE one of {codes}")
         if not (url.startswith(("http://", "https://", "/")) and len(url) > 1):
             raise TagError(f"redirect={value!r}: the target must be an http(s) URL or a path")
+    elif key == "prepend" and not (_PATH_RE.match(value) and "/../" not in value + "/" and "/./" not in value + "/"):
+        raise TagError(f"prepend={value!r} must be a path starting with '/'")
+    elif key == "host":
+        _parse_host(value)  # a host name, with a port if it needs one: the Host the upstream gets
+        if not value or value.startswith("*"):
+            raise TagError(f"host={value!r} must be a host name")
     elif key == "exact" and value not in ("true", "false"):
         raise TagError(f"exact={value!r} must be true or false")
     elif key == "priority" and not (value.lstrip("-").isascii() and value.lstrip("-").isdigit()

@@ -367,9 +367,10 @@ class ConfigRoute:
     request: HeaderRules | None = None
     response: HeaderRules | None = None
     origin: str = ""  # file:line, for messages
+    rewrite: tuple[re.Pattern[str], str] | None = None  # a regular expression on the upstream path, first match
 
 
-_ROUTE_KEYS: Final = ("route", "service", "split", "request_headers", "response_headers")
+_ROUTE_KEYS: Final = ("route", "service", "split", "request_headers", "response_headers", "rewrite")
 # Framing and connection fields are the proxy's to write: header rules may not touch them.
 _RULES_FORBIDDEN: Final = frozenset({
     "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te",
@@ -435,8 +436,26 @@ def parse_route_entry(table: Any, origin: str) -> ConfigRoute:
         services = tuple((name, int(weight)) for name, weight in split.items())
     return ConfigRoute(
         spec, services, _header_rules(table.get("request_headers"), "request_headers"),
-        _header_rules(table.get("response_headers"), "response_headers"), origin,
+        _header_rules(table.get("response_headers"), "response_headers"), origin, _rewrite(table.get("rewrite")),
     )
+
+
+def _rewrite(value: Any) -> tuple[re.Pattern[str], str] | None:
+    """`rewrite = { pattern = "^/old/(.*)", replacement = "/new/\\1" }`: re.sub on the path sent upstream."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"pattern", "replacement"} or not all(
+        isinstance(v, str) for v in value.values()
+    ):
+        raise ValueError("rewrite must be a table with text keys pattern and replacement")
+    try:
+        pattern = re.compile(value["pattern"])
+        # The pattern made optional matches "" at once, so the replacement is expanded here: a group it names
+        # that the pattern lacks fails now, not at request time.
+        re.compile(f"(?:{pattern.pattern})?").sub(value["replacement"], "", count=1)
+    except (re.error, IndexError) as exc:
+        raise ValueError(f"rewrite: {exc}") from exc
+    return pattern, value["replacement"]
 
 
 def _load_routes(value: Any, text: str, path: Path, where: str) -> tuple[ConfigRoute, ...]:

@@ -89,8 +89,10 @@ def upstream_request_head(
     upgrade: bytes = b"",
     trusted: TrustedProxies | None = None,
     rules: HeaderRules | None = None,
+    upstream_host: bytes = b"",
 ) -> bytes:
-    """The HTTP/1.1 request head for the upstream.
+    """The HTTP/1.1 request head for the upstream. `upstream_host` (route option host=) replaces the Host the
+    upstream sees; X-Forwarded-Host and Forwarded keep the client's.
 
     X-Forwarded-For is appended to (every incoming value kept, the client's address last), so the chain stays
     auditable; X-Forwarded-Proto/-Host/-Port and X-Real-IP are replaced, and Forwarded is this hop's element.
@@ -131,11 +133,13 @@ def upstream_request_head(
     if rules is not None:
         kept = [pair for pair in kept if pair[0].lower() not in rules.drop or pair[0].lower() == b"host"]
         kept += rules.set + rules.add
+    if upstream_host:
+        kept = [(name, upstream_host) if name.lower() == b"host" else (name, v) for name, v in kept]
     out = [method, b" ", target, b" HTTP/1.1\r\n"]
     for name, value in kept:
         out += (name, _SEP, value, _CRLF)
     if host is None:
-        out += (b"Host: ", default_host, _CRLF)
+        out += (b"Host: ", upstream_host or default_host, _CRLF)
     real_ip = client_ip
     if trusted is not None and forwarded_for:
         real_ip = trusted.real_ip(forwarded_for, client_ip)

@@ -350,7 +350,7 @@ class Exchange:
             req.method.encode(), self.target, req.headers, client_ip=client.peer, proto=cfg.proto,
             port=cfg.listen_port, default_host=endpoint.authority.encode(), chunked=req.body_kind == BODY_CHUNKED,
             request_id=req.request_id, upgrade=req.upgrade, trusted=cfg.trusted if client.trusted else None,
-            rules=self.route.request_rules,
+            rules=self.route.request_rules, upstream_host=self.route.upstream_host_bytes,
         ), self, head_request=self.head_request, upgrade=bool(req.upgrade))
         if req.body_kind != BODY_NONE:
             client.attach_body(req, self)
@@ -1104,7 +1104,7 @@ class ClientConnection(asyncio.Protocol):
                 if req.content_length > max_body:
                     raise PayloadTooLarge(f"request body of {req.content_length} bytes; the limit is {max_body}")
                 req.max_body = max_body
-            target = req.target if route.strip is None else (
+            target = req.target if not route.rewrites else (
                 route.upstream_target(req.target.decode("latin-1"), matched).encode("latin-1")
             )
         except ProxyError as err:

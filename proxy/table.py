@@ -18,6 +18,7 @@ condition took part in are memoized.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -78,6 +79,9 @@ class Route:
     split: tuple[tuple[str, int], ...] = ()
     request_rules: HeaderRules | None = None
     response_rules: HeaderRules | None = None
+    prepend: str = ""  # added in front of the path sent upstream (tag option prepend=, Fabio's)
+    upstream_host: str = ""  # the Host sent upstream (tag option host=); "": the client's
+    rewrite: tuple[re.Pattern[str], str] | None = None  # the config file's regular-expression rewrite
 
     @classmethod
     def from_spec(cls, service: str, spec: RouteSpec) -> Route:
@@ -102,6 +106,8 @@ class Route:
             conditions=conditions,
             priority=int(spec.option("priority") or 0),
             redirect=_redirect(spec.option("redirect")),
+            prepend=spec.option("prepend") or "",
+            upstream_host=spec.option("host") or "",
         )
 
     @classmethod
@@ -118,7 +124,7 @@ class Route:
             split = tuple(cumulative)
         return replace(
             route, id=route.id if not split else "+".join(names) + route.id[len(names[0]):], split=split,
-            request_rules=config.request or None, response_rules=config.response or None,
+            request_rules=config.request or None, response_rules=config.response or None, rewrite=config.rewrite,
         )
 
     def pick_service(self, draw: float) -> str:
@@ -154,18 +160,38 @@ class Route:
     def specificity(self) -> tuple[int, int]:
         return (len(self.conditions) + (1 if self.methods else 0), self.priority)
 
+    @property
+    def upstream_host_bytes(self) -> bytes:
+        return self.upstream_host.encode("ascii")
+
+    @property
+    def rewrites(self) -> bool:
+        return bool(self.strip or self.prepend or self.rewrite)
+
     def upstream_target(self, raw_target: str, matched_path: str | None = None) -> str:
-        """The request target sent upstream: the client's bytes, minus the `strip` prefix when set. When the
-        route matched on the normalized path and the raw one does not start with the prefix (`/x/../api/v`
-        matched `/api`), the prefix is stripped from the normalized path, which then goes upstream."""
+        """The request target sent upstream: the client's bytes, with the route's rewrites in this order: the
+        `strip` prefix removed, the `prepend` prefix added, the config file's `rewrite` (a regular expression
+        on the path, first match) applied. When the route matched on the normalized path and the raw one does
+        not start with the strip prefix (`/x/../api/v` matched `/api`), the normalized path is the one
+        rewritten."""
         strip = self.strip
-        if not strip:
+        if not strip and not self.prepend and not self.rewrite:
             return raw_target
         path, qmark, query = raw_target.partition("?")
-        if matched_path is not None and matched_path != path and not (path == strip or path.startswith(strip + "/")):
-            path = matched_path
-        if path == strip or path.startswith(strip + "/"):
-            path = path[len(strip) :] or "/"
+        if strip:
+            if matched_path is not None and matched_path != path and not (
+                path == strip or path.startswith(strip + "/")
+            ):
+                path = matched_path
+            if path == strip or path.startswith(strip + "/"):
+                path = path[len(strip) :] or "/"
+        if self.prepend:
+            path = self.prepend.rstrip("/") + (path if path != "/" or not self.prepend.endswith("/") else "/")
+        if self.rewrite:
+            pattern, replacement = self.rewrite
+            path = pattern.sub(replacement, path, count=1)
+            if not path.startswith("/"):
+                path = "/" + path
         return f"{path}{qmark}{query}"
 
 

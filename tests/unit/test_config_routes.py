@@ -78,3 +78,42 @@ def test_header_rules_apply_both_ways(tmp_path: Path) -> None:
 def test_bad_routes_name_file_line_and_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         _load(tmp_path, text)
+
+
+def test_prepend_host_and_rewrite(tmp_path: Path) -> None:
+    from proxy.table import Route
+
+    route = Route.from_spec("s", parse_route_tag("urlprefix-/app strip=/app prepend=/v2 host=internal.svc"))
+    assert route.upstream_target("/app/users?id=1") == "/v2/users?id=1"
+    assert route.upstream_target("/app") == "/v2/"
+    assert route.upstream_host_bytes == b"internal.svc"
+    head = upstream_request_head(b"GET", b"/", [(b"Host", b"shop.example")], client_ip=b"1.2.3.4", proto=b"http",
+                                 port=b"80", default_host=b"x", chunked=False, upstream_host=b"internal.svc").decode()
+    assert "Host: internal.svc\r\n" in head and "X-Forwarded-Host: shop.example\r\n" in head
+    text = ('[[routes]]\nroute = "/old"\nservice = "s"\n'
+            'rewrite = { pattern = "^/old/(\\\\w+)$", replacement = "/new/item/\\\\1" }\n')
+    (config,) = _load(tmp_path, text)["routes"]
+    rewritten = Route.from_config(config)
+    assert rewritten.upstream_target("/old/abc?x=1") == "/new/item/abc?x=1"
+    assert rewritten.upstream_target("/old/a/b") == "/old/a/b"  # no match: unchanged
+
+
+@pytest.mark.parametrize("text, message", [
+    ('rewrite = { pattern = "(", replacement = "/" }', "rewrite: "),
+    ('rewrite = { pattern = "^/a", replacement = "/\\\\2" }', "rewrite: invalid group reference"),
+    ('rewrite = "/x"', "rewrite must be a table"),
+])
+def test_bad_rewrites(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, f'[[routes]]\nroute = "/old"\nservice = "s"\n{text}\n')
+
+
+@pytest.mark.parametrize("tag, message", [
+    ("urlprefix-/a prepend=v2", "prepend="), ("urlprefix-/a prepend=/../x", "prepend="),
+    ("urlprefix-/a host=*.x", "host"),
+])
+def test_bad_prepend_and_host(tag: str, message: str) -> None:
+    from discovery.tags import TagError
+
+    with pytest.raises(TagError, match=message):
+        parse_route_tag(tag)
