@@ -179,3 +179,19 @@ async def test_routes_from_consul_kv_follow_puts_and_deletes(consul: ConsulAgent
 
 async def _is(result, expected) -> bool:
     return await result == expected
+
+
+async def test_prepend_and_upstream_host(consul: ConsulAgent, ferryman: FerrymanProcess, backends, http) -> None:
+    backend = await Backend("cond-pre-1").start()
+    backends.append(backend)
+    await asyncio.to_thread(consul.register, "cond-pre", "cond-pre-1", backend.port,
+                            ["urlprefix-/cond-pre strip=/cond-pre prepend=/v2 host=internal.example"])
+    try:
+        await asyncio.to_thread(ferryman.wait_instances, "cond-pre@*any*/cond-pre", ["cond-pre-1"])
+        status, body, _ = await fetch(http, f"{ferryman.url}/cond-pre/users?id=7", headers={"Host": "shop.test"})
+        seen = json.loads(body)
+        headers = dict(seen["headers"])
+        assert status == 200 and seen["path"] == "/v2/users?id=7"
+        assert headers["Host"] == "internal.example" and headers["X-Forwarded-Host"] == "shop.test"
+    finally:
+        await asyncio.to_thread(consul.deregister, "cond-pre-1")
