@@ -82,6 +82,13 @@ class Route:
     prepend: str = ""  # added in front of the path sent upstream (tag option prepend=, Fabio's)
     upstream_host: str = ""  # the Host sent upstream (tag option host=); "": the client's
     rewrite: tuple[re.Pattern[str], str] | None = None  # the config file's regular-expression rewrite
+    # Read on every request, so computed once: the Host as bytes, and whether the target is rewritten at all.
+    upstream_host_bytes: bytes = field(default=b"", compare=False, repr=False)
+    rewrites: bool = field(default=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "upstream_host_bytes", self.upstream_host.encode("ascii"))
+        object.__setattr__(self, "rewrites", bool(self.strip or self.prepend or self.rewrite))
 
     @classmethod
     def from_spec(cls, service: str, spec: RouteSpec) -> Route:
@@ -160,13 +167,6 @@ class Route:
     def specificity(self) -> tuple[int, int]:
         return (len(self.conditions) + (1 if self.methods else 0), self.priority)
 
-    @property
-    def upstream_host_bytes(self) -> bytes:
-        return self.upstream_host.encode("ascii")
-
-    @property
-    def rewrites(self) -> bool:
-        return bool(self.strip or self.prepend or self.rewrite)
 
     def upstream_target(self, raw_target: str, matched_path: str | None = None) -> str:
         """The request target sent upstream: the client's bytes, with the route's rewrites in this order: the
