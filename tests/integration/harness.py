@@ -110,9 +110,12 @@ class ConsulAgent:
     def url(self) -> str:
         return f"http://{self.addr}"
 
-    def start(self) -> None:
+    log_name = "consul.log"
+
+    def spawn(self, *extra: str) -> None:
+        """Start the agent process (`extra`: more flags), without waiting for it."""
         serf_lan, serf_wan, server = self.ports
-        log = open(self.workdir / "consul.log", "ab")
+        log = open(self.workdir / self.log_name, "ab")
         self.proc = subprocess.Popen(
             [consul_binary(), "agent", "-dev", "-node", "ferryman-test", "-bind", "127.0.0.1",
              "-client", "127.0.0.1", "-http-port", str(self.http_port), "-dns-port", "-1", "-grpc-port", "-1",
@@ -120,10 +123,13 @@ class ConsulAgent:
              # Every test process connects from 127.0.0.1, and each Ferryman process holds a blocking query per
              # routed service: the session's agent outgrows Consul's default of 200 connections per client
              # address (beyond it the agent resets new connections).
-             "-hcl", "limits { http_max_conns_per_client = 4000 }"],
+             "-hcl", "limits { http_max_conns_per_client = 4000 }", *extra],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
+
+    def start(self) -> None:
+        self.spawn()
         try:
             wait_until(self._ready, 30, "Consul to elect itself leader and register its node")
         except BaseException:

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,7 @@ from .harness import (
     Backend,
     ConsulAgent,
     FerrymanProcess,
-    _stop_pid,
     async_wait_until,
-    consul_binary,
     fetch,
     free_port,
     wait_until,
@@ -59,48 +57,27 @@ def _request(method: str, url: str, token: str | None, body: Any = None) -> Any:
 
 
 @dataclass
-class AclConsul:
+class AclConsul(ConsulAgent):
     """A `consul agent -dev` with ACLs on, default deny, bootstrapped: `management` is its management token."""
 
-    workdir: Path
-    http_port: int = field(default_factory=free_port)
-    ports: tuple[int, int, int] = field(default_factory=lambda: (free_port(), free_port(), free_port()))
-    proc: subprocess.Popen[bytes] | None = None
     management: str = ""
-
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.addr}"
+    log_name = "consul-acl.log"
 
     def start(self) -> None:
-        serf_lan, serf_wan, server = self.ports
-        log = open(self.workdir / "consul-acl.log", "ab")
-        self.proc = subprocess.Popen(
-            [consul_binary(), "agent", "-dev", "-node", "ferryman-acl", "-bind", "127.0.0.1",
-             "-client", "127.0.0.1", "-http-port", str(self.http_port), "-dns-port", "-1", "-grpc-port", "-1",
-             "-serf-lan-port", str(serf_lan), "-serf-wan-port", str(serf_wan), "-server-port", str(server),
-             "-hcl", 'acl { enabled = true, default_policy = "deny" }'],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-        log.close()
+        self.spawn("-hcl", 'acl { enabled = true, default_policy = "deny" }')
         # Bootstrapping answers once the agent has a leader and the ACL system is up; it works once.
-        boot = wait_until(self._bootstrap, 30, "Consul's ACL system to bootstrap", interval=0.2)
-        self.management = boot["SecretID"]
-        wait_until(lambda: self.call("GET", "/v1/catalog/service/consul"), 30, "the agent in the catalog")
+        try:
+            boot = wait_until(self._bootstrap, 30, "Consul's ACL system to bootstrap", interval=0.2)
+            self.management = boot["SecretID"]
+            wait_until(lambda: self.call("GET", "/v1/catalog/service/consul"), 30, "the agent in the catalog")
+        except BaseException:
+            self.stop()
+            raise
 
     def _bootstrap(self) -> Any:
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"consul exited with {self.proc.returncode}; see {self.workdir / 'consul-acl.log'}")
+            raise RuntimeError(f"consul exited with {self.proc.returncode}; see {self.workdir / self.log_name}")
         return _request("PUT", f"{self.url}/v1/acl/bootstrap", None)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_pid(self.proc)
-            self.proc = None
 
     def call(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
         return _request(method, f"{self.url}{path}", token or self.management, body)
