@@ -375,6 +375,9 @@ _ROUTE_KEYS: Final = ("route", "service", "split", "request_headers", "response_
 _RULES_FORBIDDEN: Final = frozenset({
     "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te",
     "trailer", "upgrade",
+    # ... and the fields this hop writes itself, once each.
+    "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip",
+    "forwarded",
 })
 _FIELD_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 

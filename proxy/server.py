@@ -344,6 +344,7 @@ class Exchange:
         self.pool.acquire(endpoint)
         if client.writing_paused:
             conn.pause_reading()  # the client is still behind on an earlier answer on this connection
+            self.client_backlog = unsent(client.transport)  # its progress, from here, keeps this request alive
         self._arm_timer()
         self.sent_at = time.perf_counter()
         conn.send(upstream_request_head(
@@ -627,8 +628,10 @@ class Exchange:
             return
         if not self.armed or now - self.last_activity < self.client.cfg.read_timeout:
             return
-        if self.head_sent and self.client.writing_paused:
-            # Waiting on the client. Progress is its backlog shrinking (it reads, if slowly): the clock restarts.
+        if self.client.writing_paused:
+            # Waiting on the client (for this answer, or for earlier ones on the connection while this
+            # request's upstream reading stays paused). Progress is its backlog shrinking (it reads, if
+            # slowly): the clock restarts.
             backlog = unsent(self.client.transport)
             if backlog < self.client_backlog:
                 self.client_backlog = backlog
@@ -644,14 +647,15 @@ class Exchange:
                 self._broken(UpstreamTimeout(f"{authority} stopped reading the request body"))
             else:
                 self._broken(RequestTimeout("the client stopped sending the request body"))
-        elif self.head_sent and self.client.writing_paused:
-            # The client took none of the response for read_timeout (nginx's send_timeout): its fault, not the
-            # upstream's. The response is cut (a reset, so the client cannot take it for whole).
+        elif self.client.writing_paused:
+            # The client took none of what it was sent for read_timeout (nginx's send_timeout): its fault, not
+            # the upstream's, which is neither answered with a 504 nor counted towards ejection. The connection
+            # is cut (a reset, so the client cannot take a response for whole).
             request_log(self.req, "warning", "client_send_timeout", service=self.service, bytes=self.bytes_out,
                         timeout_s=self.client.cfg.read_timeout)
             self.req.keep_alive = False
             reset_connection(self.client.transport)
-            self._finish(self.status)
+            self._finish(self.status or 499)
         elif self.head_sent:
             self._broken(UpstreamTimeout(f"{authority} stalled while sending the body"))
         else:
@@ -788,8 +792,10 @@ class ClientConnection(asyncio.Protocol):
             exchange = self.exchange
             if exchange is not None and exchange.tunnel:
                 exchange.tunnel_from_client(data)
-            elif len(self._tunnel_early) < MAX_BUFFERED_BODY:
-                self._tunnel_early += data
+            else:
+                self._tunnel_early += data  # nothing is dropped: reading pauses once enough waits
+                if len(self._tunnel_early) >= MAX_BUFFERED_BODY:
+                    self.pause_reading()
             return
         if self._in_head:
             self._head_bytes += len(data)
@@ -1006,6 +1012,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        if self._upgraded and (self.exchange is None or not self.exchange.tunnel):
+            return  # after an upgrade head nothing is read until the upstream's 101 makes a tunnel
         if self._reading_paused and self.transport is not None and not self.closing:
             self._reading_paused = False
             self.transport.resume_reading()

@@ -146,7 +146,11 @@ class Route:
     def location(self, target: bytes) -> bytes:
         """A redirect route's Location: its target with `$path` replaced by the request's path and query."""
         assert self.redirect is not None
-        return self.redirect[1].encode("latin-1").replace(b"$path", target)
+        location = self.redirect[1].encode("latin-1").replace(b"$path", target)
+        if location.startswith(b"//"):
+            # `/$path` with a request for `//evil.example/` would be a protocol-relative URL: another site.
+            location = b"/" + location.lstrip(b"/")
+        return location
 
     @property
     def conditional(self) -> bool:

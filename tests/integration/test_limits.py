@@ -304,3 +304,35 @@ class TestPathNormalization:
         wire.send(request("GET", "/norm-pub%2F..%2Fnorm-adm/x"))  # an encoded slash separates nothing
         await wire.response()
         assert len(admin.heads) == 3  # one segment `norm-pub%2F..%2Fnorm-adm`: never the admin route
+
+
+class TestPipelinedSlowReader:
+    async def test_a_client_that_stops_reading_is_cut_and_the_upstream_not_blamed(
+        self, consul, workdir, backends,
+    ) -> None:
+        """Two pipelined requests, the first with a large answer the client does not read: the second waits on
+        the client, not on the upstream. After read_timeout the client is cut (`client_send_timeout`); no 504,
+        no upstream failure counted, no ejection."""
+        from .harness import Backend
+        proxy = FerrymanProcess(consul.addr, workdir, extra=["--read-timeout", "1", "--eject-after", "1"])
+        await asyncio.to_thread(proxy.start)
+        try:
+            backend = await Backend("lim-pipe-1").start()
+            backends.append(backend)
+            await asyncio.to_thread(consul.register, "lim-pipe", "lim-pipe-1", backend.port, ["urlprefix-/lim-pipe"])
+            await asyncio.to_thread(proxy.wait_instances, "lim-pipe@*any*/lim-pipe", ["lim-pipe-1"])
+            wire = await Wire.open(proxy.port, receive_buffer=16 * 1024)
+            assert wire.transport is not None
+            wire.transport.pause_reading()  # it never reads
+            wire.send(request("GET", "/lim-pipe/download?size=33554432") + request("GET", "/lim-pipe/small"))
+            await asyncio.to_thread(
+                wait_until, lambda: any(e.get("event") == "client_send_timeout" for e in proxy.log_events()), 8,
+                "client_send_timeout")
+            await asyncio.sleep(0.5)
+            events = proxy.log_events()
+            assert not [e for e in events if e.get("event") in ("upstream_ejected", "proxy_error")
+                        and e.get("service") == "lim-pipe"], [e for e in events if e.get("service") == "lim-pipe"]
+            wire.abort()
+        finally:
+            await asyncio.to_thread(proxy.stop)
+            await asyncio.to_thread(consul.deregister, "lim-pipe-1")

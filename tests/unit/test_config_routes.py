@@ -117,3 +117,17 @@ def test_bad_prepend_and_host(tag: str, message: str) -> None:
 
     with pytest.raises(TagError, match=message):
         parse_route_tag(tag)
+
+
+@pytest.mark.parametrize("field", ["X-Request-ID", "X-Forwarded-For", "Forwarded", "X-Real-IP"])
+def test_rules_cannot_touch_what_this_hop_writes(tmp_path: Path, field: str) -> None:
+    with pytest.raises(ConfigError, match="writes itself"):
+        _load(tmp_path, f'[[routes]]\nroute = "/x"\nservice = "a"\nrequest_headers = {{ set = {{ {field} = "1" }} }}\n')
+
+
+def test_a_redirect_never_becomes_protocol_relative() -> None:
+    from proxy.table import Route
+
+    route = Route.from_spec("s", parse_route_tag("urlprefix-/ redirect=301,/$path"))
+    assert route.location(b"//evil.example/x") == b"/evil.example/x"
+    assert route.location(b"/a?b=1") == b"/a?b=1"
