@@ -40,15 +40,31 @@ class ConsulCluster:
         self.servers = [Server(f"s{i}", workdir / f"s{i}") for i in (1, 2, 3)]
 
     def start(self) -> None:
-        for server in self.servers:
-            joins = [arg for other in self.servers if other is not server
-                     for arg in ("-retry-join", f"127.0.0.1:{other.serf_lan}")]
-            server.start("-bootstrap-expect", "3", *joins)
-        wait_until(lambda: self._settled(self.servers), 60, "three Consul servers to elect a leader")
+        """Start the three servers and wait for a leader. A server that exits at once (one of its twelve free
+        ports taken between choosing it and binding it) has the whole cluster started again on new ports,
+        up to three times."""
+        for attempt in range(3):
+            for server in self.servers:
+                joins = [arg for other in self.servers if other is not server
+                         for arg in ("-retry-join", f"127.0.0.1:{other.serf_lan}")]
+                server.start("-bootstrap-expect", "3", *joins)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                exited = [s for s in self.servers if s.proc is not None and s.proc.poll() is not None]
+                if exited:
+                    break
+                with contextlib.suppress(OSError, ValueError):
+                    if self._settled(self.servers):
+                        return
+                time.sleep(0.1)
+            else:
+                raise TimeoutError(f"three Consul servers elected no leader in 60 s; see {self.workdir}")
+            self.stop()
+            if attempt == 2:
+                raise RuntimeError(f"{exited[0].name} exited at start three times; see {exited[0].log_path}")
+            self.servers = [Server(f"s{i}-{attempt + 1}", self.workdir / f"s{i}-{attempt + 1}") for i in (1, 2, 3)]
 
     def _settled(self, servers: list[Server]) -> bool:
-        for server in servers:
-            server.alive()
         leaders = {server.get("/v1/status/leader") for server in servers}
         if len(leaders) != 1 or not next(iter(leaders)):
             return False
