@@ -242,6 +242,31 @@ class FerrymanProcess:
         return self.workdir / f"ferryman-{self.port}.log"
 
     def start(self) -> None:
+        # A free port can be taken between choosing it and Ferryman binding it (the suite's own outgoing
+        # connections use the same range): then Ferryman exits at once, and it is started again on new ports.
+        for attempt in range(3):
+            self._spawn()
+            deadline = time.monotonic() + 20
+            while self.proc is not None and self.proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(OSError, ValueError):
+                    if _http_json("GET", f"{self.admin_url}/api/routes", timeout=1) is not None:
+                        break
+                time.sleep(0.05)
+            if self.proc is None or self.proc.poll() is None or attempt == 2:
+                break
+            if "address already in use" not in self.log_path.read_text(errors="replace").lower():
+                break
+            self.proc = None
+            self.port, self.admin_port = free_port(), free_port()
+        try:
+            wait_until(lambda: _http_json("GET", f"{self.admin_url}/api/routes", timeout=1) is not None, 20,
+                       "Ferryman's admin listener")
+            wait_until(self._proxy_accepts, 20, "Ferryman's proxy listener")
+        except BaseException:
+            self.stop()  # a start that failed leaves no process behind
+            raise
+
+    def _spawn(self) -> None:
         exe = Path(sys.executable).parent / "ferryman"
         env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
         log = open(self.log_path, "ab")
@@ -252,13 +277,6 @@ class FerrymanProcess:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
         log.close()
-        try:
-            wait_until(lambda: _http_json("GET", f"{self.admin_url}/api/routes", timeout=1) is not None, 20,
-                       "Ferryman's admin listener")
-            wait_until(self._proxy_accepts, 20, "Ferryman's proxy listener")
-        except BaseException:
-            self.stop()  # a start that failed leaves no process behind
-            raise
 
     def _proxy_accepts(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
