@@ -16,7 +16,7 @@ raises ValueError saying what is wrong (the tag parser turns it into a TagError)
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qsl
@@ -73,21 +73,29 @@ def parse_methods(text: str) -> frozenset[str]:
     return methods
 
 
+def header_values(headers: Sequence[tuple[bytes, bytes]], name: str) -> Iterator[str]:
+    """The values of a header field (`name` lower case), in order."""
+    wanted = name.encode("latin-1")
+    return (value.decode("latin-1") for field, value in headers if field.lower() == wanted)
+
+
+def cookie_values(headers: Sequence[tuple[bytes, bytes]], name: str) -> Iterator[str]:
+    """The values of a cookie across the request's Cookie fields, in order."""
+    for cookies in header_values(headers, "cookie"):
+        for pair in cookies.split(";"):
+            key, eq, value = pair.strip().partition("=")
+            if eq and key == name:
+                yield value
+
+
 def holds(condition: Condition, headers: Sequence[tuple[bytes, bytes]], target: bytes) -> bool:
     if condition.kind == "query":
         _, _, query = target.decode("latin-1").partition("?")
         values = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == condition.name]
     elif condition.kind == "cookie":
-        values = []
-        for name, value in headers:
-            if name.lower() == b"cookie":
-                for pair in value.decode("latin-1").split(";"):
-                    key, eq, cookie = pair.strip().partition("=")
-                    if eq and key == condition.name:
-                        values.append(cookie)
+        values = list(cookie_values(headers, condition.name))
     else:
-        wanted = condition.name.encode("latin-1")
-        values = [value.decode("latin-1") for name, value in headers if name.lower() == wanted]
+        values = list(header_values(headers, condition.name))
     if condition.op == "present":
         return bool(values)
     if condition.op == "equals":

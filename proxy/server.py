@@ -34,6 +34,7 @@ from typing import Final
 import httptools
 import structlog
 
+from discovery.matchers import cookie_values, header_values
 from discovery.model import Endpoint
 
 from .errors import (
@@ -1244,17 +1245,8 @@ def hash_key(req: Request, client_ip: str, hash_on: tuple[str, str]) -> str | No
     kind, name = hash_on
     if kind == "ip":
         return client_ip
-    wanted = b"cookie" if kind == "cookie" else name.encode("latin-1")
-    for header, value in req.headers:
-        if header.lower() != wanted:
-            continue
-        if kind == "header":
-            return value.decode("latin-1")
-        for pair in value.split(b";"):
-            cookie, eq, cookie_value = pair.strip().partition(b"=")
-            if eq and cookie.decode("latin-1") == name:
-                return cookie_value.decode("latin-1")
-    return None
+    values = cookie_values(req.headers, name) if kind == "cookie" else header_values(req.headers, name)
+    return next(values, None)
 
 
 def unsent(transport: asyncio.Transport | None) -> int:
