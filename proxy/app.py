@@ -196,9 +196,8 @@ class Ferryman:
 
     def _context(self, proto: str, port: int, access_log: logs.AccessWriter | None) -> ProxyContext:
         ctx = ProxyContext(
-            router=self.router, pools=self.pools, upstream=self.upstream, metrics=self.metrics,
-            max_attempts=1, read_timeout=1.0, idle_timeout=1.0, listen_port=port, proto=proto,
-            access_log=access_log, loop=asyncio.get_running_loop(),
+            router=self.router, pools=self.pools, upstream=self.upstream, metrics=self.metrics, listen_port=port,
+            proto=proto, access_log=access_log, loop=asyncio.get_running_loop(),
         )
         self._configure(ctx)
         return ctx
@@ -210,9 +209,7 @@ class Ferryman:
             s.read_timeout, s.client_idle_timeout, s.client_header_timeout)
         ctx.max_attempts, ctx.max_connections, ctx.max_body = (
             max(1, s.max_attempts), s.max_connections, parse_size(s.max_body_size))
-        ctx.max_target, ctx.max_header_bytes, ctx.max_header_count = (
-            s.max_request_target, s.max_header_bytes, s.max_header_count)
-        ctx.max_head = s.max_request_target + s.max_header_bytes + 1024
+        ctx.set_head_limits(s.max_request_target, s.max_header_bytes, s.max_header_count)
         ctx.access_sample = s.access_log_sample
         ctx.tunnel_idle_timeout = s.websocket_idle_timeout
         ctx.trusted = TrustedProxies(s.trusted_proxies) if s.trusted_proxies else None

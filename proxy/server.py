@@ -170,7 +170,8 @@ class Request:
 
 
 class ProxyContext:
-    """What every connection needs, gathered once."""
+    """What every connection needs, gathered once. The structure comes in the constructor; the timeouts and
+    limits start at their defaults and are set by the app from the configuration (at start, on reload)."""
 
     __slots__ = (
         "access_log", "access_sample", "header_timeout", "idle_timeout", "listen_port", "loop", "max_attempts",
@@ -179,30 +180,30 @@ class ProxyContext:
     )
 
     def __init__(
-        self, *, router: Router, pools: Pools, upstream: UpstreamPool, metrics: Metrics, max_attempts: int,
-        read_timeout: float, idle_timeout: float, listen_port: int, proto: str, access_log: AccessWriter | None,
-        loop: asyncio.AbstractEventLoop, access_sample: float = 1.0, header_timeout: float = 10.0,
-        max_connections: int = 10_000, max_target: int = MAX_TARGET_BYTES, max_header_bytes: int = MAX_HEADER_BYTES,
-        max_header_count: int = MAX_HEADER_COUNT, max_body: int = 0, tunnel_idle_timeout: float = 600.0,
+        self, *, router: Router, pools: Pools, upstream: UpstreamPool, metrics: Metrics, listen_port: int,
+        proto: str, access_log: AccessWriter | None, loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.router, self.pools, self.upstream, self.metrics = router, pools, upstream, metrics
-        self.max_attempts = max(1, max_attempts)
-        self.read_timeout, self.idle_timeout = read_timeout, idle_timeout
         self.listen_port = str(listen_port).encode()
         self.proto = proto.encode()
         self.access_log = access_log
-        self.access_sample = access_sample  # share of successful (< 400) requests logged; errors always are
         self.loop = loop
-        self.header_timeout = header_timeout
-        self.max_connections = max_connections
+        self.max_attempts = 3
+        self.read_timeout, self.idle_timeout, self.header_timeout = 30.0, 75.0, 10.0
+        self.access_sample = 1.0  # share of successful (< 400) requests logged; errors always are
+        self.max_connections = 10_000
+        self.max_target = self.max_header_bytes = self.max_header_count = self.max_head = 0
+        self.set_head_limits(MAX_TARGET_BYTES, MAX_HEADER_BYTES, MAX_HEADER_COUNT)
+        self.max_body = 0
+        self.tunnel_idle_timeout = 600.0  # a WebSocket with no byte either way this long closes
+        self.redirect: HttpsRedirect | None = None  # plain HTTP sent to HTTPS, for these hosts
+        self.trusted: TrustedProxies | None = None  # peers whose forwarding headers are kept (trusted_proxies)
+
+    def set_head_limits(self, max_target: int, max_header_bytes: int, max_header_count: int) -> None:
         self.max_target, self.max_header_bytes, self.max_header_count = max_target, max_header_bytes, max_header_count
         # One endless line never completes a field, so the per-field checks would never run: the head as a
         # whole is bounded too.
         self.max_head = max_target + max_header_bytes + 1024
-        self.max_body = max_body
-        self.tunnel_idle_timeout = tunnel_idle_timeout  # a WebSocket with no byte either way this long closes
-        self.redirect: HttpsRedirect | None = None  # plain HTTP sent to HTTPS, for these hosts
-        self.trusted: TrustedProxies | None = None  # peers whose forwarding headers are kept (trusted_proxies)
 
 
 class Exchange:
@@ -1317,9 +1318,9 @@ class ProxyServer:
         connection (creating and cancelling those was a measurable share of a request's cost). A timeout fires
         between its value and its value plus one tick."""
         cfg = self.cfg
-        tick = min(1.0, max(0.05, min(cfg.read_timeout, cfg.idle_timeout, cfg.header_timeout) / 4))
         while True:
-            await asyncio.sleep(tick)
+            # Recomputed each time: a reload may shorten the timeouts.
+            await asyncio.sleep(min(1.0, max(0.05, min(cfg.read_timeout, cfg.idle_timeout, cfg.header_timeout) / 4)))
             now = cfg.loop.time()
             for conn in list(self.connections):
                 try:
