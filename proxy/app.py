@@ -91,7 +91,7 @@ class Ferryman:
         )
         self._proxies: list[ProxyServer] = []  # the plain listener, then the TLS ones
         self.tls: Terminator | None = None
-        self._tls_tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: list[asyncio.Task[None]] = []  # certificate files and KV, KV routes
         self._kv_routes: tuple[ConfigRoute, ...] = ()  # routes from Consul KV (routes_kv_prefix)
         self._consul: ConsulClient | None = None
         self._watcher: Watcher | StaticWatcher | None = None
@@ -155,15 +155,20 @@ class Ferryman:
             )
             self._watcher.also = config_services(s)
             if s.routes_kv_prefix:
-                self._tls_tasks.append(asyncio.get_running_loop().create_task(
-                    self._watch_kv_routes(s.routes_kv_prefix), name="routes-kv"))
+                prefix = s.routes_kv_prefix
+                self._side_tasks.append(asyncio.get_running_loop().create_task(self._follow_kv(
+                    prefix, lambda values: self._kv_routes_changed(prefix, values), "routes_kv_unreadable",
+                ), name="routes-kv"))
         self._watch_task = asyncio.get_running_loop().create_task(self._watcher.run(), name="consul-watcher")
         if self.tls is not None:
             loop = asyncio.get_running_loop()
             if self.tls.files:
-                self._tls_tasks.append(loop.create_task(self._watch_cert_files(), name="tls-files"))
+                self._side_tasks.append(loop.create_task(self._watch_cert_files(), name="tls-files"))
             if s.tls_kv_prefix:
-                self._tls_tasks.append(loop.create_task(self._watch_kv_certs(s.tls_kv_prefix), name="tls-kv"))
+                self._side_tasks.append(loop.create_task(self._follow_kv(
+                    s.tls_kv_prefix, lambda values: self._kv_certs_changed(s.tls_kv_prefix, values),
+                    "tls_kv_unreadable",
+                ), name="tls-kv"))
         if self.serve_proxy:
             self._checks_task = asyncio.get_running_loop().create_task(self._active_checks(), name="active-checks")
 
@@ -270,73 +275,61 @@ class Ferryman:
             if self.tls.files_changed():
                 self._reload_tls_files("files changed")
 
-    async def _watch_kv_certs(self, prefix: str) -> None:
-        """Certificates under a Consul KV prefix (`<name>/cert`, `<name>/key`), followed with blocking queries
-        like the catalog, so every Ferryman of a cluster serves the same ones without files."""
-        assert self.tls is not None and self._consul is not None
-        backoff = Backoff()
-        index = 0
-        last: dict[str, bytes] | None = None
-        while True:
-            try:
-                returned, values = await self._consul.kv(prefix, index)
-            except ConsulError as exc:
-                log.warning("tls_kv_unreadable", prefix=prefix, reason=exc.reason, error=exc.detail)
-                index = 0
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            backoff.reset()
-            index = next_index(index, returned)
-            if values == last:
-                continue
-            last = values
-            certificates, problems = kv_certificates(prefix, values)
-            for problem in problems:
-                log.warning("tls_kv_certificate_invalid", error=problem)
-            self.tls.set_kv(certificates)
-            log.info("tls_certs_loaded", source="consul kv", prefix=prefix, names=self.tls.store.names)
-
-    async def _watch_kv_routes(self, prefix: str) -> None:
-        """Routes under a Consul KV prefix, one per key, each holding a [[routes]] table in TOML (route, service
-        or split, header rules), followed with blocking queries: operators add, change (a canary's weight) and
-        delete routes without touching a service. A key that does not load is logged with its name and left
-        out; the others apply."""
+    async def _follow_kv(self, prefix: str, changed: Callable[[dict[str, bytes]], None], unreadable: str) -> None:
+        """Follow a Consul KV prefix with blocking queries, as the watcher follows the catalog, and hand every
+        changed set of keys to `changed`. Failures back off (and log `unreadable` once per outage); the last
+        values handed over stay in force meanwhile."""
         assert self._consul is not None
         backoff = Backoff()
         index = 0
         last: dict[str, bytes] | None = None
-        unreadable = False
+        failing = False
         while True:
             try:
                 returned, values = await self._consul.kv(prefix, index)
             except ConsulError as exc:
-                if not unreadable:
-                    log.warning("routes_kv_unreadable", prefix=prefix, reason=exc.reason, error=exc.detail)
-                    unreadable = True
+                if not failing:
+                    log.warning(unreadable, prefix=prefix, reason=exc.reason, error=exc.detail)
+                    failing = True
                 index = 0
                 await asyncio.sleep(backoff.next_delay())
                 continue
-            unreadable = False
+            failing = False
             backoff.reset()
             index = next_index(index, returned)
-            if values == last:
-                continue
-            last = values
-            routes = []
-            for key, raw in sorted(values.items()):
-                if not raw.strip():
-                    continue  # a folder key, or an emptied one
-                try:
-                    routes.append(parse_route_entry(tomllib.loads(raw.decode("utf-8")), f"consul kv {key}"))
-                except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError is a ValueError
-                    log.warning("kv_route_invalid", key=key, error=str(exc))
-            self._kv_routes = tuple(routes)
-            log.info("kv_routes_loaded", prefix=prefix, routes=len(routes))
-            if isinstance(self._watcher, Watcher):
-                self._watcher.watch_also(config_services(self.settings, self._kv_routes))
-                snapshot = self._watcher.last_snapshot
-                if snapshot is not None:
-                    self.apply(snapshot)
+            if values != last:
+                last = values
+                changed(values)
+
+    def _kv_certs_changed(self, prefix: str, values: dict[str, bytes]) -> None:
+        """Certificates under a Consul KV prefix (`<name>/cert`, `<name>/key`), so every Ferryman of a cluster
+        serves the same ones without files."""
+        assert self.tls is not None
+        certificates, problems = kv_certificates(prefix, values)
+        for problem in problems:
+            log.warning("tls_kv_certificate_invalid", error=problem)
+        self.tls.set_kv(certificates)
+        log.info("tls_certs_loaded", source="consul kv", prefix=prefix, names=self.tls.store.names)
+
+    def _kv_routes_changed(self, prefix: str, values: dict[str, bytes]) -> None:
+        """Routes under a Consul KV prefix, one per key, each holding a [[routes]] table in TOML (route, service
+        or split, header rules): operators add, change (a canary's weight) and delete routes without touching a
+        service. A key that does not load is logged with its name and left out; the others apply."""
+        routes = []
+        for key, raw in sorted(values.items()):
+            if not raw.strip():
+                continue  # a folder key, or an emptied one
+            try:
+                routes.append(parse_route_entry(tomllib.loads(raw.decode("utf-8")), f"consul kv {key}"))
+            except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError is a ValueError
+                log.warning("kv_route_invalid", key=key, error=str(exc))
+        self._kv_routes = tuple(routes)
+        log.info("kv_routes_loaded", prefix=prefix, routes=len(routes))
+        if isinstance(self._watcher, Watcher):
+            self._watcher.watch_also(config_services(self.settings, self._kv_routes))
+            snapshot = self._watcher.last_snapshot
+            if snapshot is not None:
+                self.apply(snapshot)
 
     def report(self) -> Report:
         """This process's state now (called on the event loop)."""
@@ -424,7 +417,7 @@ class Ferryman:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        for task in (self._watch_task, self._checks_task, self._report_task, *self._tls_tasks):
+        for task in (self._watch_task, self._checks_task, self._report_task, *self._side_tasks):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
