@@ -35,6 +35,16 @@ log = structlog.get_logger("ferryman.discovery")
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def file_stamp(path: str) -> tuple[int, int, int] | None:
+    """What tells a changed file: modification time, size and inode (a file replaced by a rename has a new
+    one); None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 class StaticError(Exception):
     """A static file that cannot be used; the message names the file, the line and the key."""
 
@@ -166,7 +176,7 @@ class StaticWatcher:
 
     def load(self) -> None:
         """Read the file now (start-up, SIGHUP); StaticError when it does not load."""
-        stamp = self._file_stamp()
+        stamp = file_stamp(self.path)
         snapshot = load_static(self.path, self.prefix)
         self._stamp = stamp
         self.last_success = time.time()
@@ -179,19 +189,12 @@ class StaticWatcher:
         while True:
             await asyncio.sleep(self.interval)
             self.last_success = time.time()
-            if self._file_stamp() == self._stamp:
+            if file_stamp(self.path) == self._stamp:
                 continue
             try:
                 self.load()
             except StaticError as exc:
-                self._stamp = self._file_stamp()  # said once per change, not every interval
+                self._stamp = file_stamp(self.path)  # said once per change, not every interval
                 log.error("static_file_invalid", error=str(exc), detail="the routes loaded before stay")
                 continue
             log.info("static_file_loaded", path=self.path, services=len(self._last.services) if self._last else 0)
-
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -14,7 +14,6 @@ of a connected peer). Pure but for reading files; the watching lives in the app.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import ssl
 import tempfile
@@ -25,6 +24,8 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+
+from discovery.static import file_stamp
 
 # Forward secrecy and AEAD only for TLS 1.2 (Mozilla's "intermediate" profile); TLS 1.3 suites are OpenSSL's.
 CIPHERS_TLS12: Final = (
@@ -173,7 +174,7 @@ class Terminator:
         self._from_files: tuple[Certificate, ...] = ()
         self._from_kv: tuple[Certificate, ...] = ()
         self.store = CertStore(())
-        self._stamps: dict[str, tuple[int, int, int]] = {}
+        self._stamps: dict[str, tuple[int, int, int] | None] = {}
         self.context = server_context()
         self.context.sni_callback = self._pick
 
@@ -184,11 +185,10 @@ class Terminator:
         return None
 
     def load_files(self) -> None:
-        """(Re)read every certificate file; TlsError (naming the file) leaves the current ones in place."""
-        stamps = self._file_stamps()
-        certificates = tuple(load_files(entry) for entry in self.files)
-        self._from_files = certificates
-        self._stamps = stamps
+        """(Re)read every certificate file; TlsError (naming the file) leaves the current ones in place. The
+        files' stamps are taken either way, so a file that does not load is reported once per change."""
+        self._stamps = self._file_stamps()
+        self._from_files = tuple(load_files(entry) for entry in self.files)
         self._rebuild()
 
     def set_kv(self, certificates: Iterable[Certificate]) -> None:
@@ -198,14 +198,8 @@ class Terminator:
     def files_changed(self) -> bool:
         return self._file_stamps() != self._stamps
 
-    def _file_stamps(self) -> dict[str, tuple[int, int, int]]:
-        stamps = {}
-        for entry in self.files:
-            for path in (entry.cert, entry.key):
-                with contextlib.suppress(OSError):
-                    st = os.stat(path)
-                    stamps[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
-        return stamps
+    def _file_stamps(self) -> dict[str, tuple[int, int, int] | None]:
+        return {path: file_stamp(path) for entry in self.files for path in (entry.cert, entry.key)}
 
     def _rebuild(self) -> None:
         self.store = CertStore((*self._from_files, *self._from_kv))
