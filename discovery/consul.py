@@ -48,9 +48,13 @@ _NO_DC_PATH: Final = "No path to datacenter"
 _DC_NAME: Final = re.compile(r"[A-Za-z0-9_-]+")
 
 
+# Every ConsulError's reason (a bounded metric label).
+ERROR_REASONS: Final = ("unreachable", "forbidden", "timeout", "bad_response")
+
+
 class ConsulError(Exception):
-    """A Consul request that failed. `reason` is one of: unreachable, forbidden, timeout, bad_response;
-    `status` is the HTTP status when Consul answered one."""
+    """A Consul request that failed. `reason` is one of ERROR_REASONS; `status` is the HTTP status when
+    Consul answered one."""
 
     def __init__(self, reason: str, detail: str, status: int | None = None) -> None:
         super().__init__(f"{reason}: {detail}")

@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from discovery.consul import ERROR_REASONS
+
 from . import __version__
 from .state import INSTANCE_STATES, Report
 
@@ -80,7 +82,7 @@ class Metrics:
             ["service"], registry=r,
         )
         # Known label values start at 0, so the first error shows in rate() and dashboards show 0, not "no data".
-        for reason in ("unreachable", "forbidden", "timeout", "bad_response"):
+        for reason in ERROR_REASONS:
             self.discovery_errors.labels(reason)
         # Per request, counts add up in plain dicts and lists; flush() hands them to prometheus-client (at every
         # scrape, and every second in workers). A counter increment or a histogram observation costs a lock and

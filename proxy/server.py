@@ -88,14 +88,14 @@ BODY_NONE: Final = 0
 BODY_LENGTH: Final = 1
 BODY_CHUNKED: Final = 2
 
-# A client's X-Request-ID is kept when it is a plain token of sane length; anything else is replaced by a
-# fresh id (128 random bits in hex, as nginx's $request_id), so a log line cannot be forged through it.
 # Bytes a Host value may have: a reg-name, an IPv4 or a bracketed IPv6 literal, an optional port.
 _HOST_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+;=:[]"
+# A client's X-Request-ID is kept when it is a plain token of sane length; anything else is replaced by a
+# fresh id, so a log line cannot be forged through it. Fresh ids are 32 hex digits, as nginx's $request_id: a
+# random 64-bit prefix per process and a counter, unique across processes and restarts (for log correlation,
+# not secrets), and cheaper than 128 random bits per request.
 _SANE_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._~:@+/=-]{1,128}\Z").match
 _ids = random.Random()
-# Ids are a random 64-bit prefix per process and a counter: unique across processes and restarts (for log
-# correlation, not secrets), and cheaper than 128 fresh random bits per request.
 _id_prefix = random.SystemRandom().getrandbits(64)
 _id_counter = itertools.count(_ids.getrandbits(32))
 
@@ -790,7 +790,7 @@ class ClientConnection(asyncio.Protocol):
             return  # the stream is broken (nothing after the bad request is read), or the connection refused
         if self._upgraded:
             # After an Upgrade or CONNECT head the bytes are not HTTP: relayed once a WebSocket tunnel is up,
-            # kept until then (reading is paused meanwhile), and otherwise dropped as the connection closes.
+            # kept until then (reading pauses), and never parsed: without a tunnel the connection closes.
             exchange = self.exchange
             if exchange is not None and exchange.tunnel:
                 exchange.tunnel_from_client(data)
