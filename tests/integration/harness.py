@@ -427,3 +427,33 @@ def new_workdir(prefix: str) -> Path:
 async def fetch(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, bytes, Any]:
     async with session.request(kwargs.pop("method", "GET"), url, **kwargs) as resp:
         return resp.status, await resp.read(), resp.headers
+
+
+class SteadyLoad:
+    """`clients` loops sending GET `url` back to back until `stop()` (each bounded by `limit_s` even if the test
+    goes wrong): every failure (an exception or a status other than 200) and, for each 200, when it came and
+    which instance answered (the echo backend's `instance`)."""
+
+    def __init__(self, http: aiohttp.ClientSession, url: str, *, clients: int = 4, limit_s: float = 30) -> None:
+        self.http, self.url, self.limit_s = http, url, limit_s
+        self.failures: list[str] = []
+        self.served: list[tuple[float, str]] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._client()) for _ in range(clients)]
+
+    async def _client(self) -> None:
+        deadline = time.monotonic() + self.limit_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                status, body, _ = await fetch(self.http, self.url)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if status != 200:
+                self.failures.append(f"{status} {body[:100]!r}")
+            else:
+                self.served.append((time.monotonic(), json.loads(body)["instance"]))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)

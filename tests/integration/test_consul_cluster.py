@@ -20,6 +20,7 @@ from .harness import (
     Backend,
     ConsulServer,
     FerrymanProcess,
+    SteadyLoad,
     _http_json,
     async_wait_until,
     fetch,
@@ -141,32 +142,16 @@ class TestLeaderLoss:
             proxy.start()
             await asyncio.to_thread(proxy.wait_instances, "ha@*any*/ha", ["ha-a", "ha-b"])
 
-            failures: list[str] = []
-            served: Counter[str] = Counter()
-            stop = asyncio.Event()
-
-            async def client() -> None:
-                deadline = time.monotonic() + 20  # bounded even if the test goes wrong
-                while not stop.is_set() and time.monotonic() < deadline:
-                    try:
-                        status, body, _ = await fetch(http, f"{proxy.url}/ha/ping")
-                    except (aiohttp.ClientError, TimeoutError) as exc:
-                        failures.append(f"{type(exc).__name__}: {exc}")
-                        continue
-                    if status != 200:
-                        failures.append(f"{status} {body[:100]!r}")
-                    else:
-                        served[json.loads(body)["instance"]] += 1
-
-            clients = [asyncio.create_task(client()) for _ in range(4)]
+            load = SteadyLoad(http, f"{proxy.url}/ha/ping", limit_s=20)
             await asyncio.sleep(2)
             assert leader.proc is not None
             leader.proc.kill()  # SIGKILL, by PID
             killed_at = time.monotonic()
             await asyncio.to_thread(leader.proc.wait, 5)
             await asyncio.sleep(6)
-            stop.set()
-            await asyncio.gather(*clients)
+            await load.stop()
+            failures = load.failures
+            served = Counter(name for _, name in load.served)
             total = sum(served.values())
             assert failures == [], f"{len(failures)} of {total + len(failures)} failed: {failures[:5]}"
             assert total > 200, served

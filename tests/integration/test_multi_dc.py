@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import urllib.error
 import urllib.request
@@ -26,9 +25,9 @@ from .harness import (
     Backend,
     ConsulServer,
     FerrymanProcess,
+    SteadyLoad,
     _http_json,
     async_wait_until,
-    fetch,
     wait_until,
 )
 
@@ -119,24 +118,8 @@ class TestDatacenterFailover:
 
             assert datacenters() == {"dc1"}
 
-            failures: list[str] = []
-            served: list[tuple[float, str]] = []
-            stop = asyncio.Event()
-
-            async def client() -> None:
-                deadline = time.monotonic() + 30  # bounded even if the test goes wrong
-                while not stop.is_set() and time.monotonic() < deadline:
-                    try:
-                        status, body, _ = await fetch(http, f"{proxy.url}/mdc/ping")
-                    except (aiohttp.ClientError, TimeoutError) as exc:
-                        failures.append(f"{type(exc).__name__}: {exc}")
-                        continue
-                    if status != 200:
-                        failures.append(f"{status} {body[:100]!r}")
-                    else:
-                        served.append((time.monotonic(), json.loads(body)["instance"]))
-
-            clients = [asyncio.create_task(client()) for _ in range(4)]
+            load = SteadyLoad(http, f"{proxy.url}/mdc/ping", limit_s=30)
+            failures, served = load.failures, load.served
             try:
                 await asyncio.sleep(1)
                 # dc1 loses its instances one by one; the last one leaving hands the service to dc2
@@ -164,8 +147,7 @@ class TestDatacenterFailover:
                 await async_wait_until(lambda: answered_by("mdc-1b", passed_at), 5, "dc1 to answer again")
                 await asyncio.sleep(1)
             finally:
-                stop.set()
-                await asyncio.gather(*clients)
+                await load.stop()
 
             total = len(served)
             assert failures == [], f"{len(failures)} of {total + len(failures)} failed: {failures[:5]}"
