@@ -20,8 +20,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
+from .listener import Router
 from .pool import Pools
-from .server import Router
 from .state import Report
 
 STATUS_PAGE: Final = Path(__file__).with_name("static") / "status.html"

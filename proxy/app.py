@@ -25,11 +25,11 @@ from discovery.watcher import Backoff, Watcher, next_index
 from . import logs
 from .admin import make_admin_app
 from .config import ConfigError, ConfigRoute, Settings, parse_route_entry, reloaded
-from .forwarder import UpstreamPool
+from .h1.upstream import UpstreamPool
 from .headers import TrustedProxies
+from .listener import ListenerLimits, ProxyContext, ProxyServer, Router
 from .metrics import Metrics, StateCollector
 from .pool import Pool, PoolPolicy, Pools
-from .server import ProxyContext, ProxyServer, Router
 from .state import Report, pools_state, write_report
 from .table import RoutingTable
 from .tls import CertFile, HttpsRedirect, Terminator, TlsError, kv_certificates
@@ -200,29 +200,26 @@ class Ferryman:
                  admin=str(admin) if self.serve_admin else None, consul=s.consul_addr)
 
     def _context(self, proto: str, port: int, access_log: logs.AccessWriter | None) -> ProxyContext:
-        ctx = ProxyContext(
+        return ProxyContext(
             router=self.router, pools=self.pools, upstream=self.upstream, metrics=self.metrics, listen_port=port,
-            proto=proto, access_log=access_log, loop=asyncio.get_running_loop(),
+            proto=proto, access_log=access_log, loop=asyncio.get_running_loop(), limits=self._limits(proto),
         )
-        self._configure(ctx)
-        return ctx
 
-    def _configure(self, ctx: ProxyContext) -> None:
-        """The settings a listener's context follows (at start and on every reload)."""
+    def _limits(self, proto: str) -> ListenerLimits:
+        """The settings a listener follows (at start and on every reload), as one value."""
         s = self.settings
-        ctx.read_timeout, ctx.idle_timeout, ctx.header_timeout = (
-            s.read_timeout, s.client_idle_timeout, s.client_header_timeout)
-        ctx.max_attempts, ctx.max_connections, ctx.max_body = (
-            max(1, s.max_attempts), s.max_connections, parse_size(s.max_body_size))
-        ctx.set_head_limits(s.max_request_target, s.max_header_bytes, s.max_header_count)
-        ctx.access_sample = s.access_log_sample
-        ctx.tunnel_idle_timeout = s.websocket_idle_timeout
-        ctx.trusted = TrustedProxies(s.trusted_proxies) if s.trusted_proxies else None
-        if ctx.proto == b"http" and s.https_redirect:
+        redirect = None
+        if proto == "http" and s.https_redirect:
             tls = s.tls_addresses
-            ctx.redirect = HttpsRedirect(s.https_redirect, tls[0].port if tls else 443)
-        else:
-            ctx.redirect = None
+            redirect = HttpsRedirect(s.https_redirect, tls[0].port if tls else 443)
+        return ListenerLimits(
+            read_timeout=s.read_timeout, idle_timeout=s.client_idle_timeout, header_timeout=s.client_header_timeout,
+            tunnel_idle_timeout=s.websocket_idle_timeout, max_attempts=max(1, s.max_attempts),
+            max_connections=s.max_connections, max_target=s.max_request_target, max_header_bytes=s.max_header_bytes,
+            max_header_count=s.max_header_count, max_body=parse_size(s.max_body_size),
+            access_sample=s.access_log_sample, redirect=redirect,
+            trusted=TrustedProxies(s.trusted_proxies) if s.trusted_proxies else None,
+        )
 
     def reload(self, new: Settings) -> None:
         """Take over what a SIGHUP re-read: timeouts, limits, balancing and health settings, per-service tables.
@@ -230,7 +227,7 @@ class Ferryman:
         settings, changed, restart = reloaded(self.settings, new)
         self.settings = s = settings
         for proxy in self._proxies:
-            self._configure(proxy.cfg)
+            proxy.cfg.limits = self._limits(proxy.cfg.proto.decode())
         if self.tls is not None:
             self.tls.files = CertFile.parse_list(s.tls_certs)
             self._reload_tls_files("sighup")
@@ -380,12 +377,10 @@ class Ferryman:
                 healthy, detail = resp.status < 400, f"status {resp.status}"
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             healthy, detail = False, f"{type(exc).__name__}: {exc}"
-        if healthy and endpoint.key in pool.down:
-            pool.down.discard(endpoint.key)
+        if healthy and pool.mark_down(endpoint.key, False):
             log.info("upstream_check_passed", service=pool.service, upstream=endpoint.authority)
-        elif not healthy and endpoint.key not in pool.down and endpoint in pool.endpoints and pool.health_path:
+        elif not healthy and endpoint in pool.endpoints and pool.health_path and pool.mark_down(endpoint.key, True):
             # (an instance that left, or checks switched off, while this check was under way stays out of it)
-            pool.down.add(endpoint.key)
             log.warning("upstream_check_failed", service=pool.service, upstream=endpoint.authority,
                         path=pool.health_path, error=detail)
 

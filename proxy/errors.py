@@ -1,9 +1,8 @@
-"""Errors that carry their HTTP status. Raised by the core, the forwarder and the parser callbacks, answered
-once by the server.
+"""Errors that carry their HTTP status. Raised by the dispatch, the upstream connections and the parser
+callbacks, answered once by the client connection (proxy/h1/client.py).
 
-`retryable` says whether another instance may be tried whatever the method: only when nothing reached the
-upstream (the connection was never made). `nothing_received` marks a connection that closed before any byte
-of a response, which on a reused keep-alive connection means the upstream had already dropped it.
+`nothing_received` marks a connection that closed before any byte of a response, which on a reused keep-alive
+connection means the upstream had already dropped it (proxy/retry.py decides what may be tried again).
 """
 
 from __future__ import annotations
@@ -16,12 +15,10 @@ class ProxyError(Exception):
     reason: ClassVar[str] = "proxy_error"
 
     def __init__(
-        self, message: str, *, retryable: bool = False, nothing_received: bool = False,
-        headers: tuple[tuple[bytes, bytes], ...] = (),
+        self, message: str, *, nothing_received: bool = False, headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.retryable = retryable
         self.nothing_received = nothing_received
         self.upstream = ""
         self.headers = headers  # extra response headers for the answer (Retry-After on a 503)

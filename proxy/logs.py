@@ -280,3 +280,13 @@ def flush() -> None:
         _buffer.flush()
     for extra in _extra_buffers:
         extra.flush()
+
+
+_proxy_log = structlog.get_logger("ferryman.proxy")
+
+
+def request_log(req: AccessRequest, level: str, event: str, **fields: object) -> None:
+    """A log line about one request, with its request id bound through structlog's context variables for
+    the line (the engine runs requests as callbacks, with no task of their own to hold a context)."""
+    with structlog.contextvars.bound_contextvars(request_id=req.request_id.decode("latin-1")):
+        getattr(_proxy_log, level)(event, **fields)

@@ -9,82 +9,17 @@ wins and the disagreement is reported. A changed algorithm replaces the balancer
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import random
 from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import NamedTuple
 
 from discovery.model import Endpoint, ServiceRoutes, Snapshot
 from discovery.tags import parse_size
 
 from .balancer import DEFAULT_BALANCER, Balancer, make_balancer
-
-ERROR_WINDOW_S: Final = 60.0
-
-
-class RecentErrors:
-    """Failed attempts per instance over the last `window` seconds (timestamps, pruned when read).
-    Errors are rare next to requests, so a deque per failing instance is cheap; each is capped."""
-
-    __slots__ = ("_times", "window")
-
-    def __init__(self, window: float = ERROR_WINDOW_S, cap: int = 10_000) -> None:
-        self.window = window
-        self._times: dict[str, collections.deque[float]] = collections.defaultdict(
-            lambda: collections.deque(maxlen=cap)
-        )
-
-    def add(self, key: str, now: float) -> None:
-        self._times[key].append(now)
-
-    def count(self, key: str, now: float) -> int:
-        times = self._times.get(key)
-        if times is None:
-            return 0
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        if not times:
-            del self._times[key]
-            return 0
-        return len(times)
-
-    def forget_except(self, keys: set[str]) -> None:
-        for key in [k for k in self._times if k not in keys]:
-            del self._times[key]
-
-
-class RetryBudget:
-    """Retries may be at most `ratio` of the requests of the current `window` (seconds), plus `minimum` per
-    window so a quiet service can still retry. Counted in fixed windows: coarse, O(1), and enough to stop a
-    failing pool from doubling its own load (Envoy's and Finagle's retry budgets, simplified)."""
-
-    __slots__ = ("_requests", "_retries", "_window_start", "minimum", "ratio", "window")
-
-    def __init__(self, ratio: float = 0.2, window: float = 10.0, minimum: int = 3) -> None:
-        self.ratio, self.window, self.minimum = ratio, window, minimum
-        self._window_start = float("-inf")
-        self._requests = 0
-        self._retries = 0
-
-    def _roll(self, now: float) -> None:
-        if now - self._window_start >= self.window:
-            self._window_start = now
-            self._requests = 0
-            self._retries = 0
-
-    def record_request(self, now: float) -> None:
-        self._roll(now)
-        self._requests += 1
-
-    def allow(self, now: float) -> bool:
-        """Take one retry from the budget if there is one left."""
-        self._roll(now)
-        if self._retries < self.minimum + self.ratio * self._requests:
-            self._retries += 1
-            return True
-        return False
+from .outcomes import Outliers, RecentErrors, RetryBudget
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,78 +48,37 @@ class _Excluded:
         return key in self.tried or key in self.ejected or key in self.down
 
 
-class Outliers:
-    """Passive health: an instance with `after` consecutive failures (connection refused or reset before a
-    response) is ejected for `base` seconds, doubling with each ejection in a row (capped at `cap`), then
-    re-admitted; a success resets it. Never more than `max_share` of a pool is ejected at once. Pure: the
-    time comes in as `now`."""
-
-    __slots__ = ("_count", "_failures", "_until", "after", "base", "cap", "max_share")
-
-    def __init__(self, after: int = 3, base: float = 10.0, cap: float = 300.0, max_share: float = 0.5) -> None:
-        self.after, self.base, self.cap, self.max_share = after, base, cap, max_share
-        self._failures: dict[str, int] = {}
-        self._until: dict[str, float] = {}  # the ejected, until when
-        self._count: dict[str, int] = {}  # ejections in a row
-
-    @property
-    def ejected(self) -> Mapping[str, float]:
-        return self._until
-
-    def readmit_expired(self, now: float) -> list[str]:
-        back = [key for key, until in self._until.items() if now >= until]
-        for key in back:
-            del self._until[key]
-            self._failures.pop(key, None)
-        return back
-
-    def success(self, key: str) -> None:
-        # Both counts go: failures in a row, and ejections in a row (so a later ejection starts at `base`).
-        if key in self._failures or key in self._count:
-            self._failures.pop(key, None)
-            self._count.pop(key, None)
-
-    def failure(self, key: str, now: float, pool_size: int) -> float | None:
-        """Count a failure; returns the ejection time when this one ejects the instance."""
-        failures = self._failures[key] = self._failures.get(key, 0) + 1
-        if failures < self.after or key in self._until:
-            return None
-        if len(self._until) + 1 > self.max_share * pool_size:
-            return None  # keep most of the pool: Consul calls these healthy
-        count = self._count[key] = self._count.get(key, 0) + 1
-        duration = min(self.cap, self.base * 2.0 ** (count - 1))
-        self._until[key] = now + duration
-        self._failures[key] = 0
-        return duration
-
-    def forget_except(self, keys: set[str]) -> None:
-        for table in (self._failures, self._until, self._count):
-            for key in [k for k in table if k not in keys]:
-                del table[key]
-
-
 class Pool:
+    """A service's instances and this process's runtime state about them.
+
+    Configuration comes in as values replaced by one assignment (`policy`, the health and retry settings; the
+    per-service balancing and limits set by `Pools.reconcile`); the runtime counters are private and change only
+    through the outcome interface: `begin`/`end` a request, `acquire`/`release` an instance, and report what an
+    attempt gave (`failed`, `answered`, `upgraded`). Ejection, the retry budget, recent errors and slow start
+    are decided here, so the exchange that forwards a request never reaches into them.
+    """
+
     __slots__ = (
+        "_budget",
+        "_down",
+        "_errors",
+        "_joined",
+        "_outliers",
+        "_policy",
         "_sticky_for",
         "_sticky_map",
         "active",
         "algorithm",
         "balancer",
-        "budget",
         "check_scheme",
         "check_skip_verify",
         "departed",
-        "down",
         "endpoints",
-        "errors",
         "hash_on",
         "health_path",
         "in_flight",
-        "joined",
         "max_body",
         "max_concurrent",
-        "outliers",
-        "policy",
         "rng",
         "service",
         "sticky",
@@ -209,17 +103,18 @@ class Pool:
         # What the `hash` algorithm hashes: ("ip", ""), ("header", name) or ("cookie", name); None otherwise.
         self.hash_on = hash_on
         self.in_flight: dict[str, int] = {}
-        policy = self.policy = policy or PoolPolicy()
-        self.budget = RetryBudget(ratio=policy.retry_budget)
-        self.outliers = Outliers(after=policy.eject_after, base=policy.eject_base, max_share=policy.eject_max_share)
-        self.down: set[str] = set()  # failing Ferryman's own active checks
+        policy = policy or PoolPolicy()
+        self._budget = RetryBudget(ratio=policy.retry_budget)
+        self._outliers = Outliers(after=policy.eject_after, base=policy.eject_base, max_share=policy.eject_max_share)
+        self._policy = policy
+        self._down: set[str] = set()  # failing Ferryman's own active checks
         self.health_path: str | None = None  # service meta ferryman-health-path: checked by Ferryman itself
         self.check_scheme = "http"  # how active checks reach the instances: as the service's routes do
         self.check_skip_verify = False
-        self.joined: dict[str, float] = {}  # instances still ramping up (slow start), since when
-        self.errors = RecentErrors()  # failed attempts per instance, for the status page
-        self.active = 0  # requests of this service in progress in this process
-        self.tunnels = 0  # WebSocket connections of this service open in this process
+        self._joined: dict[str, float] = {}  # instances still ramping up (slow start), since when
+        self._errors = RecentErrors()  # failed attempts per instance, for the status page
+        self.active = 0  # requests of this service in progress in this process (read-only outside)
+        self.tunnels = 0  # WebSocket connections of this service open in this process (read-only outside)
         self.max_concurrent = policy.service_max_concurrent  # beyond it: 503 with Retry-After (0: no limit)
         self.max_body = 0  # request body limit in bytes from [services.NAME] max_body_size (0: the global one)
         # Instances that left while requests to them were in flight (draining), until those finish.
@@ -232,11 +127,28 @@ class Pool:
     def __len__(self) -> int:
         return len(self.endpoints)
 
+    # --- configuration, replaced whole ---
+    @property
+    def policy(self) -> PoolPolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: PoolPolicy) -> None:
+        """A reload's new health and retry settings; ejections and counts in progress are kept."""
+        self._policy = policy
+        self._budget.ratio = policy.retry_budget
+        outliers = self._outliers
+        outliers.after, outliers.base = policy.eject_after, policy.eject_base
+        outliers.max_share = policy.eject_max_share
+        if policy.slow_start <= 0:
+            self._joined.clear()  # slow start switched off: instances ramping up get their full share at once
+
+    # --- choosing an instance ---
     def pick(self, exclude: Container[str] = (), key: str | None = None, now: float = 0.0) -> Endpoint | None:
         """An instance that is neither excluded, ejected nor down; when only those are left, any of them
         (Envoy's panic mode: Consul calls the pool healthy, so trying beats answering 503). An instance in
         slow start is passed over with the probability of the share it has not ramped up to yet."""
-        ejected, down = self.outliers.ejected, self.down
+        ejected, down = self._outliers.ejected, self._down
         if not ejected and not down:
             endpoint = self.balancer.pick(self.endpoints, exclude, in_flight=self.in_flight, key=key)
         else:
@@ -245,17 +157,22 @@ class Pool:
             )
             if endpoint is None:
                 endpoint = self.balancer.pick(self.endpoints, exclude, in_flight=self.in_flight, key=key)
-        if endpoint is not None and self.joined and endpoint.key in self.joined:
-            ramp = (now - self.joined[endpoint.key]) / self.policy.slow_start
-            if ramp >= 1:
-                del self.joined[endpoint.key]
-            elif self.rng.random() > max(0.1, ramp):
-                other = self.balancer.pick(
-                    self.endpoints, _Excluded(exclude, ejected, (*down, endpoint.key)),
-                    in_flight=self.in_flight, key=key,
-                )
-                if other is not None:
-                    return other
+        if endpoint is not None and self._joined and endpoint.key in self._joined:
+            return self._ramped(endpoint, exclude, key, now)
+        return endpoint
+
+    def _ramped(self, endpoint: Endpoint, exclude: Container[str], key: str | None, now: float) -> Endpoint:
+        slow_start = self._policy.slow_start
+        ramp = (now - self._joined[endpoint.key]) / slow_start if slow_start > 0 else 1.0
+        if ramp >= 1:
+            del self._joined[endpoint.key]
+        elif self.rng.random() > max(0.1, ramp):
+            other = self.balancer.pick(
+                self.endpoints, _Excluded(exclude, self._outliers.ejected, (*self._down, endpoint.key)),
+                in_flight=self.in_flight, key=key,
+            )
+            if other is not None:
+                return other
         return endpoint
 
     def pinned(self, value: str | None, exclude: Container[str] = ()) -> Endpoint | None:
@@ -266,11 +183,20 @@ class Pool:
             self._sticky_map = {sticky_value(e): e for e in self.endpoints}
             self._sticky_for = self.endpoints
         endpoint = self._sticky_map.get(value)
-        if endpoint is None or endpoint.key in exclude or endpoint.key in self.outliers.ejected or (
-            endpoint.key in self.down
+        if endpoint is None or endpoint.key in exclude or endpoint.key in self._outliers.ejected or (
+            endpoint.key in self._down
         ):
             return None
         return endpoint
+
+    # --- the outcome interface: what requests report ---
+    def begin(self, now: float) -> None:
+        """A request of this service starts (counted for the concurrency limit and the retry budget)."""
+        self.active += 1
+        self._budget.record_request(now)
+
+    def end(self) -> None:
+        self.active -= 1
 
     def acquire(self, endpoint: Endpoint) -> None:
         self.in_flight[endpoint.key] = self.in_flight.get(endpoint.key, 0) + 1
@@ -282,10 +208,111 @@ class Pool:
         else:
             self.in_flight.pop(endpoint.key, None)
 
+    def retry_allowed(self, now: float) -> bool:
+        """Take one retry from the budget if there is one left."""
+        return self._budget.allow(now)
+
+    def readmit(self, now: float) -> list[str]:
+        """Instances whose ejection ran out, now back in rotation (keys; usually none)."""
+        return self._outliers.readmit_expired(now) if self._outliers.ejected else []
+
+    def failed(self, endpoint: Endpoint, now: float) -> float | None:
+        """An attempt on the instance failed (refused, reset, no answer in time): counted against it. Returns
+        how long it is ejected for when this failure ejects it."""
+        self._errors.add(endpoint.key, now)
+        return self._outliers.failure(endpoint.key, now, len(self.endpoints))
+
+    def answered(self, endpoint: Endpoint, status: int, now: float) -> float | None:
+        """The instance answered with `status`. A 5xx counts as a failure when `eject_on_5xx` says so (and
+        returns the ejection time if it ejects), else it is only recorded; any other answer is a success."""
+        if status >= 500:
+            if self._policy.eject_on_5xx:
+                return self.failed(endpoint, now)
+            self._errors.add(endpoint.key, now)
+        self._outliers.success(endpoint.key)
+        return None
+
+    def upgraded(self, endpoint: Endpoint) -> None:
+        """The instance accepted a protocol upgrade (101): a success, and a tunnel now open."""
+        self._outliers.success(endpoint.key)
+        self.tunnels += 1
+
+    def tunnel_closed(self) -> None:
+        self.tunnels -= 1
+
+    # --- Ferryman's own active checks ---
+    def mark_down(self, key: str, down: bool) -> bool:
+        """Take an instance out of rotation (an active check failed) or back in; True when that changed."""
+        if down == (key in self._down):
+            return False
+        if down:
+            self._down.add(key)
+        else:
+            self._down.discard(key)
+        return True
+
+    def clear_down(self) -> None:
+        self._down.clear()
+
+    # --- read-only views, for the status page and the state report ---
+    @property
+    def ejected(self) -> Mapping[str, float]:
+        """Ejected instances, until when (the event loop's clock)."""
+        return self._outliers.ejected
+
+    def is_down(self, key: str) -> bool:
+        return key in self._down
+
+    def recent_errors(self, key: str, now: float) -> int:
+        return self._errors.count(key, now)
+
+    def ramping(self, key: str) -> bool:
+        """The instance is still in slow start."""
+        return key in self._joined
+
+    def draining(self) -> list[Endpoint]:
+        """Instances that left the pool while requests to them were in flight, until those finish."""
+        current = {e.key for e in self.endpoints}
+        for key in [k for k in self.departed if k in current or not self.in_flight.get(k)]:
+            del self.departed[key]  # back in the pool, or its last request finished
+        return list(self.departed.values())
+
+    def replace_endpoints(self, endpoints: tuple[Endpoint, ...], now: float) -> None:
+        """A new set of healthy instances (a reconcile). New ones start their slow start; ones that left with
+        requests in flight drain; what is known about the ones that left is forgotten."""
+        if self._policy.slow_start > 0:
+            known = {e.key for e in self.endpoints}
+            for endpoint in endpoints:
+                if endpoint.key not in known:
+                    self._joined[endpoint.key] = now
+        keys = {e.key for e in endpoints}
+        for endpoint in self.endpoints:
+            if endpoint.key not in keys and self.in_flight.get(endpoint.key):
+                self.departed[endpoint.key] = endpoint
+        self.endpoints = endpoints
+        self._outliers.forget_except(keys)
+        self._errors.forget_except(keys)
+        self._down &= keys
+        for gone in [k for k in self._joined if k not in keys]:
+            del self._joined[gone]
+
 
 def sticky_value(endpoint: Endpoint) -> str:
     """The sticky cookie's value for an instance: a digest of its identity, so no address leaks to clients."""
     return hashlib.blake2b(endpoint.key.encode(), digest_size=8).hexdigest()
+
+
+def sticky_cookie(
+    name: str | None, endpoint: Endpoint | None, pin: str | None, path: str,
+) -> tuple[tuple[bytes, bytes], ...]:
+    """The Set-Cookie that pins a client to the instance that answered, unless its cookie (`pin`) already does.
+    Scoped to the route's path, so two services under one host keep their own pins."""
+    if name is None or endpoint is None:
+        return ()
+    value = sticky_value(endpoint)
+    if pin == value:
+        return ()
+    return ((b"Set-Cookie", f"{name}={value}; Path={path}; HttpOnly; SameSite=Lax".encode()),)
 
 
 def balancing_of(
@@ -323,7 +350,7 @@ def _set_checks(pool: Pool, service: ServiceRoutes, override: Mapping[str, str] 
     pool.max_body = parse_size(override.get("max_body_size") or "0")
     pool.health_path = override.get("health_path") or service.setting("health_path")
     if not pool.health_path:
-        pool.down.clear()  # no checks run any more: nothing they found may keep an instance out
+        pool.clear_down()  # no checks run any more: nothing they found may keep an instance out
     first = service.routes[0] if service.routes else None
     pool.check_scheme = (first.option("proto") if first else None) or "http"
     pool.check_skip_verify = bool(first and first.option("tlsskipverify") == "true")
@@ -350,10 +377,6 @@ class Pools:
         self.policy = policy
         for pool in self._pools.values():
             pool.policy = policy
-            pool.budget.ratio = policy.retry_budget
-            outliers = pool.outliers
-            outliers.after, outliers.base, outliers.max_share = (
-                policy.eject_after, policy.eject_base, policy.eject_max_share)
 
     def get(self, service: str) -> Pool | None:
         return self._pools.get(service)
@@ -388,21 +411,7 @@ class Pools:
                 changed.append(svc.name)
             pool.hash_on = hash_on
             if pool.endpoints != svc.endpoints:
-                if self.policy.slow_start > 0:
-                    known = {e.key for e in pool.endpoints}
-                    for endpoint in svc.endpoints:
-                        if endpoint.key not in known:
-                            pool.joined[endpoint.key] = now
-                keys = {e.key for e in svc.endpoints}
-                for endpoint in pool.endpoints:
-                    if endpoint.key not in keys and pool.in_flight.get(endpoint.key):
-                        pool.departed[endpoint.key] = endpoint
-                pool.endpoints = svc.endpoints
-                pool.outliers.forget_except(keys)
-                pool.errors.forget_except(keys)
-                pool.down &= keys
-                for gone in [k for k in pool.joined if k not in keys]:
-                    del pool.joined[gone]
+                pool.replace_endpoints(svc.endpoints, now)
                 if not changed or changed[-1] != svc.name:
                     changed.append(svc.name)
         removed = [name for name in self._pools if name not in seen]

@@ -70,7 +70,7 @@ def _instance(endpoint: Endpoint, state: str, pool: Pool, now: float, label: str
     return InstanceState(
         key=endpoint.key, id=endpoint.instance_id, node=endpoint.node, address=endpoint.address,
         port=endpoint.port, weight=endpoint.weight, state=state, in_flight=pool.in_flight.get(endpoint.key, 0),
-        errors_recent=pool.errors.count(endpoint.key, now), label=label, dc=endpoint.dc,
+        errors_recent=pool.recent_errors(endpoint.key, now), label=label, dc=endpoint.dc,
     )
 
 
@@ -82,23 +82,19 @@ def _labels(endpoints: Iterable[Endpoint]) -> dict[str, str]:
 
 def pool_state(pool: Pool, now: float) -> ServiceState:
     """One pool's instances. `now` is the event loop's clock (ejections and error windows run on it)."""
-    ejected, down = pool.outliers.ejected, pool.down
+    ejected = pool.ejected
     labels = _labels(pool.endpoints)
     instances = []
     for endpoint in pool.endpoints:
         key = endpoint.key
         if key in ejected and ejected[key] > now:
             state = "ejected"
-        elif key in down:
+        elif pool.is_down(key):
             state = "down"
         else:
             state = "healthy"
         instances.append(_instance(endpoint, state, pool, now, labels[key]))
-    current = {e.key for e in pool.endpoints}
-    for key, endpoint in list(pool.departed.items()):
-        if key in current or not pool.in_flight.get(key):
-            del pool.departed[key]  # back in the pool, or its last request finished
-            continue
+    for endpoint in pool.draining():
         instances.append(_instance(endpoint, "draining", pool, now, endpoint.key))
     return ServiceState(pool.service, pool.algorithm, tuple(instances), pool.tunnels)
 

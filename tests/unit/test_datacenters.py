@@ -22,8 +22,8 @@ from discovery.model import Endpoint, Problem, RouteSpec, ServiceRoutes, Snapsho
 from discovery.snapshot import build_dc_snapshot, build_snapshot, datacenter_switches, serving_datacenters
 from proxy.admin import routes_document
 from proxy.config import ConfigError, load
+from proxy.listener import Router
 from proxy.pool import Pools, sticky_value
-from proxy.server import Router
 from proxy.table import RoutingTable
 
 # --- consul_dc ---

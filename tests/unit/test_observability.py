@@ -14,10 +14,12 @@ from discovery.model import Endpoint, ServiceRoutes, Snapshot
 from proxy import logs
 from proxy.admin import readiness
 from proxy.config import ConfigError, load
+from proxy.h1.head import SANE_REQUEST_ID as _SANE_REQUEST_ID
+from proxy.h1.head import new_request_id
 from proxy.headers import client_response_head, error_response, upstream_request_head
 from proxy.metrics import Metrics, StateCollector
-from proxy.pool import Pools, RecentErrors
-from proxy.server import _SANE_REQUEST_ID, new_request_id
+from proxy.outcomes import RecentErrors
+from proxy.pool import PoolPolicy, Pools
 from proxy.state import InstanceState, Report, ServiceState, merge, pools_state, read_reports, write_report
 
 
@@ -100,11 +102,11 @@ class TestReport:
         pools = _pools(a, b, c)
         pool = pools.get("web")
         assert pool is not None
-        pool.outliers._until[b.key] = 100.0  # ejected until t=100
-        pool.down.add(c.key)
+        pool.policy = PoolPolicy(eject_after=1, eject_base=95.0)
+        assert pool.failed(b, 5.0) == 95.0  # ejected until t=100, one recent error
+        pool.mark_down(c.key, True)
         pool.acquire(a)
         pool.acquire(a)
-        pool.errors.add(b.key, 5.0)
         (web,) = pools_state(pools, now=10.0)
         states = {i.id: (i.state, i.in_flight, i.errors_recent) for i in web.instances}
         assert states == {"web-1": ("healthy", 2, 0), "web-2": ("ejected", 0, 1), "web-3": ("down", 0, 0)}

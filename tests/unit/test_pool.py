@@ -6,7 +6,7 @@ import pytest
 
 from discovery.model import Endpoint, RouteSpec, ServiceRoutes, Snapshot
 from proxy.balancer import RoundRobin
-from proxy.pool import Pool, Pools, Reconciled
+from proxy.pool import Pool, PoolPolicy, Pools, Reconciled
 
 A = Endpoint("web", "a", "10.0.0.1", 80, node="n1")
 B = Endpoint("web", "b", "10.0.0.2", 80, node="n1")
@@ -187,7 +187,7 @@ class TestRetryBudget:
     """Retries stay within 20% of the window's requests (plus a small floor), and the window rolls over."""
 
     def test_floor_then_share_of_requests(self) -> None:
-        from proxy.pool import RetryBudget
+        from proxy.outcomes import RetryBudget
 
         budget = RetryBudget(ratio=0.2, window=10.0, minimum=3)
         assert [budget.allow(0.0) for _ in range(4)] == [True, True, True, False]  # the floor alone
@@ -197,7 +197,7 @@ class TestRetryBudget:
         assert granted == 10  # 3 + 0.2 * 50 = 13 in the window, 3 already used
 
     def test_new_window_starts_afresh(self) -> None:
-        from proxy.pool import RetryBudget
+        from proxy.outcomes import RetryBudget
 
         budget = RetryBudget(ratio=0.2, window=10.0, minimum=1)
         assert budget.allow(0.0) and not budget.allow(5.0)
@@ -208,7 +208,7 @@ class TestOutliers:
     """Consecutive failures eject an instance for a doubling time; at most half a pool; panic mode beyond."""
 
     def test_ejected_after_consecutive_failures_and_readmitted(self) -> None:
-        from proxy.pool import Outliers
+        from proxy.outcomes import Outliers
 
         outliers = Outliers(after=3, base=10.0, max_share=0.5)
         assert [outliers.failure("a", 0.0, 4) for _ in range(3)] == [None, None, 10.0]
@@ -218,7 +218,7 @@ class TestOutliers:
         assert [outliers.failure("a", 11.0, 4) for _ in range(3)] == [None, None, 20.0]
 
     def test_a_success_resets_the_count(self) -> None:
-        from proxy.pool import Outliers
+        from proxy.outcomes import Outliers
 
         outliers = Outliers(after=3)
         outliers.failure("a", 0.0, 4)
@@ -228,7 +228,7 @@ class TestOutliers:
         assert not outliers.ejected
 
     def test_never_more_than_the_share(self) -> None:
-        from proxy.pool import Outliers
+        from proxy.outcomes import Outliers
 
         outliers = Outliers(after=1, max_share=0.5)
         ejected = [outliers.failure(key, 0.0, 4) is not None for key in "abcd"]
@@ -239,8 +239,8 @@ class TestOutliers:
         pools.reconcile(snapshot(web=(A, B)))
         web = pools.get("web")
         assert web is not None
-        web.outliers.after = 1
-        web.outliers.failure(A.key, 0.0, len(web))
+        web.policy = PoolPolicy(eject_after=1)
+        assert web.failed(A, 0.0) is not None
         assert {web.pick() for _ in range(4)} == {B}
         assert web.pick(exclude={B.key}) == A  # only the ejected one is left: try it rather than 503
 
@@ -303,14 +303,14 @@ class TestSlowStart:
         late = [web.pick(now=110.0) for _ in range(3000)].count(C) / 3000
         assert early < 0.12  # about a tenth of its third
         assert 0.28 < late < 0.39  # ramped: its full third
-        assert C.key not in web.joined
+        assert not web.ramping(C.key)
 
 
 class TestReviewRegressions:
     """Ejection counts reset after a success; active-check state follows the health path's presence."""
 
     def test_ejections_in_a_row_reset_by_a_success_after_readmission(self) -> None:
-        from proxy.pool import Outliers
+        from proxy.outcomes import Outliers
 
         outliers = Outliers(after=1, base=10.0)
         assert outliers.failure("a", 0.0, 4) == 10.0
@@ -328,12 +328,12 @@ class TestReviewRegressions:
         assert web is not None
         assert (web.health_path, web.check_scheme, web.check_skip_verify) == ("/healthz", "https", True)
 
-        web.down.add(A.key)
+        web.mark_down(A.key, True)
         Pools.reconcile(pools, Snapshot((ServiceRoutes("web", routes, (A, B), settings=()),)))
-        assert web.down == {A.key}  # still checked (config), still out
+        assert web.is_down(A.key)  # still checked (config), still out
         pools._overrides = {}
         pools.reconcile(Snapshot((ServiceRoutes("web", routes, (A, B)),)))
-        assert web.health_path is None and web.down == set()
+        assert web.health_path is None and not web.is_down(A.key)
 
 
 class TestPolicyDefaults:
@@ -348,3 +348,22 @@ class TestPolicyDefaults:
         assert {f.name: getattr(PoolPolicy(), f.name) for f in fields(PoolPolicy)} == {
             f.name: getattr(DEFAULTS, f.name) for f in fields(PoolPolicy)
         }
+
+
+class TestSlowStartSwitchedOff:
+    """Regression: a reload that sets slow_start = 0 while an instance ramps up (it divided by zero, and every
+    request picking that instance had its connection dropped and logged as 499)."""
+
+    def test_ramping_instance_gets_its_full_share_at_once(self) -> None:
+        import random
+
+        pools = Pools(policy=PoolPolicy(slow_start=30.0))
+        pools.reconcile(snapshot(web=(A, B)), now=0.0)
+        pools.reconcile(snapshot(web=(A, B, C)), now=10.0)  # C starts ramping at t=10
+        web = pools.get("web")
+        assert web is not None and web.ramping(C.key)
+        web.rng = random.Random(3)
+        pools.configure({}, PoolPolicy(slow_start=0.0))  # SIGHUP
+        picks = [web.pick(now=11.0) for _ in range(3000)]
+        assert 0.28 < picks.count(C) / 3000 < 0.39
+        assert not web.ramping(C.key)

@@ -6,8 +6,8 @@ into callbacks on the request's `ResponseSink`, which writes to the client as by
 buffered beyond what the transports hold, nothing is decompressed, no header is invented.
 
 `UpstreamPool` keeps idle connections per instance (last in, first out, at most `keepalive` each, closed
-after `idle_timeout`) and opens new ones with a connect timeout. Connection failures leave as ProxyErrors
-marked retryable, since nothing reached the upstream.
+after `idle_timeout`) and opens new ones with a connect timeout. Connection failures leave as
+UpstreamConnectError / UpstreamConnectTimeout: nothing reached the upstream.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Final, Protocol
 
 import httptools
 
-from .errors import ProxyError, UpstreamConnectError, UpstreamConnectTimeout, UpstreamProtocolError
+from ..errors import ProxyError, UpstreamConnectError, UpstreamConnectTimeout, UpstreamProtocolError
 
 # How a response body is delimited, as far as the relay is concerned.
 FRAMING_NONE: Final = 0  # HEAD, 1xx, 204, 304: no body whatever the headers say
@@ -42,10 +42,18 @@ class ResponseSink(Protocol):
     def flush(self) -> None: ...
     def upstream_pause_writing(self) -> None: ...
     def upstream_resume_writing(self) -> None: ...
-    # A WebSocket (or other upgrade) the upstream accepted with 101: from then on raw bytes both ways.
-    def on_upgrade(self, reason: bytes, headers: list[tuple[bytes, bytes]], rest: bytes) -> None: ...
+    # A WebSocket (or other upgrade) the upstream accepted with 101: from then on raw bytes both ways, to the
+    # TunnelSink this returns (None: nobody takes them, the connection is closed).
+    def on_upgrade(self, reason: bytes, headers: list[tuple[bytes, bytes]], rest: bytes) -> TunnelSink | None: ...
+
+
+class TunnelSink(Protocol):
+    """Where an upgraded connection's raw bytes go."""
+
     def on_tunnel_data(self, data: bytes) -> None: ...
     def on_tunnel_closed(self) -> None: ...
+    def upstream_pause_writing(self) -> None: ...
+    def upstream_resume_writing(self) -> None: ...
 
 
 # What one read from an upstream may take. Reads land in one buffer per pool (the loop runs one callback at a
@@ -105,7 +113,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._head_bytes = 0
         self._upgrade = False  # the request asked to switch protocols
         self._switching = False  # and the upstream answered 101
-        self._tunnel: ResponseSink | None = None  # after the 101: where the upstream's raw bytes go
+        self._tunnel: TunnelSink | None = None  # after the 101: where the upstream's raw bytes go
 
     # --- driven by the request relay ---
     def send(self, head: bytes, sink: ResponseSink, *, head_request: bool, upgrade: bool = False) -> None:
@@ -175,8 +183,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             # 101 to an upgrade request: what follows its head belongs to the new protocol.
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
             self._sink = None
-            self._tunnel = sink
-            sink.on_upgrade(self._reason, self._headers, bytes(data[offset:]))
+            self._tunnel = sink.on_upgrade(self._reason, self._headers, bytes(data[offset:]))
+            if self._tunnel is None and self.transport is not None:
+                self.transport.abort()  # the request was over meanwhile: nobody takes the new protocol
             return
         except httptools.HttpParserError as exc:
             if self._pending is None:
@@ -372,7 +381,7 @@ class UpstreamPool:
         self._idle.clear()
 
     async def connect(self, key: PoolKey) -> UpstreamConnection:
-        """A new connection to the instance, within connect_timeout; failures are retryable ProxyErrors."""
+        """A new connection to the instance, within connect_timeout; failures are UpstreamConnect* errors."""
         scheme, host, port, skip_verify, server_name = key
         loop = asyncio.get_running_loop()
         ssl_ctx = self._ssl_context(skip_verify) if scheme == "https" else None
@@ -384,10 +393,10 @@ class UpstreamPool:
                     server_hostname=(server_name or host) if ssl_ctx is not None else None,
                 )
         except TimeoutError as exc:
-            raise UpstreamConnectTimeout(f"connecting to {authority} timed out", retryable=True) from exc
+            raise UpstreamConnectTimeout(f"connecting to {authority} timed out") from exc
         except (OSError, ssl.SSLError) as exc:
             detail = exc.strerror or str(exc) or type(exc).__name__
-            raise UpstreamConnectError(f"cannot connect to {authority}: {detail}", retryable=True) from exc
+            raise UpstreamConnectError(f"cannot connect to {authority}: {detail}") from exc
         self._all.add(conn)
         return conn
 

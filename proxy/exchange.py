@@ -1,0 +1,381 @@
+"""One request's life upstream: pick an instance, send, relay the answer, retry, time out, hand over a tunnel.
+
+Driven by callbacks only, so a request on a pooled keep-alive connection costs no task and no future:
+`attempt()` picks an instance and sends the head at once when an idle connection is at hand (a task is
+started only to open a new connection); the upstream connection then calls `on_head`, `on_body`,
+`on_complete` or `on_error`, which pass the answer on to the client side as bytes arrive. Before the response
+head, a failure may lead to another attempt (`retry.Attempts` decides); after it, the client is cut off.
+
+The exchange never touches a client socket: it talks to a `Downstream` (send the head, send body bytes, end,
+abort, pause and resume the request body), which the HTTP/1.1 client connection implements, so another
+client protocol reuses the exchange unchanged. Outcomes go to the `Pool` through its outcome interface.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from discovery.model import Endpoint
+
+from .dispatch import hash_key
+from .errors import NoHealthyEndpoint, PayloadTooLarge, ProxyError, ProxyInternalError
+from .h1.head import BODY_CHUNKED, BODY_NONE, Request
+from .h1.upstream import PoolKey, UpstreamConnection
+from .headers import upstream_request_head
+from .logs import request_log
+from .pool import Pool, sticky_cookie
+from .retry import Attempts, Verdict, counts_against_instance
+from .table import Route
+from .tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from .listener import ProxyContext
+
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+class Downstream(Protocol):
+    """The client side of an exchange, as the exchange needs it."""
+
+    ctx: ProxyContext
+    peer: bytes
+    peer_text: str
+    trusted: bool  # the peer is one of trusted_proxies: its forwarding headers are kept
+    closing: bool  # the client is gone or going: nothing more is sent
+    writing_paused: bool  # the client reads slower than it is sent to
+    body_paused: bool  # reading the request body is paused because the upstream does not take it
+
+    def backlog(self) -> int:
+        """Bytes sent to the client that it has not taken yet."""
+
+    def send_head(
+        self, req: Request, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int,
+        extra: tuple[tuple[bytes, bytes], ...], route: Route,
+    ) -> None: ...
+    def send_body(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> None:
+        """Raw bytes to the client (a tunnel's)."""
+
+    def flush(self) -> None: ...
+    def close(self) -> None:
+        """Close after what is buffered (a tunnel's end)."""
+
+    def end(self) -> None: ...
+    def abort(self) -> None: ...
+    def pause_body(self) -> None: ...
+    def resume_body(self) -> None: ...
+    def take_body(self, req: Request, exchange: Exchange) -> None: ...
+    def open_tunnel(self, req: Request, tunnel: Tunnel, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def answer_error(
+        self, req: Request, err: ProxyError, service: str, started: float, path: str, route_id: str,
+    ) -> None: ...
+    def done(self, exchange: Exchange, status: int) -> None: ...
+
+
+class Exchange:
+    """One request, from routing to its last byte, across the instances it is tried on."""
+
+    __slots__ = (
+        "armed", "attempts", "bytes_out", "client", "client_backlog", "conn", "ctx", "endpoint", "fresh",
+        "head_request", "head_sent", "last_activity", "loop", "over", "path", "pin", "pool", "req", "reused",
+        "route", "sent_at", "service", "started", "status", "target", "tunnel", "upstream_s",
+    )
+
+    def __init__(
+        self, client: Downstream, req: Request, route: Route, pool: Pool, target: bytes, started: float,
+        path: str, service: str,
+    ) -> None:
+        ctx = self.ctx = client.ctx
+        self.client = client
+        self.loop = ctx.loop
+        self.req = req
+        self.route = route
+        self.pool = pool
+        self.service = service  # the route's, or the one a split drew
+        self.target = target
+        self.started = started
+        self.path = path
+        self.attempts = Attempts(ctx.limits.max_attempts, len(pool.endpoints), req.method)
+        pool.begin(self.loop.time())
+        self.head_request = req.method == "HEAD"
+        self.endpoint: Endpoint | None = None
+        self.conn: UpstreamConnection | None = None
+        self.reused = False
+        self.head_sent = False
+        self.status = 0
+        self.bytes_out = 0
+        self.client_backlog = 0  # the client's backlog when it last paused us, or shrank
+        self.sent_at = 0.0
+        self.upstream_s: float | None = None  # request sent to response head received, on the last attempt
+        self.tunnel: Tunnel | None = None  # the upstream accepted an upgrade (101): raw bytes both ways
+        self.last_activity = 0.0
+        self.armed = False  # the read timeout runs (checked by the listener's sweeper, not a timer per request)
+        self.over = False  # answered and recorded: every later callback is a no-op
+        self.fresh = False  # the next attempt opens a new connection instead of taking a pooled one
+        # The sticky cookie's value the client sent, read once (used to pick, then to decide on Set-Cookie).
+        self.pin = hash_key(req, client.peer_text, ("cookie", pool.sticky)) if pool.sticky is not None else None
+
+    # --- choosing an instance and sending ---
+    def attempt(self) -> None:
+        client = self.client
+        if client.closing:
+            self._finish(499)
+            return
+        pool = self.pool
+        now = self.loop.time()
+        for instance in pool.readmit(now):
+            request_log(self.req, "info", "upstream_readmitted", service=self.service, instance=instance)
+        tried = self.attempts.tried
+        endpoint = pool.pinned(self.pin, tried) if self.pin is not None else None
+        if endpoint is None:
+            hashed = hash_key(self.req, client.peer_text, pool.hash_on) if pool.hash_on else None
+            endpoint = pool.pick(tried, hashed, now)
+        if endpoint is None:
+            self._answer(NoHealthyEndpoint(f"no healthy instance of service {self.service!r}"))
+            return
+        tried.add(endpoint.key)
+        route = self.route
+        key: PoolKey = (route.scheme, endpoint.address, endpoint.port, route.tls_skip_verify, route.sni)
+        conn = None if self.fresh else self.ctx.upstream.take_idle(key, now)
+        self.fresh = False
+        if conn is not None:
+            self._send(endpoint, conn, reused=True)
+        else:
+            self.loop.create_task(self._connect(endpoint, key))
+
+    async def _connect(self, endpoint: Endpoint, key: PoolKey) -> None:
+        try:
+            conn = await self.ctx.upstream.connect(key)
+        except ProxyError as err:
+            self._attempt_failed(endpoint, err, connected=False)
+            return
+        except Exception:  # a bug, not an upstream failure: answer 500 rather than leave the client hanging
+            request_log(self.req, "exception", "internal_error", service=self.service, path=self.path)
+            self._answer(ProxyInternalError("internal proxy error"))
+            return
+        if self.over or self.client.closing:
+            self.ctx.upstream.release(conn, True)
+            self._finish(499)
+            return
+        self._send(endpoint, conn, reused=False)
+
+    def _send(self, endpoint: Endpoint, conn: UpstreamConnection, *, reused: bool) -> None:
+        client = self.client
+        ctx = self.ctx
+        req = self.req
+        self.endpoint = endpoint
+        self.conn = conn
+        self.reused = reused
+        self.pool.acquire(endpoint)
+        if client.writing_paused:
+            conn.pause_reading()  # the client is still behind on an earlier answer on this connection
+            self.client_backlog = client.backlog()  # its progress, from here, keeps this request alive
+        self._arm_timer()
+        self.sent_at = time.perf_counter()
+        route = self.route
+        conn.send(upstream_request_head(
+            req.method.encode(), self.target, req.headers, client_ip=client.peer, proto=ctx.proto,
+            port=ctx.listen_port, default_host=endpoint.authority.encode(), chunked=req.body_kind == BODY_CHUNKED,
+            request_id=req.request_id, upgrade=req.upgrade, trusted=ctx.limits.trusted if client.trusted else None,
+            rules=route.request_rules, upstream_host=route.upstream_host_bytes,
+        ), self, head_request=self.head_request, upgrade=bool(req.upgrade))
+        if req.body_kind != BODY_NONE:
+            client.take_body(req, self)
+
+    def _arm_timer(self) -> None:
+        """(Re)start the inactivity clock. While the request body flows, the client's progress counts too; the
+        upstream's silence counts from when it has the whole request (a slow upload is not its fault)."""
+        self.armed, self.last_activity = not self.over, self.loop.time()
+
+    def _attempt_failed(self, endpoint: Endpoint, err: ProxyError, *, connected: bool) -> None:
+        """Before any response byte reached the client: count the failure, then retry or answer."""
+        if self.over:
+            return
+        err.upstream = endpoint.authority
+        if counts_against_instance(err, connected=connected, reused=self.reused):
+            self._instance_failed(endpoint)
+        if connected:
+            self.armed = False
+            self.pool.release(endpoint)
+            self.req.sink = None  # body chunks arriving meanwhile wait in the buffer for the next attempt
+            self.conn = None
+        verdict = self.attempts.after_failure(
+            err, connected=connected, reused=self.reused, body_sent=self.req.body_sent,
+            client_gone=self.client.closing, budget=lambda: self.pool.retry_allowed(self.loop.time()),
+        )
+        if verdict is Verdict.ANSWER:
+            self._answer(err)
+            return
+        if verdict is Verdict.SAME_INSTANCE:
+            self.attempts.tried.discard(endpoint.key)
+            self.fresh = True  # other pooled connections to it may be just as stale
+        request_log(self.req, "info", "upstream_retry", service=self.service, upstream=endpoint.authority,
+                    reason=err.reason, error=err.message, attempt=len(self.attempts.tried))
+        self.ctx.metrics.retries.labels(self.service).inc()
+        self.attempt()
+
+    def _instance_failed(self, endpoint: Endpoint, status: int = 0) -> None:
+        now = self.loop.time()
+        ejected_for = self.pool.answered(endpoint, status, now) if status else self.pool.failed(endpoint, now)
+        if ejected_for is not None:
+            request_log(self.req, "warning", "upstream_ejected", service=self.service, upstream=endpoint.authority,
+                        instance=endpoint.key, for_s=ejected_for)
+            self.ctx.metrics.ejections.labels(self.service).inc()
+
+    def _answer(self, err: ProxyError) -> None:
+        if not self.over:
+            self.over = True
+            self.pool.end()
+            self.client.answer_error(self.req, err, self.service, self.started, self.path, self.route.id)
+
+    # --- request body, client -> upstream ---
+    def send_body(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        req = self.req
+        if req.max_body and req.body_sent + len(data) > req.max_body:
+            # A chunked body (a declared length was checked before forwarding) grew past the limit: the upstream
+            # never gets the bytes beyond it, and the request ends here.
+            self.abandon(PayloadTooLarge(f"request body larger than {req.max_body} bytes"))
+            return
+        req.body_sent += len(data)
+        self.last_activity = self.loop.time()
+        if req.body_kind == BODY_CHUNKED:
+            conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            conn.write(data)
+
+    def end_body(self) -> None:
+        if self.conn is None:
+            return
+        if self.req.body_kind == BODY_CHUNKED:
+            self.conn.write(_LAST_CHUNK)
+        self._arm_timer()
+
+    def upstream_pause_writing(self) -> None:
+        self.client.pause_body()
+
+    def upstream_resume_writing(self) -> None:
+        self.client.resume_body()
+
+    # --- response, upstream -> client (the upstream connection's ResponseSink) ---
+    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int) -> None:
+        self.upstream_s = time.perf_counter() - self.sent_at
+        self.last_activity = self.loop.time()
+        self.status = status
+        self.head_sent = True
+        if self.endpoint is not None:
+            self._instance_failed(self.endpoint, status)
+        self._arm_timer()  # an upstream may answer before it read the whole body: its silence counts from now
+        self.client.send_head(
+            self.req, status, reason, headers, framing,
+            sticky_cookie(self.pool.sticky, self.endpoint, self.pin, self.route.path) if self.pool.sticky else (),
+            self.route,
+        )
+
+    def on_body(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        self.bytes_out += len(data)
+        self.client.send_body(data)
+
+    def flush(self) -> None:
+        self.client.flush()
+
+    def on_complete(self, reusable: bool) -> None:
+        self.armed = False
+        self.client.end()
+        if self.conn is not None:
+            self.ctx.upstream.release(self.conn, reusable and self.req.body_done)
+        self._finish(self.status)
+
+    def on_error(self, error: ProxyError, *, nothing_received: bool) -> None:
+        error.nothing_received = nothing_received
+        if not self.over:
+            self._broken(error)
+
+    def on_upgrade(self, reason: bytes, headers: list[tuple[bytes, bytes]], rest: bytes) -> Tunnel | None:
+        """The upstream switched protocols: a tunnel takes over the two connections (see proxy/tunnel.py)."""
+        if self.over or self.conn is None or self.endpoint is None:
+            return None
+        self.upstream_s = time.perf_counter() - self.sent_at
+        self.status = 101
+        self.head_sent = True
+        self.armed = False
+        return Tunnel.open(self, self.conn, self.endpoint, reason, headers, rest)
+
+    def tunnel_ended(self, sent: int) -> None:
+        """The tunnel closed: the request is over (its access line says 101)."""
+        self.pool.tunnel_closed()
+        self.bytes_out += sent
+        self._finish(101)
+
+    # --- the client went away, or a side went silent ---
+    def client_gone(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close()
+            return
+        self.armed = False
+        if self.conn is not None:
+            self.conn.detach()
+        self._finish(499)  # nginx's code for a client that went away before the answer
+
+    def abandon(self, err: ProxyError) -> None:
+        """The request cannot go on (its body broke off or grew past the limit while relayed, or a bug): answered
+        with `err` if nothing went out yet, else cut off."""
+        if self.over:
+            return
+        self.armed = False
+        if self.conn is not None:
+            self.conn.detach()
+        self.req.keep_alive = False
+        if self.head_sent:
+            self.client.abort()
+            self._finish(self.status)
+        else:
+            if self.endpoint is not None and self.conn is not None:
+                self.pool.release(self.endpoint)
+            self.conn = None
+            self._answer(err)
+
+    def timed_out(self, error: ProxyError | None) -> None:
+        """The read timeout ran out (see proxy/timeouts.py): the upstream connection goes, then as `_broken`;
+        without an error, the client stopped reading: the connection is cut."""
+        self.armed = False
+        if self.conn is not None:
+            self.conn.detach()
+        if error is not None:
+            self._broken(error)
+            return
+        self.req.keep_alive = False
+        self.client.abort()
+        self._finish(self.status or 499)
+
+    def _broken(self, error: ProxyError) -> None:
+        self.client.flush()
+        endpoint = self.endpoint
+        if not self.head_sent and endpoint is not None:
+            self._attempt_failed(endpoint, error, connected=True)
+            return
+        self.armed = False
+        # The head is out: the only honest signal left is to cut the connection.
+        request_log(self.req, "warning", "upstream_body_aborted", service=self.service, upstream=error.upstream or
+                    (endpoint.authority if endpoint else ""), reason=error.reason, error=error.message,
+                    bytes=self.bytes_out)
+        self.req.keep_alive = False
+        self.client.abort()
+        self._finish(self.status)
+
+    def _finish(self, status: int) -> None:
+        if self.over:
+            return
+        self.over = True
+        self.pool.end()
+        self.armed = False
+        if self.endpoint is not None and self.conn is not None:
+            self.pool.release(self.endpoint)
+        self.conn = None
+        if status == 499:
+            self.req.keep_alive = False
+        self.client.done(self, status)

@@ -1,0 +1,177 @@
+"""A proxy listener: the socket, its connections, the timeout sweeper, and what every connection shares.
+
+`ProxyContext` is gathered once per listener: the router (whose table is replaced whole by one assignment),
+the pools, the upstream connection pool, metrics, the access log, and `limits`, a frozen `ListenerLimits`
+value that a reload replaces by one assignment (a connection reads `ctx.limits` when it needs a limit, so it
+never sees half of an old and half of a new configuration).
+
+Timeouts are checked by one sweeper task a few times a second rather than with a timer per request and per
+idle connection (creating and cancelling those was a measurable share of a request's cost). A timeout fires
+between its value and its value plus one tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from ssl import SSLContext
+from typing import Final
+
+import structlog
+
+from .errors import TooManyConnections
+from .h1.client import ClientConnection
+from .h1.upstream import UpstreamPool
+from .headers import TrustedProxies, error_response
+from .logs import AccessWriter
+from .metrics import NO_ROUTE, NO_SERVICE, Metrics
+from .pool import Pools
+from .table import RoutingTable
+from .tls import HttpsRedirect
+
+log = structlog.get_logger("ferryman.proxy")
+
+# Defaults of the limits (config keys max_request_target, max_header_bytes, max_header_count).
+MAX_TARGET_BYTES: Final = 8 * 1024
+MAX_HEADER_BYTES: Final = 64 * 1024
+MAX_HEADER_COUNT: Final = 100
+_RETRY_AFTER: Final = ((b"Retry-After", b"1"),)
+_LIMITED_LOG_EVERY_S: Final = 10.0
+
+
+class Router:
+    """Holds the current table; replaced whole by one assignment (atomic on the event loop)."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, table: RoutingTable | None = None) -> None:
+        self.current = table or RoutingTable()
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """A listener's timeouts and limits, as configured; replaced whole on reload."""
+
+    read_timeout: float = 30.0
+    idle_timeout: float = 75.0
+    header_timeout: float = 10.0
+    tunnel_idle_timeout: float = 600.0  # a WebSocket with no byte either way this long closes
+    max_attempts: int = 3
+    max_connections: int = 10_000
+    max_target: int = MAX_TARGET_BYTES
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_header_count: int = MAX_HEADER_COUNT
+    max_body: int = 0
+    access_sample: float = 1.0  # share of successful (< 400) requests logged; errors always are
+    redirect: HttpsRedirect | None = None  # plain HTTP sent to HTTPS, for these hosts
+    trusted: TrustedProxies | None = None  # peers whose forwarding headers are kept (trusted_proxies)
+    # One endless line never completes a field, so the per-field checks would never run: the head as a whole
+    # is bounded too.
+    max_head: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_head", self.max_target + self.max_header_bytes + 1024)
+
+    @property
+    def sweep_interval(self) -> float:
+        return min(1.0, max(0.05, min(self.read_timeout, self.idle_timeout, self.header_timeout) / 4))
+
+
+class ProxyContext:
+    """What every connection of one listener needs, gathered once."""
+
+    __slots__ = ("access_log", "limits", "listen_port", "loop", "metrics", "pools", "proto", "rng", "router",
+                 "upstream")
+
+    def __init__(
+        self, *, router: Router, pools: Pools, upstream: UpstreamPool, metrics: Metrics, listen_port: int,
+        proto: str, access_log: AccessWriter | None, loop: asyncio.AbstractEventLoop,
+        limits: ListenerLimits | None = None,
+    ) -> None:
+        self.router, self.pools, self.upstream, self.metrics = router, pools, upstream, metrics
+        self.listen_port = str(listen_port).encode()
+        self.proto = proto.encode()
+        self.access_log = access_log
+        self.loop = loop
+        self.limits = limits or ListenerLimits()
+        self.rng = random.Random()  # canary splits and access-log sampling: no secrets
+
+
+class ProxyServer:
+    """Listens and tracks connections so shutdown can let requests in progress finish."""
+
+    def __init__(self, cfg: ProxyContext) -> None:
+        self.cfg = cfg
+        self.connections: set[ClientConnection] = set()
+        self.stopping = False
+        self.drained = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._refused = 0
+        self._refused_logged_at = float("-inf")
+
+    def admit(self, conn: ClientConnection) -> bool:
+        """A new connection: tracked, or (over max_connections) refused with a 503 and Retry-After and closed
+        at once, so the proxy stays responsive for the connections it has."""
+        if len(self.connections) < self.cfg.limits.max_connections:
+            self.connections.add(conn)
+            return True
+        transport = conn.transport
+        if transport is not None:
+            err = TooManyConnections(f"more than {self.cfg.limits.max_connections} client connections")
+            transport.write(error_response(err.status, err.message, keep_alive=False, extra=_RETRY_AFTER))
+            transport.close()
+        self._refused += 1
+        self.cfg.metrics.observe_request(NO_SERVICE, NO_ROUTE, "OTHER", 503, 0.0)
+        now = self.cfg.loop.time()
+        if now - self._refused_logged_at >= _LIMITED_LOG_EVERY_S:  # one line per 10 s under a flood
+            log.warning("client_connections_limited", max_connections=self.cfg.limits.max_connections,
+                        refused=self._refused)
+            self._refused_logged_at = now
+            self._refused = 0
+        return False
+
+    def gone(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if self.stopping and not self.connections:
+            self.drained.set()
+
+    async def start(
+        self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024, ssl: SSLContext | None = None,
+    ) -> None:
+        self._server = await self.cfg.loop.create_server(
+            lambda: ClientConnection(self.cfg, self), host, port, reuse_port=reuse_port or None, backlog=backlog,
+            ssl=ssl,
+        )
+        self._sweeper = self.cfg.loop.create_task(self._sweep(), name="proxy-timeouts")
+
+    async def _sweep(self) -> None:
+        cfg = self.cfg
+        while True:
+            await asyncio.sleep(cfg.limits.sweep_interval)  # read each time: a reload may shorten the timeouts
+            now = cfg.loop.time()
+            for conn in list(self.connections):
+                try:
+                    conn.sweep(now)
+                except Exception:  # one broken connection must not end timeouts for all the others
+                    log.exception("timeout_sweep_failed", client=conn.peer_text)
+
+    async def stop(self, timeout: float) -> None:
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        if self.connections:
+            try:
+                await asyncio.wait_for(self.drained.wait(), timeout)
+            except TimeoutError:
+                log.warning("shutdown_timeout", connections=len(self.connections))
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
