@@ -46,12 +46,12 @@ CMD ["--help"]
 # it belongs (not on a public network).
 FROM runtime AS ferryman
 ENV FERRYMAN_LISTEN=0.0.0.0:8080 \
-    FERRYMAN_ADMIN_LISTEN=0.0.0.0:9090 \
+    FERRYMAN_ADMIN_LISTEN=0.0.0.0:9919 \
     FERRYMAN_CONSUL_ADDR=consul:8500
-EXPOSE 8080 9090
+EXPOSE 8080 9919
 # /ready: 200 once a routing table came from Consul; 503 while draining or when Consul has been silent for
 # max_sync_age. Asks the port of FERRYMAN_ADMIN_LISTEN on loopback.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('FERRYMAN_ADMIN_LISTEN', ':9090').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/ready', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('FERRYMAN_ADMIN_LISTEN', ':9919').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/ready', timeout=2)"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["ferryman"]

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CONSUL := $(VENV)/bin/consul
 SHARED_ENSURE_CONSUL := ../shared/bin/ensure-consul
 
-.PHONY: demo test test-debs bench lint clean consul venv
+.PHONY: demo test test-debs bench bench-debs lint clean consul venv
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ferryman needs Python 3.11 or newer")'
@@ -36,7 +36,9 @@ demo: $(VENV)/.installed
 	-@$(MAKE) --no-print-directory consul
 	$(PY) -m demo.run --consul-bin $(CONSUL)
 
-# Install Debian packages that are missing (as root, or through sudo); used by `test` and `bench`.
+# Install Debian packages that are missing (as root, or through sudo). Only for packages that start or enable
+# no system service (no systemd unit, no init script): chromium and docker-compose (installed without its
+# recommended docker.io, which would start dockerd). tests/unit/test_makefile.py keeps it that way.
 define APT_ENSURE
 	@missing=""; \
 	for p in $(1); do \
@@ -50,25 +52,111 @@ define APT_ENSURE
 	fi
 endef
 
-# The observability tests run a real Prometheus (its binary, with the test's own config; never the system
-# service) and a headless Chromium against the status page; tests/unit/test_compose.py validates the compose
-# file with Debian's docker-compose (`docker-compose config` needs no Docker engine).
-TEST_DEBS := prometheus chromium docker-compose
+# Debian packages whose binaries we only need, unpacked under .venv/debs (never installed: `dpkg-deb -x` runs no
+# maintainer script, so no service is started or enabled, and no root is needed) with a command in .venv/bin per
+# binary. Arguments: a package, then the binaries to link. The package's library dependencies missing from
+# the system are unpacked beside it and the command sets LD_LIBRARY_PATH for them. `apt-get download` needs
+# package lists: the system's; else `apt-get update` (as root, or with sudo when it needs no password); else
+# lists of our own under .venv/debs/lists (a user without sudo).
+define UNPACK_DEB_SH
+set -eu
+venv=$(cd "$1" && pwd); pkg=$2; shift 2
+debs=$venv/debs; root=$debs/root
+mkdir -p "$debs" "$root" "$venv/bin"
+opts=""
+if [ "$(id -u)" = 0 ]; then opts="-o APT::Sandbox::User=root"; fi  # _apt may not write to .venv/debs
+if [ -d "$debs/lists" ]; then
+	opts="$opts -o Dir::State::Lists=$debs/lists -o Debug::NoLocking=1"
+elif ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+	if [ "$(id -u)" = 0 ]; then apt-get update -qq
+	elif sudo -n true 2>/dev/null; then sudo apt-get update -qq
+	else
+		mkdir -p "$debs/lists/partial"
+		opts="$opts -o Dir::State::Lists=$debs/lists -o Debug::NoLocking=1"
+		apt-get $opts update -qq
+	fi
+fi
+fetch() {
+	rm -f "$debs/$1"_*.deb
+	(cd "$debs" && apt-get $opts download -qq "$1") >&2
+	ls "$debs/$1"_*.deb
+}
+depends() {  # the first alternative of each dependency of .deb $1
+	dpkg-deb -f "$1" Depends | tr ',' '\n' | sed 's/|.*//; s/(.*//; s/:any//; s/ //g'
+}
+unpack() {  # package $1 and its library dependencies the system lacks; prints the package's .deb
+	deb=$(fetch "$1")
+	dpkg-deb -x "$deb" "$root"
+	for dep in $(depends "$deb" | grep '^lib' || true); do
+		dpkg-query -W -f='${Status}' "$dep" 2>/dev/null | grep -q 'install ok installed' && continue
+		dpkg-deb -x "$(fetch "$dep")" "$root"
+	done
+	echo "$deb"
+}
+found() {
+	for bin in "$@"; do
+		[ -x "$root/usr/bin/$bin" ] || [ -x "$root/usr/sbin/$bin" ] || return 1
+	done
+}
+deb=$(unpack "$pkg")
+# Some packages only depend on the one with the binary (bookworm's nginx-light on nginx): unpack those too.
+if ! found "$@"; then
+	for dep in $(depends "$deb" | grep -v '^lib' || true); do unpack "$dep" >/dev/null; done
+fi
+libs=$(ls -d "$root"/usr/lib/*-linux-gnu "$root"/lib/*-linux-gnu 2>/dev/null | paste -s -d: -)
+for bin in "$@"; do
+	path=""
+	for dir in usr/bin usr/sbin; do
+		if [ -x "$root/$dir/$bin" ]; then path=$root/$dir/$bin; break; fi
+	done
+	if [ -z "$path" ]; then echo "$pkg has no binary $bin" >&2; exit 1; fi
+	rm -f "$venv/bin/$bin"
+	if [ -z "$libs" ]; then ln -s "$path" "$venv/bin/$bin"; continue; fi
+	printf '#!/bin/sh\n# %s from Debian package %s, unpacked by make (not installed)\nLD_LIBRARY_PATH="%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "%s" "$@"\n' \
+		"$bin" "$pkg" "$libs" "$path" > "$venv/bin/$bin"
+	chmod 0755 "$venv/bin/$bin"
+done
+endef
+export UNPACK_DEB_SH := $(value UNPACK_DEB_SH)
+UNPACK_DEB = sh -c "$$UNPACK_DEB_SH" unpack-deb $(VENV)
 
-test-debs:
-	$(call APT_ENSURE,$(TEST_DEBS))
+# The observability tests run a real Prometheus (its binary, with the test's own config) and promtool, from
+# Debian's prometheus package unpacked into .venv: installed, the package would start and enable a system
+# Prometheus on :9090. A headless Chromium renders the status page; tests/unit/test_compose.py validates the
+# compose file with Debian's docker-compose (`docker-compose config` needs no Docker engine). Neither ships a
+# service, and Chromium's library tree is too large to unpack: those two are installed through apt.
+TEST_APT_DEBS := chromium docker-compose
+
+# One rule writes both commands.
+$(VENV)/bin/promtool: | $(VENV)/.installed
+	$(UNPACK_DEB) prometheus prometheus promtool
+	$(VENV)/bin/prometheus --version >/dev/null && $(VENV)/bin/promtool --version >/dev/null
+
+test-debs: $(VENV)/bin/promtool
+	$(call APT_ENSURE,$(TEST_APT_DEBS))
 
 test: $(VENV)/.installed $(CONSUL) test-debs
 	CONSUL_BIN=$(abspath $(CONSUL)) $(PY) -m pytest -q
 
 # The benchmark (issue 3): Ferryman beside nginx, HAProxy and Caddy, through a real Consul agent, on loopback.
-# Debian's wrk, nginx-light, haproxy and caddy are installed when missing; bench/run.py runs its own
-# instances of them (own configs, temp dirs, loopback ports; Caddy with its admin API off and HOME/XDG_* in
-# the temp dir) and never uses or touches their system services.
-BENCH_DEBS := wrk nginx-light haproxy caddy
+# Debian's wrk, nginx-light, haproxy and caddy are unpacked into .venv like prometheus (installed, nginx,
+# haproxy and caddy would start system services on :80 and more); bench/run.py takes them from .venv/bin and
+# runs its own instances of them (own configs, temp dirs, loopback ports; Caddy with its admin API off and
+# HOME/XDG_* in the temp dir).
+BENCH_BINS := $(VENV)/bin/wrk $(VENV)/bin/nginx $(VENV)/bin/haproxy $(VENV)/bin/caddy
 
-bench: $(VENV)/.installed $(CONSUL)
-	$(call APT_ENSURE,$(BENCH_DEBS))
+$(VENV)/bin/wrk: | $(VENV)/.installed
+	$(UNPACK_DEB) wrk wrk
+$(VENV)/bin/nginx: | $(VENV)/.installed
+	$(UNPACK_DEB) nginx-light nginx
+$(VENV)/bin/haproxy: | $(VENV)/.installed
+	$(UNPACK_DEB) haproxy haproxy
+$(VENV)/bin/caddy: | $(VENV)/.installed
+	$(UNPACK_DEB) caddy caddy
+
+bench-debs: $(BENCH_BINS)
+
+bench: $(VENV)/.installed $(CONSUL) bench-debs
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed

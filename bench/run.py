@@ -282,6 +282,15 @@ events {{ worker_connections 4096; multi_accept on; }}
 """
 
 
+def tool(name: str) -> str:
+    """The path of a benchmark tool: .venv/bin (where `make bench` unpacks Debian's packages without installing
+    them), else PATH, else the bare name (the caller reports it missing)."""
+    local = VENV_BIN / name
+    if os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which(name) or name
+
+
 def nginx_temp_paths(prefix: Path) -> str:
     kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     return "\n".join(f"  {kind}_temp_path {prefix}/{kind}_temp;" for kind in kinds)
@@ -292,7 +301,7 @@ def start_nginx(stack: Stack, name: str, config: str) -> Proc:
     prefix.mkdir(exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(config)
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    nginx = tool("nginx")
     argv = [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
     test = subprocess.run([*argv, "-t", "-q"], capture_output=True, text=True, timeout=30)
     if test.returncode != 0:
@@ -494,7 +503,7 @@ backend backends
   balance roundrobin
 {servers}
 """)
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    haproxy = tool("haproxy")
     test = subprocess.run([haproxy, "-c", "-q", "-f", str(conf)], capture_output=True, text=True, timeout=30)
     if test.returncode != 0:
         raise BenchError(f"haproxy rejected {conf}:\n{test.stdout}{test.stderr}")
@@ -547,7 +556,7 @@ def start_caddy(stack: Stack, backends: Sequence[int]) -> tuple[Proc, int]:
                XDG_CONFIG_HOME=str(prefix / "config"), XDG_CACHE_HOME=str(prefix / "cache"))
     for sub in ("home", "data", "config", "cache"):
         (prefix / sub).mkdir()
-    caddy = shutil.which("caddy") or "/usr/bin/caddy"
+    caddy = tool("caddy")
     proc = stack.spawn("caddy", [caddy, "run", "--config", str(conf), "--adapter", "caddyfile"], env=env)
     wait_until("caddy", lambda: answers(port), 20, [proc])
     return proc, port
@@ -636,7 +645,7 @@ def measure(proxy: str, proc: Proc, port: int, path: str, connections: int, dura
     before = cpu_ticks(pids)
     rss_peak = sum(tree_rss_kib(proc.pid).values())
     wrk = subprocess.Popen(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "2s", "--latency", url],
+        [tool("wrk"), "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "2s", "--latency", url],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     limit = time.monotonic() + duration + 20
@@ -785,10 +794,10 @@ def machine(consul_bin: str) -> list[str]:
     py = subprocess.run([str(VENV_BIN / "python"), "-c", probe], capture_output=True, text=True,
                         timeout=30).stdout.split()
     py += ["?"] * (3 - len(py))
-    nginx = _cmd_version(["nginx", "-v"], r"nginx/(\S+)")
-    haproxy = _cmd_version(["haproxy", "-v"], r"version (\S+)")
-    wrk = _cmd_version(["wrk", "-v"], r"wrk (\S+)")
-    caddy = _cmd_version(["caddy", "version"], r"v?(\d\S*)")
+    nginx = _cmd_version([tool("nginx"), "-v"], r"nginx/(\S+)")
+    haproxy = _cmd_version([tool("haproxy"), "-v"], r"version (\S+)")
+    wrk = _cmd_version([tool("wrk"), "-v"], r"wrk (\S+)")
+    caddy = _cmd_version([tool("caddy"), "version"], r"v?(\d\S*)")
     consul = _cmd_version([consul_bin, "version"], r"v(\S+)")
     return [
         f"- machine: {usable} CPUs usable (nproc), {os.cpu_count()} online, {model}, {mem} RAM",
@@ -831,10 +840,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     duration = 2 if args.quick else 8
     rounds = 1 if args.quick else 3
     warmup = 1 if args.quick else 2
-    for tool in ("wrk", "nginx", "haproxy", "caddy"):
-        if not shutil.which(tool):
-            print(f"bench: {tool} is not installed (make bench installs Debian's wrk, nginx-light, haproxy, "
-                  "caddy)", file=sys.stderr)
+    for name in ("wrk", "nginx", "haproxy", "caddy"):
+        if not os.access(tool(name), os.X_OK):
+            print(f"bench: no {name} in .venv/bin or on PATH (make bench unpacks Debian's wrk, nginx-light, "
+                  "haproxy, caddy into .venv)", file=sys.stderr)
             return 2
     if not Path(args.consul_bin).exists():
         print(f"bench: no Consul binary at {args.consul_bin} (make consul)", file=sys.stderr)

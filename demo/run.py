@@ -1,6 +1,6 @@
 """`make demo`: a Consul dev agent, three demo backends and Ferryman, all on loopback; Ctrl-C stops them.
 
-Every process is started here and stopped here by its PID. Ports: Ferryman on 8080 (admin 9090) and Consul
+Every process is started here and stopped here by its PID. Ports: Ferryman on 8080 (admin 9919) and Consul
 on 8500 when free, otherwise free ports are chosen and printed.
 """
 
@@ -96,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--consul-bin", default=shutil.which("consul") or str(REPO / ".venv/bin/consul"))
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--admin-port", type=int, default=9090)
+    parser.add_argument("--admin-port", type=int, default=9919)
     parser.add_argument("--tls-port", type=int, default=8443)
     parser.add_argument("--static", action="store_true",
                         help="no Consul: Ferryman routes from a static file (also the fallback without a binary)")

@@ -49,7 +49,7 @@ class HostPort:
 @dataclass(frozen=True, slots=True)
 class Settings:
     listen: str = "0.0.0.0:8080"
-    admin_listen: str = "127.0.0.1:9090"
+    admin_listen: str = "127.0.0.1:9919"
     consul_addr: str = "127.0.0.1:8500"
     consul_token: str = ""
     consul_dc: str = ""

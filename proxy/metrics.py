@@ -1,8 +1,15 @@
 """Prometheus metrics on a registry the app owns (never the global one), so tests and workers stay isolated.
 
-Two kinds:
-- Counters and histograms, counted as requests happen (prometheus-client; with several workers its
-  multiprocess mode adds up the workers' files).
+Three kinds:
+- Request metrics (requests, request and upstream durations, body bytes) are counted in plain dicts as requests
+  happen; `flush()` adds those counts to running totals of our own, and `RequestCollector` turns the totals
+  into counter and histogram families at scrape time. No private field of prometheus-client is touched, so an
+  upgrade of the library cannot corrupt a histogram. With several workers, each worker's `flush()` (every
+  second) also writes its totals to a file in the multiprocess directory, and the supervisor's
+  `WorkersRequestCollector` adds up those files (a dead worker's file stays, so counters never go back, as in
+  prometheus-client's own multiprocess mode).
+- The other counters and histograms (discovery, Consul, retries, ejections) are prometheus-client objects
+  updated through its public API; with several workers its multiprocess mode adds up the workers' files.
 - Gauges of the proxy's state (instances and their health, in-flight requests, open connections, discovery
   freshness, the routing table) are not kept as prometheus-client Gauges at all: `StateCollector` reads them
   from a state report at scrape time. A series exists only while what it describes exists, so an instance
@@ -15,12 +22,17 @@ fixed set of methods (anything else is "OTHER"), status codes, instance ids of c
 
 from __future__ import annotations
 
+import os
+import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Final, TypeVar
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from discovery.consul import ERROR_REASONS
@@ -35,32 +47,44 @@ KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH
 DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Blocking queries to Consul last up to their wait (30 s by default, plus up to 1/16 of jitter).
 CONSUL_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 40.0, 60.0, 120.0)
+# The `le` label values as prometheus-client's Histogram writes them (Go's float format: "1.0", "+Inf").
+_DURATION_LE: Final = (*(repr(float(bound)) for bound in DURATION_BUCKETS), "+Inf")
+# Where prometheus-client's multiprocess mode keeps its files; set by the supervisor for its workers.
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+_WORKER_FILE: Final = "requests-{pid}.json"
+_WORKER_GLOB: Final = "requests-*.json"
+
+_K = TypeVar("_K")
+
+_REQUESTS: Final = ("ferryman_requests", "Requests answered, by service, route, method and status code.")
+_REQUEST_DURATION: Final = (
+    "ferryman_request_duration_seconds",
+    "Time from the request's head received to the response's last byte sent, by service and route.",
+)
+_UPSTREAM_DURATION: Final = (
+    "ferryman_upstream_duration_seconds",
+    "Time from the request sent to an instance to its response head received, by service.",
+)
+_REQUEST_BYTES: Final = ("ferryman_request_bytes", "Request body bytes sent to instances, by service.")
+_RESPONSE_BYTES: Final = ("ferryman_response_bytes", "Response body bytes sent to clients, by service.")
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "ferryman_requests", "Requests answered, by service, route, method and status code.",
-            ["service", "route", "method", "code"], registry=r,
-        )
-        self.request_duration = Histogram(
-            "ferryman_request_duration_seconds",
-            "Time from the request's head received to the response's last byte sent, by service and route.",
-            ["service", "route"], buckets=DURATION_BUCKETS, registry=r,
-        )
-        self.upstream_duration = Histogram(
-            "ferryman_upstream_duration_seconds",
-            "Time from the request sent to an instance to its response head received, by service.",
-            ["service"], buckets=DURATION_BUCKETS, registry=r,
-        )
-        self.request_bytes = Counter(
-            "ferryman_request_bytes", "Request body bytes sent to instances, by service.", ["service"], registry=r,
-        )
-        self.response_bytes = Counter(
-            "ferryman_response_bytes", "Response body bytes sent to clients, by service.", ["service"], registry=r,
-        )
+        # Per request, counts add up in plain dicts and lists; flush() adds them to `totals` (at every scrape,
+        # and every second in workers). A prometheus-client counter increment or histogram observation costs a
+        # lock and a value object each (several µs a request in all); a dict update costs a tenth of that.
+        self._requests: dict[tuple[str, str, str, int], int] = {}
+        self._durations: dict[tuple[str, str], Buckets] = {}
+        self._upstream: dict[str, Buckets] = {}
+        self._bytes: dict[str, list[int]] = {}
+        self.totals = RequestTotals()
+        # A worker shares its totals with the supervisor through this directory (None: a single process).
+        self._share_dir = os.environ.get(MULTIPROC_ENV) or None
+        # Registered first, so the request metrics lead the exposition as they always did.
+        r.register(RequestCollector(self._collect_totals))
         self.discovery_updates = Counter(
             "ferryman_discovery_updates", "Routing tables built from a changed discovery snapshot.", registry=r,
         )
@@ -84,13 +108,6 @@ class Metrics:
         # Known label values start at 0, so the first error shows in rate() and dashboards show 0, not "no data".
         for reason in ERROR_REASONS:
             self.discovery_errors.labels(reason)
-        # Per request, counts add up in plain dicts and lists; flush() hands them to prometheus-client (at every
-        # scrape, and every second in workers). A counter increment or a histogram observation costs a lock and
-        # a value object each (several µs a request in all); a dict update costs a tenth of that.
-        self._requests: dict[tuple[str, str, str, int], int] = {}
-        self._durations: dict[tuple[str, str], _Pending] = {}
-        self._upstream: dict[str, _Pending] = {}
-        self._bytes: dict[str, list[int]] = {}
 
     def observe_request(
         self, service: str, route: str, method: str, status: int, seconds: float,
@@ -100,13 +117,13 @@ class Metrics:
         self._requests[key] = self._requests.get(key, 0) + 1
         pending = self._durations.get((service, route))
         if pending is None:
-            pending = self._durations[(service, route)] = _Pending()
+            pending = self._durations[(service, route)] = Buckets()
         pending.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
         pending.total += seconds
         if upstream_seconds is not None:
             upstream = self._upstream.get(service)
             if upstream is None:
-                upstream = self._upstream[service] = _Pending()
+                upstream = self._upstream[service] = Buckets()
             upstream.counts[bisect_left(DURATION_BUCKETS, upstream_seconds)] += 1
             upstream.total += upstream_seconds
         if request_bytes or response_bytes:
@@ -117,40 +134,48 @@ class Metrics:
             sums[1] += response_bytes
 
     def new_service(self, service: str) -> None:
-        """A routed service appeared: its retry and ejection counters start at 0."""
+        """A routed service appeared: its retry, ejection and body-byte counters start at 0 (a service that
+        only gets GETs still has a request-bytes series, so its dashboard panel shows 0, not "No data")."""
         self.retries.labels(service)
         self.ejections.labels(service)
+        self.totals.request_bytes.setdefault(service, 0)
+        self.totals.response_bytes.setdefault(service, 0)
 
     def flush(self) -> None:
-        """Hand what was counted since the last flush to prometheus-client."""
+        """Add what was counted since the last flush to the totals; a worker also writes them for the
+        supervisor."""
+        self._collect_totals()
+        if self._share_dir is not None:
+            self.totals.write(Path(self._share_dir) / _WORKER_FILE.format(pid=os.getpid()))
+
+    def _collect_totals(self) -> RequestTotals:
+        totals = self.totals
         requests, self._requests = self._requests, {}
         for (service, route, method, status), count in requests.items():
-            label_method = method if method in KNOWN_METHODS else "OTHER"
-            self.requests.labels(service, route, label_method, str(status)).inc(count)
-        for (service, route), pending in self._durations.items():
-            pending.flush_into(self.request_duration.labels(service, route))
+            key = (service, route, method if method in KNOWN_METHODS else "OTHER", str(status))
+            totals.requests[key] = totals.requests.get(key, 0) + count
+        for route_key, pending in self._durations.items():
+            pending.move_into(totals.durations, route_key)
         for service, pending in self._upstream.items():
-            pending.flush_into(self.upstream_duration.labels(service))
+            pending.move_into(totals.upstream, service)
         for service, sums in self._bytes.items():
             if sums[0]:
-                self.request_bytes.labels(service).inc(sums[0])
+                totals.request_bytes[service] = totals.request_bytes.get(service, 0) + sums[0]
             if sums[1]:
-                self.response_bytes.labels(service).inc(sums[1])
+                totals.response_bytes[service] = totals.response_bytes.get(service, 0) + sums[1]
             sums[0] = sums[1] = 0
+        return totals
 
     def observe_consul(self, query: str, seconds: float) -> None:
         self.consul_duration.labels(query).observe(seconds)
 
     def exposition(self) -> bytes:
-        self.flush()
         return generate_latest(self.registry)
 
 
-class _Pending:
-    """Histogram observations not yet handed over: a count per bucket (the last one past every bound) and the
-    sum. Handed over through the histogram child's own bucket and sum values, which is what observe() adds to
-    (prometheus-client keeps its buckets non-cumulative; tests/unit/test_observability.py checks the result
-    against observe())."""
+class Buckets:
+    """A histogram's observations: a count per bucket of DURATION_BUCKETS (not cumulative; the last one past
+    every bound) and the sum."""
 
     __slots__ = ("counts", "total")
 
@@ -158,15 +183,142 @@ class _Pending:
         self.counts = [0] * (len(DURATION_BUCKETS) + 1)
         self.total = 0.0
 
-    def flush_into(self, child: Any) -> None:
-        if not self.total and not any(self.counts):
-            return
-        child._sum.inc(self.total)
-        for index, count in enumerate(self.counts):
-            if count:
-                child._buckets[index].inc(count)
-                self.counts[index] = 0
+    def move_into(self, totals: dict[_K, Buckets], key: _K) -> None:
+        """Add these observations to `totals[key]` (created on first use, as a series appears with its first
+        request) and start again from zero."""
+        target = totals.get(key)
+        if target is None:
+            target = totals[key] = Buckets()
+        target.add(self.counts, self.total)
+        counts = self.counts
+        for index in range(len(counts)):
+            counts[index] = 0
         self.total = 0.0
+
+    def add(self, counts: list[int], total: float) -> None:
+        mine = self.counts
+        for index, count in enumerate(counts):
+            mine[index] += count
+        self.total += total
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """(le, observations at or below le) per bound, +Inf last: the exposition's buckets."""
+        out = []
+        running = 0
+        for le, count in zip(_DURATION_LE, self.counts, strict=True):
+            running += count
+            out.append((le, float(running)))
+        return out
+
+
+class RequestTotals:
+    """The request metrics since start, keyed by their label values (code as its string)."""
+
+    __slots__ = ("durations", "request_bytes", "requests", "response_bytes", "upstream")
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str, str], int] = {}
+        self.durations: dict[tuple[str, str], Buckets] = {}
+        self.upstream: dict[str, Buckets] = {}
+        self.request_bytes: dict[str, int] = {}
+        self.response_bytes: dict[str, int] = {}
+
+    def write(self, path: Path) -> None:
+        """Replace the file at `path` atomically (the supervisor never reads half a file)."""
+        data = {
+            "requests": [[*key, count] for key, count in self.requests.items()],
+            "durations": [[*key, b.counts, b.total] for key, b in self.durations.items()],
+            "upstream": [[key, b.counts, b.total] for key, b in self.upstream.items()],
+            "request_bytes": self.request_bytes,
+            "response_bytes": self.response_bytes,
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(data))
+        os.replace(tmp, path)
+
+    def add_file(self, path: Path) -> None:
+        """Add the totals a worker wrote to `path` (as written by `write`)."""
+        data: dict[str, Any] = orjson.loads(path.read_bytes())
+        for service, route, method, code, count in data["requests"]:
+            key = (service, route, method, code)
+            self.requests[key] = self.requests.get(key, 0) + count
+        for service, route, counts, total in data["durations"]:
+            self.durations.setdefault((service, route), Buckets()).add(counts, total)
+        for service, counts, total in data["upstream"]:
+            self.upstream.setdefault(service, Buckets()).add(counts, total)
+        for service, count in data["request_bytes"].items():
+            self.request_bytes[service] = self.request_bytes.get(service, 0) + count
+        for service, count in data["response_bytes"].items():
+            self.response_bytes[service] = self.response_bytes.get(service, 0) + count
+
+
+class RequestCollector(Collector):
+    """The request metrics as counter and histogram families, built from `totals()` at every scrape, with the
+    names, labels, buckets and types they had as prometheus-client Counters and Histograms. `created`: whether
+    to add each series' `_created` sample (its first scrape), as prometheus-client does in a single process."""
+
+    def __init__(self, totals: Callable[[], RequestTotals], created: bool = True) -> None:
+        self._totals = totals
+        # prometheus-client's switch for its own `_created` series, honoured here too.
+        disabled = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() in ("true", "1", "t")
+        self._created: dict[tuple[str, tuple[str, ...]], float] | None = None if disabled or not created else {}
+
+    def describe(self) -> list[Metric]:
+        return []  # the series depend on traffic: registering must not call collect()
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self._totals()
+        yield self._counter(_REQUESTS, ("service", "route", "method", "code"), totals.requests.items())
+        yield self._histogram(_REQUEST_DURATION, ("service", "route"), totals.durations.items())
+        yield self._histogram(_UPSTREAM_DURATION, ("service",), (((s,), b) for s, b in totals.upstream.items()))
+        yield self._counter(_REQUEST_BYTES, ("service",), (((s,), n) for s, n in totals.request_bytes.items()))
+        yield self._counter(_RESPONSE_BYTES, ("service",), (((s,), n) for s, n in totals.response_bytes.items()))
+
+    def _counter(
+        self, about: tuple[str, str], label_names: tuple[str, ...], series: Iterable[tuple[tuple[str, ...], int]],
+    ) -> CounterMetricFamily:
+        name, doc = about
+        counter = CounterMetricFamily(name, doc, labels=label_names)
+        for labels, count in series:
+            counter.add_metric(labels, count, created=self._first_seen(name, labels))
+        return counter
+
+    def _histogram(
+        self, about: tuple[str, str], label_names: tuple[str, ...],
+        series: Iterable[tuple[tuple[str, ...], Buckets]],
+    ) -> HistogramMetricFamily:
+        name, doc = about
+        histogram = HistogramMetricFamily(name, doc, labels=label_names)
+        for labels, buckets in series:
+            histogram.add_metric(labels, buckets.cumulative(), buckets.total)
+            created = self._first_seen(name, labels)
+            if created is not None:  # the sample prometheus-client's Histogram adds after each child's sum
+                histogram.add_sample(f"{name}_created", dict(zip(label_names, labels, strict=True)), created)
+        return histogram
+
+    def _first_seen(self, name: str, labels: tuple[str, ...]) -> float | None:
+        if self._created is None:
+            return None
+        return self._created.setdefault((name, labels), time.time())
+
+
+class WorkersRequestCollector(RequestCollector):
+    """The supervisor's request metrics: the sum of every worker's totals file in `directory`, including those
+    of workers that died (their requests were answered; counters must not go back)."""
+
+    def __init__(self, directory: str) -> None:
+        # No `_created`: prometheus-client's multiprocess mode has none either.
+        super().__init__(self._read, created=False)
+        self._directory = Path(directory)
+
+    def _read(self) -> RequestTotals:
+        totals = RequestTotals()
+        for path in sorted(self._directory.glob(_WORKER_GLOB)):
+            try:
+                totals.add_file(path)
+            except OSError:
+                continue  # removed since the glob (the supervisor stopping); files are replaced atomically
+        return totals
 
 
 class StateCollector(Collector):

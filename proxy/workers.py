@@ -3,10 +3,11 @@
 Each worker is a whole Ferryman (own event loop, own Consul watcher, own upstream pool) bound to the same
 address with SO_REUSEPORT, so the kernel spreads connections over them and a Consul change reaches every
 worker as fast as it reaches one. The supervisor serves the admin listener: /metrics adds up the workers'
-metrics through prometheus-client's multiprocess mode (each worker writes its values to files in a private
-directory), and /api/routes comes from the supervisor's own watcher. SIGTERM or SIGINT to the supervisor
-stops the workers (each finishes its in-flight requests within shutdown_timeout) and then itself. A worker
-that dies after running a while is restarted; one that dies at start (a port in use) stops everything.
+metrics from files in a private directory (request metrics from each worker's totals file, the others through
+prometheus-client's multiprocess mode), and /api/routes comes from the supervisor's own watcher. SIGTERM or
+SIGINT to the supervisor stops the workers (each finishes its in-flight requests within shutdown_timeout) and
+then itself. A worker that dies after running a while is restarted; one that dies at start (a port in use)
+stops everything.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import structlog
 
 from . import logs
 from .config import ConfigError, Settings, Source
-from .metrics import StateCollector
+from .metrics import StateCollector, WorkersRequestCollector
 from .state import Report, merge, read_reports, remove_report
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ class Supervisor:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
+        registry.register(WorkersRequestCollector(self.metrics_dir))  # request metrics: the workers' own files
         MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]  # untyped upstream
         registry.register(StateCollector(self.report))
         return generate_latest(registry)

@@ -45,7 +45,7 @@ def _ready(ferryman: FerrymanProcess) -> bool:
 
 def test_image_healthcheck_passes_on_a_ready_ferryman_and_fails_without_one(ferryman: FerrymanProcess) -> None:
     wait_until(lambda: _ready(ferryman), 20, "Ferryman's /ready")
-    # The image sets FERRYMAN_ADMIN_LISTEN=0.0.0.0:9090; the command asks its port on 127.0.0.1.
+    # The image sets FERRYMAN_ADMIN_LISTEN=0.0.0.0:9919; the command asks its port on 127.0.0.1.
     result = _run_healthcheck(f"0.0.0.0:{ferryman.admin_port}")
     assert result.returncode == 0, result.stderr
     nothing = _run_healthcheck(f"0.0.0.0:{free_port()}")

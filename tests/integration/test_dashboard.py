@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -48,10 +49,13 @@ LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?:(.*),\s*)?(\w+)\s*\)\s*$", r
 
 
 def _binary(env: str, name: str) -> str:
-    path = os.environ.get(env) or shutil.which(name)
+    """$env, else the venv's bin directory (where `make test` unpacks Debian's prometheus package without
+    installing it), else PATH."""
+    local = Path(sys.executable).parent / name
+    path = os.environ.get(env) or (str(local) if os.access(local, os.X_OK) else shutil.which(name))
     if not path:
-        pytest.fail(f"no `{name}` binary (set {env} or put it on PATH): `make test` installs Debian's prometheus "
-                    f"package, which ships /usr/bin/prometheus and /usr/bin/promtool", pytrace=False)
+        pytest.fail(f"no `{name}` binary (set {env}, run `make test-debs`, which unpacks Debian's prometheus "
+                    f"package into .venv/bin, or put it on PATH)", pytrace=False)
     return path
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from proxy.config import HostPort, load
+from proxy.config import DEFAULTS, HostPort, load
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -135,8 +137,10 @@ def test_ferryman_service(compose: dict[str, Any]) -> None:
 def test_published_host_ports_do_not_clash(compose: dict[str, Any]) -> None:
     host_ports = [p for service in compose["services"].values() for p in _published(service).values()]
     assert len(host_ports) == len(set(host_ports)), sorted(host_ports)
-    assert _published(_service(compose, "prometheus")) == {9090: 9091}
-    assert _published(_service(compose, "ferryman")) == {8080: 8080, 9090: 9090}
+    # Each on its own default port: Prometheus on 9090, Ferryman's admin listener on its default (9919).
+    admin_default = HostPort.parse(DEFAULTS.admin_listen).port
+    assert _published(_service(compose, "prometheus")) == {9090: 9090}
+    assert _published(_service(compose, "ferryman")) == {8080: 8080, admin_default: admin_default}
 
 
 def test_prometheus_scrapes_the_port_ferryman_listens_on(compose: dict[str, Any]) -> None:
@@ -153,9 +157,10 @@ def test_prometheus_scrapes_the_port_ferryman_listens_on(compose: dict[str, Any]
     admin = HostPort.parse(_service(compose, "ferryman")["environment"]["FERRYMAN_ADMIN_LISTEN"])
     assert targets == [f"ferryman:{admin.port}"]
 
-    promtool = shutil.which("promtool")
+    local = Path(sys.executable).parent / "promtool"  # where `make test` unpacks Debian's prometheus package
+    promtool = str(local) if os.access(local, os.X_OK) else shutil.which("promtool")
     if promtool is None:
-        pytest.fail("promtool is not on PATH: `make test` installs Debian's prometheus package")
+        pytest.fail("no promtool in the venv or on PATH: `make test-debs` unpacks Debian's prometheus package")
     result = subprocess.run([promtool, "check", "config", str(config_path)], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -369,6 +374,10 @@ def test_dockerfile_entrypoint_is_ferryman_and_healthcheck_asks_ready() -> None:
     assert HostPort.parse(env["FERRYMAN_ADMIN_LISTEN"]).host == "0.0.0.0"
     exposed = {int(p.split("/")[0]) for p in (dockerfile.effective(final, "EXPOSE") or "").split()}
     assert exposed == {HostPort.parse(env["FERRYMAN_LISTEN"]).port, HostPort.parse(env["FERRYMAN_ADMIN_LISTEN"]).port}
+    # The image keeps Ferryman's default admin port, and the healthcheck falls back to it.
+    admin_default = HostPort.parse(DEFAULTS.admin_listen).port
+    assert HostPort.parse(env["FERRYMAN_ADMIN_LISTEN"]).port == admin_default
+    assert f"'FERRYMAN_ADMIN_LISTEN', ':{admin_default}'" in code
 
 
 def test_dockerfile_runs_as_a_user_that_is_not_root() -> None:

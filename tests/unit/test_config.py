@@ -255,7 +255,19 @@ class TestChoicesAndAddresses:
 
     def test_default_addresses(self) -> None:
         assert DEFAULTS.listen_addr == HostPort("0.0.0.0", 8080)
-        assert DEFAULTS.admin_addr == HostPort("127.0.0.1", 9090)
+        assert DEFAULTS.admin_addr == HostPort("127.0.0.1", 9919)
+
+    @pytest.mark.parametrize(
+        ("port", "owner"),
+        [(9090, "Prometheus"), (9091, "Pushgateway"), (9093, "Alertmanager"), (9100, "node exporter"),
+         (8500, "Consul"), (8080, "Traefik, Ferryman's proxy"), (8081, "Traefik"), (3000, "Grafana"),
+         (9000, "MinIO, PHP-FPM"), (9901, "Envoy's admin"), (9911, "lnd's watchtower"), (9998, "Fabio's UI"),
+         (9999, "Fabio's proxy")],
+        ids=lambda value: str(value),
+    )
+    def test_the_admin_port_is_nobody_elses_default(self, port: int, owner: str) -> None:
+        """The admin listener's default port is no common service's default (9090 was Prometheus's)."""
+        assert DEFAULTS.admin_addr.port != port, f"{port} is {owner}'s default"
 
 
 class TestServiceTables:
