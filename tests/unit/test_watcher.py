@@ -17,7 +17,8 @@ from structlog.testing import capture_logs
 from discovery.consul import ConsulError
 from discovery.model import Snapshot
 from discovery.snapshot import build_dc_snapshot, build_snapshot
-from discovery.watcher import Backoff, Watcher, next_index
+from discovery.follow import Backoff, next_index
+from discovery.watcher import Watcher
 
 WAIT_S = 5.0  # an upper bound so a broken watcher fails the test instead of hanging it; never asserted on
 
