@@ -33,7 +33,7 @@ from . import logs
 from .admin import make_admin_app
 from .certs import Certificates
 from .checks import active_checks
-from .config import ConfigError, Settings, parse_route_entry, reloaded
+from .config import ConfigError, HostPort, Settings, parse_route_entry, reloaded
 from .forwarder import UpstreamPool
 from .headers import TrustedProxies
 from .metrics import Metrics, StateCollector
@@ -52,19 +52,47 @@ _FIRST_SYNC_WAIT_S = 5.0
 REPORT_INTERVAL_S = 1.0
 
 
-def kv_route_part(values: dict[str, bytes]) -> tuple[RoutePart, list[tuple[str, str]]]:
-    """Routes under a Consul KV prefix, one per key, each holding a [[routes]] table in TOML: the `kv` part, and
-    (key, error) for each key that does not load (left out; the others apply). Empty keys are folders."""
+def kv_routes(prefix: str, values: dict[str, bytes]) -> RoutePart:
+    """Routes under a Consul KV prefix, one per key, each holding a [[routes]] table in TOML: the `kv` part.
+    Operators add, change (a canary's weight) and delete routes at run time. A key that does not load is logged
+    with its name and left out; the others apply. Empty keys are folders."""
     routes: list[Route] = []
-    invalid: list[tuple[str, str]] = []
     for key, raw in sorted(values.items()):
         if not raw.strip():
             continue  # a folder key, or an emptied one
         try:
             routes.append(Route.from_config(parse_route_entry(tomllib.loads(raw.decode("utf-8")), f"consul kv {key}")))
         except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError is a ValueError
-            invalid.append((key, str(exc)))
-    return RoutePart("kv", tuple(routes)), invalid
+            log.warning("kv_route_invalid", key=key, error=str(exc))
+    log.info("kv_routes_loaded", prefix=prefix, routes=len(routes))
+    return RoutePart("kv", tuple(routes))
+
+
+def pool_policy(settings: Settings) -> PoolPolicy:
+    # PoolPolicy's fields are config keys of the same names.
+    return PoolPolicy(**{f.name: getattr(settings, f.name) for f in fields(PoolPolicy)})
+
+
+async def write_reports(directory: str, report: Callable[[], Report], flush: Callable[[], None]) -> None:
+    """A worker's state report for the supervisor, every REPORT_INTERVAL_S, until cancelled."""
+    while True:
+        flush()
+        try:
+            write_report(directory, report())
+        except OSError as exc:
+            log.warning("state_report_failed", error=str(exc))
+        await asyncio.sleep(REPORT_INTERVAL_S)
+
+
+async def start_admin(app: web.Application, address: HostPort) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, address.host, address.port).start()
+    except BaseException:
+        await runner.cleanup()  # (a taken port: nothing of the admin side stays behind)
+        raise
+    return runner
 
 
 class Ferryman:
@@ -82,7 +110,10 @@ class Ferryman:
         exposition: Callable[[], bytes] | None = None,
         report: Callable[[], Report] | None = None,
         report_dir: str | None = None,
+        make_source: Callable[[Callable[[Snapshot], None]], Source] | None = None,
     ) -> None:
+        """`make_source` builds the discovery source around the app's snapshot callback (tests, a discovery
+        shared by a host's workers); by default the static file or the Consul watcher the settings name."""
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.serve_proxy, self.serve_admin, self.reuse_port = serve_proxy, serve_admin, reuse_port
@@ -94,7 +125,7 @@ class Ferryman:
         self.report_dir = report_dir  # a worker writes its report here for the supervisor
         self.draining = False
         self.router = Router()
-        self.pools = Pools(settings.service_overrides(), self._policy(settings))
+        self.pools = Pools(settings.service_overrides(), pool_policy(settings))
         self.generation = 0
         self._conflicts: set[Problem] = set()
         self.world = RoutedWorld(parts=(RoutePart.declared("file", settings.routes),))
@@ -108,14 +139,10 @@ class Ferryman:
         self.certs: Certificates | None = None
         self._consul: ConsulClient | None = None
         self._source: Source | None = None
+        self._make_source = make_source
         self._discovery_crashed = False
         self._tasks: list[asyncio.Task[None]] = []  # every background task, cancelled at stop
         self._runners: list[web.BaseRunner] = []
-
-    @staticmethod
-    def _policy(settings: Settings) -> PoolPolicy:
-        # PoolPolicy's fields are config keys of the same names.
-        return PoolPolicy(**{f.name: getattr(settings, f.name) for f in fields(PoolPolicy)})
 
     def _snapshot(self, snapshot: Snapshot) -> None:
         """The source's callback: a new snapshot."""
@@ -160,18 +187,14 @@ class Ferryman:
             added=changes.added, removed=changes.removed, changed=changes.changed,
         )
 
-    def _kv_routes_changed(self, values: dict[str, bytes]) -> None:
-        """Routes from Consul KV: operators add, change (a canary's weight) and delete routes at run time."""
-        part, invalid = kv_route_part(values)
-        for key, error in invalid:
-            log.warning("kv_route_invalid", key=key, error=error)
-        log.info("kv_routes_loaded", prefix=self.settings.routes_kv_prefix, routes=len(part.routes))
-        self._update(self.world.with_part(part))
-
     async def _build_source(self) -> Source:
         """The static file (no Consul at all), or the Consul watcher. A bad file, or a token Consul refuses,
         is a config error (exit 2); an unreachable Consul is not (serve, retry)."""
         s = self.settings
+        if self._make_source is not None:
+            self._source = self._make_source(self._snapshot)
+            self._source.watch_also(self.world.named)
+            return self._source
         if s.static_file:
             static = StaticWatcher(s.static_file, self._snapshot, prefix=s.tag_prefix)
             self._source = static
@@ -210,8 +233,10 @@ class Ferryman:
         source = await self._build_source()
         self._tasks.append(start_task(source.run(), "consul-watcher", self._crashed))
         if self._consul is not None and s.routes_kv_prefix:
-            routes = KvFollower(self._consul, s.routes_kv_prefix, self._kv_routes_changed,
-                                unreadable="routes_kv_unreadable", recovered="routes_kv_recovered")
+            routes = KvFollower(
+                self._consul, s.routes_kv_prefix,
+                lambda values: self._update(self.world.with_part(kv_routes(s.routes_kv_prefix, values))),
+                unreadable="routes_kv_unreadable", recovered="routes_kv_recovered")
             self._tasks.append(start_task(routes.run(), "routes-kv", self._crashed))
         if self.certs is not None:
             certs = self.certs
@@ -230,9 +255,12 @@ class Ferryman:
                 log.warning("started_without_routes", waited_s=_FIRST_SYNC_WAIT_S, consul=s.consul_addr)
             await self._start_proxies()
         if self.serve_admin:
-            await self._start_admin()
+            self._runners.append(await start_admin(
+                make_admin_app(self.router, self.pools, self.exposition, self.report_source, consul=s.consul_addr,
+                               max_sync_age=lambda: self.settings.max_sync_age), s.admin_addr))
         if self.report_dir is not None:
-            self._tasks.append(start_task(self._write_reports(), "state-report"))
+            self._tasks.append(start_task(
+                write_reports(self.report_dir, self.report, self.metrics.flush), "state-report"))
         log.info("ferryman_started", listen=str(s.listen_addr) if self.serve_proxy else None,
                  admin=str(s.admin_addr) if self.serve_admin else None, consul=s.consul_addr)
 
@@ -247,16 +275,6 @@ class Ferryman:
             secure = ProxyServer(self._context("https", address.port, access_log))
             self._proxies.append(secure)
             await secure.start(address.host, address.port, reuse_port=self.reuse_port, ssl=self.certs.context)
-
-    async def _start_admin(self) -> None:
-        s = self.settings
-        runner = web.AppRunner(make_admin_app(
-            self.router, self.pools, self.exposition, self.report_source, consul=s.consul_addr,
-            max_sync_age=lambda: self.settings.max_sync_age,
-        ), access_log=None)
-        await runner.setup()
-        self._runners.append(runner)
-        await web.TCPSite(runner, s.admin_addr.host, s.admin_addr.port).start()
 
     def _context(self, proto: str, port: int, access_log: logs.AccessWriter | None) -> ProxyContext:
         ctx = ProxyContext(
@@ -296,7 +314,7 @@ class Ferryman:
             self._source.reload()
         self.upstream.connect_timeout, self.upstream.keepalive, self.upstream.idle_timeout = (
             s.connect_timeout, s.upstream_keepalive, s.upstream_idle_timeout)
-        self.pools.configure(s.service_overrides(), self._policy(s))
+        self.pools.configure(s.service_overrides(), pool_policy(s))
         if "routes" in changed:
             self._update(self.world.with_part(RoutePart.declared("file", s.routes)))  # the file's new [[routes]]
         elif self._source is not None and self._source.last_snapshot is not None:
@@ -321,16 +339,6 @@ class Ferryman:
             draining=self.draining,
             at=time.time(),
         )
-
-    async def _write_reports(self) -> None:
-        assert self.report_dir is not None
-        while True:
-            self.metrics.flush()
-            try:
-                write_report(self.report_dir, self.report())
-            except OSError as exc:
-                log.warning("state_report_failed", error=str(exc))
-            await asyncio.sleep(REPORT_INTERVAL_S)
 
     async def wait_synced(self, timeout: float) -> bool:
         if self._source is None:
