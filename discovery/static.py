@@ -155,7 +155,7 @@ def load_static(path: str, prefix: str = DEFAULT_PREFIX) -> Snapshot:
 class StaticWatcher:
     """The static file as a discovery source: loaded at start (a bad file is a StaticError), then watched every
     `interval` seconds; each change that loads becomes a new snapshot, one that does not is logged
-    (`static_file_invalid`) and the last good one stays. Speaks the Watcher's interface for the app."""
+    (`static_file_invalid`) and the last good one stays. A discovery `Source`, like the Consul `Watcher`."""
 
     def __init__(self, path: str, on_snapshot: Callable[[Snapshot], None], *, prefix: str = DEFAULT_PREFIX,
                  interval: float = 2.0) -> None:
@@ -184,6 +184,16 @@ class StaticWatcher:
             self._last = snapshot
             self.synced.set()
             self._on_snapshot(snapshot)
+
+    def watch_also(self, services: frozenset[str]) -> None:
+        """Nothing to add: every service of the file is in the snapshot, routed by its tags or not."""
+
+    def reload(self) -> None:
+        """SIGHUP: read the file now; one that does not load is logged and the last good snapshot stays."""
+        try:
+            self.load()
+        except StaticError as exc:
+            log.error("static_file_invalid", error=str(exc), detail="the routes loaded before stay")
 
     async def run(self) -> None:
         while True:

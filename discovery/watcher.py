@@ -5,10 +5,10 @@ service blocks on /v1/health/service/<name>. Each answer replaces that part of t
 Snapshot is rebuilt (pure, cheap); a snapshot equal to the last one handed over is dropped. A change in
 Consul therefore reaches the proxy as soon as Consul answers the blocked query: milliseconds, not a poll.
 
-Failures never empty the table: the last good state stays until Consul answers again. Each loop retries
-with exponential backoff and full jitter; the first failure of an outage logs `consul_unreachable`, the first
-success after it logs `consul_recovered`. After a failure the next query is non-blocking (index 0), so a
-restarted Consul whose index went backwards, or jumped, is read afresh instead of blocking on a stale index.
+Every loop is the one blocking-query loop of `follow.py` (index rules, backoff, rate limit), and all of them
+share one outage bookkeeping: the first failure of an outage logs `consul_unreachable`, the moment every
+failing loop has answered again logs `consul_recovered`. Failures never empty the table: the last good state
+stays until Consul answers again. A loop that crashes (a bug) ends `run()` with its exception.
 
 With several datacenters (the source's `datacenters`, in order of preference) every loop runs once per
 datacenter: a catalog loop each, and a health loop per routed service in each datacenter whose catalog lists
@@ -21,7 +21,6 @@ back the others (its services join when it answers); until one catalog has answe
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -29,9 +28,11 @@ from typing import Any, Protocol
 import structlog
 
 from .consul import ConsulError
+from .follow import DEFAULT_LIMIT, Backoff, Outage, RateLimit, follow
 from .model import Problem, Snapshot
 from .snapshot import build_dc_snapshot, datacenter_switches, routed_services, serving_datacenters
 from .tags import DEFAULT_PREFIX
+from .tasks import start_task
 
 log = structlog.get_logger("ferryman.discovery")
 
@@ -51,38 +52,9 @@ def _query(what: str, dc: str) -> str:
     return f"{what}@{dc}" if dc else what
 
 
-class Backoff:
-    """Exponential backoff with full jitter (AWS architecture blog's variant): sleep U(0, min(cap, base*2^n))."""
-
-    __slots__ = ("_attempt", "base", "cap", "rng")
-
-    def __init__(self, base: float = 0.05, cap: float = 5.0, rng: random.Random | None = None) -> None:
-        self.base, self.cap = base, cap
-        self.rng = rng or random.Random()
-        self._attempt = 0
-
-    def next_delay(self) -> float:
-        delay = self.rng.uniform(0, min(self.cap, self.base * (2**self._attempt)))
-        self._attempt = min(self._attempt + 1, 30)
-        return delay
-
-    def reset(self) -> None:
-        self._attempt = 0
-
-
-def next_index(previous: int, returned: int) -> int:
-    """Consul's rules for blocking-query indexes: an index that went backwards means the state was reset
-    (a restarted agent, a snapshot restore), so read afresh with 0; an index of 0 or less is clamped to 1 so
-    the next query still blocks instead of spinning."""
-    if returned <= 0:
-        return 1
-    if returned < previous:
-        return 0
-    return returned
-
-
 class Watcher:
-    """Runs the blocking-query loops; calls `on_snapshot` (synchronously, on the loop) for each new Snapshot."""
+    """Runs the blocking-query loops; calls `on_snapshot` (synchronously, on the loop) for each new Snapshot.
+    A discovery `Source`."""
 
     def __init__(
         self,
@@ -94,14 +66,15 @@ class Watcher:
         on_request: Callable[[str, float], None] | None = None,
         backoff_base: float = 0.05,
         backoff_cap: float = 5.0,
+        limit: RateLimit = DEFAULT_LIMIT,
     ) -> None:
         self._source = source
         self._on_snapshot = on_snapshot
         self._on_error = on_error or (lambda reason: None)
         self._on_request = on_request or (lambda query, seconds: None)
         self._prefix = prefix
-        self.also: frozenset[str] = frozenset()  # services watched without route tags (the config's [[routes]])
-        self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
+        self.also: frozenset[str] = frozenset()  # services watched without route tags (config and KV routes)
+        self._backoff_base, self._backoff_cap, self._limit = backoff_base, backoff_cap, limit
         self._datacenters: tuple[str, ...] = tuple(source.datacenters) or ("",)
         self._catalogs: dict[str, dict[str, list[str]]] = {}  # per datacenter, once it answered
         self._catalog_pending: set[str] = set(self._datacenters)  # datacenters whose first catalog query is due
@@ -111,9 +84,8 @@ class Watcher:
         self._serving: dict[str, str] = {}  # service -> the datacenter that last served it (several followed)
         self._last: Snapshot | None = None
         self._known_problems: set[Problem] = set()
-        self._failing: set[str] = set()  # loops whose last query failed; an outage lasts while non-empty
-        self._outage_since = 0.0
-        self.last_success: float | None = None
+        self._outage = Outage()  # every loop's: an outage lasts while any of them is failing
+        self._crashed: asyncio.Future[None] | None = None  # set with a health loop's exception: ends run()
         self.synced = asyncio.Event()
 
     @property
@@ -121,50 +93,62 @@ class Watcher:
         return self._last
 
     @property
+    def last_success(self) -> float | None:
+        return self._outage.last_success
+
+    @property
     def reachable(self) -> bool:
         """Consul answered the last query of every loop (no outage under way)."""
-        return self.last_success is not None and not self._failing
+        return self.last_success is not None and not self._outage.failing
+
+    def reload(self) -> None:
+        """Nothing to re-read: Consul is followed continuously."""
 
     async def run(self) -> None:
-        """Run until cancelled; cancelling stops every loop."""
-        loop = asyncio.get_running_loop()
+        """Run until cancelled; cancelling stops every loop. A loop that crashes ends it with that exception
+        (the owner's done-callback says so), instead of leaving a part of the world unfollowed unnoticed."""
+        self._crashed = asyncio.get_running_loop().create_future()
         catalogs = [
-            loop.create_task(self._catalog_loop(dc), name=_query("consul-catalog", dc)) for dc in self._datacenters
+            start_task(self._catalog_loop(dc), _query("consul-catalog", dc)) for dc in self._datacenters
         ]
         try:
-            await asyncio.gather(*catalogs)
+            await asyncio.gather(*catalogs, self._crashed)
         finally:
             tasks = [*catalogs, *self._health_tasks.values()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _loop_crashed(self, exc: BaseException) -> None:
+        if self._crashed is not None and not self._crashed.done():
+            self._crashed.set_exception(exc)
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self._backoff_base, self._backoff_cap)
+
     async def _catalog_loop(self, dc: str) -> None:
-        backoff = Backoff(self._backoff_base, self._backoff_cap)
-        query = _query("catalog", dc)
-        index = 0
-        while True:
+        async def fetch(index: int) -> tuple[int, dict[str, list[str]]]:
             started = time.monotonic()
-            try:
-                returned, services = await self._source.services(index, dc=dc)
-            except ConsulError as exc:
-                self._failed(exc, query)
-                if dc in self._catalog_pending:
-                    # A datacenter out of reach must not hold back the others: its services join when it answers.
-                    self._catalog_pending.discard(dc)
-                    self._publish()
-                index = 0
-                await asyncio.sleep(backoff.next_delay())
-                continue
+            answer = await self._source.services(index, dc=dc)
             self._on_request("catalog", time.monotonic() - started)
-            backoff.reset()
-            self._succeeded(query)
-            index = next_index(index, returned)
+            return answer
+
+        def failed(exc: ConsulError) -> None:
+            self._on_error(exc.reason)
+            if dc in self._catalog_pending:
+                # A datacenter out of reach must not hold back the others: its services join when it answers.
+                self._catalog_pending.discard(dc)
+                self._publish()
+
+        def answered(services: dict[str, list[str]]) -> None:
             if services != self._catalogs.get(dc):
                 self._catalogs[dc] = services
                 self._catalog_pending.discard(dc)
                 self._sync_health_loops()
                 self._publish()
+
+        await follow(fetch, answered, query=_query("catalog", dc), outage=self._outage, limit=self._limit,
+                     backoff=self._backoff(), on_failure=failed)
 
     def watch_also(self, services: frozenset[str]) -> None:
         """Also follow these services (named by routes from elsewhere than tags), from now on."""
@@ -189,40 +173,37 @@ class Watcher:
                 if not known:
                     self._health.pop(name, None)
                 self._pending.discard((name, dc))
-                self._recovered(_query(f"health:{name}", dc))
+                self._outage.forget(_query(f"health:{name}", dc))
         for name, dc in sorted(wanted - self._health_tasks.keys()):
             self._pending.add((name, dc))
-            self._health_tasks[(name, dc)] = asyncio.get_running_loop().create_task(
-                self._health_loop(name, dc), name=_query(f"consul-health-{name}", dc)
+            self._health_tasks[(name, dc)] = start_task(
+                self._health_loop(name, dc), _query(f"consul-health-{name}", dc), self._loop_crashed
             )
 
     async def _health_loop(self, service: str, dc: str) -> None:
-        backoff = Backoff(self._backoff_base, self._backoff_cap)
-        query = _query(f"health:{service}", dc)
-        index = 0
-        while True:
+        async def fetch(index: int) -> tuple[int, list[dict[str, Any]]]:
             started = time.monotonic()
-            try:
-                returned, entries = await self._source.health(service, index, dc=dc)
-            except ConsulError as exc:
-                self._failed(exc, query)
-                if (service, dc) in self._pending:
-                    # A service whose health cannot be read must not hold back every other update: it stays
-                    # out of the table (or keeps its last known state) until a query succeeds.
-                    self._pending.discard((service, dc))
-                    self._publish()
-                index = 0
-                await asyncio.sleep(backoff.next_delay())
-                continue
+            answer = await self._source.health(service, index, dc=dc)
             self._on_request("health", time.monotonic() - started)
-            backoff.reset()
-            self._succeeded(query)
-            index = next_index(index, returned)
+            return answer
+
+        def failed(exc: ConsulError) -> None:
+            self._on_error(exc.reason)
+            if (service, dc) in self._pending:
+                # A service whose health cannot be read must not hold back every other update: it stays
+                # out of the table (or keeps its last known state) until a query succeeds.
+                self._pending.discard((service, dc))
+                self._publish()
+
+        def answered(entries: list[dict[str, Any]]) -> None:
             self._pending.discard((service, dc))
             known = self._health.setdefault(service, {})
             if known.get(dc) != entries:
                 known[dc] = entries
                 self._publish()
+
+        await follow(fetch, answered, query=_query(f"health:{service}", dc), outage=self._outage,
+                     limit=self._limit, backoff=self._backoff(), on_failure=failed)
 
     def _publish(self) -> None:
         # Nothing before a first catalog, nor while a datacenter's first catalog query is under way.
@@ -250,23 +231,3 @@ class Watcher:
             log.info("datacenter_failover", service=service, **{"from": was}, to=now)
         routed = {s.name for s in snapshot.services}
         self._serving = {name: dc for name, dc in self._serving.items() if name in routed} | serving
-
-    def _failed(self, exc: ConsulError, query: str) -> None:
-        self._on_error(exc.reason)
-        if not self._failing:
-            self._outage_since = time.monotonic()
-            log.warning("consul_unreachable", reason=exc.reason, query=query, error=exc.detail)
-        self._failing.add(query)
-
-    def _succeeded(self, query: str) -> None:
-        self.last_success = time.time()
-        self._recovered(query)
-
-    def _recovered(self, query: str) -> None:
-        # The outage ends when every loop that failed has succeeded again (or was stopped), not at the first
-        # answer: a restarting agent answers some queries before it has a leader, and a per-query view would
-        # log the same outage several times.
-        if query in self._failing:
-            self._failing.discard(query)
-            if not self._failing:
-                log.info("consul_recovered", outage_s=round(time.monotonic() - self._outage_since, 3))

@@ -1,7 +1,12 @@
-"""Wiring: discovery watcher -> routing table + pools -> proxy listener, plus the admin listener.
+"""The composition root: builds one process's parts, starts them in order, applies each new routed world,
+takes over a SIGHUP's settings, and stops everything in reverse.
 
-The only place that owns long-lived resources (Consul client, upstream ClientSession, listeners) and the
-only place that starts and stops them, in order.
+Discovery is a `Source` (the Consul watcher, or the static file) handing over Snapshots; Consul KV routes and
+the config file's [[routes]] are route parts beside it. Every change of either becomes a new `RoutedWorld`
+(`_update`), from which the table is built (`apply`): pools first, then the table in one assignment. A world
+that fails to build keeps the table in force (`table_build_failed`). Every background task is started through
+`start_task`, so a crash is logged (`task_crashed`); a crashed discovery task makes /ready say not ready.
+Certificates (certs.py) and Ferryman's own health checks (checks.py) live in their own modules.
 """
 
 from __future__ import annotations
@@ -12,27 +17,31 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import fields
 
-import aiohttp
 import structlog
 from aiohttp import web
 
-from discovery.consul import ConsulAccessError, ConsulClient, ConsulError
-from discovery.model import Endpoint, Problem, Snapshot
+from discovery.consul import ConsulAccessError, ConsulClient
+from discovery.kv import KvFollower
+from discovery.model import Problem, Snapshot
+from discovery.source import Source
 from discovery.static import StaticError, StaticWatcher
 from discovery.tags import parse_size
-from discovery.watcher import Backoff, Watcher, next_index
+from discovery.tasks import start_task
+from discovery.watcher import Watcher
 
 from . import logs
 from .admin import make_admin_app
-from .config import ConfigError, ConfigRoute, Settings, parse_route_entry, reloaded
+from .certs import Certificates
+from .checks import active_checks
+from .config import ConfigError, HostPort, Settings, parse_route_entry, reloaded
 from .h1.upstream import UpstreamPool
 from .headers import TrustedProxies
 from .listener import ListenerLimits, ProxyContext, ProxyServer, Router
 from .metrics import Metrics, StateCollector
-from .pool import Pool, PoolPolicy, Pools
+from .pool import PoolPolicy, Pools
 from .state import Report, pools_state, write_report
-from .table import RoutingTable
-from .tls import CertFile, HttpsRedirect, Terminator, TlsError, kv_certificates
+from .table import Route, RoutedWorld, RoutePart, RoutingTable
+from .tls import HttpsRedirect, TlsError
 
 log = structlog.get_logger("ferryman")
 
@@ -43,10 +52,47 @@ _FIRST_SYNC_WAIT_S = 5.0
 REPORT_INTERVAL_S = 1.0
 
 
-def config_services(settings: Settings, extra: tuple[ConfigRoute, ...] = ()) -> frozenset[str]:
-    """Services the config file's [[routes]] (and KV routes) send to: followed in Consul whether or not they have
-    route tags."""
-    return frozenset(name for route in (*settings.routes, *extra) for name, _ in route.services)
+def kv_routes(prefix: str, values: dict[str, bytes]) -> RoutePart:
+    """Routes under a Consul KV prefix, one per key, each holding a [[routes]] table in TOML: the `kv` part.
+    Operators add, change (a canary's weight) and delete routes at run time. A key that does not load is logged
+    with its name and left out; the others apply. Empty keys are folders."""
+    routes: list[Route] = []
+    for key, raw in sorted(values.items()):
+        if not raw.strip():
+            continue  # a folder key, or an emptied one
+        try:
+            routes.append(Route.from_config(parse_route_entry(tomllib.loads(raw.decode("utf-8")), f"consul kv {key}")))
+        except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError is a ValueError
+            log.warning("kv_route_invalid", key=key, error=str(exc))
+    log.info("kv_routes_loaded", prefix=prefix, routes=len(routes))
+    return RoutePart("kv", tuple(routes))
+
+
+def pool_policy(settings: Settings) -> PoolPolicy:
+    # PoolPolicy's fields are config keys of the same names.
+    return PoolPolicy(**{f.name: getattr(settings, f.name) for f in fields(PoolPolicy)})
+
+
+async def write_reports(directory: str, report: Callable[[], Report], flush: Callable[[], None]) -> None:
+    """A worker's state report for the supervisor, every REPORT_INTERVAL_S, until cancelled."""
+    while True:
+        flush()
+        try:
+            write_report(directory, report())
+        except OSError as exc:
+            log.warning("state_report_failed", error=str(exc))
+        await asyncio.sleep(REPORT_INTERVAL_S)
+
+
+async def start_admin(app: web.Application, address: HostPort) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, address.host, address.port).start()
+    except BaseException:
+        await runner.cleanup()  # (a taken port: nothing of the admin side stays behind)
+        raise
+    return runner
 
 
 class Ferryman:
@@ -64,7 +110,10 @@ class Ferryman:
         exposition: Callable[[], bytes] | None = None,
         report: Callable[[], Report] | None = None,
         report_dir: str | None = None,
+        make_source: Callable[[Callable[[Snapshot], None]], Source] | None = None,
     ) -> None:
+        """`make_source` builds the discovery source around the app's snapshot callback (tests, a discovery
+        shared by a host's workers); by default the static file or the Consul watcher the settings name."""
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.serve_proxy, self.serve_admin, self.reuse_port = serve_proxy, serve_admin, reuse_port
@@ -74,15 +123,12 @@ class Ferryman:
         if exposition is None:
             self.metrics.registry.register(StateCollector(self.report_source))
         self.report_dir = report_dir  # a worker writes its report here for the supervisor
-        self._report_task: asyncio.Task[None] | None = None
         self.draining = False
         self.router = Router()
-        # PoolPolicy's fields are config keys of the same names.
-        policy = PoolPolicy(**{f.name: getattr(settings, f.name) for f in fields(PoolPolicy)})
-        self.pools = Pools(settings.service_overrides(), policy)
-        self._checks_task: asyncio.Task[None] | None = None
+        self.pools = Pools(settings.service_overrides(), pool_policy(settings))
         self.generation = 0
         self._conflicts: set[Problem] = set()
+        self.world = RoutedWorld(parts=(RoutePart.declared("file", settings.routes),))
         self.upstream = UpstreamPool(
             connect_timeout=settings.connect_timeout,
             keepalive=settings.upstream_keepalive,
@@ -90,21 +136,43 @@ class Ferryman:
             ca_file=settings.upstream_ca_file,
         )
         self._proxies: list[ProxyServer] = []  # the plain listener, then the TLS ones
-        self.tls: Terminator | None = None
-        self._side_tasks: list[asyncio.Task[None]] = []  # certificate files and KV, KV routes
-        self._kv_routes: tuple[ConfigRoute, ...] = ()  # routes from Consul KV (routes_kv_prefix)
+        self.certs: Certificates | None = None
         self._consul: ConsulClient | None = None
-        self._watcher: Watcher | StaticWatcher | None = None
-        self._watch_task: asyncio.Task[None] | None = None
+        self._source: Source | None = None
+        self._make_source = make_source
+        self._discovery_crashed = False
+        self._tasks: list[asyncio.Task[None]] = []  # every background task, cancelled at stop
         self._runners: list[web.BaseRunner] = []
 
-    def apply(self, snapshot: Snapshot) -> None:
-        """Install a new snapshot: pools first (so every route of the new table has its pool), then the
-        table in one assignment."""
-        self.generation += 1
-        # KV routes first (an operator's runtime override), then the config file's, then the tags.
-        table = RoutingTable.from_snapshot(snapshot, self.generation, (*self._kv_routes, *self.settings.routes))
-        changes = self.pools.reconcile(snapshot, now=time.monotonic())  # the event loop's clock
+    def _snapshot(self, snapshot: Snapshot) -> None:
+        """The source's callback: a new snapshot."""
+        self._update(RoutedWorld(snapshot, self.world.parts))
+
+    def _update(self, world: RoutedWorld) -> None:
+        """The one way the routed world changes (a snapshot, or a route source's new part): the services the
+        parts name are followed, then the world is applied once a first snapshot is in."""
+        previous, self.world = self.world, world
+        if self._source is None:
+            return
+        if world.named != previous.named:
+            self._source.watch_also(world.named)
+            if self.world is not world:
+                return  # the source handed over a new snapshot meanwhile, and that applied these parts
+        if self._source.last_snapshot is not None:
+            self.apply(world)
+
+    def apply(self, world: RoutedWorld) -> None:
+        """Install a routed world: pools first (so every route of the new table has its pool), then the table
+        in one assignment. A world that fails to build (a bug) keeps the table in force, logged."""
+        generation = self.generation + 1
+        try:
+            table = RoutingTable.from_snapshot(world, generation)
+            changes = self.pools.reconcile(world.snapshot, now=time.monotonic())  # the event loop's clock
+        except Exception as exc:  # whatever a builder raises, the source must go on
+            log.error("table_build_failed", generation=generation, error=f"{type(exc).__name__}: {exc}",
+                      exc_info=exc, detail="the routing table in force stays")
+            return
+        self.generation = generation
         self.router.current = table
         for service in changes.added:
             self.metrics.new_service(service)
@@ -119,85 +187,94 @@ class Ferryman:
             added=changes.added, removed=changes.removed, changed=changes.changed,
         )
 
-    async def start(self) -> None:
+    async def _build_source(self) -> Source:
+        """The static file (no Consul at all), or the Consul watcher. A bad file, or a token Consul refuses,
+        is a config error (exit 2); an unreachable Consul is not (serve, retry)."""
         s = self.settings
-        if self.serve_proxy and s.tls_addresses:
-            # Certificate files are read before anything starts: a bad one is a config error naming the file.
-            self.tls = Terminator(CertFile.parse_list(s.tls_certs))
-            try:
-                self.tls.load_files()
-            except TlsError as exc:
-                raise ConfigError(f"tls_certs: {exc}") from exc
-            if self.tls.files:
-                log.info("tls_certs_loaded", source="files", names=self.tls.store.names)
+        if self._make_source is not None:
+            self._source = self._make_source(self._snapshot)
+            self._source.watch_also(self.world.named)
+            return self._source
         if s.static_file:
-            # No Consul at all: the file is the catalog. A bad file at start is a config error.
-            static = StaticWatcher(s.static_file, self.apply, prefix=s.tag_prefix)
+            static = StaticWatcher(s.static_file, self._snapshot, prefix=s.tag_prefix)
+            self._source = static
             try:
                 static.load()
             except StaticError as exc:
                 raise ConfigError(f"static_file: {exc}") from exc
-            self._watcher = static
-        else:
-            self._consul = ConsulClient(
-                s.consul_addresses, token=s.consul_token, dc=s.consul_dc, wait_s=s.consul_wait,
-            )
-            try:  # a token Consul refuses is a config error (exit 2); an unreachable Consul is not (serve, retry)
-                await self._consul.check_access()
-            except ConsulAccessError as exc:
-                await self._consul.close()
-                log.error("consul_forbidden", error=exc.detail, consul=s.consul_addr)
-                raise ConfigError(f"consul_token: {exc.detail}") from exc
-            self._watcher = Watcher(
-                self._consul, self.apply, prefix=s.tag_prefix,
-                on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
-                on_request=self.metrics.observe_consul,
-            )
-            self._watcher.also = config_services(s)
-            if s.routes_kv_prefix:
-                prefix = s.routes_kv_prefix
-                self._side_tasks.append(asyncio.get_running_loop().create_task(self._follow_kv(
-                    prefix, lambda values: self._kv_routes_changed(prefix, values), "routes_kv_unreadable",
-                ), name="routes-kv"))
-        self._watch_task = asyncio.get_running_loop().create_task(self._watcher.run(), name="consul-watcher")
-        if self.tls is not None:
-            loop = asyncio.get_running_loop()
-            if self.tls.files:
-                self._side_tasks.append(loop.create_task(self._watch_cert_files(), name="tls-files"))
-            if s.tls_kv_prefix:
-                self._side_tasks.append(loop.create_task(self._follow_kv(
-                    s.tls_kv_prefix, lambda values: self._kv_certs_changed(s.tls_kv_prefix, values),
-                    "tls_kv_unreadable",
-                ), name="tls-kv"))
-        if self.serve_proxy:
-            self._checks_task = asyncio.get_running_loop().create_task(self._active_checks(), name="active-checks")
+            return static
+        self._consul = ConsulClient(s.consul_addresses, token=s.consul_token, dc=s.consul_dc, wait_s=s.consul_wait)
+        try:
+            await self._consul.check_access()
+        except ConsulAccessError as exc:
+            await self._consul.close()
+            log.error("consul_forbidden", error=exc.detail, consul=s.consul_addr)
+            raise ConfigError(f"consul_token: {exc.detail}") from exc
+        watcher = Watcher(
+            self._consul, self._snapshot, prefix=s.tag_prefix,
+            on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
+            on_request=self.metrics.observe_consul,
+        )
+        watcher.watch_also(self.world.named)
+        self._source = watcher
+        return watcher
 
-        listen, admin = s.listen_addr, s.admin_addr
-        if self.serve_proxy and not await self.wait_synced(_FIRST_SYNC_WAIT_S):
-            # Consul is down or slow: serve anyway (404 until it answers) rather than refuse connections.
-            log.warning("started_without_routes", waited_s=_FIRST_SYNC_WAIT_S, consul=s.consul_addr)
+    def _crashed(self, _: BaseException) -> None:
+        self._discovery_crashed = True  # /ready: not ready (the routes may be going stale)
+
+    async def start(self) -> None:
+        s = self.settings
+        if self.serve_proxy and s.tls_addresses:
+            self.certs = Certificates(s.tls_certs, s.tls_reload_interval)
+            try:  # read before anything starts: a bad file is a config error naming it
+                self.certs.load()
+            except TlsError as exc:
+                raise ConfigError(f"tls_certs: {exc}") from exc
+        source = await self._build_source()
+        self._tasks.append(start_task(source.run(), "consul-watcher", self._crashed))
+        if self._consul is not None and s.routes_kv_prefix:
+            routes = KvFollower(
+                self._consul, s.routes_kv_prefix,
+                lambda values: self._update(self.world.with_part(kv_routes(s.routes_kv_prefix, values))),
+                unreadable="routes_kv_unreadable", recovered="routes_kv_recovered")
+            self._tasks.append(start_task(routes.run(), "routes-kv", self._crashed))
+        if self.certs is not None:
+            certs = self.certs
+            if certs.has_files:
+                self._tasks.append(start_task(certs.watch_files(), "tls-files"))
+            if self._consul is not None and s.tls_kv_prefix:
+                prefix = s.tls_kv_prefix
+                follower = KvFollower(self._consul, prefix, lambda values: certs.kv_changed(prefix, values),
+                                      unreadable="tls_kv_unreadable", recovered="tls_kv_recovered")
+                self._tasks.append(start_task(follower.run(), "tls-kv"))
         if self.serve_proxy:
-            access_log = logs.access_writer(s.access_log_format, s.access_log_file) if s.access_log else None
-            plain = ProxyServer(self._context("http", listen.port, access_log))
-            self._proxies.append(plain)
-            await plain.start(listen.host, listen.port, reuse_port=self.reuse_port)
-            for address in s.tls_addresses:
-                assert self.tls is not None
-                secure = ProxyServer(self._context("https", address.port, access_log))
-                self._proxies.append(secure)
-                await secure.start(address.host, address.port, reuse_port=self.reuse_port, ssl=self.tls.context)
+            self._tasks.append(start_task(
+                active_checks(self.pools, s.active_check_interval, s.active_check_timeout), "active-checks"))
+            if not await self.wait_synced(_FIRST_SYNC_WAIT_S):
+                # Consul is down or slow: serve anyway (404 until it answers) rather than refuse connections.
+                log.warning("started_without_routes", waited_s=_FIRST_SYNC_WAIT_S, consul=s.consul_addr)
+            await self._start_proxies()
         if self.serve_admin:
-            admin_runner = web.AppRunner(make_admin_app(
-                self.router, self.pools, self.exposition, self.report_source, consul=s.consul_addr,
-                max_sync_age=lambda: self.settings.max_sync_age,
-            ), access_log=None)
-            await admin_runner.setup()
-            self._runners.append(admin_runner)
-            await web.TCPSite(admin_runner, admin.host, admin.port).start()
+            self._runners.append(await start_admin(
+                make_admin_app(self.router, self.pools, self.exposition, self.report_source, consul=s.consul_addr,
+                               max_sync_age=lambda: self.settings.max_sync_age), s.admin_addr))
         if self.report_dir is not None:
-            self._report_task = asyncio.get_running_loop().create_task(self._write_reports(), name="state-report")
-        log.info("ferryman_started", listen=str(listen) if self.serve_proxy else None,
-                 admin=str(admin) if self.serve_admin else None, consul=s.consul_addr)
+            self._tasks.append(start_task(
+                write_reports(self.report_dir, self.report, self.metrics.flush), "state-report"))
+        log.info("ferryman_started", listen=str(s.listen_addr) if self.serve_proxy else None,
+                 admin=str(s.admin_addr) if self.serve_admin else None, consul=s.consul_addr)
+
+    async def _start_proxies(self) -> None:
+        s = self.settings
+        access_log = logs.access_writer(s.access_log_format, s.access_log_file) if s.access_log else None
+        plain = ProxyServer(self._context("http", s.listen_addr.port, access_log))
+        self._proxies.append(plain)
+        await plain.start(s.listen_addr.host, s.listen_addr.port, reuse_port=self.reuse_port)
+        for address in s.tls_addresses:
+            assert self.certs is not None
+            secure = ProxyServer(self._context("https", address.port, access_log))
+            self._proxies.append(secure)
+            await secure.start(address.host, address.port, reuse_port=self.reuse_port, ssl=self.certs.context)
 
     def _context(self, proto: str, port: int, access_log: logs.AccessWriter | None) -> ProxyContext:
         return ProxyContext(
@@ -228,167 +305,43 @@ class Ferryman:
         self.settings = s = settings
         for proxy in self._proxies:
             proxy.cfg.limits = self._limits(proxy.cfg.proto.decode())
-        if self.tls is not None:
-            self.tls.files = CertFile.parse_list(s.tls_certs)
-            self._reload_tls_files("sighup")
-        if isinstance(self._watcher, StaticWatcher):
-            try:
-                self._watcher.load()
-            except StaticError as exc:
-                log.error("static_file_invalid", error=str(exc), detail="the routes loaded before stay")
+        if self.certs is not None:
+            self.certs.reload(s.tls_certs, s.tls_reload_interval)
+        if self._source is not None:
+            self._source.reload()
         self.upstream.connect_timeout, self.upstream.keepalive, self.upstream.idle_timeout = (
             s.connect_timeout, s.upstream_keepalive, s.upstream_idle_timeout)
-        policy = PoolPolicy(**{f.name: getattr(s, f.name) for f in fields(PoolPolicy)})
-        self.pools.configure(s.service_overrides(), policy)
-        snapshot = self._watcher.last_snapshot if self._watcher is not None else None
-        if snapshot is not None:
-            if "routes" in changed:
-                if isinstance(self._watcher, Watcher):
-                    self._watcher.watch_also(config_services(s, self._kv_routes))
-                self.apply(snapshot)  # a new table with the file's new [[routes]]
-            else:
-                self.pools.reconcile(snapshot, now=asyncio.get_running_loop().time())
+        self.pools.configure(s.service_overrides(), pool_policy(s))
+        if "routes" in changed:
+            self._update(self.world.with_part(RoutePart.declared("file", s.routes)))  # the file's new [[routes]]
+        elif self._source is not None and self._source.last_snapshot is not None:
+            self.pools.reconcile(self.world.snapshot, now=asyncio.get_running_loop().time())
         log.info("config_reloaded", changed=changed)
         if restart:
             log.warning("config_reload_needs_restart", keys=restart,
                         detail="these keys keep their running values until Ferryman is restarted")
 
-    def _reload_tls_files(self, reason: str) -> None:
-        assert self.tls is not None
-        try:
-            self.tls.load_files()
-        except TlsError as exc:
-            log.error("tls_reload_failed", file=exc.origin, error=exc.detail, reason=reason,
-                      detail="the certificates loaded before stay in use")
-            return
-        log.info("tls_certs_loaded", source="files", names=self.tls.store.names, reason=reason)
-
-    async def _watch_cert_files(self) -> None:
-        """Certificate files are re-read when they change (a renewal writes new files): new handshakes get
-        the new certificate, open connections keep theirs."""
-        assert self.tls is not None
-        while True:
-            await asyncio.sleep(self.settings.tls_reload_interval)
-            if self.tls.files_changed():
-                self._reload_tls_files("files changed")
-
-    async def _follow_kv(self, prefix: str, changed: Callable[[dict[str, bytes]], None], unreadable: str) -> None:
-        """Follow a Consul KV prefix with blocking queries, as the watcher follows the catalog, and hand every
-        changed set of keys to `changed`. Failures back off (and log `unreadable` once per outage); the last
-        values handed over stay in force meanwhile."""
-        assert self._consul is not None
-        backoff = Backoff()
-        index = 0
-        last: dict[str, bytes] | None = None
-        failing = False
-        while True:
-            try:
-                returned, values = await self._consul.kv(prefix, index)
-            except ConsulError as exc:
-                if not failing:
-                    log.warning(unreadable, prefix=prefix, reason=exc.reason, error=exc.detail)
-                    failing = True
-                index = 0
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            failing = False
-            backoff.reset()
-            index = next_index(index, returned)
-            if values != last:
-                last = values
-                changed(values)
-
-    def _kv_certs_changed(self, prefix: str, values: dict[str, bytes]) -> None:
-        """Certificates under a Consul KV prefix (`<name>/cert`, `<name>/key`), so every Ferryman of a cluster
-        serves the same ones without files."""
-        assert self.tls is not None
-        certificates, problems = kv_certificates(prefix, values)
-        for problem in problems:
-            log.warning("tls_kv_certificate_invalid", error=problem)
-        self.tls.set_kv(certificates)
-        log.info("tls_certs_loaded", source="consul kv", prefix=prefix, names=self.tls.store.names)
-
-    def _kv_routes_changed(self, prefix: str, values: dict[str, bytes]) -> None:
-        """Routes under a Consul KV prefix, one per key, each holding a [[routes]] table in TOML (route, service
-        or split, header rules): operators add, change (a canary's weight) and delete routes without touching a
-        service. A key that does not load is logged with its name and left out; the others apply."""
-        routes = []
-        for key, raw in sorted(values.items()):
-            if not raw.strip():
-                continue  # a folder key, or an emptied one
-            try:
-                routes.append(parse_route_entry(tomllib.loads(raw.decode("utf-8")), f"consul kv {key}"))
-            except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError is a ValueError
-                log.warning("kv_route_invalid", key=key, error=str(exc))
-        self._kv_routes = tuple(routes)
-        log.info("kv_routes_loaded", prefix=prefix, routes=len(routes))
-        if isinstance(self._watcher, Watcher):
-            self._watcher.watch_also(config_services(self.settings, self._kv_routes))
-            snapshot = self._watcher.last_snapshot
-            if snapshot is not None:
-                self.apply(snapshot)
-
     def report(self) -> Report:
-        """This process's state now (called on the event loop)."""
-        watcher = self._watcher
+        """This process's state now (called on the event loop). A crashed discovery is neither synced nor
+        reachable: its table may be going stale."""
+        source, ok = self._source, self._source is not None and not self._discovery_crashed
         return Report(
             services=pools_state(self.pools, asyncio.get_running_loop().time()),
             connections=sum(len(p.connections) for p in self._proxies),
-            synced=watcher is not None and watcher.synced.is_set(),
-            reachable=watcher is not None and watcher.reachable,
-            last_success=watcher.last_success if watcher is not None else None,
+            synced=ok and source is not None and source.synced.is_set(),
+            reachable=ok and source is not None and source.reachable,
+            last_success=source.last_success if source is not None else None,
             generation=self.generation,
             routes=len(self.router.current.routes),
             draining=self.draining,
             at=time.time(),
         )
 
-    async def _write_reports(self) -> None:
-        assert self.report_dir is not None
-        while True:
-            self.metrics.flush()
-            try:
-                write_report(self.report_dir, self.report())
-            except OSError as exc:
-                log.warning("state_report_failed", error=str(exc))
-            await asyncio.sleep(REPORT_INTERVAL_S)
-
-    async def _active_checks(self) -> None:
-        """Ferryman's own checks, for services whose meta names a `ferryman-health-path`: every interval a GET
-        to each instance; an answer other than 2xx/3xx (or none in time) takes it out of its pool until a
-        check passes again. On top of Consul's checks, never instead of them."""
-        s = self.settings
-        timeout = aiohttp.ClientTimeout(total=s.active_check_timeout)
-        async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
-            while True:
-                await asyncio.sleep(s.active_check_interval)
-                checks = [
-                    self._check(session, pool, endpoint)
-                    for pool in self.pools if pool.health_path
-                    for endpoint in pool.endpoints
-                ]
-                if checks:
-                    await asyncio.gather(*checks)
-
-    async def _check(self, session: aiohttp.ClientSession, pool: Pool, endpoint: Endpoint) -> None:
-        url = f"{pool.check_scheme}://{endpoint.authority}{pool.health_path}"
-        try:
-            async with session.get(url, allow_redirects=False, ssl=not pool.check_skip_verify) as resp:
-                healthy, detail = resp.status < 400, f"status {resp.status}"
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            healthy, detail = False, f"{type(exc).__name__}: {exc}"
-        if healthy and pool.mark_down(endpoint.key, False):
-            log.info("upstream_check_passed", service=pool.service, upstream=endpoint.authority)
-        elif not healthy and endpoint in pool.endpoints and pool.health_path and pool.mark_down(endpoint.key, True):
-            # (an instance that left, or checks switched off, while this check was under way stays out of it)
-            log.warning("upstream_check_failed", service=pool.service, upstream=endpoint.authority,
-                        path=pool.health_path, error=detail)
-
     async def wait_synced(self, timeout: float) -> bool:
-        if self._watcher is None:
+        if self._source is None:
             return False
         try:
-            await asyncio.wait_for(self._watcher.synced.wait(), timeout)
+            await asyncio.wait_for(self._source.synced.wait(), timeout)
         except TimeoutError:
             return False
         return True
@@ -397,7 +350,7 @@ class Ferryman:
         """Say not-ready (/ready 503) and keep serving for `drain_delay` seconds, so load balancers in front
         stop sending before the listener closes."""
         self.draining = True
-        if self._report_task is not None and self.report_dir is not None:
+        if self.report_dir is not None:
             write_report(self.report_dir, self.report())
         if self.settings.drain_delay > 0:
             log.info("ferryman_draining", drain_delay_s=self.settings.drain_delay)
@@ -412,10 +365,10 @@ class Ferryman:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        for task in (self._watch_task, self._checks_task, self._report_task, *self._side_tasks):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
         if self._consul is not None:
             await self._consul.close()
         self.upstream.close()

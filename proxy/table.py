@@ -11,9 +11,11 @@ Lookup order, most specific first:
 3. at one path, routes with more conditions (method, header, cookie, query) first, then the higher
    `priority`, then by service name; the first whose conditions all hold wins, else the next path.
 
-Two services declaring the same host, path and conditions is a conflict: the first by service name wins and
-the other is reported. Pure: built from values, no I/O; swapped into the router as a whole. Answers that no
-condition took part in are memoized.
+Routes come from three sources, each a whole `RoutePart` of the `RoutedWorld` a table is built from: Consul KV,
+the config file's [[routes]], service tags and meta. `merge_routes` (pure) takes them in that order of
+precedence; two declarations of the same host, path and conditions are a conflict: the first (by source, then
+by service name among tags) wins and the other is reported. Pure: built from values, no I/O; swapped into the
+router as a whole. Answers that no condition took part in are memoized.
 """
 
 from __future__ import annotations
@@ -199,6 +201,80 @@ class Route:
         return f"{path}{qmark}{query}"
 
 
+# Route sources in order of precedence: when two declare the same host, path and conditions, the first wins
+# (an operator's runtime override in Consul KV, then the config file's [[routes]], then service tags and meta).
+SOURCES: Final = ("kv", "file", "tags")
+
+
+def _host_kind(host: str) -> int:
+    """0: an exact host, 1: a `*.suffix` wildcard, 2: any host."""
+    return 2 if not host else 1 if host.startswith("*.") else 0
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePart:
+    """One route source's whole contribution, tagged with its source (one of SOURCES), in that source's own
+    order: as declared for the config file, by key for Consul KV, by service name for tags."""
+
+    source: str
+    routes: tuple[Route, ...] = ()
+
+    @classmethod
+    def declared(cls, source: str, routes: Iterable[ConfigRoute]) -> RoutePart:
+        """The part of a source of route tables (`[[routes]]` of the config file, Consul KV)."""
+        return cls(source, tuple(Route.from_config(c) for c in routes))
+
+    @classmethod
+    def tags(cls, snapshot: Snapshot) -> RoutePart:
+        """The part the services' tags (and meta) declare, whatever order the provider used."""
+        return cls("tags", tuple(
+            Route.from_spec(svc.name, spec)
+            for svc in sorted(snapshot.services, key=lambda s: s.name) for spec in svc.routes
+        ))
+
+    @property
+    def services(self) -> frozenset[str]:
+        """Every service the part's routes send to (each service of a split)."""
+        return frozenset(r.service for r in self.routes) | {name for r in self.routes for name, _ in r.split}
+
+
+def merge_routes(parts: Iterable[RoutePart]) -> tuple[tuple[Route, ...], tuple[Problem, ...]]:
+    """Every part's routes, parts in order of precedence (SOURCES), each part in its own order; the first
+    declaration of a host, path and conditions wins and each later one is a `route_conflict`."""
+    seen: dict[tuple[str, str, bool, frozenset[str], tuple[Condition, ...]], Route] = {}
+    conflicts: list[Problem] = []
+    for part in sorted(parts, key=lambda p: SOURCES.index(p.source)):
+        for route in part.routes:
+            identity = (route.host, route.path, route.exact, route.methods, route.conditions)
+            winner = seen.get(identity)
+            if winner is not None:
+                conflicts.append(Problem("route_conflict", route.service,
+                                         f"{route.host}{route.path} already routed to {winner.service}", route.id))
+                continue
+            seen[identity] = route
+    return tuple(seen.values()), tuple(conflicts)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedWorld:
+    """The whole routed world, the one value a table is built from: the snapshot (instances, and the routes
+    of tags and meta) and the parts other route sources declare (`kv`, `file`), each replaced as a whole."""
+
+    snapshot: Snapshot = field(default_factory=Snapshot)
+    parts: tuple[RoutePart, ...] = ()
+
+    def with_part(self, part: RoutePart) -> RoutedWorld:
+        return replace(self, parts=(*(p for p in self.parts if p.source != part.source), part))
+
+    @property
+    def named(self) -> frozenset[str]:
+        """Services the declared parts send to: followed whether or not their tags route them."""
+        return frozenset[str]().union(*(p.services for p in self.parts))
+
+    def merged(self) -> tuple[tuple[Route, ...], tuple[Problem, ...]]:
+        return merge_routes((*self.parts, RoutePart.tags(self.snapshot)))
+
+
 _UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -323,32 +399,18 @@ class RoutingTable:
     )
 
     @classmethod
-    def from_snapshot(
-        cls, snapshot: Snapshot, generation: int = 0, config_routes: Iterable[ConfigRoute] = (),
-    ) -> RoutingTable:
+    def from_snapshot(cls, world: RoutedWorld | Snapshot, generation: int = 0) -> RoutingTable:
+        """The table of a routed world (every route source merged, `merge_routes`); a bare Snapshot is a world
+        of tag routes alone."""
+        if isinstance(world, Snapshot):
+            world = RoutedWorld(world)
+        routes, conflicts = world.merged()
         levels: dict[tuple[int, str], tuple[dict[str, list[Route]], dict[str, list[Route]]]] = {}
-        seen: dict[tuple[int, str, str, bool, frozenset[str], tuple[Condition, ...]], Route] = {}
-        conflicts: list[Problem] = []
-        # The config file's routes first (an operator's declaration wins over a tag's), then by service name,
-        # whatever order the provider used: the first declaration wins, deterministically.
-        declared = [(Route.from_config(c), c.spec) for c in config_routes] + [
-            (Route.from_spec(svc.name, spec), spec)
-            for svc in sorted(snapshot.services, key=lambda s: s.name) for spec in svc.routes
-        ]
-        for route, spec in declared:
-            kind = 2 if not spec.host else 1 if spec.host.startswith("*.") else 0
-            key = spec.host[1:] if kind == 1 else spec.host  # wildcards by ".example.com"
-            identity = (kind, key, spec.path, route.exact, route.methods, route.conditions)
-            winner = seen.get(identity)
-            if winner is not None:
-                conflicts.append(
-                    Problem("route_conflict", route.service, f"{spec.host}{spec.path} already routed to "
-                            f"{winner.service}", route.id)
-                )
-                continue
-            seen[identity] = route
+        for route in routes:
+            kind = _host_kind(route.host)
+            key = route.host[1:] if kind == 1 else route.host  # wildcards by ".example.com"
             exact_paths, prefixes = levels.setdefault((kind, key), ({}, {}))
-            (exact_paths if route.exact else prefixes).setdefault(spec.path, []).append(route)
+            (exact_paths if route.exact else prefixes).setdefault(route.path, []).append(route)
         freeze = MappingProxyType
 
         def level(maps: tuple[dict[str, list[Route]], dict[str, list[Route]]]) -> Level:
@@ -360,17 +422,16 @@ class RoutingTable:
         any_maps = levels.get((2, ""))
 
         def rank(route: Route) -> tuple[int, int, str, int, int, int, int, str, str]:
-            kind = 2 if not route.host else 1 if route.host.startswith("*.") else 0
-            return (kind, -len(route.host), route.host, 0 if route.exact else 1, -len(route.path),
+            return (_host_kind(route.host), -len(route.host), route.host, 0 if route.exact else 1, -len(route.path),
                     -route.specificity[0], -route.specificity[1], route.service, route.id)
 
         return cls(
             generation=generation,
-            routes=tuple(sorted(seen.values(), key=rank)),
+            routes=tuple(sorted(routes, key=rank)),
             exact=freeze(exact),
             wildcard=freeze(wildcard),
             any_host=level(any_maps) if any_maps else _EMPTY_LEVEL,
-            conflicts=tuple(conflicts),
+            conflicts=conflicts,
         )
 
     def lookup(self, host: str | None, path: str, req: RequestLike | None = None) -> Route | None:

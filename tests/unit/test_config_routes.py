@@ -11,7 +11,7 @@ from discovery.model import Endpoint, ServiceRoutes, Snapshot
 from discovery.tags import parse_route_tag
 from proxy.config import ConfigError, load_file
 from proxy.headers import client_response_head, upstream_request_head
-from proxy.table import RoutingTable
+from proxy.table import RoutedWorld, RoutePart, RoutingTable
 
 GOOD = """\
 [[routes]]
@@ -37,7 +37,7 @@ def test_routes_load_and_build_into_the_table(tmp_path: Path) -> None:
     assert [r.services for r in routes] == [(("shop", 95), ("shop-canary", 5)), (("api-beta", 1),)]
     snapshot = Snapshot((ServiceRoutes("shop", (parse_route_tag("urlprefix-/shop"),),
                                        (Endpoint("shop", "shop-1", "127.0.0.1", 1),)),))
-    table = RoutingTable.from_snapshot(snapshot, 1, routes)
+    table = RoutingTable.from_snapshot(RoutedWorld(snapshot, (RoutePart.declared("file", routes),)), 1)
     split = table.lookup("h", "/shop/x")
     assert split is not None and split.id == "shop+shop-canary@*any*/shop" and split.strip == "/shop"
     # The file's route won over the tag's for the same host and path.

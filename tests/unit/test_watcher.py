@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,7 +16,7 @@ from structlog.testing import capture_logs
 from discovery.consul import ConsulError
 from discovery.model import Snapshot
 from discovery.snapshot import build_dc_snapshot, build_snapshot
-from discovery.watcher import Backoff, Watcher, next_index
+from discovery.watcher import Watcher
 
 WAIT_S = 5.0  # an upper bound so a broken watcher fails the test instead of hanging it; never asserted on
 
@@ -554,54 +553,3 @@ class TestDatacenters:
         await dcs.settle()
         assert dcs.published.empty() and dcs.watcher.last_snapshot == first
         assert set(dcs.errors) == {"unreachable"}
-
-
-class TestNextIndex:
-    """Consul's blocking-query index rules decide the index of the next query."""
-
-    @pytest.mark.parametrize(
-        ("previous", "returned", "expected"),
-        [
-            (0, 42, 42),
-            (42, 42, 42),
-            (42, 50, 50),
-            (50, 42, 0),
-            (2, 1, 0),
-            (42, 0, 1),
-            (0, 0, 1),
-            (42, -5, 1),
-        ],
-        ids=["first-answer", "unchanged", "moved-on", "went-backwards-reads-afresh", "backwards-by-one",
-             "zero-clamped-to-one", "zero-at-start-clamped", "negative-clamped-to-one"],
-    )
-    def test_next_index(self, previous: int, returned: int, expected: int) -> None:
-        assert next_index(previous, returned) == expected
-
-
-class _Highest(random.Random):
-    """Always the upper bound, so the backoff ceiling itself is visible."""
-
-    def uniform(self, a: float, b: float) -> float:
-        return b
-
-
-class TestBackoff:
-    """Retry delays grow exponentially up to a cap, are jittered below that ceiling, and reset on success."""
-
-    def test_ceiling_doubles_up_to_cap(self) -> None:
-        backoff = Backoff(base=1.0, cap=10.0, rng=_Highest())
-        assert [backoff.next_delay() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
-
-    def test_reset_starts_over(self) -> None:
-        backoff = Backoff(base=1.0, cap=10.0, rng=_Highest())
-        backoff.next_delay()
-        backoff.next_delay()
-        backoff.reset()
-        assert backoff.next_delay() == 1.0
-
-    def test_jitter_stays_below_ceiling(self) -> None:
-        backoff = Backoff(base=0.5, cap=4.0, rng=random.Random(7))
-        ceilings = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-        delays = [backoff.next_delay() for _ in ceilings]
-        assert all(0 <= d <= c for d, c in zip(delays, ceilings, strict=True))
-        assert len(set(delays)) == len(delays)
