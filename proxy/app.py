@@ -19,7 +19,6 @@ from aiohttp import web
 from discovery.consul import ConsulAccessError, ConsulClient, ConsulError
 from discovery.model import Endpoint, Problem, Snapshot
 from discovery.static import StaticError, StaticWatcher
-from discovery.tags import parse_size
 from discovery.watcher import Backoff, Watcher, next_index
 
 from . import logs
@@ -32,7 +31,7 @@ from .pool import Pool, PoolPolicy, Pools
 from .server import ProxyContext, ProxyServer, Router
 from .state import Report, pools_state, write_report
 from .table import RoutingTable
-from .tls import CertFile, HttpsRedirect, Terminator, TlsError, kv_certificates
+from .tls import HttpsRedirect, Terminator, TlsError, kv_certificates
 
 log = structlog.get_logger("ferryman")
 
@@ -77,17 +76,17 @@ class Ferryman:
         self._report_task: asyncio.Task[None] | None = None
         self.draining = False
         self.router = Router()
-        # PoolPolicy's fields are config keys of the same names.
-        policy = PoolPolicy(**{f.name: getattr(settings, f.name) for f in fields(PoolPolicy)})
+        # PoolPolicy's fields are HealthPolicy's of the same names.
+        policy = PoolPolicy(**{f.name: getattr(settings.health, f.name) for f in fields(PoolPolicy)})
         self.pools = Pools(settings.service_overrides(), policy)
         self._checks_task: asyncio.Task[None] | None = None
         self.generation = 0
         self._conflicts: set[Problem] = set()
         self.upstream = UpstreamPool(
-            connect_timeout=settings.connect_timeout,
-            keepalive=settings.upstream_keepalive,
-            idle_timeout=settings.upstream_idle_timeout,
-            ca_file=settings.upstream_ca_file,
+            connect_timeout=settings.upstream.connect_timeout,
+            keepalive=settings.upstream.keepalive,
+            idle_timeout=settings.upstream.idle_timeout,
+            ca_file=settings.upstream.ca_file,
         )
         self._proxies: list[ProxyServer] = []  # the plain listener, then the TLS ones
         self.tls: Terminator | None = None
@@ -121,9 +120,9 @@ class Ferryman:
 
     async def start(self) -> None:
         s = self.settings
-        if self.serve_proxy and s.tls_addresses:
+        if self.serve_proxy and s.listeners.tls:
             # Certificate files are read before anything starts: a bad one is a config error naming the file.
-            self.tls = Terminator(CertFile.parse_list(s.tls_certs))
+            self.tls = Terminator(s.tls.certs)
             try:
                 self.tls.load_files()
             except TlsError as exc:
@@ -132,7 +131,7 @@ class Ferryman:
                 log.info("tls_certs_loaded", source="files", names=self.tls.store.names)
         if s.static_file:
             # No Consul at all: the file is the catalog. A bad file at start is a config error.
-            static = StaticWatcher(s.static_file, self.apply, prefix=s.tag_prefix)
+            static = StaticWatcher(s.static_file, self.apply, prefix=s.consul.tag_prefix)
             try:
                 static.load()
             except StaticError as exc:
@@ -140,22 +139,22 @@ class Ferryman:
             self._watcher = static
         else:
             self._consul = ConsulClient(
-                s.consul_addresses, token=s.consul_token, dc=s.consul_dc, wait_s=s.consul_wait,
+                s.consul.addresses, token=s.consul.token, dc=s.consul.datacenters, wait_s=s.consul.wait,
             )
             try:  # a token Consul refuses is a config error (exit 2); an unreachable Consul is not (serve, retry)
                 await self._consul.check_access()
             except ConsulAccessError as exc:
                 await self._consul.close()
-                log.error("consul_forbidden", error=exc.detail, consul=s.consul_addr)
+                log.error("consul_forbidden", error=exc.detail, consul=s.consul.shown)
                 raise ConfigError(f"consul_token: {exc.detail}") from exc
             self._watcher = Watcher(
-                self._consul, self.apply, prefix=s.tag_prefix,
+                self._consul, self.apply, prefix=s.consul.tag_prefix,
                 on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
                 on_request=self.metrics.observe_consul,
             )
             self._watcher.also = config_services(s)
-            if s.routes_kv_prefix:
-                prefix = s.routes_kv_prefix
+            if s.consul.routes_kv_prefix:
+                prefix = s.consul.routes_kv_prefix
                 self._side_tasks.append(asyncio.get_running_loop().create_task(self._follow_kv(
                     prefix, lambda values: self._kv_routes_changed(prefix, values), "routes_kv_unreadable",
                 ), name="routes-kv"))
@@ -164,32 +163,32 @@ class Ferryman:
             loop = asyncio.get_running_loop()
             if self.tls.files:
                 self._side_tasks.append(loop.create_task(self._watch_cert_files(), name="tls-files"))
-            if s.tls_kv_prefix:
+            if s.tls.kv_prefix:
                 self._side_tasks.append(loop.create_task(self._follow_kv(
-                    s.tls_kv_prefix, lambda values: self._kv_certs_changed(s.tls_kv_prefix, values),
+                    s.tls.kv_prefix, lambda values: self._kv_certs_changed(s.tls.kv_prefix, values),
                     "tls_kv_unreadable",
                 ), name="tls-kv"))
         if self.serve_proxy:
             self._checks_task = asyncio.get_running_loop().create_task(self._active_checks(), name="active-checks")
 
-        listen, admin = s.listen_addr, s.admin_addr
+        listen, admin = s.listeners.plain, s.listeners.admin
         if self.serve_proxy and not await self.wait_synced(_FIRST_SYNC_WAIT_S):
             # Consul is down or slow: serve anyway (404 until it answers) rather than refuse connections.
-            log.warning("started_without_routes", waited_s=_FIRST_SYNC_WAIT_S, consul=s.consul_addr)
+            log.warning("started_without_routes", waited_s=_FIRST_SYNC_WAIT_S, consul=s.consul.shown)
         if self.serve_proxy:
-            access_log = logs.access_writer(s.access_log_format, s.access_log_file) if s.access_log else None
+            access_log = logs.access_writer(s.logs.access_format, s.logs.access_file) if s.logs.access else None
             plain = ProxyServer(self._context("http", listen.port, access_log))
             self._proxies.append(plain)
             await plain.start(listen.host, listen.port, reuse_port=self.reuse_port)
-            for address in s.tls_addresses:
+            for address in s.listeners.tls:
                 assert self.tls is not None
                 secure = ProxyServer(self._context("https", address.port, access_log))
                 self._proxies.append(secure)
                 await secure.start(address.host, address.port, reuse_port=self.reuse_port, ssl=self.tls.context)
         if self.serve_admin:
             admin_runner = web.AppRunner(make_admin_app(
-                self.router, self.pools, self.exposition, self.report_source, consul=s.consul_addr,
-                max_sync_age=lambda: self.settings.max_sync_age,
+                self.router, self.pools, self.exposition, self.report_source, consul=s.consul.shown,
+                max_sync_age=lambda: self.settings.timeouts.max_sync_age,
             ), access_log=None)
             await admin_runner.setup()
             self._runners.append(admin_runner)
@@ -197,7 +196,7 @@ class Ferryman:
         if self.report_dir is not None:
             self._report_task = asyncio.get_running_loop().create_task(self._write_reports(), name="state-report")
         log.info("ferryman_started", listen=str(listen) if self.serve_proxy else None,
-                 admin=str(admin) if self.serve_admin else None, consul=s.consul_addr)
+                 admin=str(admin) if self.serve_admin else None, consul=s.consul.shown)
 
     def _context(self, proto: str, port: int, access_log: logs.AccessWriter | None) -> ProxyContext:
         ctx = ProxyContext(
@@ -211,16 +210,16 @@ class Ferryman:
         """The settings a listener's context follows (at start and on every reload)."""
         s = self.settings
         ctx.read_timeout, ctx.idle_timeout, ctx.header_timeout = (
-            s.read_timeout, s.client_idle_timeout, s.client_header_timeout)
+            s.timeouts.read, s.client.idle_timeout, s.client.header_timeout)
         ctx.max_attempts, ctx.max_connections, ctx.max_body = (
-            max(1, s.max_attempts), s.max_connections, parse_size(s.max_body_size))
-        ctx.set_head_limits(s.max_request_target, s.max_header_bytes, s.max_header_count)
-        ctx.access_sample = s.access_log_sample
-        ctx.tunnel_idle_timeout = s.websocket_idle_timeout
-        ctx.trusted = TrustedProxies(s.trusted_proxies) if s.trusted_proxies else None
-        if ctx.proto == b"http" and s.https_redirect:
-            tls = s.tls_addresses
-            ctx.redirect = HttpsRedirect(s.https_redirect, tls[0].port if tls else 443)
+            max(1, s.upstream.max_attempts), s.client.max_connections, s.client.max_body)
+        ctx.set_head_limits(s.client.max_request_target, s.client.max_header_bytes, s.client.max_header_count)
+        ctx.access_sample = s.logs.access_sample
+        ctx.tunnel_idle_timeout = s.client.websocket_idle_timeout
+        ctx.trusted = TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None
+        if ctx.proto == b"http" and s.tls.https_redirect:
+            tls = s.listeners.tls
+            ctx.redirect = HttpsRedirect(s.tls.https_redirect, tls[0].port if tls else 443)
         else:
             ctx.redirect = None
 
@@ -232,7 +231,7 @@ class Ferryman:
         for proxy in self._proxies:
             self._configure(proxy.cfg)
         if self.tls is not None:
-            self.tls.files = CertFile.parse_list(s.tls_certs)
+            self.tls.files = s.tls.certs
             self._reload_tls_files("sighup")
         if isinstance(self._watcher, StaticWatcher):
             try:
@@ -240,8 +239,8 @@ class Ferryman:
             except StaticError as exc:
                 log.error("static_file_invalid", error=str(exc), detail="the routes loaded before stay")
         self.upstream.connect_timeout, self.upstream.keepalive, self.upstream.idle_timeout = (
-            s.connect_timeout, s.upstream_keepalive, s.upstream_idle_timeout)
-        policy = PoolPolicy(**{f.name: getattr(s, f.name) for f in fields(PoolPolicy)})
+            s.upstream.connect_timeout, s.upstream.keepalive, s.upstream.idle_timeout)
+        policy = PoolPolicy(**{f.name: getattr(s.health, f.name) for f in fields(PoolPolicy)})
         self.pools.configure(s.service_overrides(), policy)
         snapshot = self._watcher.last_snapshot if self._watcher is not None else None
         if snapshot is not None:
@@ -271,7 +270,7 @@ class Ferryman:
         the new certificate, open connections keep theirs."""
         assert self.tls is not None
         while True:
-            await asyncio.sleep(self.settings.tls_reload_interval)
+            await asyncio.sleep(self.settings.tls.reload_interval)
             if self.tls.files_changed():
                 self._reload_tls_files("files changed")
 
@@ -361,10 +360,10 @@ class Ferryman:
         to each instance; an answer other than 2xx/3xx (or none in time) takes it out of its pool until a
         check passes again. On top of Consul's checks, never instead of them."""
         s = self.settings
-        timeout = aiohttp.ClientTimeout(total=s.active_check_timeout)
+        timeout = aiohttp.ClientTimeout(total=s.health.active_check_timeout)
         async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
             while True:
-                await asyncio.sleep(s.active_check_interval)
+                await asyncio.sleep(s.health.active_check_interval)
                 checks = [
                     self._check(session, pool, endpoint)
                     for pool in self.pools if pool.health_path
@@ -404,15 +403,15 @@ class Ferryman:
         self.draining = True
         if self._report_task is not None and self.report_dir is not None:
             write_report(self.report_dir, self.report())
-        if self.settings.drain_delay > 0:
-            log.info("ferryman_draining", drain_delay_s=self.settings.drain_delay)
-            await asyncio.sleep(self.settings.drain_delay)
+        if self.settings.timeouts.drain_delay > 0:
+            log.info("ferryman_draining", drain_delay_s=self.settings.timeouts.drain_delay)
+            await asyncio.sleep(self.settings.timeouts.drain_delay)
 
     async def stop(self) -> None:
         self.draining = True
-        log.info("ferryman_stopping", shutdown_timeout_s=self.settings.shutdown_timeout)
+        log.info("ferryman_stopping", shutdown_timeout_s=self.settings.timeouts.shutdown)
         # Listeners first (in-flight requests finish within shutdown_timeout), then discovery and clients.
-        await asyncio.gather(*(p.stop(self.settings.shutdown_timeout) for p in self._proxies))
+        await asyncio.gather(*(p.stop(self.settings.timeouts.shutdown) for p in self._proxies))
         self._proxies.clear()
         for runner in self._runners:
             await runner.cleanup()
