@@ -25,7 +25,6 @@ from discovery.kv import KvFollower
 from discovery.model import Problem, Snapshot
 from discovery.source import Source
 from discovery.static import StaticError, StaticWatcher
-from discovery.tags import parse_size
 from discovery.tasks import start_task
 from discovery.watcher import Watcher
 
@@ -69,8 +68,8 @@ def kv_routes(prefix: str, values: dict[str, bytes]) -> RoutePart:
 
 
 def pool_policy(settings: Settings) -> PoolPolicy:
-    # PoolPolicy's fields are config keys of the same names.
-    return PoolPolicy(**{f.name: getattr(settings, f.name) for f in fields(PoolPolicy)})
+    # PoolPolicy's fields are HealthPolicy's of the same names.
+    return PoolPolicy(**{f.name: getattr(settings.health, f.name) for f in fields(PoolPolicy)})
 
 
 async def write_reports(directory: str, report: Callable[[], Report], flush: Callable[[], None]) -> None:
@@ -130,10 +129,10 @@ class Ferryman:
         self._conflicts: set[Problem] = set()
         self.world = RoutedWorld(parts=(RoutePart.declared("file", settings.routes),))
         self.upstream = UpstreamPool(
-            connect_timeout=settings.connect_timeout,
-            keepalive=settings.upstream_keepalive,
-            idle_timeout=settings.upstream_idle_timeout,
-            ca_file=settings.upstream_ca_file,
+            connect_timeout=settings.upstream.connect_timeout,
+            keepalive=settings.upstream.keepalive,
+            idle_timeout=settings.upstream.idle_timeout,
+            ca_file=settings.upstream.ca_file,
         )
         self._proxies: list[ProxyServer] = []  # the plain listener, then the TLS ones
         self.certs: Certificates | None = None
@@ -196,22 +195,24 @@ class Ferryman:
             self._source.watch_also(self.world.named)
             return self._source
         if s.static_file:
-            static = StaticWatcher(s.static_file, self._snapshot, prefix=s.tag_prefix)
+            static = StaticWatcher(s.static_file, self._snapshot, prefix=s.consul.tag_prefix)
             self._source = static
             try:
                 static.load()
             except StaticError as exc:
                 raise ConfigError(f"static_file: {exc}") from exc
             return static
-        self._consul = ConsulClient(s.consul_addresses, token=s.consul_token, dc=s.consul_dc, wait_s=s.consul_wait)
+        self._consul = ConsulClient(
+            s.consul.addresses, token=s.consul.token, dc=s.consul.datacenters, wait_s=s.consul.wait,
+        )
         try:
             await self._consul.check_access()
         except ConsulAccessError as exc:
             await self._consul.close()
-            log.error("consul_forbidden", error=exc.detail, consul=s.consul_addr)
+            log.error("consul_forbidden", error=exc.detail, consul=s.consul.shown)
             raise ConfigError(f"consul_token: {exc.detail}") from exc
         watcher = Watcher(
-            self._consul, self._snapshot, prefix=s.tag_prefix,
+            self._consul, self._snapshot, prefix=s.consul.tag_prefix,
             on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
             on_request=self.metrics.observe_consul,
         )
@@ -224,53 +225,54 @@ class Ferryman:
 
     async def start(self) -> None:
         s = self.settings
-        if self.serve_proxy and s.tls_addresses:
-            self.certs = Certificates(s.tls_certs, s.tls_reload_interval)
+        if self.serve_proxy and s.listeners.tls:
+            self.certs = Certificates(s.tls.certs, s.tls.reload_interval)
             try:  # read before anything starts: a bad file is a config error naming it
                 self.certs.load()
             except TlsError as exc:
                 raise ConfigError(f"tls_certs: {exc}") from exc
         source = await self._build_source()
         self._tasks.append(start_task(source.run(), "consul-watcher", self._crashed))
-        if self._consul is not None and s.routes_kv_prefix:
+        if self._consul is not None and s.consul.routes_kv_prefix:
             routes = KvFollower(
-                self._consul, s.routes_kv_prefix,
-                lambda values: self._update(self.world.with_part(kv_routes(s.routes_kv_prefix, values))),
+                self._consul, s.consul.routes_kv_prefix,
+                lambda values: self._update(self.world.with_part(kv_routes(s.consul.routes_kv_prefix, values))),
                 unreadable="routes_kv_unreadable", recovered="routes_kv_recovered")
             self._tasks.append(start_task(routes.run(), "routes-kv", self._crashed))
         if self.certs is not None:
             certs = self.certs
             if certs.has_files:
                 self._tasks.append(start_task(certs.watch_files(), "tls-files"))
-            if self._consul is not None and s.tls_kv_prefix:
-                prefix = s.tls_kv_prefix
+            if self._consul is not None and s.tls.kv_prefix:
+                prefix = s.tls.kv_prefix
                 follower = KvFollower(self._consul, prefix, lambda values: certs.kv_changed(prefix, values),
                                       unreadable="tls_kv_unreadable", recovered="tls_kv_recovered")
                 self._tasks.append(start_task(follower.run(), "tls-kv"))
         if self.serve_proxy:
+            health = s.health
             self._tasks.append(start_task(
-                active_checks(self.pools, s.active_check_interval, s.active_check_timeout), "active-checks"))
+                active_checks(self.pools, health.active_check_interval, health.active_check_timeout), "active-checks"))
             if not await self.wait_synced(_FIRST_SYNC_WAIT_S):
                 # Consul is down or slow: serve anyway (404 until it answers) rather than refuse connections.
-                log.warning("started_without_routes", waited_s=_FIRST_SYNC_WAIT_S, consul=s.consul_addr)
+                log.warning("started_without_routes", waited_s=_FIRST_SYNC_WAIT_S, consul=s.consul.shown)
             await self._start_proxies()
         if self.serve_admin:
             self._runners.append(await start_admin(
-                make_admin_app(self.router, self.pools, self.exposition, self.report_source, consul=s.consul_addr,
-                               max_sync_age=lambda: self.settings.max_sync_age), s.admin_addr))
+                make_admin_app(self.router, self.pools, self.exposition, self.report_source, consul=s.consul.shown,
+                               max_sync_age=lambda: self.settings.timeouts.max_sync_age), s.listeners.admin))
         if self.report_dir is not None:
             self._tasks.append(start_task(
                 write_reports(self.report_dir, self.report, self.metrics.flush), "state-report"))
-        log.info("ferryman_started", listen=str(s.listen_addr) if self.serve_proxy else None,
-                 admin=str(s.admin_addr) if self.serve_admin else None, consul=s.consul_addr)
+        log.info("ferryman_started", listen=str(s.listeners.plain) if self.serve_proxy else None,
+                 admin=str(s.listeners.admin) if self.serve_admin else None, consul=s.consul.shown)
 
     async def _start_proxies(self) -> None:
         s = self.settings
-        access_log = logs.access_writer(s.access_log_format, s.access_log_file) if s.access_log else None
-        plain = ProxyServer(self._context("http", s.listen_addr.port, access_log))
+        access_log = logs.access_writer(s.logs.access_format, s.logs.access_file) if s.logs.access else None
+        plain = ProxyServer(self._context("http", s.listeners.plain.port, access_log))
         self._proxies.append(plain)
-        await plain.start(s.listen_addr.host, s.listen_addr.port, reuse_port=self.reuse_port)
-        for address in s.tls_addresses:
+        await plain.start(s.listeners.plain.host, s.listeners.plain.port, reuse_port=self.reuse_port)
+        for address in s.listeners.tls:
             assert self.certs is not None
             secure = ProxyServer(self._context("https", address.port, access_log))
             self._proxies.append(secure)
@@ -286,16 +288,17 @@ class Ferryman:
         """The settings a listener follows (at start and on every reload), as one value."""
         s = self.settings
         redirect = None
-        if proto == "http" and s.https_redirect:
-            tls = s.tls_addresses
-            redirect = HttpsRedirect(s.https_redirect, tls[0].port if tls else 443)
+        if proto == "http" and s.tls.https_redirect:
+            tls = s.listeners.tls
+            redirect = HttpsRedirect(s.tls.https_redirect, tls[0].port if tls else 443)
         return ListenerLimits(
-            read_timeout=s.read_timeout, idle_timeout=s.client_idle_timeout, header_timeout=s.client_header_timeout,
-            tunnel_idle_timeout=s.websocket_idle_timeout, max_attempts=max(1, s.max_attempts),
-            max_connections=s.max_connections, max_target=s.max_request_target, max_header_bytes=s.max_header_bytes,
-            max_header_count=s.max_header_count, max_body=parse_size(s.max_body_size),
-            access_sample=s.access_log_sample, redirect=redirect,
-            trusted=TrustedProxies(s.trusted_proxies) if s.trusted_proxies else None,
+            read_timeout=s.timeouts.read, idle_timeout=s.client.idle_timeout, header_timeout=s.client.header_timeout,
+            tunnel_idle_timeout=s.client.websocket_idle_timeout, max_attempts=max(1, s.upstream.max_attempts),
+            max_connections=s.client.max_connections, max_target=s.client.max_request_target,
+            max_header_bytes=s.client.max_header_bytes, max_header_count=s.client.max_header_count,
+            max_body=s.client.max_body,
+            access_sample=s.logs.access_sample, redirect=redirect,
+            trusted=TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
         )
 
     def reload(self, new: Settings) -> None:
@@ -306,11 +309,11 @@ class Ferryman:
         for proxy in self._proxies:
             proxy.cfg.limits = self._limits(proxy.cfg.proto.decode())
         if self.certs is not None:
-            self.certs.reload(s.tls_certs, s.tls_reload_interval)
+            self.certs.reload(s.tls.certs, s.tls.reload_interval)
         if self._source is not None:
             self._source.reload()
         self.upstream.connect_timeout, self.upstream.keepalive, self.upstream.idle_timeout = (
-            s.connect_timeout, s.upstream_keepalive, s.upstream_idle_timeout)
+            s.upstream.connect_timeout, s.upstream.keepalive, s.upstream.idle_timeout)
         self.pools.configure(s.service_overrides(), pool_policy(s))
         if "routes" in changed:
             self._update(self.world.with_part(RoutePart.declared("file", s.routes)))  # the file's new [[routes]]
@@ -352,15 +355,15 @@ class Ferryman:
         self.draining = True
         if self.report_dir is not None:
             write_report(self.report_dir, self.report())
-        if self.settings.drain_delay > 0:
-            log.info("ferryman_draining", drain_delay_s=self.settings.drain_delay)
-            await asyncio.sleep(self.settings.drain_delay)
+        if self.settings.timeouts.drain_delay > 0:
+            log.info("ferryman_draining", drain_delay_s=self.settings.timeouts.drain_delay)
+            await asyncio.sleep(self.settings.timeouts.drain_delay)
 
     async def stop(self) -> None:
         self.draining = True
-        log.info("ferryman_stopping", shutdown_timeout_s=self.settings.shutdown_timeout)
+        log.info("ferryman_stopping", shutdown_timeout_s=self.settings.timeouts.shutdown)
         # Listeners first (in-flight requests finish within shutdown_timeout), then discovery and clients.
-        await asyncio.gather(*(p.stop(self.settings.shutdown_timeout) for p in self._proxies))
+        await asyncio.gather(*(p.stop(self.settings.timeouts.shutdown) for p in self._proxies))
         self._proxies.clear()
         for runner in self._runners:
             await runner.cleanup()

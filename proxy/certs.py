@@ -22,8 +22,8 @@ class Certificates:
     """The certificates behind the TLS listeners' context. `load()` at start raises TlsError (naming the file),
     for the app to report as a config error."""
 
-    def __init__(self, tls_certs: str, reload_interval: float) -> None:
-        self.terminator = Terminator(CertFile.parse_list(tls_certs))
+    def __init__(self, tls_certs: tuple[CertFile, ...], reload_interval: float) -> None:
+        self.terminator = Terminator(tls_certs)
         self.interval = reload_interval
 
     @property
@@ -40,9 +40,9 @@ class Certificates:
         if self.terminator.files:
             log.info("tls_certs_loaded", source="files", names=self.terminator.store.names)
 
-    def reload(self, tls_certs: str, reload_interval: float) -> None:
+    def reload(self, tls_certs: tuple[CertFile, ...], reload_interval: float) -> None:
         """SIGHUP: the files named now, read now."""
-        self.terminator.files = CertFile.parse_list(tls_certs)
+        self.terminator.files = tls_certs
         self.interval = reload_interval
         self._reload_files("sighup")
 

@@ -1,265 +1,48 @@
 """Settings: defaults < config file (TOML) < environment (FERRYMAN_<KEY>) < command-line flags.
 
 Every key has one name in all three places: `read_timeout` in the file, FERRYMAN_READ_TIMEOUT in the
-environment, --read-timeout on the command line. An unknown key or a bad value is a ConfigError that names
-where it came from (file and line, variable, or flag), the key and the problem; nothing is ignored silently.
+environment, --read-timeout on the command line; its row in `config_table.KEYS` gives its type, default and
+parser. Each source is read and parsed on its own (so a bad value is reported even where a higher source
+overrides it), the parsed values are merged by precedence, and `Settings` (proxy.settings) is built from them
+once. An unknown key or a bad value is a ConfigError that names where it came from (file and line, variable, or
+flag), the key and the problem; nothing is ignored silently.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from discovery.consul import ConsulAddress, parse_datacenters
 from discovery.model import RouteSpec
-from discovery.tags import TagError, parse_route_tag, parse_size, validate_balancing
+from discovery.tags import TagError, parse_route_tag, validate_balancing
 
+from .config_table import BY_NAME, ENV_PREFIX, KEYS, SECTIONS, Key, build, env_name, flag_name, value_of, with_values
 from .headers import HeaderRules
+from .settings import HostPort, ServiceSettings, Settings
 
-ENV_PREFIX: Final = "FERRYMAN_"
+# Re-exported: the settings' values live in proxy.settings, their table in proxy.config_table.
+__all__ = [
+    "DEFAULTS", "KEYS", "RESTART_KEYS", "ConfigError", "ConfigRoute", "HostPort", "Settings", "Source", "env_name",
+    "flag_name", "load", "load_env", "load_file", "load_flags", "parse_route_entry", "reloaded", "value_of",
+]
 
 
 class ConfigError(Exception):
     """A configuration problem; the message names its source, the key and what is wrong."""
 
 
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> HostPort:
-        """`host:port`, `:port` (every interface) or `[v6]:port`."""
-        host, sep, port = text.strip().rpartition(":")
-        if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
-            raise ValueError(f"{text!r} is not host:port")
-        host = host.strip("[]") or "0.0.0.0"
-        return cls(host, int(port))
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+# The table's defaults, parsed: what `load` gives when no source sets anything.
+_PARSED_DEFAULTS: Final[Mapping[str, Any]] = {key.name: key.parse(key.default) for key in KEYS}
+DEFAULTS: Final = build(_PARSED_DEFAULTS)
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    listen: str = "0.0.0.0:8080"
-    admin_listen: str = "127.0.0.1:9919"
-    consul_addr: str = "127.0.0.1:8500"
-    consul_token: str = ""
-    consul_dc: str = ""
-    consul_wait: float = 30.0
-    tag_prefix: str = "urlprefix-"
-    log_format: str = "auto"
-    log_level: str = "info"
-    access_log: bool = True
-    access_log_format: str = "json"
-    access_log_file: str = ""
-    access_log_sample: float = 1.0
-    log_flush_interval: float = 0.25
-    connect_timeout: float = 2.0
-    read_timeout: float = 30.0
-    max_attempts: int = 3
-    upstream_keepalive: int = 64
-    upstream_idle_timeout: float = 30.0
-    shutdown_timeout: float = 10.0
-    drain_delay: float = 0.0
-    max_sync_age: float = 60.0
-    client_idle_timeout: float = 75.0
-    client_header_timeout: float = 10.0
-    websocket_idle_timeout: float = 600.0
-    static_file: str = ""
-    trusted_proxies: str = ""
-    routes_kv_prefix: str = "ferryman/routes/"
-    tls_listen: str = ""
-    tls_certs: str = ""
-    tls_kv_prefix: str = ""
-    tls_reload_interval: float = 2.0
-    https_redirect: str = ""
-    upstream_ca_file: str = ""
-    max_connections: int = 10_000
-    max_request_target: int = 8192
-    max_header_bytes: int = 65536
-    max_header_count: int = 100
-    max_body_size: str = "0"
-    service_max_concurrent: int = 0
-    workers: int = 0
-    eject_after: int = 3
-    eject_base: float = 10.0
-    eject_max_share: float = 0.5
-    eject_on_5xx: bool = False
-    retry_budget: float = 0.2
-    slow_start: float = 0.0
-    active_check_interval: float = 5.0
-    active_check_timeout: float = 2.0
-    # [services.NAME] tables of the config file: per-service balancing (lb, hash_key, sticky), which take
-    # precedence over service meta and route tags. File only: no flag or variable sets them.
-    services: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
-    # [[routes]] of the config file: routes operators declare beside the tags, with header rules and splits.
-    routes: tuple[ConfigRoute, ...] = ()
-
-    def service_overrides(self) -> dict[str, dict[str, str]]:
-        return {name: dict(pairs) for name, pairs in self.services}
-
-    @property
-    def listen_addr(self) -> HostPort:
-        return HostPort.parse(self.listen)
-
-    @property
-    def tls_addresses(self) -> tuple[HostPort, ...]:
-        return tuple(HostPort.parse(item) for item in self.tls_listen.split(",") if item.strip())
-
-    @property
-    def admin_addr(self) -> HostPort:
-        return HostPort.parse(self.admin_listen)
-
-    @property
-    def consul_addresses(self) -> tuple[ConsulAddress, ...]:
-        """Every address of `consul_addr` (comma-separated), in the order they are tried."""
-        return ConsulAddress.parse_list(self.consul_addr)
-
-    @property
-    def consul_address(self) -> ConsulAddress:
-        """The first of `consul_addresses`."""
-        return self.consul_addresses[0]
-
-    @property
-    def consul_datacenters(self) -> tuple[str, ...]:
-        """The datacenters of `consul_dc` (comma-separated) in order of preference; () for the agent's own."""
-        return parse_datacenters(self.consul_dc)
-
-
-def _choice(*allowed: str) -> Callable[[Any], None]:
-    def check(value: Any) -> None:
-        if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-    return check
-
-
-def _positive(value: Any) -> None:
-    if not (value > 0 and math.isfinite(value)):  # written so that NaN fails too
-        raise ValueError(f"must be a finite number greater than 0, got {value!r}")
-
-
-def _between(low: float, high: float) -> Callable[[Any], None]:
-    def check(value: Any) -> None:
-        if not low <= value <= high:  # NaN fails every comparison, so it is refused here too
-            raise ValueError(f"must be between {low:g} and {high:g}")
-    return check
-
-
-def _parses(parser: Callable[[str], Any]) -> Callable[[Any], None]:
-    def check(value: Any) -> None:
-        parser(value)
-    return check
-
-
-def _cert_files(text: str) -> None:
-    from .tls import CertFile  # the TLS module loads cryptography: only when TLS is configured
-
-    CertFile.parse_list(text)
-
-
-def _kv_prefix(text: str) -> None:
-    if text and (text.startswith("/") or any(c.isspace() for c in text)):
-        raise ValueError("a Consul KV prefix such as ferryman/certs/ (no leading '/', no blanks)")
-
-
-_REDIRECT_HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)$")
-
-
-def _networks(text: str) -> None:
-    import ipaddress
-
-    for item in (part.strip() for part in text.split(",")):
-        if item:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
-
-
-def _redirect_hosts(text: str) -> None:
-    for item in (part.strip().lower() for part in text.split(",")):
-        if item and not _REDIRECT_HOST.match(item):
-            raise ValueError(f"{item!r} is not a host name, *.suffix or *")
-
-
-def _prefix(value: Any) -> None:
-    if not value or any(c.isspace() for c in value):
-        raise ValueError("must be a non-empty word without blanks")
-
-
-_CHECKS: Final[Mapping[str, Callable[[Any], None]]] = {
-    "listen": _parses(HostPort.parse),
-    "admin_listen": _parses(HostPort.parse),
-    "consul_addr": _parses(ConsulAddress.parse_list),
-    "consul_dc": _parses(parse_datacenters),
-    "consul_wait": _between(1, 600),
-    "tag_prefix": _prefix,
-    "log_format": _choice("auto", "json", "console"),
-    "log_level": _choice("debug", "info", "warning", "error"),
-    "log_flush_interval": _between(0, 60),
-    "connect_timeout": _positive,
-    "read_timeout": _positive,
-    "max_attempts": _between(1, 10),
-    "upstream_keepalive": _between(0, 100_000),
-    "client_idle_timeout": _positive,
-    "client_header_timeout": _positive,
-    "websocket_idle_timeout": _positive,
-    "tls_listen": _parses(lambda text: [HostPort.parse(item) for item in text.split(",") if item.strip()]),
-    "tls_certs": _parses(lambda text: _cert_files(text)),
-    "tls_kv_prefix": _parses(lambda text: _kv_prefix(text)),
-    "tls_reload_interval": _between(0.1, 3600),
-    "https_redirect": _parses(lambda text: _redirect_hosts(text)),
-    "trusted_proxies": _parses(lambda text: _networks(text)),
-    "routes_kv_prefix": _parses(lambda text: _kv_prefix(text)),
-    "max_connections": _between(1, 10_000_000),
-    "max_request_target": _between(256, 1024 * 1024),
-    "max_header_bytes": _between(1024, 16 * 1024 * 1024),
-    "max_header_count": _between(8, 100_000),
-    "max_body_size": _parses(parse_size),
-    "service_max_concurrent": _between(0, 10_000_000),
-    "upstream_idle_timeout": _positive,
-    "shutdown_timeout": _between(0, 3600),
-    "drain_delay": _between(0, 3600),
-    "max_sync_age": _between(0, 86400),
-    "access_log_format": _choice("json", "common", "combined"),
-    "access_log_sample": _between(0, 1),
-    "workers": _between(0, 256),
-    "eject_after": _between(1, 1000),
-    "eject_base": _between(0.1, 3600),
-    "eject_max_share": _between(0, 1),
-    "retry_budget": _between(0, 10),
-    "slow_start": _between(0, 3600),
-    "active_check_interval": _between(0.1, 3600),
-    "active_check_timeout": _between(0.01, 600),
-}
-
-FIELD_TYPES: Final[Mapping[str, type]] = {
-    f.name: {"str": str, "float": float, "int": int, "bool": bool}[str(f.type)]
-    for f in fields(Settings)
-    if f.name not in ("services", "routes")
-}
-DEFAULTS: Final = Settings()
-
-
-def flag_name(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def env_name(key: str) -> str:
-    return ENV_PREFIX + key.upper()
-
-
-def _coerce_text(key: str, text: str) -> Any:
+def _coerce_text(key: Key, text: str) -> Any:
     """A value given as text (environment, flag) to the key's type."""
-    kind = FIELD_TYPES[key]
+    kind = key.kind
     if kind is bool:
         lowered = text.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -280,9 +63,9 @@ def _coerce_text(key: str, text: str) -> Any:
     return text
 
 
-def _check_typed(key: str, value: Any) -> Any:
+def _check_typed(key: Key, value: Any) -> Any:
     """A value from TOML must already have the key's type (an int is accepted for a float)."""
-    kind = FIELD_TYPES[key]
+    kind = key.kind
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         try:
             value = float(value)
@@ -293,12 +76,6 @@ def _check_typed(key: str, value: Any) -> Any:
     if not isinstance(value, kind):
         raise ValueError(f"must be a {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
-
-
-def _validate(key: str, value: Any) -> None:
-    check = _CHECKS.get(key)
-    if check is not None:
-        check(value)
 
 
 def _key_line(text: str, key: str) -> int | None:
@@ -316,7 +93,7 @@ def text_line_of(data: bytes, offset: int) -> int:
 
 
 def load_file(path: str | Path, sources: dict[str, str] | None = None) -> dict[str, Any]:
-    """Read and validate a TOML config file: {key: value}; ConfigError naming file, line and key. Where each
+    """Read and parse a TOML config file: {key: parsed value}; ConfigError naming file, line and key. Where each
     key was set goes into `sources` (file:line)."""
     path = Path(path)
     try:
@@ -340,21 +117,18 @@ def load_file(path: str | Path, sources: dict[str, str] | None = None) -> dict[s
         if key == "routes":
             out["routes"] = _load_routes(value, text, path, where)
             continue
-        if key not in FIELD_TYPES:
+        row = BY_NAME.get(key)
+        if row is None:
             kind = "table" if isinstance(value, dict) else "key"
-            raise ConfigError(f"{where}: unknown {kind} {key!r} (known keys: {', '.join(FIELD_TYPES)})")
+            raise ConfigError(f"{where}: unknown {kind} {key!r} (known keys: {', '.join(BY_NAME)})")
         try:
-            value = _check_typed(key, value)
-            _validate(key, value)
+            value = row.parse(_check_typed(row, value))
         except ValueError as exc:
             raise ConfigError(f"{where}: key {key!r}: {exc}") from exc
         out[key] = value
         if sources is not None:
             sources[key] = where
     return out
-
-
-ServiceSettings = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,14 +275,13 @@ def _load_services(value: Any, text: str, path: Path, where: str) -> ServiceSett
     return tuple(out)
 
 
-def _load_text(key: str, text: str, where: str) -> Any:
-    """A value given as text (environment, flag): typed and validated, or ConfigError naming `where`."""
+def _load_text(name: str, text: str, where: str) -> Any:
+    """A value given as text (environment, flag): typed and parsed, or ConfigError naming `where`."""
+    key = BY_NAME[name]
     try:
-        value = _coerce_text(key, text)
-        _validate(key, value)
+        return key.parse(_coerce_text(key, text))
     except ValueError as exc:
-        raise ConfigError(f"{where}: key {key!r}: {exc}") from exc
-    return value
+        raise ConfigError(f"{where}: key {name!r}: {exc}") from exc
 
 
 def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -517,7 +290,7 @@ def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX):
             continue
         key = name[len(ENV_PREFIX) :].lower()
-        if key not in FIELD_TYPES:
+        if key not in BY_NAME:
             raise ConfigError(f"environment variable {name}: unknown key {key!r}")
         out[key] = _load_text(key, text, f"environment variable {name}")
     return out
@@ -531,7 +304,7 @@ def load_flags(flags: Mapping[str, str | None]) -> dict[str, Any]:
 def load(
     *, config_file: str | None, environ: Mapping[str, str], flags: Mapping[str, str | None]
 ) -> Settings:
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = dict(_PARSED_DEFAULTS)
     sources: dict[str, str] = {}
     if config_file:
         merged.update(load_file(config_file, sources))
@@ -541,40 +314,38 @@ def load(
     from_flags = load_flags(flags)
     merged.update(from_flags)
     sources.update({key: f"flag {flag_name(key)}" for key in from_flags})
-    settings = Settings(**merged)
+    settings = build(merged, **{name: merged[name] for name in SECTIONS if name in merged})
     _check_together(settings, sources)
     return settings
 
 
 def _check_together(settings: Settings, sources: Mapping[str, str]) -> None:
     """Rules between keys, reported where the key that breaks them was set."""
-    # A healthy blocking query answers within consul_wait plus up to 1/16 of jitter: a shorter bound would
-    # flap /ready on a quiet, healthy cluster.
-    if settings.static_file and settings.tls_kv_prefix:
+    if settings.static_file and settings.tls.kv_prefix:
         key = "tls_kv_prefix"
         raise ConfigError(f"{sources.get(key, 'default')}: key 'tls_kv_prefix': certificates from Consul KV need "
                           "Consul, and static_file runs without it: use tls_certs")
-    if settings.tls_listen and not (settings.tls_certs or settings.tls_kv_prefix):
+    if settings.listeners.tls and not (settings.tls.certs or settings.tls.kv_prefix):
         key = "tls_listen"
         raise ConfigError(f"{sources.get(key, 'default')}: key 'tls_listen': a TLS listener needs certificates: "
                           "set tls_certs (files) or tls_kv_prefix (Consul KV)")
-    floor = settings.consul_wait * 17 / 16 + 1
-    if settings.max_sync_age and settings.max_sync_age <= floor:
+    # A healthy blocking query answers within consul_wait plus up to 1/16 of jitter: a shorter bound would
+    # flap /ready on a quiet, healthy cluster.
+    wait, max_sync_age = settings.consul.wait, settings.timeouts.max_sync_age
+    floor = wait * 17 / 16 + 1
+    if max_sync_age and max_sync_age <= floor:
         key = "max_sync_age" if "max_sync_age" in sources or "consul_wait" not in sources else "consul_wait"
         raise ConfigError(
-            f"{sources.get(key, 'default')}: key {key!r}: max_sync_age ({settings.max_sync_age:g} s) must be "
-            f"longer than consul_wait ({settings.consul_wait:g} s) plus its jitter and a second, over "
+            f"{sources.get(key, 'default')}: key {key!r}: max_sync_age ({max_sync_age:g} s) must be "
+            f"longer than consul_wait ({wait:g} s) plus its jitter and a second, over "
             f"{floor:g} s (or 0 to turn the readiness watchdog off)"
         )
 
 
-# Keys a running proxy cannot take over on SIGHUP: they shape listeners, processes, the Consul client or the
-# log set-up. A reload that changes them logs that a restart is needed and keeps their running values.
-RESTART_KEYS: Final = frozenset({
-    "listen", "admin_listen", "workers", "consul_addr", "consul_token", "consul_dc", "consul_wait", "tag_prefix",
-    "log_format", "log_level", "access_log", "access_log_format", "access_log_file", "log_flush_interval",
-    "tls_listen", "tls_kv_prefix", "tls_reload_interval", "upstream_ca_file", "static_file", "routes_kv_prefix",
-})
+# Keys a running proxy cannot take over on SIGHUP (their rows say so): they shape listeners, processes, the
+# Consul client or the log set-up. A reload that changes them logs that a restart is needed and keeps their
+# running values.
+RESTART_KEYS: Final = frozenset(key.name for key in KEYS if not key.reload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,8 +361,10 @@ class Source:
 
 
 def reloaded(running: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:
-    """(settings to run with, keys changed and applied, keys changed that need a restart)."""
-    changed = [f.name for f in fields(Settings) if getattr(running, f.name) != getattr(new, f.name)]
-    restart = [key for key in changed if key in RESTART_KEYS]
-    kept = {key: getattr(running, key) for key in RESTART_KEYS}
-    return replace(new, **kept), [key for key in changed if key not in RESTART_KEYS], restart
+    """(settings to run with, keys changed and applied, keys changed that need a restart). Keys are compared
+    as parsed, in the table's order, then the file's sections."""
+    changed = [key.name for key in KEYS if value_of(running, key) != value_of(new, key)]
+    changed += [name for name in SECTIONS if getattr(running, name) != getattr(new, name)]
+    restart = [name for name in changed if name in RESTART_KEYS]
+    kept = with_values(new, {name: value_of(running, BY_NAME[name]) for name in RESTART_KEYS})
+    return kept, [name for name in changed if name not in RESTART_KEYS], restart

@@ -197,10 +197,8 @@ class TrustedProxies:
 
     __slots__ = ("_known", "networks")
 
-    def __init__(self, spec: str) -> None:
-        self.networks = tuple(
-            ipaddress.ip_network(item.strip(), strict=False) for item in spec.split(",") if item.strip()
-        )
+    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        self.networks = tuple(networks)  # parsed once, from the `trusted_proxies` setting
         self._known: dict[bytes, bool] = {}
 
     def __contains__(self, address: object) -> bool:

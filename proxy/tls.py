@@ -235,8 +235,8 @@ class HttpsRedirect:
 
     __slots__ = ("_all", "_exact", "_port", "_suffixes")
 
-    def __init__(self, spec: str, port: int) -> None:
-        names = [n.strip().lower() for n in spec.split(",") if n.strip()]
+    def __init__(self, names: Sequence[str], port: int) -> None:
+        """`names`: the `https_redirect` setting, parsed (lower case, checked)."""
         self._all = "*" in names
         self._exact = frozenset(n for n in names if not n.startswith("*."))
         self._suffixes = tuple(n[1:] for n in names if n.startswith("*."))  # ".example.com"

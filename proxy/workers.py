@@ -68,7 +68,7 @@ async def serve(settings: Settings, *, drain: bool = True, source: Source | None
     loop.add_signal_handler(signal.SIGHUP, lambda: reload_from(app, source))
     await app.start()
     _settle_gc()
-    flusher = logs.start_flushing(settings.log_flush_interval)
+    flusher = logs.start_flushing(settings.logs.flush_interval)
     try:
         await stop.wait()
         if drain:
@@ -102,7 +102,7 @@ def _settle_gc() -> None:
 
 
 def _worker_main(settings: Settings, index: int, source: Source | None) -> None:
-    logs.configure(settings.log_format, settings.log_level, buffered=settings.log_flush_interval > 0)
+    logs.configure(settings.logs.format, settings.logs.level, buffered=settings.logs.flush_interval > 0)
     structlog.contextvars.bind_contextvars(worker=index)
     # The supervisor drains (says not-ready for drain_delay) before it stops the workers.
     run_event_loop(serve(
@@ -173,7 +173,7 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
-        flusher = logs.start_flushing(self.settings.log_flush_interval)
+        flusher = logs.start_flushing(self.settings.logs.flush_interval)
         try:
             while not stop.is_set():
                 for index, (proc, started) in list(self._workers.items()):
@@ -217,7 +217,7 @@ class Supervisor:
         for proc, _ in self._workers.values():
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.shutdown_timeout + 5
+        deadline = time.monotonic() + self.settings.timeouts.shutdown + 5
         for index, (proc, _) in self._workers.items():
             await asyncio.to_thread(proc.join, max(0.1, deadline - time.monotonic()))
             if proc.is_alive():

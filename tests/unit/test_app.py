@@ -5,6 +5,7 @@ discovery makes /ready say not ready; a routed world that fails to build keeps t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -15,7 +16,7 @@ from discovery.tags import parse_route_tag
 from discovery.tasks import start_task
 from proxy.admin import readiness
 from proxy.app import Ferryman
-from proxy.config import Settings, parse_route_entry
+from proxy.config import DEFAULTS, parse_route_entry
 
 
 class FakeSource:
@@ -67,7 +68,7 @@ async def app() -> AsyncIterator[tuple[Ferryman, FakeSource]]:
         sources.append(FakeSource(on_snapshot))
         return sources[0]
 
-    ferryman = Ferryman(Settings(), serve_proxy=False, serve_admin=False, make_source=make)
+    ferryman = Ferryman(DEFAULTS, serve_proxy=False, serve_admin=False, make_source=make)
     await ferryman.start()
     try:
         yield ferryman, sources[0]
@@ -149,7 +150,8 @@ class TestRoutesFollowed:
     """Services the config file's routes name are followed by the source, from the merged world."""
 
     async def test_file_routes_name_their_services(self) -> None:
-        settings = Settings(routes=(parse_route_entry({"route": "/x", "split": {"a": 1, "b": 1}}, "f"),))
+        entry = parse_route_entry({"route": "/x", "split": {"a": 1, "b": 1}}, "f")
+        settings = dataclasses.replace(DEFAULTS, routes=(entry,))
         made: list[FakeSource] = []
 
         def make(on_snapshot: Callable[[Snapshot], None]) -> FakeSource:

@@ -126,13 +126,14 @@ class TestShippedExample:
     """The example config in the repository is valid and spells out every key with its default."""
 
     def test_example_config_checks_and_matches_the_defaults(self) -> None:
-        from proxy.config import DEFAULTS, FIELD_TYPES, load_file
+        from proxy.config import DEFAULTS, load_file, value_of
+        from proxy.config_table import BY_NAME
 
         example = Path(__file__).resolve().parents[2] / "ferryman.example.toml"
         assert main(["--check", "--config", str(example)]) == 0
         values = load_file(example)
-        assert set(values) == set(FIELD_TYPES)
-        assert {k: getattr(DEFAULTS, k) for k in values} == values
+        assert set(values) == set(BY_NAME)
+        assert {k: value_of(DEFAULTS, BY_NAME[k]) for k in values} == values
 
 
 class TestLogBuffer:

@@ -138,7 +138,7 @@ def test_published_host_ports_do_not_clash(compose: dict[str, Any]) -> None:
     host_ports = [p for service in compose["services"].values() for p in _published(service).values()]
     assert len(host_ports) == len(set(host_ports)), sorted(host_ports)
     # Each on its own default port: Prometheus on 9090, Ferryman's admin listener on its default (9919).
-    admin_default = HostPort.parse(DEFAULTS.admin_listen).port
+    admin_default = DEFAULTS.listeners.admin.port
     assert _published(_service(compose, "prometheus")) == {9090: 9090}
     assert _published(_service(compose, "ferryman")) == {8080: 8080, admin_default: admin_default}
 
@@ -375,7 +375,7 @@ def test_dockerfile_entrypoint_is_ferryman_and_healthcheck_asks_ready() -> None:
     exposed = {int(p.split("/")[0]) for p in (dockerfile.effective(final, "EXPOSE") or "").split()}
     assert exposed == {HostPort.parse(env["FERRYMAN_LISTEN"]).port, HostPort.parse(env["FERRYMAN_ADMIN_LISTEN"]).port}
     # The image keeps Ferryman's default admin port, and the healthcheck falls back to it.
-    admin_default = HostPort.parse(DEFAULTS.admin_listen).port
+    admin_default = DEFAULTS.listeners.admin.port
     assert HostPort.parse(env["FERRYMAN_ADMIN_LISTEN"]).port == admin_default
     assert f"'FERRYMAN_ADMIN_LISTEN', ':{admin_default}'" in code
 

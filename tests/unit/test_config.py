@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from discovery.consul import ConsulAddress
 from proxy.config import DEFAULTS, ConfigError, HostPort, Settings, load
 
 
@@ -49,29 +50,27 @@ class TestPrecedence:
         config = write(tmp_path, "read_timeout = 11\n") if in_file else None
         environ = {"FERRYMAN_READ_TIMEOUT": "22"} if in_env else {}
         flags: dict[str, str | None] = {"read_timeout": "33" if in_flag else None}
-        assert settings(config, environ, flags).read_timeout == expected
+        assert settings(config, environ, flags).timeouts.read == expected
 
     def test_sources_combine_key_by_key(self, tmp_path: Path) -> None:
         config = write(tmp_path, 'listen = ":9000"\nlog_level = "debug"\nmax_attempts = 5\n')
         result = settings(config, {"FERRYMAN_LOG_LEVEL": "warning"}, {"max_attempts": "2", "listen": None})
-        assert (result.listen, result.log_level, result.max_attempts, result.admin_listen) == (
-            ":9000", "warning", 2, DEFAULTS.admin_listen
+        assert (result.listeners.plain, result.logs.level, result.upstream.max_attempts, result.listeners.admin) == (
+            HostPort("0.0.0.0", 9000), "warning", 2, DEFAULTS.listeners.admin
         )
 
     def test_nothing_given_gives_defaults(self) -> None:
-        assert settings() == Settings()
+        assert settings() == DEFAULTS
 
     def test_other_environment_variables_are_ignored(self) -> None:
-        assert settings(environ={"PATH": "/bin", "HOME": "/root", "FERRYMANX": "1"}) == Settings()
+        assert settings(environ={"PATH": "/bin", "HOME": "/root", "FERRYMANX": "1"}) == DEFAULTS
 
     def test_file_values_typed(self, tmp_path: Path) -> None:
         config = write(tmp_path, 'access_log = false\nconnect_timeout = 1\nconsul_addr = "https://consul:8501"\n')
         result = settings(config)
-        assert result.access_log is False
-        assert result.connect_timeout == 1.0 and isinstance(result.connect_timeout, float)
-        assert (result.consul_address.scheme, result.consul_address.host, result.consul_address.port) == (
-            "https", "consul", 8501
-        )
+        assert result.logs.access is False
+        assert result.upstream.connect_timeout == 1.0 and isinstance(result.upstream.connect_timeout, float)
+        assert result.consul.addresses == (ConsulAddress("https", "consul", 8501),)
 
     @pytest.mark.parametrize(
         ("text", "expected"),
@@ -82,8 +81,8 @@ class TestPrecedence:
         ids=["true", "1", "yes", "on-upper-case", "false", "0", "no", "off"],
     )
     def test_boolean_words(self, text: str, expected: bool) -> None:
-        assert settings(environ={"FERRYMAN_ACCESS_LOG": text}).access_log is expected
-        assert settings(flags={"access_log": text}).access_log is expected
+        assert settings(environ={"FERRYMAN_ACCESS_LOG": text}).logs.access is expected
+        assert settings(flags={"access_log": text}).logs.access is expected
 
 
 class TestFileErrors:
@@ -221,7 +220,7 @@ class TestChoicesAndAddresses:
 
     @pytest.mark.parametrize("log_format", ["auto", "json", "console"])
     def test_log_format_choices(self, log_format: str) -> None:
-        assert settings(flags={"log_format": log_format}).log_format == log_format
+        assert settings(flags={"log_format": log_format}).logs.format == log_format
 
     @pytest.mark.parametrize(
         ("text", "expected"),
@@ -236,7 +235,7 @@ class TestChoicesAndAddresses:
         ids=["port-only-means-every-interface", "ipv4", "name", "ipv6", "ipv6-any", "blanks"],
     )
     def test_listen_parsing(self, text: str, expected: HostPort) -> None:
-        assert settings(flags={"listen": text}).listen_addr == expected
+        assert settings(flags={"listen": text}).listeners.plain == expected
 
     @pytest.mark.parametrize(
         ("host_port", "text"),
@@ -254,8 +253,8 @@ class TestChoicesAndAddresses:
         assert "is not host:port" in config_error(flags={"listen": text})
 
     def test_default_addresses(self) -> None:
-        assert DEFAULTS.listen_addr == HostPort("0.0.0.0", 8080)
-        assert DEFAULTS.admin_addr == HostPort("127.0.0.1", 9919)
+        assert DEFAULTS.listeners.plain == HostPort("0.0.0.0", 8080)
+        assert DEFAULTS.listeners.admin == HostPort("127.0.0.1", 9919)
 
     @pytest.mark.parametrize(
         ("port", "owner"),
@@ -267,7 +266,7 @@ class TestChoicesAndAddresses:
     )
     def test_the_admin_port_is_nobody_elses_default(self, port: int, owner: str) -> None:
         """The admin listener's default port is no common service's default (9090 was Prometheus's)."""
-        assert DEFAULTS.admin_addr.port != port, f"{port} is {owner}'s default"
+        assert DEFAULTS.listeners.admin.port != port, f"{port} is {owner}'s default"
 
 
 class TestServiceTables:

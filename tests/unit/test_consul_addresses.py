@@ -65,8 +65,7 @@ class TestParseList:
 
     def test_settings_parse_the_list_and_name_the_key_of_a_bad_one(self) -> None:
         settings = load(config_file=None, environ={"FERRYMAN_CONSUL_ADDR": "c1:8500,https://c2:8501"}, flags={})
-        assert settings.consul_addresses == (ConsulAddress("http", "c1", 8500), ConsulAddress("https", "c2", 8501))
-        assert settings.consul_address == ConsulAddress("http", "c1", 8500)
+        assert settings.consul.addresses == (ConsulAddress("http", "c1", 8500), ConsulAddress("https", "c2", 8501))
         with pytest.raises(ConfigError) as info:
             load(config_file=None, environ={}, flags={"consul_addr": "c1:8500,c2:x"})
         assert "consul_addr" in str(info.value) and "'c2:x': invalid port" in str(info.value)

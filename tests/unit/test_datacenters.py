@@ -62,8 +62,8 @@ class TestParseDatacenters:
 
     def test_settings_parse_the_list_and_name_the_key_of_a_bad_one(self) -> None:
         settings = load(config_file=None, environ={"FERRYMAN_CONSUL_DC": "dc1,dc2"}, flags={})
-        assert settings.consul_datacenters == ("dc1", "dc2")
-        assert load(config_file=None, environ={}, flags={}).consul_datacenters == ()
+        assert settings.consul.datacenters == ("dc1", "dc2")
+        assert load(config_file=None, environ={}, flags={}).consul.datacenters == ()
         with pytest.raises(ConfigError) as info:
             load(config_file=None, environ={}, flags={"consul_dc": "dc1,dc2,dc1"})
         assert "consul_dc" in str(info.value) and "'dc1' is listed twice" in str(info.value)

@@ -98,7 +98,7 @@ class TestAnswered:
             (request(b"/upload", method="POST", extra=((b"Content-Length", b"11"),)), None, PayloadTooLarge, "small"),
             (request(b"/", method="POST", extra=((b"Content-Length", b"101"),)), Limits(max_body=100),
              PayloadTooLarge, "web"),
-            (request(b"/x"), Limits(redirect=HttpsRedirect("example.com", 8443)), ToHttps, "none"),
+            (request(b"/x"), Limits(redirect=HttpsRedirect(("example.com",), 8443)), ToHttps, "none"),
         ],
         ids=["bad-head", "no-healthy-instance", "route-redirect", "route-maxbody", "global-maxbody", "to-https"],
     )

@@ -32,7 +32,8 @@ from discovery.tags import (
     parse_route_tag,
     validate_balancing,
 )
-from proxy.config import FIELD_TYPES, ConfigError, Settings, env_name, flag_name, load, load_file
+from proxy.config import DEFAULTS, KEYS, ConfigError, Settings, env_name, flag_name, load, load_file, value_of
+from proxy.config_table import BY_NAME
 from proxy.headers import client_response_head, upstream_request_head
 
 # No example database: an input that broke a property is pinned below with @example instead, for every run.
@@ -133,7 +134,7 @@ class TestRouteTags:
 
 # --- configuration --------------------------------------------------------------------------------------------
 
-CONFIG_KEYS = st.one_of(st.sampled_from([*FIELD_TYPES, "services", "unknown_key"]), st.text(max_size=8))
+CONFIG_KEYS = st.one_of(st.sampled_from([*BY_NAME, "services", "unknown_key"]), st.text(max_size=8))
 TOML_VALUES = st.one_of(
     st.sampled_from([
         "1", "0", "-1", "1.5", "30", "3600", "99999", "1e400", "inf", "-inf", "nan", "true", "false", '"x"', "''",
@@ -167,17 +168,17 @@ def write_config(directory: str, data: str | bytes) -> Path:
 
 
 def check_file_outcome(path: Path) -> None:
-    """load_file gives known keys of the right types, or a ConfigError that names the file."""
+    """load_file gives known keys parsed to the types Settings holds, or a ConfigError that names the file."""
     try:
         values = load_file(path)
     except ConfigError as exc:
         assert str(path) in str(exc), f"the error does not name the file: {exc}"
         return
     for key, value in values.items():
-        if key == "services":
+        if key in ("services", "routes"):
             assert isinstance(value, tuple)
         else:
-            assert isinstance(value, FIELD_TYPES[key]), (key, value)
+            assert isinstance(value, type(value_of(DEFAULTS, BY_NAME[key]))), (key, value)
 
 
 class TestConfigFile:
@@ -222,11 +223,11 @@ class TestConfigEnvironmentAndFlags:
     @FUZZ
     @given(
         st.dictionaries(
-            st.one_of(st.sampled_from([env_name(key) for key in FIELD_TYPES]), st.text(max_size=8).map(
+            st.one_of(st.sampled_from([env_name(key.name) for key in KEYS]), st.text(max_size=8).map(
                 lambda text: "FERRYMAN_" + text), st.sampled_from(["PATH", "HOME", "ferryman_listen"])),
             ENV_VALUES, max_size=4,
         ),
-        st.dictionaries(st.sampled_from(sorted(FIELD_TYPES)), st.one_of(st.none(), ENV_VALUES), max_size=4),
+        st.dictionaries(st.sampled_from(sorted(BY_NAME)), st.one_of(st.none(), ENV_VALUES), max_size=4),
     )
     @example({"FERRYMAN_CONSUL_WAIT": "600"}, {})  # breaks a rule between keys: named at the variable
     def test_load_gives_settings_or_a_ConfigError_naming_the_variable_or_flag(
@@ -237,8 +238,8 @@ class TestConfigEnvironmentAndFlags:
         except ConfigError as exc:
             assert names_its_source(str(exc), environ, flags), f"names no variable or flag given: {exc}"
             return
-        for key, kind in FIELD_TYPES.items():
-            assert isinstance(getattr(got, key), kind), key
+        for key in KEYS:
+            assert isinstance(value_of(got, key), type(value_of(DEFAULTS, key))), key.name
 
 
 # --- header rules ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ start lines and header fields rather than byte offsets."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 import pytest
@@ -455,7 +456,7 @@ class TestTrustedProxies:
     def _head(peer: bytes, trusted: object, *extra: tuple[bytes, bytes]) -> dict[str, list[str]]:
         from proxy.headers import TrustedProxies, upstream_request_head
 
-        proxies = TrustedProxies("10.0.0.0/8, 192.0.2.7")
+        proxies = TrustedProxies(map(ipaddress.ip_network, ["10.0.0.0/8", "192.0.2.7"]))
         head = upstream_request_head(
             b"GET", b"/", [(b"Host", b"shop.example"), *extra], client_ip=peer, proto=b"http", port=b"80",
             default_host=b"x", chunked=False, trusted=proxies if trusted else None,
@@ -470,7 +471,7 @@ class TestTrustedProxies:
     def test_membership(self) -> None:
         from proxy.headers import TrustedProxies
 
-        proxies = TrustedProxies("10.0.0.0/8,192.0.2.7,2001:db8::/32")
+        proxies = TrustedProxies(map(ipaddress.ip_network, ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]))
         assert b"10.1.2.3" in proxies and b"192.0.2.7" in proxies and b"2001:db8::1" in proxies
         assert b"192.0.2.8" not in proxies and b"not-an-ip" not in proxies and b"" not in proxies
 

@@ -40,7 +40,8 @@ def test_service_limits_from_the_config_file_over_the_global_default(tmp_path: P
     config.write_text('service_max_concurrent = 50\n[services.api]\nmax_concurrent = 5\nmax_body_size = "1m"\n'
                       '[services.free]\nmax_concurrent = 0\n')
     settings = load(config_file=str(config), environ={}, flags={})
-    pools = Pools(settings.service_overrides(), PoolPolicy(service_max_concurrent=settings.service_max_concurrent))
+    policy = PoolPolicy(service_max_concurrent=settings.health.service_max_concurrent)
+    pools = Pools(settings.service_overrides(), policy)
     pools.reconcile(Snapshot(tuple(ServiceRoutes(name, (), ()) for name in ("api", "free", "other"))))
     limits = {p.service: (p.max_concurrent, p.max_body) for p in pools}
     assert limits == {"api": (5, 1024**2), "free": (0, 0), "other": (50, 0)}
@@ -60,11 +61,13 @@ def test_bad_limits_name_where_they_came_from(tmp_path: Path) -> None:
 
 
 def test_reload_applies_live_keys_and_keeps_restart_keys() -> None:
-    from proxy.config import Settings, reloaded
+    from proxy.config import HostPort, reloaded
 
-    running = Settings(listen="127.0.0.1:8080", read_timeout=30.0)
-    new = Settings(listen="127.0.0.1:9999", read_timeout=5.0, max_header_count=10)
+    running = load(config_file=None, environ={}, flags={"listen": "127.0.0.1:8080", "read_timeout": "30"})
+    new = load(config_file=None, environ={}, flags={"listen": "127.0.0.1:9999", "read_timeout": "5",
+                                                    "max_header_count": "10"})
     settings, changed, restart = reloaded(running, new)
-    assert (settings.listen, settings.read_timeout, settings.max_header_count) == ("127.0.0.1:8080", 5.0, 10)
+    assert (settings.listeners.plain, settings.timeouts.read, settings.client.max_header_count) == (
+        HostPort("127.0.0.1", 8080), 5.0, 10)
     assert changed == ["read_timeout", "max_header_count"] and restart == ["listen"]
     assert reloaded(running, running)[1:] == ([], [])

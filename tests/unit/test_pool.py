@@ -337,7 +337,7 @@ class TestReviewRegressions:
 
 
 class TestPolicyDefaults:
-    """PoolPolicy's defaults are the config's defaults (app.py builds one from the other by field name)."""
+    """PoolPolicy's defaults are the config's health policy's (app.py builds one from the other by field name)."""
 
     def test_same_as_config(self) -> None:
         from dataclasses import fields
@@ -346,7 +346,7 @@ class TestPolicyDefaults:
         from proxy.pool import PoolPolicy
 
         assert {f.name: getattr(PoolPolicy(), f.name) for f in fields(PoolPolicy)} == {
-            f.name: getattr(DEFAULTS, f.name) for f in fields(PoolPolicy)
+            f.name: getattr(DEFAULTS.health, f.name) for f in fields(PoolPolicy)
         }
 
 
