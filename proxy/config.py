@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from discovery.consul import ConsulAddress, parse_datacenters
-from discovery.model import RouteSpec
-from discovery.tags import TagError, parse_route_tag, parse_size, validate_balancing
+from discovery.model import RouteSpec, ServiceSettings
+from discovery.tags import TagError, parse_route_tag, parse_size, with_service_setting
 
 from .headers import HeaderRules
 
@@ -97,14 +97,15 @@ class Settings:
     slow_start: float = 0.0
     active_check_interval: float = 5.0
     active_check_timeout: float = 2.0
-    # [services.NAME] tables of the config file: per-service balancing (lb, hash_key, sticky), which take
-    # precedence over service meta and route tags. File only: no flag or variable sets them.
-    services: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    # [services.NAME] tables of the config file: per-service balancing (lb, hash_key, sticky), health path and
+    # limits, which take precedence over service meta and route tags (proxy.policy). File only: no flag or
+    # variable sets them.
+    services: tuple[tuple[str, ServiceSettings], ...] = ()
     # [[routes]] of the config file: routes operators declare beside the tags, with header rules and splits.
     routes: tuple[ConfigRoute, ...] = ()
 
-    def service_overrides(self) -> dict[str, dict[str, str]]:
-        return {name: dict(pairs) for name, pairs in self.services}
+    def service_overrides(self) -> dict[str, ServiceSettings]:
+        return dict(self.services)
 
     @property
     def listen_addr(self) -> HostPort:
@@ -354,9 +355,6 @@ def load_file(path: str | Path, sources: dict[str, str] | None = None) -> dict[s
     return out
 
 
-ServiceSettings = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
-
-
 @dataclass(frozen=True, slots=True)
 class ConfigRoute:
     """One `[[routes]]` table: a route in tag syntax, the services it sends to (one, or a weighted split), and
@@ -476,8 +474,8 @@ def _load_routes(value: Any, text: str, path: Path, where: str) -> tuple[ConfigR
     return tuple(out)
 
 
-def _load_services(value: Any, text: str, path: Path, where: str) -> ServiceSettings:
-    """`[services.NAME]` tables: each a table of balancing settings, checked like route tag options."""
+def _load_services(value: Any, text: str, path: Path, where: str) -> tuple[tuple[str, ServiceSettings], ...]:
+    """`[services.NAME]` tables: each a table of settings, parsed as service meta's and route tags' are."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: 'services' must be tables such as [services.api]")
     out = []
@@ -487,17 +485,17 @@ def _load_services(value: Any, text: str, path: Path, where: str) -> ServiceSett
         here = f"{path}:{line}" if line else where
         if not isinstance(table, dict):
             raise ConfigError(f"{here}: services.{name} must be a table of settings (lb, hash_key, sticky)")
-        pairs = []
+        settings = ServiceSettings()
         for key, setting in sorted(table.items()):
             try:
                 if key in ("max_concurrent", "max_body_size") and type(setting) is int:
                     setting = str(setting)
                 if not isinstance(setting, str):
                     raise TagError(f"must be text, got {type(setting).__name__} {setting!r}")
-                pairs.append((key, validate_balancing(key, setting)))
+                settings = with_service_setting(settings, key, setting)
             except TagError as exc:
                 raise ConfigError(f"{here}: key 'services.{name}.{key}': {exc}") from exc
-        out.append((name, tuple(pairs)))
+        out.append((name, settings))
     return tuple(out)
 
 
