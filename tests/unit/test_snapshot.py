@@ -250,6 +250,17 @@ class TestWhichServicesAreRouted:
         assert svc is not None
         assert svc.routes == (RouteSpec("", "/a"), RouteSpec("", "/z"), RouteSpec("b.example.com", "/"))
 
+    def test_same_route_with_options_in_another_order_is_one_route(self) -> None:
+        tags = ["urlprefix-/a strip=/a proto=https", "urlprefix-/a proto=https strip=/a"]
+        svc = build_snapshot({"a": tags}, {"a": []}).service("a")
+        assert svc is not None and svc.routes == (RouteSpec("", "/a", RouteOptions(strip="/a", proto="https")),)
+
+    def test_routes_on_one_path_sort_the_same_whatever_the_tag_order(self) -> None:
+        tags = ["urlprefix-/a header=X-B", "urlprefix-/a priority=-3 method=GET", "urlprefix-/a", "urlprefix-/a lb=p2c"]
+        one, other = (build_snapshot({"a": t}, {"a": []}).service("a") for t in (tags, tags[::-1]))
+        assert one is not None and other is not None and one.routes == other.routes
+        assert one.routes[0] == RouteSpec("", "/a")  # no option set sorts first
+
     def test_custom_tag_prefix(self) -> None:
         snapshot = build_snapshot({"a": ["route-/a", "urlprefix-/b"]}, {"a": []}, prefix="route-")
         svc = snapshot.service("a")

@@ -7,8 +7,15 @@ from typing import Any
 import pytest
 
 from discovery.matchers import parse_conditions
-from discovery.model import RouteOptions, RouteSpec
-from discovery.tags import TagError, is_route_tag, normalize_prefix, parse_route_tag, unknown_options
+from discovery.model import RouteOptions, RouteSpec, ServiceSettings
+from discovery.tags import (
+    TagError,
+    is_route_tag,
+    normalize_prefix,
+    parse_route_tag,
+    unknown_options,
+    with_service_setting,
+)
 
 
 def spec(path: str, host: str = "", /, **options: Any) -> RouteSpec:
@@ -190,3 +197,43 @@ class TestHelpers:
     )
     def test_normalize_prefix(self, path: str, expected: str) -> None:
         assert normalize_prefix(path) == expected
+
+
+SERVICE_SETTINGS = [
+    ("lb", "weighted", ServiceSettings(lb="weighted"), "lb"),
+    ("hash_key", "header:X-User", ServiceSettings(hash_on=("header", "x-user")), "hash-key-header-lower-cased"),
+    ("hash_key", "cookie:Sid", ServiceSettings(hash_on=("cookie", "Sid")), "hash-key-cookie"),
+    ("sticky", "srv", ServiceSettings(sticky="srv"), "sticky"),
+    ("health_path", "/healthz?full=1", ServiceSettings(health_path="/healthz?full=1"), "health-path-with-query"),
+    ("max_body_size", "512k", ServiceSettings(max_body=512 * 1024), "max-body-size-in-bytes"),
+    ("max_concurrent", "0", ServiceSettings(max_concurrent=0), "max-concurrent-zero-is-set"),
+]
+BAD_SERVICE_SETTINGS = [
+    ("lb", "fastest", "lb='fastest' must be one of round_robin", "unknown-lb"),
+    ("hash_key", "body", "hash_key='body' must be ip, header:NAME or cookie:NAME", "bad-hash-key"),
+    ("sticky", "a b", "sticky='a b' must be a cookie name", "sticky-not-a-cookie-name"),
+    ("health_path", "healthz", "health_path='healthz' must be a path starting with '/'", "health-path-relative"),
+    ("max_body_size", "lots", "'lots' is not a size", "max-body-size-not-a-size"),
+    ("max_concurrent", "²", "max_concurrent='²' must be a whole number (0: no limit)", "max-concurrent-superscript"),
+    ("weight", "3", "unknown service setting 'weight': one of lb, hash_key", "unknown-setting"),
+]
+
+
+class TestServiceSettings:
+    """A per-service setting (service meta, a config file's [services.NAME]) in, a typed ServiceSettings out."""
+
+    @pytest.mark.parametrize(("key", "value", "expected"), [c[:3] for c in SERVICE_SETTINGS],
+                             ids=[c[3] for c in SERVICE_SETTINGS])
+    def test_setting_to_service_settings(self, key: str, value: str, expected: ServiceSettings) -> None:
+        assert with_service_setting(ServiceSettings(), key, value) == expected
+
+    @pytest.mark.parametrize(("key", "value", "message"), [c[:3] for c in BAD_SERVICE_SETTINGS],
+                             ids=[c[3] for c in BAD_SERVICE_SETTINGS])
+    def test_bad_setting_raises_with_helpful_message(self, key: str, value: str, message: str) -> None:
+        with pytest.raises(TagError) as info:
+            with_service_setting(ServiceSettings(), key, value)
+        assert message in str(info.value)
+
+    def test_settings_accumulate(self) -> None:
+        settings = with_service_setting(ServiceSettings(lb="hash"), "sticky", "s")
+        assert settings == ServiceSettings(lb="hash", sticky="s")
