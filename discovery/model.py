@@ -7,7 +7,7 @@ and nothing downstream can mutate what the watcher handed over.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from .matchers import Condition
@@ -107,10 +107,8 @@ class ServiceSettings:
 
     def over(self, fallback: ServiceSettings) -> ServiceSettings:
         """These settings, each one not set here taken from `fallback`."""
-        mine = {f.name: getattr(self, f.name) for f in fields(self)}
-        return ServiceSettings(**{
-            name: value if value is not None else getattr(fallback, name) for name, value in mine.items()
-        })
+        set_here = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return replace(fallback, **set_here)
 
 
 @dataclass(frozen=True, slots=True)

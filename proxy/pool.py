@@ -342,23 +342,23 @@ class Pools:
         seen: set[str] = set()
         for svc in snapshot.services:
             seen.add(svc.name)
-            policy = service_policy(svc, self._overrides.get(svc.name),
-                                    ServiceDefaults(max_concurrent=self.policy.service_max_concurrent))
-            algorithm = policy.algorithm
+            resolved = service_policy(svc, self._overrides.get(svc.name),
+                                      ServiceDefaults(max_concurrent=self.policy.service_max_concurrent))
+            algorithm = resolved.algorithm
             pool = self._pools.get(svc.name)
             if pool is None:
                 pool = self._pools[svc.name] = Pool(
-                    svc.name, svc.endpoints, algorithm=algorithm, hash_on=policy.hash_on, policy=self.policy,
+                    svc.name, svc.endpoints, algorithm=algorithm, hash_on=resolved.hash_on, policy=self.policy,
                 )
-                _apply_policy(pool, policy)
+                _apply_policy(pool, resolved)
                 added.append(svc.name)
                 continue
-            _apply_policy(pool, policy)
+            _apply_policy(pool, resolved)
             if pool.algorithm != algorithm:
                 pool.algorithm = algorithm
                 pool.balancer = make_balancer(algorithm)
                 changed.append(svc.name)
-            pool.hash_on = policy.hash_on
+            pool.hash_on = resolved.hash_on
             if pool.endpoints != svc.endpoints:
                 if self.policy.slow_start > 0:
                     known = {e.key for e in pool.endpoints}
