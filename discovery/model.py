@@ -7,7 +7,10 @@ and nothing downstream can mutate what the watcher handed over.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+from .matchers import Condition
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,23 +38,77 @@ class Endpoint:
         object.__setattr__(self, "authority", f"{host}:{self.port}")
 
 
+Proto = Literal["http", "https"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOptions:
+    """A route tag's options, parsed once (discovery.tags): one typed field per option Ferryman knows, each at
+    its default when the tag does not set it. Adding an option means a field here, a branch in the tag parser
+    and the one place that reads it."""
+
+    strip: str | None = None  # strip=: prefix removed from the path sent upstream
+    proto: Proto = "http"  # proto=: how the instances are reached
+    tls_skip_verify: bool = False  # tlsskipverify=true
+    lb: str | None = None  # lb=: the service's balancing algorithm (when nothing else sets it)
+    hash_on: tuple[str, str] | None = None  # hash_key=: ("ip", ""), ("header", lower-case name), ("cookie", name)
+    sticky: str | None = None  # sticky=: session cookie name
+    max_body: int = 0  # maxbody=: request body limit in bytes; 0: the service's or the global one
+    sni: str | None = None  # sni=: TLS server name for proto=https
+    methods: frozenset[str] = frozenset()  # method=GET|HEAD; empty: any method
+    conditions: tuple[Condition, ...] = ()  # header=, cookie=, query=, in that order
+    exact: bool = False  # exact=true: the path must be the whole request path
+    priority: int = 0  # priority=: order among routes with the same path and as many conditions
+    redirect: tuple[int, str] | None = None  # redirect=CODE,URL: answered by the proxy itself
+    prepend: str | None = None  # prepend=: prefix added to the path sent upstream
+    host: str | None = None  # host=: the Host header sent upstream
+    # Options Ferryman does not implement (Fabio's auth=, ...), in tag order: kept to be reported, never used.
+    unknown: tuple[tuple[str, str], ...] = ()
+
+    def order_key(self) -> tuple[tuple[Any, ...], ...]:
+        """A total order over options (sets and conditions made comparable), so routes that share host and path
+        sort the same in every process whatever order they were declared in."""
+        return tuple(_orderable(getattr(self, f.name)) for f in fields(self))
+
+
+def _orderable(value: object) -> tuple[Any, ...]:
+    if value is None:
+        return ()  # unset sorts first
+    if isinstance(value, frozenset):
+        return tuple(sorted(value))
+    if isinstance(value, tuple) and value and isinstance(value[0], Condition):
+        return tuple((c.kind, c.name, c.op, c.value) for c in value)
+    return (value,)
+
+
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
     """What one route tag declares: host (lower case, no port; "" = any host), path prefix, options."""
 
     host: str
     path: str
-    options: tuple[tuple[str, str], ...] = ()
+    options: RouteOptions = RouteOptions()
 
-    def option(self, name: str) -> str | None:
-        for key, value in self.options:
-            if key == name:
-                return value
-        return None
+    def order_key(self) -> tuple[str, str, tuple[tuple[Any, ...], ...]]:
+        return self.host, self.path, self.options.order_key()
 
-    @property
-    def strip(self) -> str | None:
-        return self.option("strip")
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """Per-service settings one source declares (the instances' service meta, a config file's
+    `[services.NAME]` table), parsed and validated (discovery.tags.with_service_setting); None: not set here."""
+
+    lb: str | None = None
+    hash_on: tuple[str, str] | None = None  # as RouteOptions.hash_on
+    sticky: str | None = None
+    health_path: str | None = None  # checked by Ferryman itself
+    max_body: int | None = None  # request body limit in bytes (0: none beyond the global one)
+    max_concurrent: int | None = None  # requests in progress (0: no limit)
+
+    def over(self, fallback: ServiceSettings) -> ServiceSettings:
+        """These settings, each one not set here taken from `fallback`."""
+        set_here = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return replace(fallback, **set_here)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +118,8 @@ class ServiceRoutes:
     name: str
     routes: tuple[RouteSpec, ...]
     endpoints: tuple[Endpoint, ...]
-    # Balancing settings from the instances' service meta (`ferryman-lb` -> ("lb", ...)), already validated.
-    settings: tuple[tuple[str, str], ...] = ()
-
-    def setting(self, name: str) -> str | None:
-        for key, value in self.settings:
-            if key == name:
-                return value
-        return None
+    # Settings from the instances' service meta (`ferryman-lb`, ...), already validated.
+    settings: ServiceSettings = ServiceSettings()
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,8 @@ from dataclasses import replace
 from typing import Any, Final
 
 from .health import is_passing
-from .model import Endpoint, Problem, RouteSpec, ServiceRoutes, Snapshot
-from .tags import DEFAULT_PREFIX, TagError, is_route_tag, parse_route_tag, unknown_options, validate_balancing
+from .model import Endpoint, Problem, RouteSpec, ServiceRoutes, ServiceSettings, Snapshot
+from .tags import DEFAULT_PREFIX, TagError, is_route_tag, parse_route_tag, unknown_options, with_service_setting
 
 
 def routes_from_tags(
@@ -43,7 +43,7 @@ def routes_from_tags(
         if ignored:
             problems.append(Problem("route_option_ignored", service, f"options not supported: {ignored}", tag))
         routes.add(spec)
-    return tuple(sorted(routes, key=lambda r: (r.host, r.path, r.options))), problems
+    return tuple(sorted(routes, key=RouteSpec.order_key)), problems
 
 
 def endpoint_from_entry(service: str, entry: Mapping[str, Any], dc: str = "") -> Endpoint:
@@ -122,12 +122,11 @@ def _meta(entry: Mapping[str, Any]) -> Mapping[str, Any]:
     return meta if isinstance(meta, Mapping) else {}
 
 
-def meta_settings(
-    service: str, entries: Sequence[Mapping[str, Any]]
-) -> tuple[tuple[tuple[str, str], ...], list[Problem]]:
+def meta_settings(service: str, entries: Sequence[Mapping[str, Any]]) -> tuple[ServiceSettings, list[Problem]]:
     """Balancing settings from the instances' meta (all instances, healthy or not, in ID order; the first that
     sets a key wins). An invalid value is reported and ignored."""
-    found: dict[str, str] = {}
+    settings = ServiceSettings()
+    found: set[str] = set()
     problems: list[Problem] = []
     ordered = sorted((e for e in entries if isinstance(e, Mapping)), key=lambda e: str(_meta_id(e)))
     for entry in ordered:
@@ -136,10 +135,12 @@ def meta_settings(
             if setting in found or not isinstance(value, str) or not value:
                 continue
             try:
-                found[setting] = validate_balancing(setting, value)
+                settings = with_service_setting(settings, setting, value)
             except TagError as exc:
                 problems.append(Problem("service_meta_invalid", service, str(exc), f"{meta_key}={value}"))
-    return tuple(sorted(found.items())), problems
+                continue
+            found.add(setting)
+    return settings, problems
 
 
 _META_ROUTE = re.compile(r"^ferryman-route(-\d{1,3})?$")
@@ -217,11 +218,11 @@ def build_dc_snapshot(
                 from_meta |= found_routes
                 problems.extend(bad)
         if from_meta - set(routes):
-            routes = tuple(sorted(set(routes) | from_meta, key=lambda r: (r.host, r.path, r.options)))
+            routes = tuple(sorted(set(routes) | from_meta, key=RouteSpec.order_key))
         if (not routes and name not in also) or not any(dc in known for dc in datacenters):
             continue
         endpoints: tuple[Endpoint, ...] = ()
-        found: dict[str, str] = {}
+        found = ServiceSettings()
         for dc in datacenters:
             if dc not in known:
                 continue
@@ -231,10 +232,8 @@ def build_dc_snapshot(
                 endpoints = healthy
             settings, bad = meta_settings(name, known[dc])
             problems.extend(bad)
-            for setting, value in settings:
-                found.setdefault(setting, value)
-        services.append(ServiceRoutes(name=name, routes=routes, endpoints=endpoints,
-                                      settings=tuple(sorted(found.items()))))
+            found = found.over(settings)  # the preferred datacenter's first
+        services.append(ServiceRoutes(name=name, routes=routes, endpoints=endpoints, settings=found))
     return Snapshot(services=tuple(services), problems=tuple(problems))
 
 

@@ -5,28 +5,27 @@
     urlprefix-*.example.com/v1 strip=/v1 wildcard host, prefix stripped before forwarding
 
 The part after the prefix is `[host[:port]]/path`, then options separated by blanks, each `key=value`.
-Options are kept in the RouteSpec in tag order; the ones Ferryman knows are validated here so a typo is
-reported at the tag rather than misbehaving at request time. Parsing is pure: a string in, a RouteSpec out,
-or TagError saying what is wrong.
+Options are parsed here, once, into the RouteSpec's typed RouteOptions (one branch per option in
+`_route_option`), so a typo is reported at the tag rather than misbehaving at request time and nothing
+downstream reads option text again. Options Ferryman does not know are kept in `RouteOptions.unknown` and
+reported. Per-service settings (`lb`, `hash_key`, `sticky`, `health_path`, `max_body_size`, `max_concurrent`)
+from service meta or a config file's `[services.NAME]` table are parsed by `with_service_setting` into a
+ServiceSettings, with the same checks as the tag options of the same name. Parsing is pure: a string in, a
+value out, or TagError saying what is wrong.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Final
+from dataclasses import replace
+from typing import Any, Final, TypeVar
 
-from .matchers import parse_conditions, parse_methods
-from .model import RouteSpec
+from .matchers import KINDS, parse_conditions, parse_methods
+from .model import RouteOptions, RouteSpec, ServiceSettings
 
 DEFAULT_PREFIX: Final = "urlprefix-"
 
-# Options understood by the proxy. Others are kept and reported as ignored (Fabio has options Ferryman does
-# not implement, such as auth=; silently routing without them would surprise, so they are surfaced).
-KNOWN_OPTIONS: Final = frozenset({
-    "strip", "proto", "tlsskipverify", "lb", "hash_key", "sticky", "maxbody", "sni",
-    "method", "header", "cookie", "query", "exact", "priority", "redirect", "prepend", "host",
-})
 REDIRECT_CODES: Final = (301, 302, 303, 307, 308)
 # RFC 6265 cookie-name: an RFC 9110 token.
 _COOKIE_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -70,7 +69,8 @@ def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
         raise TagError(f"invalid path {path!r}: dot-segments are not allowed in a route")
     path = normalize_prefix(path)
 
-    options: list[tuple[str, str]] = []
+    found: dict[str, Any] = {}  # RouteOptions field (or condition kind) -> typed value
+    unknown: list[tuple[str, str]] = []
     seen: set[str] = set()
     for word in option_words:
         key, eq, value = word.partition("=")
@@ -81,8 +81,12 @@ def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
         if key in seen:
             raise TagError(f"option {key!r} is given twice")
         seen.add(key)
-        options.append((key, _validate_option(key, value, path)))
-    return RouteSpec(host=host, path=path, options=tuple(options))
+        typed = _route_option(key, value, path)
+        if typed is None:
+            unknown.append((key, value))
+        else:
+            found[typed[0]] = typed[1]
+    return RouteSpec(host=host, path=path, options=_options(found, tuple(unknown)))
 
 
 def normalize_prefix(path: str) -> str:
@@ -92,7 +96,7 @@ def normalize_prefix(path: str) -> str:
 
 
 def unknown_options(spec: RouteSpec) -> list[str]:
-    return [key for key, _ in spec.options if key not in KNOWN_OPTIONS]
+    return [key for key, _ in spec.options.unknown]
 
 
 def _parse_host(raw: str) -> str:
@@ -109,11 +113,11 @@ def _parse_host(raw: str) -> str:
     return host
 
 
-BALANCING_OPTIONS: Final = ("lb", "hash_key", "sticky", "health_path")
-# What a config file's [services.NAME] table may set: balancing, and the service's limits.
-SERVICE_OPTIONS: Final = (*BALANCING_OPTIONS, "max_body_size", "max_concurrent")
+# What service meta and a config file's [services.NAME] table may set.
+SERVICE_OPTIONS: Final = ("lb", "hash_key", "sticky", "health_path", "max_body_size", "max_concurrent")
 _SIZE_RE: Final = re.compile(r"^(\d{1,15})\s*([kmg]?)i?b?$", re.IGNORECASE)
 _SIZE_UNITS: Final = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_T = TypeVar("_T")
 
 
 def parse_size(text: str) -> int:
@@ -124,22 +128,67 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
-def _as_tag_error(check: Callable[[], object]) -> None:
+def _as_tag_error(parse: Callable[[], _T]) -> _T:
     try:
-        check()
+        return parse()
     except ValueError as exc:
         raise TagError(str(exc)) from exc
 
 
-def validate_balancing(key: str, value: str) -> str:
-    """Check one per-service setting (lb, hash_key, sticky, health_path, max_body_size, max_concurrent)
-    wherever it comes from: a tag option, service meta or the config file; TagError saying what is wrong."""
-    if key not in SERVICE_OPTIONS:
-        raise TagError(f"unknown service setting {key!r}: one of {', '.join(SERVICE_OPTIONS)}")
-    return _validate_option(key, value, "/")
+def with_service_setting(settings: ServiceSettings, key: str, value: str) -> ServiceSettings:
+    """`settings` with one more per-service setting (lb, hash_key, sticky, health_path, max_body_size,
+    max_concurrent) parsed, wherever it comes from: service meta or the config file; TagError saying what is
+    wrong. The tag options of the same names are checked by the same functions."""
+    if key == "lb":
+        return replace(settings, lb=_lb(value))
+    if key == "hash_key":
+        return replace(settings, hash_on=_hash_on(value))
+    if key == "sticky":
+        return replace(settings, sticky=_sticky(value))
+    if key == "health_path":
+        if not _PATH_RE.match(value.partition("?")[0]):
+            raise TagError(f"health_path={value!r} must be a path starting with '/'")
+        return replace(settings, health_path=value)
+    if key == "max_body_size":
+        return replace(settings, max_body=parse_size(value))
+    if key == "max_concurrent":
+        if not (value.isascii() and value.isdigit() and 0 <= int(value) <= 10_000_000):
+            raise TagError(f"max_concurrent={value!r} must be a whole number (0: no limit)")
+        return replace(settings, max_concurrent=int(value))
+    raise TagError(f"unknown service setting {key!r}: one of {', '.join(SERVICE_OPTIONS)}")
 
 
-def _validate_option(key: str, value: str, path: str) -> str:
+def _lb(value: str) -> str:
+    if value not in LB_CHOICES:
+        raise TagError(f"lb={value!r} must be one of {', '.join(LB_CHOICES)}")
+    return value
+
+
+def _hash_on(value: str) -> tuple[str, str]:
+    """`ip`, `header:NAME` (header names are case-insensitive: lower-cased) or `cookie:NAME`."""
+    kind, _, name = value.partition(":")
+    if not (value == "ip" or (kind in ("header", "cookie") and name)):
+        raise TagError(f"hash_key={value!r} must be ip, header:NAME or cookie:NAME")
+    return kind, name.lower() if kind == "header" else name
+
+
+def _sticky(value: str) -> str:
+    if not _COOKIE_NAME_RE.match(value):
+        raise TagError(f"sticky={value!r} must be a cookie name")
+    return value
+
+
+def _options(found: dict[str, Any], unknown: tuple[tuple[str, str], ...]) -> RouteOptions:
+    """RouteOptions from one tag's typed options; the conditions of every kind in one tuple, in KINDS order."""
+    fields = {name: value for name, value in found.items() if name not in KINDS}
+    conditions = tuple(c for kind in KINDS for c in found.get(kind, ()))
+    return RouteOptions(**fields, conditions=conditions, unknown=unknown)
+
+
+def _route_option(key: str, value: str, path: str) -> tuple[str, Any] | None:
+    """One tag option: (the RouteOptions field it sets, its typed value), a condition kind for header=, cookie=
+    and query=; None for an option Ferryman does not implement (the name of a per-service setting is still
+    checked as that setting, so its value is never wrong in a tag and right in meta)."""
     if key == "strip":
         if not value.startswith("/"):
             raise TagError(f"strip={value!r} must start with '/'")
@@ -148,49 +197,55 @@ def _validate_option(key: str, value: str, path: str) -> str:
             raise TagError("strip=/ strips nothing")
         if not (path == value or path.startswith(value + "/")):
             raise TagError(f"strip={value!r} is not a prefix of the route path {path!r}")
-    elif key == "proto":
+        return "strip", value
+    if key == "proto":
         if value == "tcp" or value == "grpc" or value == "grpcs":
             raise TagError(f"proto={value} is not supported; Ferryman proxies HTTP")
         if value not in ("http", "https"):
             raise TagError(f"proto={value!r} must be http or https")
-    elif key == "tlsskipverify" and value not in ("true", "false"):
-        raise TagError(f"tlsskipverify={value!r} must be true or false")
-    elif key == "lb" and value not in LB_CHOICES:
-        raise TagError(f"lb={value!r} must be one of {', '.join(LB_CHOICES)}")
-    elif key == "hash_key" and not (
-        value == "ip" or (value.partition(":")[0] in ("header", "cookie") and value.partition(":")[2])
-    ):
-        raise TagError(f"hash_key={value!r} must be ip, header:NAME or cookie:NAME")
-    elif key == "sticky" and not _COOKIE_NAME_RE.match(value):
-        raise TagError(f"sticky={value!r} must be a cookie name")
-    elif key == "health_path" and not _PATH_RE.match(value.partition("?")[0]):
-        raise TagError(f"health_path={value!r} must be a path starting with '/'")
-    elif key == "sni" and (value.startswith("*") or not _HOST_RE.match(value.lower())):
-        raise TagError(f"sni={value!r} must be a host name")
-    elif key == "method":
-        _as_tag_error(lambda: parse_methods(value))
-    elif key in ("header", "cookie", "query"):
-        _as_tag_error(lambda: parse_conditions(key, value))
-    elif key == "redirect":
+        return "proto", value
+    if key in ("tlsskipverify", "exact"):
+        if value not in ("true", "false"):
+            raise TagError(f"{key}={value!r} must be true or false")
+        return "tls_skip_verify" if key == "tlsskipverify" else "exact", value == "true"
+    if key == "lb":
+        return "lb", _lb(value)
+    if key == "hash_key":
+        return "hash_on", _hash_on(value)
+    if key == "sticky":
+        return "sticky", _sticky(value)
+    if key == "sni":
+        if value.startswith("*") or not _HOST_RE.match(value.lower()):
+            raise TagError(f"sni={value!r} must be a host name")
+        return "sni", value
+    if key == "method":
+        return "methods", _as_tag_error(lambda: parse_methods(value))
+    if key in KINDS:  # header, cookie, query
+        return key, _as_tag_error(lambda: parse_conditions(key, value))
+    if key == "redirect":
         code, comma, url = value.partition(",")
         if not comma or not code.isascii() or not code.isdigit() or int(code) not in REDIRECT_CODES:
             codes = ", ".join(map(str, REDIRECT_CODES))
             raise TagError(f"redirect={value!r} must be CODE,URL with CODE one of {codes}")
         if not (url.startswith(("http://", "https://", "/")) and len(url) > 1):
             raise TagError(f"redirect={value!r}: the target must be an http(s) URL or a path")
-    elif key == "prepend" and not (_PATH_RE.match(value) and "/../" not in value + "/" and "/./" not in value + "/"):
-        raise TagError(f"prepend={value!r} must be a path starting with '/'")
-    elif key == "host":
+        return "redirect", (int(code), url)
+    if key == "prepend":
+        if not (_PATH_RE.match(value) and "/../" not in value + "/" and "/./" not in value + "/"):
+            raise TagError(f"prepend={value!r} must be a path starting with '/'")
+        return "prepend", value
+    if key == "host":
         _parse_host(value)  # a host name, with a port if it needs one: the Host the upstream gets
         if not value or value.startswith("*"):
             raise TagError(f"host={value!r} must be a host name")
-    elif key == "exact" and value not in ("true", "false"):
-        raise TagError(f"exact={value!r} must be true or false")
-    elif key == "priority" and not (value.lstrip("-").isascii() and value.lstrip("-").isdigit()
-                                    and -1000 <= int(value) <= 1000):
-        raise TagError(f"priority={value!r} must be a whole number from -1000 to 1000")
-    elif key in ("maxbody", "max_body_size"):
-        parse_size(value)
-    elif key == "max_concurrent" and not (value.isascii() and value.isdigit() and 0 <= int(value) <= 10_000_000):
-        raise TagError(f"max_concurrent={value!r} must be a whole number (0: no limit)")
-    return value
+        return "host", value
+    if key == "priority":
+        digits = value[1:] if value.startswith("-") else value
+        if not (digits.isascii() and digits.isdigit() and -1000 <= int(value) <= 1000):
+            raise TagError(f"priority={value!r} must be a whole number from -1000 to 1000")
+        return "priority", int(value)
+    if key == "maxbody":
+        return "max_body", parse_size(value)
+    if key in SERVICE_OPTIONS:  # health_path=, max_body_size=, max_concurrent= are not route options
+        with_service_setting(ServiceSettings(), key, value)
+    return None

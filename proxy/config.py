@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from discovery.model import RouteSpec
-from discovery.tags import TagError, parse_route_tag, validate_balancing
+from discovery.model import RouteSpec, ServiceSettings
+from discovery.tags import TagError, parse_route_tag, with_service_setting
 
 from .config_table import BY_NAME, ENV_PREFIX, KEYS, SECTIONS, Key, build, env_name, flag_name, value_of, with_values
 from .headers import HeaderRules
-from .settings import HostPort, ServiceSettings, Settings
+from .settings import HostPort, ServiceTables, Settings
 
 # Re-exported: the settings' values live in proxy.settings, their table in proxy.config_table.
 __all__ = [
@@ -250,7 +250,7 @@ def _load_routes(value: Any, text: str, path: Path, where: str) -> tuple[ConfigR
     return tuple(out)
 
 
-def _load_services(value: Any, text: str, path: Path, where: str) -> ServiceSettings:
+def _load_services(value: Any, text: str, path: Path, where: str) -> ServiceTables:
     """`[services.NAME]` tables: each a table of balancing settings, checked like route tag options."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: 'services' must be tables such as [services.api]")
@@ -261,17 +261,17 @@ def _load_services(value: Any, text: str, path: Path, where: str) -> ServiceSett
         here = f"{path}:{line}" if line else where
         if not isinstance(table, dict):
             raise ConfigError(f"{here}: services.{name} must be a table of settings (lb, hash_key, sticky)")
-        pairs = []
+        settings = ServiceSettings()
         for key, setting in sorted(table.items()):
             try:
                 if key in ("max_concurrent", "max_body_size") and type(setting) is int:
                     setting = str(setting)
                 if not isinstance(setting, str):
                     raise TagError(f"must be text, got {type(setting).__name__} {setting!r}")
-                pairs.append((key, validate_balancing(key, setting)))
+                settings = with_service_setting(settings, key, setting)
             except TagError as exc:
                 raise ConfigError(f"{here}: key 'services.{name}.{key}': {exc}") from exc
-        out.append((name, tuple(pairs)))
+        out.append((name, settings))
     return tuple(out)
 
 

@@ -15,11 +15,11 @@ from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from discovery.model import Endpoint, ServiceRoutes, Snapshot
-from discovery.tags import parse_size
+from discovery.model import Endpoint, ServiceSettings, Snapshot
 
-from .balancer import DEFAULT_BALANCER, Balancer, make_balancer
+from .balancer import Balancer, make_balancer
 from .outcomes import Outliers, RecentErrors, RetryBudget
+from .policy import ServiceDefaults, ServicePolicy, service_policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,45 +315,17 @@ def sticky_cookie(
     return ((b"Set-Cookie", f"{name}={value}; Path={path}; HttpOnly; SameSite=Lax".encode()),)
 
 
-def balancing_of(
-    service: ServiceRoutes, override: Mapping[str, str] | None = None
-) -> tuple[str, tuple[str, str] | None, str | None]:
-    """The algorithm, hash key and sticky cookie for a service. Each setting comes from, in order: the config
-    file (`[services.NAME]`), the instances' service meta (`ferryman-lb`, ...), the route tags (the first
-    route, in table order, that has the option); else the default."""
-
-    def setting(name: str) -> str | None:
-        if override and name in override:
-            return override[name]
-        value = service.setting(name)
-        if value is not None:
-            return value
-        for spec in service.routes:
-            value = spec.option(name)
-            if value is not None:
-                return value
-        return None
-
-    algorithm = setting("lb") or DEFAULT_BALANCER
-    sticky = setting("sticky")
-    if algorithm != "hash":
-        return algorithm, None, sticky
-    kind, _, name = (setting("hash_key") or "ip").partition(":")
-    return algorithm, (kind, name.lower() if kind == "header" else name), sticky
-
-
-def _set_checks(pool: Pool, service: ServiceRoutes, override: Mapping[str, str] | None) -> None:
-    """Active-check settings: the path from the config file, else service meta; scheme as the routes say.
-    And the service's limits from the config file."""
-    override = override or {}
-    pool.max_concurrent = int(override.get("max_concurrent") or pool.policy.service_max_concurrent)
-    pool.max_body = parse_size(override.get("max_body_size") or "0")
-    pool.health_path = override.get("health_path") or service.setting("health_path")
+def _apply_policy(pool: Pool, policy: ServicePolicy) -> None:
+    """The service's resolved policy onto its pool (the algorithm is the caller's: a change replaces the
+    balancer)."""
+    pool.sticky = policy.sticky
+    pool.max_concurrent = policy.max_concurrent
+    pool.max_body = policy.max_body
+    pool.health_path = policy.health_path
     if not pool.health_path:
         pool.clear_down()  # no checks run any more: nothing they found may keep an instance out
-    first = service.routes[0] if service.routes else None
-    pool.check_scheme = (first.option("proto") if first else None) or "http"
-    pool.check_skip_verify = bool(first and first.option("tlsskipverify") == "true")
+    pool.check_scheme = policy.check_scheme
+    pool.check_skip_verify = policy.check_skip_verify
 
 
 class Reconciled(NamedTuple):
@@ -364,13 +336,13 @@ class Reconciled(NamedTuple):
 
 class Pools:
     def __init__(
-        self, overrides: Mapping[str, Mapping[str, str]] | None = None, policy: PoolPolicy | None = None,
+        self, overrides: Mapping[str, ServiceSettings] | None = None, policy: PoolPolicy | None = None,
     ) -> None:
         self._pools: dict[str, Pool] = {}
         self._overrides = overrides or {}
         self.policy = policy or PoolPolicy()
 
-    def configure(self, overrides: Mapping[str, Mapping[str, str]], policy: PoolPolicy) -> None:
+    def configure(self, overrides: Mapping[str, ServiceSettings], policy: PoolPolicy) -> None:
         """New per-service tables and policy (a reload); the next reconcile() applies the tables. The pools'
         balancers, in-flight counts and ejections stay."""
         self._overrides = overrides
@@ -393,23 +365,23 @@ class Pools:
         seen: set[str] = set()
         for svc in snapshot.services:
             seen.add(svc.name)
-            algorithm, hash_on, sticky = balancing_of(svc, self._overrides.get(svc.name))
+            resolved = service_policy(svc, self._overrides.get(svc.name),
+                                      ServiceDefaults(max_concurrent=self.policy.service_max_concurrent))
+            algorithm = resolved.algorithm
             pool = self._pools.get(svc.name)
             if pool is None:
                 pool = self._pools[svc.name] = Pool(
-                    svc.name, svc.endpoints, algorithm=algorithm, hash_on=hash_on, policy=self.policy,
+                    svc.name, svc.endpoints, algorithm=algorithm, hash_on=resolved.hash_on, policy=self.policy,
                 )
-                pool.sticky = sticky
-                _set_checks(pool, svc, self._overrides.get(svc.name))
+                _apply_policy(pool, resolved)
                 added.append(svc.name)
                 continue
-            pool.sticky = sticky
-            _set_checks(pool, svc, self._overrides.get(svc.name))
+            _apply_policy(pool, resolved)
             if pool.algorithm != algorithm:
                 pool.algorithm = algorithm
                 pool.balancer = make_balancer(algorithm)
                 changed.append(svc.name)
-            pool.hash_on = hash_on
+            pool.hash_on = resolved.hash_on
             if pool.endpoints != svc.endpoints:
                 pool.replace_endpoints(svc.endpoints, now)
                 if not changed or changed[-1] != svc.name:

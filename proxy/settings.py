@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from discovery.consul import ConsulAddress
+from discovery.model import ServiceSettings
 
 if TYPE_CHECKING:
     from .config import ConfigRoute
     from .tls import CertFile  # tls loads `cryptography`: imported only when certificates are configured
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-# [services.NAME] tables: (service, ((setting, value), ...)), sorted by name, values checked as route options.
-ServiceSettings = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+# [services.NAME] tables: each service's typed settings (discovery.model.ServiceSettings), by name.
+ServiceTables = tuple[tuple[str, ServiceSettings], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +163,12 @@ class Settings:
     static_file: str  # "" for Consul
     # [services.NAME] tables of the config file: per-service balancing and limits, which take precedence over
     # service meta and route tags. File only: no flag or variable sets them.
-    services: ServiceSettings = ()
+    services: ServiceTables = ()
     # [[routes]] of the config file: routes operators declare beside the tags, with header rules and splits.
     routes: tuple[ConfigRoute, ...] = ()
 
-    def service_overrides(self) -> dict[str, dict[str, str]]:
-        return {name: dict(pairs) for name, pairs in self.services}
+    def service_overrides(self) -> dict[str, ServiceSettings]:
+        return dict(self.services)
 
 
 # The group types by their field name in Settings: the table says "health.slow_start", this finds the class.

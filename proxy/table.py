@@ -26,9 +26,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Protocol
 
-from discovery.matchers import KINDS, Condition, holds, parse_conditions, parse_methods
+from discovery.matchers import Condition, holds
 from discovery.model import Problem, RouteSpec, Snapshot
-from discovery.tags import parse_size
 
 from .headers import HeaderRules
 
@@ -42,13 +41,6 @@ class RequestLike(Protocol):
     method: str
     headers: list[tuple[bytes, bytes]]
     target: bytes
-
-
-def _redirect(value: str | None) -> tuple[int, str] | None:
-    if not value:
-        return None
-    code, _, url = value.partition(",")
-    return int(code), url
 
 
 def route_id(service: str, host: str, path: str, exact: bool, methods: frozenset[str],
@@ -94,29 +86,24 @@ class Route:
 
     @classmethod
     def from_spec(cls, service: str, spec: RouteSpec) -> Route:
-        method = spec.option("method")
-        methods = parse_methods(method) if method else frozenset()
-        conditions = tuple(
-            c for kind in KINDS if spec.option(kind) for c in parse_conditions(kind, spec.option(kind) or "")
-        )
-        exact = spec.option("exact") == "true"
+        options = spec.options  # parsed and checked by discovery.tags: read, never parsed again
         return cls(
-            id=route_id(service, spec.host, spec.path, exact, methods, conditions),
+            id=route_id(service, spec.host, spec.path, options.exact, options.methods, options.conditions),
             service=service,
             host=spec.host,
             path=spec.path,
-            strip=spec.strip,
-            scheme=spec.option("proto") or "http",
-            tls_skip_verify=spec.option("tlsskipverify") == "true",
-            max_body=parse_size(spec.option("maxbody") or "0"),
-            sni=spec.option("sni") or "",
-            exact=exact,
-            methods=methods,
-            conditions=conditions,
-            priority=int(spec.option("priority") or 0),
-            redirect=_redirect(spec.option("redirect")),
-            prepend=spec.option("prepend") or "",
-            upstream_host=spec.option("host") or "",
+            strip=options.strip,
+            scheme=options.proto,
+            tls_skip_verify=options.tls_skip_verify,
+            max_body=options.max_body,
+            sni=options.sni or "",
+            exact=options.exact,
+            methods=options.methods,
+            conditions=options.conditions,
+            priority=options.priority,
+            redirect=options.redirect,
+            prepend=options.prepend or "",
+            upstream_host=options.host or "",
         )
 
     @classmethod

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from discovery.consul import ConsulAddress
+from discovery.model import ServiceSettings
 from proxy.config import DEFAULTS, ConfigError, HostPort, Settings, load
 
 
@@ -278,7 +279,7 @@ class TestServiceTables:
                         '\n[services.web]\nsticky = "srv"\n')
         settings = load(config_file=str(path), environ={}, flags={})
         assert settings.service_overrides() == {
-            "api": {"lb": "hash", "hash_key": "cookie:session"}, "web": {"sticky": "srv"},
+            "api": ServiceSettings(lb="hash", hash_on=("cookie", "session")), "web": ServiceSettings(sticky="srv"),
         }
 
     @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from discovery.consul import ConsulAddress
+from discovery.model import ServiceSettings
 from proxy.cli import build_parser
 from proxy.config import DEFAULTS, RESTART_KEYS, HostPort, load, load_file, load_flags, reloaded, value_of
 from proxy.config_table import BY_NAME, KEYS, SECTIONS, Key
@@ -141,5 +142,5 @@ class TestReloadRule:
         config = tmp_path / "f.toml"
         config.write_text('[services.api]\nlb = "round_robin"\n')
         settings, changed, restart = reloaded(DEFAULTS, load(config_file=str(config), environ={}, flags={}))
-        assert settings.service_overrides() == {"api": {"lb": "round_robin"}}
+        assert settings.service_overrides() == {"api": ServiceSettings(lb="round_robin")}
         assert (changed, restart) == (["services"], [])

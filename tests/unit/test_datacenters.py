@@ -18,7 +18,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from discovery.consul import ConsulAddress, ConsulClient, ConsulError, parse_datacenters
-from discovery.model import Endpoint, Problem, RouteSpec, ServiceRoutes, Snapshot
+from discovery.model import Endpoint, Problem, RouteSpec, ServiceRoutes, ServiceSettings, Snapshot
 from discovery.snapshot import build_dc_snapshot, build_snapshot, datacenter_switches, serving_datacenters
 from proxy.admin import routes_document
 from proxy.config import ConfigError, load
@@ -167,7 +167,7 @@ class TestServingDatacenter:
                           "dc2": [entry("web", "w-9", 8009, ferryman_lb="p2c", ferryman_sticky="sid")]}}
         web = build_dc_snapshot(("dc1", "dc2"), {"dc1": CATALOG, "dc2": CATALOG}, health).service("web")
         assert web is not None and web.endpoints[0].dc == "dc2"
-        assert web.settings == (("lb", "least_conn"), ("sticky", "sid"))
+        assert web.settings == ServiceSettings(lb="least_conn", sticky="sid")
 
     def test_the_single_datacenter_snapshot_is_unchanged(self) -> None:
         catalog = {"web": ["urlprefix-/"], "api": ["urlprefix-/api", "urlprefix-bad tag"]}

@@ -22,7 +22,7 @@ import httptools
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from discovery.model import Problem, RouteSpec, Snapshot
+from discovery.model import Problem, RouteOptions, RouteSpec, ServiceSettings, Snapshot
 from discovery.snapshot import build_snapshot
 from discovery.tags import (
     _HOST_RE,
@@ -30,7 +30,7 @@ from discovery.tags import (
     DEFAULT_PREFIX,
     TagError,
     parse_route_tag,
-    validate_balancing,
+    with_service_setting,
 )
 from proxy.config import DEFAULTS, KEYS, ConfigError, Settings, env_name, flag_name, load, load_file, value_of
 from proxy.config_table import BY_NAME
@@ -54,8 +54,13 @@ TAG_FRAGMENTS = st.sampled_from([
 TAG_TEXT = st.lists(st.one_of(TAG_FRAGMENTS, st.text(max_size=4)), max_size=12).map("".join)
 OPTION = st.builds(
     lambda key, value: f"{key}={value}",
-    st.sampled_from(["strip", "proto", "tlsskipverify", "lb", "hash_key", "sticky", "health_path", "auth", "x"]),
-    st.one_of(TAG_FRAGMENTS, st.text(max_size=6)),
+    st.sampled_from(["strip", "proto", "tlsskipverify", "lb", "hash_key", "sticky", "health_path", "auth", "x",
+                     "maxbody", "sni", "method", "header", "cookie", "query", "exact", "priority", "redirect",
+                     "prepend", "host"]),
+    st.one_of(TAG_FRAGMENTS, st.text(max_size=6), st.sampled_from([
+        "GET|post", "X-A", "X-A:1", "X-A~^v", "a;b:2", "10k", "0", "-5", "1001", "true", "301,/x", "308,https://a/$path",
+        "Api.Internal", "/v2/", "b.example.com:81",
+    ])),
 )
 # Shaped like a tag: prefix, host, port, path, options; each part well formed or not.
 SHAPED_TAG = st.builds(
@@ -84,8 +89,23 @@ def parse_or_tag_error(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec | No
 
 
 def render(spec: RouteSpec, prefix: str = DEFAULT_PREFIX) -> str:
-    """A canonical tag for a RouteSpec (the module has no renderer of its own)."""
-    return prefix + spec.host + spec.path + "".join(f" {key}={value}" for key, value in spec.options)
+    """A canonical tag for a RouteSpec (the module has no renderer of its own): options at their default left
+    out, the others written back in tag syntax."""
+    return prefix + spec.host + spec.path + "".join(f" {key}={value}" for key, value in option_words(spec.options))
+
+
+def option_words(o: RouteOptions) -> list[tuple[str, str]]:
+    words = [("strip", o.strip), ("proto", o.proto if o.proto != "http" else None),
+             ("tlsskipverify", "true" if o.tls_skip_verify else None), ("lb", o.lb),
+             ("hash_key", (o.hash_on[0] + (":" + o.hash_on[1] if o.hash_on[1] else "")) if o.hash_on else None),
+             ("sticky", o.sticky), ("maxbody", str(o.max_body) if o.max_body else None), ("sni", o.sni),
+             ("method", "|".join(sorted(o.methods)) or None), ("exact", "true" if o.exact else None),
+             ("priority", str(o.priority) if o.priority else None),
+             ("redirect", f"{o.redirect[0]},{o.redirect[1]}" if o.redirect else None), ("prepend", o.prepend),
+             ("host", o.host)]
+    for kind in ("header", "cookie", "query"):
+        words.append((kind, ";".join(c.text() for c in o.conditions if c.kind == kind) or None))
+    return [(key, value) for key, value in words if value is not None] + list(o.unknown)
 
 
 class TestRouteTags:
@@ -101,7 +121,7 @@ class TestRouteTags:
         assert spec.host == spec.host.lower()
         assert _PATH_RE.match(spec.path), spec
         assert spec.path == "/" or not spec.path.endswith("/"), spec
-        keys = [key for key, _ in spec.options]
+        keys = [key for key, _ in option_words(spec.options)]
         assert len(keys) == len(set(keys)), spec
 
     @FUZZ
@@ -127,7 +147,7 @@ class TestRouteTags:
     @example("max_concurrent", "²")  # str.isdigit() is true for '²', int('²') raises ValueError
     def test_service_settings_validate_or_raise_TagError(self, key: str, value: str) -> None:
         try:
-            assert isinstance(validate_balancing(key, value), str)
+            assert isinstance(with_service_setting(ServiceSettings(), key, value), ServiceSettings)
         except TagError:
             pass
 

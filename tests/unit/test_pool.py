@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from discovery.model import Endpoint, RouteSpec, ServiceRoutes, Snapshot
+from discovery.model import Endpoint, RouteSpec, ServiceRoutes, ServiceSettings, Snapshot
+from discovery.tags import parse_route_tag
 from proxy.balancer import RoundRobin
 from proxy.pool import Pool, PoolPolicy, Pools, Reconciled
 
@@ -13,7 +14,7 @@ B = Endpoint("web", "b", "10.0.0.2", 80, node="n1")
 C = Endpoint("web", "c", "10.0.0.3", 80, node="n2")
 
 
-ROUND_ROBIN = (RouteSpec("", "/", (("lb", "round_robin"),)),)
+ROUND_ROBIN = (parse_route_tag("urlprefix-/ lb=round_robin"),)
 
 
 def snapshot(routes: tuple[RouteSpec, ...] = ROUND_ROBIN, **services: tuple[Endpoint, ...]) -> Snapshot:
@@ -145,7 +146,7 @@ class TestReconcile:
         web = pools.get("web")
         assert web is not None and web.algorithm == "p2c" and web.hash_on is None
 
-        spec = RouteSpec("", "/", (("lb", "hash"), ("hash_key", "header:X-User")))
+        spec = parse_route_tag("urlprefix-/ lb=hash hash_key=header:X-User")
         changes = pools.reconcile(snapshot((spec,), web=(A, B)))
 
         assert pools.get("web") is web
@@ -252,37 +253,16 @@ class TestSticky:
         from proxy.pool import sticky_value
 
         pools = Pools()
-        pools.reconcile(snapshot((RouteSpec("", "/", (("sticky", "srv"),)),), web=(A, B)))
+        pools.reconcile(snapshot((parse_route_tag("urlprefix-/ sticky=srv"),), web=(A, B)))
         web = pools.get("web")
         assert web is not None and web.sticky == "srv"
         assert web.pinned(sticky_value(B)) == B
         assert web.pinned(sticky_value(B), exclude={B.key}) is None  # tried already: pick another
         assert web.pinned("not-a-known-value") is None
         assert web.pinned(None) is None
-        pools.reconcile(snapshot((RouteSpec("", "/", (("sticky", "srv"),)),), web=(A,)))
+        pools.reconcile(snapshot((parse_route_tag("urlprefix-/ sticky=srv"),), web=(A,)))
         assert web.pinned(sticky_value(B)) is None  # left the pool
         assert sticky_value(A) != sticky_value(B) and "127.0.0.1" not in sticky_value(A)
-
-
-class TestPrecedence:
-    """Config file > service meta > route tag > default, for each balancing setting."""
-
-    @pytest.mark.parametrize(
-        ("override", "meta", "tag", "expected"),
-        [
-            (None, (), (), "p2c"),
-            (None, (), (("lb", "least_conn"),), "least_conn"),
-            (None, (("lb", "random"),), (("lb", "least_conn"),), "random"),
-            ({"lb": "round_robin"}, (("lb", "random"),), (("lb", "least_conn"),), "round_robin"),
-        ],
-        ids=["default", "tag", "meta-over-tag", "config-over-meta"],
-    )
-    def test_algorithm(self, override, meta, tag, expected) -> None:
-        from discovery.model import ServiceRoutes
-        from proxy.pool import balancing_of
-
-        svc = ServiceRoutes("api", (RouteSpec("", "/api", tag),), (A,), settings=meta)
-        assert balancing_of(svc, override)[0] == expected
 
 
 class TestSlowStart:
@@ -321,15 +301,15 @@ class TestReviewRegressions:
     def test_down_cleared_when_checks_are_switched_off_and_path_from_config(self) -> None:
         from discovery.model import ServiceRoutes
 
-        pools = Pools(overrides={"web": {"health_path": "/healthz"}})
-        routes = (RouteSpec("", "/", (("proto", "https"), ("tlsskipverify", "true"))),)
+        pools = Pools(overrides={"web": ServiceSettings(health_path="/healthz")})
+        routes = (parse_route_tag("urlprefix-/ proto=https tlsskipverify=true"),)
         pools.reconcile(Snapshot((ServiceRoutes("web", routes, (A, B)),)))
         web = pools.get("web")
         assert web is not None
         assert (web.health_path, web.check_scheme, web.check_skip_verify) == ("/healthz", "https", True)
 
         web.mark_down(A.key, True)
-        Pools.reconcile(pools, Snapshot((ServiceRoutes("web", routes, (A, B), settings=()),)))
+        Pools.reconcile(pools, Snapshot((ServiceRoutes("web", routes, (A, B), settings=ServiceSettings()),)))
         assert web.is_down(A.key)  # still checked (config), still out
         pools._overrides = {}
         pools.reconcile(Snapshot((ServiceRoutes("web", routes, (A, B)),)))

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from discovery.health import failing_checks, is_passing
-from discovery.model import Endpoint, Problem, RouteSpec, ServiceRoutes, Snapshot
+from discovery.model import Endpoint, Problem, RouteOptions, RouteSpec, ServiceRoutes, ServiceSettings, Snapshot
 from discovery.snapshot import build_snapshot, routed_services
 
 RECORDING = Path(__file__).resolve().parents[1] / "fixtures" / "consul_1_8_7.json"
@@ -62,12 +62,12 @@ class TestRecordedConsul187:
             services=(
                 ServiceRoutes(
                     name="api",
-                    routes=(RouteSpec("api.example.com", "/v1", (("strip", "/v1"),)),),
+                    routes=(RouteSpec("api.example.com", "/v1", RouteOptions(strip="/v1")),),
                     endpoints=(Endpoint("api", "api-1", "127.0.0.1", 18003, node="vm", weight=5),),
                 ),
                 ServiceRoutes(
                     name="web",
-                    routes=(RouteSpec("", "/"), RouteSpec("", "/api", (("strip", "/api"),))),
+                    routes=(RouteSpec("", "/"), RouteSpec("", "/api", RouteOptions(strip="/api"))),
                     endpoints=(),
                 ),
             )
@@ -94,7 +94,7 @@ class TestRecordedConsul187:
         ]
         assert "has no path" in snapshot.problems[0].detail
         api = snapshot.service("api")
-        assert api is not None and api.routes == (RouteSpec("api.example.com", "/v1", (("strip", "/v1"),)),)
+        assert api is not None and api.routes == (RouteSpec("api.example.com", "/v1", RouteOptions(strip="/v1")),)
 
     @pytest.mark.parametrize("name", ["plain", "consul"], ids=["plain-tags-only", "consul-itself"])
     def test_services_without_route_tags_are_left_out(self, name: str) -> None:
@@ -239,7 +239,7 @@ class TestWhichServicesAreRouted:
     def test_unknown_option_is_reported_and_route_still_applies(self) -> None:
         snapshot = build_snapshot({"a": ["urlprefix-/a auth=basic"]}, {"a": [entry("a", "a-1")]})
         svc = snapshot.service("a")
-        assert svc is not None and svc.routes == (RouteSpec("", "/a", (("auth", "basic"),)),)
+        assert svc is not None and svc.routes == (RouteSpec("", "/a", RouteOptions(unknown=(("auth", "basic"),))),)
         assert [(p.kind, p.item) for p in snapshot.problems] == [
             ("route_option_ignored", "urlprefix-/a auth=basic")
         ]
@@ -249,6 +249,17 @@ class TestWhichServicesAreRouted:
         svc = build_snapshot({"a": tags}, {"a": []}).service("a")
         assert svc is not None
         assert svc.routes == (RouteSpec("", "/a"), RouteSpec("", "/z"), RouteSpec("b.example.com", "/"))
+
+    def test_same_route_with_options_in_another_order_is_one_route(self) -> None:
+        tags = ["urlprefix-/a strip=/a proto=https", "urlprefix-/a proto=https strip=/a"]
+        svc = build_snapshot({"a": tags}, {"a": []}).service("a")
+        assert svc is not None and svc.routes == (RouteSpec("", "/a", RouteOptions(strip="/a", proto="https")),)
+
+    def test_routes_on_one_path_sort_the_same_whatever_the_tag_order(self) -> None:
+        tags = ["urlprefix-/a header=X-B", "urlprefix-/a priority=-3 method=GET", "urlprefix-/a", "urlprefix-/a lb=p2c"]
+        one, other = (build_snapshot({"a": t}, {"a": []}).service("a") for t in (tags, tags[::-1]))
+        assert one is not None and other is not None and one.routes == other.routes
+        assert one.routes[0] == RouteSpec("", "/a")  # no option set sorts first
 
     def test_custom_tag_prefix(self) -> None:
         snapshot = build_snapshot({"a": ["route-/a", "urlprefix-/b"]}, {"a": []}, prefix="route-")
@@ -311,7 +322,7 @@ class TestServiceMeta:
         snap = build_snapshot({"api": ["urlprefix-/api"]}, {"api": [second, first]})
         api = snap.service("api")
         assert api is not None
-        assert api.settings == (("lb", "weighted"), ("sticky", "srv"))  # api-1 sorts first and wins lb
+        assert api.settings == ServiceSettings(lb="weighted", sticky="srv")  # api-1 sorts first and wins lb
         assert {e.instance_id: e.weight for e in api.endpoints} == {"api-1": 5, "api-2": 1}
         assert snap.problems == ()
 
@@ -329,6 +340,6 @@ class TestServiceMeta:
         item["Service"]["Meta"] = meta
         snap = build_snapshot({"api": ["urlprefix-/api"]}, {"api": [item]})
         api = snap.service("api")
-        assert api is not None and api.settings == () and [e.weight for e in api.endpoints] == [1]
+        assert api is not None and api.settings == ServiceSettings() and [e.weight for e in api.endpoints] == [1]
         assert [p.kind for p in snap.problems] == ["service_meta_invalid"]
         assert kind_detail in snap.problems[0].detail

@@ -28,8 +28,8 @@ def test_a_good_file_becomes_a_snapshot() -> None:
     assert sorted((e.address, e.port) for e in web.endpoints) == [("127.0.0.1", 8081), ("::1", 8082)]
     (a,) = api.endpoints
     assert (a.instance_id, a.address, a.port, a.weight) == ("api-a", "10.0.0.5", 8080, 3)
-    assert api.setting("lb") == "round_robin"
-    assert api.routes[0].strip == "/api"
+    assert api.settings.lb == "round_robin"
+    assert api.routes[0].options.strip == "/api"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -65,6 +65,6 @@ def test_routes_from_service_meta() -> None:
     }
     snapshot = build_snapshot({"m": ["urlprefix-"]}, {"m": [entry]})
     (service,) = snapshot.services
-    assert sorted((r.host, r.path, r.strip) for r in service.routes) == [
+    assert sorted((r.host, r.path, r.options.strip) for r in service.routes) == [
         ("", "/meta", "/meta"), ("meta.example.com", "/", None)]
     assert [(p.kind, p.item) for p in snapshot.problems] == [("service_meta_invalid", "ferryman-route-2=no-path")]

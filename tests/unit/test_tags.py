@@ -2,59 +2,76 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from discovery.model import RouteSpec
-from discovery.tags import TagError, is_route_tag, normalize_prefix, parse_route_tag, unknown_options
+from discovery.matchers import parse_conditions
+from discovery.model import RouteOptions, RouteSpec, ServiceSettings
+from discovery.tags import (
+    TagError,
+    is_route_tag,
+    normalize_prefix,
+    parse_route_tag,
+    unknown_options,
+    with_service_setting,
+)
+
+
+def spec(path: str, host: str = "", /, **options: Any) -> RouteSpec:
+    """The RouteSpec a tag should give (positional host, so that `host=` is the upstream Host option)."""
+    return RouteSpec(host=host, path=path, options=RouteOptions(**options))
+
 
 VALID = [
-    ("urlprefix-/api lb=least_conn", RouteSpec(host="", path="/api", options=(("lb", "least_conn"),)),
-     "lb-option"),
-    ("urlprefix-/api lb=hash hash_key=cookie:session",
-     RouteSpec(host="", path="/api", options=(("lb", "hash"), ("hash_key", "cookie:session"))), "hash-on-cookie"),
-    ("urlprefix-/api", RouteSpec(host="", path="/api"), "any-host-path-prefix"),
-    ("urlprefix-/", RouteSpec(host="", path="/"), "any-host-every-path"),
-    ("urlprefix-api.example.com/", RouteSpec(host="api.example.com", path="/"), "one-host-every-path"),
-    (
-        "urlprefix-*.example.com/v1 strip=/v1",
-        RouteSpec(host="*.example.com", path="/v1", options=(("strip", "/v1"),)),
-        "wildcard-host-with-strip",
-    ),
-    ("urlprefix-api.example.com:8443/", RouteSpec(host="api.example.com", path="/"), "host-port-dropped"),
-    ("urlprefix-API.Example.COM/", RouteSpec(host="api.example.com", path="/"), "host-lower-cased"),
-    ("urlprefix-*.Example.com/", RouteSpec(host="*.example.com", path="/"), "wildcard-host-lower-cased"),
-    ("urlprefix-/Api/V1", RouteSpec(host="", path="/Api/V1"), "path-case-kept"),
-    ("urlprefix-/api/", RouteSpec(host="", path="/api"), "trailing-slash-normalized"),
-    (
-        "urlprefix-/api/ strip=/api/",
-        RouteSpec(host="", path="/api", options=(("strip", "/api"),)),
-        "strip-trailing-slash-normalized",
-    ),
-    (
-        "urlprefix-/api/v1 strip=/api",
-        RouteSpec(host="", path="/api/v1", options=(("strip", "/api"),)),
-        "strip-shorter-than-path",
-    ),
-    ("urlprefix-/ proto=https", RouteSpec(host="", path="/", options=(("proto", "https"),)), "proto-https"),
-    ("urlprefix-/ proto=http", RouteSpec(host="", path="/", options=(("proto", "http"),)), "proto-http"),
-    (
-        "urlprefix-/ proto=https tlsskipverify=true",
-        RouteSpec(host="", path="/", options=(("proto", "https"), ("tlsskipverify", "true"))),
-        "tlsskipverify-true",
-    ),
-    (
-        "urlprefix-/ tlsskipverify=false",
-        RouteSpec(host="", path="/", options=(("tlsskipverify", "false"),)),
-        "tlsskipverify-false",
-    ),
-    (
-        "urlprefix-/api auth=basic",
-        RouteSpec(host="", path="/api", options=(("auth", "basic"),)),
-        "unknown-option-kept",
-    ),
-    ("urlprefix-/api   strip=/api", RouteSpec("", "/api", (("strip", "/api"),)), "several-blanks"),
-    ("urlprefix-svc_a.internal/", RouteSpec(host="svc_a.internal", path="/"), "underscore-in-host"),
-    ("urlprefix-/.well-known", RouteSpec(host="", path="/.well-known"), "dot-in-segment-is-not-dot-segment"),
+    # Host and path.
+    ("urlprefix-/api", spec("/api"), "any-host-path-prefix"),
+    ("urlprefix-/", spec("/"), "any-host-every-path"),
+    ("urlprefix-api.example.com/", spec("/", "api.example.com"), "one-host-every-path"),
+    ("urlprefix-*.example.com/v1 strip=/v1", spec("/v1", "*.example.com", strip="/v1"), "wildcard-host-with-strip"),
+    ("urlprefix-api.example.com:8443/", spec("/", "api.example.com"), "host-port-dropped"),
+    ("urlprefix-API.Example.COM/", spec("/", "api.example.com"), "host-lower-cased"),
+    ("urlprefix-*.Example.com/", spec("/", "*.example.com"), "wildcard-host-lower-cased"),
+    ("urlprefix-/Api/V1", spec("/Api/V1"), "path-case-kept"),
+    ("urlprefix-/api/", spec("/api"), "trailing-slash-normalized"),
+    ("urlprefix-svc_a.internal/", spec("/", "svc_a.internal"), "underscore-in-host"),
+    ("urlprefix-/.well-known", spec("/.well-known"), "dot-in-segment-is-not-dot-segment"),
+    ("urlprefix-/api   strip=/api", spec("/api", strip="/api"), "several-blanks"),
+    # One branch per option: the option's text in, its typed field out.
+    ("urlprefix-/api/ strip=/api/", spec("/api", strip="/api"), "strip-trailing-slash-normalized"),
+    ("urlprefix-/api/v1 strip=/api", spec("/api/v1", strip="/api"), "strip-shorter-than-path"),
+    ("urlprefix-/ proto=https", spec("/", proto="https"), "proto-https"),
+    ("urlprefix-/ proto=http", spec("/"), "proto-http-is-the-default"),
+    ("urlprefix-/ proto=https tlsskipverify=true", spec("/", proto="https", tls_skip_verify=True),
+     "tlsskipverify-true"),
+    ("urlprefix-/ tlsskipverify=false", spec("/"), "tlsskipverify-false-is-the-default"),
+    ("urlprefix-/api lb=least_conn", spec("/api", lb="least_conn"), "lb"),
+    ("urlprefix-/api lb=hash hash_key=cookie:Session", spec("/api", lb="hash", hash_on=("cookie", "Session")),
+     "hash-on-cookie-case-kept"),
+    ("urlprefix-/api hash_key=header:X-User", spec("/api", hash_on=("header", "x-user")),
+     "hash-on-header-lower-cased"),
+    ("urlprefix-/api hash_key=ip", spec("/api", hash_on=("ip", "")), "hash-on-client-address"),
+    ("urlprefix-/api sticky=srv", spec("/api", sticky="srv"), "sticky"),
+    ("urlprefix-/up maxbody=10m", spec("/up", max_body=10 * 1024**2), "maxbody-in-bytes"),
+    ("urlprefix-/up maxbody=0", spec("/up"), "maxbody-zero-is-the-default"),
+    ("urlprefix-/ proto=https sni=Api.Internal", spec("/", proto="https", sni="Api.Internal"), "sni-as-written"),
+    ("urlprefix-/api method=get|POST", spec("/api", methods=frozenset({"GET", "POST"})), "methods-upper-cased"),
+    ("urlprefix-/api header=X-Canary:1", spec("/api", conditions=parse_conditions("header", "X-Canary:1")),
+     "header-condition"),
+    ("urlprefix-/api query=v:2 cookie=beta header=X-A;X-B~^v",
+     spec("/api", conditions=(*parse_conditions("header", "X-A;X-B~^v"), *parse_conditions("cookie", "beta"),
+                              *parse_conditions("query", "v:2"))),
+     "conditions-header-cookie-query-order"),
+    ("urlprefix-/api exact=true", spec("/api", exact=True), "exact"),
+    ("urlprefix-/api priority=-7", spec("/api", priority=-7), "negative-priority"),
+    ("urlprefix-/old redirect=301,https://new.example.com$path", spec("/old", redirect=(301, "https://new.example.com$path")),
+     "redirect"),
+    ("urlprefix-/api prepend=/v2/", spec("/api", prepend="/v2/"), "prepend"),
+    ("urlprefix-/api host=Backend.Internal:8443", spec("/api", host="Backend.Internal:8443"), "upstream-host"),
+    # Options Ferryman does not implement: kept, in tag order, to be reported.
+    ("urlprefix-/api auth=basic", spec("/api", unknown=(("auth", "basic"),)), "unknown-option-kept"),
+    ("urlprefix-/api health_path=/h", spec("/api", unknown=(("health_path", "/h"),)),
+     "service-setting-in-a-tag-is-not-a-route-option"),
 ]
 
 MALFORMED = [
@@ -91,6 +108,22 @@ MALFORMED = [
     ("urlprefix-/a?x=1", "invalid path '/a?x=1'", "query-in-path"),
     ("urlprefix-/a#frag", "invalid path", "fragment-in-path"),
     ("fabio-/api", "not a route tag", "wrong-prefix"),
+    ("urlprefix-/api sni=*.example.com", "sni='*.example.com' must be a host name", "sni-wildcard"),
+    ("urlprefix-/api method=GET|", "method='GET|': '' is not a method", "empty-method"),
+    ("urlprefix-/api cookie=a~x", "regular expressions are for headers only", "cookie-regex"),
+    ("urlprefix-/api header=X-A~(", "bad regular expression", "bad-header-regex"),
+    ("urlprefix-/old redirect=200,/new", "redirect='200,/new' must be CODE,URL with CODE one of 301",
+     "redirect-code"),
+    ("urlprefix-/old redirect=301,new", "the target must be an http(s) URL or a path", "redirect-target"),
+    ("urlprefix-/api prepend=/a/../b", "prepend='/a/../b' must be a path starting with '/'", "prepend-dot-segment"),
+    ("urlprefix-/api host=*.example.com", "host='*.example.com' must be a host name", "host-wildcard"),
+    ("urlprefix-/api exact=yes", "exact='yes' must be true or false", "exact-not-boolean"),
+    ("urlprefix-/api priority=1001", "priority='1001' must be a whole number from -1000 to 1000",
+     "priority-out-of-range"),
+    ("urlprefix-/api priority=--5", "priority='--5' must be a whole number", "priority-two-signs"),
+    ("urlprefix-/api maxbody=lots", "'lots' is not a size", "maxbody-not-a-size"),
+    ("urlprefix-/api health_path=h", "health_path='h' must be a path starting with '/'",
+     "service-setting-in-a-tag-still-checked"),
 ]
 
 
@@ -104,9 +137,9 @@ class TestParseValidTags:
     def test_custom_prefix(self) -> None:
         assert parse_route_tag("route=/api", prefix="route=") == RouteSpec(host="", path="/api")
 
-    def test_strip_option_is_exposed(self) -> None:
-        assert parse_route_tag("urlprefix-/v1 strip=/v1").strip == "/v1"
-        assert parse_route_tag("urlprefix-/v1").strip is None
+    def test_same_options_in_another_order_are_the_same_spec(self) -> None:
+        assert parse_route_tag("urlprefix-/v1 strip=/v1 proto=https") == parse_route_tag(
+            "urlprefix-/v1 proto=https strip=/v1")
 
 
 class TestParseMalformedTags:
@@ -164,3 +197,43 @@ class TestHelpers:
     )
     def test_normalize_prefix(self, path: str, expected: str) -> None:
         assert normalize_prefix(path) == expected
+
+
+SERVICE_SETTINGS = [
+    ("lb", "weighted", ServiceSettings(lb="weighted"), "lb"),
+    ("hash_key", "header:X-User", ServiceSettings(hash_on=("header", "x-user")), "hash-key-header-lower-cased"),
+    ("hash_key", "cookie:Sid", ServiceSettings(hash_on=("cookie", "Sid")), "hash-key-cookie"),
+    ("sticky", "srv", ServiceSettings(sticky="srv"), "sticky"),
+    ("health_path", "/healthz?full=1", ServiceSettings(health_path="/healthz?full=1"), "health-path-with-query"),
+    ("max_body_size", "512k", ServiceSettings(max_body=512 * 1024), "max-body-size-in-bytes"),
+    ("max_concurrent", "0", ServiceSettings(max_concurrent=0), "max-concurrent-zero-is-set"),
+]
+BAD_SERVICE_SETTINGS = [
+    ("lb", "fastest", "lb='fastest' must be one of round_robin", "unknown-lb"),
+    ("hash_key", "body", "hash_key='body' must be ip, header:NAME or cookie:NAME", "bad-hash-key"),
+    ("sticky", "a b", "sticky='a b' must be a cookie name", "sticky-not-a-cookie-name"),
+    ("health_path", "healthz", "health_path='healthz' must be a path starting with '/'", "health-path-relative"),
+    ("max_body_size", "lots", "'lots' is not a size", "max-body-size-not-a-size"),
+    ("max_concurrent", "²", "max_concurrent='²' must be a whole number (0: no limit)", "max-concurrent-superscript"),
+    ("weight", "3", "unknown service setting 'weight': one of lb, hash_key", "unknown-setting"),
+]
+
+
+class TestServiceSettings:
+    """A per-service setting (service meta, a config file's [services.NAME]) in, a typed ServiceSettings out."""
+
+    @pytest.mark.parametrize(("key", "value", "expected"), [c[:3] for c in SERVICE_SETTINGS],
+                             ids=[c[3] for c in SERVICE_SETTINGS])
+    def test_setting_to_service_settings(self, key: str, value: str, expected: ServiceSettings) -> None:
+        assert with_service_setting(ServiceSettings(), key, value) == expected
+
+    @pytest.mark.parametrize(("key", "value", "message"), [c[:3] for c in BAD_SERVICE_SETTINGS],
+                             ids=[c[3] for c in BAD_SERVICE_SETTINGS])
+    def test_bad_setting_raises_with_helpful_message(self, key: str, value: str, message: str) -> None:
+        with pytest.raises(TagError) as info:
+            with_service_setting(ServiceSettings(), key, value)
+        assert message in str(info.value)
+
+    def test_settings_accumulate(self) -> None:
+        settings = with_service_setting(ServiceSettings(lb="hash"), "sticky", "s")
+        assert settings == ServiceSettings(lb="hash", sticky="s")
