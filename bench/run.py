@@ -28,11 +28,13 @@ The table is printed and written to bench/out/results.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -41,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -107,13 +110,13 @@ class Stack:
         self.procs: list[Proc] = []
 
     def spawn(self, name: str, argv: Sequence[str], *, stdout: Path | None = None,
-              env: dict[str, str] | None = None) -> Proc:
+              env: dict[str, str] | None = None, cwd: Path | None = None) -> Proc:
         log = stdout or self.tmp / f"{name}.log"
         # With a separate stdout (an access log), stderr goes to <name>.stderr; else both to <name>.log.
         errlog = self.tmp / f"{name}.stderr" if stdout is not None else log
         with open(log, "ab") as out, open(errlog, "ab") as err:
             popen = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=self.tmp,
+                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=cwd or self.tmp,
             )
         proc = Proc(name, popen, log, errlog)
         self.procs.append(proc)
@@ -391,18 +394,129 @@ def routes_ready(admin: int) -> bool:
     return False
 
 
+# A Ferryman from a given checkout (A/B mode) is started as `python -c LAUNCHER MODULE FUNCTION PACKAGES
+# ARGS...` with this tree's venv python, PYTHONPATH=<checkout> and cwd <checkout>. PYTHONPATH comes before
+# site-packages in sys.path and the venv's editable finder is appended to sys.meta_path (after the path
+# finder), so the checkout's packages win; the launcher does not trust that: it first writes on stderr the
+# file each package was imported from, which the bench checks (Tree.check_code) before measuring anything.
+CODE_MARK: Final = "ferryman-bench-code "
+LAUNCHER: Final = """\
+import importlib, json, sys
+module, function, packages = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+sys.argv = ["ferryman", *sys.argv[4:]]
+files = {name: importlib.import_module(name).__file__ for name in packages}
+entry = importlib.import_module(module)
+files[module] = entry.__file__
+sys.stderr.write("ferryman-bench-code " + json.dumps(files) + "\\n")
+sys.stderr.flush()
+sys.exit(getattr(entry, function)())
+"""
+assert CODE_MARK in LAUNCHER
+
+
+def git_commit(path: Path, paths: Sequence[str] = ()) -> str:
+    """The checkout's short commit, with `+changes` when tracked files under `paths` (all when none) differ
+    from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    sha = git("rev-parse", "--short", "HEAD") or "?"
+    return sha + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "--", *paths) else "")
+
+
+def code_files(text: str) -> dict[str, str] | None:
+    """The launcher's report of where each package came from, from a process's stderr (the first one)."""
+    for line in text.splitlines():
+        if line.startswith(CODE_MARK):
+            files: dict[str, str] = json.loads(line[len(CODE_MARK):])
+            return files
+    return None
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A Ferryman checkout run with this tree's venv (A/B mode): where it is, its commit, its `ferryman`
+    entry point and packages (from its own pyproject.toml), and whether its CLI knows --workers."""
+
+    role: str  # "A" or "B"
+    label: str
+    path: Path
+    commit: str
+    module: str
+    function: str
+    packages: tuple[str, ...]
+    workers_flag: bool
+    files: tuple[tuple[str, str], ...]  # package -> file it was imported from, by the probe
+
+    @classmethod
+    def load(cls, role: str, label: str, path: Path) -> Tree:
+        """Read the checkout's pyproject.toml and probe it: `ferryman --help` through the launcher, whose
+        code report must name files inside the checkout (else BenchError: the other tree's code would run)."""
+        path = path.resolve()
+        pyproject = path / "pyproject.toml"
+        if not pyproject.is_file():
+            raise BenchError(f"{role}: {path} is not a Ferryman checkout (no pyproject.toml)")
+        meta = tomllib.loads(pyproject.read_text())
+        script = meta.get("project", {}).get("scripts", {}).get("ferryman", "proxy.cli:main")
+        module, _, function = script.partition(":")
+        packages = tuple(meta.get("tool", {}).get("setuptools", {}).get("packages", ["discovery", "proxy"]))
+        # Only changes to the code that runs mark the commit (this tree's bench/ may be edited meanwhile).
+        commit = git_commit(path, [*packages, "pyproject.toml"])
+        tree = cls(role, label, path, commit, module, function or "main", packages, False, ())
+        try:
+            probe = subprocess.run(tree.argv(["--help"]), capture_output=True, text=True, timeout=60,
+                                   env=tree.env(), cwd=path)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BenchError(f"{role}: `ferryman --help` from {path} did not run: {exc}") from exc
+        files = code_files(probe.stderr)
+        if probe.returncode != 0 or files is None:
+            raise BenchError(f"{role}: `ferryman --help` from {path} failed (exit {probe.returncode}):\n"
+                             f"{probe.stderr[-2000:]}")
+        tree.check_code(files)
+        return dataclasses.replace(tree, workers_flag="--workers" in probe.stdout,
+                                   files=tuple(sorted(files.items())))
+
+    def env(self) -> dict[str, str]:
+        # No FERRYMAN_* settings and no PYTHON* variable from the caller's environment; nothing is written into
+        # the checkout (no __pycache__ in another engineer's tree).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FERRYMAN_", "PYTHON"))}
+        env.update(PYTHONPATH=str(self.path), PYTHONDONTWRITEBYTECODE="1")
+        return env
+
+    def argv(self, args: Sequence[str]) -> list[str]:
+        return [str(VENV_BIN / "python"), "-c", LAUNCHER, self.module, self.function, ",".join(self.packages),
+                *args]
+
+    def check_code(self, files: dict[str, str]) -> None:
+        """Every package must have been imported from inside this checkout; fail loudly otherwise."""
+        wrong = {name: f for name, f in files.items() if not Path(f).resolve().is_relative_to(self.path)}
+        if wrong or not files:
+            raise BenchError(f"{self.role} ({self.label}) must run the code of {self.path}, but its process "
+                             f"imported {wrong or 'nothing'}; refusing to measure the wrong code")
+
+
 def start_ferryman(stack: Stack, consul: int, workers: int, notes: list[str], name: str = "ferryman",
-                   fallback: bool = True) -> tuple[Proc, int, int, int]:
+                   fallback: bool = True, tree: Tree | None = None) -> tuple[Proc, int, int, int]:
     """Ferryman with its access log on, sent to <name>-access.log. Returns (proc, listen port, admin port,
     workers). When --workers N > 1 is refused: with `fallback`, start 1 process instead (and say so in the
-    notes); without, raise BenchError."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
+    notes); without, raise BenchError. With a `tree` (A/B mode), that checkout's code runs, through the
+    launcher, and the started process's own report of its code is checked once it answers."""
+    env = tree.env() if tree else {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
+    cwd = tree.path if tree else None
     listen, admin = free_ports(2)
     stdout = stack.tmp / f"{name}-access.log"
-    workers_flag = ferryman_has_workers_flag()
+    workers_flag = tree.workers_flag if tree else ferryman_has_workers_flag()
+
+    def argv(n: int) -> list[str]:
+        plain = ferryman_argv(listen, admin, consul, n, workers_flag)
+        return tree.argv(plain[1:]) if tree else plain
+
     if workers > 1 and not workers_flag:
         print(f"NOTE: `ferryman --help` lists no --workers; trying --workers {workers} all the same")
-    proc = stack.spawn(name, ferryman_argv(listen, admin, consul, workers, workers_flag), stdout=stdout, env=env)
+    proc = stack.spawn(name, argv(workers), stdout=stdout, env=env, cwd=cwd)
     if workers > 1:
         time.sleep(1.5)
         if not proc.alive():
@@ -417,12 +531,17 @@ def start_ferryman(stack: Stack, consul: int, workers: int, notes: list[str], na
             notes.append(note)
             workers = 1
             listen, admin = free_ports(2)
-            proc = stack.spawn(name, ferryman_argv(listen, admin, consul, 1, workers_flag), stdout=stdout, env=env)
+            proc = stack.spawn(name, argv(1), stdout=stdout, env=env, cwd=cwd)
     wait_until("Ferryman's /api/routes to list the route with 2 instances", lambda: routes_ready(admin), 45,
                [proc])
     # Several answers in a row, each on a new connection: with SO_REUSEPORT they land on different workers.
     for _ in range(10 * workers):
         wait_until(f"{name} to answer through the route", lambda: answers(listen), 15, [proc])
+    if tree:
+        files = code_files(proc.errlog.read_text(errors="replace"))
+        if files is None:
+            raise BenchError(f"{name} did not report which code it runs; {proc.errlog}:\n{proc.tail()}")
+        tree.check_code(files)
     return proc, listen, admin, workers
 
 
@@ -626,6 +745,14 @@ class Run:
     cpu_s: float
     rss_peak_kib: int = 0
     round_no: int = 0
+    wall_s: float = 0.0
+    busy_cpu_s: float = 0.0  # the whole machine's busy CPU time during the run (/proc/stat)
+    bench_cpu_s: float = 0.0  # the part of it that was ours: the proxy, wrk and the backends
+
+    @property
+    def others_cores(self) -> float:
+        """CPUs' worth of work done by processes not part of this run (other engineers, the idle instances)."""
+        return max(0.0, self.busy_cpu_s - self.bench_cpu_s) / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
     def per_cpu_s(self) -> float:
@@ -638,12 +765,26 @@ def _stop_wrk(wrk: subprocess.Popen[bytes]) -> None:
         wrk.wait(timeout=5)
 
 
-def measure(proxy: str, proc: Proc, port: int, path: str, connections: int, duration: int) -> Run:
-    """One wrk run against one proxy, with the proxy tree's CPU time read before and after."""
+def machine_busy_ticks() -> int:
+    """Busy clock ticks of all CPUs together since boot: the first line of /proc/stat less idle and iowait."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(fields) - fields[3] - fields[4]
+
+
+def measure(proxy: str, proc: Proc, port: int, path: str, connections: int, duration: int,
+            backends: Proc | None = None) -> Run:
+    """One wrk run against one proxy, with the proxy tree's CPU time read before and after (and the whole
+    machine's, wrk's and the backends', to tell how much of the machine others took meanwhile)."""
     url = f"http://127.0.0.1:{port}{path}"
     pids = process_tree(proc.pid)
+    backend_pids = process_tree(backends.pid) if backends else []
     before = cpu_ticks(pids)
+    backends_before = cpu_ticks(backend_pids)
     rss_peak = sum(tree_rss_kib(proc.pid).values())
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy_before = machine_busy_ticks()
+    wall_start = time.monotonic()
     wrk = subprocess.Popen(
         [tool("wrk"), "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "2s", "--latency", url],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -657,6 +798,11 @@ def measure(proxy: str, proc: Proc, port: int, path: str, connections: int, dura
             rss_peak = max(rss_peak, sum(tree_rss_kib(proc.pid).values()))
         out = wrk.stdout.read().decode(errors="replace") if wrk.stdout else ""
         after = cpu_ticks(process_tree(proc.pid))
+        backends_after = cpu_ticks(backend_pids)
+        busy = machine_busy_ticks() - busy_before
+        wall = time.monotonic() - wall_start
+        # wrk was reaped by poll(); no other child of ours ends during a run, so the difference is wrk's.
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     except subprocess.TimeoutExpired:
         _stop_wrk(wrk)
         return Run(proxy, WrkResult(failure=f"wrk did not finish within {duration + 20}s"), 0.0, rss_peak)
@@ -668,6 +814,9 @@ def measure(proxy: str, proc: Proc, port: int, path: str, connections: int, dura
             wrk.stdout.close()
     # Processes that exited during the run are not counted; new ones count from 0.
     ticks = sum(after[p] - before.get(p, 0) for p in after)
+    backend_ticks = sum(backends_after[p] - backends_before.get(p, 0) for p in backends_after)
+    wrk_cpu = (children_after.ru_utime + children_after.ru_stime
+               - children_before.ru_utime - children_before.ru_stime)
     result = parse_wrk(out)
     if wrk.returncode != 0 and not result.failure:
         result.failure = f"wrk exited {wrk.returncode}"
@@ -675,7 +824,8 @@ def measure(proxy: str, proc: Proc, port: int, path: str, connections: int, dura
         result.failure += ": " + " ".join(out.split())[-300:]
     if not proc.alive():
         result.failure = f"{proxy} died during the run (exit {proc.popen.returncode})"
-    return Run(proxy, result, ticks / CLK_TCK, rss_peak)
+    return Run(proxy, result, ticks / CLK_TCK, rss_peak, wall_s=wall,
+               busy_cpu_s=busy / CLK_TCK, bench_cpu_s=(ticks + backend_ticks) / CLK_TCK + wrk_cpu)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -834,7 +984,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--consul-bin", default=os.environ.get("CONSUL_BIN", str(VENV_BIN / "consul")))
     ap.add_argument("--keep-tmp", action="store_true",
                     help="keep the temp dir (configs, logs) for inspection")
+    ab = ap.add_argument_group("A/B mode", "this tree (A) against another checkout (B), Ferryman only")
+    ab.add_argument("--ab", metavar="OTHER_TREE", help="the other checkout, e.g. a git worktree of an older commit")
+    ab.add_argument("--ab-label", metavar="NAME", help="what the report calls B (default: the checkout's name)")
+    ab.add_argument("--rounds", type=int, default=AB_ROUNDS, metavar="N",
+                    help=f"interleaved rounds, each one run of A and one of B (default {AB_ROUNDS})")
+    ab.add_argument("--duration", type=int, default=AB_DURATION_S, metavar="S",
+                    help=f"seconds per run (default {AB_DURATION_S})")
     args = ap.parse_args(argv)
+    if args.ab:
+        return main_ab(args)
 
     started = time.monotonic()
     duration = 2 if args.quick else 8
@@ -953,6 +1112,223 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n(written to {OUT_DIR / 'results.md'})")
     failed = any(r.wrk.failure for rs in runs.values() for r in rs)
     return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# A/B mode: this tree against another checkout, one Consul agent and one set of backends
+
+
+AB_ROUNDS: Final = 6
+AB_DURATION_S: Final = 5
+AB_WARMUP_S: Final = 3
+AB_CONNECTIONS: Final = 64  # with 1 KiB bodies: the figure issue 13 names
+AB_SETUP_S: Final = 60.0  # backends, Consul, two Ferryman instances, tear-down; with slack
+AB_RUN_OVERHEAD_S: Final = 2.0  # per wrk run: start, /proc reads, the pause between runs
+AB_PAUSE_S: Final = 0.5  # between two runs, so the previous one's connections are closed
+AB_DEADLINE_MAX_S: Final = 1200.0  # plans longer than 20 minutes are refused
+AB_BOUND: Final = 0.97  # issue 13: A's req per CPU-s within 3% of B's
+
+
+def ab_plan_s(rounds: int, duration: int) -> float:
+    return AB_SETUP_S + 2 * (AB_WARMUP_S + AB_RUN_OVERHEAD_S) + 2 * rounds * (duration + AB_RUN_OVERHEAD_S)
+
+
+def main_ab(args: argparse.Namespace) -> int:
+    """A/B mode (see the module docstring): two Ferryman instances, this tree's and another checkout's."""
+    started = time.monotonic()
+    rounds, duration, workers = args.rounds, args.duration, args.ferryman_workers
+    if rounds < 1 or duration < 1 or workers < 1:
+        print("bench: --rounds, --duration and --ferryman-workers must be at least 1", file=sys.stderr)
+        return 2
+    planned = ab_plan_s(rounds, duration)
+    deadline = planned + 60.0
+    if deadline > AB_DEADLINE_MAX_S:
+        print(f"bench: {rounds} rounds of {duration} s would take about {planned:.0f} s; the A/B mode stays "
+              f"under {AB_DEADLINE_MAX_S:.0f} s (fewer rounds or shorter runs)", file=sys.stderr)
+        return 2
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool):
+            print(f"bench: {tool} is not installed (make bench installs Debian's wrk and nginx-light)",
+                  file=sys.stderr)
+            return 2
+    if not Path(args.consul_bin).exists():
+        print(f"bench: no Consul binary at {args.consul_bin} (make consul)", file=sys.stderr)
+        return 2
+    other = Path(args.ab).resolve()
+    try:
+        if other == ROOT:
+            raise BenchError(f"--ab {args.ab} is this tree; give another checkout")
+        a = Tree.load("A", "this tree", ROOT)
+        b = Tree.load("B", args.ab_label or other.name, other)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    for tree in (a, b):
+        print(f"bench: {tree.role} = {tree.label}: {tree.path} at {tree.commit}; code from "
+              + ", ".join(f for _, f in tree.files))
+
+    notes: list[str] = []
+    skipped: list[str] = []
+    runs: list[Run] = []
+
+    def left() -> float:
+        return deadline - (time.monotonic() - started)
+
+    try:
+        with running_stack(args.keep_tmp) as stack:
+            print(f"bench: temp dir {stack.tmp}; plan {planned:.0f} s, deadline {deadline:.0f} s")
+            backends_proc, backends = start_backends(stack)
+            _, consul_port = start_consul(stack, args.consul_bin, backends)
+            targets: dict[str, tuple[Proc, int]] = {}
+            for tree in (a, b):
+                name = f"ferryman-{tree.role.lower()}"
+                proc, port, _, _ = start_ferryman(stack, consul_port, workers, notes, name=name, fallback=False,
+                                                  tree=tree)
+                targets[tree.role] = (proc, port)
+                print(f"bench: {tree.role} :{port} (pid {proc.pid}, {workers} worker(s)); the process reports "
+                      f"its code in {tree.path}")
+            print(f"bench: backends :{backends[0]} :{backends[1]} (nginx pid {backends_proc.pid}), "
+                  f"Consul :{consul_port}")
+            time.sleep(1.0)
+
+            def go(role: str, secs: int, round_no: int) -> Run | None:
+                if left() < secs + 25:
+                    skipped.append(f"round {round_no} / {role}" if round_no else f"warm-up / {role}")
+                    print(f"  {role} skipped: the {deadline:.0f} s deadline is near")
+                    return None
+                time.sleep(AB_PAUSE_S)
+                proc, port = targets[role]
+                run = measure(role, proc, port, PATH_1K, AB_CONNECTIONS, secs, backends_proc)
+                run.round_no = round_no
+                w = run.wrk
+                status = f"  errors {w.errors}" if w.errors else ""
+                if w.failure:
+                    status = f"  FAILED: {w.failure}"
+                print(f"  {role}  {w.rps:>9,.0f} req/s  cpu {run.cpu_s:5.2f} s  {run.per_cpu_s:>8,.0f} req/cpu-s  "
+                      f"others {run.others_cores:4.2f} CPUs{status}")
+                return run
+
+            print(f"warm-up ({AB_WARMUP_S} s each)")
+            for role in ("A", "B"):
+                go(role, AB_WARMUP_S, 0)
+            for r in range(rounds):
+                # ABBA...: each instance goes first in every other round, so a drift hits both alike.
+                order = ("A", "B") if r % 2 == 0 else ("B", "A")
+                print(f"round {r + 1}/{rounds}: 1 KiB, {AB_CONNECTIONS} connections, {duration} s, "
+                      f"order {', '.join(order)}")
+                for role in order:
+                    run = go(role, duration, r + 1)
+                    if run is not None:
+                        runs.append(run)
+    except BenchError as exc:
+        print(f"bench: set-up failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process started was stopped", file=sys.stderr)
+        return 130
+
+    report = render_ab(a, b, runs, workers, duration, rounds, notes, skipped, time.monotonic() - started,
+                       args.consul_bin)
+    print()
+    print(report)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "ab.md").write_text(report + "\n")
+    print(f"\n(written to {OUT_DIR / 'ab.md'})")
+    return 1 if any(r.wrk.failure for r in runs) else 0
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Per-round A/B ratios, summarised."""
+
+    ratios: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return _median(self.ratios)
+
+    def describe(self) -> str:
+        if not self.ratios:
+            return "n/a"
+        return (f"{self.median:.3f} (min {min(self.ratios):.3f}, max {max(self.ratios):.3f}, "
+                f"{len(self.ratios)} rounds)")
+
+
+def ab_pairs(runs: Sequence[Run]) -> list[tuple[int, Run, Run]]:
+    """(round, A's run, B's run) for each round in which both ran without failure."""
+    by_round: dict[int, dict[str, Run]] = {}
+    for r in runs:
+        if not r.wrk.failure:
+            by_round.setdefault(r.round_no, {})[r.proxy] = r
+    return [(n, d["A"], d["B"]) for n, d in sorted(by_round.items()) if "A" in d and "B" in d]
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def render_ab(a: Tree, b: Tree, runs: Sequence[Run], workers: int, duration: int, rounds: int,
+              notes: list[str], skipped: list[str], elapsed: float, consul_bin: str) -> str:
+    pairs = ab_pairs(runs)
+    per_cpu = Spread(tuple(_ratio(ra.per_cpu_s, rb.per_cpu_s) for _, ra, rb in pairs))
+    rps = Spread(tuple(_ratio(ra.wrk.rps, rb.wrk.rps) for _, ra, rb in pairs))
+    out = [f"# A/B: this tree against {b.label}", ""]
+    out += machine(consul_bin)
+    out += [
+        f"- A = {a.label}: `{a.path}` at {a.commit}",
+        f"- B = {b.label}: `{b.path}` at {b.commit}",
+        "- both run by this tree's venv python with PYTHONPATH and cwd set to their checkout; each process "
+        "reported the files it imported, checked to lie in its own checkout: "
+        + "; ".join(f"{t.role}: " + ", ".join(f"`{f}`" for _, f in t.files) for t in (a, b)),
+        f"- load: `wrk -t1 -c{AB_CONNECTIONS} -d{duration}s` on /1k (1 KiB), one instance at a time, "
+        f"{rounds} rounds in ABBA order after a {AB_WARMUP_S} s warm-up each; both instances {workers} "
+        "worker(s), the same Consul agent and the same backends (1 nginx, 1 worker, two ports), access log on",
+        "- req per CPU-s: requests completed / utime+stime of the instance's process tree during the run; "
+        "A/B: per round, A's figure over B's from the same round; others: CPUs' worth of work done meanwhile "
+        "by processes not in the run (machine busy time from /proc/stat less the instance, wrk and the "
+        "backends)",
+        "",
+        "## Rounds",
+        "",
+        "| round | order | A req/s | B req/s | A/B req/s | A req per CPU-s | B req per CPU-s | A/B req per CPU-s "
+        "| others (CPUs) A, B |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, ra, rb in pairs:
+        order = "A, B" if n % 2 == 1 else "B, A"
+        out.append(f"| {n} | {order} | {ra.wrk.rps:,.0f} | {rb.wrk.rps:,.0f} | {_ratio(ra.wrk.rps, rb.wrk.rps):.3f} "
+                   f"| {ra.per_cpu_s:,.0f} | {rb.per_cpu_s:,.0f} | {_ratio(ra.per_cpu_s, rb.per_cpu_s):.3f} "
+                   f"| {ra.others_cores:.2f}, {rb.others_cores:.2f} |")
+    rows = {role: Row(role, [r for r in runs if r.proxy == role]) for role in ("A", "B")}
+    pooled = {role: (sum(r.wrk.requests for r in row._ok()), sum(r.cpu_s for r in row._ok()))
+              for role, row in rows.items()}
+    pooled_ratio = _ratio(_ratio(*pooled["A"]), _ratio(*pooled["B"]))
+    out += [
+        "",
+        "## In total",
+        "",
+        "| | A (median) | B (median) | A/B: median of the per-round ratios (min, max) |",
+        "|---|---|---|---|",
+        f"| req/s | {_num(rows['A'].rps)} | {_num(rows['B'].rps)} | {rps.describe()} |",
+        f"| req per CPU-s | {_num(rows['A'].per_cpu)} | {_num(rows['B'].per_cpu)} | {per_cpu.describe()} |",
+        f"| errors | {rows['A'].errors} | {rows['B'].errors} | |",
+        "",
+        f"A/B of req per CPU-s over all rounds pooled (all requests / all CPU seconds): {_num(pooled_ratio, '.3f')}.",
+    ]
+    if per_cpu.ratios:
+        met = "yes" if per_cpu.median >= AB_BOUND else "no"
+        out.append(f"A's 1 KiB req per CPU-s is {100 * per_cpu.median:.1f}% of B's (median of the per-round "
+                   f"ratios); at least {100 * AB_BOUND:.0f}% (issue 13): {met}.")
+    if skipped or notes or len(pairs) < rounds:
+        out += ["", "## Notes", ""]
+        out += [f"- {n}" for n in notes]
+        if len(pairs) < rounds:
+            out.append(f"- only {len(pairs)} of {rounds} rounds have a good run of both A and B")
+        if skipped:
+            out.append(f"- skipped to stay within the deadline: {', '.join(skipped)}")
+    out += ["", f"Whole run: {elapsed:.0f} s. Reproduce: `make bench BENCH_ARGS=\"--ab {b.path} "
+            f"--rounds {rounds} --duration {duration}\"`."]
+    return "\n".join(out)
 
 
 def caddy_vs_ferry2(c64: Sequence[Run]) -> tuple[Row, Row] | None:
