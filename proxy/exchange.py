@@ -87,24 +87,16 @@ class Exchange:
         path: str, service: str,
     ) -> None:
         ctx = self.ctx = client.ctx
-        self.client = client
-        self.loop = ctx.loop
-        self.req = req
-        self.route = route
-        self.pool = pool
+        self.client, self.loop, self.req, self.route, self.pool = client, ctx.loop, req, route, pool
         self.service = service  # the route's, or the one a split drew
-        self.target = target
-        self.started = started
-        self.path = path
+        self.target, self.started, self.path = target, started, path
         self.attempts = Attempts(ctx.limits.max_attempts, len(pool.endpoints), req.method)
         pool.begin(self.loop.time())
         self.head_request = req.method == "HEAD"
         self.endpoint: Endpoint | None = None
         self.conn: UpstreamConnection | None = None
-        self.reused = False
-        self.head_sent = False
-        self.status = 0
-        self.bytes_out = 0
+        self.reused = self.head_sent = False
+        self.status = self.bytes_out = 0
         self.client_backlog = 0  # the client's backlog when it last paused us, or shrank
         self.sent_at = 0.0
         self.upstream_s: float | None = None  # request sent to response head received, on the last attempt

@@ -54,24 +54,18 @@ class ClientConnection(ResponseWriter):
         self.cfg = self.ctx = cfg
         self.server = server
         self.reader = RequestReader(self)
-        self.peer = b""
-        self.peer_text = ""
+        self.peer, self.peer_text = b"", ""
         self._queue: collections.deque[Request] = collections.deque()
-        self._serving = False
-        self._reading_paused = False
         self._idle_since: float | None = None  # waiting for (the rest of) a request head since then
         self._fresh = True  # no request head completed yet: waiting for one runs on client_header_timeout
         self.exchange: Exchange | None = None
-        self.closing = False
         # A parse error behind requests still being answered: sent, in order, once they are done.
         self._deferred_error: ProxyError | None = None
-        self._upgraded = False
-        self.writing_paused = False  # the client reads slower than we write: upstream reading stays paused
         self._tunnel_early = b""  # bytes a client sent after its upgrade head, before the upstream's 101
-        self.trusted = False  # the peer is one of trusted_proxies
+        self._serving = self._reading_paused = self._upgraded = self._in_loop = self._current_done = False
+        self.closing = self.trusted = False  # trusted: the peer is one of trusted_proxies
+        self.writing_paused = False  # the client reads slower than we write: upstream reading stays paused
         self.body_paused = False  # reading paused because the upstream does not take the body
-        self._in_loop = False
-        self._current_done = False
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -146,7 +140,7 @@ class ClientConnection(ResponseWriter):
             self.resume_reading()
 
     # --- what the reader reports ---
-    def head_started(self) -> None:
+    def head_started(self) -> None:  # from the first byte, the head must arrive within client_header_timeout
         self._idle_since = self.cfg.loop.time()
 
     def queue_request(self, req: Request) -> None:
@@ -156,8 +150,7 @@ class ClientConnection(ResponseWriter):
         if len(self._queue) >= MAX_PIPELINED:
             self.pause_reading()  # resumed once the queue has drained
 
-    def upgraded(self, rest: bytes) -> None:
-        """An Upgrade or CONNECT head: what follows it is never parsed as requests (see data_received)."""
+    def upgraded(self, rest: bytes) -> None:  # an Upgrade or CONNECT head: see data_received
         self._upgraded = True
         self._tunnel_early = rest
         self.pause_reading()
@@ -337,13 +330,8 @@ class ClientConnection(ResponseWriter):
             timeout = self.cfg.limits.header_timeout
             if self.reader.in_head:
                 log.info("client_header_timeout", client=self.peer_text, timeout_s=timeout)
-                self._refuse(HeaderTimeout(f"request head not received within {timeout:g} s"))
+                self.refuse(HeaderTimeout(f"request head not received within {timeout:g} s"))
             self._close()
-
-    def _refuse(self, err: ProxyError) -> None:
-        """An answer to bytes that never became a request: counted, written, and the connection closes."""
-        self.cfg.metrics.observe_request(NO_SERVICE, NO_ROUTE, "OTHER", err.status, 0.0)
-        self.write(error_response(err.status, err.message, keep_alive=False))
 
     def _close(self) -> None:
         self.closing = True
@@ -351,7 +339,6 @@ class ClientConnection(ResponseWriter):
         if self.transport is not None:
             self.transport.close()
 
-    def shutdown(self) -> None:
-        """Stop after the request in progress; close now if there is none."""
+    def shutdown(self) -> None:  # stop after the request in progress; close now if there is none
         if not self._serving:
             self._close()

@@ -15,13 +15,15 @@ import struct
 import termios
 from typing import TYPE_CHECKING, Final
 
-from ..headers import client_response_head
+from ..errors import ProxyError
+from ..headers import client_response_head, error_response
+from ..metrics import NO_ROUTE, NO_SERVICE
 from ..table import Route
 from .head import Request
 from .upstream import FRAMING_CHUNKED, FRAMING_EOF
 
 if TYPE_CHECKING:
-    from ..listener import ProxyServer
+    from ..listener import ProxyContext, ProxyServer
 
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
@@ -31,6 +33,7 @@ class ResponseWriter(asyncio.Protocol):
     __slots__ = ("_chunked_out", "_out", "transport")
 
     server: ProxyServer
+    cfg: ProxyContext
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -120,3 +123,8 @@ class ResponseWriter(asyncio.Protocol):
             101, reason, headers, chunked=False, keep_alive=True, http10=False,
             extra=((b"Connection", b"Upgrade"), (b"Upgrade", protocol)), request_id=req.request_id,
         ))
+
+    def refuse(self, err: ProxyError) -> None:
+        """An answer to bytes that never became a request: counted, written, and the connection closes."""
+        self.cfg.metrics.observe_request(NO_SERVICE, NO_ROUTE, "OTHER", err.status, 0.0)
+        self.write(error_response(err.status, err.message, keep_alive=False))
