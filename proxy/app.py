@@ -15,7 +15,6 @@ import asyncio
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import fields
 
 import structlog
 from aiohttp import web
@@ -37,7 +36,7 @@ from .h1.upstream import UpstreamPool
 from .headers import TrustedProxies
 from .listener import ListenerLimits, ProxyContext, ProxyServer, Router
 from .metrics import Metrics, StateCollector
-from .pool import PoolPolicy, Pools
+from .pool import Pools
 from .state import Report, pools_state, write_report
 from .table import Route, RoutedWorld, RoutePart, RoutingTable
 from .tls import HttpsRedirect, TlsError
@@ -67,9 +66,6 @@ def kv_routes(prefix: str, values: dict[str, bytes]) -> RoutePart:
     return RoutePart("kv", tuple(routes))
 
 
-def pool_policy(settings: Settings) -> PoolPolicy:
-    # PoolPolicy's fields are HealthPolicy's of the same names.
-    return PoolPolicy(**{f.name: getattr(settings.health, f.name) for f in fields(PoolPolicy)})
 
 
 async def write_reports(directory: str, report: Callable[[], Report], flush: Callable[[], None]) -> None:
@@ -124,7 +120,7 @@ class Ferryman:
         self.report_dir = report_dir  # a worker writes its report here for the supervisor
         self.draining = False
         self.router = Router()
-        self.pools = Pools(settings.service_overrides(), pool_policy(settings))
+        self.pools = Pools(settings.service_overrides(), settings.health)
         self.generation = 0
         self._conflicts: set[Problem] = set()
         self.world = RoutedWorld(parts=(RoutePart.declared("file", settings.routes),))
@@ -314,7 +310,7 @@ class Ferryman:
             self._source.reload()
         self.upstream.connect_timeout, self.upstream.keepalive, self.upstream.idle_timeout = (
             s.upstream.connect_timeout, s.upstream.keepalive, s.upstream.idle_timeout)
-        self.pools.configure(s.service_overrides(), pool_policy(s))
+        self.pools.configure(s.service_overrides(), s.health)
         if "routes" in changed:
             self._update(self.world.with_part(RoutePart.declared("file", s.routes)))  # the file's new [[routes]]
         elif self._source is not None and self._source.last_snapshot is not None:

@@ -2,9 +2,9 @@
 
 Pools outlive routing tables. `Pools.reconcile(snapshot)` updates the endpoints of existing pools in place,
 creates pools for new services and drops pools of services that left, so balancer state (the round-robin
-position, smooth-WRR weights) survives every table swap. The algorithm comes from the service's route tags
-(`lb=`, default p2c; `hash_key=` for `hash`); when a service's routes disagree the first by host and path
-wins and the disagreement is reported. A changed algorithm replaces the balancer.
+position, smooth-WRR weights, in-flight counts, ejections) survives every table swap. Each pool's settings
+come from one resolved `ServicePolicy` (proxy/policy.py: config file > service meta > route tags > default)
+and the global `HealthPolicy`; a changed algorithm replaces the balancer.
 """
 
 from __future__ import annotations
@@ -12,27 +12,15 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Container, Iterator, Mapping
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from discovery.model import Endpoint, ServiceSettings, Snapshot
 
 from .balancer import Balancer, make_balancer
+from .config import DEFAULTS
 from .outcomes import Outliers, RecentErrors, RetryBudget
 from .policy import ServiceDefaults, ServicePolicy, service_policy
-
-
-@dataclass(frozen=True, slots=True)
-class PoolPolicy:
-    """Health and retry settings every pool follows (from the config)."""
-
-    eject_after: int = 3
-    eject_base: float = 10.0
-    eject_max_share: float = 0.5
-    eject_on_5xx: bool = False
-    retry_budget: float = 0.2
-    slow_start: float = 0.0
-    service_max_concurrent: int = 0
+from .settings import HealthPolicy
 
 
 class _Excluded:
@@ -93,7 +81,7 @@ class Pool:
         *,
         algorithm: str = "round_robin",
         hash_on: tuple[str, str] | None = None,
-        policy: PoolPolicy | None = None,
+        policy: HealthPolicy | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.service = service
@@ -103,7 +91,7 @@ class Pool:
         # What the `hash` algorithm hashes: ("ip", ""), ("header", name) or ("cookie", name); None otherwise.
         self.hash_on = hash_on
         self.in_flight: dict[str, int] = {}
-        policy = policy or PoolPolicy()
+        policy = policy or DEFAULTS.health
         self._budget = RetryBudget(ratio=policy.retry_budget)
         self._outliers = Outliers(after=policy.eject_after, base=policy.eject_base, max_share=policy.eject_max_share)
         self._policy = policy
@@ -129,11 +117,11 @@ class Pool:
 
     # --- configuration, replaced whole ---
     @property
-    def policy(self) -> PoolPolicy:
+    def policy(self) -> HealthPolicy:
         return self._policy
 
     @policy.setter
-    def policy(self, policy: PoolPolicy) -> None:
+    def policy(self, policy: HealthPolicy) -> None:
         """A reload's new health and retry settings; ejections and counts in progress are kept."""
         self._policy = policy
         self._budget.ratio = policy.retry_budget
@@ -336,13 +324,13 @@ class Reconciled(NamedTuple):
 
 class Pools:
     def __init__(
-        self, overrides: Mapping[str, ServiceSettings] | None = None, policy: PoolPolicy | None = None,
+        self, overrides: Mapping[str, ServiceSettings] | None = None, policy: HealthPolicy | None = None,
     ) -> None:
         self._pools: dict[str, Pool] = {}
         self._overrides = overrides or {}
-        self.policy = policy or PoolPolicy()
+        self.policy = policy or DEFAULTS.health
 
-    def configure(self, overrides: Mapping[str, ServiceSettings], policy: PoolPolicy) -> None:
+    def configure(self, overrides: Mapping[str, ServiceSettings], policy: HealthPolicy) -> None:
         """New per-service tables and policy (a reload); the next reconcile() applies the tables. The pools'
         balancers, in-flight counts and ejections stay."""
         self._overrides = overrides

@@ -114,8 +114,8 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class HealthPolicy:
-    """Passive and active health, retries and concurrency every pool follows. The first seven fields have
-    the names of `proxy.pool.PoolPolicy`'s, which this value replaces."""
+    """Passive and active health, retries and concurrency every pool follows (a pool's `policy`, replaced
+    whole on reload)."""
 
     eject_after: int
     eject_base: float

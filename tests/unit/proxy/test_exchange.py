@@ -4,6 +4,7 @@ connections (no sockets, no Consul). What the client is sent, what the pool is t
 from __future__ import annotations
 
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -11,13 +12,15 @@ from prometheus_client import CollectorRegistry
 
 from discovery.model import Endpoint, ServiceRoutes, Snapshot
 from discovery.tags import parse_route_tag
+from proxy.config import DEFAULTS
 from proxy.errors import ProxyError, UpstreamConnectError
 from proxy.exchange import Exchange
 from proxy.h1.head import Request, check_head
 from proxy.h1.upstream import FRAMING_LENGTH, PoolKey
 from proxy.listener import ListenerLimits, ProxyContext, Router
 from proxy.metrics import Metrics
-from proxy.pool import Pool, PoolPolicy, Pools
+from proxy.pool import Pool, Pools
+from proxy.settings import HealthPolicy
 from proxy.table import RoutingTable
 from proxy.timeouts import check_timeout
 from proxy.tunnel import Tunnel
@@ -144,7 +147,7 @@ class FakeClient:
 
 def setup(
     upstream: FakeUpstream, endpoints: tuple[Endpoint, ...] = (A, B), method: str = "GET",
-    policy: PoolPolicy | None = None, headers: tuple[tuple[bytes, bytes], ...] = (),
+    policy: HealthPolicy | None = None, headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> tuple[Exchange, FakeClient, FakeLoop, Pool]:
     snapshot = Snapshot((ServiceRoutes("web", (parse_route_tag("urlprefix-/"),), endpoints),))
     pools = Pools(policy=policy)
@@ -221,7 +224,7 @@ class TestRetries:
     def test_eject_on_5xx(self) -> None:
         upstream = FakeUpstream(idle={9001, 9002})
         for _ in range(3):
-            ex, client, _loop, pool = setup(upstream, policy=PoolPolicy(eject_after=1, eject_on_5xx=True))
+            ex, client, _loop, pool = setup(upstream, policy=replace(DEFAULTS.health, eject_after=1, eject_on_5xx=True))
             ex.attempt()
             ex.on_head(503, b"Unavailable", [], FRAMING_LENGTH)
             assert client.events == [("head", 503)]  # the answer still goes to the client

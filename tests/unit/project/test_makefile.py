@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-MAKEFILE = Path(__file__).resolve().parents[2] / "Makefile"
+MAKEFILE = Path(__file__).resolve().parents[3] / "Makefile"
 # Debian packages whose installation starts (and enables) a system service: a systemd unit or an init script.
 SHIP_A_SERVICE = ("prometheus", "nginx", "nginx-light", "nginx-core", "nginx-full", "nginx-common", "haproxy",
                   "caddy", "docker.io", "consul", "grafana")

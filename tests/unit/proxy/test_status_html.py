@@ -6,7 +6,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-PAGE = Path(__file__).resolve().parents[2] / "proxy" / "static" / "status.html"
+PAGE = Path(__file__).resolve().parents[3] / "proxy" / "static" / "status.html"
 
 
 class _Refs(HTMLParser):

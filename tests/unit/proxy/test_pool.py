@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from discovery.model import Endpoint, RouteSpec, ServiceRoutes, ServiceSettings, Snapshot
 from discovery.tags import parse_route_tag
 from proxy.balancer import RoundRobin
-from proxy.pool import Pool, PoolPolicy, Pools, Reconciled
+from proxy.config import DEFAULTS
+from proxy.pool import Pool, Pools, Reconciled
 
 A = Endpoint("web", "a", "10.0.0.1", 80, node="n1")
 B = Endpoint("web", "b", "10.0.0.2", 80, node="n1")
@@ -240,7 +243,7 @@ class TestOutliers:
         pools.reconcile(snapshot(web=(A, B)))
         web = pools.get("web")
         assert web is not None
-        web.policy = PoolPolicy(eject_after=1)
+        web.policy = replace(DEFAULTS.health, eject_after=1)
         assert web.failed(A, 0.0) is not None
         assert {web.pick() for _ in range(4)} == {B}
         assert web.pick(exclude={B.key}) == A  # only the ejected one is left: try it rather than 503
@@ -271,9 +274,8 @@ class TestSlowStart:
     def test_ramp(self) -> None:
         import random
 
-        from proxy.pool import PoolPolicy
 
-        pools = Pools(policy=PoolPolicy(slow_start=10.0))
+        pools = Pools(policy=replace(DEFAULTS.health, slow_start=10.0))
         pools.reconcile(snapshot(web=(A, B)), now=0.0)
         web = pools.get("web")
         assert web is not None
@@ -316,20 +318,6 @@ class TestReviewRegressions:
         assert web.health_path is None and not web.is_down(A.key)
 
 
-class TestPolicyDefaults:
-    """PoolPolicy's defaults are the config's health policy's (app.py builds one from the other by field name)."""
-
-    def test_same_as_config(self) -> None:
-        from dataclasses import fields
-
-        from proxy.config import DEFAULTS
-        from proxy.pool import PoolPolicy
-
-        assert {f.name: getattr(PoolPolicy(), f.name) for f in fields(PoolPolicy)} == {
-            f.name: getattr(DEFAULTS.health, f.name) for f in fields(PoolPolicy)
-        }
-
-
 class TestSlowStartSwitchedOff:
     """Regression: a reload that sets slow_start = 0 while an instance ramps up (it divided by zero, and every
     request picking that instance had its connection dropped and logged as 499)."""
@@ -337,13 +325,13 @@ class TestSlowStartSwitchedOff:
     def test_ramping_instance_gets_its_full_share_at_once(self) -> None:
         import random
 
-        pools = Pools(policy=PoolPolicy(slow_start=30.0))
+        pools = Pools(policy=replace(DEFAULTS.health, slow_start=30.0))
         pools.reconcile(snapshot(web=(A, B)), now=0.0)
         pools.reconcile(snapshot(web=(A, B, C)), now=10.0)  # C starts ramping at t=10
         web = pools.get("web")
         assert web is not None and web.ramping(C.key)
         web.rng = random.Random(3)
-        pools.configure({}, PoolPolicy(slow_start=0.0))  # SIGHUP
+        pools.configure({}, replace(DEFAULTS.health, slow_start=0.0))  # SIGHUP
         picks = [web.pick(now=11.0) for _ in range(3000)]
         assert 0.28 < picks.count(C) / 3000 < 0.39
         assert not web.ramping(C.key)

@@ -12,7 +12,7 @@ from discovery.health import failing_checks, is_passing
 from discovery.model import Endpoint, Problem, RouteOptions, RouteSpec, ServiceRoutes, ServiceSettings, Snapshot
 from discovery.snapshot import build_snapshot, routed_services
 
-RECORDING = Path(__file__).resolve().parents[1] / "fixtures" / "consul_1_8_7.json"
+RECORDING = Path(__file__).resolve().parents[2] / "fixtures" / "consul_1_8_7.json"
 
 
 def recorded() -> tuple[dict[str, list[str]], dict[str, list[dict[str, Any]]]]:

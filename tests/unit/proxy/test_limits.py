@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from discovery.model import ServiceRoutes, Snapshot
 from discovery.tags import TagError, parse_route_tag, parse_size
-from proxy.config import ConfigError, load
-from proxy.pool import PoolPolicy, Pools
+from proxy.config import DEFAULTS, ConfigError, load
+from proxy.pool import Pools
 from proxy.table import Route
 
 
@@ -40,7 +41,7 @@ def test_service_limits_from_the_config_file_over_the_global_default(tmp_path: P
     config.write_text('service_max_concurrent = 50\n[services.api]\nmax_concurrent = 5\nmax_body_size = "1m"\n'
                       '[services.free]\nmax_concurrent = 0\n')
     settings = load(config_file=str(config), environ={}, flags={})
-    policy = PoolPolicy(service_max_concurrent=settings.health.service_max_concurrent)
+    policy = replace(DEFAULTS.health, service_max_concurrent=settings.health.service_max_concurrent)
     pools = Pools(settings.service_overrides(), policy)
     pools.reconcile(Snapshot(tuple(ServiceRoutes(name, (), ()) for name in ("api", "free", "other"))))
     limits = {p.service: (p.max_concurrent, p.max_body) for p in pools}

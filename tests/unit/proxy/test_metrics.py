@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import DURATION_BUCKETS, MULTIPROC_ENV, Metrics, WorkersRequestCollector
 
-BEFORE = Path(__file__).parent.parent / "fixtures" / "request_metrics_before.prom"
+BEFORE = Path(__file__).resolve().parents[2] / "fixtures" / "request_metrics_before.prom"
 SAMPLES = (0.0, 0.001, 0.0010001, 0.003, 0.01, 0.2, 0.9999, 1.0, 29.9, 30.0, 31.0, 500.0)
 WEB_GET = (("code", "200"), ("method", "GET"), ("route", "web@*any*/"), ("service", "web"))
 

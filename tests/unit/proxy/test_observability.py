@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,13 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from discovery.model import Endpoint, ServiceRoutes, Snapshot
 from proxy import logs
 from proxy.admin import readiness
-from proxy.config import ConfigError, load
+from proxy.config import DEFAULTS, ConfigError, load
 from proxy.h1.head import SANE_REQUEST_ID as _SANE_REQUEST_ID
 from proxy.h1.head import new_request_id
 from proxy.headers import client_response_head, error_response, upstream_request_head
 from proxy.metrics import Metrics, StateCollector
 from proxy.outcomes import RecentErrors
-from proxy.pool import PoolPolicy, Pools
+from proxy.pool import Pools
 from proxy.state import InstanceState, Report, ServiceState, merge, pools_state, read_reports, write_report
 
 
@@ -102,7 +103,7 @@ class TestReport:
         pools = _pools(a, b, c)
         pool = pools.get("web")
         assert pool is not None
-        pool.policy = PoolPolicy(eject_after=1, eject_base=95.0)
+        pool.policy = replace(DEFAULTS.health, eject_after=1, eject_base=95.0)
         assert pool.failed(b, 5.0) == 95.0  # ejected until t=100, one recent error
         pool.mark_down(c.key, True)
         pool.acquire(a)

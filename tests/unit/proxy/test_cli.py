@@ -129,7 +129,7 @@ class TestShippedExample:
         from proxy.config import DEFAULTS, load_file, value_of
         from proxy.config_table import BY_NAME
 
-        example = Path(__file__).resolve().parents[2] / "ferryman.example.toml"
+        example = Path(__file__).resolve().parents[3] / "ferryman.example.toml"
         assert main(["--check", "--config", str(example)]) == 0
         values = load_file(example)
         assert set(values) == set(BY_NAME)
