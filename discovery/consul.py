@@ -26,12 +26,13 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import consul
 import consul.aio
 import structlog
+from consul.callback import CB
 
 log = structlog.get_logger("ferryman.discovery")
 
@@ -39,6 +40,10 @@ log = structlog.get_logger("ferryman.discovery")
 _TIMEOUT_MARGIN_S: Final = 10.0
 # Each request of the start-time access check waits this long at most (a silent address is skipped).
 _CHECK_TIMEOUT_S: Final = 5.0
+# Connections one Ferryman host opens to Consul, whatever the number of services, datacenters and workers
+# (only the discovery process talks to Consul): two blocking queries per datacenter, a few reads of changed
+# services, the KV followers. Queries beyond it wait for a connection (aiohttp's connector queues them).
+MAX_CONNECTIONS: Final = 8
 # The anonymous token's AccessorID, the same in every Consul with the 1.4+ ACL system.
 _ANONYMOUS_ACCESSOR: Final = "00000000-0000-0000-0000-000000000002"
 MINIMAL_POLICY: Final = 'service_prefix "" { policy = "read" }  node_prefix "" { policy = "read" }'
@@ -184,6 +189,8 @@ class ConsulClient:
         token: str | None,
         dc: str | Sequence[str] | None,
         wait_s: float,
+        stale: bool = False,
+        cached: bool = False,
     ) -> None:
         self.addresses = (addresses,) if isinstance(addresses, ConsulAddress) else tuple(addresses)
         if not self.addresses:
@@ -193,6 +200,8 @@ class ConsulClient:
         self.wait = f"{max(1, int(wait_s))}s"
         self._token = token or None
         self._dc = self.datacenters[0] or None
+        self._consistency: list[tuple[str, str]] = [("stale", "1")] if stale else []
+        self._cached = cached
         self._timeout = wait_s + wait_s / 16 + _TIMEOUT_MARGIN_S
         self._current = 0
         self._failed: set[int] = set()  # addresses that failed since one last answered
@@ -215,15 +224,42 @@ class ConsulClient:
 
     async def health(self, service: str, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]:
         """(index, entries) from /v1/health/service/<service> of datacenter `dc` (empty: the first listed),
-        every instance with its checks."""
-        raw_index, data = await self._request(
-            lambda api: api.health.service(service, index=index or None, wait=self.wait, dc=dc or self._dc)
-        )
+        every instance with its checks. Read with ?cached when asked (and not blocking)."""
+        extra = [("cached", "")] if self._cached and not index else []
+        raw_index, data = await self._get(f"/v1/health/service/{quote(service, safe='')}", index, dc, extra)
         if data is None:
             data = []
         if not isinstance(data, list):
             raise ConsulError("bad_response", f"health/service/{service} did not return a list")
         return _index(raw_index), data
+
+    async def checks(self, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]:
+        """(index, checks) from /v1/health/state/any of datacenter `dc`: every check of every node and
+        instance; blocks until one changes when index > 0."""
+        raw_index, data = await self._get("/v1/health/state/any", index, dc)
+        if data is None:
+            data = []
+        if not isinstance(data, list):
+            raise ConsulError("bad_response", "health/state/any did not return a list")
+        return _index(raw_index), data
+
+    async def _get(
+        self, path: str, index: int, dc: str, extra: Sequence[tuple[str, str]] = (),
+    ) -> tuple[Any, Any]:
+        """A read through py-consul's HTTP client with the parameters both Consul 1.8 and current releases
+        take: index and wait (blocking), dc, stale, cached."""
+        params: list[tuple[str, Any]] = [("index", index), ("wait", self.wait)] if index else []
+        datacenter = dc or self._dc
+        if datacenter:
+            params.append(("dc", datacenter))
+        params += self._consistency
+        params += extra
+
+        def make(api: consul.aio.Consul) -> Awaitable[Any]:
+            return api.http.get(CB.json(index=True), path, params=params,  # type: ignore[no-any-return]
+                                headers=api.prepare_headers(self._token))
+
+        return await self._request(make)  # type: ignore[no-any-return]
 
     async def kv(self, prefix: str, index: int, dc: str = "") -> tuple[int, dict[str, bytes]]:
         """(index, {key: value}) of every key under `prefix` from /v1/kv/<prefix>?recurse of datacenter `dc`
@@ -389,6 +425,7 @@ class ConsulClient:
                 token=self._token,
                 dc=self._dc,
                 connections_timeout=self._timeout,
+                connections_limit=MAX_CONNECTIONS,
             )
         return api
 

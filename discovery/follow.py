@@ -18,6 +18,7 @@ failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -119,6 +120,7 @@ class Outage:
                  **fields: Any) -> None:
         self.unreachable, self.recovered, self.fields = unreachable, recovered, fields
         self._failing: set[str] = set()
+        self._answered: asyncio.Event | None = None  # set (and replaced) whenever a query answers
         self._since = 0.0
         self.last_success: float | None = None  # Unix time of the last answer of any loop
 
@@ -134,7 +136,18 @@ class Outage:
 
     def succeeded(self, query: str) -> None:
         self.last_success = time.time()
+        answered, self._answered = self._answered, None
+        if answered is not None:
+            answered.set()
         self.forget(query)
+
+    async def pause(self, delay: float) -> None:
+        """Back off for `delay`, or less: until another query answers (Consul is back: every loop tries
+        again at once instead of each finishing its own backoff)."""
+        if self._answered is None:
+            self._answered = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._answered.wait(), delay)
 
     def forget(self, query: str) -> None:
         """The query answered, or its loop was stopped: it no longer keeps the outage going."""
@@ -171,7 +184,7 @@ async def follow(
             outage.failed(query, exc)
             on_failure(exc)
             index = 0
-            await asyncio.sleep(backoff.next_delay())
+            await outage.pause(backoff.next_delay())
             continue
         backoff.reset()
         outage.succeeded(query)

@@ -1,12 +1,14 @@
 """Value types that cross from discovery into the proxy.
 
-Everything here is frozen and slotted: a Snapshot is built once, compared with the previous one (equal
-snapshots are dropped) and then only read. Tuples, never lists or dicts, so equality and hashing are cheap
-and nothing downstream can mutate what the watcher handed over.
+Everything here is frozen and slotted: a Snapshot is built once and then only read; a change arrives as a
+SnapshotDelta (the services that changed, whole) and `Snapshot.apply` makes the next snapshot from it. Tuples,
+never lists or dicts, so equality and hashing are cheap and nothing downstream can mutate what discovery handed
+over.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -113,13 +115,23 @@ class ServiceSettings:
 
 @dataclass(frozen=True, slots=True)
 class ServiceRoutes:
-    """A routed service: the routes its tags declare and its instances that pass every check."""
+    """A routed service: the routes its instances declare and its instances that pass every check."""
 
     name: str
     routes: tuple[RouteSpec, ...]
     endpoints: tuple[Endpoint, ...]
     # Settings from the instances' service meta (`ferryman-lb`, ...), already validated.
     settings: ServiceSettings = ServiceSettings()
+    # Routes that only some of the healthy instances declare (Fabio builds routes per instance): the keys of
+    # the instances that may take the route's traffic. A route not listed here is declared by every one.
+    members: tuple[tuple[RouteSpec, frozenset[str]], ...] = ()
+
+    def members_of(self, spec: RouteSpec) -> frozenset[str] | None:
+        """The instances a route is limited to, or None when every healthy instance declares it."""
+        for route, keys in self.members:
+            if route == spec:
+                return keys
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,14 +145,76 @@ class Problem:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotDelta:
+    """What changed from one snapshot to the next: services added or changed (each whole), services gone.
+    Discovery hands these over instead of whole snapshots, so a change to one service of 10,000 costs work
+    for one service downstream."""
+
+    changed: tuple[ServiceRoutes, ...] = ()
+    removed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.changed or self.removed)
+
+    def then(self, later: SnapshotDelta) -> SnapshotDelta:
+        """This delta followed by `later`, as one (coalescing a burst)."""
+        changed = {s.name: s for s in self.changed}
+        removed = dict.fromkeys(self.removed)
+        for name in later.removed:
+            changed.pop(name, None)
+            removed[name] = None
+        for svc in later.changed:
+            removed.pop(svc.name, None)
+            changed[svc.name] = svc
+        return SnapshotDelta(tuple(changed.values()), tuple(removed))
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """The whole routed world at one moment, sorted by service name so equal worlds compare equal."""
 
     services: tuple[ServiceRoutes, ...] = ()
     problems: tuple[Problem, ...] = field(default=(), compare=False)
+    # The services' names in order, kept beside them so `apply` and `service` find a name by bisection.
+    _names: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._names is None and any(a.name > b.name for a, b in zip(self.services, self.services[1:], strict=False)):
+            object.__setattr__(self, "services", tuple(sorted(self.services, key=lambda s: s.name)))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        names = self._names
+        if names is None:
+            names = tuple(s.name for s in self.services)
+            object.__setattr__(self, "_names", names)
+        return names
 
     def service(self, name: str) -> ServiceRoutes | None:
-        for svc in self.services:
-            if svc.name == name:
-                return svc
-        return None
+        names = self.names
+        at = bisect.bisect_left(names, name)
+        return self.services[at] if at < len(names) and names[at] == name else None
+
+    def apply(self, delta: SnapshotDelta) -> Snapshot:
+        """The snapshot after `delta`. Copies two arrays of references and edits them in place: cheap even
+        with 10,000 services, and no service is rebuilt."""
+        names, services = list(self.names), list(self.services)
+        for name in delta.removed:
+            at = bisect.bisect_left(names, name)
+            if at < len(names) and names[at] == name:
+                del names[at], services[at]
+        for svc in delta.changed:
+            at = bisect.bisect_left(names, svc.name)
+            if at < len(names) and names[at] == svc.name:
+                services[at] = svc
+            else:
+                names.insert(at, svc.name)
+                services.insert(at, svc)
+        return Snapshot(tuple(services), self.problems, tuple(names))
+
+    def delta_to(self, after: Snapshot) -> SnapshotDelta:
+        """What `apply` needs to turn this snapshot into `after`."""
+        before = {s.name: s for s in self.services}
+        changed = tuple(s for s in after.services if before.get(s.name) != s)
+        kept = set(after.names)
+        return SnapshotDelta(changed, tuple(name for name in self.names if name not in kept))

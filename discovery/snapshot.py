@@ -1,10 +1,11 @@
 """Build a Snapshot from Consul's JSON: the catalog's service list and each routed service's health entries.
 
-Routes come from the tags in /v1/catalog/services (the union of every instance's tags), so a route stays
-declared while all its instances are failing: the proxy then answers 503 (no healthy instance) rather than
-404 (no such route). Endpoints come from /v1/health/service/<name>, keeping only instances that pass every
-check. A malformed tag or entry becomes a Problem and is skipped; the rest of the snapshot still applies.
-Pure: JSON in, Snapshot out.
+The catalog (/v1/catalog/services) says which services exist and which carry route tags. Each service is built
+from its /v1/health/service/<name> entries (`build_service`): routes per instance, from each instance's own
+tags, so a route stays declared while all its instances are failing (the proxy then answers 503 rather than
+404) and an instance that does not declare a route takes none of its traffic; endpoints are the instances that
+pass every check. A malformed tag or entry becomes a Problem and is skipped; the rest still applies. Pure:
+JSON in, values out.
 
 Several datacenters (`build_dc_snapshot`, names in order of preference): a service's routes are the union of
 its route tags in every datacenter's catalog, and its endpoints are the healthy instances of the first
@@ -194,47 +195,120 @@ def build_dc_snapshot(
 ) -> Snapshot:
     """One Snapshot from several datacenters: `catalogs[dc]` and `health[service][dc]` as far as they are known,
     `datacenters` in order of preference. Services in `also` (routed from elsewhere than tags: the config
-    file's [[routes]]) are kept even without route tags.
-
-    Routes come from the merged catalog (`merge_catalogs`). A routed service's endpoints are the healthy ones
-    of the first datacenter, in order, whose health is known and has at least one; none when no datacenter
-    has one (the proxy answers 503). A service whose health is known in no datacenter yet is left out. With
-    more than one datacenter each Endpoint carries its datacenter's name. Balancing settings come from the
-    instances' meta in every datacenter whose health is known, the preferred one's first, so a failover does
-    not change how the service is balanced.
-    """
-    label = len(datacenters) > 1
+    file's [[routes]]) are kept even without route tags. Each service as `build_service` makes it."""
     catalog = merge_catalogs([catalogs[dc] for dc in datacenters if dc in catalogs])
     services: list[ServiceRoutes] = []
     problems: list[Problem] = []
     for name in sorted(catalog):
-        routes, bad = routes_from_tags(name, catalog[name], prefix)
+        svc, bad = build_service(name, datacenters, health.get(name, {}), prefix, name in also, catalog[name])
         problems.extend(bad)
-        known = health.get(name, {})
-        from_meta: set[RouteSpec] = set()
-        for dc in datacenters:
-            if dc in known:
-                found_routes, bad = meta_routes(name, known[dc], prefix)
-                from_meta |= found_routes
-                problems.extend(bad)
-        if from_meta - set(routes):
-            routes = tuple(sorted(set(routes) | from_meta, key=RouteSpec.order_key))
-        if (not routes and name not in also) or not any(dc in known for dc in datacenters):
-            continue
-        endpoints: tuple[Endpoint, ...] = ()
-        found = ServiceSettings()
-        for dc in datacenters:
-            if dc not in known:
-                continue
-            healthy, bad = healthy_endpoints(name, known[dc], dc if label else "")
-            problems.extend(bad)
-            if healthy and not endpoints:
-                endpoints = healthy
-            settings, bad = meta_settings(name, known[dc])
-            problems.extend(bad)
-            found = found.over(settings)  # the preferred datacenter's first
-        services.append(ServiceRoutes(name=name, routes=routes, endpoints=endpoints, settings=found))
+        if svc is not None:
+            services.append(svc)
     return Snapshot(services=tuple(services), problems=tuple(problems))
+
+
+# Instances of these kinds are Consul Connect's proxies and gateways, not the service: a sidecar copies its
+# parent's tags, so routing by them would send part of the traffic to the sidecar (fabio #795).
+CONNECT_KINDS: Final = frozenset({"connect-proxy", "mesh-gateway", "ingress-gateway", "terminating-gateway"})
+
+
+def _is_connect(entry: Mapping[str, Any]) -> bool:
+    svc = entry.get("Service")
+    return isinstance(svc, Mapping) and svc.get("Kind") in CONNECT_KINDS
+
+
+def build_service(
+    name: str,
+    datacenters: Sequence[str],
+    known: Mapping[str, Sequence[Mapping[str, Any]]],
+    prefix: str = DEFAULT_PREFIX,
+    also: bool = False,
+    catalog_tags: Sequence[str] = (),
+) -> tuple[ServiceRoutes | None, list[Problem]]:
+    """One service from its health entries in each datacenter where they are known (`known[dc]`).
+
+    Routes are per instance, as Fabio builds them: each instance declares routes by its own tags (and its
+    `ferryman-route*` meta); the service's routes are the union over its instances, healthy or not (a route
+    whose instances all fail answers 503, not 404), and a route only some healthy instances declare is
+    limited to them (`members`). Connect proxies and gateways are not instances. The endpoints are the
+    healthy instances of the first datacenter, in order, that has at least one (failover); none when no
+    datacenter has one. With more than one datacenter each Endpoint carries its datacenter's name. Settings
+    come from the instances' meta, the preferred datacenter's first. None when the service declares no route
+    (and is not named by another route source) or its health is known in no datacenter yet.
+    """
+    if not any(dc in known for dc in datacenters):
+        return None, []
+    label = len(datacenters) > 1
+    problems: list[Problem] = []
+    declared: dict[RouteSpec, set[str]] = {}  # route -> the healthy instances declaring it
+    tagged = False  # some entry carries its own tags
+    endpoints: tuple[Endpoint, ...] = ()
+    found = ServiceSettings()
+    for dc in datacenters:
+        if dc not in known:
+            continue
+        entries = [e for e in known[dc] if not (isinstance(e, Mapping) and _is_connect(e))]
+        healthy, bad = healthy_endpoints(name, entries, dc if label else "")
+        problems.extend(bad)
+        serving = bool(healthy) and not endpoints
+        if serving:
+            endpoints = healthy
+        keys = {(e.node, e.instance_id): e.key for e in healthy} if serving else {}
+        for entry, routes in _instance_routes(name, entries, prefix, problems):
+            tagged = tagged or isinstance(entry["Service"].get("Tags"), list)
+            key = keys.get(_entry_identity(entry))
+            for spec in routes:
+                members = declared.setdefault(spec, set())
+                if key is not None:
+                    members.add(key)
+        settings, bad = meta_settings(name, entries)
+        problems.extend(bad)
+        found = found.over(settings)  # the preferred datacenter's first
+    everyone = {e.key for e in endpoints}
+    if not tagged:
+        routes_of_all, bad = routes_from_tags(name, catalog_tags, prefix)
+        problems.extend(bad)
+        for spec in routes_of_all:
+            declared.setdefault(spec, set()).update(everyone)
+    if not declared and not also:
+        return None, problems
+    routes = tuple(sorted(declared, key=RouteSpec.order_key))
+    partial = tuple((spec, frozenset(declared[spec])) for spec in routes if declared[spec] != everyone)
+    return ServiceRoutes(name=name, routes=routes, endpoints=endpoints, settings=found, members=partial), problems
+
+
+def _entry_identity(entry: Mapping[str, Any]) -> tuple[str, str]:
+    """(node, instance id) of a health entry, as its Endpoint has them."""
+    svc, node = entry.get("Service"), entry.get("Node")
+    if not isinstance(svc, Mapping) or not isinstance(node, Mapping):
+        return ("", "")
+    address, port = svc.get("Address") or node.get("Address"), svc.get("Port")
+    if isinstance(address, str):
+        address = address.strip("[]")
+    return (str(node.get("Node", "")), str(svc.get("ID") or f"{address}:{port}"))
+
+
+def _instance_routes(
+    name: str, entries: Sequence[Mapping[str, Any]], prefix: str, problems: list[Problem],
+) -> list[tuple[Mapping[str, Any], tuple[RouteSpec, ...]]]:
+    """Each instance's routes: its tags' and its meta's. A bad tag is reported once per service."""
+    out: list[tuple[Mapping[str, Any], tuple[RouteSpec, ...]]] = []
+    reported: set[Problem] = set()
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            continue
+        svc = entry.get("Service")
+        if not isinstance(svc, Mapping):
+            continue
+        tags = svc.get("Tags")
+        routes, bad = routes_from_tags(name, tags if isinstance(tags, list) else [], prefix)
+        from_meta, bad_meta = meta_routes(name, [entry], prefix)
+        for problem in (*bad, *bad_meta):
+            if problem not in reported:
+                reported.add(problem)
+                problems.append(problem)
+        out.append((entry, tuple(set(routes) | from_meta)))
+    return out
 
 
 def merge_catalogs(catalogs: Sequence[Mapping[str, Sequence[str]]]) -> dict[str, list[str]]:

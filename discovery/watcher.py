@@ -1,40 +1,50 @@
-"""Follow Consul with blocking queries and hand over a new Snapshot whenever the routed world changes.
+"""Follow Consul for a whole host with a constant number of blocking queries, and hand over what changed.
 
-One loop blocks on /v1/catalog/services (which services exist, with their route tags); one loop per routed
-service blocks on /v1/health/service/<name>. Each answer replaces that part of the state and the whole
-Snapshot is rebuilt (pure, cheap); a snapshot equal to the last one handed over is dropped. A change in
-Consul therefore reaches the proxy as soon as Consul answers the blocked query: milliseconds, not a poll.
+Per datacenter, two blocking queries whatever the number of services: /v1/catalog/services (which services
+exist, with their tags) and /v1/health/state/any (every check). When either answers, `triggers.py` names the
+services whose instances must be read again, and only those are read, with /v1/health/service/<name> (a few
+at a time: `fetch_concurrency`). Each service is rebuilt alone (`snapshot.build_service`) and the services
+that changed go out as one `SnapshotDelta`; a burst (a deploy replacing 500 instances) is coalesced: at most
+one hand-over per `min_interval`, the first at once. While nothing changes the two queries block for `wait`
+and nothing else is asked of Consul.
 
-Every loop is the one blocking-query loop of `follow.py` (index rules, backoff, rate limit), and all of them
+Every loop is the blocking-query loop of `follow.py` (index rules, backoff, token-bucket rate limit), and all
 share one outage bookkeeping: the first failure of an outage logs `consul_unreachable`, the moment every
-failing loop has answered again logs `consul_recovered`. Failures never empty the table: the last good state
-stays until Consul answers again. A loop that crashes (a bug) ends `run()` with its exception.
+failing query has answered again logs `consul_recovered`. Failures never empty the table: the last good
+state stays until Consul answers again, and a service whose read failed is read again.
 
-With several datacenters (the source's `datacenters`, in order of preference) every loop runs once per
-datacenter: a catalog loop each, and a health loop per routed service in each datacenter whose catalog lists
-it. Every datacenter is followed all the time, so when the preferred one loses a service's last healthy
-instance the next one's instances are already known and take over in the same snapshot (`build_dc_snapshot`);
-`datacenter_failover` is logged once per switch. A datacenter whose first catalog query fails does not hold
-back the others (its services join when it answers); until one catalog has answered nothing is published.
+Several datacenters (`datacenters`, in order of preference): both loops run per datacenter; a service is read
+in every datacenter whose catalog lists it, so when the preferred one loses a service's last healthy instance
+the next one's instances are already known and take over in the same hand-over; `datacenter_failover` is
+logged once per switch. Nothing is handed over before every datacenter's catalog answered (or failed) and the
+services it routes were read once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
 from .consul import ConsulError
 from .follow import DEFAULT_LIMIT, Backoff, Outage, RateLimit, follow
-from .model import Problem, Snapshot
-from .snapshot import build_dc_snapshot, datacenter_switches, routed_services, serving_datacenters
+from .model import Problem, ServiceRoutes, Snapshot, SnapshotDelta
+from .snapshot import build_service, datacenter_switches
 from .tags import DEFAULT_PREFIX
 from .tasks import start_task
+from .triggers import Checks, catalog_changes, health_changes, routed
 
 log = structlog.get_logger("ferryman.discovery")
+
+OnChange = Callable[[Snapshot | SnapshotDelta], None]
+T = TypeVar("T")
+# How long after a catalog change that shows nothing new its check change must have arrived (both answers
+# carry the same index when an instance with a check registers); beyond it, the change is read as one of an
+# instance without checks.
+_EXPLAIN_WAIT_S = 0.5
 
 
 class CatalogSource(Protocol):
@@ -44,22 +54,23 @@ class CatalogSource(Protocol):
     @property
     def datacenters(self) -> tuple[str, ...]: ...
     async def services(self, index: int, dc: str = "") -> tuple[int, dict[str, list[str]]]: ...
+    async def checks(self, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]: ...
     async def health(self, service: str, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]: ...
 
 
 def _query(what: str, dc: str) -> str:
-    """A loop's name in logs and in the outage bookkeeping: `catalog`, `health:web`, `health:web@dc2`."""
+    """A loop's name in logs and in the outage bookkeeping: `catalog`, `checks@dc2`, `health`."""
     return f"{what}@{dc}" if dc else what
 
 
 class Watcher:
-    """Runs the blocking-query loops; calls `on_snapshot` (synchronously, on the loop) for each new Snapshot.
-    A discovery `Source`."""
+    """Runs the blocking-query loops and the reads they trigger; calls `on_change` (synchronously, on the
+    loop) with the first Snapshot, then with each SnapshotDelta. A discovery `Source`."""
 
     def __init__(
         self,
         source: CatalogSource,
-        on_snapshot: Callable[[Snapshot], None],
+        on_change: OnChange,
         *,
         prefix: str = DEFAULT_PREFIX,
         on_error: Callable[[str], None] | None = None,
@@ -67,25 +78,38 @@ class Watcher:
         backoff_base: float = 0.05,
         backoff_cap: float = 5.0,
         limit: RateLimit = DEFAULT_LIMIT,
+        fetch_concurrency: int = 4,
+        min_interval: float = 0.1,
     ) -> None:
         self._source = source
-        self._on_snapshot = on_snapshot
+        self._on_change = on_change
         self._on_error = on_error or (lambda reason: None)
         self._on_request = on_request or (lambda query, seconds: None)
         self._prefix = prefix
-        self.also: frozenset[str] = frozenset()  # services watched without route tags (config and KV routes)
+        self.also: frozenset[str] = frozenset()  # services followed without route tags (config and KV routes)
         self._backoff_base, self._backoff_cap, self._limit = backoff_base, backoff_cap, limit
         self._datacenters: tuple[str, ...] = tuple(source.datacenters) or ("",)
         self._catalogs: dict[str, dict[str, list[str]]] = {}  # per datacenter, once it answered
-        self._catalog_pending: set[str] = set(self._datacenters)  # datacenters whose first catalog query is due
+        self._catalog_pending: set[str] = set(self._datacenters)  # datacenters whose first catalog is due
+        self._checks: dict[str, Checks] = {}  # per datacenter: state/any as last read
+        self._catalog_index: dict[str, int] = {}  # per datacenter: the index of the catalog last read
+        self._checks_index: dict[str, int] = {}  # and of state/any
         self._health: dict[str, dict[str, list[dict[str, Any]]]] = {}  # service -> datacenter -> entries
-        self._health_tasks: dict[tuple[str, str], asyncio.Task[None]] = {}  # (service, datacenter)
-        self._pending: set[tuple[str, str]] = set()  # health loops whose first query has not answered (or failed)
-        self._serving: dict[str, str] = {}  # service -> the datacenter that last served it (several followed)
+        self._on_node: dict[str, dict[str, set[str]]] = {}  # datacenter -> node -> services with instances there
+        self._dirty: set[tuple[str, str]] = set()  # (service, datacenter) to read again
+        self._reading: set[tuple[str, str]] = set()
+        self._unread: set[tuple[str, str]] = set()  # routed, never read yet: nothing is handed over before
+        self._fetch_concurrency = fetch_concurrency
+        self._wake = asyncio.Event()
+        self._current: dict[str, ServiceRoutes] = {}  # what was handed over, by service
+        self._pending: dict[str, ServiceRoutes | None] = {}  # built, not handed over yet (None: gone)
+        self._min_interval = min_interval
+        self._last_handover = float("-inf")
+        self._flush_handle: asyncio.TimerHandle | None = None
         self._last: Snapshot | None = None
-        self._known_problems: set[Problem] = set()
+        self._known_problems: dict[str, set[Problem]] = {}
+        self._serving: dict[str, str] = {}  # service -> the datacenter that last served it (several followed)
         self._outage = Outage()  # every loop's: an outage lasts while any of them is failing
-        self._crashed: asyncio.Future[None] | None = None  # set with a health loop's exception: ends run()
         self.synced = asyncio.Event()
 
     @property
@@ -101,133 +125,242 @@ class Watcher:
         """Consul answered the last query of every loop (no outage under way)."""
         return self.last_success is not None and not self._outage.failing
 
+    @property
+    def idle(self) -> bool:
+        """Nothing to read and nothing waiting to be handed over (what tests wait for)."""
+        return not (self._dirty or self._reading or self._pending or self._flush_handle is not None)
+
     def reload(self) -> None:
         """Nothing to re-read: Consul is followed continuously."""
 
     async def run(self) -> None:
         """Run until cancelled; cancelling stops every loop. A loop that crashes ends it with that exception
         (the owner's done-callback says so), instead of leaving a part of the world unfollowed unnoticed."""
-        self._crashed = asyncio.get_running_loop().create_future()
-        catalogs = [
-            start_task(self._catalog_loop(dc), _query("consul-catalog", dc)) for dc in self._datacenters
-        ]
+        tasks = [start_task(self._catalog_loop(dc), _query("consul-catalog", dc)) for dc in self._datacenters]
+        tasks += [start_task(self._checks_loop(dc), _query("consul-checks", dc)) for dc in self._datacenters]
+        tasks += [start_task(self._reader(), f"consul-reader-{n}") for n in range(self._fetch_concurrency)]
         try:
-            await asyncio.gather(*catalogs, self._crashed)
+            await asyncio.gather(*tasks)
         finally:
-            tasks = [*catalogs, *self._health_tasks.values()]
             for task in tasks:
                 task.cancel()
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _loop_crashed(self, exc: BaseException) -> None:
-        if self._crashed is not None and not self._crashed.done():
-            self._crashed.set_exception(exc)
 
     def _backoff(self) -> Backoff:
         return Backoff(self._backoff_base, self._backoff_cap)
 
-    async def _catalog_loop(self, dc: str) -> None:
-        async def fetch(index: int) -> tuple[int, dict[str, list[str]]]:
-            started = time.monotonic()
-            answer = await self._source.services(index, dc=dc)
-            self._on_request("catalog", time.monotonic() - started)
-            return answer
+    async def _timed(self, what: str, call: Awaitable[T]) -> T:
+        started = time.monotonic()
+        answer = await call
+        self._on_request(what, time.monotonic() - started)
+        return answer
 
+    # --- the two blocking queries per datacenter ---
+    async def _catalog_loop(self, dc: str) -> None:
         def failed(exc: ConsulError) -> None:
             self._on_error(exc.reason)
             if dc in self._catalog_pending:
                 # A datacenter out of reach must not hold back the others: its services join when it answers.
                 self._catalog_pending.discard(dc)
-                self._publish()
+                self._maybe_hand_over()
 
-        def answered(services: dict[str, list[str]]) -> None:
-            if services != self._catalogs.get(dc):
-                self._catalogs[dc] = services
-                self._catalog_pending.discard(dc)
-                self._sync_health_loops()
-                self._publish()
+        def answered(answer: tuple[int, dict[str, list[str]]]) -> None:
+            index, services = answer
+            before = self._catalogs.get(dc, {})
+            first = dc in self._catalog_pending
+            self._catalogs[dc] = services
+            self._catalog_pending.discard(dc)
+            self._catalog_changed(dc, before, services, first)
+            if not first and before == services and index > self._catalog_index.get(dc, 0):
+                # The catalog moved and shows nothing new: an instance came or went. If no check moved with it
+                # (state/any stays behind this index), it has no check of its own: look again (below).
+                loop = asyncio.get_running_loop()
+                loop.call_later(_EXPLAIN_WAIT_S, self._explain, dc, index)
+            self._catalog_index[dc] = index
+
+        async def fetch(index: int) -> tuple[int, tuple[int, dict[str, list[str]]]]:
+            returned, services = await self._timed("catalog", self._source.services(index, dc=dc))
+            return returned, (returned, services)
 
         await follow(fetch, answered, query=_query("catalog", dc), outage=self._outage, limit=self._limit,
                      backoff=self._backoff(), on_failure=failed)
 
+    def _catalog_changed(self, dc: str, before: dict[str, list[str]], after: dict[str, list[str]],
+                         first: bool) -> None:
+        wanted = routed(after, self._prefix, self.also)
+        read, dropped = catalog_changes(before, after, wanted)
+        dropped |= {name for (name, d) in self._dirty | self._unread if d == dc and name not in wanted}
+        for name in dropped:
+            self._forget(name, dc)
+        new = {(name, dc) for name in read}
+        if first:
+            self._unread |= new
+        self._dirty |= new
+        self._wake.set()
+        self._maybe_hand_over()
+
+    def _explain(self, dc: str, index: int) -> None:
+        """A catalog change no check change came with: every routed service of the datacenter is read again
+        (rate-limited by the readers), since nothing tells which one gained or lost an instance without checks."""
+        if self._checks_index.get(dc, 0) >= index:
+            return  # explained: a check of some service changed with it, and that service is being read
+        wanted = routed(self._catalogs.get(dc, {}), self._prefix, self.also)
+        log.info("catalog_resync", datacenter=dc or None, services=len(wanted),
+                 reason="an instance changed and no check with it")
+        self._dirty |= {(name, dc) for name in wanted}
+        self._wake.set()
+
+    async def _checks_loop(self, dc: str) -> None:
+        def answered(answer: tuple[int, list[dict[str, Any]]]) -> None:
+            index, checks = answer
+            after = Checks.read(checks)
+            before = self._checks.get(dc)
+            self._checks[dc] = after
+            if before is None:
+                return  # the first answer: the catalog's first answer has every routed service read anyway
+            wanted = routed(self._catalogs.get(dc, {}), self._prefix, self.also)
+            changed = health_changes(before, after, self._on_node.get(dc, {}))
+            if changed:
+                self._checks_index[dc] = index  # the index up to which catalog changes are explained
+            self._dirty |= {(name, dc) for name in changed if name in wanted}
+            self._wake.set()
+
+        async def fetch(index: int) -> tuple[int, tuple[int, list[dict[str, Any]]]]:
+            returned, checks = await self._timed("checks", self._source.checks(index, dc=dc))
+            return returned, (returned, checks)
+
+        await follow(fetch, answered,
+                     query=_query("checks", dc), outage=self._outage, limit=self._limit, backoff=self._backoff(),
+                     on_failure=lambda exc: self._on_error(exc.reason))
+
     def watch_also(self, services: frozenset[str]) -> None:
         """Also follow these services (named by routes from elsewhere than tags), from now on."""
-        if services != self.also:
-            self.also = services
-            if self._catalogs:
-                self._sync_health_loops()
-                self._publish()
-
-    def _sync_health_loops(self) -> None:
-        """One health loop per routed service (route tags in any datacenter) in each datacenter listing it."""
-        routed: set[str] = set()
-        for catalog in self._catalogs.values():
-            routed |= routed_services(catalog, self._prefix)
-        routed |= self.also
-        wanted = {(name, dc) for dc, catalog in self._catalogs.items() for name in catalog if name in routed}
-        for name, dc in list(self._health_tasks):
-            if (name, dc) not in wanted:
-                self._health_tasks.pop((name, dc)).cancel()
-                known = self._health.get(name, {})
-                known.pop(dc, None)
-                if not known:
-                    self._health.pop(name, None)
-                self._pending.discard((name, dc))
-                self._outage.forget(_query(f"health:{name}", dc))
-        for name, dc in sorted(wanted - self._health_tasks.keys()):
-            self._pending.add((name, dc))
-            self._health_tasks[(name, dc)] = start_task(
-                self._health_loop(name, dc), _query(f"consul-health-{name}", dc), self._loop_crashed
-            )
-
-    async def _health_loop(self, service: str, dc: str) -> None:
-        async def fetch(index: int) -> tuple[int, list[dict[str, Any]]]:
-            started = time.monotonic()
-            answer = await self._source.health(service, index, dc=dc)
-            self._on_request("health", time.monotonic() - started)
-            return answer
-
-        def failed(exc: ConsulError) -> None:
-            self._on_error(exc.reason)
-            if (service, dc) in self._pending:
-                # A service whose health cannot be read must not hold back every other update: it stays
-                # out of the table (or keeps its last known state) until a query succeeds.
-                self._pending.discard((service, dc))
-                self._publish()
-
-        def answered(entries: list[dict[str, Any]]) -> None:
-            self._pending.discard((service, dc))
-            known = self._health.setdefault(service, {})
-            if known.get(dc) != entries:
-                known[dc] = entries
-                self._publish()
-
-        await follow(fetch, answered, query=_query(f"health:{service}", dc), outage=self._outage,
-                     limit=self._limit, backoff=self._backoff(), on_failure=failed)
-
-    def _publish(self) -> None:
-        # Nothing before a first catalog, nor while a datacenter's first catalog query is under way.
-        if not self._catalogs or self._catalog_pending:
+        if services == self.also:
             return
-        # Until every new routed service's first health query has answered, keep serving the previous table:
-        # a half-known world would briefly drop routes that are fine.
-        if self._pending:
-            return
-        snapshot = build_dc_snapshot(self._datacenters, self._catalogs, self._health, self._prefix, self.also)
-        problems = set(snapshot.problems)
-        for problem in sorted(problems - self._known_problems, key=lambda p: (p.service, p.item)):
+        self.also = services
+        for dc, catalog in self._catalogs.items():
+            wanted = routed(catalog, self._prefix, self.also)
+            self._dirty |= {(name, dc) for name in wanted if name not in self._health or dc not in self._health[name]}
+            for name in [n for n, known in self._health.items() if dc in known and n not in wanted]:
+                self._forget(name, dc)
+        self._wake.set()
+
+    # --- reading the services that changed ---
+    async def _reader(self) -> None:
+        """One of `fetch_concurrency` readers: takes a service to read, reads it, builds it, repeats."""
+        backoff = self._backoff()
+        while True:
+            todo = self._dirty - self._reading
+            if not todo:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            key = min(todo)
+            self._dirty.discard(key)
+            self._reading.add(key)
+            name, dc = key
+            try:
+                _, entries = await self._timed("health", self._source.health(name, 0, dc=dc))
+            except ConsulError as exc:
+                self._outage.failed(_query("health", dc), exc)
+                self._on_error(exc.reason)
+                self._dirty.add(key)  # read again once Consul answers
+                self._reading.discard(key)
+                if key in self._unread:
+                    # A service that cannot be read must not hold back every other one: it joins when it can.
+                    self._unread.discard(key)
+                    self._maybe_hand_over()
+                await self._outage.pause(backoff.next_delay())
+                continue
+            finally:
+                self._reading.discard(key)
+            backoff.reset()
+            self._outage.succeeded(_query("health", dc))
+            if name in routed(self._catalogs.get(dc, {}), self._prefix, self.also):
+                self._read(name, dc, entries)
+            self._unread.discard(key)
+            self._maybe_hand_over()
+
+    def _read(self, name: str, dc: str, entries: list[dict[str, Any]]) -> None:
+        self._health.setdefault(name, {})[dc] = entries
+        on_node = self._on_node.setdefault(dc, {})
+        for entry in entries:
+            node = entry.get("Node") if isinstance(entry, dict) else None
+            if isinstance(node, dict) and isinstance(node.get("Node"), str):
+                on_node.setdefault(node["Node"], set()).add(name)
+        self._rebuild(name)
+
+    def _forget(self, name: str, dc: str) -> None:
+        self._dirty.discard((name, dc))
+        self._unread.discard((name, dc))
+        known = self._health.get(name)
+        if known is not None and dc in known:
+            del known[dc]
+            if not known:
+                del self._health[name]
+            self._rebuild(name)
+
+    def _rebuild(self, name: str) -> None:
+        known = self._health.get(name, {})
+        svc, problems = build_service(name, self._datacenters, known, self._prefix, name in self.also,
+                                      self._merged_tags(name))
+        fresh = set(problems) - self._known_problems.get(name, set())
+        for problem in sorted(fresh, key=lambda p: (p.service, p.item)):
             log.warning(problem.kind, service=problem.service, tag=problem.item, error=problem.detail)
-        self._known_problems = problems
-        if snapshot == self._last:
-            return
-        self._last = snapshot
-        self._log_failovers(snapshot)
-        self.synced.set()
-        self._on_snapshot(snapshot)
+        self._known_problems[name] = set(problems)
+        if svc != self._current.get(name):
+            self._pending[name] = svc
+        else:
+            self._pending.pop(name, None)
 
-    def _log_failovers(self, snapshot: Snapshot) -> None:
-        serving = serving_datacenters(snapshot)
+    def _merged_tags(self, name: str) -> list[str]:
+        tags: list[str] = []
+        for dc in self._datacenters:
+            for tag in self._catalogs.get(dc, {}).get(name) or ():
+                if tag not in tags:
+                    tags.append(tag)
+        return tags
+
+    # --- handing over ---
+    def _maybe_hand_over(self) -> None:
+        """Hand the pending changes over now, or once `min_interval` has passed since the last hand-over."""
+        if self._catalog_pending or not self._catalogs or self._unread:
+            return  # nothing before every catalog answered and each routed service was read once
+        if not self._pending and self._last is not None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._last_handover + self._min_interval - loop.time()
+        if due <= 0:
+            self._hand_over()
+        elif self._flush_handle is None:
+            self._flush_handle = loop.call_later(due, self._hand_over)
+
+    def _hand_over(self) -> None:
+        self._flush_handle = None
+        pending, self._pending = self._pending, {}
+        self._last_handover = asyncio.get_running_loop().time()
+        changed = tuple(s for s in pending.values() if s is not None)
+        removed = tuple(n for n, s in pending.items() if s is None and n in self._current)
+        for svc in changed:
+            self._current[svc.name] = svc
+        for name in removed:
+            del self._current[name]
+        self._log_failovers(changed)
+        if self._last is None:
+            self._last = Snapshot(tuple(sorted(self._current.values(), key=lambda s: s.name)))
+            self.synced.set()
+            self._on_change(self._last)
+            return
+        delta = SnapshotDelta(tuple(sorted(changed, key=lambda s: s.name)), removed)
+        if not delta:
+            return
+        self._last = self._last.apply(delta)
+        self._on_change(delta)
+
+    def _log_failovers(self, changed: tuple[ServiceRoutes, ...]) -> None:
+        serving = {s.name: s.endpoints[0].dc for s in changed if s.endpoints and s.endpoints[0].dc}
         for service, was, now in datacenter_switches(self._serving, serving):
             log.info("datacenter_failover", service=service, **{"from": was}, to=now)
-        routed = {s.name for s in snapshot.services}
-        self._serving = {name: dc for name, dc in self._serving.items() if name in routed} | serving
+        self._serving.update(serving)

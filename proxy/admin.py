@@ -88,6 +88,7 @@ def status_document(router: Router, report: Report, consul: str, max_sync_age: f
             "routes": report.routes,
             "workers": report.workers,
         },
+        "worker_reports": [asdict(w) for w in report.worker_reports],
         "connections": report.connections,
         "routes": [
             {"id": r.id, "host": r.host or "*", "path": r.path, "service": r.service, "strip": r.strip,

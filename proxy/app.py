@@ -12,6 +12,7 @@ Certificates (certs.py) and Ferryman's own health checks (checks.py) live in the
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import tomllib
 from collections.abc import Callable
@@ -21,15 +22,16 @@ from aiohttp import web
 
 from discovery.consul import ConsulAccessError, ConsulClient
 from discovery.kv import KvFollower
-from discovery.model import Problem, Snapshot
+from discovery.model import Snapshot, SnapshotDelta
 from discovery.source import Source
 from discovery.static import StaticError, StaticWatcher
 from discovery.tasks import start_task
-from discovery.watcher import Watcher
+from discovery.watcher import OnChange, Watcher
 
 from . import logs
 from .admin import make_admin_app
 from .certs import Certificates
+from .channel import Broadcaster, ChannelSource
 from .checks import active_checks
 from .config import ConfigError, HostPort, Settings, parse_route_entry, reloaded
 from .h1.upstream import UpstreamPool
@@ -37,8 +39,9 @@ from .headers import TrustedProxies
 from .listener import ListenerLimits, ProxyContext, ProxyServer, Router
 from .metrics import Metrics, StateCollector
 from .pool import Pools
+from .routing import Routing
 from .state import Report, pools_state, write_report
-from .table import Route, RoutedWorld, RoutePart, RoutingTable
+from .table import Route, RoutedWorld, RoutePart
 from .tls import HttpsRedirect, TlsError
 
 log = structlog.get_logger("ferryman")
@@ -46,6 +49,8 @@ log = structlog.get_logger("ferryman")
 # The proxy listener opens once the first routing table is in (so a new worker never answers 404 for routes
 # that exist), or after this long without one.
 _FIRST_SYNC_WAIT_S = 5.0
+# A discovery source that crashed is started again after this long (the last table serves meanwhile).
+_RESTART_AFTER_S = 1.0
 # How often a worker writes its state report for the supervisor (status page, state gauges, /ready).
 REPORT_INTERVAL_S = 1.0
 
@@ -90,6 +95,39 @@ async def start_admin(app: web.Application, address: HostPort) -> web.AppRunner:
     return runner
 
 
+def listener_limits(s: Settings, proto: str) -> ListenerLimits:
+    """The settings a listener follows (at start and on every reload), as one value."""
+    redirect = None
+    if proto == "http" and s.tls.https_redirect:
+        tls = s.listeners.tls
+        redirect = HttpsRedirect(s.tls.https_redirect, tls[0].port if tls else 443)
+    return ListenerLimits(
+        read_timeout=s.timeouts.read, idle_timeout=s.client.idle_timeout, header_timeout=s.client.header_timeout,
+        tunnel_idle_timeout=s.client.websocket_idle_timeout, max_attempts=max(1, s.upstream.max_attempts),
+        max_connections=s.client.max_connections, max_target=s.client.max_request_target,
+        max_header_bytes=s.client.max_header_bytes, max_header_count=s.client.max_header_count,
+        max_body=s.client.max_body,
+        access_sample=s.logs.access_sample, redirect=redirect,
+        trusted=TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
+    )
+
+
+async def consul_client(s: Settings) -> ConsulClient:
+    """The Consul client, its access checked: a token Consul refuses is a config error (exit 2); an
+    unreachable Consul is not (serve, retry)."""
+    consul = ConsulClient(
+        s.consul.addresses, token=s.consul.token, dc=s.consul.datacenters, wait_s=s.consul.wait,
+        stale=s.consul.stale, cached=s.consul.cached,
+    )
+    try:
+        await consul.check_access()
+    except ConsulAccessError as exc:
+        await consul.close()
+        log.error("consul_forbidden", error=exc.detail, consul=s.consul.shown)
+        raise ConfigError(f"consul_token: {exc.detail}") from exc
+    return consul
+
+
 class Ferryman:
     """One process's proxy. With several workers each worker runs one with `serve_admin=False` and
     `reuse_port=True`, and the supervisor runs one with `serve_proxy=False` for the admin listener."""
@@ -105,7 +143,9 @@ class Ferryman:
         exposition: Callable[[], bytes] | None = None,
         report: Callable[[], Report] | None = None,
         report_dir: str | None = None,
-        make_source: Callable[[Callable[[Snapshot], None]], Source] | None = None,
+        make_source: Callable[[OnChange], Source] | None = None,
+        channel: str | None = None,
+        share: Broadcaster | None = None,
     ) -> None:
         """`make_source` builds the discovery source around the app's snapshot callback (tests, a discovery
         shared by a host's workers); by default the static file or the Consul watcher the settings name."""
@@ -121,103 +161,107 @@ class Ferryman:
         self.draining = False
         self.router = Router()
         self.pools = Pools(settings.service_overrides(), settings.health)
-        self.generation = 0
-        self._conflicts: set[Problem] = set()
-        self.world = RoutedWorld(parts=(RoutePart.declared("file", settings.routes),))
         self.upstream = UpstreamPool(
             connect_timeout=settings.upstream.connect_timeout,
             keepalive=settings.upstream.keepalive,
             idle_timeout=settings.upstream.idle_timeout,
             ca_file=settings.upstream.ca_file,
         )
+        self.routing = Routing(self.router, self.pools, self.upstream, self.metrics,
+                               RoutedWorld(parts=(RoutePart.declared("file", settings.routes),)))
         self._proxies: list[ProxyServer] = []  # the plain listener, then the TLS ones
         self.certs: Certificates | None = None
         self._consul: ConsulClient | None = None
         self._source: Source | None = None
         self._make_source = make_source
+        self._channel = channel  # a worker: the supervisor's discovery, over this socket (never Consul)
+        self.share = share  # the supervisor: what discovery learns goes to the workers too
         self._discovery_crashed = False
         self._tasks: list[asyncio.Task[None]] = []  # every background task, cancelled at stop
         self._runners: list[web.BaseRunner] = []
 
-    def _snapshot(self, snapshot: Snapshot) -> None:
-        """The source's callback: a new snapshot."""
-        self._update(RoutedWorld(snapshot, self.world.parts))
+    def _snapshot(self, change: Snapshot | SnapshotDelta) -> None:
+        """The source's callback: a new snapshot, or (a source that follows changes) what changed."""
+        if self.share is not None:
+            self.share.changed(change)
+        self.routing.take(change)
 
-    def _update(self, world: RoutedWorld) -> None:
-        """The one way the routed world changes (a snapshot, or a route source's new part): the services the
-        parts name are followed, then the world is applied once a first snapshot is in."""
-        previous, self.world = self.world, world
-        if self._source is None:
-            return
-        if world.named != previous.named:
-            self._source.watch_also(world.named)
-            if self.world is not world:
-                return  # the source handed over a new snapshot meanwhile, and that applied these parts
-        if self._source.last_snapshot is not None:
-            self.apply(world)
+    @property
+    def world(self) -> RoutedWorld:
+        return self.routing.world
+
+    @property
+    def generation(self) -> int:
+        return self.routing.generation
 
     def apply(self, world: RoutedWorld) -> None:
-        """Install a routed world: pools first (so every route of the new table has its pool), then the table
-        in one assignment. A world that fails to build (a bug) keeps the table in force, logged."""
-        generation = self.generation + 1
-        try:
-            table = RoutingTable.from_snapshot(world, generation)
-            changes = self.pools.reconcile(world.snapshot, now=time.monotonic())  # the event loop's clock
-        except Exception as exc:  # whatever a builder raises, the source must go on
-            log.error("table_build_failed", generation=generation, error=f"{type(exc).__name__}: {exc}",
-                      exc_info=exc, detail="the routing table in force stays")
-            return
-        self.generation = generation
-        self.router.current = table
-        for service in changes.added:
-            self.metrics.new_service(service)
-        if changes.added or changes.removed or changes.changed:
-            self.upstream.close_idle_except({(e.address, e.port) for p in self.pools for e in p.endpoints})
-        self.metrics.discovery_updates.inc()
-        for problem in set(table.conflicts) - self._conflicts:
-            log.warning(problem.kind, service=problem.service, route=problem.item, error=problem.detail)
-        self._conflicts = set(table.conflicts)
-        log.info(
-            "table_swapped", generation=self.generation, routes=len(table.routes), services=len(self.pools),
-            added=changes.added, removed=changes.removed, changed=changes.changed,
-        )
+        self.routing.apply(world)
 
     async def _build_source(self) -> Source:
         """The static file (no Consul at all), or the Consul watcher. A bad file, or a token Consul refuses,
         is a config error (exit 2); an unreachable Consul is not (serve, retry)."""
         s = self.settings
         if self._make_source is not None:
-            self._source = self._make_source(self._snapshot)
+            self._source = self.routing.source = self._make_source(self._snapshot)
             self._source.watch_also(self.world.named)
+            return self._source
+        if self._channel is not None:
+            prefix = s.consul.routes_kv_prefix
+            self._source = self.routing.source = ChannelSource(
+                self._channel, self._snapshot, on_kv_routes=lambda values: self._kv_routes(prefix, values),
+                on_tls_kv=lambda values: self._tls_kv(s.tls.kv_prefix, values),
+            )
             return self._source
         if s.static_file:
             static = StaticWatcher(s.static_file, self._snapshot, prefix=s.consul.tag_prefix)
-            self._source = static
+            self._source = self.routing.source = static
             try:
                 static.load()
             except StaticError as exc:
                 raise ConfigError(f"static_file: {exc}") from exc
             return static
-        self._consul = ConsulClient(
-            s.consul.addresses, token=s.consul.token, dc=s.consul.datacenters, wait_s=s.consul.wait,
-        )
-        try:
-            await self._consul.check_access()
-        except ConsulAccessError as exc:
-            await self._consul.close()
-            log.error("consul_forbidden", error=exc.detail, consul=s.consul.shown)
-            raise ConfigError(f"consul_token: {exc.detail}") from exc
+        self._consul = await consul_client(s)
         watcher = Watcher(
             self._consul, self._snapshot, prefix=s.consul.tag_prefix,
             on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
             on_request=self.metrics.observe_consul,
         )
         watcher.watch_also(self.world.named)
-        self._source = watcher
+        self._source = self.routing.source = watcher
         return watcher
+
+    @property
+    def source(self) -> Source | None:
+        return self._source
 
     def _crashed(self, _: BaseException) -> None:
         self._discovery_crashed = True  # /ready: not ready (the routes may be going stale)
+
+    def _discovery_crashed_restart(self, exc: BaseException) -> None:
+        """The discovery source ended with a bug: not ready meanwhile; it is started again (its state kept)
+        after a pause, and the last table keeps serving."""
+        self._crashed(exc)
+        source = self._source
+        if source is None:
+            return
+
+        def restart() -> None:
+            log.warning("discovery_restarted", after_s=_RESTART_AFTER_S)
+            self._discovery_crashed = False
+            self._tasks.append(start_task(source.run(), "consul-watcher", self._discovery_crashed_restart))
+
+        asyncio.get_running_loop().call_later(_RESTART_AFTER_S, restart)
+
+    def _kv_routes(self, prefix: str, values: dict[str, bytes]) -> None:
+        if self.share is not None:
+            self.share.kv_routes(values)
+        self.routing.update(self.world.with_part(kv_routes(prefix, values)))
+
+    def _tls_kv(self, prefix: str, values: dict[str, bytes]) -> None:
+        if self.share is not None:
+            self.share.tls_kv(values)
+        if self.certs is not None:
+            self.certs.kv_changed(prefix, values)
 
     async def start(self) -> None:
         s = self.settings
@@ -228,22 +272,19 @@ class Ferryman:
             except TlsError as exc:
                 raise ConfigError(f"tls_certs: {exc}") from exc
         source = await self._build_source()
-        self._tasks.append(start_task(source.run(), "consul-watcher", self._crashed))
+        self._tasks.append(start_task(source.run(), "consul-watcher", self._discovery_crashed_restart))
         if self._consul is not None and s.consul.routes_kv_prefix:
-            routes = KvFollower(
-                self._consul, s.consul.routes_kv_prefix,
-                lambda values: self._update(self.world.with_part(kv_routes(s.consul.routes_kv_prefix, values))),
-                unreadable="routes_kv_unreadable", recovered="routes_kv_recovered")
+            prefix = s.consul.routes_kv_prefix
+            routes = KvFollower(self._consul, prefix, lambda values: self._kv_routes(prefix, values),
+                                unreadable="routes_kv_unreadable", recovered="routes_kv_recovered")
             self._tasks.append(start_task(routes.run(), "routes-kv", self._crashed))
-        if self.certs is not None:
-            certs = self.certs
-            if certs.has_files:
-                self._tasks.append(start_task(certs.watch_files(), "tls-files"))
-            if self._consul is not None and s.tls.kv_prefix:
-                prefix = s.tls.kv_prefix
-                follower = KvFollower(self._consul, prefix, lambda values: certs.kv_changed(prefix, values),
-                                      unreadable="tls_kv_unreadable", recovered="tls_kv_recovered")
-                self._tasks.append(start_task(follower.run(), "tls-kv"))
+        if self.certs is not None and self.certs.has_files:
+            self._tasks.append(start_task(self.certs.watch_files(), "tls-files"))
+        if self._consul is not None and s.tls.kv_prefix and (self.certs is not None or self.share is not None):
+            tls_prefix = s.tls.kv_prefix
+            follower = KvFollower(self._consul, tls_prefix, lambda values: self._tls_kv(tls_prefix, values),
+                                  unreadable="tls_kv_unreadable", recovered="tls_kv_recovered")
+            self._tasks.append(start_task(follower.run(), "tls-kv"))
         if self.serve_proxy:
             health = s.health
             self._tasks.append(start_task(
@@ -277,24 +318,8 @@ class Ferryman:
     def _context(self, proto: str, port: int, access_log: logs.AccessWriter | None) -> ProxyContext:
         return ProxyContext(
             router=self.router, pools=self.pools, upstream=self.upstream, metrics=self.metrics, listen_port=port,
-            proto=proto, access_log=access_log, loop=asyncio.get_running_loop(), limits=self._limits(proto),
-        )
-
-    def _limits(self, proto: str) -> ListenerLimits:
-        """The settings a listener follows (at start and on every reload), as one value."""
-        s = self.settings
-        redirect = None
-        if proto == "http" and s.tls.https_redirect:
-            tls = s.listeners.tls
-            redirect = HttpsRedirect(s.tls.https_redirect, tls[0].port if tls else 443)
-        return ListenerLimits(
-            read_timeout=s.timeouts.read, idle_timeout=s.client.idle_timeout, header_timeout=s.client.header_timeout,
-            tunnel_idle_timeout=s.client.websocket_idle_timeout, max_attempts=max(1, s.upstream.max_attempts),
-            max_connections=s.client.max_connections, max_target=s.client.max_request_target,
-            max_header_bytes=s.client.max_header_bytes, max_header_count=s.client.max_header_count,
-            max_body=s.client.max_body,
-            access_sample=s.logs.access_sample, redirect=redirect,
-            trusted=TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
+            proto=proto, access_log=access_log, loop=asyncio.get_running_loop(),
+            limits=listener_limits(self.settings, proto),
         )
 
     def reload(self, new: Settings) -> None:
@@ -303,7 +328,7 @@ class Ferryman:
         settings, changed, restart = reloaded(self.settings, new)
         self.settings = s = settings
         for proxy in self._proxies:
-            proxy.cfg.limits = self._limits(proxy.cfg.proto.decode())
+            proxy.cfg.limits = listener_limits(s, proxy.cfg.proto.decode())
         if self.certs is not None:
             self.certs.reload(s.tls.certs, s.tls.reload_interval)
         if self._source is not None:
@@ -312,7 +337,7 @@ class Ferryman:
             s.upstream.connect_timeout, s.upstream.keepalive, s.upstream.idle_timeout)
         self.pools.configure(s.service_overrides(), s.health)
         if "routes" in changed:
-            self._update(self.world.with_part(RoutePart.declared("file", s.routes)))  # the file's new [[routes]]
+            self.routing.update(self.world.with_part(RoutePart.declared("file", s.routes)))  # the file's new [[routes]]
         elif self._source is not None and self._source.last_snapshot is not None:
             self.pools.reconcile(self.world.snapshot, now=asyncio.get_running_loop().time())
         log.info("config_reloaded", changed=changed)
@@ -324,16 +349,20 @@ class Ferryman:
         """This process's state now (called on the event loop). A crashed discovery is neither synced nor
         reachable: its table may be going stale."""
         source, ok = self._source, self._source is not None and not self._discovery_crashed
+        # A worker reports only the pools with something to say; the supervisor has every instance.
+        pools = self.pools.touched() if self.report_dir is not None else self.pools
         return Report(
-            services=pools_state(self.pools, asyncio.get_running_loop().time()),
+            services=pools_state(pools, asyncio.get_running_loop().time()),
             connections=sum(len(p.connections) for p in self._proxies),
             synced=ok and source is not None and source.synced.is_set(),
             reachable=ok and source is not None and source.reachable,
             last_success=source.last_success if source is not None else None,
             generation=self.generation,
-            routes=len(self.router.current.routes),
+            routes=self.router.current.route_count,
             draining=self.draining,
             at=time.time(),
+            pid=os.getpid(),
+            pools=len(self.pools),
         )
 
     async def wait_synced(self, timeout: float) -> bool:

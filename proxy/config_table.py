@@ -154,7 +154,12 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("consul_dc", str, "", "consul.datacenters", parse_datacenters, RESTART,
         "Consul datacenter (default: the agent's); several, comma-separated, in order of preference: a service "
         "with no healthy instance in one is served from the next"),
-    Key("consul_wait", float, 30.0, "consul.wait", _between(1, 600), RESTART, "blocking-query wait in seconds"),
+    Key("consul_wait", float, 50.0, "consul.wait", _between(1, 600), RESTART,
+        "blocking-query wait in seconds (two blocking queries per datacenter, whatever the number of services)"),
+    Key("consul_stale", bool, False, "consul.stale", _same, RESTART,
+        "read with ?stale: any Consul server answers, not only the leader (spreads load; may lag a little)"),
+    Key("consul_cached", bool, False, "consul.cached", _same, RESTART,
+        "read services' health with ?cached: the agent's cache answers (needs a local agent, not a server)"),
     Key("tag_prefix", str, "urlprefix-", "consul.tag_prefix", _prefix, RESTART,
         "prefix of route tags (Fabio's urlprefix-)"),
     Key("log_format", str, "auto", "logs.format", _choice("auto", "json", "console"), RESTART,

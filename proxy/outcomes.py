@@ -43,6 +43,9 @@ class RecentErrors:
         for key in [k for k in self._times if k not in keys]:
             del self._times[key]
 
+    def any(self) -> bool:
+        return bool(self._times)
+
 
 class RetryBudget:
     """Retries may be at most `ratio` of the requests of the current `window` (seconds), plus `minimum` per

@@ -14,7 +14,7 @@ import random
 from collections.abc import Container, Iterator, Mapping
 from typing import NamedTuple
 
-from discovery.model import Endpoint, ServiceSettings, Snapshot
+from discovery.model import Endpoint, ServiceSettings, Snapshot, SnapshotDelta
 
 from .balancer import Balancer, make_balancer
 from .config import DEFAULTS
@@ -55,6 +55,7 @@ class Pool:
         "_policy",
         "_sticky_for",
         "_sticky_map",
+        "_touched",
         "active",
         "algorithm",
         "balancer",
@@ -83,8 +84,12 @@ class Pool:
         hash_on: tuple[str, str] | None = None,
         policy: HealthPolicy | None = None,
         rng: random.Random | None = None,
+        touched: set[str] | None = None,
     ) -> None:
         self.service = service
+        # Names of the pools with something to report (requests, errors, ejections): the state report reads
+        # these, not 10,000 idle pools a second.
+        self._touched = touched if touched is not None else set()
         self.endpoints = endpoints
         self.algorithm = algorithm
         self.balancer: Balancer = balancer or make_balancer(algorithm)
@@ -182,6 +187,7 @@ class Pool:
         """A request of this service starts (counted for the concurrency limit and the retry budget)."""
         self.active += 1
         self._budget.record_request(now)
+        self._touched.add(self.service)
 
     def end(self) -> None:
         self.active -= 1
@@ -208,6 +214,7 @@ class Pool:
         """An attempt on the instance failed (refused, reset, no answer in time): counted against it. Returns
         how long it is ejected for when this failure ejects it."""
         self._errors.add(endpoint.key, now)
+        self._touched.add(self.service)
         return self._outliers.failure(endpoint.key, now, len(self.endpoints))
 
     def answered(self, endpoint: Endpoint, status: int, now: float) -> float | None:
@@ -235,6 +242,7 @@ class Pool:
             return False
         if down:
             self._down.add(key)
+            self._touched.add(self.service)
         else:
             self._down.discard(key)
         return True
@@ -253,6 +261,12 @@ class Pool:
 
     def recent_errors(self, key: str, now: float) -> int:
         return self._errors.count(key, now)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to report beyond its instances: no request, error, ejection, check failure or drain."""
+        return not (self.active or self.tunnels or self.in_flight or self._outliers.ejected or self._down
+                    or self._errors.any() or self.departed)
 
     def ramping(self, key: str) -> bool:
         """The instance is still in slow start."""
@@ -327,6 +341,9 @@ class Pools:
         self, overrides: Mapping[str, ServiceSettings] | None = None, policy: HealthPolicy | None = None,
     ) -> None:
         self._pools: dict[str, Pool] = {}
+        self._live: dict[tuple[str, int], int] = {}  # (address, port) -> instances of every pool at it
+        self._touched: set[str] = set()  # pools that had something to report since they were last idle
+        self._gone: set[tuple[str, int]] = set()
         self._overrides = overrides or {}
         self.policy = policy or DEFAULTS.health
 
@@ -348,20 +365,26 @@ class Pools:
         return len(self._pools)
 
     def reconcile(self, snapshot: Snapshot, now: float = 0.0) -> Reconciled:
+        """Every service of `snapshot`: pools made, updated, and dropped for services no longer in it."""
+        seen = set(snapshot.names)
+        return self.update(SnapshotDelta(snapshot.services, tuple(n for n in self._pools if n not in seen)), now)
+
+    def update(self, delta: SnapshotDelta, now: float = 0.0) -> Reconciled:
+        """Only the services `delta` names: its cost follows the change, not the number of services."""
         added: list[str] = []
         changed: list[str] = []
-        seen: set[str] = set()
-        for svc in snapshot.services:
-            seen.add(svc.name)
-            resolved = service_policy(svc, self._overrides.get(svc.name),
-                                      ServiceDefaults(max_concurrent=self.policy.service_max_concurrent))
+        defaults = ServiceDefaults(max_concurrent=self.policy.service_max_concurrent)
+        for svc in delta.changed:
+            resolved = service_policy(svc, self._overrides.get(svc.name), defaults)
             algorithm = resolved.algorithm
             pool = self._pools.get(svc.name)
             if pool is None:
                 pool = self._pools[svc.name] = Pool(
                     svc.name, svc.endpoints, algorithm=algorithm, hash_on=resolved.hash_on, policy=self.policy,
+                    touched=self._touched,
                 )
                 _apply_policy(pool, resolved)
+                self._count(svc.endpoints, 1)
                 added.append(svc.name)
                 continue
             _apply_policy(pool, resolved)
@@ -371,10 +394,40 @@ class Pools:
                 changed.append(svc.name)
             pool.hash_on = resolved.hash_on
             if pool.endpoints != svc.endpoints:
+                self._count(pool.endpoints, -1)
+                self._count(svc.endpoints, 1)
                 pool.replace_endpoints(svc.endpoints, now)
                 if not changed or changed[-1] != svc.name:
                     changed.append(svc.name)
-        removed = [name for name in self._pools if name not in seen]
+        removed = [name for name in delta.removed if name in self._pools]
         for name in removed:
-            del self._pools[name]
+            self._count(self._pools.pop(name).endpoints, -1)
         return Reconciled(added, removed, changed)
+
+    def touched(self) -> list[Pool]:
+        """The pools with something to report (requests, errors, ejections, draining); those that became idle
+        again are forgotten after this call reports them once more."""
+        pools = [p for name in sorted(self._touched) if (p := self._pools.get(name)) is not None]
+        self._touched.intersection_update(p.service for p in pools if not p.idle)
+        return pools
+
+    def _count(self, endpoints: tuple[Endpoint, ...], step: int) -> None:
+        live = self._live
+        for e in endpoints:
+            address = (e.address, e.port)
+            left = live.get(address, 0) + step
+            if left > 0:
+                live[address] = left
+            else:
+                live.pop(address, None)
+                self._gone.add(address)
+
+    @property
+    def live(self) -> Container[tuple[str, int]]:
+        """(address, port) of every instance some pool holds (updated in place)."""
+        return self._live.keys()
+
+    def take_gone(self) -> set[tuple[str, int]]:
+        """Addresses no pool sends to any more since the last call (their idle connections can close)."""
+        gone, self._gone = {a for a in self._gone if a not in self._live}, set()
+        return gone

@@ -63,6 +63,8 @@ class ConsulSettings:
     token: str
     datacenters: tuple[str, ...]  # in order of preference; () for the agent's own
     wait: float  # seconds a blocking query waits
+    stale: bool  # ?stale reads: any server answers
+    cached: bool  # ?cached reads of service health: the agent's cache answers
     tag_prefix: str
     routes_kv_prefix: str  # "" when off
 

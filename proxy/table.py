@@ -27,9 +27,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Protocol
 
 from discovery.matchers import Condition, holds
-from discovery.model import Problem, RouteSpec, Snapshot
+from discovery.model import Problem, RouteSpec, ServiceRoutes, Snapshot, SnapshotDelta
 
 from .headers import HeaderRules
+from .route_index import SOURCES, Identity, RouteIndex, identity
 
 if TYPE_CHECKING:
     from .config import ConfigRoute
@@ -76,6 +77,9 @@ class Route:
     prepend: str = ""  # added in front of the path sent upstream (tag option prepend=, Fabio's)
     upstream_host: str = ""  # the Host sent upstream (tag option host=); "": the client's
     rewrite: tuple[re.Pattern[str], str] | None = None  # the config file's regular-expression rewrite
+    # The instances this route may use when only some of the service's instances declare it (routes are per
+    # instance, as in Fabio); None: every instance of the service.
+    members: frozenset[str] | None = None
     # Read on every request, so computed once: the Host as bytes, and whether the target is rewritten at all.
     upstream_host_bytes: bytes = field(default=b"", compare=False, repr=False)
     rewrites: bool = field(default=False, compare=False, repr=False)
@@ -85,7 +89,7 @@ class Route:
         object.__setattr__(self, "rewrites", bool(self.strip or self.prepend or self.rewrite))
 
     @classmethod
-    def from_spec(cls, service: str, spec: RouteSpec) -> Route:
+    def from_spec(cls, service: str, spec: RouteSpec, members: frozenset[str] | None = None) -> Route:
         options = spec.options  # parsed and checked by discovery.tags: read, never parsed again
         return cls(
             id=route_id(service, spec.host, spec.path, options.exact, options.methods, options.conditions),
@@ -104,6 +108,7 @@ class Route:
             redirect=options.redirect,
             prepend=options.prepend or "",
             upstream_host=options.host or "",
+            members=members,
         )
 
     @classmethod
@@ -188,11 +193,6 @@ class Route:
         return f"{path}{qmark}{query}"
 
 
-# Route sources in order of precedence: when two declare the same host, path and conditions, the first wins
-# (an operator's runtime override in Consul KV, then the config file's [[routes]], then service tags and meta).
-SOURCES: Final = ("kv", "file", "tags")
-
-
 def _host_kind(host: str) -> int:
     """0: an exact host, 1: a `*.suffix` wildcard, 2: any host."""
     return 2 if not host else 1 if host.startswith("*.") else 0
@@ -214,10 +214,7 @@ class RoutePart:
     @classmethod
     def tags(cls, snapshot: Snapshot) -> RoutePart:
         """The part the services' tags (and meta) declare, whatever order the provider used."""
-        return cls("tags", tuple(
-            Route.from_spec(svc.name, spec)
-            for svc in sorted(snapshot.services, key=lambda s: s.name) for spec in svc.routes
-        ))
+        return cls("tags", tuple(route for svc in snapshot.services for route in service_routes(svc)))
 
     @property
     def services(self) -> frozenset[str]:
@@ -225,21 +222,17 @@ class RoutePart:
         return frozenset(r.service for r in self.routes) | {name for r in self.routes for name, _ in r.split}
 
 
+def service_routes(svc: ServiceRoutes) -> tuple[Route, ...]:
+    """A service's tag (and meta) routes, in its order, each limited to the instances that declare it."""
+    return tuple(Route.from_spec(svc.name, spec, svc.members_of(spec) if svc.members else None)
+                 for spec in svc.routes)
+
+
 def merge_routes(parts: Iterable[RoutePart]) -> tuple[tuple[Route, ...], tuple[Problem, ...]]:
     """Every part's routes, parts in order of precedence (SOURCES), each part in its own order; the first
     declaration of a host, path and conditions wins and each later one is a `route_conflict`."""
-    seen: dict[tuple[str, str, bool, frozenset[str], tuple[Condition, ...]], Route] = {}
-    conflicts: list[Problem] = []
-    for part in sorted(parts, key=lambda p: SOURCES.index(p.source)):
-        for route in part.routes:
-            identity = (route.host, route.path, route.exact, route.methods, route.conditions)
-            winner = seen.get(identity)
-            if winner is not None:
-                conflicts.append(Problem("route_conflict", route.service,
-                                         f"{route.host}{route.path} already routed to {winner.service}", route.id))
-                continue
-            seen[identity] = route
-    return tuple(seen.values()), tuple(conflicts)
+    index = RouteIndex.build(sorted(parts, key=lambda p: SOURCES.index(p.source)))
+    return tuple(index.winners()), index.conflicts()
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +253,10 @@ class RoutedWorld:
 
     def merged(self) -> tuple[tuple[Route, ...], tuple[Problem, ...]]:
         return merge_routes((*self.parts, RoutePart.tags(self.snapshot)))
+
+    def index(self) -> RouteIndex:
+        return RouteIndex.build(sorted((*self.parts, RoutePart.tags(self.snapshot)),
+                                       key=lambda p: SOURCES.index(p.source)))
 
 
 _UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -371,19 +368,50 @@ def _order(routes: list[Route]) -> tuple[Route, ...]:
     return tuple(sorted(routes, key=lambda r: (-r.specificity[0], -r.specificity[1], r.service, r.id)))
 
 
+# A slot of the table: (host kind, host key, exact path?, path) -> the routes tried there, in order.
+Slot = tuple[int, str, bool, str]
+
+
+def _slot(route: Route) -> Slot:
+    kind = _host_kind(route.host)
+    return (kind, route.host[1:] if kind == 1 else route.host, route.exact, route.path)  # wildcards by ".suffix"
+
+
+def _rank(route: Route) -> tuple[int, int, str, int, int, int, int, str, str]:
+    """Match order, for /api/routes: host kind, longer host first, exact paths, longer paths, conditions."""
+    return (_host_kind(route.host), -len(route.host), route.host, 0 if route.exact else 1, -len(route.path),
+            -route.specificity[0], -route.specificity[1], route.service, route.id)
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingTable:
     generation: int = 0
-    routes: tuple[Route, ...] = ()  # in match order (what /api/routes shows)
     exact: Mapping[str, Level] = field(default_factory=lambda: MappingProxyType({}))
     wildcard: Mapping[str, Level] = field(default_factory=lambda: MappingProxyType({}))
     any_host: Level = _EMPTY_LEVEL
-    conflicts: tuple[Problem, ...] = ()
+    # Every declaration of every route, by identity (route_index.py): what an update starts from.
+    index: RouteIndex = field(default_factory=RouteIndex, compare=False, repr=False)
     # Memo of lookups no condition took part in (the table never changes, so an answer never goes stale);
     # bounded, cleared when full.
     _memo: dict[tuple[str | None, str], Route | None] = field(
         default_factory=dict, compare=False, repr=False, hash=False
     )
+    _ordered: list[tuple[Route, ...]] = field(default_factory=list, compare=False, repr=False, hash=False)
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """Every route in match order (what /api/routes shows); sorted when first asked for."""
+        if not self._ordered:
+            self._ordered.append(tuple(sorted(self.index.winners(), key=_rank)))
+        return self._ordered[0]
+
+    @property
+    def conflicts(self) -> tuple[Problem, ...]:
+        return self.index.conflicts()
+
+    @property
+    def route_count(self) -> int:
+        return len(self.index)
 
     @classmethod
     def from_snapshot(cls, world: RoutedWorld | Snapshot, generation: int = 0) -> RoutingTable:
@@ -391,35 +419,71 @@ class RoutingTable:
         of tag routes alone."""
         if isinstance(world, Snapshot):
             world = RoutedWorld(world)
-        routes, conflicts = world.merged()
-        levels: dict[tuple[int, str], tuple[dict[str, list[Route]], dict[str, list[Route]]]] = {}
-        for route in routes:
-            kind = _host_kind(route.host)
-            key = route.host[1:] if kind == 1 else route.host  # wildcards by ".example.com"
-            exact_paths, prefixes = levels.setdefault((kind, key), ({}, {}))
-            (exact_paths if route.exact else prefixes).setdefault(route.path, []).append(route)
-        freeze = MappingProxyType
+        index = world.index()
+        slots: dict[Slot, list[Route]] = {}
+        for route in index.winners():
+            slots.setdefault(_slot(route), []).append(route)
+        return cls._with_slots(cls(generation=generation, index=index), {k: _order(v) for k, v in slots.items()})
 
-        def level(maps: tuple[dict[str, list[Route]], dict[str, list[Route]]]) -> Level:
-            return Level(freeze({p: _order(r) for p, r in maps[0].items()}),
-                         freeze({p: _order(r) for p, r in maps[1].items()}))
+    def updated(self, before: Snapshot, delta: SnapshotDelta, generation: int) -> RoutingTable:
+        """This table after `delta` to the tag routes of `before` (the snapshot it was built from): only the
+        slots the changed services' routes touch are rebuilt; every other level is shared with this table."""
+        index = self.index
+        touched: set[Identity] = set()
+        for name in (*delta.removed, *(s.name for s in delta.changed)):
+            old = before.service(name)
+            old_keys = [identity(r) for r in service_routes(old)] if old is not None else []
+            new = next((s for s in delta.changed if s.name == name), None)
+            index, keys = index.replace_service(name, old_keys, service_routes(new) if new is not None else ())
+            touched |= keys
+        slots: dict[Slot, tuple[Route, ...]] = {}
+        for key in touched:
+            host, path, exact = key[0], key[1], key[2]
+            kind = _host_kind(host)
+            slot: Slot = (kind, host[1:] if kind == 1 else host, exact, path)
+            if slot in slots:
+                continue
+            current = self._slot_routes(slot)
+            keep = [r for r in current if identity(r) not in touched]
+            winners = [w for k in touched if k[:3] == (host, path, exact) and (w := index.winner(k)) is not None]
+            slots[slot] = _order([*keep, *winners])
+        return self._with_slots(RoutingTable(generation=generation, exact=self.exact, wildcard=self.wildcard,
+                                             any_host=self.any_host, index=index), slots)
 
-        exact = {key: level(maps) for (kind, key), maps in levels.items() if kind == 0}
-        wildcard = {key: level(maps) for (kind, key), maps in levels.items() if kind == 1}
-        any_maps = levels.get((2, ""))
+    def _slot_routes(self, slot: Slot) -> tuple[Route, ...]:
+        kind, key, exact, path = slot
+        level = self.any_host if kind == 2 else (self.exact if kind == 0 else self.wildcard).get(key)
+        if level is None:
+            return ()
+        return (level.exact if exact else level.prefix).get(path, ())
 
-        def rank(route: Route) -> tuple[int, int, str, int, int, int, int, str, str]:
-            return (_host_kind(route.host), -len(route.host), route.host, 0 if route.exact else 1, -len(route.path),
-                    -route.specificity[0], -route.specificity[1], route.service, route.id)
-
-        return cls(
-            generation=generation,
-            routes=tuple(sorted(routes, key=rank)),
-            exact=freeze(exact),
-            wildcard=freeze(wildcard),
-            any_host=level(any_maps) if any_maps else _EMPTY_LEVEL,
-            conflicts=conflicts,
-        )
+    @staticmethod
+    def _with_slots(table: RoutingTable, slots: Mapping[Slot, tuple[Route, ...]]) -> RoutingTable:
+        """`table` with these slots set (an empty tuple removes a slot); levels not touched are shared."""
+        exact, wildcard, any_host = dict(table.exact), dict(table.wildcard), table.any_host
+        levels: dict[tuple[int, str], tuple[dict[str, tuple[Route, ...]], dict[str, tuple[Route, ...]]]] = {}
+        for (kind, key, is_exact, path), routes in slots.items():
+            maps = levels.get((kind, key))
+            if maps is None:
+                level = any_host if kind == 2 else (exact if kind == 0 else wildcard).get(key, _EMPTY_LEVEL)
+                maps = levels[kind, key] = (dict(level.exact), dict(level.prefix))
+            target = maps[0] if is_exact else maps[1]
+            if routes:
+                target[path] = routes
+            else:
+                target.pop(path, None)
+        for (kind, key), (exact_paths, prefixes) in levels.items():
+            level = Level(MappingProxyType(exact_paths), MappingProxyType(prefixes))
+            if kind == 2:
+                any_host = level if level else _EMPTY_LEVEL
+                continue
+            into = exact if kind == 0 else wildcard
+            if level:
+                into[key] = level
+            else:
+                into.pop(key, None)
+        return replace(table, exact=MappingProxyType(exact), wildcard=MappingProxyType(wildcard), any_host=any_host,
+                       _memo={}, _ordered=[])
 
     def lookup(self, host: str | None, path: str, req: RequestLike | None = None) -> Route | None:
         """The route for a request; `host` is the raw Host header, `path` the (normalized) request path

@@ -1,8 +1,10 @@
 """Several proxy processes on one listener: a supervisor and N workers (`--workers N`, 0 = one per CPU).
 
-Each worker is a whole Ferryman (own event loop, own Consul watcher, own upstream pool) bound to the same
-address with SO_REUSEPORT, so the kernel spreads connections over them and a Consul change reaches every
-worker as fast as it reaches one. The supervisor serves the admin listener: /metrics adds up the workers'
+Each worker is a whole Ferryman proxy (own event loop, own table, pools and upstream connections) bound to the
+same address with SO_REUSEPORT, so the kernel spreads connections over them. Only the supervisor follows Consul
+(one discovery per host, proxy/channel.py): workers get its state over a Unix socket, the whole of it when they
+connect and every change after, so a host's load on Consul does not grow with its workers. The supervisor
+serves the admin listener: /metrics adds up the workers'
 metrics from files in a private directory (request metrics from each worker's totals file, the others through
 prometheus-client's multiprocess mode), and /api/routes comes from the supervisor's own watcher. SIGTERM or
 SIGINT to the supervisor stops the workers (each finishes its in-flight requests within shutdown_timeout) and
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from . import logs
+from .channel import Broadcaster, socket_path
 from .config import ConfigError, Settings, Source
 from .metrics import StateCollector, WorkersRequestCollector
 from .state import Report, merge, read_reports, remove_report
@@ -105,9 +108,11 @@ def _worker_main(settings: Settings, index: int, source: Source | None) -> None:
     logs.configure(settings.logs.format, settings.logs.level, buffered=settings.logs.flush_interval > 0)
     structlog.contextvars.bind_contextvars(worker=index)
     # The supervisor drains (says not-ready for drain_delay) before it stops the workers.
+    directory = os.environ[_MULTIPROC_ENV]
+    channel = socket_path(directory) if not settings.static_file else None
     run_event_loop(serve(
-        settings, drain=False, serve_admin=False, reuse_port=True, report_dir=os.environ[_MULTIPROC_ENV],
-        source=source,
+        settings, drain=False, serve_admin=False, reuse_port=True, report_dir=directory, source=source,
+        channel=channel,
     ))
 
 
@@ -160,9 +165,14 @@ class Supervisor:
 
         # Workers are spawned (fresh interpreters), so they see this before importing prometheus-client.
         os.environ[_MULTIPROC_ENV] = self.metrics_dir
+        # The one discovery of this host: the workers get its state over a Unix socket, never ask Consul.
+        share = None if self.settings.static_file else Broadcaster(
+            socket_path(self.metrics_dir), lambda: admin.source)
         admin = self._admin = Ferryman(
-            self.settings, serve_proxy=False, exposition=self.exposition, report=self.report,
+            self.settings, serve_proxy=False, exposition=self.exposition, report=self.report, share=share,
         )
+        if share is not None:
+            await share.start()
         # The admin side first: a Consul token Consul refuses (or a taken admin port) stops everything before
         # any worker exists.
         await admin.start()
@@ -198,6 +208,8 @@ class Supervisor:
         finally:
             await self._stop_workers()
             await admin.stop()
+            if share is not None:
+                await share.stop()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             if flusher is not None:
                 flusher.cancel()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Collection, Container
 from typing import Final, Protocol
 
 import httptools
@@ -327,7 +328,7 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
-        self._live: set[tuple[str, int]] | None = None  # instances in some pool, as of the last drain
+        self._live: Container[tuple[str, int]] | None = None  # instances in some pool (the pools' own view)
         self._ssl_verified: ssl.SSLContext | None = None
         self.read_buffer = memoryview(bytearray(READ_SIZE))  # every connection of this pool reads into it
         self._ssl_unverified: ssl.SSLContext | None = None
@@ -359,11 +360,14 @@ class UpstreamPool:
         conn.idle_since = time.monotonic()  # the event loop's clock (asyncio and uvloop use the monotonic clock)
         idle.append(conn)
 
-    def close_idle_except(self, live: set[tuple[str, int]]) -> None:
+    def close_idle_to(self, gone: Collection[tuple[str, int]], live: Container[tuple[str, int]]) -> None:
         """Close idle connections to instances no longer in any pool (drain: the in-flight ones finish on
-        their own connections, and are not pooled again)."""
+        their own connections, and are not pooled again). `live` is the pools' view of the instances in use,
+        kept up to date by them; `gone` the addresses that left it since the last call."""
         self._live = live
-        for key in [k for k in self._idle if (k[1], k[2]) not in live]:
+        if not gone:
+            return
+        for key in [k for k in self._idle if (k[1], k[2]) in gone]:
             for conn in self._idle.pop(key):
                 if conn.transport is not None:
                     conn.transport.close()

@@ -71,7 +71,10 @@ class WsBackend:
 async def ws_backend(consul: ConsulAgent, ferryman: FerrymanProcess) -> AsyncIterator[WsBackend]:
     backend = await WsBackend("ws-1").start()
     await asyncio.to_thread(consul.register, "ws", "ws-1", backend.port, ["urlprefix-/ws"])
-    await asyncio.to_thread(ferryman.wait_instances, "ws@*any*/ws", ["ws-1"])
+    # The same instance id comes back on a new port in each test: wait for this port, not just the id.
+    await asyncio.to_thread(wait_until, lambda: [(i["id"], i["port"]) for r in ferryman.routes()["routes"]
+                                                 if r["id"] == "ws@*any*/ws" for i in r["instances"]]
+                            == [("ws-1", backend.port)], 10, "ws-1 on its new port")
     yield backend
     await asyncio.to_thread(consul.deregister, "ws-1")
     await backend.stop()
