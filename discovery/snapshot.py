@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from .health import is_passing
 from .model import Endpoint, Problem, RouteSpec, ServiceRoutes, ServiceSettings, Snapshot
-from .tags import DEFAULT_PREFIX, TagError, is_route_tag, parse_route_tag, unknown_options, with_service_setting
+from .tags import DEFAULT_PREFIX, TagError, is_route_tag, parse_route_tag, with_service_setting
 
 
 def routes_from_tags(
@@ -32,16 +32,13 @@ def routes_from_tags(
     for tag in tags:
         if not isinstance(tag, str) or not is_route_tag(tag, prefix):
             continue
-        if tag == prefix:
+        if tag.strip() == prefix:
             continue  # the bare prefix: "my routes are in service meta" (ferryman-route); it makes no route
         try:
             spec = parse_route_tag(tag, prefix)
         except TagError as exc:
             problems.append(Problem("route_tag_invalid", service, str(exc), tag))
             continue
-        ignored = unknown_options(spec)
-        if ignored:
-            problems.append(Problem("route_option_ignored", service, f"options not supported: {ignored}", tag))
         routes.add(spec)
     return tuple(sorted(routes, key=RouteSpec.order_key)), problems
 

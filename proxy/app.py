@@ -28,6 +28,7 @@ from discovery.tasks import start_task
 from discovery.watcher import Watcher
 
 from . import logs
+from .access import AccessRules
 from .admin import make_admin_app
 from .certs import Certificates
 from .checks import active_checks
@@ -295,6 +296,7 @@ class Ferryman:
             max_body=s.client.max_body,
             access_sample=s.logs.access_sample, redirect=redirect,
             trusted=TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
+            access=AccessRules(s.client.allow, s.client.deny) if s.client.allow or s.client.deny else None,
         )
 
     def reload(self, new: Settings) -> None:

@@ -236,13 +236,16 @@ class TestWhichServicesAreRouted:
             ),
         )
 
-    def test_unknown_option_is_reported_and_route_still_applies(self) -> None:
-        snapshot = build_snapshot({"a": ["urlprefix-/a auth=basic"]}, {"a": [entry("a", "a-1")]})
+    def test_unknown_option_refuses_the_tag_and_names_the_option(self) -> None:
+        snapshot = build_snapshot({"a": ["urlprefix-/a auth=basic", "urlprefix-/b"]}, {"a": [entry("a", "a-1")]})
         svc = snapshot.service("a")
-        assert svc is not None and svc.routes == (RouteSpec("", "/a", RouteOptions(unknown=(("auth", "basic"),))),)
-        assert [(p.kind, p.item) for p in snapshot.problems] == [
-            ("route_option_ignored", "urlprefix-/a auth=basic")
-        ]
+        assert svc is not None and svc.routes == (RouteSpec("", "/b"),)
+        assert [(p.kind, p.item) for p in snapshot.problems] == [("route_tag_invalid", "urlprefix-/a auth=basic")]
+        assert "auth=" in snapshot.problems[0].detail
+
+    def test_blanks_around_a_tag_are_trimmed_as_fabio_does(self) -> None:
+        svc = build_snapshot({"a": ["  urlprefix-/foo  "]}, {"a": [entry("a", "a-1")]}).service("a")
+        assert svc is not None and svc.routes == (RouteSpec("", "/foo"),)
 
     def test_routes_are_deduplicated_and_sorted(self) -> None:
         tags = ["urlprefix-b.example.com/", "urlprefix-/z", "urlprefix-/a", "urlprefix-/a/", "urlprefix-/z"]
