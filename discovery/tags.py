@@ -72,6 +72,9 @@ def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
     if not words:
         raise TagError("empty route: expected [host]/path after the prefix")
     target, option_words = words[0], words[1:]
+    if "$" in target:
+        # Fabio expands $DC and other names here; routing the text literally would quietly differ.
+        raise TagError(f"route {target!r}: variables in a route ($DC, ...) are not yet expanded (issue 15)")
 
     slash = target.find("/")
     if slash < 0:
