@@ -63,9 +63,11 @@ class RouteOptions:
     priority: int = 0  # priority=: order among routes with the same path and as many conditions
     redirect: tuple[int, str] | None = None  # redirect=CODE,URL: answered by the proxy itself
     prepend: str | None = None  # prepend=: prefix added to the path sent upstream
-    host: str | None = None  # host=: the Host header sent upstream
-    # Options Ferryman does not implement (Fabio's auth=, ...), in tag order: kept to be reported, never used.
-    unknown: tuple[tuple[str, str], ...] = ()
+    host: str | None = None  # host=: the Host header sent upstream; "dst": the instance's address (Fabio's)
+    # allow= / deny= (Fabio's access rules): ("allow" or "deny", networks as CIDR text), checked against the
+    # client's address; None: everyone.
+    access: tuple[str, tuple[str, ...]] | None = None
+    weight: float = 0.0  # weight=: the service's fixed share of a route it shares (0: by instance count)
 
     def order_key(self) -> tuple[tuple[Any, ...], ...]:
         """A total order over options (sets and conditions made comparable), so routes that share host and path
@@ -85,14 +87,16 @@ def _orderable(value: object) -> tuple[Any, ...]:
 
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
-    """What one route tag declares: host (lower case, no port; "" = any host), path prefix, options."""
+    """What one route tag declares: host (lower case, no port; "" = any host), path prefix, options, and the
+    listener port the route is restricted to (`host:80/`, `*:80/`; 0: any listener)."""
 
     host: str
     path: str
     options: RouteOptions = RouteOptions()
+    port: int = 0
 
-    def order_key(self) -> tuple[str, str, tuple[tuple[Any, ...], ...]]:
-        return self.host, self.path, self.options.order_key()
+    def order_key(self) -> tuple[str, str, int, tuple[tuple[Any, ...], ...]]:
+        return self.host, self.path, self.port, self.options.order_key()
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from .health import is_passing
 from .model import Endpoint, Problem, RouteSpec, ServiceRoutes, ServiceSettings, Snapshot
-from .tags import DEFAULT_PREFIX, TagError, is_route_tag, parse_route_tag, unknown_options, with_service_setting
+from .tags import DEFAULT_PREFIX, TagError, is_route_tag, parse_route_tag, with_service_setting
 
 
 def routes_from_tags(
@@ -33,16 +33,13 @@ def routes_from_tags(
     for tag in tags:
         if not isinstance(tag, str) or not is_route_tag(tag, prefix):
             continue
-        if tag == prefix:
+        if tag.strip() == prefix:
             continue  # the bare prefix: "my routes are in service meta" (ferryman-route); it makes no route
         try:
             spec = parse_route_tag(tag, prefix)
         except TagError as exc:
             problems.append(Problem("route_tag_invalid", service, str(exc), tag))
             continue
-        ignored = unknown_options(spec)
-        if ignored:
-            problems.append(Problem("route_option_ignored", service, f"options not supported: {ignored}", tag))
         routes.add(spec)
     return tuple(sorted(routes, key=RouteSpec.order_key)), problems
 
@@ -247,6 +244,9 @@ def build_service(
     for dc in datacenters:
         if dc not in known:
             continue
+        # An entry that carries Tags says what its instance declares, even a sidecar's (which is then no route).
+        tagged = tagged or any(isinstance(e, Mapping) and isinstance(e.get("Service"), Mapping)
+                               and isinstance(e["Service"].get("Tags"), list) for e in known[dc])
         entries = [e for e in known[dc] if not (isinstance(e, Mapping) and _is_connect(e))]
         healthy, bad = healthy_endpoints(name, entries, dc if label else "")
         problems.extend(bad)
@@ -255,7 +255,6 @@ def build_service(
             endpoints = healthy
         keys = {(e.node, e.instance_id): e.key for e in healthy} if serving else {}
         for entry, routes in _instance_routes(name, entries, prefix, problems):
-            tagged = tagged or isinstance(entry["Service"].get("Tags"), list)
             key = keys.get(_entry_identity(entry))
             for spec in routes:
                 members = declared.setdefault(spec, set())

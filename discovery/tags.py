@@ -4,11 +4,14 @@
     urlprefix-api.example.com/           one host, every path
     urlprefix-*.example.com/v1 strip=/v1 wildcard host, prefix stripped before forwarding
 
-The part after the prefix is `[host[:port]]/path`, then options separated by blanks, each `key=value`.
+The part after the prefix is `[host[:port]]/path`, then options separated by blanks, each `key=value`; blanks
+around the whole tag are trimmed, as Fabio does. A port in the host (`host:80/`, `*:80/`) restricts the route to
+requests that arrived on that listener port, which is how Fabio users write an HTTP-to-HTTPS redirect.
 Options are parsed here, once, into the RouteSpec's typed RouteOptions (one branch per option in
 `_route_option`), so a typo is reported at the tag rather than misbehaving at request time and nothing
-downstream reads option text again. Options Ferryman does not know are kept in `RouteOptions.unknown` and
-reported. Per-service settings (`lb`, `hash_key`, `sticky`, `health_path`, `max_body_size`, `max_concurrent`)
+downstream reads option text again. An option Ferryman does not implement makes the whole tag invalid: a
+Fabio tag either means the same here or is refused loudly, never a route that quietly behaves otherwise.
+Per-service settings (`lb`, `hash_key`, `sticky`, `health_path`, `max_body_size`, `max_concurrent`)
 from service meta or a config file's `[services.NAME]` table are parsed by `with_service_setting` into a
 ServiceSettings, with the same checks as the tag options of the same name. Parsing is pure: a string in, a
 value out, or TagError saying what is wrong.
@@ -16,6 +19,8 @@ value out, or TagError saying what is wrong.
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -44,25 +49,39 @@ class TagError(ValueError):
     """A route tag that cannot be used; the message says why."""
 
 
+# Fabio route options Ferryman does not implement, with what to use instead: the tag is refused with this.
+NOT_IMPLEMENTED: Final = {
+    "auth": "basic authentication per route is not yet implemented (issue 15)",
+    "pxyproto": "PROXY protocol towards instances is for TCP routes, which Ferryman does not proxy",
+    "register": "Ferryman does not register itself in Consul; register the host name's service yourself",
+    "gzip": "response compression is not yet implemented (issue 15)",
+}
+
+
 def is_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> bool:
-    return tag.startswith(prefix)
+    """Whether a tag declares routes; blanks around it do not count (Fabio trims them)."""
+    return tag.strip().startswith(prefix)
 
 
 def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
     """Parse one `urlprefix-` tag into a RouteSpec; raise TagError for a malformed one."""
+    tag = tag.strip()
     if not tag.startswith(prefix):
         raise TagError(f"not a route tag (does not start with {prefix!r})")
     words = tag[len(prefix) :].split()
     if not words:
         raise TagError("empty route: expected [host]/path after the prefix")
     target, option_words = words[0], words[1:]
+    if "$" in target:
+        # Fabio expands $DC and other names here; routing the text literally would quietly differ.
+        raise TagError(f"route {target!r}: variables in a route ($DC, ...) are not yet expanded (issue 15)")
 
     slash = target.find("/")
     if slash < 0:
         if target.startswith(":"):
             raise TagError("TCP routes (urlprefix-:port) are not supported; declare an HTTP path")
         raise TagError(f"route {target!r} has no path: write {target}/ for every path of the host")
-    host, path = _parse_host(target[:slash]), target[slash:]
+    (host, port), path = _host_port(target[:slash]), target[slash:]
     if not _PATH_RE.match(path):
         raise TagError(f"invalid path {path!r}: no blanks, '?' or '#' allowed")
     if "/../" in path + "/" or "/./" in path + "/":
@@ -70,7 +89,6 @@ def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
     path = normalize_prefix(path)
 
     found: dict[str, Any] = {}  # RouteOptions field (or condition kind) -> typed value
-    unknown: list[tuple[str, str]] = []
     seen: set[str] = set()
     for word in option_words:
         key, eq, value = word.partition("=")
@@ -82,11 +100,11 @@ def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
             raise TagError(f"option {key!r} is given twice")
         seen.add(key)
         typed = _route_option(key, value, path)
-        if typed is None:
-            unknown.append((key, value))
-        else:
-            found[typed[0]] = typed[1]
-    return RouteSpec(host=host, path=path, options=_options(found, tuple(unknown)))
+        if typed[0] == "access" and "access" in found:
+            # Fabio refuses both on one route too: which one wins would be a guess.
+            raise TagError("allow= and deny= on the same route: use one of them")
+        found[typed[0]] = typed[1]
+    return RouteSpec(host=host, path=path, options=_options(found), port=port)
 
 
 def normalize_prefix(path: str) -> str:
@@ -95,22 +113,41 @@ def normalize_prefix(path: str) -> str:
     return stripped or "/"
 
 
-def unknown_options(spec: RouteSpec) -> list[str]:
-    return [key for key, _ in spec.options.unknown]
-
-
-def _parse_host(raw: str) -> str:
+def _host_port(raw: str) -> tuple[str, int]:
+    """`Shop.example.com:80` -> ("shop.example.com", 80); `*` (any host, Fabio's glob for every name) -> "";
+    no port: 0."""
     if not raw:
-        return ""
+        return "", 0
     host = raw.lower()
     name, colon, port = host.rpartition(":") if ":" in host else (host, "", "")
+    number = 0
     if colon:
         if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise TagError(f"invalid port in host {raw!r}")
-        host = name
+        host, number = name, int(port)
+    if host == "*":
+        return "", number
     if not _HOST_RE.match(host):
         raise TagError(f"invalid host {raw!r}")
-    return host
+    return host, number
+
+
+def _parse_host(raw: str) -> str:
+    return _host_port(raw)[0]
+
+
+def _access(key: str, value: str) -> tuple[str, tuple[str, ...]]:
+    """Fabio's `allow=ip:10.0.0.0/8,ip:fe80::/10`: networks as CIDR text, a bare address meaning /32 or /128.
+    The `ip:` kind may be left out (Fabio's own documentation does so); it is the only kind there is."""
+    networks: list[str] = []
+    for item in value.split(","):
+        item = item.strip()
+        address = item[3:] if item[:3].lower() == "ip:" else item
+        try:
+            networks.append(str(ipaddress.ip_network(address.strip(), strict=False)))
+        except ValueError as exc:
+            raise TagError(f"{key}={value!r}: {item!r} is not ip:ADDRESS or ip:CIDR (the only kind of item)") from exc
+    return key, tuple(networks)
 
 
 # What service meta and a config file's [services.NAME] table may set.
@@ -178,17 +215,27 @@ def _sticky(value: str) -> str:
     return value
 
 
-def _options(found: dict[str, Any], unknown: tuple[tuple[str, str], ...]) -> RouteOptions:
+def _options(found: dict[str, Any]) -> RouteOptions:
     """RouteOptions from one tag's typed options; the conditions of every kind in one tuple, in KINDS order."""
     fields = {name: value for name, value in found.items() if name not in KINDS}
     conditions = tuple(c for kind in KINDS for c in found.get(kind, ()))
-    return RouteOptions(**fields, conditions=conditions, unknown=unknown)
+    return RouteOptions(**fields, conditions=conditions)
 
 
-def _route_option(key: str, value: str, path: str) -> tuple[str, Any] | None:
+def _weight(value: str) -> float:
+    """Fabio's route weight: a share of the route's traffic, 0.25 for 25%; 0 means no fixed share."""
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = math.nan
+    if not (0 <= weight <= 1):  # also NaN
+        raise TagError(f"weight={value!r} must be a share from 0 to 1 (0.25 for 25%)")
+    return weight
+
+
+def _route_option(key: str, value: str, path: str) -> tuple[str, Any]:
     """One tag option: (the RouteOptions field it sets, its typed value), a condition kind for header=, cookie=
-    and query=; None for an option Ferryman does not implement (the name of a per-service setting is still
-    checked as that setting, so its value is never wrong in a tag and right in meta)."""
+    and query=; TagError for an option Ferryman does not implement, naming it."""
     if key == "strip":
         if not value.startswith("/"):
             raise TagError(f"strip={value!r} must start with '/'")
@@ -235,10 +282,16 @@ def _route_option(key: str, value: str, path: str) -> tuple[str, Any] | None:
             raise TagError(f"prepend={value!r} must be a path starting with '/'")
         return "prepend", value
     if key == "host":
-        _parse_host(value)  # a host name, with a port if it needs one: the Host the upstream gets
+        if value == "dst":  # Fabio's word for "the instance's address"
+            return "host", value
         if not value or value.startswith("*"):
             raise TagError(f"host={value!r} must be a host name")
+        _parse_host(value)  # a host name, with a port if it needs one: the Host the upstream gets
         return "host", value
+    if key in ("allow", "deny"):
+        return "access", _access(key, value)
+    if key == "weight":
+        return "weight", _weight(value)
     if key == "priority":
         digits = value[1:] if value.startswith("-") else value
         if not (digits.isascii() and digits.isdigit() and -1000 <= int(value) <= 1000):
@@ -247,5 +300,7 @@ def _route_option(key: str, value: str, path: str) -> tuple[str, Any] | None:
     if key == "maxbody":
         return "max_body", parse_size(value)
     if key in SERVICE_OPTIONS:  # health_path=, max_body_size=, max_concurrent= are not route options
-        with_service_setting(ServiceSettings(), key, value)
-    return None
+        raise TagError(f"option {key}= is a service setting, not a route option: set it in service meta "
+                       f"(ferryman-{key.replace('_', '-')}) or a [services.NAME] table")
+    hint = NOT_IMPLEMENTED.get(key, "Ferryman does not implement it")
+    raise TagError(f"option {key}= is not supported: {hint}")

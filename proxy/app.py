@@ -29,6 +29,7 @@ from discovery.tasks import start_task
 from discovery.watcher import OnChange, Watcher
 
 from . import logs
+from .access import AccessRules
 from .admin import make_admin_app
 from .certs import Certificates
 from .channel import Broadcaster, ChannelSource
@@ -109,6 +110,7 @@ def listener_limits(s: Settings, proto: str) -> ListenerLimits:
         max_body=s.client.max_body,
         access_sample=s.logs.access_sample, redirect=redirect,
         trusted=TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
+        access=AccessRules(s.client.allow, s.client.deny) if s.client.allow or s.client.deny else None,
     )
 
 

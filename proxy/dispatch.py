@@ -1,21 +1,26 @@
 """What to do with a request whose head is in: the routing decision, pure.
 
-`plan(req, table, pools, limits, rng)` looks the request up in the routing table and settles everything that
-is known before any upstream is involved: an HTTPS redirect, a route's own redirect, the side of a canary
-split, a service without healthy instances, its concurrency limit, the body limit, the target the upstream
-gets. It reads values and returns a `Plan`; it never writes to a socket, so every rule is unit-tested with
-plain values, and an HTTP/2 stream is planned by the same function as an HTTP/1.1 request.
+`plan(req, table, pools, limits, rng, port, client)` looks the request up in the routing table and settles
+everything that is known before any upstream is involved: an HTTPS redirect, the global and the route's
+allow/deny rules, a route's own redirect, the side of a canary split or of a route several services share, a
+service without healthy instances, its concurrency limit, the body limit, the target the upstream gets (its
+path normalized as it was matched, then rewritten). It reads values and returns a `Plan`; it never writes to a
+socket, so every rule is unit-tested with plain values, and an HTTP/2 stream is planned by the same function
+as an HTTP/1.1 request.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from typing import Final, Protocol
 
 from discovery.matchers import cookie_values, header_values
 
+from .access import AccessRules, client_address
 from .errors import (
     BadRequest,
+    Forbidden,
     NoHealthyEndpoint,
     NoRoute,
     PayloadTooLarge,
@@ -25,12 +30,15 @@ from .errors import (
     ToHttps,
 )
 from .h1.head import BODY_NONE, Request
+from .headers import TrustedProxies
 from .metrics import NO_ROUTE, NO_SERVICE
 from .pool import Pool, Pools
 from .table import Route, RoutingTable, normalize_host, normalize_path
 from .tls import HttpsRedirect
 
 RETRY_AFTER: Final = ((b"Retry-After", b"1"),)
+# What a Host may hold to be written into a redirect's Location (`$host`): a name or address and a port.
+_HOST_TEXT: Final = re.compile(r"^[A-Za-z0-9._-]*(\[[0-9A-Fa-f:.]+\])?(:[0-9]{1,5})?$")
 
 
 class Limits(Protocol):
@@ -40,6 +48,10 @@ class Limits(Protocol):
     def redirect(self) -> HttpsRedirect | None: ...
     @property
     def max_body(self) -> int: ...
+    @property
+    def trusted(self) -> TrustedProxies | None: ...
+    @property
+    def access(self) -> AccessRules | None: ...
 
 
 class Plan:
@@ -58,11 +70,29 @@ class Plan:
         self.target = b""
 
 
-def plan(req: Request, table: RoutingTable, pools: Pools, limits: Limits, rng: random.Random) -> Plan:
+class Client:
+    """Who sent the request, as far as access rules care: the TCP peer's address, and whether the peer is a
+    trusted proxy (its X-Forwarded-For then names the client)."""
+
+    __slots__ = ("peer", "trusted")
+
+    def __init__(self, peer: bytes = b"", trusted: bool = False) -> None:
+        self.peer = peer
+        self.trusted = trusted
+
+
+_ANYONE: Final = Client()
+
+
+def plan(
+    req: Request, table: RoutingTable, pools: Pools, limits: Limits, rng: random.Random, port: int = 0,
+    client: Client = _ANYONE,
+) -> Plan:
+    """`port`: the listener port the request arrived on (routes such as `host:80/` match only there)."""
     path = req.target.partition(b"?")[0].decode("latin-1")
     result = Plan(path)
     try:
-        _decide(result, req, path, table, pools, limits, rng)
+        _decide(result, req, path, table, pools, limits, rng, port, client)
     except ProxyError as err:
         result.error = err
     return result
@@ -70,6 +100,7 @@ def plan(req: Request, table: RoutingTable, pools: Pools, limits: Limits, rng: r
 
 def _decide(
     result: Plan, req: Request, path: str, table: RoutingTable, pools: Pools, limits: Limits, rng: random.Random,
+    port: int, client: Client,
 ) -> None:
     if req.bad is not None:
         raise req.bad
@@ -78,17 +109,26 @@ def _decide(
         location = redirect.location(normalize_host(req.host.decode("latin-1")), req.target)
         if location is not None:
             raise ToHttps(location, req.method)
+    if limits.access is not None:
+        _check_access(limits.access, req, limits, client, "the proxy's")
     matched = normalize_path(path)  # dot-segments and unreserved escapes resolved; `path` itself if none
-    route = table.lookup(req.host.decode("latin-1"), matched, req)
+    route = table.lookup(req.host.decode("latin-1"), matched, req, port)
     if route is None:
         if req.absolute:
             # Never an open proxy: an absolute URI naming a host this proxy does not route is refused.
             raise BadRequest("absolute request target for a host this proxy does not route")
         raise NoRoute("no route for this host and path")
-    result.service = service = route.service
     result.route_id = route.id
+    if route.shares:
+        route = _shared_side(route, pools, rng.random())
+    result.service = service = route.service
+    if route.access is not None:
+        _check_access(route.access, req, limits, client, "the route's")
+    # The path as routed is the path forwarded (Fabio, nginx and Envoy do the same): a backend that does not
+    # normalize must not see `/api/../admin` for a request routed as `/admin`. Reserved escapes stay as sent.
+    forwarded = path if matched is path else normalize_path(path, upper=False)
     if route.redirect is not None:
-        raise Redirect(route.redirect[0], route.location(req.target))
+        raise Redirect(route.redirect[0], _location(route, req, forwarded))
     if route.split:
         result.service = service = _split_side(route, pools, rng.random())
     pool = pools.get(service)
@@ -105,9 +145,56 @@ def _decide(
         req.max_body = max_body
     result.route = route
     result.pool = pool
-    result.target = req.target if not route.rewrites else (
-        route.upstream_target(req.target.decode("latin-1"), matched).encode("latin-1")
-    )
+    if forwarded is path and not route.rewrites:
+        result.target = req.target
+        return
+    query = req.target[len(path):].decode("latin-1")  # "" or "?..."
+    result.target = route.upstream_target(forwarded + query).encode("latin-1")
+
+
+def _check_access(rules: AccessRules, req: Request, limits: Limits, client: Client, whose: str) -> None:
+    address = client_address(client.peer, limits.trusted if client.trusted else None, req.headers)
+    if not rules.permits(address):
+        raise Forbidden(f"{whose} allow/deny rules refuse {address.decode('latin-1')}")
+
+
+def _location(route: Route, req: Request, path: str) -> bytes:
+    assert route.redirect is not None
+    host = req.host.decode("latin-1")
+    if "$host" in route.redirect[1] and not (host and _HOST_TEXT.match(host)):
+        raise BadRequest("a Host that cannot be written into a redirect")
+    query = req.target.partition(b"?")[2].decode("latin-1")
+    return route.location(path, query, host)
+
+
+def _shared_side(route: Route, pools: Pools, draw: float) -> Route:
+    """The side of a route several services declare that this draw falls on, weighted as Fabio weighs a
+    route's targets: a side with `weight=` gets that share (shares summing over 1 are scaled down, and scaled up
+    when every side has one), the rest is split among the other sides' instances, one share per instance.
+    Sides without a healthy instance take no share; when none has one, the first side (its 503)."""
+    fixed: list[tuple[Route, float]] = []
+    counted: list[tuple[Route, int]] = []
+    for side in route.shares:
+        pool = pools.get(side.service)
+        instances = len(pool.endpoints) if pool is not None else 0
+        if instances:
+            if side.weight > 0:
+                fixed.append((side, side.weight))
+            else:
+                counted.append((side, instances))
+    if not fixed and not counted:
+        return route.shares[0]
+    total_fixed = sum(w for _, w in fixed)
+    scale = 1 / total_fixed if total_fixed > 1 or (fixed and not counted) else 1.0
+    instances = sum(n for _, n in counted)
+    per_instance = max(0.0, 1 - total_fixed) / instances if instances else 0.0
+    weighted = [(side, w * scale) for side, w in fixed] + [(side, n * per_instance) for side, n in counted]
+    point = draw * sum(w for _, w in weighted)
+    for side, share in weighted:
+        if point < share:
+            return side
+        point -= share
+    return next((side for side, share in reversed(weighted) if share > 0), weighted[-1][0])
 
 
 def _split_side(route: Route, pools: Pools, draw: float) -> str:

@@ -39,6 +39,13 @@ class HeaderTooLarge(ProxyError):
     reason = "header_too_large"
 
 
+class Forbidden(ProxyError):
+    """The client's address is not allowed (a route's allow=/deny=, or the global allow/deny settings)."""
+
+    status = 403
+    reason = "forbidden"
+
+
 class NoRoute(ProxyError):
     status = 404
     reason = "no_route"

@@ -170,7 +170,8 @@ class Exchange:
             req.method.encode(), self.target, req.headers, client_ip=client.peer, proto=ctx.proto,
             port=ctx.listen_port, default_host=endpoint.authority.encode(), chunked=req.body_kind == BODY_CHUNKED,
             request_id=req.request_id, upgrade=req.upgrade, trusted=ctx.limits.trusted if client.trusted else None,
-            rules=route.request_rules, upstream_host=route.upstream_host_bytes,
+            rules=route.request_rules, prefix=route.strip_bytes,
+            upstream_host=endpoint.authority.encode() if route.host_dst else route.upstream_host_bytes,
         ), self, head_request=self.head_request, upgrade=bool(req.upgrade))
         if req.body_kind != BODY_NONE:
             client.take_body(req, self)

@@ -23,11 +23,14 @@ HOP_BY_HOP: Final = frozenset(
 )
 # Describe this hop, so an incoming value is replaced: a client cannot claim https or another host.
 X_FORWARDED_FOR: Final = b"x-forwarded-for"
-_THIS_HOP: Final = frozenset(
-    {b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip", b"forwarded", b"x-request-id"}
-)
+_THIS_HOP: Final = frozenset({
+    b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-forwarded-prefix", b"x-real-ip",
+    b"forwarded", b"x-request-id",
+})
 # From a trusted proxy these are kept (and Forwarded extended) instead of replaced.
-_KEPT_FROM_TRUSTED: Final = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"forwarded"})
+_KEPT_FROM_TRUSTED: Final = frozenset(
+    {b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-forwarded-prefix", b"forwarded"}
+)
 # The request id the proxy settled on (the client's, when sane, else a new one) goes both ways, once.
 X_REQUEST_ID: Final = b"x-request-id"
 # The proxy answers `Expect: 100-continue` itself once it has an upstream for the request (RFC 9110 §10.1.1).
@@ -38,7 +41,7 @@ _SEP: Final = b": "
 STATUS_REASONS: Final = {
     301: b"Moved Permanently", 302: b"Found", 303: b"See Other", 307: b"Temporary Redirect",
     308: b"Permanent Redirect",
-    400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+    400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
     504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
@@ -90,9 +93,11 @@ def upstream_request_head(
     trusted: TrustedProxies | None = None,
     rules: HeaderRules | None = None,
     upstream_host: bytes = b"",
+    prefix: bytes = b"",
 ) -> bytes:
     """The HTTP/1.1 request head for the upstream. `upstream_host` (route option host=) replaces the Host the
-    upstream sees; X-Forwarded-Host and Forwarded keep the client's.
+    upstream sees; X-Forwarded-Host and Forwarded keep the client's. `prefix` is the path prefix the route
+    stripped (strip=), sent as X-Forwarded-Prefix as Fabio does, so the application can build its own URLs.
 
     X-Forwarded-For is appended to (every incoming value kept, the client's address last), so the chain stays
     auditable; X-Forwarded-Proto/-Host/-Port and X-Real-IP are replaced, and Forwarded is this hop's element.
@@ -152,6 +157,9 @@ def upstream_request_head(
     if forwarded_host:
         out += (b"X-Forwarded-Host: ", forwarded_host, _CRLF)
     out += (b"X-Forwarded-Port: ", incoming.get(b"x-forwarded-port") or port, _CRLF)
+    forwarded_prefix = prefix or incoming.get(b"x-forwarded-prefix")
+    if forwarded_prefix:
+        out += (b"X-Forwarded-Prefix: ", forwarded_prefix, _CRLF)
     if real_ip:
         out += (b"X-Real-IP: ", real_ip, _CRLF)
     element = forwarded_element(client_ip, host, proto)

@@ -20,6 +20,7 @@ from typing import Final
 
 import structlog
 
+from .access import AccessRules
 from .errors import TooManyConnections
 from .h1.client import ClientConnection
 from .h1.upstream import UpstreamPool
@@ -66,6 +67,7 @@ class ListenerLimits:
     access_sample: float = 1.0  # share of successful (< 400) requests logged; errors always are
     redirect: HttpsRedirect | None = None  # plain HTTP sent to HTTPS, for these hosts
     trusted: TrustedProxies | None = None  # peers whose forwarding headers are kept (trusted_proxies)
+    access: AccessRules | None = None  # the global allow / deny settings; None: everyone
     # One endless line never completes a field, so the per-field checks would never run: the head as a whole
     # is bounded too.
     max_head: int = field(init=False)
@@ -81,8 +83,8 @@ class ListenerLimits:
 class ProxyContext:
     """What every connection of one listener needs, gathered once."""
 
-    __slots__ = ("access_log", "limits", "listen_port", "loop", "metrics", "pools", "proto", "rng", "router",
-                 "upstream")
+    __slots__ = ("access_log", "limits", "listen_port", "loop", "metrics", "pools", "port", "proto", "rng",
+                 "router", "upstream")
 
     def __init__(
         self, *, router: Router, pools: Pools, upstream: UpstreamPool, metrics: Metrics, listen_port: int,
@@ -91,6 +93,7 @@ class ProxyContext:
     ) -> None:
         self.router, self.pools, self.upstream, self.metrics = router, pools, upstream, metrics
         self.listen_port = str(listen_port).encode()
+        self.port = listen_port  # what routes restricted to a port (`host:80/`) are matched against
         self.proto = proto.encode()
         self.access_log = access_log
         self.loop = loop

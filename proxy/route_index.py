@@ -1,11 +1,13 @@
 """Which declaration of a route wins, kept so that one service's change costs work for that service only.
 
 Every route source declares routes (`RoutePart`s: Consul KV, the config file, service tags and meta). Routes
-with the same identity (host, path, exact, methods, conditions) compete: the claim with the best rank wins
-(source precedence, then service name among tags, then the order within the part) and the others are
-conflicts. A `RouteIndex` holds every claim by identity, in rank order. `replace_service` swaps one service's
-tag claims and says which identities it touched, so the routing table rebuilds only those slots. Pure: values
-in, values out (copy on write; a 10,000-route index copies in well under a millisecond).
+with the same identity (host, path, port, exact, methods, conditions) compete, in rank order (source
+precedence, then service name among tags, then the order within the part): the first claim wins; a later
+claim of another service's tags shares the route with it when the winner is also tags' (Fabio's several
+targets of one route, blue/green under one tag); every other later claim is a conflict. A `RouteIndex` holds
+every claim by identity, in rank order. `replace_service` swaps one service's tag claims and says which
+identities it touched, so the routing table rebuilds only those slots. Pure: values in, values out (copy on
+write; a 10,000-route index copies in well under a millisecond).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from discovery.model import Problem
 if TYPE_CHECKING:
     from .table import Route, RoutePart
 
-# (host, path, exact, methods, conditions): two routes with the same identity cannot both be matched.
-Identity = tuple[str, str, bool, frozenset[str], tuple[Condition, ...]]
+# (host, path, listener port, exact, methods, conditions): two routes with the same identity cannot both be
+# matched.
+Identity = tuple[str, str, int, bool, frozenset[str], tuple[Condition, ...]]
 # (source precedence, service among tags or "" for a declared part, position within the service or part)
 Rank = tuple[int, str, int]
 
@@ -33,7 +36,7 @@ TAGS: Final = SOURCES.index("tags")
 
 
 def identity(route: Route) -> Identity:
-    return (route.host, route.path, route.exact, route.methods, route.conditions)
+    return (route.host, route.path, route.port, route.exact, route.methods, route.conditions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,21 @@ class Claim:
 
 def _ranked(claims: Iterable[Claim]) -> tuple[Claim, ...]:
     return tuple(sorted(claims, key=lambda c: c.rank))
+
+
+def _resolve(claims: tuple[Claim, ...]) -> tuple[Route, list[Problem]]:
+    """The route an identity's claims (in rank order) make, and the claims that lost."""
+    winner, first = claims[0].route, claims[0]
+    lost: list[Problem] = []
+    for claim in claims[1:]:
+        route = claim.route
+        sides = winner.shares or (winner,)
+        if first.rank[0] == TAGS == claim.rank[0] and all(s.service != route.service for s in sides):
+            winner = winner.shared_with(route)
+            continue
+        lost.append(Problem("route_conflict", route.service,
+                            f"{route.host}{route.path} already routed to {winner.service}", route.id))
+    return winner, lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,25 +80,22 @@ class RouteIndex:
 
     def winner(self, key: Identity) -> Route | None:
         claims = self.claims.get(key)
-        return claims[0].route if claims else None
+        return _resolve(claims)[0] if claims else None
 
     def winners(self) -> Iterator[Route]:
         for claims in self.claims.values():
-            yield claims[0].route
+            yield _resolve(claims)[0]
 
     def __len__(self) -> int:
         return len(self.claims)
 
     def conflicts(self, keys: Iterable[Identity] | None = None) -> tuple[Problem, ...]:
         """A `route_conflict` for each claim that lost (of `keys`, or of every identity)."""
-        problems = []
+        problems: list[Problem] = []
         for key in self.claims if keys is None else keys:
-            claims = self.claims.get(key, ())
-            for lost in claims[1:]:
-                winner = claims[0].route
-                problems.append(Problem("route_conflict", lost.route.service,
-                                        f"{lost.route.host}{lost.route.path} already routed to {winner.service}",
-                                        lost.route.id))
+            claims = self.claims.get(key)
+            if claims and len(claims) > 1:
+                problems.extend(_resolve(claims)[1])
         return tuple(problems)
 
     def replace_service(

@@ -102,6 +102,9 @@ class ClientLimits:
     idle_timeout: float
     websocket_idle_timeout: float
     trusted_proxies: tuple[IPNetwork, ...]
+    # The global source-address rules (Fabio's per-route allow=/deny= for the whole proxy); () when off.
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,13 +8,15 @@ Lookup order, most specific first:
    `/api` matches `/api` and `/api/x`, never `/apix`. Each level is a dict keyed by path, and a lookup walks
    the path's own prefixes from the longest down, so its cost grows with the path's depth, not with the
    number of routes.
-3. at one path, routes with more conditions (method, header, cookie, query) first, then the higher
-   `priority`, then by service name; the first whose conditions all hold wins, else the next path.
+3. at one path, routes with more conditions (method, header, cookie, query, a listener port) first, then the
+   higher `priority`, then by service name; the first whose conditions all hold wins, else the next path.
 
 Routes come from three sources, each a whole `RoutePart` of the `RoutedWorld` a table is built from: Consul KV,
 the config file's [[routes]], service tags and meta. `merge_routes` (pure) takes them in that order of
-precedence; two declarations of the same host, path and conditions are a conflict: the first (by source, then
-by service name among tags) wins and the other is reported. Pure: built from values, no I/O; swapped into the
+precedence; two declarations of the same host, path and conditions by different sources are a conflict: the
+first wins and the other is reported. Among tags, services that declare the same route share it, as in Fabio
+(blue/green under one tag): the route holds each service's own route as a side (`shares`), and a request draws
+a side by instance count or by the sides' `weight=` (dispatch). Pure: built from values, no I/O; swapped into the
 router as a whole. Answers that no condition took part in are memoized.
 """
 
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from discovery.matchers import Condition, holds
 from discovery.model import Problem, RouteSpec, ServiceRoutes, Snapshot, SnapshotDelta
 
+from .access import AccessRules
 from .headers import HeaderRules
 from .route_index import SOURCES, Identity, RouteIndex, identity
 
@@ -45,13 +48,15 @@ class RequestLike(Protocol):
 
 
 def route_id(service: str, host: str, path: str, exact: bool, methods: frozenset[str],
-             conditions: tuple[Condition, ...]) -> str:
-    """`web@*any*/api`, and for a route with conditions their text: `web@*any*/api[exact,GET,header:x-canary:1]`.
-    Bounded by the routes declared, so usable as a metric label."""
+             conditions: tuple[Condition, ...], port: int = 0) -> str:
+    """`web@*any*/api`, and for a route with conditions their text: `web@*any*/api[exact,GET,header:x-canary:1]`;
+    a listener port after the host: `web@shop.example.com:80/`. Bounded by the routes declared, so usable as a
+    metric label."""
     parts = (["exact"] if exact else []) + (["|".join(sorted(methods))] if methods else []) + [
         f"{c.kind}:{c.text()}" for c in conditions
     ]
-    return f"{service}@{host or '*any*'}{path}" + (f"[{','.join(parts)}]" if parts else "")
+    where = f"{host or '*any*'}{f':{port}' if port else ''}{path}"
+    return f"{service}@{where}" + (f"[{','.join(parts)}]" if parts else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,24 +80,36 @@ class Route:
     request_rules: HeaderRules | None = None
     response_rules: HeaderRules | None = None
     prepend: str = ""  # added in front of the path sent upstream (tag option prepend=, Fabio's)
-    upstream_host: str = ""  # the Host sent upstream (tag option host=); "": the client's
+    upstream_host: str = ""  # the Host sent upstream (tag option host=); "": the client's; "dst": the instance's
     rewrite: tuple[re.Pattern[str], str] | None = None  # the config file's regular-expression rewrite
     # The instances this route may use when only some of the service's instances declare it (routes are per
     # instance, as in Fabio); None: every instance of the service.
     members: frozenset[str] | None = None
-    # Read on every request, so computed once: the Host as bytes, and whether the target is rewritten at all.
+    port: int = 0  # the listener port the route is restricted to (`host:80/`); 0: any
+    access: AccessRules | None = None  # allow= / deny=: who may use the route
+    weight: float = 0.0  # weight=: this service's fixed share of a shared route (0: by instance count)
+    shares: tuple[Route, ...] = ()  # a route several services declare: each one's own route (a side)
+    # Read on every request, so computed once: the Host as bytes, whether the target is rewritten at all,
+    # whether the Host is the instance's address, and whether anything beyond host and path decides a match.
     upstream_host_bytes: bytes = field(default=b"", compare=False, repr=False)
     rewrites: bool = field(default=False, compare=False, repr=False)
+    host_dst: bool = field(default=False, compare=False, repr=False)
+    strip_bytes: bytes = field(default=b"", compare=False, repr=False)  # X-Forwarded-Prefix
+    gated: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "upstream_host_bytes", self.upstream_host.encode("ascii"))
+        dst = self.upstream_host == "dst"
+        object.__setattr__(self, "host_dst", dst)
+        object.__setattr__(self, "strip_bytes", (self.strip or "").encode("latin-1"))
+        object.__setattr__(self, "upstream_host_bytes", b"" if dst else self.upstream_host.encode("ascii"))
         object.__setattr__(self, "rewrites", bool(self.strip or self.prepend or self.rewrite))
+        object.__setattr__(self, "gated", bool(self.methods or self.conditions or self.port))
 
     @classmethod
     def from_spec(cls, service: str, spec: RouteSpec, members: frozenset[str] | None = None) -> Route:
         options = spec.options  # parsed and checked by discovery.tags: read, never parsed again
         return cls(
-            id=route_id(service, spec.host, spec.path, options.exact, options.methods, options.conditions),
+            id=route_id(service, spec.host, spec.path, options.exact, options.methods, options.conditions, spec.port),
             service=service,
             host=spec.host,
             path=spec.path,
@@ -109,6 +126,9 @@ class Route:
             prepend=options.prepend or "",
             upstream_host=options.host or "",
             members=members,
+            port=spec.port,
+            access=AccessRules.from_option(options.access),
+            weight=options.weight,
         )
 
     @classmethod
@@ -137,22 +157,48 @@ class Route:
                 return name
         return self.split[-1][0]
 
-    def location(self, target: bytes) -> bytes:
-        """A redirect route's Location: its target with `$path` replaced by the request's path and query."""
+    def shared_with(self, other: Route) -> Route:
+        """This route shared with another service's declaration of it (Fabio's several targets of one route):
+        each side keeps its own options; every side carries the shared id (`a+b@host/path`)."""
+        sides = (*(self.shares or (self,)), other)
+        services = "+".join(side.service for side in sides)
+        shared_id = services + self.id[self.id.index("@"):]
+        sides = tuple(replace(side, id=shared_id) for side in sides)
+        return replace(sides[0], shares=sides)
+
+    def location(self, path: str, query: str, host: str) -> bytes:
+        """A redirect route's Location, as Fabio builds it: `$path` is the request's path with `strip` removed
+        and `prepend` added (a `/` written just before `$path` is dropped: the path brings its own), the query
+        is kept unless the target has its own, and `$host` is the request's Host."""
         assert self.redirect is not None
-        location = self.redirect[1].encode("latin-1").replace(b"$path", target)
-        if location.startswith(b"//"):
+        target = self.redirect[1]
+        if "$path" in target:
+            if self.strip and path.startswith(self.strip):
+                path = path[len(self.strip):]
+            if self.prepend:
+                path = self.prepend + path
+            target = target.replace("/$path", "$path", 1)
+            location = target.replace("$path", path, 1)
+            if query and "?" not in target:
+                location += "?" + query
+        else:
+            location = target
+        if "$host" in location:
+            location = location.replace("$host", host, 1)
+        location = _with_path(location)
+        if location.startswith("//"):
             # `/$path` with a request for `//evil.example/` would be a protocol-relative URL: another site.
-            location = b"/" + location.lstrip(b"/")
-        return location
+            location = "/" + location.lstrip("/")
+        return location.encode("latin-1")
 
-    @property
-    def conditional(self) -> bool:
-        return bool(self.methods or self.conditions)
-
-    def accepts(self, req: RequestLike | None) -> bool:
+    def accepts(self, req: RequestLike | None, port: int = 0) -> bool:
         """Whether the request meets every condition (always, for a route without any). Without a request to
-        look at (an admin query), a route with conditions does not match."""
+        look at (an admin query), a route with conditions does not match; a route restricted to a listener
+        port matches only requests that arrived on it."""
+        if not self.gated:
+            return True
+        if self.port and self.port != port:
+            return False
         if not self.methods and not self.conditions:
             return True
         if req is None:
@@ -163,24 +209,17 @@ class Route:
 
     @property
     def specificity(self) -> tuple[int, int]:
-        return (len(self.conditions) + (1 if self.methods else 0), self.priority)
+        return (len(self.conditions) + (1 if self.methods else 0) + (1 if self.port else 0), self.priority)
 
-
-    def upstream_target(self, raw_target: str, matched_path: str | None = None) -> str:
-        """The request target sent upstream: the client's bytes, with the route's rewrites in this order: the
-        `strip` prefix removed, the `prepend` prefix added, the config file's `rewrite` (a regular expression
-        on the path, first match) applied. When the route matched on the normalized path and the raw one does
-        not start with the strip prefix (`/x/../api/v` matched `/api`), the normalized path is the one
-        rewritten."""
+    def upstream_target(self, target: str) -> str:
+        """The request target sent upstream (its path already normalized, see `normalize_path`), with the
+        route's rewrites in this order: the `strip` prefix removed, the `prepend` prefix added, the config
+        file's `rewrite` (a regular expression on the path, first match) applied."""
         strip = self.strip
         if not strip and not self.prepend and not self.rewrite:
-            return raw_target
-        path, qmark, query = raw_target.partition("?")
+            return target
+        path, qmark, query = target.partition("?")
         if strip:
-            if matched_path is not None and matched_path != path and not (
-                path == strip or path.startswith(strip + "/")
-            ):
-                path = matched_path
             if path == strip or path.startswith(strip + "/"):
                 path = path[len(strip) :] or "/"
         if self.prepend:
@@ -229,8 +268,10 @@ def service_routes(svc: ServiceRoutes) -> tuple[Route, ...]:
 
 
 def merge_routes(parts: Iterable[RoutePart]) -> tuple[tuple[Route, ...], tuple[Problem, ...]]:
-    """Every part's routes, parts in order of precedence (SOURCES), each part in its own order; the first
-    declaration of a host, path and conditions wins and each later one is a `route_conflict`."""
+    """Every part's routes, parts in order of precedence (SOURCES), each part in its own order. A host, path
+    and conditions declared by several services' tags is shared by them (Fabio's several targets of a route);
+    otherwise the first declaration wins and each later one is a `route_conflict` (another source's, or the
+    same service's with other options). See route_index.py."""
     index = RouteIndex.build(sorted(parts, key=lambda p: SOURCES.index(p.source)))
     return tuple(index.winners()), index.conflicts()
 
@@ -262,11 +303,26 @@ class RoutedWorld:
 _UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
-def normalize_path(path: str) -> str:
-    """The path routes are matched on (RFC 3986 §6.2.2): percent-encoded unreserved characters decoded (`%7E`
-    -> `~`, `%2e` -> `.`), other escapes kept with upper-case hex (`%2F` stays an escape, never a separator),
-    then dot-segments removed (§5.2.4), so `/public/../admin` is matched as `/admin`, as the upstream will read
-    it. Requests without `%` or `/.` (nearly all) skip all of this."""
+def _with_path(url: str) -> str:
+    """`https://example.com` -> `https://example.com/`, `?a=1` -> `/?a=1`: a Location always has a path (Fabio
+    sets `/` when the built one is empty)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url if url[:1] == "/" else "/" + url
+    end = len(rest)
+    for mark in "/?#":
+        found = rest.find(mark)
+        if 0 <= found < end:
+            end = found
+    return url if rest[end:end + 1] == "/" else f"{scheme}://{rest[:end]}/{rest[end:]}"
+
+
+def normalize_path(path: str, upper: bool = True) -> str:
+    """The path routes are matched on and the upstream gets (RFC 3986 §6.2.2): percent-encoded unreserved
+    characters decoded (`%7E` -> `~`, `%2e` -> `.`), other escapes kept (`%2F` stays an escape, never a
+    separator; with upper-case hex for matching, as sent with `upper=False`), then dot-segments removed
+    (§5.2.4), so `/public/../admin` is matched, and forwarded, as `/admin`. Requests without `%` or `/.` (nearly
+    all) skip all of this and get `path` itself back."""
     if "%" not in path and "/." not in path:
         return path
     if "%" in path:
@@ -275,7 +331,8 @@ def normalize_path(path: str) -> str:
             c = path[i]
             if c == "%" and i + 2 < n and _is_hex(path[i + 1 : i + 3]):
                 decoded = chr(int(path[i + 1 : i + 3], 16))
-                out.append(decoded if decoded in _UNRESERVED else "%" + path[i + 1 : i + 3].upper())
+                escape = path[i + 1 : i + 3]
+                out.append(decoded if decoded in _UNRESERVED else "%" + (escape.upper() if upper else escape))
                 i += 3
             else:
                 out.append(c)
@@ -340,22 +397,22 @@ class Level:
     def __bool__(self) -> bool:
         return bool(self.exact or self.prefix)
 
-    def match(self, path: str, req: RequestLike | None) -> tuple[Route | None, bool]:
+    def match(self, path: str, req: RequestLike | None, port: int) -> tuple[Route | None, bool]:
         """(route, whether a condition took part in the answer)."""
         conditional = False
         candidates = self.exact.get(path) if self.exact else None
         if candidates is not None:
             for route in candidates:
-                conditional = conditional or route.conditional
-                if route.accepts(req):
+                conditional = conditional or route.gated
+                if route.accepts(req, port):
                     return route, conditional
         prefix = self.prefix
         for p in _path_prefixes(path):
             candidates = prefix.get(p)
             if candidates is not None:
                 for route in candidates:
-                    conditional = conditional or route.conditional
-                    if route.accepts(req):
+                    conditional = conditional or route.gated
+                    if route.accepts(req, port):
                         return route, conditional
         return None, conditional
 
@@ -438,14 +495,15 @@ class RoutingTable:
             touched |= keys
         slots: dict[Slot, tuple[Route, ...]] = {}
         for key in touched:
-            host, path, exact = key[0], key[1], key[2]
+            host, path, exact = key[0], key[1], key[3]
             kind = _host_kind(host)
             slot: Slot = (kind, host[1:] if kind == 1 else host, exact, path)
             if slot in slots:
                 continue
             current = self._slot_routes(slot)
             keep = [r for r in current if identity(r) not in touched]
-            winners = [w for k in touched if k[:3] == (host, path, exact) and (w := index.winner(k)) is not None]
+            winners = [w for k in touched if (k[0], k[1], k[3]) == (host, path, exact)
+                       and (w := index.winner(k)) is not None]
             slots[slot] = _order([*keep, *winners])
         return self._with_slots(RoutingTable(generation=generation, exact=self.exact, wildcard=self.wildcard,
                                              any_host=self.any_host, index=index), slots)
@@ -485,28 +543,30 @@ class RoutingTable:
         return replace(table, exact=MappingProxyType(exact), wildcard=MappingProxyType(wildcard), any_host=any_host,
                        _memo={}, _ordered=[])
 
-    def lookup(self, host: str | None, path: str, req: RequestLike | None = None) -> Route | None:
+    def lookup(self, host: str | None, path: str, req: RequestLike | None = None, port: int = 0) -> Route | None:
         """The route for a request; `host` is the raw Host header, `path` the (normalized) request path
-        without query, `req` what routes with conditions look at."""
+        without query, `req` what routes with conditions look at, `port` the listener port it arrived on."""
         memo = self._memo
         try:
             return memo[host, path]
         except KeyError:
             pass
-        route, conditional = self._lookup(host, path, req)
+        route, conditional = self._lookup(host, path, req, port)
         if not conditional:
             if len(memo) >= _MEMO_SIZE:
                 memo.clear()  # random hosts and paths cannot grow it without bound
             memo[host, path] = route
         return route
 
-    def _lookup(self, host: str | None, path: str, req: RequestLike | None) -> tuple[Route | None, bool]:
+    def _lookup(
+        self, host: str | None, path: str, req: RequestLike | None, port: int,
+    ) -> tuple[Route | None, bool]:
         conditional = False
         key = normalize_host(host)
         if key:
             level = self.exact.get(key)
             if level is not None:
-                route, cond = level.match(path, req)
+                route, cond = level.match(path, req, port)
                 conditional = conditional or cond
                 if route is not None:
                     return route, conditional
@@ -515,12 +575,12 @@ class RoutingTable:
                 while dot >= 0:
                     level = self.wildcard.get(key[dot:])
                     if level is not None:
-                        route, cond = level.match(path, req)
+                        route, cond = level.match(path, req, port)
                         conditional = conditional or cond
                         if route is not None:
                             return route, conditional
                     dot = key.find(".", dot + 1)
         if self.any_host:
-            route, cond = self.any_host.match(path, req)
+            route, cond = self.any_host.match(path, req, port)
             return route, conditional or cond
         return None, conditional

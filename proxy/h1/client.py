@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from ..accounting import record
-from ..dispatch import plan
+from ..dispatch import Client, plan
 from ..errors import HeaderTimeout, ProxyError, ProxyInternalError
 from ..exchange import Exchange
 from ..headers import error_response
@@ -45,7 +45,7 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 class ClientConnection(ResponseWriter):
     __slots__ = (
         "_current_done", "_deferred_error", "_fresh", "_idle_since", "_in_loop", "_queue", "_reading_paused",
-        "_serving", "_tunnel_early", "_upgraded", "body_paused", "cfg", "closing", "ctx", "exchange", "peer",
+        "_serving", "_tunnel_early", "_upgraded", "body_paused", "cfg", "client", "closing", "ctx", "exchange", "peer",
         "peer_text", "reader", "server", "trusted", "writing_paused",
     )
 
@@ -55,6 +55,7 @@ class ClientConnection(ResponseWriter):
         self.server = server
         self.reader = RequestReader(self)
         self.peer, self.peer_text = b"", ""
+        self.client = Client()  # the peer as planning sees it (access rules)
         self._queue: collections.deque[Request] = collections.deque()
         self._idle_since: float | None = None  # waiting for (the rest of) a request head since then
         self._fresh = True  # no request head completed yet: waiting for one runs on client_header_timeout
@@ -75,6 +76,7 @@ class ClientConnection(ResponseWriter):
         self.peer = self.peer_text.encode()
         trusted = self.cfg.limits.trusted
         self.trusted = trusted is not None and self.peer in trusted
+        self.client = Client(self.peer, self.trusted)
         if not self.server.admit(self):
             self.closing = True
             return
@@ -201,7 +203,8 @@ class ClientConnection(ResponseWriter):
         settle_request_id(req)
         exchange = None
         try:
-            decision = plan(req, self.cfg.router.current, self.cfg.pools, self.cfg.limits, self.cfg.rng)
+            cfg = self.cfg
+            decision = plan(req, cfg.router.current, cfg.pools, cfg.limits, cfg.rng, cfg.port, self.client)
             if decision.error is not None:
                 self.answer_error(req, decision.error, decision.service, started, decision.path, decision.route_id)
                 return

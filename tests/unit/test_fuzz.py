@@ -91,7 +91,8 @@ def parse_or_tag_error(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec | No
 def render(spec: RouteSpec, prefix: str = DEFAULT_PREFIX) -> str:
     """A canonical tag for a RouteSpec (the module has no renderer of its own): options at their default left
     out, the others written back in tag syntax."""
-    return prefix + spec.host + spec.path + "".join(f" {key}={value}" for key, value in option_words(spec.options))
+    host = spec.host + (f":{spec.port}" if spec.port else "") if spec.host else (f"*:{spec.port}" if spec.port else "")
+    return prefix + host + spec.path + "".join(f" {key}={value}" for key, value in option_words(spec.options))
 
 
 def option_words(o: RouteOptions) -> list[tuple[str, str]]:
@@ -102,10 +103,11 @@ def option_words(o: RouteOptions) -> list[tuple[str, str]]:
              ("method", "|".join(sorted(o.methods)) or None), ("exact", "true" if o.exact else None),
              ("priority", str(o.priority) if o.priority else None),
              ("redirect", f"{o.redirect[0]},{o.redirect[1]}" if o.redirect else None), ("prepend", o.prepend),
-             ("host", o.host)]
+             ("host", o.host), ("weight", repr(o.weight) if o.weight else None),
+             (o.access[0], ",".join(f"ip:{n}" for n in o.access[1])) if o.access else ("allow", None)]
     for kind in ("header", "cookie", "query"):
         words.append((kind, ";".join(c.text() for c in o.conditions if c.kind == kind) or None))
-    return [(key, value) for key, value in words if value is not None] + list(o.unknown)
+    return [(key, value) for key, value in words if value is not None]
 
 
 class TestRouteTags:
@@ -433,7 +435,7 @@ class TestClientResponseHead:
 
 # --- snapshots from Consul's JSON -----------------------------------------------------------------------------
 
-PROBLEM_KINDS = {"route_tag_invalid", "route_option_ignored", "instance_invalid", "service_meta_invalid"}
+PROBLEM_KINDS = {"route_tag_invalid", "instance_invalid", "service_meta_invalid"}
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),

@@ -98,6 +98,12 @@ class FakeApi:
         self.catalog = SimpleNamespace(services=lambda **kw: self._call("services", kw))
         self.health = SimpleNamespace(service=lambda name, **kw: self._call(f"health:{name}", kw))
         self.acl = SimpleNamespace(token=SimpleNamespace(read_self=lambda: self._call("self", {})))
+        # Reads that need parameters py-consul's helpers lack (stale, cached) go through its HTTP client.
+        self.http = SimpleNamespace(get=lambda callback, path, params=(), headers=None: self._call(
+            "health:" + path.rsplit("/", 1)[1] if path.startswith("/v1/health/service/") else "checks", {}))
+
+    def prepare_headers(self, token: str | None) -> dict[str, str]:
+        return {}
 
     async def _call(self, endpoint: str, kwargs: dict[str, Any]) -> Any:
         self.calls.append(endpoint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from discovery.health import failing_checks, is_passing
 from discovery.model import Endpoint, Problem, RouteOptions, RouteSpec, ServiceRoutes, ServiceSettings, Snapshot
-from discovery.snapshot import build_snapshot, routed_services
+from discovery.snapshot import build_service, build_snapshot, routed_services
 
 RECORDING = Path(__file__).resolve().parents[2] / "fixtures" / "consul_1_8_7.json"
 
@@ -38,7 +39,7 @@ def entry(
     weights: Any = None,
 ) -> dict[str, Any]:
     """One /v1/health/service/<service> entry; by default serfHealth and the service check are passing."""
-    svc: dict[str, Any] = {"ID": instance_id, "Service": service, "Address": address, "Tags": []}
+    svc: dict[str, Any] = {"ID": instance_id, "Service": service, "Address": address}
     if port is not None:
         svc["Port"] = port
     if weights is not None:
@@ -200,7 +201,8 @@ class TestEndpoints:
         assert detail in problem.detail
 
     def test_entry_that_is_not_an_object_is_a_problem(self) -> None:
-        snapshot = build_snapshot({"a": ["urlprefix-/a"]}, {"a": ["garbage", entry("a", "a-1")]})
+        garbage: Any = "garbage"  # not an object, as a broken answer could hold
+        snapshot = build_snapshot({"a": ["urlprefix-/a"]}, {"a": [garbage, entry("a", "a-1")]})
         svc = snapshot.service("a")
         assert svc is not None and svc.endpoints == (endpoint("a", "a-1"),)
         assert [p.kind for p in snapshot.problems] == ["instance_invalid"]
@@ -236,13 +238,16 @@ class TestWhichServicesAreRouted:
             ),
         )
 
-    def test_unknown_option_is_reported_and_route_still_applies(self) -> None:
-        snapshot = build_snapshot({"a": ["urlprefix-/a auth=basic"]}, {"a": [entry("a", "a-1")]})
+    def test_unknown_option_refuses_the_tag_and_names_the_option(self) -> None:
+        snapshot = build_snapshot({"a": ["urlprefix-/a auth=basic", "urlprefix-/b"]}, {"a": [entry("a", "a-1")]})
         svc = snapshot.service("a")
-        assert svc is not None and svc.routes == (RouteSpec("", "/a", RouteOptions(unknown=(("auth", "basic"),))),)
-        assert [(p.kind, p.item) for p in snapshot.problems] == [
-            ("route_option_ignored", "urlprefix-/a auth=basic")
-        ]
+        assert svc is not None and svc.routes == (RouteSpec("", "/b"),)
+        assert [(p.kind, p.item) for p in snapshot.problems] == [("route_tag_invalid", "urlprefix-/a auth=basic")]
+        assert "auth=" in snapshot.problems[0].detail
+
+    def test_blanks_around_a_tag_are_trimmed_as_fabio_does(self) -> None:
+        svc = build_snapshot({"a": ["  urlprefix-/foo  "]}, {"a": [entry("a", "a-1")]}).service("a")
+        assert svc is not None and svc.routes == (RouteSpec("", "/foo"),)
 
     def test_routes_are_deduplicated_and_sorted(self) -> None:
         tags = ["urlprefix-b.example.com/", "urlprefix-/z", "urlprefix-/a", "urlprefix-/a/", "urlprefix-/z"]
@@ -343,3 +348,120 @@ class TestServiceMeta:
         assert api is not None and api.settings == ServiceSettings() and [e.weight for e in api.endpoints] == [1]
         assert [p.kind for p in snap.problems] == ["service_meta_invalid"]
         assert kind_detail in snap.problems[0].detail
+
+
+def tagged(health_entry: dict[str, Any], *tags: str, kind: str | None = None, **meta: str) -> dict[str, Any]:
+    """`health_entry` with the instance's own tags (and Connect kind, service meta) set."""
+    svc = {**health_entry["Service"], "Tags": list(tags)}
+    if kind is not None:
+        svc["Kind"] = kind
+    if meta:
+        svc["Meta"] = meta
+    return {**health_entry, "Service": svc}
+
+
+ROOT, BETA = RouteSpec("", "/"), RouteSpec("", "/beta")
+DOWN = [check("serfHealth"), check("service:x", "critical", service_id="x")]
+
+
+@dataclass
+class ServiceCase:
+    known: dict[str, list[Any]]  # datacenter -> health entries
+    routes: tuple[RouteSpec, ...] | None  # None: the service is not built
+    endpoints: list[str] = field(default_factory=list)  # Endpoint keys, in order
+    members: dict[RouteSpec, set[str]] = field(default_factory=dict)
+    datacenters: tuple[str, ...] = ("",)
+    catalog_tags: tuple[str, ...] = ()
+    problems: list[str] = field(default_factory=list)
+
+
+SERVICE_CASES = {
+    "every-instance-declares-it": ServiceCase(
+        {"": [tagged(entry("web", "w-1"), "urlprefix-/"), tagged(entry("web", "w-2", node="node-2"), "urlprefix-/")]},
+        (ROOT,), ["node-1/w-1", "node-2/w-2"]),
+    "a-route-one-instance-declares-is-its-alone": ServiceCase(
+        {"": [tagged(entry("web", "w-1"), "urlprefix-/"),
+              tagged(entry("web", "w-2", node="node-2"), "urlprefix-/", "urlprefix-/beta")]},
+        (ROOT, BETA), ["node-1/w-1", "node-2/w-2"], {BETA: {"node-2/w-2"}}),
+    "an-instance-without-route-tags-takes-no-traffic": ServiceCase(
+        {"": [tagged(entry("web", "w-1"), "urlprefix-/"), tagged(entry("web", "w-2", node="node-2"), "v2")]},
+        (ROOT,), ["node-1/w-1", "node-2/w-2"], {ROOT: {"node-1/w-1"}}),
+    "a-route-only-a-failing-instance-declares-stays-with-no-member": ServiceCase(
+        {"": [tagged(entry("web", "w-1"), "urlprefix-/"),
+              tagged(entry("web", "w-2", checks=DOWN), "urlprefix-/", "urlprefix-/beta")]},
+        (ROOT, BETA), ["node-1/w-1"], {BETA: set()}),
+    "every-instance-failing-keeps-the-routes": ServiceCase(
+        {"": [tagged(entry("web", "w-1", checks=DOWN), "urlprefix-/", "urlprefix-/beta")]}, (ROOT, BETA)),
+    "a-route-from-meta-is-the-instances": ServiceCase(
+        {"": [tagged(entry("web", "w-1"), "urlprefix-/"),
+              tagged(entry("web", "w-2", node="node-2"), "urlprefix-/", **{"ferryman-route": "/beta"})]},
+        (ROOT, BETA), ["node-1/w-1", "node-2/w-2"], {BETA: {"node-2/w-2"}}),
+    "a-connect-proxy-is-not-an-instance": ServiceCase(
+        {"": [tagged(entry("web", "w-1"), "urlprefix-/"),
+              tagged(entry("web", "w-1-proxy", port=21000), "urlprefix-/", "urlprefix-/beta", kind="connect-proxy")]},
+        (ROOT,), ["node-1/w-1"]),
+    "gateways-are-not-instances": ServiceCase(
+        {"": [tagged(entry("gw", f"gw-{kind}"), "urlprefix-/gw", kind=kind)
+              for kind in ("mesh-gateway", "ingress-gateway", "terminating-gateway")]
+              + [tagged(entry("gw", "gw-1", node="node-2"), "urlprefix-/")]},
+        (ROOT,), ["node-2/gw-1"]),
+    "a-sidecar-service-with-copied-tags-makes-no-route": ServiceCase(
+        {"": [tagged(entry("web-sidecar-proxy", "w-1-proxy"), "urlprefix-/", kind="connect-proxy")]}, None,
+        catalog_tags=("urlprefix-/",)),
+    "entries-without-tags-fall-back-on-the-catalogs": ServiceCase(
+        {"": [entry("web", "w-1"), entry("web", "w-2", node="node-2")]}, (ROOT, BETA),
+        ["node-1/w-1", "node-2/w-2"], catalog_tags=("urlprefix-/", "urlprefix-/beta", "v2")),
+    "entries-with-their-own-tags-ignore-the-catalogs": ServiceCase(
+        {"": [tagged(entry("web", "w-1"), "urlprefix-/")]}, (ROOT,), ["node-1/w-1"],
+        catalog_tags=("urlprefix-/", "urlprefix-/beta")),
+    "an-empty-tag-list-is-the-instances-own": ServiceCase(
+        {"": [tagged(entry("web", "w-1"))]}, None, catalog_tags=("urlprefix-/",)),
+    "a-bad-tag-on-every-instance-is-reported-once": ServiceCase(
+        {"": [tagged(entry("web", f"w-{n}", node=f"node-{n}"), "urlprefix-/", "urlprefix-bad tag") for n in (1, 2)]},
+        (ROOT,), ["node-1/w-1", "node-2/w-2"], problems=["route_tag_invalid"]),
+    "not-known-in-any-datacenter": ServiceCase({}, None),
+    "known-in-another-datacenter-only": ServiceCase({"dc9": [tagged(entry("web", "w-1"), "urlprefix-/")]}, None),
+    "dc-first-healthy-serves-with-dc-keys": ServiceCase(
+        {"dc1": [tagged(entry("web", "w-1", checks=DOWN), "urlprefix-/")],
+         "dc2": [tagged(entry("web", "w-9"), "urlprefix-/")]},
+        (ROOT,), ["dc2/node-1/w-9"], datacenters=("dc1", "dc2")),
+    "dc-routes-are-the-union-members-the-serving-ones": ServiceCase(
+        {"dc1": [tagged(entry("web", "w-1"), "urlprefix-/")],
+         "dc2": [tagged(entry("web", "w-9"), "urlprefix-/", "urlprefix-/beta")]},
+        (ROOT, BETA), ["dc1/node-1/w-1"], {BETA: set()}, datacenters=("dc1", "dc2")),
+    "dc-preferred-one-not-read-yet": ServiceCase(
+        {"dc2": [tagged(entry("web", "w-9"), "urlprefix-/")]}, (ROOT,), ["dc2/node-1/w-9"],
+        datacenters=("dc1", "dc2")),
+}
+
+
+class TestBuildService:
+    """One service from its health entries: routes per instance (`members`), Connect kinds skipped, the
+    catalog's tags only when no entry carries its own, failover across datacenters."""
+
+    @pytest.mark.parametrize("case", SERVICE_CASES.values(), ids=SERVICE_CASES.keys())
+    def test_build_service(self, case: ServiceCase) -> None:
+        name = next((e["Service"]["Service"] for es in case.known.values() for e in es), "web")
+        svc, problems = build_service(name, case.datacenters, case.known, catalog_tags=case.catalog_tags)
+        assert [p.kind for p in problems] == case.problems
+        if case.routes is None:
+            assert svc is None
+            return
+        assert svc is not None
+        assert (svc.name, svc.routes) == (name, case.routes)
+        assert [e.key for e in svc.endpoints] == case.endpoints
+        assert dict(svc.members) == {spec: frozenset(keys) for spec, keys in case.members.items()}
+        for spec in svc.routes:
+            assert svc.members_of(spec) == (frozenset(case.members[spec]) if spec in case.members else None)
+
+    def test_a_service_named_by_another_source_is_built_without_routes(self) -> None:
+        svc, _ = build_service("db", ("",), {"": [tagged(entry("db", "db-1"), "sql")]}, also=True)
+        assert svc == ServiceRoutes("db", (), (endpoint("db", "db-1"),))
+
+    def test_build_snapshot_is_build_service_per_service(self) -> None:
+        """The whole-snapshot builder and the per-service one agree, so deltas and snapshots compare."""
+        catalog, health = recorded()
+        snapshot = build_snapshot(catalog, health)
+        for svc in snapshot.services:
+            built, _ = build_service(svc.name, ("",), {"": health[svc.name]}, catalog_tags=catalog[svc.name])
+            assert built == svc

@@ -13,7 +13,6 @@ from discovery.tags import (
     is_route_tag,
     normalize_prefix,
     parse_route_tag,
-    unknown_options,
     with_service_setting,
 )
 
@@ -29,7 +28,7 @@ VALID = [
     ("urlprefix-/", spec("/"), "any-host-every-path"),
     ("urlprefix-api.example.com/", spec("/", "api.example.com"), "one-host-every-path"),
     ("urlprefix-*.example.com/v1 strip=/v1", spec("/v1", "*.example.com", strip="/v1"), "wildcard-host-with-strip"),
-    ("urlprefix-api.example.com:8443/", spec("/", "api.example.com"), "host-port-dropped"),
+    ("urlprefix-api.example.com:8443/", RouteSpec("api.example.com", "/", port=8443), "host-port-kept"),
     ("urlprefix-API.Example.COM/", spec("/", "api.example.com"), "host-lower-cased"),
     ("urlprefix-*.Example.com/", spec("/", "*.example.com"), "wildcard-host-lower-cased"),
     ("urlprefix-/Api/V1", spec("/Api/V1"), "path-case-kept"),
@@ -68,13 +67,32 @@ VALID = [
      "redirect"),
     ("urlprefix-/api prepend=/v2/", spec("/api", prepend="/v2/"), "prepend"),
     ("urlprefix-/api host=Backend.Internal:8443", spec("/api", host="Backend.Internal:8443"), "upstream-host"),
-    # Options Ferryman does not implement: kept, in tag order, to be reported.
-    ("urlprefix-/api auth=basic", spec("/api", unknown=(("auth", "basic"),)), "unknown-option-kept"),
-    ("urlprefix-/api health_path=/h", spec("/api", unknown=(("health_path", "/h"),)),
-     "service-setting-in-a-tag-is-not-a-route-option"),
+    ("urlprefix-/api host=dst", spec("/api", host="dst"), "upstream-host-is-the-instance"),
+    ("  urlprefix-/foo ", spec("/foo"), "blanks-around-trimmed"),
+    ("urlprefix-shop.example.com:80/ redirect=301,https://shop.example.com$path",
+     RouteSpec("shop.example.com", "/", RouteOptions(redirect=(301, "https://shop.example.com$path")), port=80),
+     "host-port-restricts-listener"),
+    ("urlprefix-*:80/", RouteSpec("", "/", port=80), "any-host-on-port-80"),
+    ("urlprefix-*/", spec("/"), "star-is-any-host"),
+    ("urlprefix-/api allow=ip:10.0.0.0/8,ip:fe80::/10", spec("/api", access=("allow", ("10.0.0.0/8", "fe80::/10"))),
+     "allow-cidrs"),
+    ("urlprefix-/api deny=ip:1.2.3.4,ip:fe80::1234", spec("/api", access=("deny", ("1.2.3.4/32", "fe80::1234/128"))),
+     "deny-bare-addresses-are-hosts"),
+    ("urlprefix-/api deny=100.123.0.0/16", spec("/api", access=("deny", ("100.123.0.0/16",))),
+     "deny-without-ip-kind"),
+    ("urlprefix-/api weight=0.25", spec("/api", weight=0.25), "weight"),
 ]
 
 MALFORMED = [
+    ("urlprefix-$DC.example.com/", "variables in a route", "fabio-variable-not-yet"),
+    ("urlprefix-/api allow=ip:10.0.0.0/8 deny=ip:10.1.0.0/16", "allow= and deny= on the same route",
+     "allow-and-deny"),
+    ("urlprefix-/api allow=ip:nonsense", "is not ip:ADDRESS or ip:CIDR", "allow-not-an-address"),
+    ("urlprefix-/api allow=host:example.com", "is not ip:ADDRESS or ip:CIDR", "allow-unknown-kind"),
+    ("urlprefix-/api weight=25", "weight='25' must be a share from 0 to 1", "weight-percent-not-share"),
+    ("urlprefix-/api weight=nan", "weight='nan' must be a share", "weight-nan"),
+    ("urlprefix-/api auth=basic", "option auth= is not supported", "fabio-auth-not-yet"),
+    ("urlprefix-/api health_path=/h", "health_path= is a service setting", "service-setting-in-a-tag"),
     ("urlprefix-/api sticky=a;b", "sticky='a;b' must be a cookie name", "sticky-not-a-cookie-name"),
     ("urlprefix-/api lb=fastest", "lb='fastest' must be one of round_robin", "unknown-lb"),
     ("urlprefix-/api lb=hash hash_key=body", "hash_key='body' must be ip, header:NAME or cookie:NAME",
@@ -99,7 +117,6 @@ MALFORMED = [
     ("urlprefix-ex!ample.com/", "invalid host 'ex!ample.com'", "bad-host-char"),
     ("urlprefix-a..b/", "invalid host", "empty-host-label"),
     ("urlprefix-*.*.example.com/", "invalid host", "double-wildcard"),
-    ("urlprefix-*/", "invalid host", "bare-wildcard"),
     ("urlprefix-host:99999/", "invalid port", "port-out-of-range"),
     ("urlprefix-host:http/", "invalid port", "port-not-a-number"),
     ("urlprefix-/a/../b", "dot-segments", "dot-dot-segment"),
@@ -122,8 +139,7 @@ MALFORMED = [
      "priority-out-of-range"),
     ("urlprefix-/api priority=--5", "priority='--5' must be a whole number", "priority-two-signs"),
     ("urlprefix-/api maxbody=lots", "'lots' is not a size", "maxbody-not-a-size"),
-    ("urlprefix-/api health_path=h", "health_path='h' must be a path starting with '/'",
-     "service-setting-in-a-tag-still-checked"),
+    ("urlprefix-/api health_path=h", "health_path= is a service setting", "service-setting-in-a-tag-refused"),
 ]
 
 
@@ -158,20 +174,23 @@ class TestParseMalformedTags:
 
 
 class TestUnknownOptions:
-    """Options Ferryman does not implement are kept in the spec and reported by name, in tag order."""
+    """An option Ferryman does not implement makes the whole tag invalid, with a message naming it: a Fabio tag
+    means the same here or is refused, never a route that quietly behaves otherwise."""
 
     @pytest.mark.parametrize(
-        ("tag", "unknown"),
+        ("tag", "named"),
         [
-            ("urlprefix-/api", []),
-            ("urlprefix-/api strip=/api proto=https tlsskipverify=true", []),
-            ("urlprefix-/api auth=basic", ["auth"]),
-            ("urlprefix-/api tls=auto strip=/api auth=basic", ["tls", "auth"]),
+            ("urlprefix-/api auth=basic", "auth="),
+            ("urlprefix-/api strip=/api tls=auto", "tls="),
+            ("urlprefix-/api register=web", "register="),
+            ("urlprefix-/api pxyproto=true", "pxyproto="),
+            ("urlprefix-/api health_path=/health", "health_path="),
         ],
-        ids=["no-options", "only-known", "one-unknown", "unknown-in-tag-order"],
+        ids=["fabio-auth", "unknown-after-known", "fabio-register", "fabio-pxyproto", "service-setting"],
     )
-    def test_reports_unknown(self, tag: str, unknown: list[str]) -> None:
-        assert unknown_options(parse_route_tag(tag)) == unknown
+    def test_refuses_unknown(self, tag: str, named: str) -> None:
+        with pytest.raises(TagError, match=named):
+            parse_route_tag(tag)
 
 
 class TestHelpers:

@@ -129,5 +129,5 @@ def test_a_redirect_never_becomes_protocol_relative() -> None:
     from proxy.table import Route
 
     route = Route.from_spec("s", parse_route_tag("urlprefix-/ redirect=301,/$path"))
-    assert route.location(b"//evil.example/x") == b"/evil.example/x"
-    assert route.location(b"/a?b=1") == b"/a?b=1"
+    assert route.location("//evil.example/x", "", "h") == b"/evil.example/x"
+    assert route.location("/a", "b=1", "h") == b"/a?b=1"

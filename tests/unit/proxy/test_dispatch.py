@@ -9,6 +9,7 @@ import pytest
 
 from discovery.model import Endpoint, ServiceRoutes, Snapshot
 from discovery.tags import parse_route_tag
+from proxy.access import AccessRules
 from proxy.dispatch import Plan, hash_key, plan
 from proxy.errors import (
     BadRequest,
@@ -20,6 +21,7 @@ from proxy.errors import (
     ToHttps,
 )
 from proxy.h1.head import Request, check_head
+from proxy.headers import TrustedProxies
 from proxy.pool import Pools
 from proxy.table import RoutingTable
 from proxy.tls import HttpsRedirect
@@ -29,6 +31,8 @@ from proxy.tls import HttpsRedirect
 class Limits:
     redirect: HttpsRedirect | None = None
     max_body: int = 0
+    trusted: TrustedProxies | None = None
+    access: AccessRules | None = None
 
 
 def ep(service: str, i: int) -> Endpoint:
@@ -78,7 +82,23 @@ class TestForward:
         assert result.pool.service == "api"
 
     def test_target_unchanged_without_rewrite(self) -> None:
-        assert decide(request(b"/a/../b?q")).target == b"/a/../b?q"  # matched normalized, sent as it came
+        assert decide(request(b"/b/c?q")).target is not None
+        assert decide(request(b"/b/c?q")).target == b"/b/c?q"
+
+    @pytest.mark.parametrize(
+        ("sent", "forwarded"),
+        [
+            (b"/a/../b?q", b"/b?q"),
+            (b"/api/%2e%2e/b", b"/b"),
+            (b"/b/%7euser", b"/b/~user"),
+            (b"/b/a%2fb?x=%2F", b"/b/a%2fb?x=%2F"),
+            (b"/b/./c/", b"/b/c/"),
+        ],
+        ids=["dot-dot", "escaped-dot-dot", "unreserved-decoded", "reserved-escape-kept-as-sent", "dot"],
+    )
+    def test_the_path_forwarded_is_the_path_routed(self, sent: bytes, forwarded: bytes) -> None:
+        """Defect 5 of issue 15: an instance sees the path the route was chosen on, never the raw dot-segments."""
+        assert decide(request(sent)).target == forwarded
 
     def test_body_limit_of_the_route_is_set_on_the_request(self) -> None:
         req = request(b"/upload", method="POST", extra=((b"Transfer-Encoding", b"chunked"),))

@@ -105,6 +105,6 @@ def test_a_request_matches_the_route_its_normalized_path_matches(path: str) -> N
 
 def test_strip_applies_to_the_path_that_matched() -> None:
     route = Route("api@*any*/api", "api", "", "/api", strip="/api")
-    assert route.upstream_target("/api/v1?x=1", "/api/v1") == "/v1?x=1"
-    assert route.upstream_target("/x/../api/v1?x=1", "/api/v1") == "/v1?x=1"
-    assert route.upstream_target("/api/%7euser", "/api/~user") == "/%7euser"  # the client's bytes kept
+    assert route.upstream_target("/api/v1?x=1") == "/v1?x=1"
+    assert route.upstream_target(normalize_path("/x/../api/v1") + "?x=1") == "/v1?x=1"
+    assert route.upstream_target(normalize_path("/api/%7euser/a%2fb", upper=False)) == "/~user/a%2fb"

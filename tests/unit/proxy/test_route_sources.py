@@ -34,7 +34,7 @@ class TestMerge:
              ["c@*any*/x"], ["b@*any*/x", "a@*any*/x"]),
             ([part("tags", ("a", "/x")), part("kv", ("c", "/x header=X-Canary:1"))],
              ["c@*any*/x[header:x-canary:1]", "a@*any*/x"], []),
-            ([part("tags", ("a", "/x"), ("b", "/x"))], ["a@*any*/x"], ["b@*any*/x"]),
+            ([part("tags", ("a", "/x"), ("a", "/x strip=/x"))], ["a@*any*/x"], ["a@*any*/x"]),
             ([part("file", ("a", "h.example.com/x")), part("tags", ("b", "/x"))],
              ["a@h.example.com/x", "b@*any*/x"], []),
             ([part("kv"), part("file"), part("tags")], [], []),

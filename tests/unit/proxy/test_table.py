@@ -145,37 +145,47 @@ class TestNormalizeHost:
         assert normalize_host(header) == key
 
 
-class TestConflicts:
-    """Two services claiming the same host and path: the first by service name wins, the other is reported."""
+class TestSharing:
+    """Two services declaring the same host and path share it, as Fabio's targets do (issue 15, hazard 8); one
+    service declaring it twice with other options is a conflict, the first by options order winning."""
 
-    def test_first_service_by_name_wins(self) -> None:
-        # Catalog order puts "zeta" first; the winner is still decided by name.
+    def test_services_share_whatever_the_catalog_order(self) -> None:
         snapshot = build_snapshot(
             {"zeta": ["urlprefix-/shared", "urlprefix-/zeta"], "alpha": ["urlprefix-/shared/"]},
             {"zeta": [], "alpha": []},
         )
         routes = RoutingTable.from_snapshot(snapshot)
         shared = routes.lookup("h", "/shared")
-        assert shared is not None and shared.service == "alpha"
+        assert shared is not None and [s.service for s in shared.shares] == ["alpha", "zeta"]
+        assert shared.id == "alpha+zeta@*any*/shared"
         zeta = routes.lookup("h", "/zeta")
         assert zeta is not None and zeta.service == "zeta"
-        assert [(p.kind, p.service, p.item) for p in routes.conflicts] == [
-            ("route_conflict", "zeta", "zeta@*any*/shared")
-        ]
-        assert "already routed to alpha" in routes.conflicts[0].detail
+        assert routes.conflicts == ()
 
     @pytest.mark.parametrize(
         ("tag_a", "tag_b"),
         [
-            ("urlprefix-x.example.com/p", "urlprefix-X.example.com:80/p/"),
+            ("urlprefix-x.example.com/p", "urlprefix-X.example.com/p/"),
             ("urlprefix-*.example.com/p", "urlprefix-*.example.com/p"),
         ],
         ids=["exact-host-same-after-normalizing", "wildcard-host"],
     )
-    def test_conflict_on_every_host_level(self, tag_a: str, tag_b: str) -> None:
+    def test_shared_on_every_host_level(self, tag_a: str, tag_b: str) -> None:
         routes = table(a=[tag_a], b=[tag_b])
-        assert [r.service for r in routes.routes] == ["a"]
-        assert [p.service for p in routes.conflicts] == ["b"]
+        assert [[s.service for s in r.shares] for r in routes.routes] == [["a", "b"]]
+        assert routes.conflicts == ()
+
+    def test_one_service_twice_is_a_conflict(self) -> None:
+        routes = table(a=["urlprefix-/p", "urlprefix-/p strip=/p"])
+        assert [r.id for r in routes.routes] == ["a@*any*/p"] and [p.service for p in routes.conflicts] == ["a"]
+
+    def test_a_port_makes_another_route(self) -> None:
+        routes = table(a=["urlprefix-x.example.com:80/ redirect=301,https://x.example.com$path"],
+                       b=["urlprefix-x.example.com/"])
+        assert routes.conflicts == ()
+        assert routes.lookup("x.example.com", "/", None, 80) == routes.routes[0]
+        other = routes.lookup("x.example.com", "/", None, 443)
+        assert other is not None and other.service == "b"
 
     @pytest.mark.parametrize(
         ("tag_a", "tag_b"),
