@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CONSUL := $(VENV)/bin/consul
 SHARED_ENSURE_CONSUL := ../shared/bin/ensure-consul
 
-.PHONY: demo test test-debs bench bench-debs lint clean consul venv
+.PHONY: demo test test-debs bench bench-debs bench-scale lint clean consul venv
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ferryman needs Python 3.11 or newer")'
@@ -158,6 +158,12 @@ bench-debs: $(BENCH_BINS)
 
 bench: $(VENV)/.installed $(CONSUL) bench-debs
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Discovery at cluster scale (issue 14): a Consul dev agent on its default limits, N services x M instances,
+# Ferryman with W workers; only the agent and this project's venv are needed. Presets: quick (default), small,
+# full (10,000 x 3, 16 workers). E.g. `make bench-scale BENCH_ARGS="--preset small"`.
+bench-scale: $(VENV)/.installed $(CONSUL)
+	CONSUL_BIN=$(abspath $(CONSUL)) $(PY) bench/scale.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check discovery proxy tests demo bench

@@ -119,11 +119,9 @@ class ConsulAgent:
         self.proc = subprocess.Popen(
             [consul_binary(), "agent", "-dev", "-node", "ferryman-test", "-bind", "127.0.0.1",
              "-client", "127.0.0.1", "-http-port", str(self.http_port), "-dns-port", "-1", "-grpc-port", "-1",
-             "-serf-lan-port", str(serf_lan), "-serf-wan-port", str(serf_wan), "-server-port", str(server),
-             # Every test process connects from 127.0.0.1, and each Ferryman process holds a blocking query per
-             # routed service: the session's agent outgrows Consul's default of 200 connections per client
-             # address (beyond it the agent resets new connections).
-             "-hcl", "limits { http_max_conns_per_client = 4000 }", *extra],
+             # Consul's default limits, as a new user has them: 200 HTTP connections per client address, and
+             # every process here connects from 127.0.0.1 (issue 14: Ferryman's connections stay a small constant).
+             "-serf-lan-port", str(serf_lan), "-serf-wan-port", str(serf_wan), "-server-port", str(server), *extra],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
@@ -164,6 +162,36 @@ class ConsulAgent:
     def ttl(self, instance: str, status: str) -> None:
         verb = {"passing": "pass", "warning": "warn", "critical": "fail"}[status]
         _http_json("PUT", f"{self.url}/v1/agent/check/{verb}/service:{instance}")
+
+    # --- catalog API: many instances fast, on an external node (nothing for the agent to run) ---
+    def register_external(self, node: str, instances: list[CatalogInstance]) -> None:
+        """Put `instances` straight into the catalog on node `node` (created, address 127.0.0.1), each with a
+        service check whose Status is "passing": `PUT /v1/txn` batches of 64 operations (Consul's limit per
+        transaction), one connection at a time."""
+        ops: list[dict[str, Any]] = [{"Node": {"Verb": "set", "Node": {"Node": node, "Address": "127.0.0.1"}}}]
+        for i in instances:
+            service = {"ID": i.id, "Service": i.service, "Tags": list(i.tags), "Address": "127.0.0.1", "Port": i.port}
+            check = {"Node": node, "CheckID": f"service:{i.id}", "Name": "external", "Status": "passing",
+                     "ServiceID": i.id}
+            ops += [{"Service": {"Verb": "set", "Node": node, "Service": service}},
+                    {"Check": {"Verb": "set", "Check": check}}]
+        for start in range(0, len(ops), 64):
+            _http_json("PUT", f"{self.url}/v1/txn", ops[start : start + 64], timeout=30)
+
+    def deregister_external(self, node: str, instance: str = "") -> None:
+        """Remove one instance of the external node `node`, or (no `instance`) the node with all of them."""
+        body = {"Node": node, "ServiceID": instance} if instance else {"Node": node}
+        _http_json("PUT", f"{self.url}/v1/catalog/deregister", body)
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogInstance:
+    """An instance for `ConsulAgent.register_external`."""
+
+    service: str
+    id: str
+    port: int
+    tags: tuple[str, ...] = ()
 
 
 @dataclass

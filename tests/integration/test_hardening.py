@@ -52,10 +52,8 @@ def agent_instances(consul: ConsulAgent) -> set[str]:
 
 @pytest.fixture(autouse=True)
 async def consul_left_as_found(consul: ConsulAgent) -> AsyncIterator[None]:
-    """Every instance a test registered leaves the shared agent after it. Each routed service costs every Ferryman
-    process watching the agent one blocking query, that is one connection, and Consul allows 200 HTTP connections
-    per client address (limits.http_max_conns_per_client): left registered, these services push the later
-    multi-process tests over that limit."""
+    """Every instance a test registered leaves the shared agent after it, so that later tests (and their route
+    tables) see only their own services."""
     before = await asyncio.to_thread(agent_instances, consul)
     yield
     for instance in await asyncio.to_thread(agent_instances, consul) - before:
