@@ -14,6 +14,7 @@ client protocol reuses the exchange unchanged. Outcomes go to the `Pool` through
 from __future__ import annotations
 
 import time
+from collections.abc import Container
 from typing import TYPE_CHECKING, Protocol
 
 from discovery.model import Endpoint
@@ -73,6 +74,18 @@ class Downstream(Protocol):
     def done(self, exchange: Exchange, status: int) -> None: ...
 
 
+class _NotMember:
+    """Excluded from a pick: tried already, or not one of the instances that declare the route."""
+
+    __slots__ = ("members", "tried")
+
+    def __init__(self, tried: Container[str], members: Container[str]) -> None:
+        self.tried, self.members = tried, members
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tried or key not in self.members
+
+
 class Exchange:
     """One request, from routing to its last byte, across the instances it is tried on."""
 
@@ -119,10 +132,12 @@ class Exchange:
         for instance in pool.readmit(now):
             request_log(self.req, "info", "upstream_readmitted", service=self.service, instance=instance)
         tried = self.attempts.tried
-        endpoint = pool.pinned(self.pin, tried) if self.pin is not None else None
+        members = self.route.members  # only the instances that declare the route (None: all)
+        exclude: Container[str] = tried if members is None else _NotMember(tried, members)
+        endpoint = pool.pinned(self.pin, exclude) if self.pin is not None else None
         if endpoint is None:
             hashed = hash_key(self.req, client.peer_text, pool.hash_on) if pool.hash_on else None
-            endpoint = pool.pick(tried, hashed, now)
+            endpoint = pool.pick(exclude, hashed, now)
         if endpoint is None:
             self._answer(NoHealthyEndpoint(f"no healthy instance of service {self.service!r}"))
             return

@@ -148,6 +148,7 @@ class FakeClient:
 def setup(
     upstream: FakeUpstream, endpoints: tuple[Endpoint, ...] = (A, B), method: str = "GET",
     policy: HealthPolicy | None = None, headers: tuple[tuple[bytes, bytes], ...] = (),
+    members: frozenset[str] | None = None,
 ) -> tuple[Exchange, FakeClient, FakeLoop, Pool]:
     snapshot = Snapshot((ServiceRoutes("web", (parse_route_tag("urlprefix-/"),), endpoints),))
     pools = Pools(policy=policy)
@@ -167,7 +168,7 @@ def setup(
     req.headers = [(b"Host", b"example.com"), *headers]
     check_head(req, method, "1.1", True, False)
     req.request_id = b"r1"
-    route = ctx.router.current.routes[0]
+    route = replace(ctx.router.current.routes[0], members=members)
     return Exchange(client, req, route, pool, b"/", 0.0, "/", "web"), client, loop, pool  # type: ignore[arg-type]
 
 
@@ -195,6 +196,23 @@ class TestRelay:
         assert len(loop.tasks) == 1 and not upstream.conns
         loop.run_tasks()
         assert len(upstream.conns) == 1 and ex.conn is upstream.conns[0]
+
+
+class TestRoutesPerInstance:
+    """A route only some instances declare goes to those instances alone (Fabio builds routes per instance)."""
+
+    def test_only_members_are_picked(self) -> None:
+        for _ in range(10):
+            upstream = FakeUpstream(idle={9001, 9002})
+            ex, _client, _loop, _pool = setup(upstream, members=frozenset({B.key}))
+            ex.attempt()
+            assert ex.endpoint == B
+
+    def test_no_member_left_is_a_503(self) -> None:
+        upstream = FakeUpstream(idle={9001, 9002})
+        ex, client, _loop, _pool = setup(upstream, endpoints=(A,), members=frozenset({B.key}))
+        ex.attempt()
+        assert client.events == [("error", 503, "no_healthy_instance")]
 
 
 class TestRetries:
