@@ -33,6 +33,12 @@ class Checks:
     services: Mapping[str, frozenset[CheckView]] = field(default_factory=dict)
     nodes: Mapping[str, frozenset[CheckView]] = field(default_factory=dict)
 
+    @staticmethod
+    def of_service(name: str, entries: Sequence[Any]) -> frozenset[CheckView]:
+        """What a service's /v1/health/service entries show of its own checks, as state/any would list them."""
+        return Checks.read([c for e in entries if isinstance(e, Mapping) and isinstance(e.get("Checks"), list)
+                            for c in e["Checks"]]).services.get(name, frozenset())
+
     @classmethod
     def read(cls, checks: Sequence[Any]) -> Checks:
         services: dict[str, set[CheckView]] = {}

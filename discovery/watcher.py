@@ -35,7 +35,7 @@ from .model import Problem, ServiceRoutes, Snapshot, SnapshotDelta
 from .snapshot import build_service, datacenter_switches
 from .tags import DEFAULT_PREFIX
 from .tasks import start_task
-from .triggers import Checks, catalog_changes, health_changes, routed
+from .triggers import Checks, CheckView, catalog_changes, health_changes, routed
 
 log = structlog.get_logger("ferryman.discovery")
 
@@ -56,6 +56,13 @@ class CatalogSource(Protocol):
     async def services(self, index: int, dc: str = "") -> tuple[int, dict[str, list[str]]]: ...
     async def checks(self, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]: ...
     async def health(self, service: str, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]: ...
+
+
+async def _timed(on_request: Callable[[str, float], None], what: str, call: Awaitable[T]) -> T:
+    started = time.monotonic()
+    answer = await call
+    on_request(what, time.monotonic() - started)
+    return answer
 
 
 def _query(what: str, dc: str) -> str:
@@ -93,7 +100,11 @@ class Watcher:
         self._catalog_pending: set[str] = set(self._datacenters)  # datacenters whose first catalog is due
         self._checks: dict[str, Checks] = {}  # per datacenter: state/any as last read
         self._catalog_index: dict[str, int] = {}  # per datacenter: the index of the catalog last read
-        self._checks_index: dict[str, int] = {}  # and of state/any
+        self._check_writes: dict[str, set[int]] = {}  # per datacenter: indexes checks were written at
+        self._explaining: set[tuple[str, int]] = set()  # catalog changes waiting to be explained
+        self._wanted: dict[str, set[str]] = {}  # per datacenter: the services it routes (from its catalog)
+        self._read_checks: dict[str, dict[str, frozenset[CheckView]]] = {}  # what each read showed of checks
+        self._retrying: set[tuple[str, str]] = set()  # reads that failed, due again after a pause
         self._health: dict[str, dict[str, list[dict[str, Any]]]] = {}  # service -> datacenter -> entries
         self._on_node: dict[str, dict[str, set[str]]] = {}  # datacenter -> node -> services with instances there
         self._dirty: set[tuple[str, str]] = set()  # (service, datacenter) to read again
@@ -128,7 +139,8 @@ class Watcher:
     @property
     def idle(self) -> bool:
         """Nothing to read and nothing waiting to be handed over (what tests wait for)."""
-        return not (self._dirty or self._reading or self._pending or self._flush_handle is not None)
+        return not (self._dirty or self._reading or self._pending or self._flush_handle is not None
+                    or self._explaining or self._retrying)
 
     def reload(self) -> None:
         """Nothing to re-read: Consul is followed continuously."""
@@ -151,12 +163,6 @@ class Watcher:
     def _backoff(self) -> Backoff:
         return Backoff(self._backoff_base, self._backoff_cap)
 
-    async def _timed(self, what: str, call: Awaitable[T]) -> T:
-        started = time.monotonic()
-        answer = await call
-        self._on_request(what, time.monotonic() - started)
-        return answer
-
     # --- the two blocking queries per datacenter ---
     async def _catalog_loop(self, dc: str) -> None:
         def failed(exc: ConsulError) -> None:
@@ -169,19 +175,19 @@ class Watcher:
         def answered(answer: tuple[int, dict[str, list[str]]]) -> None:
             index, services = answer
             before = self._catalogs.get(dc, {})
-            first = dc in self._catalog_pending
+            first = dc not in self._catalogs  # (a first query that failed already left _catalog_pending)
             self._catalogs[dc] = services
             self._catalog_pending.discard(dc)
             self._catalog_changed(dc, before, services, first)
             if not first and before == services and index > self._catalog_index.get(dc, 0):
                 # The catalog moved and shows nothing new: an instance came or went. If no check moved with it
                 # (state/any stays behind this index), it has no check of its own: look again (below).
-                loop = asyncio.get_running_loop()
-                loop.call_later(_EXPLAIN_WAIT_S, self._explain, dc, index)
+                self._explaining.add((dc, index))
+                asyncio.get_running_loop().call_later(_EXPLAIN_WAIT_S, self._explain, dc, index)
             self._catalog_index[dc] = index
 
         async def fetch(index: int) -> tuple[int, tuple[int, dict[str, list[str]]]]:
-            returned, services = await self._timed("catalog", self._source.services(index, dc=dc))
+            returned, services = await _timed(self._on_request, "catalog", self._source.services(index, dc=dc))
             return returned, (returned, services)
 
         await follow(fetch, answered, query=_query("catalog", dc), outage=self._outage, limit=self._limit,
@@ -189,7 +195,7 @@ class Watcher:
 
     def _catalog_changed(self, dc: str, before: dict[str, list[str]], after: dict[str, list[str]],
                          first: bool) -> None:
-        wanted = routed(after, self._prefix, self.also)
+        wanted = self._wanted[dc] = routed(after, self._prefix, self.also)
         read, dropped = catalog_changes(before, after, wanted)
         dropped |= {name for (name, d) in self._dirty | self._unread if d == dc and name not in wanted}
         for name in dropped:
@@ -204,9 +210,10 @@ class Watcher:
     def _explain(self, dc: str, index: int) -> None:
         """A catalog change no check change came with: every routed service of the datacenter is read again
         (rate-limited by the readers), since nothing tells which one gained or lost an instance without checks."""
-        if self._checks_index.get(dc, 0) >= index:
-            return  # explained: a check of some service changed with it, and that service is being read
-        wanted = routed(self._catalogs.get(dc, {}), self._prefix, self.also)
+        self._explaining.discard((dc, index))
+        if index in self._check_writes.get(dc, ()):
+            return  # explained: a check was written with it (its service is being read)
+        wanted = self._wanted.get(dc, set())
         log.info("catalog_resync", datacenter=dc or None, services=len(wanted),
                  reason="an instance changed and no check with it")
         self._dirty |= {(name, dc) for name in wanted}
@@ -216,19 +223,21 @@ class Watcher:
         def answered(answer: tuple[int, list[dict[str, Any]]]) -> None:
             index, checks = answer
             after = Checks.read(checks)
+            # The indexes checks were written at (and this answer's, for checks removed): a catalog change at
+            # one of them came with a check change.
+            self._check_writes[dc] = {v[5] for views in after.services.values() for v in views} | {index}
             before = self._checks.get(dc)
             self._checks[dc] = after
             if before is None:
-                return  # the first answer: the catalog's first answer has every routed service read anyway
-            wanted = routed(self._catalogs.get(dc, {}), self._prefix, self.also)
+                # The first answer: what the services read so far showed of their checks is the baseline.
+                before = Checks(self._read_checks.get(dc, {}), after.nodes)
             changed = health_changes(before, after, self._on_node.get(dc, {}))
-            if changed:
-                self._checks_index[dc] = index  # the index up to which catalog changes are explained
+            wanted = self._wanted.get(dc, set())
             self._dirty |= {(name, dc) for name in changed if name in wanted}
             self._wake.set()
 
         async def fetch(index: int) -> tuple[int, tuple[int, list[dict[str, Any]]]]:
-            returned, checks = await self._timed("checks", self._source.checks(index, dc=dc))
+            returned, checks = await _timed(self._on_request, "checks", self._source.checks(index, dc=dc))
             return returned, (returned, checks)
 
         await follow(fetch, answered,
@@ -241,7 +250,7 @@ class Watcher:
             return
         self.also = services
         for dc, catalog in self._catalogs.items():
-            wanted = routed(catalog, self._prefix, self.also)
+            wanted = self._wanted[dc] = routed(catalog, self._prefix, self.also)
             self._dirty |= {(name, dc) for name in wanted if name not in self._health or dc not in self._health[name]}
             for name in [n for n, known in self._health.items() if dc in known and n not in wanted]:
                 self._forget(name, dc)
@@ -262,29 +271,37 @@ class Watcher:
             self._reading.add(key)
             name, dc = key
             try:
-                _, entries = await self._timed("health", self._source.health(name, 0, dc=dc))
+                _, entries = await _timed(self._on_request, "health", self._source.health(name, 0, dc=dc))
             except ConsulError as exc:
                 self._outage.failed(_query("health", dc), exc)
                 self._on_error(exc.reason)
-                self._dirty.add(key)  # read again once Consul answers
                 self._reading.discard(key)
                 if key in self._unread:
                     # A service that cannot be read must not hold back every other one: it joins when it can.
                     self._unread.discard(key)
                     self._maybe_hand_over()
-                await self._outage.pause(backoff.next_delay())
+                # Read again after a pause, while the others go on (it must not starve the services after it).
+                self._retrying.add(key)
+                asyncio.get_running_loop().call_later(backoff.next_delay(), self._retry, key)
                 continue
             finally:
                 self._reading.discard(key)
             backoff.reset()
             self._outage.succeeded(_query("health", dc))
-            if name in routed(self._catalogs.get(dc, {}), self._prefix, self.also):
+            if name in self._wanted.get(dc, ()):
                 self._read(name, dc, entries)
             self._unread.discard(key)
             self._maybe_hand_over()
 
+    def _retry(self, key: tuple[str, str]) -> None:
+        self._retrying.discard(key)
+        if key[0] in self._wanted.get(key[1], ()):
+            self._dirty.add(key)
+            self._wake.set()
+
     def _read(self, name: str, dc: str, entries: list[dict[str, Any]]) -> None:
         self._health.setdefault(name, {})[dc] = entries
+        self._read_checks.setdefault(dc, {})[name] = Checks.of_service(name, entries)
         on_node = self._on_node.setdefault(dc, {})
         for entry in entries:
             node = entry.get("Node") if isinstance(entry, dict) else None

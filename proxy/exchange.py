@@ -192,8 +192,7 @@ class Exchange:
             client.take_body(req, self)
 
     def _arm_timer(self) -> None:
-        """(Re)start the inactivity clock. While the request body flows, the client's progress counts too; the
-        upstream's silence counts from when it has the whole request (a slow upload is not its fault)."""
+        """(Re)start the inactivity clock (the upstream's silence counts once it has the whole request)."""
         self.armed, self.last_activity = not self.over, self.loop.time()
 
     def _attempt_failed(self, endpoint: Endpoint, err: ProxyError, *, connected: bool) -> None:

@@ -22,10 +22,14 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import structlog
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from . import logs
 from .channel import Broadcaster, socket_path
@@ -42,6 +46,23 @@ _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _MIN_HEALTHY_RUN_S = 5.0
 # A worker's state report older than this counts as missing (the worker hangs): /ready says not ready.
 _REPORT_MAX_AGE_S = 5.0
+
+
+# Metric families only the supervisor has (it alone follows Consul), by prometheus-client's family names.
+_DISCOVERY_FAMILIES: Final = frozenset({"ferryman_discovery_errors", "ferryman_consul_request_duration_seconds"})
+
+
+class _Families(Collector):
+    """Some families of another registry: those named in `include`, or all but those in `exclude`."""
+
+    def __init__(self, registry: CollectorRegistry, *, include: frozenset[str] | None = None,
+                 exclude: frozenset[str] = frozenset()) -> None:
+        self.registry, self.include, self.exclude = registry, include, exclude
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if (self.include is None or family.name in self.include) and family.name not in self.exclude:
+                yield family
 
 
 def effective_workers(settings: Settings) -> int:
@@ -142,12 +163,17 @@ class Supervisor:
         log.info("worker_started", worker=index, pid=proc.pid)
 
     def exposition(self) -> bytes:
-        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client import generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 
+        workers = CollectorRegistry()
+        MultiProcessCollector(workers, path=self.metrics_dir)  # type: ignore[no-untyped-call]  # untyped upstream
         registry = CollectorRegistry()
         registry.register(WorkersRequestCollector(self.metrics_dir))  # request metrics: the workers' own files
-        MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+        # Consul's figures are the supervisor's own (only it talks to Consul); the rest adds the workers' up.
+        assert self._admin is not None
+        registry.register(_Families(workers, exclude=_DISCOVERY_FAMILIES))
+        registry.register(_Families(self._admin.metrics.registry, include=_DISCOVERY_FAMILIES))
         registry.register(StateCollector(self.report))
         return generate_latest(registry)
 

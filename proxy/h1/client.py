@@ -172,8 +172,7 @@ class ClientConnection(ResponseWriter):
 
     # --- serving requests, one at a time per connection ---
     def _serve_next(self) -> None:
-        """Start queued requests in order. A loop, not recursion: requests answered at once (404s in a
-        pipeline) would otherwise nest one call per request."""
+        """Start queued requests in order (a loop: 404s answered at once in a pipeline must not nest calls)."""
         if self._in_loop:
             return
         self._in_loop = True
@@ -221,14 +220,13 @@ class ClientConnection(ResponseWriter):
             else:
                 exchange.abandon(err)
 
-    def done(self, exchange: Exchange, status: int) -> None:
-        """The exchange is over: its access line, then the next request (or wait, or close)."""
+    def done(self, exchange: Exchange, status: int) -> None:  # the exchange is over: its access line, then on
         record(self.cfg, exchange.req, exchange.service, exchange.route.id, status, exchange.started,
                exchange.endpoint.authority if exchange.endpoint else "", exchange.bytes_out, exchange.path,
                exchange.upstream_s, self.peer_text)
         self.finished(exchange.req)
 
-    def finished(self, req: Request) -> None:
+    def finished(self, req: Request) -> None:  # the answer is complete: the next request, or wait, or close
         self.exchange = None
         self._current_done = True
         if not req.keep_alive or (self.server.stopping and not self._queue) or self.closing:
@@ -284,8 +282,7 @@ class ClientConnection(ResponseWriter):
         self.resume_reading()
 
     def open_tunnel(self, req: Request, tunnel: Tunnel, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        """The upstream accepted the upgrade: its 101 goes out, what the client sent early goes up first, then
-        reading resumes."""
+        """The upstream accepted the upgrade: its 101, then what the client sent early goes up; reading resumes."""
         self.send_switching(req, reason, headers)
         early, self._tunnel_early = self._tunnel_early, b""
         if early:
