@@ -200,7 +200,8 @@ class TestEndpoints:
         assert detail in problem.detail
 
     def test_entry_that_is_not_an_object_is_a_problem(self) -> None:
-        snapshot = build_snapshot({"a": ["urlprefix-/a"]}, {"a": ["garbage", entry("a", "a-1")]})
+        # Consul's JSON is untrusted: the garbage entry is the wrong type on purpose.
+        snapshot = build_snapshot({"a": ["urlprefix-/a"]}, {"a": ["garbage", entry("a", "a-1")]})  # type: ignore[list-item]
         svc = snapshot.service("a")
         assert svc is not None and svc.endpoints == (endpoint("a", "a-1"),)
         assert [p.kind for p in snapshot.problems] == ["instance_invalid"]

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import copy
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -453,7 +453,7 @@ def served(snapshot: Snapshot, service: str) -> list[tuple[str, str]]:
     return [(e.dc, e.instance_id) for e in svc.endpoints]
 
 
-def failovers(logs: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+def failovers(logs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str, str]]:
     return [(e["service"], e["from"], e["to"], e["log_level"]) for e in logs if e["event"] == "datacenter_failover"]
 
 
