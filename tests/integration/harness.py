@@ -21,10 +21,11 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import StrOrURL
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,6 +94,17 @@ def _stop_pid(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
         proc.wait(5)
 
 
+def registration(name: str, instance: str, port: int, tags: list[str], *, ttl: bool, address: str,
+                 meta: dict[str, str] | None) -> dict[str, Any]:
+    """The body of a service registration with the agent; `ttl` adds a passing TTL check (30 s)."""
+    body: dict[str, Any] = {"Name": name, "ID": instance, "Address": address, "Port": port, "Tags": tags}
+    if meta:
+        body["Meta"] = meta
+    if ttl:
+        body["Check"] = {"CheckID": f"service:{instance}", "TTL": "30s", "Status": "passing"}
+    return body
+
+
 @dataclass
 class ConsulAgent:
     """A `consul agent -dev` on free loopback ports; restartable on the same ports."""
@@ -149,11 +161,7 @@ class ConsulAgent:
     # --- agent API, synchronous (used from fixtures and via to_thread from async tests) ---
     def register(self, name: str, instance: str, port: int, tags: list[str], *, ttl: bool = True,
                  address: str = "127.0.0.1", meta: dict[str, str] | None = None) -> None:
-        body: dict[str, Any] = {"Name": name, "ID": instance, "Address": address, "Port": port, "Tags": tags}
-        if meta:
-            body["Meta"] = meta
-        if ttl:
-            body["Check"] = {"CheckID": f"service:{instance}", "TTL": "30s", "Status": "passing"}
+        body = registration(name, instance, port, tags, ttl=ttl, address=address, meta=meta)
         _http_json("PUT", f"{self.url}/v1/agent/service/register", body)
 
     def deregister(self, instance: str) -> None:
@@ -318,7 +326,8 @@ class FerrymanProcess:
             self.proc = None
 
     def routes(self) -> dict[str, Any]:
-        return _http_json("GET", f"{self.admin_url}/api/routes", timeout=2)  # type: ignore[no-any-return]
+        routes: dict[str, Any] = _http_json("GET", f"{self.admin_url}/api/routes", timeout=2)
+        return routes
 
     def instances(self, route_id: str) -> list[str]:
         for route in self.routes()["routes"]:
@@ -356,7 +365,7 @@ class Backend:
         self.first_chunk_received = asyncio.Event()
         self._runner: web.AppRunner | None = None
 
-    async def start(self) -> Backend:
+    async def start(self) -> Self:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None)
@@ -372,9 +381,9 @@ class Backend:
         self.hits.append(Hit(time.monotonic(), request.method, request.raw_path))
         tail = request.match_info["tail"]
         action = tail.rsplit("/", 1)[-1]
-        handler = getattr(self, f"_do_{action}", None)
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = getattr(self, f"_do_{action}", None)
         if handler is not None:
-            return await handler(request)  # type: ignore[no-any-return]
+            return await handler(request)
         return await self._echo(request)
 
     async def _echo(self, request: web.Request) -> web.Response:
@@ -452,7 +461,7 @@ def new_workdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
-async def fetch(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, bytes, Any]:
+async def fetch(session: aiohttp.ClientSession, url: StrOrURL, **kwargs: Any) -> tuple[int, bytes, Any]:
     async with session.request(kwargs.pop("method", "GET"), url, **kwargs) as resp:
         return resp.status, await resp.read(), resp.headers
 

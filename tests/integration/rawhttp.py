@@ -17,7 +17,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import pytest
 
@@ -96,7 +96,8 @@ class Wire(asyncio.Protocol):
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A connection's transport (asyncio's or uvloop's) is a full Transport; the Protocol API types it BaseTransport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -165,7 +166,11 @@ class Wire(asyncio.Protocol):
             while len(self.buffer) < size:
                 before = len(self.buffer)
                 self.transport.resume_reading()
-                await self._wait_for(lambda n=before: len(self.buffer) > n, f"{size} bytes, read slowly")
+
+                def grew(n: int = before) -> bool:
+                    return len(self.buffer) > n
+
+                await self._wait_for(grew, f"{size} bytes, read slowly")
                 self.transport.pause_reading()
                 await asyncio.sleep(pace)
         finally:
@@ -379,8 +384,14 @@ async def upstreams() -> AsyncIterator[list[RawUpstream]]:
         await upstream.stop()
 
 
+class Connect(Protocol):
+    """What the `connect` fixture gives a test: `wire = await connect()` opens a raw connection to the proxy."""
+
+    def __call__(self, *, receive_buffer: int | None = None) -> Awaitable[Wire]: ...
+
+
 @pytest.fixture
-async def connect(ferryman: FerrymanProcess) -> AsyncIterator[Callable[[], Awaitable[Wire]]]:
+async def connect(ferryman: FerrymanProcess) -> AsyncIterator[Connect]:
     """`wire = await connect()`: a raw client connection to the proxy, aborted after the test."""
     opened: list[Wire] = []
 

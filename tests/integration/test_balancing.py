@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from pathlib import Path
 
+import aiohttp
 import pytest
 
 from .harness import Backend, ConsulAgent, FerrymanProcess, fetch
@@ -25,7 +27,9 @@ async def _routed(consul: ConsulAgent, ferryman: FerrymanProcess, backends: list
 class TestHash:
     """`lb=hash hash_key=header:X-User`: every request of one user reaches the same instance."""
 
-    async def test_each_user_sticks_to_one_instance(self, consul, ferryman, backends, http):
+    async def test_each_user_sticks_to_one_instance(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         started = await _routed(consul, ferryman, backends, "hashed", 3,
                                 "urlprefix-/hashed lb=hash hash_key=header:X-User")
         users = [f"user-{i}" for i in range(12)]
@@ -45,7 +49,9 @@ class TestHash:
 class TestLeastConn:
     """`lb=least_conn`: while one instance is busy, new requests go to the idle one."""
 
-    async def test_requests_avoid_the_busy_instance(self, consul, ferryman, backends, http):
+    async def test_requests_avoid_the_busy_instance(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         a, b = await _routed(consul, ferryman, backends, "leastc", 2, "urlprefix-/leastc lb=least_conn")
         slow = asyncio.create_task(fetch(http, f"{ferryman.url}/leastc/slow?delay=0.8"))
         for _ in range(100):  # bounded: wait until the slow request reached one of them
@@ -64,7 +70,9 @@ class TestLeastConn:
 class TestSticky:
     """`sticky=NAME`: a Set-Cookie pins the client to one instance; when it leaves, another is pinned."""
 
-    async def test_cookie_pins_and_repins(self, consul, ferryman, backends):
+    async def test_cookie_pins_and_repins(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend]
+    ) -> None:
         import aiohttp
 
         started = await _routed(consul, ferryman, backends, "sticky", 3, "urlprefix-/sticky sticky=srv")
@@ -93,7 +101,9 @@ class TestSticky:
 class TestWeightsFromMeta:
     """`ferryman-weight` service meta, read from Consul, splits traffic for `lb=weighted` (smooth WRR)."""
 
-    async def test_three_to_one(self, consul, ferryman, backends, http):
+    async def test_three_to_one(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         heavy, light = await Backend("wmeta-heavy").start(), await Backend("wmeta-light").start()
         backends.extend([heavy, light])
         for backend, weight in ((heavy, "3"), (light, "1")):
@@ -109,14 +119,16 @@ class TestWeightsFromMeta:
 class TestActiveChecks:
     """Service meta `ferryman-health-path`: Ferryman's own checks take a failing instance out and back in."""
 
-    async def test_failing_check_removes_and_passing_check_restores(self, consul, workdir, backends, http):
+    async def test_failing_check_removes_and_passing_check_restores(
+        self, consul: ConsulAgent, workdir: Path, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         import random
 
         proxy = FerrymanProcess(consul.addr, workdir, extra=["--active-check-interval", "0.2"])
         try:
             proxy.start()
-            a, b = Backend("active-a").start(), Backend("active-b").start()
-            a, b = await a, await b
+            starting_a, starting_b = Backend("active-a").start(), Backend("active-b").start()
+            a, b = await starting_a, await starting_b
             backends.extend([a, b])
             for backend in (a, b):
                 await asyncio.to_thread(consul.register, "active", backend.instance, backend.port,

@@ -40,7 +40,8 @@ def _run_healthcheck(admin_listen: str) -> subprocess.CompletedProcess[str]:
 
 def _ready(ferryman: FerrymanProcess) -> bool:
     with urllib.request.urlopen(f"{ferryman.admin_url}/ready", timeout=2) as resp:
-        return resp.status == 200
+        status: int = resp.status
+        return status == 200
 
 
 def test_image_healthcheck_passes_on_a_ready_ferryman_and_fails_without_one(ferryman: FerrymanProcess) -> None:

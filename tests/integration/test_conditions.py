@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import aiohttp
 import pytest
 
 from .harness import Backend, ConsulAgent, FerrymanProcess, fetch
@@ -13,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_header_cookie_method_and_query_conditions_pick_their_service(
-    consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http,
+    consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession,
 ) -> None:
     services = {
         "cond-stable": ["urlprefix-/cond"],
@@ -57,7 +60,9 @@ async def test_header_cookie_method_and_query_conditions_pick_their_service(
             await asyncio.to_thread(consul.deregister, f"{name}-1")
 
 
-async def test_a_redirect_route_answers_itself(consul: ConsulAgent, ferryman: FerrymanProcess, http) -> None:
+async def test_a_redirect_route_answers_itself(
+    consul: ConsulAgent, ferryman: FerrymanProcess, http: aiohttp.ClientSession
+) -> None:
     from .harness import wait_until
     await asyncio.to_thread(consul.register, "cond-moved", "cond-moved-1", 9, [
         "urlprefix-/cond-old redirect=308,https://new.example.com$path"], ttl=False)
@@ -71,7 +76,9 @@ async def test_a_redirect_route_answers_itself(consul: ConsulAgent, ferryman: Fe
         await asyncio.to_thread(consul.deregister, "cond-moved-1")
 
 
-async def test_a_95_5_split_and_header_rules_from_the_config_file(consul: ConsulAgent, workdir, backends) -> None:
+async def test_a_95_5_split_and_header_rules_from_the_config_file(
+    consul: ConsulAgent, workdir: Path, backends: list[Backend]
+) -> None:
     """2,000 requests over a [[routes]] split of 95/5: the canary's share within ±2 points; the route's header
     rules set, add and remove fields both ways."""
     config = workdir / "split.toml"
@@ -109,7 +116,9 @@ response_headers = { remove = ["X-Powered-By"], add = { X-Served-Via = "ferryman
             await asyncio.to_thread(consul.deregister, f"{name}-1")
 
 
-async def test_routes_from_service_meta(consul: ConsulAgent, ferryman: FerrymanProcess, backends, http) -> None:
+async def test_routes_from_service_meta(
+    consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+) -> None:
     """A service whose routes do not fit in tags: the bare prefix tag, and the routes in meta."""
     backend = await Backend("cond-meta-1").start()
     backends.append(backend)
@@ -129,8 +138,9 @@ async def test_routes_from_service_meta(consul: ConsulAgent, ferryman: FerrymanP
         await asyncio.to_thread(consul.deregister, "cond-meta-1")
 
 
-async def test_routes_from_consul_kv_follow_puts_and_deletes(consul: ConsulAgent, ferryman: FerrymanProcess,
-                                                               backends, http) -> None:
+async def test_routes_from_consul_kv_follow_puts_and_deletes(
+    consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+) -> None:
     """ferryman/routes/<name> holds a [[routes]] table: added, shifted (a split) and deleted at run time."""
     import time
     import urllib.request
@@ -150,7 +160,7 @@ async def test_routes_from_consul_kv_follow_puts_and_deletes(consul: ConsulAgent
         status, body, _ = await fetch(http, f"{ferryman.url}/kvr/x")
         return str(json.loads(body)["instance"]) if status == 200 else None
 
-    async def until(predicate, what: str) -> float:
+    async def until(predicate: Callable[[], Awaitable[bool]], what: str) -> float:
         started = time.monotonic()
         while not await predicate():
             assert time.monotonic() - started < 5, what
@@ -178,11 +188,13 @@ async def test_routes_from_consul_kv_follow_puts_and_deletes(consul: ConsulAgent
             await asyncio.to_thread(consul.deregister, f"{name}-1")
 
 
-async def _is(result, expected) -> bool:
+async def _is(result: Awaitable[str | None], expected: str | None) -> bool:
     return await result == expected
 
 
-async def test_prepend_and_upstream_host(consul: ConsulAgent, ferryman: FerrymanProcess, backends, http) -> None:
+async def test_prepend_and_upstream_host(
+    consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+) -> None:
     backend = await Backend("cond-pre-1").start()
     backends.append(backend)
     await asyncio.to_thread(consul.register, "cond-pre", "cond-pre-1", backend.port,

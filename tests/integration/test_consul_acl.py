@@ -34,6 +34,7 @@ from .harness import (
     async_wait_until,
     fetch,
     free_port,
+    registration,
     wait_until,
 )
 
@@ -88,9 +89,11 @@ class AclConsul(ConsulAgent):
         made = self.call("PUT", "/v1/acl/token", {"Description": name, "Policies": [{"Name": name}]})
         return made["SecretID"], made["AccessorID"]
 
-    def register(self, name: str, instance: str, port: int, tags: list[str]) -> None:
+    def register(self, name: str, instance: str, port: int, tags: list[str], *, ttl: bool = False,
+                 address: str = "127.0.0.1", meta: dict[str, str] | None = None) -> None:
+        """As the plain agent's, with the management token, and without a TTL check unless asked."""
         self.call("PUT", "/v1/agent/service/register",
-                  {"Name": name, "ID": instance, "Address": "127.0.0.1", "Port": port, "Tags": tags})
+                  registration(name, instance, port, tags, ttl=ttl, address=address, meta=meta))
 
 
 @pytest.fixture(scope="module")

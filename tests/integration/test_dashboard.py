@@ -100,7 +100,8 @@ class PrometheusServer:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"prometheus exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
         with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
-            return resp.status == 200  # type: ignore[no-any-return]
+            status: int = resp.status
+            return status == 200
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -121,7 +122,8 @@ class PromAPI:
         async with self.session.get(f"{self.url}{path}", params=params) as resp:
             body = await resp.text()
         try:
-            return json.loads(body)  # type: ignore[no-any-return]
+            answer: dict[str, Any] = json.loads(body)
+            return answer
         except ValueError:
             return {"status": "error", "error": f"HTTP body is not JSON: {body[:300]!r}"}
 

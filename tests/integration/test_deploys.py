@@ -52,7 +52,9 @@ class Load:
 class TestRollingDeploy:
     """Three instances replaced one by one (start new, register, deregister old, stop old 1 s later)."""
 
-    async def test_zero_failed_requests(self, consul: ConsulAgent, ferryman: FerrymanProcess, backends, http):
+    async def test_zero_failed_requests(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         tag = ["urlprefix-/deploy"]
         current = []
         for i in range(3):
@@ -85,7 +87,9 @@ class TestRollingDeploy:
 class TestCrash:
     """An instance killed with SIGKILL (no deregistration): GETs and POSTs see no failure."""
 
-    async def test_kill_9_costs_no_request(self, consul: ConsulAgent, ferryman: FerrymanProcess, http):
+    async def test_kill_9_costs_no_request(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, http: aiohttp.ClientSession
+    ) -> None:
         procs = []
         try:
             for i in range(3):
@@ -131,7 +135,9 @@ class TestCrash:
 class TestRetryBudget:
     """With every instance refusing, retries stay within the budget (3 + 20% of the window's requests)."""
 
-    async def test_retries_are_bounded(self, consul: ConsulAgent, ferryman: FerrymanProcess, http):
+    async def test_retries_are_bounded(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, http: aiohttp.ClientSession
+    ) -> None:
         for i in range(3):
             await asyncio.to_thread(consul.register, "budget", f"budget-{i}", free_port(), ["urlprefix-/budget"])
         await asyncio.to_thread(ferryman.wait_instances, "budget@*any*/budget",

@@ -7,6 +7,9 @@ import hashlib
 import os
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -36,8 +39,8 @@ async def _routed(consul: ConsulAgent, ferryman: FerrymanProcess, backends: list
     return started
 
 
-async def _instance_of(http: aiohttp.ClientSession, url: str, **kwargs: object) -> str:
-    async with http.get(url, **kwargs) as resp:  # type: ignore[arg-type]
+async def _instance_of(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> str:
+    async with http.get(url, **kwargs) as resp:
         assert resp.status == 200, await resp.text()
         return str((await resp.json())["instance"])
 
@@ -45,7 +48,9 @@ async def _instance_of(http: aiohttp.ClientSession, url: str, **kwargs: object) 
 class TestDiscoveryToTraffic:
     """Instances registered in Consul receive traffic; instances that leave or fail stop receiving it."""
 
-    async def test_two_instances_share_traffic(self, consul, ferryman, backends, http):
+    async def test_two_instances_share_traffic(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         await _routed(consul, ferryman, backends, "share", "share-a", "share-b",
                       tags=["urlprefix-/share lb=round_robin"])
 
@@ -54,8 +59,8 @@ class TestDiscoveryToTraffic:
         assert seen == {"share-a": 10, "share-b": 10}
 
     async def test_deregistered_instance_stops_receiving_within_1s_with_zero_failures(
-        self, consul, ferryman, backends, http
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         a, b = await _routed(consul, ferryman, backends, "dereg", "dereg-a", "dereg-b")
 
         failures: list[str] = []
@@ -84,8 +89,8 @@ class TestDiscoveryToTraffic:
         assert any(h.at > deregistered_at + 1.0 for h in a.hits), "traffic kept flowing to dereg-a"
 
     async def test_instance_with_critical_ttl_check_is_removed_and_returns_when_passing(
-        self, consul, ferryman, backends, http
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         await _routed(consul, ferryman, backends, "ttl", "ttl-a", "ttl-b")
 
         await asyncio.to_thread(consul.ttl, "ttl-b", "critical")
@@ -96,7 +101,9 @@ class TestDiscoveryToTraffic:
         await asyncio.to_thread(consul.ttl, "ttl-b", "passing")
         await asyncio.to_thread(ferryman.wait_instances, "ttl@*any*/ttl", ["ttl-a", "ttl-b"], 1.0)
 
-    async def test_new_instance_receives_traffic_within_1s(self, consul, ferryman, backends, http):
+    async def test_new_instance_receives_traffic_within_1s(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         a, b = await _start(backends, "grow-a", "grow-b")
         await _register(consul, "grow", a, ["urlprefix-/grow"])
         await asyncio.to_thread(ferryman.wait_instances, "grow@*any*/grow", ["grow-a"])
@@ -114,7 +121,9 @@ class TestDiscoveryToTraffic:
 class TestConsulOutage:
     """Losing Consul never empties the table; when it returns, changes are picked up again."""
 
-    async def test_proxy_keeps_serving_while_consul_is_down_and_resyncs_after(self, workdir, backends, http):
+    async def test_proxy_keeps_serving_while_consul_is_down_and_resyncs_after(
+        self, workdir: Path, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         consul = ConsulAgent(workdir)
         consul.start()
         proxy = FerrymanProcess(consul.addr, workdir)
@@ -151,7 +160,9 @@ class TestConsulOutage:
 class TestStreaming:
     """Bodies stream through both ways, intact, without being buffered whole."""
 
-    async def test_5_mib_upload_and_download_arrive_intact(self, consul, ferryman, backends, http):
+    async def test_5_mib_upload_and_download_arrive_intact(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         await _routed(consul, ferryman, backends, "bulk", "bulk-a")
         size = 5 * 1024 * 1024
         payload = os.urandom(size)
@@ -161,7 +172,7 @@ class TestStreaming:
         assert (await _json(body)) == {"sha256": hashlib.sha256(payload).hexdigest(), "size": size,
                                        "chunked": False}
 
-        async def chunks():  # a chunked upload: no Content-Length
+        async def chunks() -> AsyncIterator[bytes]:  # a chunked upload: no Content-Length
             for i in range(0, size, 100_000):
                 yield payload[i : i + 100_000]
 
@@ -174,7 +185,9 @@ class TestStreaming:
         assert headers["Content-Length"] == str(size)
         assert hashlib.sha256(body).digest() == hashlib.sha256(pattern_bytes(0, size)).digest()
 
-    async def test_response_chunks_reach_the_client_as_they_are_sent(self, consul, ferryman, backends, http):
+    async def test_response_chunks_reach_the_client_as_they_are_sent(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         (a,) = await _routed(consul, ferryman, backends, "gate", "gate-a")
 
         async with http.get(f"{ferryman.url}/gate/gated") as resp:
@@ -186,11 +199,11 @@ class TestStreaming:
             assert await asyncio.wait_for(resp.content.read(), 5) == b"second\n"
 
     async def test_request_body_reaches_the_backend_before_the_client_finished_sending(
-        self, consul, ferryman, backends, http
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         (a,) = await _routed(consul, ferryman, backends, "upgate", "upgate-a")
 
-        async def body():
+        async def body() -> AsyncIterator[bytes]:
             yield b"x" * 1000
             await asyncio.wait_for(a.first_chunk_received.wait(), 5)  # fails if the proxy buffers
             yield b"y" * 1000
@@ -203,7 +216,9 @@ class TestStreaming:
 class TestHeaders:
     """Forwarding headers are set as a reverse proxy must; hop-by-hop headers never cross."""
 
-    async def test_forwarded_headers_host_and_hop_by_hop(self, consul, ferryman, backends, http):
+    async def test_forwarded_headers_host_and_hop_by_hop(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         await _routed(consul, ferryman, backends, "hdr", "hdr-a")
 
         status, body, _ = await fetch(http, f"{ferryman.url}/hdr/echo", headers={
@@ -230,7 +245,9 @@ class TestHeaders:
             assert hop not in headers
         assert "Accept-Encoding" not in headers, "the proxy must not invent headers the client did not send"
 
-    async def test_response_hop_by_hop_removed_and_set_cookies_kept(self, consul, ferryman, backends, http):
+    async def test_response_hop_by_hop_removed_and_set_cookies_kept(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         await _routed(consul, ferryman, backends, "resp", "resp-a")
 
         status, _, headers = await fetch(http, f"{ferryman.url}/resp/hopbyhop")
@@ -240,7 +257,9 @@ class TestHeaders:
         assert headers.get("Keep-Alive") is None
         assert headers["X-End-To-End"] == "kept"
 
-    async def test_strip_option_removes_the_prefix_upstream(self, consul, ferryman, backends, http):
+    async def test_strip_option_removes_the_prefix_upstream(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         await _routed(consul, ferryman, backends, "strip", "strip-a", tags=["urlprefix-/strip strip=/strip"])
 
         status, body, _ = await fetch(http, f"{ferryman.url}/strip/users/7?full=1")
@@ -251,12 +270,14 @@ class TestHeaders:
 class TestErrorAnswers:
     """Failures get the status a user of a reverse proxy expects, with a short reason."""
 
-    async def test_no_route_is_404(self, ferryman, http):
+    async def test_no_route_is_404(self, ferryman: FerrymanProcess, http: aiohttp.ClientSession) -> None:
         status, body, _ = await fetch(http, f"{ferryman.url}/nothing-routes-here", headers={"Host": "none.test"})
         assert status == 404
         assert b"no route" in body
 
-    async def test_route_without_healthy_instance_is_503(self, consul, ferryman, backends, http):
+    async def test_route_without_healthy_instance_is_503(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         await _routed(consul, ferryman, backends, "sick", "sick-a")
         await asyncio.to_thread(consul.ttl, "sick-a", "critical")
         await asyncio.to_thread(ferryman.wait_instances, "sick@*any*/sick", [])
@@ -265,7 +286,9 @@ class TestErrorAnswers:
         assert status == 503
         assert b"no healthy instance" in body
 
-    async def test_refused_connection_is_retried_on_another_instance(self, consul, ferryman, backends, http):
+    async def test_refused_connection_is_retried_on_another_instance(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         (live,) = await _start(backends, "retry-live")
         await _register(consul, "retry", live, ["urlprefix-/retry"])
         dead_port = Backend("unused").port  # nothing listens there
@@ -278,7 +301,9 @@ class TestErrorAnswers:
                 assert status == 200, body
         assert len(live.hits) == 8
 
-    async def test_all_instances_refusing_is_502(self, consul, ferryman, http):
+    async def test_all_instances_refusing_is_502(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, http: aiohttp.ClientSession
+    ) -> None:
         dead_port = Backend("unused").port
         await asyncio.to_thread(consul.register, "gone", "gone-1", dead_port, ["urlprefix-/gone"])
         await asyncio.to_thread(ferryman.wait_instances, "gone@*any*/gone", ["gone-1"])
@@ -287,7 +312,9 @@ class TestErrorAnswers:
         assert status == 502
         assert b"cannot connect" in body
 
-    async def test_upstream_read_timeout_is_504(self, consul, ferryman, backends, http):
+    async def test_upstream_read_timeout_is_504(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         await _routed(consul, ferryman, backends, "slow", "slow-a")
 
         status, body, _ = await fetch(http, f"{ferryman.url}/slow/slow?delay=3")  # read timeout is 1 s
@@ -300,7 +327,9 @@ class TestErrorAnswers:
 class TestAdmin:
     """The admin listener exposes metrics, liveness and the routing table."""
 
-    async def test_metrics_count_requests_by_service_and_code(self, consul, ferryman, backends, http):
+    async def test_metrics_count_requests_by_service_and_code(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         await _routed(consul, ferryman, backends, "metric", "metric-a")
         for _ in range(3):
             await fetch(http, f"{ferryman.url}/metric/")
@@ -319,7 +348,7 @@ class TestAdmin:
         assert status == 200
 
 
-async def _json(raw: bytes):
+async def _json(raw: bytes) -> Any:
     import json
 
     return json.loads(raw)

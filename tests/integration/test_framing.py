@@ -20,19 +20,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from .harness import ConsulAgent, FerrymanProcess, _http_json
-from .rawhttp import WAIT, RawUpstream, Response, Truncated, Wire, echo, request, routed_raw
+from .rawhttp import WAIT, Connect, RawUpstream, Response, Truncated, Wire, echo, request, routed_raw
 from .rawhttp import connect as connect  # pytest fixtures, requested by name
 from .rawhttp import upstreams as upstreams
 
 pytestmark = pytest.mark.integration
 
-Connect = Callable[..., Awaitable[Wire]]
 _services = itertools.count(1)  # a service name per test: two ids may read alike once lower-cased
 
 
@@ -78,7 +77,8 @@ def values(headers: list[list[str]], name: str) -> list[str]:
 def seen(resp: Response) -> dict[str, Any]:
     """The account an `echo` upstream gave of the request it received."""
     assert resp.status == 200, f"{resp.status} {resp.reason}: {resp.body[:300]!r}"
-    return json.loads(resp.body)  # type: ignore[no-any-return]
+    account: dict[str, Any] = json.loads(resp.body)
+    return account
 
 
 class Routed:
@@ -155,10 +155,10 @@ class TestAmbiguousLength:
         pytest.param(HEAD + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", id="two-content-lengths"),
         pytest.param(HEAD + b"Content-Length: 5, 6\r\n\r\nhello!", id="content-length-list"),
     ])
-    async def test_refused_and_nothing_forwarded(self, routed, raw):
+    async def test_refused_and_nothing_forwarded(self, routed: Routed, raw: bytes) -> None:
         await refused(routed, raw)
 
-    async def test_the_same_content_length_twice_is_refused_or_forwarded_with_one(self, routed):
+    async def test_the_same_content_length_twice_is_refused_or_forwarded_with_one(self, routed: Routed) -> None:
         # RFC 9110 §8.6: a recipient MAY take `5` and `5` for one valid Content-Length; what it must never do is
         # pass both on. Either answer is acceptable (llhttp refuses any duplicate).
         wire = await routed.connect()
@@ -187,7 +187,7 @@ class TestTransferCodings:
         # `identity` was removed from the registry (RFC 7230); it is not chunked, so the length is unknown.
         pytest.param(b"Transfer-Encoding: identity\r\n", id="identity"),
     ])
-    async def test_not_exactly_chunked_is_refused_and_nothing_forwarded(self, routed, fields):
+    async def test_not_exactly_chunked_is_refused_and_nothing_forwarded(self, routed: Routed, fields: bytes) -> None:
         await refused(routed, HEAD + fields + b"\r\n" + CHUNKED_HELLO)
 
     @pytest.mark.parametrize("coding", [
@@ -196,7 +196,9 @@ class TestTransferCodings:
         pytest.param(b"  chunked  ", id="blank-padded"),
         pytest.param(b"\tcHuNkEd", id="tab-and-mixed-case"),
     ])
-    async def test_chunked_in_another_case_is_framed_as_chunked_not_passed_raw(self, routed, coding):
+    async def test_chunked_in_another_case_is_framed_as_chunked_not_passed_raw(
+        self, routed: Routed, coding: bytes
+    ) -> None:
         # Transfer coding names are case-insensitive (RFC 9112 §7): the body is decoded as chunked and framed
         # anew by the proxy, with its own `Transfer-Encoding: chunked`.
         wire = await routed.connect()
@@ -221,7 +223,7 @@ class TestChunkSizes:
         pytest.param(b"5\r\nhello0\r\n\r\n", id="next-chunk-size-where-the-crlf-belongs"),
         pytest.param(b"3\r\nhello\r\n0\r\n\r\n", id="chunk-longer-than-its-size"),
     ])
-    async def test_invalid_chunk_framing_is_refused_and_nothing_forwarded(self, routed, body):
+    async def test_invalid_chunk_framing_is_refused_and_nothing_forwarded(self, routed: Routed, body: bytes) -> None:
         await refused(routed, HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + body)
 
     @pytest.mark.parametrize("bad", [
@@ -229,8 +231,8 @@ class TestChunkSizes:
         pytest.param(b"5\r\nhelloXX0\r\n\r\n", id="no-crlf-after-chunk-data"),
     ])
     async def test_invalid_chunk_after_the_head_went_upstream_never_completes_the_request_there(
-        self, routed, bad
-    ):
+        self, routed: Routed, bad: bytes
+    ) -> None:
         # Bodies stream: once the head and a first chunk are upstream, a bad chunk can no longer keep the request
         # from the upstream. It must still never see a complete request: no last chunk, its connection closed.
         wire = await routed.connect()
@@ -255,7 +257,7 @@ class TestChunkSizes:
         pytest.param(b"5;name=value", id="extension-with-value"),
         pytest.param(b'5;a=1;b="quoted"', id="two-extensions-one-quoted"),
     ])
-    async def test_chunk_extensions_are_accepted_and_the_body_arrives(self, routed, size_line):
+    async def test_chunk_extensions_are_accepted_and_the_body_arrives(self, routed: Routed, size_line: bytes) -> None:
         # RFC 9112 §7.1.1: a recipient MUST ignore chunk extensions it does not understand.
         wire = await routed.connect()
         wire.send(routed.raw(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + size_line + b"\r\nhello\r\n0\r\n\r\n"))
@@ -292,7 +294,7 @@ class TestFieldLines:
         pytest.param(GET + b"Host: edge.test, other.example\r\n\r\n", id="host-list"),
         pytest.param(GET + b"Host: edge.test other.example\r\n\r\n", id="host-with-a-blank"),
     ])
-    async def test_refused_and_nothing_forwarded(self, routed, raw):
+    async def test_refused_and_nothing_forwarded(self, routed: Routed, raw: bytes) -> None:
         await refused(routed, raw)
 
 
@@ -308,7 +310,7 @@ class TestRequestLine:
         # them as version 1.0; httptools does not say which protocol it read. The upstream still gets a well-formed
         # HTTP/1.1 request line written by the proxy, never the foreign one.
     ])
-    async def test_unsupported_version_is_505_or_400_and_nothing_forwarded(self, routed, line):
+    async def test_unsupported_version_is_505_or_400_and_nothing_forwarded(self, routed: Routed, line: bytes) -> None:
         # RFC 9110 §15.6.6: 505 says the major version is not supported; a 400 for a version the parser does not
         # know is the other reasonable answer. Forwarding it upstream as HTTP/1.1 is neither.
         await refused(routed, line + b"\r\nHost: edge.test\r\n\r\n", (400, 505))
@@ -317,7 +319,7 @@ class TestRequestLine:
         pytest.param(b"GET  {T} HTTP/1.1", id="two-spaces-before-target"),
         pytest.param(b"GET {T}  HTTP/1.1", id="two-spaces-after-target"),
     ])
-    async def test_two_spaces_are_refused_or_read_on_word_boundaries(self, routed, line):
+    async def test_two_spaces_are_refused_or_read_on_word_boundaries(self, routed: Routed, line: bytes) -> None:
         # RFC 9112 §3: a recipient MAY parse on whitespace-delimited word boundaries. Either a 400 that closes,
         # or the request as if single-spaced: never a target with a blank in it upstream.
         wire = await routed.connect()
@@ -341,7 +343,7 @@ class TestHeaderCount:
         return (b"GET {T} HTTP/1.1\r\nHost: edge.test\r\n"
                 + b"".join(b"X-A%d: 1\r\n" % i for i in range(1, count + 1)) + b"\r\n")
 
-    async def test_200_fields_are_forwarded_whole_or_refused_whole(self, routed):
+    async def test_200_fields_are_forwarded_whole_or_refused_whole(self, routed: Routed) -> None:
         # Forwarded whole when the count limit (max_header_count) is 200 or more or there is none; otherwise 431
         # and nothing forwarded. Never some of the fields forwarded and the rest dropped.
         wire = await routed.connect()
@@ -358,7 +360,7 @@ class TestHeaderCount:
                 (f"X-A{i}", "1") for i in range(1, 201)
             ]
 
-    async def test_1000_fields_are_431_and_nothing_forwarded(self, routed):
+    async def test_1000_fields_are_431_and_nothing_forwarded(self, routed: Routed) -> None:
         raw = self.many(1000)
         assert len(raw) < 16 * 1024, "the size limit is not what refuses it"
         await refused(routed, raw, (431,))

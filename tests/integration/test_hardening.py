@@ -17,7 +17,7 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from .harness import Backend, ConsulAgent, FerrymanProcess, _http_json, async_wa
 from .rawhttp import (
     HOST,
     WAIT,
+    Connect,
     RawUpstream,
     Response,
     Truncated,
@@ -83,7 +84,8 @@ async def rest_of(wire: Wire) -> bytes:
 def seen(resp: Response) -> dict[str, Any]:
     """The account an `echo` upstream gave of the request it received."""
     assert resp.status == 200, f"{resp.status} {resp.reason}: {resp.body[:300]!r}"
-    return json.loads(resp.body)
+    account: dict[str, Any] = json.loads(resp.body)
+    return account
 
 
 async def truthy(value: object) -> bool:
@@ -95,9 +97,7 @@ def values(headers: list[list[str]], name: str) -> list[str]:
     return [value for key, value in headers if key.lower() == name.lower()]
 
 
-async def heads_after_a_round_trip(
-    upstream: RawUpstream, connect: Callable[..., Awaitable[Wire]], name: str
-) -> list[str]:
+async def heads_after_a_round_trip(upstream: RawUpstream, connect: Connect, name: str) -> list[str]:
     """Every request head the upstream received, once a probe on a new connection came back: what the proxy had
     read before was forwarded (or not) by then."""
     probe = await connect()
@@ -124,8 +124,9 @@ class TestUpgradeHeads:
 
     @pytest.mark.parametrize("framing", ["content-length", "chunked"])
     async def test_upgrade_request_with_a_body_is_refused_and_nothing_after_its_head_reaches_the_upstream(
-        self, consul, ferryman, upstreams, connect, framing
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect,
+        framing: str
+    ) -> None:
         name = f"hard-upgrade-body-{framing}"
         upstream = await routed_raw(upstreams, consul, ferryman, name, echo)
         wire = await connect()
@@ -151,8 +152,9 @@ class TestUpgradeHeads:
 
     @pytest.mark.parametrize("protocol, forwarded", [("websocket", True), ("h2c", False)])
     async def test_upgrade_the_upstream_does_not_accept_is_answered_as_plain_http_then_the_connection_closes(
-        self, consul, ferryman, upstreams, connect, protocol, forwarded,
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect,
+        protocol: str, forwarded: bool,
+    ) -> None:
         """A WebSocket upgrade goes upstream with its Upgrade (the upstream may answer 101: a tunnel); any other
         upgrade is hop-by-hop and dropped (RFC 9110 §7.6.1). An answer other than 101 is plain HTTP, and the
         connection closes: the bytes after the upgrade head are never read as requests."""
@@ -182,8 +184,9 @@ class TestChunkedTrailers:
 
     @pytest.mark.parametrize("kind", ["raw", "aiohttp"])
     async def test_trailer_fields_are_not_forwarded_as_headers(
-        self, consul, ferryman, upstreams, backends, connect, kind
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], backends: list[Backend],
+        connect: Connect, kind: str
+    ) -> None:
         name = f"hard-trailer-{kind}"
         if kind == "raw":
             await routed_raw(upstreams, consul, ferryman, name, echo)
@@ -230,7 +233,9 @@ class TestEndlessHeaderLine:
         except Truncated as exc:
             pytest.fail(f"no answer: the proxy sent {exc.received[:300]!r} and closed ({exc.ended})")
 
-    async def test_200KiB_header_value_without_its_CRLF_gets_431_and_the_connection_closed(self, connect):
+    async def test_200KiB_header_value_without_its_CRLF_gets_431_and_the_connection_closed(
+        self, connect: Connect
+    ) -> None:
         wire = await connect()
 
         resp, _ = await self.endless_line(wire, b"GET /hard-big/x HTTP/1.1\r\nHost: edge.test\r\n")
@@ -241,8 +246,8 @@ class TestEndlessHeaderLine:
         assert wire.ended is not None, "the connection stayed open after the 431"
 
     async def test_200KiB_trailer_value_without_its_CRLF_gets_431_and_the_connection_closed(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         # The same endless line in a chunked body's trailer section, past the end of the head.
         await routed_raw(upstreams, consul, ferryman, "hard-big-trailer", echo)
         wire = await connect()
@@ -266,8 +271,8 @@ class TestSlowReader:
     the next client once it is back in the pool."""
 
     async def test_pooled_connection_a_slow_reader_used_serves_another_client(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         # The hazard: the read that completes the big response is also the one whose write to the slow client
         # goes over the write buffer's high-water mark, so the proxy stops reading the upstream connection just
         # as it goes back to the pool. Which read completes the response depends on where the proxy's reads
@@ -291,7 +296,11 @@ class TestSlowReader:
             slow.transport.pause_reading()  # reads nothing for a while
             asked = len(served)
             slow.send(request("GET", f"/hard-slowreader/big/{size}"))
-            await async_wait_until(lambda n=asked: truthy(len(served) > n), WAIT, "the upstream to be asked")
+
+            def asked_again(n: int = asked) -> Awaitable[bool]:
+                return truthy(len(served) > n)
+
+            await async_wait_until(asked_again, WAIT, "the upstream to be asked")
             await asyncio.sleep(0.2)  # paces the reader: the buffers on the way fill up and the proxy stops reading
             await slow.trickle(size, pace=0.001)  # then reads it all, slower than the proxy writes
             big = await answer(slow)
@@ -313,8 +322,9 @@ class TestRequestBodyStall:
 
     @pytest.mark.parametrize("framing", ["content-length", "chunked"])
     async def test_body_stalled_after_10_bytes_gets_408_and_the_connection_closed(
-        self, consul, ferryman, upstreams, connect, framing
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect,
+        framing: str
+    ) -> None:
         name = f"hard-stall-{framing}"
         upstream = await routed_raw(upstreams, consul, ferryman, name, echo)
         wire = await connect()
@@ -340,8 +350,8 @@ class TestDeepPipelines:
     """Long pipelines are answered in order, without recursion and without unbounded buffering."""
 
     async def test_600_pipelined_404s_in_one_write_are_all_answered_and_the_connection_serves_on(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         await routed_raw(upstreams, consul, ferryman, "hard-after404", echo)
         wire = await connect()
 
@@ -366,15 +376,15 @@ class TestDeepPipelines:
         return True
 
     async def test_5000_small_gets_pipelined_behind_a_slow_request_are_all_answered_in_order(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         await routed_raw(upstreams, consul, ferryman, "hard-pipe5k", self.numbered)
         wire = await connect()
         targets = ["/hard-pipe5k/slow"] + [f"/hard-pipe5k/{i}" for i in range(5000)]
 
         wire.send(request("GET", targets[0]))
         wire.send(b"".join(request("GET", target) for target in targets[1:]))
-        bodies = []
+        bodies: list[str] = []
         for _ in targets:
             resp = await answer(wire)  # each within WAIT: reading paused at the queue bound resumes
             assert resp.status == 200, f"answer {len(bodies)}: {resp.status} {resp.body!r}"
@@ -384,8 +394,8 @@ class TestDeepPipelines:
         assert wire.ended is None
 
     async def test_proxy_stops_reading_a_pipeline_while_its_queue_is_full(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         await routed_raw(upstreams, consul, ferryman, "hard-pipebound", self.numbered)
         wire = await connect()
         assert wire.transport is not None
@@ -415,8 +425,8 @@ class TestGracefulShutdown:
     """SIGTERM lets the request in flight finish, tells its client the connection ends, then exits 0."""
 
     async def test_in_flight_response_completes_with_connection_close_and_the_process_exits_0(
-        self, consul, backends, workdir: Path
-    ):
+        self, consul: ConsulAgent, backends: list[Backend], workdir: Path
+    ) -> None:
         proxy = FerrymanProcess(consul.addr, workdir)
         wire: Wire | None = None
         try:
@@ -448,7 +458,9 @@ class TestGracefulShutdown:
 class TestThisHop:
     """Headers that describe this hop are written by the proxy, never taken from the client."""
 
-    async def test_client_forwarded_header_is_replaced_by_this_hop(self, consul, ferryman, upstreams, connect):
+    async def test_client_forwarded_header_is_replaced_by_this_hop(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         await routed_raw(upstreams, consul, ferryman, "hard-forwarded", echo)
         wire = await connect()
 
@@ -463,8 +475,8 @@ class TestRequestTargets:
     """Absolute-form targets are routed by their authority; CONNECT is refused."""
 
     async def test_absolute_form_target_is_routed_by_its_authority_and_sent_in_origin_form(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         upstream = await RawUpstream(echo).start()
         upstreams.append(upstream)
         await route_tags(consul, ferryman, "hard-abs", upstream.port, ["urlprefix-hard-abs.test/hard-abs"],
@@ -481,7 +493,9 @@ class TestRequestTargets:
         assert values(got["headers"], "Host") == ["hard-abs.test"]
         assert values(got["headers"], "X-Forwarded-Host") == ["hard-abs.test"]
 
-    async def test_absolute_form_target_with_another_scheme_is_400(self, consul, ferryman, upstreams, connect):
+    async def test_absolute_form_target_with_another_scheme_is_400(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         upstream = await routed_raw(upstreams, consul, ferryman, "hard-scheme", echo)
         wire = await connect()
 
@@ -491,7 +505,9 @@ class TestRequestTargets:
         assert resp.status == 400, f"{resp.status} {resp.reason}: {resp.body!r}"
         assert await heads_after_a_round_trip(upstream, connect, "hard-scheme") == ["GET /hard-scheme/probe"]
 
-    async def test_connect_is_405_and_nothing_reaches_an_upstream(self, consul, ferryman, upstreams, connect):
+    async def test_connect_is_405_and_nothing_reaches_an_upstream(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         # An upstream for the CONNECT authority's host, and one for the request smuggled after the CONNECT head.
         upstream = await RawUpstream(echo).start()
         upstreams.append(upstream)
@@ -520,8 +536,9 @@ class TestTransferCodings:
         pytest.param(b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", id="two-field-lines"),
     ])
     async def test_gzip_then_chunked_is_501_the_connection_closed_and_nothing_forwarded(
-        self, consul, ferryman, upstreams, connect, fields
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect,
+        fields: bytes
+    ) -> None:
         name = f"hard-gzip-{fields.count(b'Transfer')}"
         upstream = await routed_raw(upstreams, consul, ferryman, name, echo)
         warm = await connect()
@@ -551,8 +568,9 @@ class TestUpstreamOverrun:
     ])
     @pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "one-by-one"])
     async def test_next_request_gets_its_own_answer_on_a_new_upstream_connection(
-        self, consul, ferryman, upstreams, connect, extra, pipelined
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect,
+        extra: bytes, pipelined: bool
+    ) -> None:
         async def handler(ex: UpstreamExchange) -> bool:
             if ex.request.target.endswith("/first"):
                 ex.writer.write(ok(b"first answer") + extra)  # one write: one read at the proxy

@@ -19,9 +19,11 @@ import os
 
 import pytest
 
-from .harness import async_wait_until, pattern_bytes
+from .harness import Backend, ConsulAgent, FerrymanProcess, async_wait_until, pattern_bytes
 from .rawhttp import (
     WAIT,
+    Connect,
+    RawUpstream,
     Response,
     Truncated,
     UpstreamExchange,
@@ -45,8 +47,8 @@ class TestBodilessResponses:
     """Responses that carry no body by definition are relayed without one, and the connection stays usable."""
 
     async def test_head_keeps_content_length_sends_no_body_and_the_connection_serves_a_get_next(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         async def handler(ex: UpstreamExchange) -> bool:
             ex.writer.write(ok(b"hello world", b"Content-Type: text/plain\r\n", head=ex.request.method == "HEAD"))
             return True
@@ -71,8 +73,9 @@ class TestBodilessResponses:
         pytest.param(b"304 Not Modified", b'ETag: "v1"\r\nContent-Length: 11\r\n', id="304-with-content-length"),
     ])
     async def test_204_and_304_carry_no_body_and_the_connection_stays_usable(
-        self, consul, ferryman, upstreams, connect, status_line, fields
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect,
+        status_line: bytes, fields: bytes
+    ) -> None:
         async def handler(ex: UpstreamExchange) -> bool:
             if ex.request.target.endswith("/empty"):
                 ex.writer.write(b"HTTP/1.1 " + status_line + b"\r\n" + fields + b"\r\n")
@@ -110,8 +113,8 @@ class TestBodyFraming:
         return True
 
     async def test_chunked_response_reaches_an_http11_client_chunked_and_intact(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         await _raw(upstreams, consul, ferryman, "edge-chunk11", self.chunked)
         wire = await connect()
 
@@ -125,8 +128,8 @@ class TestBodyFraming:
         assert wire.ended is None
 
     async def test_chunked_response_reaches_an_http10_client_close_delimited(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         await _raw(upstreams, consul, ferryman, "edge-chunk10", self.chunked)
         wire = await connect()
 
@@ -140,7 +143,10 @@ class TestBodyFraming:
         assert wire.ended == "eof", "the end of the body is the end of the connection"
 
     @pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
-    async def test_close_delimited_response_arrives_whole(self, consul, ferryman, upstreams, connect, version):
+    async def test_close_delimited_response_arrives_whole(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect,
+        version: str
+    ) -> None:
         size = 300 * 1024
 
         async def handler(ex: UpstreamExchange) -> bool:
@@ -164,8 +170,8 @@ class TestBodyFraming:
         assert upstream.connections == 2
 
     async def test_http10_upstream_connection_without_keep_alive_is_not_reused(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         async def handler(ex: UpstreamExchange) -> bool:
             # An HTTP/1.0 answer without keep-alive ends the connection's use, even if the socket stays open.
             ex.writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello")
@@ -185,8 +191,8 @@ class TestPipelining:
     """Requests sent back to back on one connection are answered in order."""
 
     async def test_pipelined_requests_in_one_write_get_responses_in_order(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         async def handler(ex: UpstreamExchange) -> bool:
             if ex.request.target.endswith("/first"):
                 await asyncio.sleep(0.1)  # tempt a proxy that would answer the quicker one first
@@ -210,8 +216,8 @@ class TestPipelining:
         assert wire.ended is None
 
     async def test_a_malformed_request_pipelined_after_a_valid_one_does_not_cost_the_valid_one_its_answer(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         await _raw(upstreams, consul, ferryman, "edge-pipebad", echo)
         wire = await connect()
 
@@ -232,8 +238,8 @@ class TestExpectContinue:
     """`Expect: 100-continue` is answered by the proxy once it knows where the body goes, and only then."""
 
     async def test_client_gets_100_continue_before_sending_the_body_then_the_final_answer(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         upstream = await _raw(upstreams, consul, ferryman, "edge-expect", echo)
         wire = await connect()
 
@@ -251,7 +257,7 @@ class TestExpectContinue:
         wire.send(request("GET", "/edge-expect/next"))
         assert (await wire.response()).status == 200
 
-    async def test_no_route_answers_404_without_100_continue(self, ferryman, connect):
+    async def test_no_route_answers_404_without_100_continue(self, ferryman: FerrymanProcess, connect: Connect) -> None:
         wire = await connect()
 
         wire.send(request("PUT", "/edge-nowhere/doc", "Expect: 100-continue", "Content-Length: 11"))
@@ -262,7 +268,9 @@ class TestExpectContinue:
         assert resp.header("Connection") == "close"
         assert await wire.until_closed() == b""
 
-    async def test_http10_client_gets_no_100_continue(self, consul, ferryman, upstreams, connect):
+    async def test_http10_client_gets_no_100_continue(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         upstream = await _raw(upstreams, consul, ferryman, "edge-expect10", echo)
         wire = await connect()
 
@@ -286,8 +294,9 @@ class TestInterimResponses:
         pytest.param(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n", id="103-early-hints"),
     ])
     async def test_final_response_after_an_interim_one_arrives_intact(
-        self, consul, ferryman, upstreams, connect, interim
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect,
+        interim: bytes
+    ) -> None:
         async def handler(ex: UpstreamExchange) -> bool:
             ex.writer.write(interim)
             await ex.writer.drain()
@@ -328,7 +337,9 @@ class TestClientProtocolErrors:
                                                              for i in range(70)) + b"\r\n",
                      431, id="70KiB-headers"),
     ])
-    async def test_malformed_request_gets_its_status_and_the_connection_closed(self, connect, raw, status):
+    async def test_malformed_request_gets_its_status_and_the_connection_closed(
+        self, connect: Connect, raw: bytes, status: int
+    ) -> None:
         wire = await connect()
 
         wire.send(raw)
@@ -343,8 +354,8 @@ class TestClientProtocolErrors:
 
 
     async def test_request_refused_as_malformed_never_reaches_the_upstream(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         upstream = await _raw(upstreams, consul, ferryman, "edge-te", echo)
         warm = await connect()
         warm.send(request("GET", "/edge-te/warm-up"))  # leaves a pooled connection the next request could take
@@ -378,8 +389,9 @@ class TestUpstreamCutsTheBody:
         pytest.param("edge-cut-eof-reset", b"\r\n" + b"x" * 1000, "reset", "HTTP/1.1", id="close-delimited-reset"),
     ])
     async def test_client_sees_a_truncated_body(
-        self, consul, ferryman, upstreams, connect, name, answer, ending, client_version
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect, name: str,
+        answer: bytes, ending: str, client_version: str
+    ) -> None:
         cut = asyncio.Event()
 
         async def handler(ex: UpstreamExchange) -> bool:
@@ -408,8 +420,8 @@ class TestStaleUpstreamConnections:
     """Keep-alive connections the upstream dropped are retried on a new connection for idempotent requests."""
 
     async def test_upstream_closing_after_every_keep_alive_response_costs_no_request(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         async def handler(ex: UpstreamExchange) -> bool:
             ex.writer.write(ok(b"n=%d" % ex.connection))  # announces keep-alive, then closes anyway
             return False
@@ -424,8 +436,8 @@ class TestStaleUpstreamConnections:
         assert upstream.connections == 8
 
     async def test_upstream_dropping_a_pooled_connection_as_the_next_request_arrives_costs_no_request(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         async def handler(ex: UpstreamExchange) -> bool:
             if ex.index > 0:
                 return False  # the keep-alive race: the upstream gave up on the connection just as it was reused
@@ -441,7 +453,9 @@ class TestStaleUpstreamConnections:
             assert resp.status == 200, f"{method}: {resp.status} {resp.body!r}"
         assert upstream.connections == 5
 
-    async def test_several_dropped_pooled_connections_cost_no_request(self, consul, ferryman, upstreams, connect):
+    async def test_several_dropped_pooled_connections_cost_no_request(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         both_in = asyncio.Event()
         in_flight = 0
 
@@ -473,8 +487,8 @@ class TestClientGoesAway:
     """A client that hangs up mid-response is logged as 499 and costs nobody else anything."""
 
     async def test_client_disconnect_mid_stream_is_499_and_the_proxy_keeps_serving(
-        self, consul, ferryman, upstreams, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         hung_up = asyncio.Event()
 
         async def handler(ex: UpstreamExchange) -> bool:
@@ -515,8 +529,8 @@ class TestRequestBodies:
     """Request bodies bigger than the proxy's buffer arrive intact, however slowly they are sent."""
 
     async def test_body_over_256KiB_queued_behind_a_slow_request_arrives_intact(
-        self, consul, ferryman, backends, connect
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], connect: Connect
+    ) -> None:
         await _backend(backends, consul, ferryman, "edge-buffered")
         size = 640 * 1024
         payload = os.urandom(size)
@@ -540,8 +554,8 @@ class TestRequestBodies:
 
     @pytest.mark.parametrize("framing", ["content-length", "chunked"])
     async def test_upload_slower_than_the_read_timeout_arrives_intact(
-        self, consul, ferryman, backends, connect, framing
-    ):
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], connect: Connect, framing: str
+    ) -> None:
         # The upstream is silent while the body is still coming: that is not an upstream timeout (README:
         # read_timeout is "the longest silence of an upstream"; here the client is the one still talking).
         await _backend(backends, consul, ferryman, f"edge-slowup-{framing}")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ConsulAgent, FerrymanProcess, wait_until
-from .rawhttp import WAIT, RawUpstream, Truncated, UpstreamExchange, Wire, echo, ok, request
+from .harness import Backend, ConsulAgent, FerrymanProcess, wait_until
+from .rawhttp import WAIT, Connect, Handler, RawUpstream, Truncated, UpstreamExchange, Wire, echo, ok, request
 from .rawhttp import connect as connect  # pytest fixtures, requested by name
 from .rawhttp import upstreams as upstreams
 
@@ -46,7 +46,7 @@ def ferryman(consul: ConsulAgent, workdir: Path) -> Iterator[FerrymanProcess]:
 
 
 async def _route(consul: ConsulAgent, proxy: FerrymanProcess, upstreams: list[RawUpstream], name: str,
-                 handler=echo, options: str = "") -> RawUpstream:
+                 handler: Handler = echo, options: str = "") -> RawUpstream:
     upstream = await RawUpstream(handler).start()
     upstreams.append(upstream)
     tag = f"urlprefix-/{name} {options}".strip()
@@ -68,7 +68,7 @@ async def _refused(wire: Wire, status: int) -> bytes:
 
 class TestBodySize:
     async def test_declared_length_over_the_route_limit_is_413_and_never_forwarded(
-        self, consul, ferryman, upstreams, connect,
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect,
     ) -> None:
         upstream = await _route(consul, ferryman, upstreams, "lim-tag", options="maxbody=1k")
         wire = await connect()
@@ -82,7 +82,7 @@ class TestBodySize:
         assert len(upstream.heads) == 1  # only the first request
 
     async def test_chunked_body_growing_over_the_service_limit_is_cut_at_the_limit(
-        self, consul, ferryman, upstreams, connect,
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect,
     ) -> None:
         upstream = await _route(consul, ferryman, upstreams, "lim-svc")
         wire = await connect()
@@ -98,7 +98,9 @@ class TestBodySize:
         await asyncio.sleep(0.2)
         assert upstream.requests == []  # the upstream never got a whole request: its connection was cut
 
-    async def test_declared_length_over_the_global_limit_is_413(self, consul, ferryman, upstreams, connect) -> None:
+    async def test_declared_length_over_the_global_limit_is_413(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         upstream = await _route(consul, ferryman, upstreams, "lim-global")
         wire = await connect()
         wire.send(b"PUT /lim-global/x HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 2000000\r\n\r\n" + b"x" * 1000)
@@ -107,7 +109,9 @@ class TestBodySize:
 
 
 class TestHeaders:
-    async def test_101_header_fields_is_431(self, consul, ferryman, upstreams, connect) -> None:
+    async def test_101_header_fields_is_431(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect
+    ) -> None:
         upstream = await _route(consul, ferryman, upstreams, "lim-hdr")
         wire = await connect()
         wire.send(request("GET", "/lim-hdr/x", *[f"X-F{i}: 1" for i in range(99)]))  # with Host: 100
@@ -120,7 +124,7 @@ class TestHeaders:
 
 class TestSlowloris:
     async def test_a_head_sent_a_byte_at_a_time_gets_408_and_is_closed_within_the_header_timeout(
-        self, connect,
+        self, connect: Connect,
     ) -> None:
         wire = await connect()
         started = time.monotonic()
@@ -133,7 +137,7 @@ class TestSlowloris:
         assert b"request head not received within 1 s" in body
         assert time.monotonic() - started < 2.5  # 1 s and a sweep tick, with room for a loaded machine
 
-    async def test_a_connection_that_sends_nothing_is_closed_within_the_header_timeout(self, connect) -> None:
+    async def test_a_connection_that_sends_nothing_is_closed_within_the_header_timeout(self, connect: Connect) -> None:
         wire = await connect()
         started = time.monotonic()
         assert await wire.until_closed() == b""
@@ -142,7 +146,7 @@ class TestSlowloris:
 
 class TestServiceConcurrency:
     async def test_beyond_max_concurrent_503_with_retry_after_then_served_again(
-        self, consul, ferryman, upstreams, connect,
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect,
     ) -> None:
         release = asyncio.Event()
 
@@ -171,7 +175,7 @@ class TestServiceConcurrency:
 
 
 class TestNeverAnOpenProxy:
-    async def test_absolute_form_naming_an_unrouted_host_is_400(self, connect) -> None:
+    async def test_absolute_form_naming_an_unrouted_host_is_400(self, connect: Connect) -> None:
         wire = await connect()
         wire.send(b"GET http://example.org/ HTTP/1.1\r\nHost: example.org\r\n\r\n")
         resp = await wire.response()
@@ -187,7 +191,9 @@ async def few_connections(consul: ConsulAgent, workdir: Path) -> AsyncIterator[F
 
 
 class TestClientConnections:
-    async def test_beyond_max_connections_503_and_closed_while_open_ones_are_served(self, few_connections) -> None:
+    async def test_beyond_max_connections_503_and_closed_while_open_ones_are_served(
+        self, few_connections: FerrymanProcess
+    ) -> None:
         proxy = few_connections
         # The harness's start-up probes connected and left; wait until the proxy has counted them out.
         opened = [await Wire.open(proxy.port) for _ in range(3)]
@@ -223,7 +229,7 @@ class TestClientConnections:
 
 class TestSlowClients:
     async def test_a_slow_reader_is_served_and_one_that_stops_reading_is_cut_after_read_timeout(
-        self, consul, workdir, backends,
+        self, consul: ConsulAgent, workdir: Path, backends: list[Backend],
     ) -> None:
         """read_timeout is 1 s: a client that keeps reading, however slowly, gets its body (its progress counts);
         one that stops reading for longer is cut with a reset, and the log says it was the client."""
@@ -253,7 +259,7 @@ class TestSlowClients:
 
 class TestTrustedProxies:
     async def test_forwarding_headers_from_a_trusted_peer_are_kept_from_others_replaced(
-        self, consul, workdir, backends,
+        self, consul: ConsulAgent, workdir: Path, backends: list[Backend],
     ) -> None:
         """The test client connects from 127.0.0.1: trusted in one proxy, not in the other."""
         import json
@@ -288,7 +294,7 @@ class TestTrustedProxies:
 
 class TestPathNormalization:
     async def test_dot_segments_route_where_the_upstream_will_read_them(
-        self, consul, ferryman, upstreams, connect,
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, upstreams: list[RawUpstream], connect: Connect,
     ) -> None:
         public = await _route(consul, ferryman, upstreams, "norm-pub")
         admin = await _route(consul, ferryman, upstreams, "norm-adm")
@@ -308,7 +314,7 @@ class TestPathNormalization:
 
 class TestPipelinedSlowReader:
     async def test_a_client_that_stops_reading_is_cut_and_the_upstream_not_blamed(
-        self, consul, workdir, backends,
+        self, consul: ConsulAgent, workdir: Path, backends: list[Backend],
     ) -> None:
         """Two pipelined requests, the first with a large answer the client does not read: the second waits on
         the client, not on the upstream. After read_timeout the client is cut (`client_send_timeout`); no 504,

@@ -20,7 +20,9 @@ import asyncio
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from aiohttp import web
@@ -61,6 +63,11 @@ class BlobBackend(Backend):
         return resp
 
 
+def _handing_over(reader: Reader) -> Callable[[], Reader]:
+    """A protocol factory for one connection that hands it a protocol object made beforehand."""
+    return lambda: reader
+
+
 class Reader(asyncio.BufferedProtocol):
     """One GET; reads the whole body, paced while slow, checking length and content as it goes."""
 
@@ -79,7 +86,8 @@ class Reader(asyncio.BufferedProtocol):
         self.error: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A connection's transport (asyncio's or uvloop's) is a full Transport; the Protocol API types it BaseTransport.
+        self.transport = cast(asyncio.Transport, transport)
         self.t0 = self.loop.time()
         self.transport.write(self.request)
 
@@ -193,7 +201,7 @@ async def test_slow_readers_do_not_grow_memory_with_the_bodies(consul: ConsulAge
         started = time.monotonic()
         try:
             async with asyncio.timeout(DEADLINE):
-                await asyncio.gather(*(loop.create_connection(lambda r=r: r, "127.0.0.1", proxy.port)
+                await asyncio.gather(*(loop.create_connection(_handing_over(r), "127.0.0.1", proxy.port)
                                        for r in readers))
                 await asyncio.gather(*(r.done for r in readers))
         except TimeoutError:

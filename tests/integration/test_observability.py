@@ -33,7 +33,9 @@ def _series(text: str) -> list[str]:
 
 
 class TestRequestIds:
-    async def test_kept_generated_or_replaced_and_in_every_line(self, consul, ferryman, backends, http) -> None:
+    async def test_kept_generated_or_replaced_and_in_every_line(
+        self, consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend], http: aiohttp.ClientSession
+    ) -> None:
         await _route(consul, ferryman, backends, "rid", "rid-a")
 
         async def through(request_id: str | None) -> tuple[str, list[str]]:
@@ -76,7 +78,9 @@ class TestRequestIds:
 
 
 class TestAccessLogFormats:
-    async def test_combined_to_a_file_with_successes_sampled_out(self, consul, workdir, backends) -> None:
+    async def test_combined_to_a_file_with_successes_sampled_out(
+        self, consul: ConsulAgent, workdir: Path, backends: list[Backend]
+    ) -> None:
         log_file = workdir / f"access-{time.time_ns()}.log"
         proxy = FerrymanProcess(consul.addr, workdir, extra=[
             "--access-log-format", "combined", "--access-log-file", str(log_file), "--access-log-sample", "0",
@@ -105,7 +109,9 @@ class TestAccessLogFormats:
 
 
 class TestReadiness:
-    async def test_stale_when_consul_is_gone_and_ready_again_after(self, workdir: Path, backends) -> None:
+    async def test_stale_when_consul_is_gone_and_ready_again_after(
+        self, workdir: Path, backends: list[Backend]
+    ) -> None:
         """A dedicated agent (the session's keeps running): stopped, /ready turns 503 after max_sync_age while
         the proxy keeps serving its last table; restarted, /ready is 200 again."""
         agent = ConsulAgent(workdir)
@@ -140,7 +146,9 @@ class TestReadiness:
             await asyncio.to_thread(agent.stop)
 
     @pytest.mark.parametrize("workers", [1, 2])
-    async def test_sigterm_drains_not_ready_while_still_serving(self, consul, workdir, backends, workers) -> None:
+    async def test_sigterm_drains_not_ready_while_still_serving(
+        self, consul: ConsulAgent, workdir: Path, backends: list[Backend], workers: int
+    ) -> None:
         proxy = FerrymanProcess(consul.addr, workdir, workers=workers, extra=["--drain-delay", "2"])
         await asyncio.to_thread(proxy.start)
         instance = f"drain{workers}-a"
@@ -158,8 +166,10 @@ class TestReadiness:
                 # Within drain_delay the listener still takes new connections and answers.
                 async with aiohttp.ClientSession() as fresh:
                     assert (await fetch(fresh, f"{proxy.url}/drain{workers}/x"))[0] == 200
-            await asyncio.to_thread(wait_until, lambda: proxy.proc.poll() is not None, 15, "the process to exit")
-            assert proxy.proc.returncode == 0
+            proc = proxy.proc
+            assert proc is not None
+            await asyncio.to_thread(wait_until, lambda: proc.poll() is not None, 15, "the process to exit")
+            assert proc.returncode == 0
         finally:
             await asyncio.to_thread(proxy.stop)
             await asyncio.to_thread(consul.deregister, instance)
@@ -178,7 +188,9 @@ def _status(url: str) -> int:
 
 
 class TestSeriesHygiene:
-    async def test_two_hundred_instances_come_and_go_and_the_series_count_returns(self, workdir, backends) -> None:
+    async def test_two_hundred_instances_come_and_go_and_the_series_count_returns(
+        self, workdir: Path, backends: list[Backend]
+    ) -> None:
         """Register and remove 200 instances (4 rounds of 50, all pointing at one live backend, with traffic
         while they are in): every per-instance series leaves with its instance. Two workers, the default
         deployment, so the supervisor's merged view is what is checked. A Consul agent of its own, so that
@@ -223,8 +235,8 @@ class TestSeriesHygiene:
                 await asyncio.sleep(1.5)
                 end = _series((await fetch(http, f"{proxy.admin_url}/metrics"))[1].decode())
             strip = re.compile(r" \S+$")
-            names = {strip.sub("", s) for s in peak}
-            assert len(peak) >= len(start) + 50, [s for s in start if strip.sub("", s) not in names]
+            peak_names = {strip.sub("", s) for s in peak}
+            assert len(peak) >= len(start) + 50, [s for s in start if strip.sub("", s) not in peak_names]
             # Same series (values change: counters went up); nothing about a departed instance is left.
             assert sorted(strip.sub("", s) for s in end) == sorted(strip.sub("", s) for s in start)
             assert not [s for s in end if "churn-" in s and "churn-base" not in s]

@@ -150,7 +150,8 @@ def dump_dom(ferryman: FerrymanProcess, workdir: Path) -> StatusDom:
 
 def status_document(ferryman: FerrymanProcess) -> dict[str, Any]:
     with urllib.request.urlopen(f"{ferryman.admin_url}/api/status", timeout=5) as resp:
-        return json.loads(resp.read())  # type: ignore[no-any-return]
+        document: dict[str, Any] = json.loads(resp.read())
+        return document
 
 
 async def _start_services(consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend],

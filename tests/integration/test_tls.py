@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import re
@@ -76,7 +77,7 @@ class TlsFerryman(FerrymanProcess):
         super().start()
         try:
             for port in (self.tls_port, *self.more_tls_ports):
-                wait_until(lambda port=port: self._tls_accepts(port), 10, f"Ferryman's TLS listener on {port}")
+                wait_until(functools.partial(self._tls_accepts, port), 10, f"Ferryman's TLS listener on {port}")
             if self.workers > 1:
                 # The listeners accept as soon as ONE worker is up; the others load the certificate files a little
                 # later, and one that loads them after a test changed them would serve the new ones unasked.
@@ -551,7 +552,7 @@ class TlsBackend(Backend):
         leaf.write(cert, key)
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(cert, key)
-        self.context.sni_callback = lambda _sock, name, _ctx: self.sni_seen.append(name)  # type: ignore[func-returns-value]
+        self.context.sni_callback = lambda _sock, name, _ctx: self.sni_seen.append(name)
 
     async def start(self) -> TlsBackend:
         app = web.Application()

@@ -86,7 +86,9 @@ def _gauge(text: str) -> float | None:
 
 
 class TestWebSocket:
-    async def test_a_thousand_messages_each_way_ping_and_close_code(self, ferryman, ws_backend, http) -> None:
+    async def test_a_thousand_messages_each_way_ping_and_close_code(
+        self, ferryman: FerrymanProcess, ws_backend: WsBackend, http: aiohttp.ClientSession
+    ) -> None:
         async with http.ws_connect(f"{ferryman.url}/ws/echo", autoping=False) as ws:
             # The gauge counts it while it is open.
             _, body, _ = await fetch(http, f"{ferryman.admin_url}/metrics")
@@ -120,7 +122,9 @@ class TestWebSocket:
         access = [e for e in ferryman.log_events() if e.get("event") == "access" and e.get("path") == "/ws/echo"]
         assert access and access[-1]["status"] == 101 and access[-1]["service"] == "ws"
 
-    async def test_client_closing_closes_the_upstream_side(self, ferryman, ws_backend, http) -> None:
+    async def test_client_closing_closes_the_upstream_side(
+        self, ferryman: FerrymanProcess, ws_backend: WsBackend, http: aiohttp.ClientSession
+    ) -> None:
         async with http.ws_connect(f"{ferryman.url}/ws/echo") as ws:
             await ws.send_str("hello")
             assert (await ws.receive(timeout=5)).data == "hello"
@@ -128,7 +132,9 @@ class TestWebSocket:
         await asyncio.to_thread(wait_until, lambda: ws_backend.closed_codes, 5, "the backend to see the close")
         assert ws_backend.closed_codes[-1] == 1000
 
-    async def test_a_refused_upgrade_is_an_ordinary_answer(self, ferryman, http) -> None:
+    async def test_a_refused_upgrade_is_an_ordinary_answer(
+        self, ferryman: FerrymanProcess, http: aiohttp.ClientSession
+    ) -> None:
         # No route: 404, and the WebSocket handshake fails on the client as it should.
         with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
             async with http.ws_connect(f"{ferryman.url}/no-such-ws-route/echo"):
@@ -143,7 +149,9 @@ def _metrics(ferryman: FerrymanProcess) -> str:
 
 
 class TestServerSentEvents:
-    async def test_the_first_event_arrives_before_the_last_is_sent(self, ferryman, ws_backend, http) -> None:
+    async def test_the_first_event_arrives_before_the_last_is_sent(
+        self, ferryman: FerrymanProcess, ws_backend: WsBackend, http: aiohttp.ClientSession
+    ) -> None:
         async with http.get(f"{ferryman.url}/ws/events") as resp:
             assert resp.headers["Content-Type"] == "text/event-stream"
             first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
@@ -156,7 +164,7 @@ class TestServerSentEvents:
 
 class TestIdleTunnels:
     async def test_a_silent_websocket_is_closed_after_websocket_idle_timeout(
-        self, consul: ConsulAgent, workdir: Path, ws_backend,
+        self, consul: ConsulAgent, workdir: Path, ws_backend: WsBackend,
     ) -> None:
         proxy = FerrymanProcess(consul.addr, workdir, extra=["--websocket-idle-timeout", "1", "--read-timeout", "30"])
         await asyncio.to_thread(proxy.start)

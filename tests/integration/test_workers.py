@@ -6,6 +6,8 @@ import asyncio
 import re
 import signal
 import time
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -15,7 +17,7 @@ from .harness import Backend, ConsulAgent, FerrymanProcess, fetch, wait_until
 pytestmark = pytest.mark.integration
 
 
-def _worker_pids(log_events: list[dict]) -> set[int]:
+def _worker_pids(log_events: list[dict[str, Any]]) -> set[int]:
     return {e["pid"] for e in log_events if e.get("event") == "worker_started"}
 
 
@@ -28,7 +30,9 @@ def _http_text(url: str) -> str:
 class TestWorkers:
     """`--workers 2`: both workers serve, follow Consul, and their metrics add up on the admin port."""
 
-    async def test_two_workers_follow_consul_and_sum_metrics(self, consul: ConsulAgent, workdir, backends):
+    async def test_two_workers_follow_consul_and_sum_metrics(
+        self, consul: ConsulAgent, workdir: Path, backends: list[Backend]
+    ) -> None:
         proxy = FerrymanProcess(consul.addr, workdir, workers=2, log_flush_interval=0.25)
         try:
             proxy.start()
@@ -48,7 +52,7 @@ class TestWorkers:
                     status, _, _ = await fetch(http, f"{proxy.url}/multi/")
                     assert status == 200
             # Access lines are buffered (log_flush_interval 0.25 s) and reach the log within the interval.
-            def access_lines() -> list[dict]:
+            def access_lines() -> list[dict[str, Any]]:
                 return [e for e in proxy.log_events() if e.get("event") == "access"]
 
             await asyncio.to_thread(wait_until, lambda: len(access_lines()) == total, 5, "every access line")

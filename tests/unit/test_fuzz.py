@@ -340,7 +340,8 @@ def read_back(raw: bytes, *, response: bool) -> tuple[Head, Any]:
         parser.feed_data(raw)
     except httptools.HttpParserError as exc:
         # A 101 ends HTTP on the connection: llhttp stops right after the head, and says so with an error.
-        if not (response and parser.get_status_code() == 101 and "Upgrade" in str(exc)):
+        upgraded = isinstance(parser, httptools.HttpResponseParser) and parser.get_status_code() == 101
+        if not (upgraded and "Upgrade" in str(exc)):
             raise
     assert head.complete, f"llhttp did not see the end of the head: {raw!r}"
     return head, parser

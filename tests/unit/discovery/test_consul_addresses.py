@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -126,13 +126,14 @@ def client(apis: list[FakeApi], token: str | None = None) -> ConsulClient:
 
 CATALOG = ok(("7", {"consul": [], "web": ["urlprefix-/"]}))
 HEALTHY = ok(("7", [{"Node": {"Node": "s1"}, "Service": {"ID": "consul"}, "Checks": []}]))
+# aiohttp reads only these three fields of the ConnectionKey it is given, so a stand-in is enough.
 REFUSED = fails(aiohttp.ClientConnectorError(SimpleNamespace(ssl=None, host="127.0.0.1", port=8500),  # type: ignore[arg-type]
                                              ConnectionRefusedError(111, "Connection refused")))
 NO_LEADER = fails(consul.ConsulException("500 No cluster leader"))
 RPC_ERROR = fails(consul.ConsulException("500 rpc error making call: EOF"))
 
 
-def failovers(logs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+def failovers(logs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
     return [(e["from"], e["to"], e["reason"]) for e in logs if e["event"] == "consul_failover"]
 
 

@@ -277,7 +277,7 @@ async def server() -> AsyncIterator[FakeServer]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    fake.address = ConsulAddress("http", "127.0.0.1", site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    fake.address = ConsulAddress("http", "127.0.0.1", runner.addresses[0][1])
     try:
         yield fake
     finally:

@@ -53,7 +53,8 @@ def compose() -> dict[str, Any]:
     """The compose file as `docker-compose config` normalizes it."""
     result = _docker_compose("config")
     assert result.returncode == 0, result.stderr
-    return yaml.safe_load(result.stdout)  # type: ignore[no-any-return]
+    normalized: dict[str, Any] = yaml.safe_load(result.stdout)
+    return normalized
 
 
 def _service(compose: dict[str, Any], name: str) -> dict[str, Any]:

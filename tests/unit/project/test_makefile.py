@@ -30,7 +30,7 @@ def _variable(name: str) -> list[str]:
 
 def _apt_installed() -> list[str]:
     """Every package named by an APT_ENSURE call: the only way the Makefile runs `apt-get install`."""
-    packages = []
+    packages: list[str] = []
     for argument in re.findall(r"\$\(call APT_ENSURE,([^)]*\)?)\)", _text()):
         variable = re.fullmatch(r"\$\((\w+)\)", argument.strip())
         packages += _variable(variable.group(1)) if variable else argument.split()

@@ -58,7 +58,7 @@ def snapshot(*routes: tuple[str, RouteSpec]) -> Snapshot:
 GOOD = snapshot(("web", parse_route_tag("urlprefix-/")))
 # A value no tag parser would let through (priority must be a number): stands for a bug in a builder.
 # Options of the wrong shape (a bug upstream of the table builder, which then fails on them).
-BROKEN = snapshot(("web", RouteSpec("", "/", (("priority", "high"),))))  # type: ignore[arg-type]
+BROKEN = snapshot(("web", RouteSpec("", "/", (("priority", "high"),))))  # type: ignore[arg-type]  # wrong on purpose
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ file, line and key."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ response_headers = { remove = ["Server", "X-Powered-By"], set = { Cache-Control 
 """
 
 
-def _load(tmp_path: Path, text: str) -> dict:
+def _load(tmp_path: Path, text: str) -> dict[str, Any]:
     path = tmp_path / "f.toml"
     path.write_text(text)
     return load_file(path)

@@ -4,6 +4,7 @@ connections (no sockets, no Consul). What the client is sent, what the pool is t
 from __future__ import annotations
 
 from collections.abc import Coroutine
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from typing import Any
 
@@ -73,7 +74,7 @@ class FakeConn:
 class FakeUpstream:
     """Idle connections on hand for some instances; connecting to others fails (refused) or succeeds."""
 
-    def __init__(self, idle: set[int] = frozenset(), refuse: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(self, idle: AbstractSet[int] = frozenset(), refuse: AbstractSet[int] = frozenset()) -> None:
         self.idle, self.refuse = set(idle), set(refuse)
         self.conns: list[FakeConn] = []
         self.released: list[tuple[FakeConn, bool]] = []
@@ -157,9 +158,10 @@ def setup(
     assert pool is not None
     loop = FakeLoop()
     ctx = ProxyContext(
-        router=Router(RoutingTable.from_snapshot(snapshot)), pools=pools, upstream=upstream,  # type: ignore[arg-type]
+        router=Router(RoutingTable.from_snapshot(snapshot)), pools=pools,
+        upstream=upstream,  # type: ignore[arg-type]  # a FakeUpstream plays the UpstreamPool
         metrics=Metrics(registry=CollectorRegistry()), listen_port=8080, proto="http", access_log=None,
-        loop=loop,  # type: ignore[arg-type]
+        loop=loop,  # type: ignore[arg-type]  # an exchange asks its loop only for time() and create_task()
         limits=ListenerLimits(read_timeout=5.0),
     )
     client = FakeClient(ctx)
@@ -169,7 +171,7 @@ def setup(
     check_head(req, method, "1.1", True, False)
     req.request_id = b"r1"
     route = replace(ctx.router.current.routes[0], members=members)
-    return Exchange(client, req, route, pool, b"/", 0.0, "/", "web"), client, loop, pool  # type: ignore[arg-type]
+    return Exchange(client, req, route, pool, b"/", 0.0, "/", "web"), client, loop, pool
 
 
 class TestRelay:
@@ -195,7 +197,8 @@ class TestRelay:
         ex.attempt()
         assert len(loop.tasks) == 1 and not upstream.conns
         loop.run_tasks()
-        assert len(upstream.conns) == 1 and ex.conn is upstream.conns[0]
+        assert len(upstream.conns) == 1
+        assert ex.conn is upstream.conns[0]  # type: ignore[comparison-overlap]  # a FakeConn plays the connection
 
 
 class TestRoutesPerInstance:

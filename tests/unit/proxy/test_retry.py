@@ -56,7 +56,7 @@ def verdict(
     ],
 )
 def test_verdict(kwargs: dict[str, object], expected: Verdict) -> None:
-    assert verdict(**kwargs) is expected  # type: ignore[arg-type]
+    assert verdict(**kwargs) is expected  # type: ignore[arg-type]  # each row's values fit their keywords
 
 
 def test_a_timeout_stops_every_later_retry() -> None:

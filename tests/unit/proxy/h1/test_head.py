@@ -55,7 +55,7 @@ class TestRefused:
     def test_refused(
         self, headers: Headers, kwargs: dict[str, object], error: type[ProxyError], message: str,
     ) -> None:
-        req = head(headers, **kwargs)  # type: ignore[arg-type]
+        req = head(headers, **kwargs)  # type: ignore[arg-type]  # each row's values fit their keywords
         assert isinstance(req.bad, error)
         assert message in req.bad.message
         # A head that is not HTTP/1.1 as the proxy can frame it ends the connection; a well-framed request for
