@@ -23,6 +23,7 @@ services it routes were read once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -41,10 +42,12 @@ log = structlog.get_logger("ferryman.discovery")
 
 OnChange = Callable[[Snapshot | SnapshotDelta], None]
 T = TypeVar("T")
-# How long after a catalog change that shows nothing new its check change must have arrived (both answers
-# carry the same index when an instance with a check registers); beyond it, the change is read as one of an
-# instance without checks.
+# A catalog change that shows nothing new is explained by a check written at the same index (an instance with a
+# check came, went or changed: both answers carry that index). Until state/any has answered at or past that index
+# the question stays open (asked again every _EXPLAIN_WAIT_S); when it has not after _EXPLAIN_MAX_S, no check
+# moved with the change: an instance without checks of its own changed.
 _EXPLAIN_WAIT_S = 0.5
+_EXPLAIN_MAX_S = 10.0
 
 
 class CatalogSource(Protocol):
@@ -87,6 +90,7 @@ class Watcher:
         limit: RateLimit = DEFAULT_LIMIT,
         fetch_concurrency: int = 4,
         min_interval: float = 0.1,
+        explain_max: float = _EXPLAIN_MAX_S,
     ) -> None:
         self._source = source
         self._on_change = on_change
@@ -101,6 +105,8 @@ class Watcher:
         self._checks: dict[str, Checks] = {}  # per datacenter: state/any as last read
         self._catalog_index: dict[str, int] = {}  # per datacenter: the index of the catalog last read
         self._check_writes: dict[str, set[int]] = {}  # per datacenter: indexes checks were written at
+        self._check_answers: dict[str, collections.deque[int]] = {}  # and the indexes state/any answered at
+        self._checks_at: dict[str, int] = {}  # the highest index state/any answered at
         self._explaining: set[tuple[str, int]] = set()  # catalog changes waiting to be explained
         self._wanted: dict[str, set[str]] = {}  # per datacenter: the services it routes (from its catalog)
         self._read_checks: dict[str, dict[str, frozenset[CheckView]]] = {}  # what each read showed of checks
@@ -115,6 +121,7 @@ class Watcher:
         self._current: dict[str, ServiceRoutes] = {}  # what was handed over, by service
         self._pending: dict[str, ServiceRoutes | None] = {}  # built, not handed over yet (None: gone)
         self._min_interval = min_interval
+        self._explain_max = explain_max
         self._last_handover = float("-inf")
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last: Snapshot | None = None
@@ -183,7 +190,8 @@ class Watcher:
                 # The catalog moved and shows nothing new: an instance came or went. If no check moved with it
                 # (state/any stays behind this index), it has no check of its own: look again (below).
                 self._explaining.add((dc, index))
-                asyncio.get_running_loop().call_later(_EXPLAIN_WAIT_S, self._explain, dc, index)
+                loop = asyncio.get_running_loop()
+                loop.call_later(_EXPLAIN_WAIT_S, self._explain, dc, index, loop.time() + self._explain_max)
             self._catalog_index[dc] = index
 
         async def fetch(index: int) -> tuple[int, tuple[int, dict[str, list[str]]]]:
@@ -207,12 +215,17 @@ class Watcher:
         self._wake.set()
         self._maybe_hand_over()
 
-    def _explain(self, dc: str, index: int) -> None:
+    def _explain(self, dc: str, index: int, deadline: float) -> None:
         """A catalog change no check change came with: every routed service of the datacenter is read again
         (rate-limited by the readers), since nothing tells which one gained or lost an instance without checks."""
+        if index in self._check_writes.get(dc, ()) or index in self._check_answers.get(dc, ()):
+            self._explaining.discard((dc, index))
+            return  # explained: a check was written (or removed) with it, and its service is being read
+        loop = asyncio.get_running_loop()
+        if self._checks_at.get(dc, 0) < index and loop.time() < deadline:
+            loop.call_later(_EXPLAIN_WAIT_S, self._explain, dc, index, deadline)  # state/any not there yet
+            return
         self._explaining.discard((dc, index))
-        if index in self._check_writes.get(dc, ()):
-            return  # explained: a check was written with it (its service is being read)
         wanted = self._wanted.get(dc, set())
         log.info("catalog_resync", datacenter=dc or None, services=len(wanted),
                  reason="an instance changed and no check with it")
@@ -225,7 +238,9 @@ class Watcher:
             after = Checks.read(checks)
             # The indexes checks were written at (and this answer's, for checks removed): a catalog change at
             # one of them came with a check change.
-            self._check_writes[dc] = {v[5] for views in after.services.values() for v in views} | {index}
+            self._check_writes[dc] = {v[5] for views in after.services.values() for v in views}
+            self._check_answers.setdefault(dc, collections.deque(maxlen=256)).append(index)
+            self._checks_at[dc] = max(self._checks_at.get(dc, 0), index)
             before = self._checks.get(dc)
             self._checks[dc] = after
             if before is None:

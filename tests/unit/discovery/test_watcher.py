@@ -271,7 +271,8 @@ class Harness:
         self.current: Snapshot | None = None
         self.errors: list[str] = []
         self.watcher = Watcher(source, self._on_change, on_error=self.errors.append, backoff_base=0.001,
-                               backoff_cap=0.01, limit=RateLimit.unlimited(), min_interval=min_interval)
+                               backoff_cap=0.01, limit=RateLimit.unlimited(), min_interval=min_interval,
+                               explain_max=0.6)
         self.task: asyncio.Task[None] | None = None
 
     @classmethod
