@@ -46,7 +46,7 @@ A/B mode: this tree's Ferryman against another checkout's, for "no slower than b
     placed differently from one run to the next.
   * Screening: for each run the machine's busy time (/proc/stat) less that of the instance, wrk and the
     backends says how many CPUs other processes (other users of a shared machine) took meanwhile. A round
-    counts only when that is at most --max-others (0.2 CPUs) in both its runs; else one more round is run,
+    counts only when that is at most --max-others (0.1 CPUs) in both its runs; else one more round is run,
     up to 3 x --rounds or the deadline. Even a little outside load moves req per CPU-s by several percent
     (a starved or load-limited instance batches differently), and CPU seconds alone do not normalise that.
   * Figures: per round and in total, req/s and req per proxy CPU-second of A and B and A/B; the summary is
@@ -1171,7 +1171,7 @@ AB_RUN_OVERHEAD_S: Final = 2.0  # per wrk run: start, /proc reads, the pause bet
 AB_PAUSE_S: Final = 0.5  # between two runs, so the previous one's connections are closed
 AB_DEADLINE_MAX_S: Final = 1200.0  # plans longer than 20 minutes are refused
 AB_BOUND: Final = 0.97  # issue 13: A's req per CPU-s within 3% of B's
-AB_MAX_OTHERS: Final = 0.2  # a round counts when other processes took at most this many CPUs, in both runs
+AB_MAX_OTHERS: Final = 0.1  # a round counts when other processes took at most this many CPUs, in both runs
 AB_EXTRA_ROUNDS: Final = 3  # at most this many times --rounds are run, to find enough quiet ones
 AB_MIN_COUNTED: Final = 3  # fewer counted rounds than this: no verdict
 
