@@ -52,7 +52,7 @@ A/B mode: this tree's Ferryman against another checkout's, for "no slower than b
   * Figures: per round and in total, req/s and req per proxy CPU-second of A and B and A/B; the summary is
     the median of the per-round A/B ratios of the counted rounds with their min and max (the pooled ratio
     and the ratio over every round, busy ones included, are given too), and issue 13's check: A's req per
-    CPU-s at least 97% of B's. Fewer than 3 counted rounds give no verdict. Printed and written to
+    CPU-s at least 97% of B's. Fewer than 3 counted rounds give no verdict (exit status 3). Printed and written to
     bench/out/ab.md. The deadline is set from the plan (at most 20 minutes); the same process bounds apply.
 """
 
@@ -1304,7 +1304,9 @@ def main_ab(args: argparse.Namespace) -> int:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "ab.md").write_text(report + "\n")
     print(f"\n(written to {OUT_DIR / 'ab.md'})")
-    return 1 if any(r.wrk.failure for r in runs) else 0
+    if any(r.wrk.failure for r in runs):
+        return 1
+    return 3 if len(counted) < AB_MIN_COUNTED else 0  # 3: too few quiet rounds for a verdict
 
 
 @dataclass(frozen=True)
