@@ -62,6 +62,8 @@ class RouteOptions:
     redirect: tuple[int, str] | None = None  # redirect=CODE,URL: answered by the proxy itself
     prepend: str | None = None  # prepend=: prefix added to the path sent upstream
     host: str | None = None  # host=: the Host header sent upstream
+    read_timeout: float | None = None  # read_timeout=: the service's upstream read timeout in seconds
+    connect_timeout: float | None = None  # connect_timeout=: the service's connect timeout in seconds
     # Options Ferryman does not implement (Fabio's auth=, ...), in tag order: kept to be reported, never used.
     unknown: tuple[tuple[str, str], ...] = ()
 
@@ -104,6 +106,8 @@ class ServiceSettings:
     health_path: str | None = None  # checked by Ferryman itself
     max_body: int | None = None  # request body limit in bytes (0: none beyond the global one)
     max_concurrent: int | None = None  # requests in progress (0: no limit)
+    read_timeout: float | None = None  # seconds an upstream may stay silent (long polls, streams)
+    connect_timeout: float | None = None  # seconds to connect to an instance
 
     def over(self, fallback: ServiceSettings) -> ServiceSettings:
         """These settings, each one not set here taken from `fallback`."""

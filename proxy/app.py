@@ -292,7 +292,7 @@ class Ferryman:
             tunnel_idle_timeout=s.client.websocket_idle_timeout, max_attempts=max(1, s.upstream.max_attempts),
             max_connections=s.client.max_connections, max_target=s.client.max_request_target,
             max_header_bytes=s.client.max_header_bytes, max_header_count=s.client.max_header_count,
-            max_body=s.client.max_body,
+            max_body=s.client.max_body, underscores_in_headers=s.client.underscores_in_headers,
             access_sample=s.logs.access_sample, redirect=redirect,
             trusted=TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
         )
@@ -349,6 +349,8 @@ class Ferryman:
         """Say not-ready (/ready 503) and keep serving for `drain_delay` seconds, so load balancers in front
         stop sending before the listener closes."""
         self.draining = True
+        for proxy in self._proxies:
+            proxy.drain()
         if self.report_dir is not None:
             write_report(self.report_dir, self.report())
         if self.settings.timeouts.drain_delay > 0:

@@ -100,6 +100,8 @@ class ClientLimits:
     idle_timeout: float
     websocket_idle_timeout: float
     trusted_proxies: tuple[IPNetwork, ...]
+    # Keep header fields named with '_' (`Transfer_Encoding`): CGI/WSGI backends read them as their '-' twins.
+    underscores_in_headers: bool = False
 
 
 @dataclass(frozen=True, slots=True)
