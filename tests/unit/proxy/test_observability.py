@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -78,7 +79,7 @@ class TestRequestIds:
     def test_fresh_ids_are_not_a_counter(self) -> None:
         """Consecutive ids share no prefix and are not one apart: another client's id cannot be guessed."""
         ids = [int(new_request_id(), 16) for _ in range(600)]  # across at least two batches
-        steps = {b - a for a, b in zip(ids, ids[1:], strict=False)}
+        steps = {b - a for a, b in itertools.pairwise(ids)}
         assert len(steps) == len(ids) - 1  # a counter would give one step, again and again
         assert len({i >> 64 for i in ids}) == len(ids)  # no per-process prefix either
 
