@@ -114,6 +114,8 @@ CASES = [
     Case("asterisk-get-then-victim", b"GET * HTTP/1.1\r\n" + H + b"\r\n" + VICTIM, (400, 200), ("GET {T}/victim",)),
     Case("fragment-then-victim", b"GET {T}/a#x HTTP/1.1\r\n" + H + b"\r\n" + VICTIM, (400, 200),
          ("GET {T}/victim",)),
+    Case("user-info-then-victim", b"GET http://evil@edge.test{T}/a HTTP/1.1\r\n" + H + b"\r\n" + VICTIM, (400, 200),
+         ("GET {T}/victim",)),
     Case("upgrade-with-body-then-victim", b"GET {T}/a HTTP/1.1\r\n" + H + b"Connection: upgrade\r\n"
          b"Upgrade: websocket\r\nContent-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED, (400,),
          absent=(b"/smuggled",)),
