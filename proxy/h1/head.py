@@ -107,18 +107,14 @@ def check_head(req: Request, method: str, version: str, keep_alive: bool, upgrad
     hosts = 0
     coding = b""
     upgrade = b""
-    recode_length = False
     for name, value in req.headers:
         lower = name.lower()
         if lower == b"host":
             req.host = value
             hosts += 1
         elif lower == b"content-length":
-            digits = value.strip()
-            if digits.isdigit():  # llhttp refused anything else, and a second differing value
-                req.content_length = int(digits)
-                if len(digits) != len(value) or (digits[0] == 48 and len(digits) > 1):  # 48: b"0"
-                    recode_length = True
+            if value.strip().isdigit():  # llhttp refused anything else, and a second differing value
+                req.content_length = int(value)
             if req.body_kind == BODY_NONE and req.content_length != 0:
                 req.body_kind = BODY_LENGTH
         elif lower == b"transfer-encoding":
@@ -131,11 +127,8 @@ def check_head(req: Request, method: str, version: str, keep_alive: bool, upgrad
             req.request_id = value
         elif lower == b"upgrade":
             upgrade = value
-    if recode_length:
-        # `074` or ` 74`: the upstream gets the canonical decimal. A backend reading a leading zero as octal
-        # would frame 60 bytes where this proxy framed 74 (RFC 9110 §8.6: 1*DIGIT, decimal).
-        canonical = b"%d" % req.content_length
-        req.headers = [(n, canonical if n.lower() == b"content-length" else v) for n, v in req.headers]
+    if req.content_length >= 0:
+        _canonical_length(req)
     req.bad = _refusal(req, version, hosts, coding)
     if req.bad is not None:
         req.keep_alive = False
@@ -149,19 +142,35 @@ def check_head(req: Request, method: str, version: str, keep_alive: bool, upgrad
             req.bad = BadRequest("an upgrade request must not have a body")
         elif method == "GET" and b"websocket" in upgrade.lower():
             req.upgrade = b"websocket"
-    if req.bad is None:
-        if req.target[:1] != b"/":
-            if req.target == b"*":
-                if method != "OPTIONS":  # RFC 9112 §3.2.4: the asterisk form is for a server-wide OPTIONS only
-                    req.bad = BadRequest("request target '*' is only allowed with OPTIONS")
-            else:
-                absolute_form(req)
-        if b"#" in req.target and req.bad is None:
-            # RFC 9112 §3.2: no request-target form has a fragment; one here is a client (or an attacker)
-            # hoping the next hop cuts the target where this one did not.
-            req.bad = BadRequest("a fragment (#) is not allowed in a request target")
+    target = req.target
+    # 35 is b"#": `int in bytes` is a byte search without the buffer protocol (12 ns against 90 for b"#").
+    if (target[:1] != b"/" or 35 in target) and req.bad is None:
+        _other_target(req, method)
     if req.body_kind == BODY_NONE:
         req.body_done = True
+
+
+def _other_target(req: Request, method: str) -> None:
+    """A target that is not a plain origin form: the asterisk form, the absolute form, or one with a fragment."""
+    target = req.target
+    if target == b"*":
+        if method != "OPTIONS":  # RFC 9112 §3.2.4: the asterisk form is for a server-wide OPTIONS only
+            req.bad = BadRequest("request target '*' is only allowed with OPTIONS")
+        return
+    if b"#" in target:
+        # RFC 9112 §3.2: no request-target form has a fragment; one here is a client (or an attacker) hoping the
+        # next hop cuts the target where this one did not.
+        req.bad = BadRequest("a fragment (#) is not allowed in a request target")
+        return
+    absolute_form(req)
+
+
+def _canonical_length(req: Request) -> None:
+    """`074` or ` 74`: the upstream gets the canonical decimal. A backend reading a leading zero as octal would
+    frame 60 bytes where this proxy framed 74 (RFC 9110 §8.6: 1*DIGIT, decimal)."""
+    canonical = b"%d" % req.content_length
+    if any(n.lower() == b"content-length" and v != canonical for n, v in req.headers):
+        req.headers = [(n, canonical if n.lower() == b"content-length" else v) for n, v in req.headers]
 
 
 def _refusal(req: Request, version: str, hosts: int, coding: bytes) -> ProxyError | None:
