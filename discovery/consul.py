@@ -299,9 +299,11 @@ class ConsulClient:
         back empty means no node:read (health entries need both).
 
         With datacenters named, the reads are checked in each (a token is only valid where it is known, or
-        replicated), and a name Consul does not list in /v1/catalog/datacenters is logged
-        (`consul_dc_unknown`): its queries will fail until it joins the WAN."""
+        replicated). A name Consul does not list in /v1/catalog/datacenters (which needs no ACL) is named as a
+        configuration problem (`consul_dc_unknown`), ACLs on or off: its queries will fail with "No path to
+        datacenter" until it joins the WAN, which would otherwise show only as `consul_unreachable`."""
         try:
+            datacenters = await self._known_datacenters()
             try:
                 me = await self._answer(lambda api: api.acl.token.read_self())
             except ConsulError as exc:
@@ -316,7 +318,6 @@ class ConsulClient:
                     ) from exc
                 me = None  # no token: the anonymous token, which Consul 1.8 does not show
             who = _who(self._token, me)
-            datacenters = await self._known_datacenters()
             for dc in datacenters:
                 try:
                     await self._check_reads(who, dc)
@@ -346,7 +347,9 @@ class ConsulClient:
             return self.datacenters
         missing = [dc for dc in self.datacenters if dc not in known]
         if missing:
-            log.warning("consul_dc_unknown", datacenters=missing, known=known)
+            log.error("consul_dc_unknown", datacenters=missing, known=known, problem="configuration",
+                      detail="consul_dc names datacenters Consul does not know (misspelt, or not joined over the "
+                             "WAN): their queries fail with 'No path to datacenter' until they exist")
         return tuple(dc for dc in self.datacenters if dc in known)
 
     async def _check_reads(self, who: str, dc: str) -> None:

@@ -68,6 +68,8 @@ class RouteOptions:
     # client's address; None: everyone.
     access: tuple[str, tuple[str, ...]] | None = None
     weight: float = 0.0  # weight=: the service's fixed share of a route it shares (0: by instance count)
+    read_timeout: float | None = None  # read_timeout=: the service's upstream read timeout in seconds
+    connect_timeout: float | None = None  # connect_timeout=: the service's connect timeout in seconds
 
     def order_key(self) -> tuple[tuple[Any, ...], ...]:
         """A total order over options (sets and conditions made comparable), so routes that share host and path
@@ -110,6 +112,8 @@ class ServiceSettings:
     health_path: str | None = None  # checked by Ferryman itself
     max_body: int | None = None  # request body limit in bytes (0: none beyond the global one)
     max_concurrent: int | None = None  # requests in progress (0: no limit)
+    read_timeout: float | None = None  # seconds an upstream may stay silent (long polls, streams)
+    connect_timeout: float | None = None  # seconds to connect to an instance
 
     def over(self, fallback: ServiceSettings) -> ServiceSettings:
         """These settings, each one not set here taken from `fallback`."""

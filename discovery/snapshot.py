@@ -110,7 +110,8 @@ def healthy_endpoints(
 META_WEIGHT: Final = "ferryman-weight"
 META_SETTINGS: Final = {
     "ferryman-lb": "lb", "ferryman-hash-key": "hash_key", "ferryman-sticky": "sticky",
-    "ferryman-health-path": "health_path",
+    "ferryman-health-path": "health_path", "ferryman-read-timeout": "read_timeout",
+    "ferryman-connect-timeout": "connect_timeout",
 }
 
 

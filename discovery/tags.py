@@ -11,7 +11,8 @@ Options are parsed here, once, into the RouteSpec's typed RouteOptions (one bran
 `_route_option`), so a typo is reported at the tag rather than misbehaving at request time and nothing
 downstream reads option text again. An option Ferryman does not implement makes the whole tag invalid: a
 Fabio tag either means the same here or is refused loudly, never a route that quietly behaves otherwise.
-Per-service settings (`lb`, `hash_key`, `sticky`, `health_path`, `max_body_size`, `max_concurrent`)
+Per-service settings (`lb`, `hash_key`, `sticky`, `health_path`, `max_body_size`, `max_concurrent`,
+`read_timeout`, `connect_timeout`)
 from service meta or a config file's `[services.NAME]` table are parsed by `with_service_setting` into a
 ServiceSettings, with the same checks as the tag options of the same name. Parsing is pure: a string in, a
 value out, or TagError saying what is wrong.
@@ -151,7 +152,11 @@ def _access(key: str, value: str) -> tuple[str, tuple[str, ...]]:
 
 
 # What service meta and a config file's [services.NAME] table may set.
-SERVICE_OPTIONS: Final = ("lb", "hash_key", "sticky", "health_path", "max_body_size", "max_concurrent")
+SERVICE_OPTIONS: Final = (
+    "lb", "hash_key", "sticky", "health_path", "max_body_size", "max_concurrent", "read_timeout", "connect_timeout",
+)
+# Per-service timeouts, in seconds: above zero, at most a day (a long poll held five minutes needs 300 and more).
+_MAX_TIMEOUT_S: Final = 86_400.0
 _SIZE_RE: Final = re.compile(r"^(\d{1,15})\s*([kmg]?)i?b?$", re.IGNORECASE)
 _SIZE_UNITS: Final = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _T = TypeVar("_T")
@@ -174,8 +179,8 @@ def _as_tag_error(parse: Callable[[], _T]) -> _T:
 
 def with_service_setting(settings: ServiceSettings, key: str, value: str) -> ServiceSettings:
     """`settings` with one more per-service setting (lb, hash_key, sticky, health_path, max_body_size,
-    max_concurrent) parsed, wherever it comes from: service meta or the config file; TagError saying what is
-    wrong. The tag options of the same names are checked by the same functions."""
+    max_concurrent, read_timeout, connect_timeout) parsed, wherever it comes from: service meta or the config
+    file; TagError saying what is wrong. The tag options of the same names are checked by the same functions."""
     if key == "lb":
         return replace(settings, lb=_lb(value))
     if key == "hash_key":
@@ -192,7 +197,22 @@ def with_service_setting(settings: ServiceSettings, key: str, value: str) -> Ser
         if not (value.isascii() and value.isdigit() and 0 <= int(value) <= 10_000_000):
             raise TagError(f"max_concurrent={value!r} must be a whole number (0: no limit)")
         return replace(settings, max_concurrent=int(value))
+    if key == "read_timeout":
+        return replace(settings, read_timeout=_seconds(key, value))
+    if key == "connect_timeout":
+        return replace(settings, connect_timeout=_seconds(key, value))
     raise TagError(f"unknown service setting {key!r}: one of {', '.join(SERVICE_OPTIONS)}")
+
+
+def _seconds(key: str, value: str) -> float:
+    """A timeout in seconds (`360`, `2.5`): above zero and at most a day."""
+    try:
+        seconds = float(value) if value.strip() == value and value.isascii() else math.nan
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= _MAX_TIMEOUT_S:  # NaN and inf fail here too
+        raise TagError(f"{key}={value!r} must be a number of seconds above 0 and at most {_MAX_TIMEOUT_S:g}")
+    return seconds
 
 
 def _lb(value: str) -> str:
@@ -299,6 +319,8 @@ def _route_option(key: str, value: str, path: str) -> tuple[str, Any]:
         return "priority", int(value)
     if key == "maxbody":
         return "max_body", parse_size(value)
+    if key in ("read_timeout", "connect_timeout"):
+        return key, _seconds(key, value)
     if key in SERVICE_OPTIONS:  # health_path=, max_body_size=, max_concurrent= are not route options
         raise TagError(f"option {key}= is a service setting, not a route option: set it in service meta "
                        f"(ferryman-{key.replace('_', '-')}) or a [services.NAME] table")

@@ -73,7 +73,68 @@ def _query(what: str, dc: str) -> str:
     return f"{what}@{dc}" if dc else what
 
 
-class Watcher:
+class _HandOver:
+    """The hand-over half of the watcher: the services built since the last hand-over, and when they go out
+    (the first Snapshot once everything was read, then SnapshotDeltas, at most one per `min_interval`)."""
+
+    _catalog_pending: set[str]
+    _catalogs: dict[str, dict[str, list[str]]]
+    _unread: set[tuple[str, str]]
+    synced: asyncio.Event
+
+    def __init__(self, on_change: OnChange, min_interval: float) -> None:
+        self._on_change = on_change
+        self._current: dict[str, ServiceRoutes] = {}  # what was handed over, by service
+        self._pending: dict[str, ServiceRoutes | None] = {}  # built, not handed over yet (None: gone)
+        self._min_interval = min_interval
+        self._last_handover = float("-inf")
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._last: Snapshot | None = None
+        self._serving: dict[str, str] = {}  # service -> the datacenter that last served it (several followed)
+
+    def _maybe_hand_over(self) -> None:
+        """Hand the pending changes over now, or once `min_interval` has passed since the last hand-over."""
+        if self._catalog_pending or not self._catalogs or self._unread:
+            return  # nothing before every catalog answered and each routed service was read once
+        if not self._pending and self._last is not None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._last_handover + self._min_interval - loop.time()
+        if due <= 0:
+            self._hand_over()
+        elif self._flush_handle is None:
+            self._flush_handle = loop.call_later(due, self._hand_over)
+
+    def _hand_over(self) -> None:
+        self._flush_handle = None
+        pending, self._pending = self._pending, {}
+        self._last_handover = asyncio.get_running_loop().time()
+        changed = tuple(s for s in pending.values() if s is not None)
+        removed = tuple(n for n, s in pending.items() if s is None and n in self._current)
+        for svc in changed:
+            self._current[svc.name] = svc
+        for name in removed:
+            del self._current[name]
+        self._log_failovers(changed)
+        if self._last is None:
+            self._last = Snapshot(tuple(sorted(self._current.values(), key=lambda s: s.name)))
+            self.synced.set()
+            self._on_change(self._last)
+            return
+        delta = SnapshotDelta(tuple(sorted(changed, key=lambda s: s.name)), removed)
+        if not delta:
+            return
+        self._last = self._last.apply(delta)
+        self._on_change(delta)
+
+    def _log_failovers(self, changed: tuple[ServiceRoutes, ...]) -> None:
+        serving = {s.name: s.endpoints[0].dc for s in changed if s.endpoints and s.endpoints[0].dc}
+        for service, was, now in datacenter_switches(self._serving, serving):
+            log.info("datacenter_failover", service=service, **{"from": was}, to=now)
+        self._serving.update(serving)
+
+
+class Watcher(_HandOver):
     """Runs the blocking-query loops and the reads they trigger; calls `on_change` (synchronously, on the
     loop) with the first Snapshot, then with each SnapshotDelta. A discovery `Source`."""
 
@@ -92,8 +153,8 @@ class Watcher:
         min_interval: float = 0.1,
         explain_max: float = _EXPLAIN_MAX_S,
     ) -> None:
+        super().__init__(on_change, min_interval)
         self._source = source
-        self._on_change = on_change
         self._on_error = on_error or (lambda reason: None)
         self._on_request = on_request or (lambda query, seconds: None)
         self._prefix = prefix
@@ -118,15 +179,8 @@ class Watcher:
         self._unread: set[tuple[str, str]] = set()  # routed, never read yet: nothing is handed over before
         self._fetch_concurrency = fetch_concurrency
         self._wake = asyncio.Event()
-        self._current: dict[str, ServiceRoutes] = {}  # what was handed over, by service
-        self._pending: dict[str, ServiceRoutes | None] = {}  # built, not handed over yet (None: gone)
-        self._min_interval = min_interval
         self._explain_max = explain_max
-        self._last_handover = float("-inf")
-        self._flush_handle: asyncio.TimerHandle | None = None
-        self._last: Snapshot | None = None
         self._known_problems: dict[str, set[Problem]] = {}
-        self._serving: dict[str, str] = {}  # service -> the datacenter that last served it (several followed)
         self._outage = Outage()  # every loop's: an outage lasts while any of them is failing
         self.synced = asyncio.Event()
 
@@ -354,45 +408,3 @@ class Watcher:
                 if tag not in tags:
                     tags.append(tag)
         return tags
-
-    # --- handing over ---
-    def _maybe_hand_over(self) -> None:
-        """Hand the pending changes over now, or once `min_interval` has passed since the last hand-over."""
-        if self._catalog_pending or not self._catalogs or self._unread:
-            return  # nothing before every catalog answered and each routed service was read once
-        if not self._pending and self._last is not None:
-            return
-        loop = asyncio.get_running_loop()
-        due = self._last_handover + self._min_interval - loop.time()
-        if due <= 0:
-            self._hand_over()
-        elif self._flush_handle is None:
-            self._flush_handle = loop.call_later(due, self._hand_over)
-
-    def _hand_over(self) -> None:
-        self._flush_handle = None
-        pending, self._pending = self._pending, {}
-        self._last_handover = asyncio.get_running_loop().time()
-        changed = tuple(s for s in pending.values() if s is not None)
-        removed = tuple(n for n, s in pending.items() if s is None and n in self._current)
-        for svc in changed:
-            self._current[svc.name] = svc
-        for name in removed:
-            del self._current[name]
-        self._log_failovers(changed)
-        if self._last is None:
-            self._last = Snapshot(tuple(sorted(self._current.values(), key=lambda s: s.name)))
-            self.synced.set()
-            self._on_change(self._last)
-            return
-        delta = SnapshotDelta(tuple(sorted(changed, key=lambda s: s.name)), removed)
-        if not delta:
-            return
-        self._last = self._last.apply(delta)
-        self._on_change(delta)
-
-    def _log_failovers(self, changed: tuple[ServiceRoutes, ...]) -> None:
-        serving = {s.name: s.endpoints[0].dc for s in changed if s.endpoints and s.endpoints[0].dc}
-        for service, was, now in datacenter_switches(self._serving, serving):
-            log.info("datacenter_failover", service=service, **{"from": was}, to=now)
-        self._serving.update(serving)

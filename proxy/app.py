@@ -107,7 +107,7 @@ def listener_limits(s: Settings, proto: str) -> ListenerLimits:
         tunnel_idle_timeout=s.client.websocket_idle_timeout, max_attempts=max(1, s.upstream.max_attempts),
         max_connections=s.client.max_connections, max_target=s.client.max_request_target,
         max_header_bytes=s.client.max_header_bytes, max_header_count=s.client.max_header_count,
-        max_body=s.client.max_body,
+        max_body=s.client.max_body, underscores_in_headers=s.client.underscores_in_headers,
         access_sample=s.logs.access_sample, redirect=redirect,
         trusted=TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
         access=AccessRules(s.client.allow, s.client.deny) if s.client.allow or s.client.deny else None,
@@ -380,6 +380,8 @@ class Ferryman:
         """Say not-ready (/ready 503) and keep serving for `drain_delay` seconds, so load balancers in front
         stop sending before the listener closes."""
         self.draining = True
+        for proxy in self._proxies:
+            proxy.drain()
         if self.report_dir is not None:
             write_report(self.report_dir, self.report())
         if self.settings.timeouts.drain_delay > 0:

@@ -3,7 +3,8 @@ held in Consul KV under `tls_kv_prefix`, handed over by a KV follower (discovery
 
 Loading and choosing certificates is tls.py's; this module decides when. A renewal that writes new files is
 picked up within `tls_reload_interval`; new handshakes get the new certificate, open connections keep theirs. A
-file or a KV entry that does not load is logged and the certificates loaded before stay in use.
+file or a KV entry that does not load is logged and the certificates loaded before stay in use; a KV pair whose
+certificate and key do not match (half-way through a rotation's two writes) keeps the pair it had.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import ssl
 
 import structlog
 
-from .tls import CertFile, Terminator, TlsError, kv_certificates
+from .tls import CertFile, Certificate, Terminator, TlsError, kv_certificates
 
 log = structlog.get_logger("ferryman")
 
@@ -25,6 +26,7 @@ class Certificates:
     def __init__(self, tls_certs: tuple[CertFile, ...], reload_interval: float) -> None:
         self.terminator = Terminator(tls_certs)
         self.interval = reload_interval
+        self._kv: dict[str, Certificate] = {}  # what Consul KV serves now, by name
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -65,8 +67,8 @@ class Certificates:
     def kv_changed(self, prefix: str, values: dict[str, bytes]) -> None:
         """Certificates under a Consul KV prefix (`<name>/cert`, `<name>/key`), so every Ferryman of a cluster
         serves the same ones without files."""
-        certificates, problems = kv_certificates(prefix, values)
+        self._kv, problems = kv_certificates(prefix, values, self._kv)
         for problem in problems:
             log.warning("tls_kv_certificate_invalid", error=problem)
-        self.terminator.set_kv(certificates)
+        self.terminator.set_kv(self._kv.values())
         log.info("tls_certs_loaded", source="consul kv", prefix=prefix, names=self.terminator.store.names)

@@ -264,7 +264,9 @@ def _load_services(value: Any, text: str, path: Path, where: str) -> ServiceTabl
         settings = ServiceSettings()
         for key, setting in sorted(table.items()):
             try:
-                if key in ("max_concurrent", "max_body_size") and type(setting) is int:
+                if key in ("max_concurrent", "max_body_size", "read_timeout", "connect_timeout") and (
+                    type(setting) is int or type(setting) is float
+                ):
                     setting = str(setting)
                 if not isinstance(setting, str):
                     raise TagError(f"must be text, got {type(setting).__name__} {setting!r}")

@@ -228,6 +228,8 @@ KEYS: Final[tuple[Key, ...]] = (
         "bytes of all request header fields; beyond: 431"),
     Key("max_header_count", int, 100, "client.max_header_count", _between(8, 100_000), LIVE,
         "request header fields; beyond: 431"),
+    Key("underscores_in_headers", bool, False, "client.underscores_in_headers", _same, LIVE,
+        "keep request header fields whose name has '_' (default: dropped, as nginx does)"),
     Key("max_body_size", str, "0", "client.max_body", parse_size, LIVE,
         "request body limit, such as 1048576, 512k, 10m, 1g; 0 = none; beyond: 413"),
     Key("service_max_concurrent", int, 0, "health.service_max_concurrent", _between(0, 10_000_000), LIVE,

@@ -1,6 +1,10 @@
 """Errors that carry their HTTP status. Raised by the dispatch, the upstream connections and the parser
 callbacks, answered once by the client connection (proxy/h1/client.py).
 
+The client gets `public_message`: the message itself, except for errors about an instance, whose message names
+its address (`cannot connect to 10.0.0.5:8080`): their answers say what happened in general words, and the log
+line, with the request id the client also got, keeps the detail. Clients must not learn internal addresses.
+
 `nothing_received` marks a connection that closed before any byte of a response, which on a reused keep-alive
 connection means the upstream had already dropped it (proxy/retry.py decides what may be tried again).
 """
@@ -13,6 +17,7 @@ from typing import ClassVar
 class ProxyError(Exception):
     status: ClassVar[int] = 502
     reason: ClassVar[str] = "proxy_error"
+    public: ClassVar[str | None] = None  # what the client reads instead of `message`, when that names an instance
 
     def __init__(
         self, message: str, *, nothing_received: bool = False, headers: tuple[tuple[bytes, bytes], ...] = (),
@@ -22,6 +27,11 @@ class ProxyError(Exception):
         self.nothing_received = nothing_received
         self.upstream = ""
         self.headers = headers  # extra response headers for the answer (Retry-After on a 503)
+
+    @property
+    def public_message(self) -> str:
+        """The text of the answer's body."""
+        return self.public or self.message
 
 
 class BadRequest(ProxyError):
@@ -59,20 +69,24 @@ class NoHealthyEndpoint(ProxyError):
 class UpstreamConnectError(ProxyError):
     status = 502
     reason = "upstream_connect_failed"
+    public = "the upstream could not be reached"
 
 
 class UpstreamProtocolError(ProxyError):
     status = 502
     reason = "upstream_bad_response"
+    public = "the upstream sent an invalid response"
 
 
 class UpstreamTimeout(ProxyError):
     status = 504
     reason = "upstream_timeout"
+    public = "the upstream did not answer in time"
 
 
 class UpstreamConnectTimeout(UpstreamTimeout):
     reason = "upstream_connect_timeout"
+    public = "the upstream could not be reached in time"
 
 
 class ProxyInternalError(ProxyError):

@@ -153,7 +153,7 @@ class Exchange:
 
     async def _connect(self, endpoint: Endpoint, key: PoolKey) -> None:
         try:
-            conn = await self.ctx.upstream.connect(key)
+            conn = await self.ctx.upstream.connect(key, self.pool.connect_timeout)
         except ProxyError as err:
             self._attempt_failed(endpoint, err, connected=False)
             return

@@ -288,13 +288,22 @@ def client_response_head(
     return b"".join(out)
 
 
+def _error_body(status: int, message: str) -> bytes:
+    return f"{status} {message}\n".encode()
+
+
+def error_body_size(status: int, message: str) -> int:
+    """Bytes of the body `error_response` writes for this status and message (for the access line)."""
+    return len(_error_body(status, message))
+
+
 def error_response(
     status: int, message: str, *, keep_alive: bool, http10: bool = False, request_id: bytes = b"",
     extra: Headers = (), head: bool = False,
 ) -> bytes:
     """A complete short plain-text answer the proxy gives itself (404, 502, ...); to a HEAD request, without
     its body (RFC 9110 §9.3.2), so the next response on the connection is not taken for one."""
-    body = f"{status} {message}\n".encode()
+    body = _error_body(status, message)
     lines = [
         b"HTTP/1.0 " if http10 else b"HTTP/1.1 ", str(status).encode(), b" ",
         STATUS_REASONS.get(status, b"Error"), _CRLF,

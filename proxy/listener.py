@@ -24,9 +24,9 @@ from .access import AccessRules
 from .errors import TooManyConnections
 from .h1.client import ClientConnection
 from .h1.upstream import UpstreamPool
-from .headers import TrustedProxies, error_response
+from .headers import TrustedProxies
 from .logs import AccessWriter
-from .metrics import NO_ROUTE, NO_SERVICE, Metrics
+from .metrics import Metrics
 from .pool import Pools
 from .table import RoutingTable
 from .tls import HttpsRedirect
@@ -68,6 +68,7 @@ class ListenerLimits:
     redirect: HttpsRedirect | None = None  # plain HTTP sent to HTTPS, for these hosts
     trusted: TrustedProxies | None = None  # peers whose forwarding headers are kept (trusted_proxies)
     access: AccessRules | None = None  # the global allow / deny settings; None: everyone
+    underscores_in_headers: bool = False  # keep request header fields whose name has '_'
     # One endless line never completes a field, so the per-field checks would never run: the head as a whole
     # is bounded too.
     max_head: int = field(init=False)
@@ -107,7 +108,10 @@ class ProxyServer:
     def __init__(self, cfg: ProxyContext) -> None:
         self.cfg = cfg
         self.connections: set[ClientConnection] = set()
-        self.stopping = False
+        self.stopping = False  # the listener closes: idle connections go, the busy ones after their answer
+        # From the first moment of a drain (SIGTERM, then drain_delay) every answer says Connection: close, so
+        # kept-alive clients move to new connections while the listener still accepts them.
+        self.draining = False
         self.drained = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -122,11 +126,10 @@ class ProxyServer:
             return True
         transport = conn.transport
         if transport is not None:
-            err = TooManyConnections(f"more than {self.cfg.limits.max_connections} client connections")
-            transport.write(error_response(err.status, err.message, keep_alive=False, extra=_RETRY_AFTER))
+            conn.refuse(TooManyConnections(f"more than {self.cfg.limits.max_connections} client connections",
+                                           headers=_RETRY_AFTER))
             transport.close()
         self._refused += 1
-        self.cfg.metrics.observe_request(NO_SERVICE, NO_ROUTE, "OTHER", 503, 0.0)
         now = self.cfg.loop.time()
         if now - self._refused_logged_at >= _LIMITED_LOG_EVERY_S:  # one line per 10 s under a flood
             log.warning("client_connections_limited", max_connections=self.cfg.limits.max_connections,
@@ -160,8 +163,12 @@ class ProxyServer:
                 except Exception:  # one broken connection must not end timeouts for all the others
                     log.exception("timeout_sweep_failed", client=conn.peer_text)
 
+    def drain(self) -> None:
+        """Serve on, but end every connection after its next answer."""
+        self.draining = True
+
     async def stop(self, timeout: float) -> None:
-        self.stopping = True
+        self.draining = self.stopping = True
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):

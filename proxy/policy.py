@@ -2,10 +2,13 @@
 
 Each setting comes from, in order of precedence:
 1. the config file's `[services.NAME]` table (an operator's word wins),
-2. the instances' service meta (`ferryman-lb`, `ferryman-hash-key`, `ferryman-sticky`, `ferryman-health-path`),
-3. the route tags (`lb=`, `hash_key=`, `sticky=`): the first route, in table order, that has the option,
+2. the instances' service meta (`ferryman-lb`, `ferryman-hash-key`, `ferryman-sticky`, `ferryman-health-path`,
+   `ferryman-read-timeout`, `ferryman-connect-timeout`),
+3. the route tags (`lb=`, `hash_key=`, `sticky=`, `read_timeout=`, `connect_timeout=`): the first route, in
+   table order, that has the option,
 4. the default: the global settings (`service_max_concurrent`; a max_body of 0 means the global
-   `max_body_size`) or the built-in one (the `p2c` algorithm, hashing on the client address).
+   `max_body_size`; a timeout of 0 means the global `read_timeout` / `connect_timeout`) or the built-in one
+   (the `p2c` algorithm, hashing on the client address).
 
 `health_path` comes from the config file or service meta only, `max_concurrent` and `max_body` from the
 config file only; active checks reach the instances the way the service's first route does (`proto=`,
@@ -34,6 +37,8 @@ class ServicePolicy:
     health_path: str | None = None  # checked by Ferryman itself; None: no active checks
     check_scheme: str = "http"  # how active checks reach the instances: as the service's routes do
     check_skip_verify: bool = False
+    read_timeout: float = 0.0  # seconds an upstream may stay silent (0: the global read_timeout)
+    connect_timeout: float = 0.0  # seconds to connect to an instance (0: the global connect_timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +56,10 @@ def service_policy(
     from_tags = ServiceSettings()
     for spec in service.routes:
         options = spec.options
-        from_tags = from_tags.over(ServiceSettings(lb=options.lb, hash_on=options.hash_on, sticky=options.sticky))
+        from_tags = from_tags.over(ServiceSettings(
+            lb=options.lb, hash_on=options.hash_on, sticky=options.sticky, read_timeout=options.read_timeout,
+            connect_timeout=options.connect_timeout,
+        ))
     declared = (override or ServiceSettings()).over(service.settings)
     balancing = declared.over(from_tags)
     algorithm = balancing.lb or DEFAULT_BALANCER
@@ -66,4 +74,6 @@ def service_policy(
         health_path=declared.health_path,
         check_scheme=first.proto if first else "http",
         check_skip_verify=bool(first and first.tls_skip_verify),
+        read_timeout=balancing.read_timeout or 0.0,
+        connect_timeout=balancing.connect_timeout or 0.0,
     )

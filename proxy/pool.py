@@ -61,6 +61,7 @@ class Pool:
         "balancer",
         "check_scheme",
         "check_skip_verify",
+        "connect_timeout",
         "departed",
         "endpoints",
         "hash_on",
@@ -68,6 +69,7 @@ class Pool:
         "in_flight",
         "max_body",
         "max_concurrent",
+        "read_timeout",
         "rng",
         "service",
         "sticky",
@@ -110,6 +112,8 @@ class Pool:
         self.tunnels = 0  # WebSocket connections of this service open in this process (read-only outside)
         self.max_concurrent = policy.service_max_concurrent  # beyond it: 503 with Retry-After (0: no limit)
         self.max_body = 0  # request body limit in bytes from [services.NAME] max_body_size (0: the global one)
+        self.read_timeout = 0.0  # the service's own read timeout in seconds (0: the global one)
+        self.connect_timeout = 0.0  # the service's own connect timeout in seconds (0: the global one)
         # Instances that left while requests to them were in flight (draining), until those finish.
         self.departed: dict[str, Endpoint] = {}
         self.rng = rng or random.Random()
@@ -323,6 +327,8 @@ def _apply_policy(pool: Pool, policy: ServicePolicy) -> None:
     pool.sticky = policy.sticky
     pool.max_concurrent = policy.max_concurrent
     pool.max_body = policy.max_body
+    pool.read_timeout = policy.read_timeout
+    pool.connect_timeout = policy.connect_timeout
     pool.health_path = policy.health_path
     if not pool.health_path:
         pool.clear_down()  # no checks run any more: nothing they found may keep an instance out

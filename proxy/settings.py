@@ -105,6 +105,8 @@ class ClientLimits:
     # The global source-address rules (Fabio's per-route allow=/deny= for the whole proxy); () when off.
     allow: tuple[IPNetwork, ...] = ()
     deny: tuple[IPNetwork, ...] = ()
+    # Keep header fields named with '_' (`Transfer_Encoding`): CGI/WSGI backends read them as their '-' twins.
+    underscores_in_headers: bool = False
 
 
 @dataclass(frozen=True, slots=True)

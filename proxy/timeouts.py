@@ -1,6 +1,8 @@
 """What an exchange's silence means when its read timeout runs out; asked by the listener's sweeper.
 
-A tunnel idles out on `websocket_idle_timeout`. Otherwise the clock runs from the last byte either way
+A tunnel idles out on `websocket_idle_timeout`. Otherwise the limit is the service's `read_timeout` (its
+`[services.NAME]` table, service meta `ferryman-read-timeout` or route tag `read_timeout=`) or the global one,
+and the clock runs from the last byte either way
 (`Exchange.last_activity`), and whose fault the silence is decides the answer: a client that stopped sending
 its body (408), an upstream that stopped reading it or stopped answering (504), or a client that stopped
 reading its answer (cut, never blamed on the upstream). A client that reads, however slowly, restarts the
@@ -18,7 +20,9 @@ def check_timeout(ex: Exchange, now: float) -> None:
     if ex.tunnel is not None:
         ex.tunnel.check_idle(now)
         return
-    if not ex.armed or now - ex.last_activity < ex.ctx.limits.read_timeout:
+    # The service's own read_timeout (for long polls and streams) when it has one, else the global one.
+    limit = ex.pool.read_timeout or ex.ctx.limits.read_timeout
+    if not ex.armed or now - ex.last_activity < limit:
         return
     client = ex.client
     if client.writing_paused:
@@ -41,7 +45,7 @@ def check_timeout(ex: Exchange, now: float) -> None:
         # upstream's, which is neither answered with a 504 nor counted towards ejection. The connection is cut
         # (a reset, so the client cannot take a response for whole).
         request_log(ex.req, "warning", "client_send_timeout", service=ex.service, bytes=ex.bytes_out,
-                    timeout_s=ex.ctx.limits.read_timeout)
+                    timeout_s=limit)
         ex.timed_out(None)
     elif ex.head_sent:
         ex.timed_out(UpstreamTimeout(f"{authority} stalled while sending the body"))

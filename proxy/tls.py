@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -205,27 +205,40 @@ class Terminator:
         self.store = CertStore((*self._from_files, *self._from_kv))
 
 
-def kv_certificates(prefix: str, values: dict[str, bytes]) -> tuple[list[Certificate], list[str]]:
+def kv_certificates(
+    prefix: str, values: dict[str, bytes], previous: Mapping[str, Certificate] | None = None,
+) -> tuple[dict[str, Certificate], list[str]]:
     """Certificates from a KV prefix holding `<name>/cert` and `<name>/key`, by name; and the problems (a
-    name with one half missing, a pair that does not load), each naming its keys."""
+    name with one half missing, a pair that does not load), each naming its keys.
+
+    A pair is served only when its certificate and key load together (OpenSSL checks that the key is the
+    certificate's). A rotation writes the two keys one after the other, so between the two writes the new
+    certificate sits beside the old key (or the other way round): until the halves match again the name keeps
+    the pair it had (`previous`), rather than leaving its clients to the default certificate."""
     pairs: dict[str, dict[str, bytes]] = {}
     for key, value in values.items():
         rest = key[len(prefix):] if key.startswith(prefix) else key
         name, slash, part = rest.rpartition("/")
         if slash and part in ("cert", "key") and name:
             pairs.setdefault(name, {})[part] = value
-    out, problems = [], []
+    out: dict[str, Certificate] = {}
+    problems: list[str] = []
     for name in sorted(pairs):
         pair = pairs[name]
         origin = f"consul kv {prefix}{name}"
+        kept = previous.get(name) if previous else None
+        keeping = "; the pair loaded before stays in use" if kept is not None else ""
         if "cert" not in pair or "key" not in pair:
             missing = "cert" if "cert" not in pair else "key"
-            problems.append(f"{origin}: no {prefix}{name}/{missing}")
-            continue
-        try:
-            out.append(load_pem(pair["cert"], pair["key"], origin))
-        except TlsError as exc:
-            problems.append(str(exc))
+            problems.append(f"{origin}: no {prefix}{name}/{missing}{keeping}")
+        else:
+            try:
+                out[name] = load_pem(pair["cert"], pair["key"], origin)
+                continue
+            except TlsError as exc:
+                problems.append(f"{exc}{keeping}")
+        if kept is not None:
+            out[name] = kept
     return out, problems
 
 

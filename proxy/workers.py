@@ -7,7 +7,8 @@ connect and every change after, so a host's load on Consul does not grow with it
 serves the admin listener: /metrics adds up the workers'
 metrics from files in a private directory (request metrics from each worker's totals file, the others through
 prometheus-client's multiprocess mode), and /api/routes comes from the supervisor's own watcher. SIGTERM or
-SIGINT to the supervisor stops the workers (each finishes its in-flight requests within shutdown_timeout) and
+SIGINT to the supervisor drains the workers beside itself (for drain_delay every answer says Connection: close
+while /ready says 503), then stops them (each finishes its in-flight requests within shutdown_timeout) and
 then itself. A worker that dies after running a while is restarted; one that dies at start (a port in use)
 stops everything.
 """
@@ -128,11 +129,12 @@ def _settle_gc() -> None:
 def _worker_main(settings: Settings, index: int, source: Source | None) -> None:
     logs.configure(settings.logs.format, settings.logs.level, buffered=settings.logs.flush_interval > 0)
     structlog.contextvars.bind_contextvars(worker=index)
-    # The supervisor drains (says not-ready for drain_delay) before it stops the workers.
+    # SIGTERM from the supervisor starts the worker's drain (every answer says Connection: close for
+    # drain_delay) while the supervisor says not-ready; then the worker stops.
     directory = os.environ[_MULTIPROC_ENV]
     channel = socket_path(directory) if not settings.static_file else None
     run_event_loop(serve(
-        settings, drain=False, serve_admin=False, reuse_port=True, report_dir=directory, source=source,
+        settings, drain=True, serve_admin=False, reuse_port=True, report_dir=directory, source=source,
         channel=channel,
     ))
 
@@ -230,6 +232,7 @@ class Supervisor:
                     await asyncio.wait_for(stop.wait(), 0.5)
                 except TimeoutError:
                     pass
+            self._signal_workers(signal.SIGTERM)  # their drain runs beside the supervisor's
             await admin.drain()
         finally:
             await self._stop_workers()
@@ -251,11 +254,15 @@ class Supervisor:
         reload_from(self._admin, self.source)
         self.settings = self._admin.settings
 
-    async def _stop_workers(self) -> None:
+    def _signal_workers(self, signum: int) -> None:
         for proc, _ in self._workers.values():
             if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.timeouts.shutdown + 5
+                os.kill(proc.pid, signum)
+
+    async def _stop_workers(self) -> None:
+        self._signal_workers(signal.SIGTERM)  # a second SIGTERM is harmless: the first one set the same event
+        timeouts = self.settings.timeouts
+        deadline = time.monotonic() + timeouts.shutdown + timeouts.drain_delay + 5
         for index, (proc, _) in self._workers.items():
             await asyncio.to_thread(proc.join, max(0.1, deadline - time.monotonic()))
             if proc.is_alive():

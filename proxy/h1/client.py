@@ -25,7 +25,6 @@ from ..accounting import record
 from ..dispatch import Client, plan
 from ..errors import HeaderTimeout, ProxyError, ProxyInternalError
 from ..exchange import Exchange
-from ..headers import error_response
 from ..logs import request_log
 from ..metrics import NO_ROUTE, NO_SERVICE
 from ..timeouts import check_timeout
@@ -44,9 +43,9 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 class ClientConnection(ResponseWriter):
     __slots__ = (
-        "_current_done", "_deferred_error", "_fresh", "_idle_since", "_in_loop", "_queue", "_reading_paused",
-        "_serving", "_tunnel_early", "_upgraded", "body_paused", "cfg", "client", "closing", "ctx", "exchange", "peer",
-        "peer_text", "reader", "server", "trusted", "writing_paused",
+        "_current_done", "_deferred_error", "_deferred_req", "_fresh", "_idle_since", "_in_loop", "_queue",
+        "_reading_paused", "_serving", "_tunnel_early", "_upgraded", "body_paused", "cfg", "client", "closing", "ctx",
+        "exchange", "peer", "peer_text", "reader", "server", "trusted", "writing_paused",
     )
 
     def __init__(self, cfg: ProxyContext, server: ProxyServer) -> None:
@@ -62,6 +61,7 @@ class ClientConnection(ResponseWriter):
         self.exchange: Exchange | None = None
         # A parse error behind requests still being answered: sent, in order, once they are done.
         self._deferred_error: ProxyError | None = None
+        self._deferred_req: Request | None = None  # the request it broke, when its head had begun
         self._tunnel_early = b""  # bytes a client sent after its upgrade head, before the upstream's 101
         self._serving = self._reading_paused = self._upgraded = self._in_loop = self._current_done = False
         self.closing = self.trusted = False  # trusted: the peer is one of trusted_proxies
@@ -185,7 +185,7 @@ class ClientConnection(ResponseWriter):
                     self._serving = False
                     err = self._deferred_error
                     if err is not None:
-                        self.write(error_response(err.status, err.message, keep_alive=False))
+                        self.refuse(err, self._deferred_req)
                         self._close()
                     return
                 self._serving = True
@@ -229,7 +229,7 @@ class ClientConnection(ResponseWriter):
     def finished(self, req: Request) -> None:  # the answer is complete: the next request, or wait, or close
         self.exchange = None
         self._current_done = True
-        if not req.keep_alive or (self.server.stopping and not self._queue) or self.closing:
+        if not req.keep_alive or (self.server.draining and not self._queue) or self.closing:
             self._close()
             return
         if self._queue or self._deferred_error is not None:
@@ -246,15 +246,12 @@ class ClientConnection(ResponseWriter):
         if err.status >= 400:  # a redirect to HTTPS is no error: its access line says enough
             request_log(req, "warning", "proxy_error", status=err.status, reason=err.reason, error=err.message,
                         service=service, upstream=err.upstream, method=req.method, path=path)
-        if not req.body_done or self.server.stopping or err.status == 413:
+        if not req.body_done or self.server.draining or err.status == 413:
             # The unread rest of the body would be taken for the next request; after a 413 the client may still
-            # be sending what was refused (nginx closes too).
+            # be sending what was refused (nginx closes too). While draining, every answer says close.
             req.keep_alive = False
-        self.write(error_response(
-            err.status, err.message, keep_alive=req.keep_alive, http10=req.http10, request_id=req.request_id,
-            extra=err.headers, head=req.method == "HEAD",
-        ))
-        record(self.cfg, req, service, route_id, err.status, started, err.upstream, 0, path, None, self.peer_text)
+        sent = self._write_error(req, err)
+        record(self.cfg, req, service, route_id, err.status, started, err.upstream, sent, path, None, self.peer_text)
         self.finished(req)
 
     # --- Downstream: what an exchange asks (sending is ResponseWriter's) ---
@@ -292,9 +289,6 @@ class ClientConnection(ResponseWriter):
     # --- errors, timeouts and closing ---
     def _protocol_error(self, err: ProxyError) -> None:
         """A request llhttp (or a limit) rejected: answer it after the requests before it, then close."""
-        log.warning("client_protocol_error", status=err.status, reason=err.reason, error=err.message,
-                    client=self.peer_text)
-        self.cfg.metrics.observe_request(NO_SERVICE, NO_ROUTE, "OTHER", err.status, 0.0)
         bad = self.reader.take_broken()
         if bad is not None and bad in self._queue:
             self._queue.remove(bad)  # its head parsed, its framing did not: it never starts
@@ -302,6 +296,7 @@ class ClientConnection(ResponseWriter):
             self.exchange.abandon(err)  # its body broke off while being relayed
             return
         self._deferred_error = err
+        self._deferred_req = bad
         self.pause_reading()
         if not self._serving:
             self._serve_next()
@@ -330,7 +325,8 @@ class ClientConnection(ResponseWriter):
             timeout = self.cfg.limits.header_timeout
             if self.reader.in_head:
                 log.info("client_header_timeout", client=self.peer_text, timeout_s=timeout)
-                self.refuse(HeaderTimeout(f"request head not received within {timeout:g} s"))
+                self.refuse(HeaderTimeout(f"request head not received within {timeout:g} s"),
+                            self.reader.take_broken())
             self._close()
 
     def _close(self) -> None:

@@ -9,8 +9,7 @@ still get their answers in order.
 
 from __future__ import annotations
 
-import itertools
-import random
+import os
 import re
 from typing import TYPE_CHECKING, Final
 
@@ -27,16 +26,22 @@ BODY_CHUNKED: Final = 2
 _HOST_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+;=:[]"
 
 # A client's X-Request-ID is kept when it is a plain token of sane length; anything else is replaced by a
-# fresh id, so a log line cannot be forged through it. Fresh ids are 32 hex digits, as nginx's $request_id: a
-# random 64-bit prefix per process and a counter, unique across processes and restarts (for log correlation,
-# not secrets), and cheaper than 128 random bits per request.
+# fresh id, so a log line cannot be forged through it. Fresh ids are 128 random bits in 32 hex digits, as
+# nginx's $request_id: unpredictable, so a client cannot guess the ids of other clients' requests. The kernel's
+# randomness is drawn in batches (one os.urandom call per 256 ids) and sliced per request: a call per request
+# cost about as much again as the slice.
 SANE_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._~:@+/=-]{1,128}\Z").match
-_id_prefix = random.SystemRandom().getrandbits(64)
-_id_counter = itertools.count(random.Random().getrandbits(32))
+_ID_BATCH: Final = 256
+_fresh_ids: list[bytes] = []
+# A forked child must not hand out the ids its parent still holds.
+os.register_at_fork(after_in_child=_fresh_ids.clear)
 
 
 def new_request_id() -> bytes:
-    return b"%016x%016x" % (_id_prefix, next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF)
+    if not _fresh_ids:
+        batch = os.urandom(16 * _ID_BATCH).hex().encode()
+        _fresh_ids.extend([batch[i : i + 32] for i in range(0, len(batch), 32)])
+    return _fresh_ids.pop()
 
 
 def settle_request_id(req: Request) -> None:
@@ -110,7 +115,7 @@ def check_head(req: Request, method: str, version: str, keep_alive: bool, upgrad
         elif lower == b"content-length":
             if value.strip().isdigit():  # llhttp refused anything else, and a second differing value
                 req.content_length = int(value)
-            if req.body_kind == BODY_NONE and value.strip() != b"0":
+            if req.body_kind == BODY_NONE and req.content_length != 0:
                 req.body_kind = BODY_LENGTH
         elif lower == b"transfer-encoding":
             req.body_kind = BODY_CHUNKED
@@ -122,6 +127,8 @@ def check_head(req: Request, method: str, version: str, keep_alive: bool, upgrad
             req.request_id = value
         elif lower == b"upgrade":
             upgrade = value
+    if req.content_length >= 0:
+        _canonical_length(req)
     req.bad = _refusal(req, version, hosts, coding)
     if req.bad is not None:
         req.keep_alive = False
@@ -135,10 +142,35 @@ def check_head(req: Request, method: str, version: str, keep_alive: bool, upgrad
             req.bad = BadRequest("an upgrade request must not have a body")
         elif method == "GET" and b"websocket" in upgrade.lower():
             req.upgrade = b"websocket"
-    if req.target[:1] != b"/" and req.target != b"*" and req.bad is None:
-        absolute_form(req)
+    target = req.target
+    # 35 is b"#": `int in bytes` is a byte search without the buffer protocol (12 ns against 90 for b"#").
+    if (target[:1] != b"/" or 35 in target) and req.bad is None:
+        _other_target(req, method)
     if req.body_kind == BODY_NONE:
         req.body_done = True
+
+
+def _other_target(req: Request, method: str) -> None:
+    """A target that is not a plain origin form: the asterisk form, the absolute form, or one with a fragment."""
+    target = req.target
+    if target == b"*":
+        if method != "OPTIONS":  # RFC 9112 §3.2.4: the asterisk form is for a server-wide OPTIONS only
+            req.bad = BadRequest("request target '*' is only allowed with OPTIONS")
+        return
+    if b"#" in target:
+        # RFC 9112 §3.2: no request-target form has a fragment; one here is a client (or an attacker) hoping the
+        # next hop cuts the target where this one did not.
+        req.bad = BadRequest("a fragment (#) is not allowed in a request target")
+        return
+    absolute_form(req)
+
+
+def _canonical_length(req: Request) -> None:
+    """`074` or ` 74`: the upstream gets the canonical decimal. A backend reading a leading zero as octal would
+    frame 60 bytes where this proxy framed 74 (RFC 9110 §8.6: 1*DIGIT, decimal)."""
+    canonical = b"%d" % req.content_length
+    if any(n.lower() == b"content-length" and v != canonical for n, v in req.headers):
+        req.headers = [(n, canonical if n.lower() == b"content-length" else v) for n, v in req.headers]
 
 
 def _refusal(req: Request, version: str, hosts: int, coding: bytes) -> ProxyError | None:
@@ -168,7 +200,12 @@ def absolute_form(req: Request) -> None:
         req.bad = BadRequest("request target must be a path or an absolute http(s) URI")
         return
     end = next((i for i, c in enumerate(rest) if c in b"/?#"), len(rest))
-    authority, path = rest[:end].rpartition(b"@")[2], rest[end:]
+    authority, path = rest[:end], rest[end:]
+    if b"@" in authority:
+        # RFC 9110 §4.2.4: the userinfo subcomponent is deprecated, and a recipient SHOULD treat its presence
+        # as an error: `http://trusted.example@evil.example/` reads as two hosts to two readers.
+        req.bad = BadRequest("user info is not allowed in a request target")
+        return
     if not authority:
         req.bad = BadRequest("absolute request target without a host")
         return

@@ -106,6 +106,11 @@ class RequestReader:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > limits.max_header_bytes:
             raise HeaderTooLarge(f"request header fields larger than {limits.max_header_bytes} bytes")
+        if 95 in name and not limits.underscores_in_headers:  # 95 is b"_" (an int: the cheap byte search)
+            # `Transfer_Encoding`, `Content_Length`: backends on the CGI/WSGI convention read `_` and `-` alike
+            # (HTTP_TRANSFER_ENCODING) and would frame by a field this proxy does not. Dropped, neither routed
+            # on nor forwarded, as nginx does (underscores_in_headers off).
+            return
         req.headers.append((name, value))
         if len(req.headers) > limits.max_header_count:
             raise HeaderTooLarge(f"more than {limits.max_header_count} request header fields")

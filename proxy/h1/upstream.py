@@ -384,14 +384,15 @@ class UpstreamPool:
                 conn.transport.close()
         self._idle.clear()
 
-    async def connect(self, key: PoolKey) -> UpstreamConnection:
-        """A new connection to the instance, within connect_timeout; failures are UpstreamConnect* errors."""
+    async def connect(self, key: PoolKey, timeout: float = 0.0) -> UpstreamConnection:
+        """A new connection to the instance, within `timeout` (the service's own connect timeout) or else
+        connect_timeout; failures are UpstreamConnect* errors."""
         scheme, host, port, skip_verify, server_name = key
         loop = asyncio.get_running_loop()
         ssl_ctx = self._ssl_context(skip_verify) if scheme == "https" else None
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(timeout or self.connect_timeout):
                 _, conn = await loop.create_connection(
                     lambda: UpstreamConnection(self, key), host, port, ssl=ssl_ctx,
                     server_hostname=(server_name or host) if ssl_ctx is not None else None,

@@ -1,8 +1,10 @@
 """The sending half of an HTTP/1.1 client connection: response framing and how bytes leave.
 
 `ResponseWriter` frames an upstream's answer for this client (chunked when its length is unknown; the head
-says keep-alive or close), batches what one upstream read produced into one write, and cuts or closes the
-connection. `ClientConnection` is one; it is apart so each half stays small enough to hold in one's head.
+says keep-alive or close), batches what one upstream read produced into one write, writes the proxy's own
+answers (public text only, with a request id and an access line, even for bytes that never became a request),
+and cuts or closes the connection. `ClientConnection` is one; it is apart so each half stays small enough to
+hold in one's head.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import fcntl
 import socket
 import struct
 import termios
+import time
 from typing import TYPE_CHECKING, Final
 
+from ..accounting import record
 from ..errors import ProxyError
-from ..headers import client_response_head, error_response
+from ..headers import client_response_head, error_body_size, error_response
+from ..logs import request_log
 from ..metrics import NO_ROUTE, NO_SERVICE
 from ..table import Route
-from .head import Request
+from .head import Request, settle_request_id
 from .upstream import FRAMING_CHUNKED, FRAMING_EOF
 
 if TYPE_CHECKING:
@@ -34,6 +39,7 @@ class ResponseWriter(asyncio.Protocol):
 
     server: ProxyServer
     cfg: ProxyContext
+    peer_text: str
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -56,9 +62,10 @@ class ResponseWriter(asyncio.Protocol):
                 keep_alive = False  # HTTP/1.0 has no chunked coding: the end of the body is the end of the connection
             else:
                 chunked = True
-        if not req.body_done or self.server.stopping:
+        if not req.body_done or self.server.draining:
             # The upstream answered before the client finished sending (do not read on), or the server is
-            # shutting down: say so in this answer rather than race the client's next request with a close.
+            # draining or shutting down: say so in this answer rather than race the client's next request with
+            # a close.
             keep_alive = False
         req.keep_alive = keep_alive
         self._chunked_out = chunked
@@ -124,7 +131,26 @@ class ResponseWriter(asyncio.Protocol):
             extra=((b"Connection", b"Upgrade"), (b"Upgrade", protocol)), request_id=req.request_id,
         ))
 
-    def refuse(self, err: ProxyError) -> None:
-        """An answer to bytes that never became a request: counted, written, and the connection closes."""
-        self.cfg.metrics.observe_request(NO_SERVICE, NO_ROUTE, "OTHER", err.status, 0.0)
-        self.write(error_response(err.status, err.message, keep_alive=False))
+    def _write_error(self, req: Request, err: ProxyError) -> int:
+        """The proxy's own answer: the public text only (the log line has the detail, instances included);
+        returns the body bytes sent, for the access line."""
+        head = req.method == "HEAD"
+        self.write(error_response(
+            err.status, err.public_message, keep_alive=req.keep_alive, http10=req.http10,
+            request_id=req.request_id, extra=err.headers, head=head,
+        ))
+        return 0 if head else error_body_size(err.status, err.public_message)
+
+    def refuse(self, err: ProxyError, req: Request | None = None) -> None:
+        """An answer to bytes that never became a request that could be served (a parse error, a limit, a head
+        that did not arrive in time, a connection over max_connections): like every answer, it has a request
+        id, an access line and its metrics; the connection then closes."""
+        started = time.perf_counter()
+        if req is None:
+            req = Request()
+        settle_request_id(req)
+        req.keep_alive = False
+        request_log(req, "warning", "client_protocol_error", status=err.status, reason=err.reason,
+                    error=err.message, client=self.peer_text, method=req.method)
+        sent = self._write_error(req, err)
+        record(self.cfg, req, NO_SERVICE, NO_ROUTE, err.status, started, "", sent, "", None, self.peer_text)

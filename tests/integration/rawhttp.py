@@ -426,3 +426,114 @@ async def routed_backend(backends: list[Backend], consul: ConsulAgent, ferryman:
     backends.append(backend)
     await route(consul, ferryman, name, backend.port)
     return backend
+
+
+# --- a recording upstream: every byte kept, framed the way a careless backend would ----------------------------
+
+
+class Unframeable(Exception):
+    """Bytes a `RecordingUpstream` could not read as a request: the proxy let something through it should not."""
+
+
+def _careless_head(raw: bytes) -> tuple[UpstreamRequest, int, int]:
+    """A request head read as a CGI/WSGI-style backend reads it, at its most trusting: `_` and `-` in names are the
+    same (HTTP_TRANSFER_ENCODING), a Content-Length with a leading zero is octal, any Transfer-Encoding that says
+    `chunked` is chunked. Returns the request, the head's length and the body length (-1: chunked)."""
+    end = raw.index(b"\r\n\r\n") + 4
+    start, *lines = raw[: end - 4].decode("latin-1").split("\r\n")
+    parts = start.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise Unframeable(f"request line {start!r}")
+    headers = []
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise Unframeable(f"header line {line!r}")
+        headers.append((name, value.strip()))
+    length = 0
+    for name, value in headers:
+        cgi = name.upper().replace("-", "_")
+        if cgi == "TRANSFER_ENCODING" and "chunked" in value.lower():
+            length = -1
+        elif cgi == "CONTENT_LENGTH" and length != -1:
+            length = int(value, 8) if value.startswith("0") and len(value) > 1 else int(value)
+    return UpstreamRequest(parts[0], parts[1], parts[2], headers), end, length
+
+
+def _careless_chunks(raw: bytes, at: int) -> tuple[bytes, int] | None:
+    body = bytearray()
+    while True:
+        line_end = raw.find(b"\r\n", at)
+        if line_end < 0:
+            return None
+        size = int(raw[at:line_end].split(b";")[0], 16)
+        at = line_end + 2
+        if size == 0:
+            trailer_end = raw.find(b"\r\n\r\n", at - 2)
+            return (bytes(body), trailer_end + 4) if trailer_end >= 0 else None
+        if len(raw) < at + size + 2:
+            return None
+        body += raw[at : at + size]
+        at += size + 2
+
+
+class RecordingUpstream:
+    """A loopback HTTP/1.1 server that keeps every byte it receives, per connection, and answers every request it
+    reads there with `200` and the body `METHOD target`. It frames requests as carelessly as real backends do
+    (see `_careless_head`), so a request the proxy relays ambiguously shows up here as a request nobody sent, or
+    as bytes it cannot read (`unframeable`)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.raw: list[bytearray] = []  # every byte received, one entry per connection
+        self.requests: list[UpstreamRequest] = []
+        self.unframeable: list[str] = []
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def seen(self) -> list[str]:
+        return [f"{r.method} {r.target}" for r in self.requests]
+
+    async def start(self) -> RecordingUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        received = bytearray()
+        self.raw.append(received)
+        pending = b""
+        try:
+            while data := await reader.read(65536):
+                received += data
+                pending += data
+                while b"\r\n\r\n" in pending:
+                    req, at, length = _careless_head(pending)
+                    if length == -1:
+                        chunks = _careless_chunks(pending, at)
+                        if chunks is None:
+                            break
+                        req.body, at = chunks
+                    elif len(pending) < at + length:
+                        break
+                    else:
+                        req.body, at = pending[at : at + length], at + length
+                    pending = pending[at:]
+                    self.requests.append(req)
+                    writer.write(ok(f"{req.method} {req.target}".encode()))
+        except (Unframeable, ValueError) as exc:
+            self.unframeable.append(f"{exc}: {bytes(pending[:200])!r}")
+            writer.transport.abort()
+        except ConnectionError:
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()

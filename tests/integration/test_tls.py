@@ -642,6 +642,36 @@ class TestCertificatesFromKv:
             proxy.stop()
             kv_delete_tree(consul, prefix)
 
+    def test_a_rotation_in_two_puts_serves_the_old_pair_until_the_new_halves_match(
+        self, consul: ConsulAgent, workdir: Path, ca: TestCA,
+    ) -> None:
+        """The README's two `consul kv put`s (a new certificate with a new key): between them, the name keeps
+        the pair it had; no handshake gets another name's certificate (the default, here `aaa.test`)."""
+        prefix = f"ferryman/certs-{uuid.uuid4().hex[:8]}/"
+        default = ca.issue("aaa.test")  # sorts first: the certificate a name without a pair would fall back to
+        first = ca.issue("kv.test")
+        kv_put(consul, {f"{prefix}aaa/cert": default.cert_pem, f"{prefix}aaa/key": default.key_pem,
+                        f"{prefix}kvsite/cert": first.cert_pem, f"{prefix}kvsite/key": first.key_pem})
+        proxy = TlsFerryman(consul.addr, workdir, extra=["--tls-kv-prefix", prefix, "--consul-wait", "2"])
+        try:
+            proxy.start()
+            port = proxy.tls_port
+            wait_serial_blocking(port, "kv.test", ca, first.serial, "the first KV certificate", 8)
+
+            second = ca.issue("kv.test")  # a new key too
+            for half in ("cert", "key"):  # in either order the pair is mismatched between the two puts
+                kv_put(consul, {f"{prefix}kvsite/{half}": getattr(second, f"{half}_pem")})
+                if half == "cert":
+                    wait_until(lambda: [e for e in proxy.log_events() if e.get("event") == "tls_kv_certificate_invalid"
+                                        and "kvsite" in e.get("error", "")], 8, "the mismatched pair to be seen")
+                    served = [serial_for(port, "kv.test", ca) for _ in range(30)]
+                    assert set(served) == {first.serial}
+            wait_serial_blocking(port, "kv.test", ca, second.serial, "the new pair once both halves match", 8)
+            assert serial_for(port, "aaa.test", ca) == default.serial
+        finally:
+            proxy.stop()
+            kv_delete_tree(consul, prefix)
+
     def test_file_certificates_come_first(self, consul: ConsulAgent, workdir: Path, ca: TestCA,
                                           certdir: Path) -> None:
         prefix = f"ferryman/certs-{uuid.uuid4().hex[:8]}/"

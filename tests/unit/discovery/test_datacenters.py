@@ -344,8 +344,19 @@ class TestClientDatacenters:
                 await closing(server.client("dc9,dc2", token="t"), lambda c: c.check_access())
         unknown = [e for e in logs if e["event"] == "consul_dc_unknown"]
         assert [(e["datacenters"], e["known"], e["log_level"]) for e in unknown] == [(["dc9"], ["dc1", "dc2"],
-                                                                                      "warning")]
+                                                                                      "error")]
+        assert "consul_dc" in unknown[0]["detail"] and unknown[0]["problem"] == "configuration"
         assert ("/v1/catalog/services", {"dc": "dc9"}) not in server.requests
+
+    async def test_an_unknown_datacenter_is_named_with_acls_off_too(self, server: FakeServer) -> None:
+        """Without ACLs (401 on token/self) the access check ends early; the datacenters are checked first."""
+        server.answers[("/v1/acl/token/self", "*")] = Answer(401, "ACL support disabled")
+        server.answers[("/v1/catalog/datacenters", "*")] = Answer(200, ["dc1"])
+        with capture_logs() as logs:
+            await closing(server.client("dc1,dc-typo"), lambda c: c.check_access())
+        unknown = [e for e in logs if e["event"] == "consul_dc_unknown"]
+        assert [(e["datacenters"], e["log_level"], e["problem"]) for e in unknown] == [
+            (["dc-typo"], "error", "configuration")]
 
 
 class TestClientKV:

@@ -331,14 +331,24 @@ class TestServiceMeta:
         assert {e.instance_id: e.weight for e in api.endpoints} == {"api-1": 5, "api-2": 1}
         assert snap.problems == ()
 
+    def test_meta_timeouts(self) -> None:
+        """ferryman-read-timeout and ferryman-connect-timeout are seconds, for long polls and slow networks."""
+        item = entry("consul-ui", "ui-1")
+        item["Service"]["Meta"] = {"ferryman-read-timeout": "360", "ferryman-connect-timeout": "1.5"}
+        snap = build_snapshot({"consul-ui": ["urlprefix-/ui"]}, {"consul-ui": [item]})
+        ui = snap.service("consul-ui")
+        assert ui is not None and ui.settings == ServiceSettings(read_timeout=360.0, connect_timeout=1.5)
+
     @pytest.mark.parametrize(
         ("meta", "kind_detail"),
         [
             ({"ferryman-lb": "fastest"}, "lb='fastest' must be one of"),
             ({"ferryman-weight": "heavy"}, "ferryman-weight='heavy' must be a whole number"),
             ({"ferryman-sticky": "a b"}, "must be a cookie name"),
+            ({"ferryman-read-timeout": "forever"}, "read_timeout='forever' must be a number of seconds"),
+            ({"ferryman-connect-timeout": "0"}, "connect_timeout='0' must be a number of seconds"),
         ],
-        ids=["bad-lb", "bad-weight", "bad-sticky"],
+        ids=["bad-lb", "bad-weight", "bad-sticky", "bad-read-timeout", "bad-connect-timeout"],
     )
     def test_bad_meta_is_reported_and_ignored(self, meta: dict[str, str], kind_detail: str) -> None:
         item = entry("api", "api-1")

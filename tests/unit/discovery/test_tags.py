@@ -226,6 +226,9 @@ SERVICE_SETTINGS = [
     ("health_path", "/healthz?full=1", ServiceSettings(health_path="/healthz?full=1"), "health-path-with-query"),
     ("max_body_size", "512k", ServiceSettings(max_body=512 * 1024), "max-body-size-in-bytes"),
     ("max_concurrent", "0", ServiceSettings(max_concurrent=0), "max-concurrent-zero-is-set"),
+    ("read_timeout", "360", ServiceSettings(read_timeout=360.0), "read-timeout-seconds"),
+    ("read_timeout", "0.5", ServiceSettings(read_timeout=0.5), "read-timeout-fraction"),
+    ("connect_timeout", "2", ServiceSettings(connect_timeout=2.0), "connect-timeout-seconds"),
 ]
 BAD_SERVICE_SETTINGS = [
     ("lb", "fastest", "lb='fastest' must be one of round_robin", "unknown-lb"),
@@ -235,6 +238,13 @@ BAD_SERVICE_SETTINGS = [
     ("max_body_size", "lots", "'lots' is not a size", "max-body-size-not-a-size"),
     ("max_concurrent", "²", "max_concurrent='²' must be a whole number (0: no limit)", "max-concurrent-superscript"),
     ("weight", "3", "unknown service setting 'weight': one of lb, hash_key", "unknown-setting"),
+    ("read_timeout", "0", "read_timeout='0' must be a number of seconds above 0", "read-timeout-zero"),
+    ("read_timeout", "-5", "read_timeout='-5' must be a number of seconds above 0", "read-timeout-negative"),
+    ("read_timeout", "nan", "read_timeout='nan' must be a number of seconds", "read-timeout-nan"),
+    ("read_timeout", "inf", "read_timeout='inf' must be a number of seconds", "read-timeout-infinite"),
+    ("read_timeout", "86401", "at most 86400", "read-timeout-over-a-day"),
+    ("connect_timeout", "5s", "connect_timeout='5s' must be a number of seconds", "connect-timeout-with-unit"),
+    ("connect_timeout", " 5", "connect_timeout=' 5' must be a number of seconds", "connect-timeout-blank"),
 ]
 
 

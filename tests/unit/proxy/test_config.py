@@ -282,14 +282,21 @@ class TestServiceTables:
             "api": ServiceSettings(lb="hash", hash_on=("cookie", "session")), "web": ServiceSettings(sticky="srv"),
         }
 
+    def test_timeouts_are_numbers_of_seconds(self, tmp_path: Path) -> None:
+        path = tmp_path / "ferryman.toml"
+        path.write_text('[services.ui]\nread_timeout = 360\nconnect_timeout = 1.5\n')
+        settings = load(config_file=str(path), environ={}, flags={})
+        assert settings.service_overrides() == {"ui": ServiceSettings(read_timeout=360.0, connect_timeout=1.5)}
+
     @pytest.mark.parametrize(
         ("text", "detail"),
         [
             ('[services.api]\nlb = "fastest"\n', "key 'services.api.lb': lb='fastest' must be one of"),
             ('[services.api]\nweight = "3"\n', "key 'services.api.weight': unknown service setting"),
             ('[services.api]\nlb = 3\n', "key 'services.api.lb': must be text"),
+            ('[services.api]\nread_timeout = 0\n', "key 'services.api.read_timeout': read_timeout='0' must be"),
         ],
-        ids=["bad-algorithm", "unknown-setting", "not-text"],
+        ids=["bad-algorithm", "unknown-setting", "not-text", "read-timeout-zero"],
     )
     def test_bad_table_names_file_line_and_key(self, tmp_path: Path, text: str, detail: str) -> None:
         path = tmp_path / "ferryman.toml"

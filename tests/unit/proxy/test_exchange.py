@@ -86,7 +86,7 @@ class FakeUpstream:
             return conn
         return None
 
-    async def connect(self, key: PoolKey) -> FakeConn:
+    async def connect(self, key: PoolKey, timeout: float = 0.0) -> FakeConn:
         if key[2] in self.refuse:
             raise UpstreamConnectError(f"cannot connect to port {key[2]}: refused")
         conn = FakeConn(key)

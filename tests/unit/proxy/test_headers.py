@@ -496,3 +496,32 @@ class TestTrustedProxies:
     def test_a_chain_of_trusted_proxies_only(self) -> None:
         head = self._head(b"10.0.0.2", True, (b"X-Forwarded-For", b"10.0.0.9"))
         assert head["X-Real-IP"] == ["10.0.0.9"]  # every hop trusted: the left-most
+
+
+class TestPublicErrorText:
+    """Answers about an instance say what happened in general words; the detail, address included, is logged."""
+
+    @pytest.mark.parametrize(
+        ("error", "public"),
+        [
+            ("UpstreamConnectError", "the upstream could not be reached"),
+            ("UpstreamConnectTimeout", "the upstream could not be reached in time"),
+            ("UpstreamTimeout", "the upstream did not answer in time"),
+            ("UpstreamProtocolError", "the upstream sent an invalid response"),
+        ],
+        ids=["connect-refused", "connect-timeout", "read-timeout", "bad-response"],
+    )
+    def test_no_address_in_the_answer(self, error: str, public: str) -> None:
+        import proxy.errors
+        from proxy.headers import error_body_size
+
+        err = getattr(proxy.errors, error)("cannot connect to 10.1.2.3:8080: Connection refused")
+        answer = error_response(err.status, err.public_message, keep_alive=True)
+        assert b"10.1.2.3" not in answer and answer.endswith(f"{err.status} {public}\n".encode())
+        assert "10.1.2.3:8080" in err.message  # what the log line carries
+        assert error_body_size(err.status, err.public_message) == len(parse(answer).body)
+
+    def test_other_errors_say_their_message(self) -> None:
+        from proxy.errors import NoRoute
+
+        assert NoRoute("no route for shop.example.com/").public_message == "no route for shop.example.com/"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -74,6 +75,13 @@ class TestRequestIds:
             assert not _SANE_REQUEST_ID(bad)
         ids = {new_request_id() for _ in range(1000)}
         assert len(ids) == 1000 and all(re.fullmatch(rb"[0-9a-f]{32}", i) for i in ids)
+
+    def test_fresh_ids_are_not_a_counter(self) -> None:
+        """Consecutive ids share no prefix and are not one apart: another client's id cannot be guessed."""
+        ids = [int(new_request_id(), 16) for _ in range(600)]  # across at least two batches
+        steps = {b - a for a, b in itertools.pairwise(ids)}
+        assert len(steps) == len(ids) - 1  # a counter would give one step, again and again
+        assert len({i >> 64 for i in ids}) == len(ids)  # no per-process prefix either
 
     def test_one_id_upstream_and_back(self) -> None:
         head = upstream_request_head(

@@ -66,6 +66,55 @@ class TestRefused:
         assert head([], version="1.0").bad is None
 
 
+class TestTargets:
+    """Request targets the grammar does not allow are answered 400 (RFC 9112 §3.2, RFC 9110 §4.2.4)."""
+
+    @pytest.mark.parametrize(
+        ("method", "target", "message"),
+        [
+            ("GET", b"*", "only allowed with OPTIONS"),
+            ("POST", b"*", "only allowed with OPTIONS"),
+            ("GET", b"/a#frag", "fragment"),
+            ("GET", b"/a?q=1#", "fragment"),
+            ("GET", b"http://example.com/a#frag", "fragment"),
+            ("GET", b"http://evil@example.com/", "user info"),
+            ("GET", b"http://user:pw@example.com:8080/x", "user info"),
+        ],
+        ids=["get-asterisk", "post-asterisk", "fragment", "empty-fragment", "absolute-with-fragment",
+             "absolute-user-info", "absolute-user-password"],
+    )
+    def test_refused(self, method: str, target: bytes, message: str) -> None:
+        req = head([HOST], method=method, target=target)
+        assert isinstance(req.bad, BadRequest) and req.bad.status == 400
+        assert message in req.bad.message
+
+    @pytest.mark.parametrize(
+        ("method", "target"),
+        [("OPTIONS", b"*"), ("GET", b"/a?b=c@d"), ("GET", b"http://example.com/a@b"), ("GET", b"/%23")],
+        ids=["options-asterisk", "at-in-query", "at-in-absolute-path", "encoded-hash"],
+    )
+    def test_allowed(self, method: str, target: bytes) -> None:
+        assert head([HOST], method=method, target=target).bad is None
+
+
+class TestContentLength:
+    """The upstream gets Content-Length as the canonical decimal the proxy framed by (RFC 9110 §8.6)."""
+
+    @pytest.mark.parametrize(
+        ("value", "length", "forwarded"),
+        [
+            (b"74", 74, b"74"), (b"074", 74, b"74"), (b"0000000000074", 74, b"74"), (b"00", 0, b"0"),
+            (b"0", 0, b"0"),
+        ],
+        ids=["plain", "leading-zero", "many-zeros", "zeros-for-zero", "zero"],
+    )
+    def test_canonical(self, value: bytes, length: int, forwarded: bytes) -> None:
+        req = head([HOST, (b"Content-Length", value)], method="POST")
+        assert req.bad is None and req.content_length == length
+        assert [v for n, v in req.headers if n.lower() == b"content-length"] == [forwarded]
+        assert req.body_kind == (BODY_LENGTH if length else BODY_NONE)
+
+
 class TestRead:
     """What the proxy reads of an acceptable head."""
 
@@ -96,7 +145,7 @@ class TestRead:
         assert head(ws, upgrade=True).keep_alive is False  # the connection ends with the tunnel
 
     def test_absolute_form_replaces_host_and_target(self) -> None:
-        req = head([(b"Host", b"ignored.com")], target=b"http://user@api.example.com:8080/v1?x=1")
+        req = head([(b"Host", b"ignored.com")], target=b"http://api.example.com:8080/v1?x=1")
         assert req.bad is None
         assert (req.host, req.target, req.absolute) == (b"api.example.com:8080", b"/v1?x=1", True)
         assert [v for n, v in req.headers if n.lower() == b"host"] == [b"api.example.com:8080"]
