@@ -2,7 +2,8 @@
 
 llhttp (through httptools) gathers the request line and the header fields; `check_head` then reads the fields
 the proxy acts on (Host, framing, Expect, Upgrade, X-Request-ID) in one pass and decides whether the request
-may go anywhere (RFC 9112 §3.2 Host rules, §6 framing, the absolute form of §3.2.2). A request that fails
+may go anywhere (RFC 9112 §3.2 Host rules, §6 framing, the absolute form of §3.2.2; no `*` but with OPTIONS,
+no fragment, no user info). A Content-Length goes on as the canonical decimal it was framed by. A request that fails
 is not dropped: it carries its error (`bad`) and is answered in its turn, so pipelined requests before it
 still get their answers in order.
 """

@@ -1,7 +1,8 @@
 """Requests off a client's byte stream: llhttp's callbacks, and the limits a head and a body phase must keep.
 
 One `RequestReader` per client connection. llhttp (through httptools) parses; the callbacks here gather each
-request's head into a `Request`, run `check_head` on it when it is complete, queue it on the connection, and
+request's head into a `Request` (header fields named with `_` dropped unless `underscores_in_headers`), run
+`check_head` on it when it is complete, queue it on the connection, and
 pass body bytes to the request's sink (its exchange) or buffer them until an upstream takes them. Limits that
 llhttp does not know are enforced as bytes arrive: the target, the header fields, the head as a whole (one
 endless line never completes a field), and the non-body bytes of a body phase (chunk framing, trailers).

@@ -91,17 +91,18 @@ class TestAccessLogFormats:
             async with aiohttp.ClientSession() as http:
                 for _ in range(5):
                     assert (await fetch(http, f"{proxy.url}/clf/ok"))[0] == 200
-                status, _, _ = await fetch(http, f"{proxy.url}/clf-missing?q=1",
+                status, body, _ = await fetch(http, f"{proxy.url}/clf-missing?q=1",
                                            headers={"Host": "missing.test", "Referer": "http://r.test/",
                                                     "User-Agent": "probe/1.0"})
                 assert status == 404
             line = await asyncio.to_thread(
                 wait_until, lambda: (log_file.exists() and log_file.read_text().strip()) or None, 5, "an access line")
-            # Only the error was logged (successes sampled at 0), in the combined format.
+            # Only the error was logged (successes sampled at 0), in the combined format, with the bytes of
+            # Ferryman's own answer.
             assert len(line.splitlines()) == 1, line
-            assert re.fullmatch(
-                r'127\.0\.0\.1 - - \[[^\]]+ \+0000\] "GET /clf-missing\?q=1 HTTP/1\.1" 404 - '
-                r'"http://r\.test/" "probe/1\.0"', line), line
+            assert body and re.fullmatch(
+                r'127\.0\.0\.1 - - \[[^\]]+ \+0000\] "GET /clf-missing\?q=1 HTTP/1\.1" 404 '
+                + str(len(body)) + r' "http://r\.test/" "probe/1\.0"', line), line
             assert not [e for e in proxy.log_events() if e.get("event") == "access"]
         finally:
             await asyncio.to_thread(proxy.stop)
