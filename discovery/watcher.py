@@ -47,7 +47,7 @@ T = TypeVar("T")
 # the question stays open (asked again every _EXPLAIN_WAIT_S); when it has not after _EXPLAIN_MAX_S, no check
 # moved with the change: an instance without checks of its own changed.
 _EXPLAIN_WAIT_S = 0.5
-_EXPLAIN_MAX_S = 10.0
+_EXPLAIN_MAX_S = 3.0
 
 
 class CatalogSource(Protocol):
