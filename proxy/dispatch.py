@@ -92,64 +92,57 @@ def plan(
     path = req.target.partition(b"?")[0].decode("latin-1")
     result = Plan(path)
     try:
-        _decide(result, req, path, table, pools, limits, rng, port, client)
+        if req.bad is not None:
+            raise req.bad
+        redirect = limits.redirect
+        if redirect is not None:
+            location = redirect.location(normalize_host(req.host.decode("latin-1")), req.target)
+            if location is not None:
+                raise ToHttps(location, req.method)
+        if limits.access is not None:
+            _check_access(limits.access, req, limits, client, "the proxy's")
+        matched = normalize_path(path)  # dot-segments and unreserved escapes resolved; `path` itself if none
+        route = table.lookup(req.host.decode("latin-1"), matched, req, port)
+        if route is None:
+            if req.absolute:
+                # Never an open proxy: an absolute URI naming a host this proxy does not route is refused.
+                raise BadRequest("absolute request target for a host this proxy does not route")
+            raise NoRoute("no route for this host and path")
+        result.route_id = route.id
+        if route.shares:
+            route = _shared_side(route, pools, rng.random())
+        result.service = service = route.service
+        if route.access is not None:
+            _check_access(route.access, req, limits, client, "the route's")
+        # The path as routed is the path forwarded (Fabio, nginx and Envoy do the same): a backend that does not
+        # normalize must not see `/api/../admin` for a request routed as `/admin`. Reserved escapes stay as sent.
+        forwarded = path if matched is path else normalize_path(path, upper=False)
+        if route.redirect is not None:
+            raise Redirect(route.redirect[0], _location(route, req, forwarded))
+        if route.split:
+            result.service = service = _split_side(route, pools, rng.random())
+        pool = pools.get(service)
+        if pool is None or not pool.endpoints:
+            raise NoHealthyEndpoint(f"no healthy instance of service {service!r}")
+        if pool.max_concurrent and pool.active >= pool.max_concurrent:
+            raise ServiceOverloaded(
+                f"service {service!r} has {pool.max_concurrent} requests in progress, its limit", headers=RETRY_AFTER,
+            )
+        max_body = route.max_body or pool.max_body or limits.max_body
+        if max_body and req.body_kind != BODY_NONE:
+            if req.content_length > max_body:
+                raise PayloadTooLarge(f"request body of {req.content_length} bytes; the limit is {max_body}")
+            req.max_body = max_body
+        result.route = route
+        result.pool = pool
+        if forwarded is path and not route.rewrites:
+            result.target = req.target
+        else:
+            query = req.target[len(path):].decode("latin-1")  # "" or "?..."
+            result.target = route.upstream_target(forwarded + query).encode("latin-1")
     except ProxyError as err:
         result.error = err
     return result
-
-
-def _decide(
-    result: Plan, req: Request, path: str, table: RoutingTable, pools: Pools, limits: Limits, rng: random.Random,
-    port: int, client: Client,
-) -> None:
-    if req.bad is not None:
-        raise req.bad
-    redirect = limits.redirect
-    if redirect is not None:
-        location = redirect.location(normalize_host(req.host.decode("latin-1")), req.target)
-        if location is not None:
-            raise ToHttps(location, req.method)
-    if limits.access is not None:
-        _check_access(limits.access, req, limits, client, "the proxy's")
-    matched = normalize_path(path)  # dot-segments and unreserved escapes resolved; `path` itself if none
-    route = table.lookup(req.host.decode("latin-1"), matched, req, port)
-    if route is None:
-        if req.absolute:
-            # Never an open proxy: an absolute URI naming a host this proxy does not route is refused.
-            raise BadRequest("absolute request target for a host this proxy does not route")
-        raise NoRoute("no route for this host and path")
-    result.route_id = route.id
-    if route.shares:
-        route = _shared_side(route, pools, rng.random())
-    result.service = service = route.service
-    if route.access is not None:
-        _check_access(route.access, req, limits, client, "the route's")
-    # The path as routed is the path forwarded (Fabio, nginx and Envoy do the same): a backend that does not
-    # normalize must not see `/api/../admin` for a request routed as `/admin`. Reserved escapes stay as sent.
-    forwarded = path if matched is path else normalize_path(path, upper=False)
-    if route.redirect is not None:
-        raise Redirect(route.redirect[0], _location(route, req, forwarded))
-    if route.split:
-        result.service = service = _split_side(route, pools, rng.random())
-    pool = pools.get(service)
-    if pool is None or not pool.endpoints:
-        raise NoHealthyEndpoint(f"no healthy instance of service {service!r}")
-    if pool.max_concurrent and pool.active >= pool.max_concurrent:
-        raise ServiceOverloaded(
-            f"service {service!r} has {pool.max_concurrent} requests in progress, its limit", headers=RETRY_AFTER,
-        )
-    max_body = route.max_body or pool.max_body or limits.max_body
-    if max_body and req.body_kind != BODY_NONE:
-        if req.content_length > max_body:
-            raise PayloadTooLarge(f"request body of {req.content_length} bytes; the limit is {max_body}")
-        req.max_body = max_body
-    result.route = route
-    result.pool = pool
-    if forwarded is path and not route.rewrites:
-        result.target = req.target
-        return
-    query = req.target[len(path):].decode("latin-1")  # "" or "?..."
-    result.target = route.upstream_target(forwarded + query).encode("latin-1")
 
 
 def _check_access(rules: AccessRules, req: Request, limits: Limits, client: Client, whose: str) -> None:

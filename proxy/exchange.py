@@ -92,7 +92,7 @@ class Exchange:
     __slots__ = (
         "armed", "attempts", "bytes_out", "client", "client_backlog", "conn", "ctx", "endpoint", "fresh",
         "head_request", "head_sent", "last_activity", "loop", "over", "path", "pin", "pool", "req", "reused",
-        "route", "sent_at", "service", "started", "status", "target", "tunnel", "upstream_s",
+        "route", "sent_at", "service", "started", "status", "target", "tried", "tunnel", "upstream_s",
     )
 
     def __init__(
@@ -103,7 +103,8 @@ class Exchange:
         self.client, self.loop, self.req, self.route, self.pool = client, ctx.loop, req, route, pool
         self.service = service  # the route's, or the one a split drew
         self.target, self.started, self.path = target, started, path
-        self.attempts = Attempts(ctx.limits.max_attempts, len(pool.endpoints), req.method)
+        self.tried: set[str] = set()  # instances this request was sent to
+        self.attempts: Attempts | None = None  # the retry rules, made at the first failure (most requests have none)
         pool.begin(self.loop.time())
         self.head_request = req.method == "HEAD"
         self.endpoint: Endpoint | None = None
@@ -129,9 +130,10 @@ class Exchange:
             return
         pool = self.pool
         now = self.loop.time()
-        for instance in pool.readmit(now):
-            request_log(self.req, "info", "upstream_readmitted", service=self.service, instance=instance)
-        tried = self.attempts.tried
+        if pool.ejecting:  # (a dict, shared with the pool: no call on the way of nearly every request)
+            for instance in pool.readmit(now):
+                request_log(self.req, "info", "upstream_readmitted", service=self.service, instance=instance)
+        tried = self.tried
         members = self.route.members  # only the instances that declare the route (None: all)
         exclude: Container[str] = tried if members is None else _NotMember(tried, members)
         endpoint = pool.pinned(self.pin, exclude) if self.pin is not None else None
@@ -207,7 +209,11 @@ class Exchange:
             self.pool.release(endpoint)
             self.req.sink = None  # body chunks arriving meanwhile wait in the buffer for the next attempt
             self.conn = None
-        verdict = self.attempts.after_failure(
+        attempts = self.attempts
+        if attempts is None:
+            attempts = self.attempts = Attempts(self.ctx.limits.max_attempts, len(self.pool.endpoints),
+                                                self.req.method, self.tried)
+        verdict = attempts.after_failure(
             err, connected=connected, reused=self.reused, body_sent=self.req.body_sent,
             client_gone=self.client.closing, budget=lambda: self.pool.retry_allowed(self.loop.time()),
         )
@@ -215,10 +221,10 @@ class Exchange:
             self._answer(err)
             return
         if verdict is Verdict.SAME_INSTANCE:
-            self.attempts.tried.discard(endpoint.key)
+            self.tried.discard(endpoint.key)
             self.fresh = True  # other pooled connections to it may be just as stale
         request_log(self.req, "info", "upstream_retry", service=self.service, upstream=endpoint.authority,
-                    reason=err.reason, error=err.message, attempt=len(self.attempts.tried))
+                    reason=err.reason, error=err.message, attempt=len(self.tried))
         self.ctx.metrics.retries.labels(self.service).inc()
         self.attempt()
 
@@ -273,8 +279,12 @@ class Exchange:
         self.last_activity = self.loop.time()
         self.status = status
         self.head_sent = True
-        if self.endpoint is not None:
-            self._instance_failed(self.endpoint, status)
+        endpoint = self.endpoint
+        if endpoint is not None:
+            if status >= 500:
+                self._instance_failed(endpoint, status)
+            else:
+                self.pool.succeeded(endpoint)
         self._arm_timer()  # an upstream may answer before it read the whole body: its silence counts from now
         self.client.send_head(
             self.req, status, reason, headers, framing,

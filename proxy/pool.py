@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from discovery.model import Endpoint, ServiceSettings, Snapshot, SnapshotDelta
@@ -21,6 +21,8 @@ from .config import DEFAULTS
 from .outcomes import Outliers, RecentErrors, RetryBudget
 from .policy import ServiceDefaults, ServicePolicy, service_policy
 from .settings import HealthPolicy
+
+_NONE: tuple[str, ...] = ()
 
 
 class _Excluded:
@@ -63,6 +65,7 @@ class Pool:
         "check_skip_verify",
         "connect_timeout",
         "departed",
+        "ejecting",
         "endpoints",
         "hash_on",
         "health_path",
@@ -101,6 +104,8 @@ class Pool:
         policy = policy or DEFAULTS.health
         self._budget = RetryBudget(ratio=policy.retry_budget)
         self._outliers = Outliers(after=policy.eject_after, base=policy.eject_base, max_share=policy.eject_max_share)
+        # The ejected instances (the outlier record's own dict, changed in place): read on every request.
+        self.ejecting: Mapping[str, float] = self._outliers.ejected
         self._policy = policy
         self._down: set[str] = set()  # failing Ferryman's own active checks
         self.health_path: str | None = None  # service meta ferryman-health-path: checked by Ferryman itself
@@ -210,9 +215,9 @@ class Pool:
         """Take one retry from the budget if there is one left."""
         return self._budget.allow(now)
 
-    def readmit(self, now: float) -> list[str]:
+    def readmit(self, now: float) -> Sequence[str]:
         """Instances whose ejection ran out, now back in rotation (keys; usually none)."""
-        return self._outliers.readmit_expired(now) if self._outliers.ejected else []
+        return self._outliers.readmit_expired(now) if self._outliers.ejected else _NONE
 
     def failed(self, endpoint: Endpoint, now: float) -> float | None:
         """An attempt on the instance failed (refused, reset, no answer in time): counted against it. Returns
@@ -230,6 +235,10 @@ class Pool:
             self._errors.add(endpoint.key, now)
         self._outliers.success(endpoint.key)
         return None
+
+    def succeeded(self, endpoint: Endpoint) -> None:
+        """The instance answered below 500."""
+        self._outliers.success(endpoint.key)
 
     def upgraded(self, endpoint: Endpoint) -> None:
         """The instance accepted a protocol upgrade (101): a success, and a tunnel now open."""

@@ -47,8 +47,8 @@ class Attempts:
 
     __slots__ = ("limit", "method", "stale_retry_left", "tried")
 
-    def __init__(self, max_attempts: int, pool_size: int, method: str) -> None:
-        self.tried: set[str] = set()
+    def __init__(self, max_attempts: int, pool_size: int, method: str, tried: set[str] | None = None) -> None:
+        self.tried: set[str] = tried if tried is not None else set()
         self.limit = min(max_attempts, pool_size)
         self.method = method
         self.stale_retry_left = True

@@ -29,7 +29,7 @@ from ..logs import request_log
 from ..metrics import NO_ROUTE, NO_SERVICE
 from ..timeouts import check_timeout
 from ..tunnel import Tunnel
-from .head import Request, settle_request_id
+from .head import SANE_REQUEST_ID, Request, new_request_id
 from .reader import MAX_BUFFERED_BODY, MAX_PIPELINED, InternalParseError, RequestReader
 from .writer import ResponseWriter
 
@@ -43,9 +43,9 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 class ClientConnection(ResponseWriter):
     __slots__ = (
-        "_current_done", "_deferred_error", "_deferred_req", "_fresh", "_idle_since", "_in_loop", "_queue",
-        "_reading_paused", "_serving", "_tunnel_early", "_upgraded", "body_paused", "cfg", "client", "closing", "ctx",
-        "exchange", "peer", "peer_text", "reader", "server", "trusted", "writing_paused",
+        "_current_done", "_deferred_error", "_deferred_req", "_in_loop", "_reading_paused", "_serving",
+        "_tunnel_early", "_upgraded", "body_paused", "cfg", "client", "closing", "ctx", "exchange", "fresh",
+        "idle_since", "peer", "peer_text", "queue", "reader", "server", "trusted", "writing_paused",
     )
 
     def __init__(self, cfg: ProxyContext, server: ProxyServer) -> None:
@@ -55,9 +55,9 @@ class ClientConnection(ResponseWriter):
         self.reader = RequestReader(self)
         self.peer, self.peer_text = b"", ""
         self.client = Client()  # the peer as planning sees it (access rules)
-        self._queue: collections.deque[Request] = collections.deque()
-        self._idle_since: float | None = None  # waiting for (the rest of) a request head since then
-        self._fresh = True  # no request head completed yet: waiting for one runs on client_header_timeout
+        self.queue: collections.deque[Request] = collections.deque()
+        self.idle_since: float | None = None  # waiting for (the rest of) a request head since then
+        self.fresh = True  # no request head completed yet: waiting for one runs on client_header_timeout
         self.exchange: Exchange | None = None
         # A parse error behind requests still being answered: sent, in order, once they are done.
         self._deferred_error: ProxyError | None = None
@@ -80,7 +80,7 @@ class ClientConnection(ResponseWriter):
         if not self.server.admit(self):
             self.closing = True
             return
-        self._idle_since = self.cfg.loop.time()
+        self.idle_since = self.cfg.loop.time()
 
     def data_received(self, data: bytes) -> None:
         if self._deferred_error is not None or self.closing:
@@ -108,16 +108,16 @@ class ClientConnection(ResponseWriter):
             return
         # Requests start after the whole read was parsed, so a request whose head parsed but whose framing
         # llhttp rejects a moment later (Transfer-Encoding not ending in chunked) never reaches an upstream.
-        if not self._serving and self._queue:
+        if not self._serving and self.queue:
             self._serve_next()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self._idle_since = None
+        self.idle_since = None
         self.server.gone(self)
         if self.exchange is not None:
             self.exchange.client_gone()
-        self._queue.clear()
+        self.queue.clear()
 
     def pause_writing(self) -> None:
         # The client does not read its answers fast enough: stop reading the upstream and stop taking new
@@ -138,20 +138,10 @@ class ClientConnection(ResponseWriter):
             exchange.last_activity = self.cfg.loop.time()  # the client read: progress
             if exchange.conn is not None:
                 exchange.conn.resume_reading()
-        if not self.body_paused and len(self._queue) < MAX_PIPELINED:
+        if not self.body_paused and len(self.queue) < MAX_PIPELINED:
             self.resume_reading()
 
     # --- what the reader reports ---
-    def head_started(self) -> None:  # from the first byte, the head must arrive within client_header_timeout
-        self._idle_since = self.cfg.loop.time()
-
-    def queue_request(self, req: Request) -> None:
-        self._idle_since = None  # the head arrived in time; the request now runs under upstream timeouts
-        self._fresh = False
-        self._queue.append(req)
-        if len(self._queue) >= MAX_PIPELINED:
-            self.pause_reading()  # resumed once the queue has drained
-
     def upgraded(self, rest: bytes) -> None:  # an Upgrade or CONNECT head: see data_received
         self._upgraded = True
         self._tunnel_early = rest
@@ -181,7 +171,7 @@ class ClientConnection(ResponseWriter):
                 if self.closing:
                     self._serving = False
                     return
-                if not self._queue:
+                if not self.queue:
                     self._serving = False
                     err = self._deferred_error
                     if err is not None:
@@ -190,7 +180,7 @@ class ClientConnection(ResponseWriter):
                     return
                 self._serving = True
                 self._current_done = False
-                self._start(self._queue.popleft())
+                self._start(self.queue.popleft())
                 if not self._current_done:
                     return  # in progress; done() takes it from there
         finally:
@@ -199,7 +189,8 @@ class ClientConnection(ResponseWriter):
     def _start(self, req: Request) -> None:
         """Plan the request and start forwarding it; a decision that is an error is answered here."""
         started = time.perf_counter()
-        settle_request_id(req)
+        if not req.request_id or SANE_REQUEST_ID(req.request_id) is None:  # (settle_request_id, inline)
+            req.request_id = new_request_id()
         exchange = None
         try:
             cfg = self.cfg
@@ -229,16 +220,16 @@ class ClientConnection(ResponseWriter):
     def finished(self, req: Request) -> None:  # the answer is complete: the next request, or wait, or close
         self.exchange = None
         self._current_done = True
-        if not req.keep_alive or (self.server.draining and not self._queue) or self.closing:
+        if not req.keep_alive or (self.server.draining and not self.queue) or self.closing:
             self._close()
             return
-        if self._queue or self._deferred_error is not None:
+        if self.queue or self._deferred_error is not None:
             self._serve_next()  # a no-op inside the loop, which goes on by itself
             return
         self._serving = False
         if not self.writing_paused:
             self.resume_reading()
-        self._idle_since = self.cfg.loop.time()
+        self.idle_since = self.cfg.loop.time()
 
     def answer_error(
         self, req: Request, err: ProxyError, service: str, started: float, path: str, route_id: str,
@@ -290,8 +281,8 @@ class ClientConnection(ResponseWriter):
     def _protocol_error(self, err: ProxyError) -> None:
         """A request llhttp (or a limit) rejected: answer it after the requests before it, then close."""
         bad = self.reader.take_broken()
-        if bad is not None and bad in self._queue:
-            self._queue.remove(bad)  # its head parsed, its framing did not: it never starts
+        if bad is not None and bad in self.queue:
+            self.queue.remove(bad)  # its head parsed, its framing did not: it never starts
         elif bad is not None and self.exchange is not None and self.exchange.req is bad:
             self.exchange.abandon(err)  # its body broke off while being relayed
             return
@@ -303,14 +294,14 @@ class ClientConnection(ResponseWriter):
 
     def sweep(self, now: float) -> None:
         """Called by the listener a few times a second: enforce the header, idle and read timeouts."""
-        since = self._idle_since
+        since = self.idle_since
         if since is not None:
             limits = self.cfg.limits
-            if self.reader.in_head or self._fresh:
+            if self.reader.in_head or self.fresh:
                 if now - since >= limits.header_timeout:
                     self._header_expired()
             elif now - since >= limits.idle_timeout:
-                self._idle_since = None
+                self.idle_since = None
                 if not self._serving:
                     self._close()
         exchange = self.exchange
@@ -320,7 +311,7 @@ class ClientConnection(ResponseWriter):
     def _header_expired(self) -> None:
         """A request head (or a new connection's first) did not arrive within client_header_timeout (slowloris):
         408 when part of a head came, then close; a connection that sent nothing is just closed."""
-        self._idle_since = None
+        self.idle_since = None
         if not self._serving:
             timeout = self.cfg.limits.header_timeout
             if self.reader.in_head:
@@ -331,7 +322,7 @@ class ClientConnection(ResponseWriter):
 
     def _close(self) -> None:
         self.closing = True
-        self._idle_since = None
+        self.idle_since = None
         if self.transport is not None:
             self.transport.close()
 

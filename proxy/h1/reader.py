@@ -29,10 +29,12 @@ class InternalParseError(Exception):
 
 
 class RequestReader:
-    __slots__ = ("_body_fed", "_head_bytes", "_header_bytes", "_nonbody_run", "conn", "in_head", "parser", "req")
+    __slots__ = ("_body_fed", "_head_bytes", "_header_bytes", "_limits", "_nonbody_run", "conn", "in_head", "parser",
+                 "req")
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
+        self._limits = conn.cfg.limits  # as of the current read (a reload swaps the listener's value)
         self.parser = httptools.HttpRequestParser(self)
         self.req: Request | None = None  # the request being read
         self.in_head = False  # between a request's first byte and the end of its head
@@ -44,7 +46,7 @@ class RequestReader:
     def feed(self, data: bytes) -> ProxyError | None:
         """Parse one read. Returns the error that ends the stream, if any; an upgrade head hands the bytes
         after it to the connection (they are never parsed as requests)."""
-        limits = self.conn.cfg.limits
+        limits = self._limits = self.conn.cfg.limits
         if self.in_head:
             self._head_bytes += len(data)
         try:
@@ -86,13 +88,14 @@ class RequestReader:
         self._head_bytes = 0
         self._nonbody_run = 0
         self.in_head = True
-        self.conn.head_started()  # from the first byte, the head must arrive in client_header_timeout
+        conn = self.conn
+        conn.idle_since = conn.cfg.loop.time()  # from the first byte, the head must arrive in client_header_timeout
 
     def on_url(self, url: bytes) -> None:
         req = self.req
         assert req is not None
         req.target += url
-        max_target = self.conn.cfg.limits.max_target
+        max_target = self._limits.max_target
         if len(req.target) > max_target:
             raise UriTooLong(f"request target longer than {max_target} bytes")
 
@@ -103,7 +106,7 @@ class RequestReader:
             # A chunked body's trailer fields (RFC 9110 §6.5): never merged into the head, where they could add
             # a second Host or forge headers after the checks ran. They are not forwarded.
             return
-        limits = self.conn.cfg.limits
+        limits = self._limits
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > limits.max_header_bytes:
             raise HeaderTooLarge(f"request header fields larger than {limits.max_header_bytes} bytes")
@@ -125,7 +128,15 @@ class RequestReader:
             req, parser.get_method().decode("ascii", "replace"), parser.get_http_version(),
             parser.should_keep_alive(), parser.should_upgrade(),
         )
-        self.conn.queue_request(req)
+        # Queued on the connection (inline: this runs for every request). The head arrived in time: the request
+        # now runs under upstream timeouts; reading pauses when too many wait (resumed once they drain).
+        conn = self.conn
+        conn.idle_since = None
+        conn.fresh = False
+        queue = conn.queue
+        queue.append(req)
+        if len(queue) >= MAX_PIPELINED:
+            conn.pause_reading()
 
     def on_body(self, data: bytes) -> None:
         req = self.req

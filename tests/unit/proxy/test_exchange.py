@@ -227,7 +227,7 @@ class TestRetries:
         ex.attempt()
         loop.run_tasks()
         assert client.events == [("error", 502, "upstream_connect_failed")]
-        assert ex.attempts.tried == {A.key, B.key}  # both tried, whatever the method: nothing reached them
+        assert ex.tried == {A.key, B.key}  # both tried, whatever the method: nothing reached them
         assert pool.recent_errors(A.key, loop.now) == 1 and pool.recent_errors(B.key, loop.now) == 1
         assert pool.active == 0
 
