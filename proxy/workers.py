@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -80,7 +81,10 @@ def run_event_loop(main: object) -> None:
     uvloop.run(main)  # type: ignore[arg-type]
 
 
-async def serve(settings: Settings, *, drain: bool = True, source: Source | None = None, **kwargs: object) -> None:
+async def serve(
+    settings: Settings, *, drain: bool = True, source: Source | None = None,
+    reloads: tuple[str, int] | None = None, **kwargs: object,
+) -> None:
     """Run one Ferryman until SIGTERM or SIGINT; then drain (when `drain`) and stop. SIGHUP reloads the
     configuration from `source`."""
     from .app import Ferryman
@@ -91,6 +95,9 @@ async def serve(settings: Settings, *, drain: bool = True, source: Source | None
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload_from(app, source))
+    if reloads is not None and _reloads_now(reloads[0]) != reloads[1]:
+        # A SIGHUP reached this worker before its handler was in place (it was starting): take it now.
+        reload_from(app, source)
     await app.start()
     _settle_gc()
     flusher = logs.start_flushing(settings.logs.flush_interval)
@@ -126,7 +133,15 @@ def _settle_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def _worker_main(settings: Settings, index: int, source: Source | None) -> None:
+def _reloads_now(directory: str) -> int:
+    """How many SIGHUPs the supervisor has passed on (a counter file in its directory)."""
+    try:
+        return int((Path(directory) / "reloads").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _worker_main(settings: Settings, index: int, source: Source | None, reloads: int) -> None:
     logs.configure(settings.logs.format, settings.logs.level, buffered=settings.logs.flush_interval > 0)
     structlog.contextvars.bind_contextvars(worker=index)
     # SIGTERM from the supervisor starts the worker's drain (every answer says Connection: close for
@@ -135,7 +150,7 @@ def _worker_main(settings: Settings, index: int, source: Source | None) -> None:
     channel = socket_path(directory) if not settings.static_file else None
     run_event_loop(serve(
         settings, drain=True, serve_admin=False, reuse_port=True, report_dir=directory, source=source,
-        channel=channel,
+        channel=channel, reloads=(directory, reloads),
     ))
 
 
@@ -149,10 +164,12 @@ class Supervisor:
         self._workers: dict[int, tuple[BaseProcess, float]] = {}
         self.failed = False
         self._admin: Ferryman | None = None
+        self._reloads = 0  # SIGHUPs passed on to the workers (a worker starting meanwhile catches up by it)
 
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(
-            target=_worker_main, args=(self.settings, index, self.source), name=f"ferryman-worker-{index}",
+            target=_worker_main, args=(self.settings, index, self.source, self._reloads),
+            name=f"ferryman-worker-{index}",
         )
         # The worker starts with SIGHUP ignored (an ignored signal stays ignored across exec) until its event
         # loop installs its own handler: a reload forwarded during its start-up must not kill it.
@@ -246,7 +263,10 @@ class Supervisor:
 
     def _reload(self) -> None:
         """SIGHUP: every worker reads the configuration again itself; the supervisor too (for the admin port
-        and for workers it starts later)."""
+        and for workers it starts later). A worker still starting, whose handler is not in place yet, sees the
+        counter move and reloads once it is."""
+        self._reloads += 1
+        (Path(self.metrics_dir) / "reloads").write_text(str(self._reloads))
         for proc, _ in self._workers.values():
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGHUP)
