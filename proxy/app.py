@@ -16,6 +16,7 @@ import os
 import time
 import tomllib
 from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 from aiohttp import web
@@ -54,6 +55,7 @@ _FIRST_SYNC_WAIT_S = 5.0
 _RESTART_AFTER_S = 1.0
 # How often a worker writes its state report for the supervisor (status page, state gauges, /ready).
 REPORT_INTERVAL_S = 1.0
+REPORT_REFRESH_S = 3.0
 
 
 def kv_routes(prefix: str, values: dict[str, bytes]) -> RoutePart:
@@ -75,13 +77,21 @@ def kv_routes(prefix: str, values: dict[str, bytes]) -> RoutePart:
 
 
 async def write_reports(directory: str, report: Callable[[], Report], flush: Callable[[], None]) -> None:
-    """A worker's state report for the supervisor, every REPORT_INTERVAL_S, until cancelled."""
+    """A worker's state report for the supervisor, every REPORT_INTERVAL_S while it changes, else every
+    REPORT_REFRESH_S (the supervisor takes a report older than 5 s for a hung worker), until cancelled: an idle
+    worker writes nothing most seconds."""
+    last: Report | None = None
+    written = float("-inf")
     while True:
         flush()
-        try:
-            write_report(directory, report())
-        except OSError as exc:
-            log.warning("state_report_failed", error=str(exc))
+        now = report()
+        same = last is not None and replace(now, at=0.0) == last
+        if not same or time.monotonic() - written >= REPORT_REFRESH_S:
+            try:
+                write_report(directory, now)
+                last, written = replace(now, at=0.0), time.monotonic()
+            except OSError as exc:
+                log.warning("state_report_failed", error=str(exc))
         await asyncio.sleep(REPORT_INTERVAL_S)
 
 
