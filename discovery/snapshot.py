@@ -15,7 +15,7 @@ datacenter that has at least one (failover), each Endpoint carrying that datacen
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final
 
@@ -44,17 +44,24 @@ def routes_from_tags(
     return tuple(sorted(routes, key=RouteSpec.order_key)), problems
 
 
+def _address_and_id(svc: Mapping[str, Any], node: Mapping[str, Any]) -> tuple[Any, str]:
+    """An instance's address and ID as its Endpoint has them. An instance registered without an address is
+    reachable at its node's (Consul's own rule; an IPv6 literal may come bracketed); one without an ID is known
+    by address:port."""
+    address = svc.get("Address") or node.get("Address")
+    if isinstance(address, str):
+        address = address.strip("[]")
+    return address, str(svc.get("ID") or f"{address}:{svc.get('Port')}")
+
+
 def endpoint_from_entry(service: str, entry: Mapping[str, Any], dc: str = "") -> Endpoint:
     """One health entry to an Endpoint; ValueError when it lacks what is needed to connect."""
     svc = entry.get("Service")
     node = entry.get("Node")
     if not isinstance(svc, Mapping) or not isinstance(node, Mapping):
         raise ValueError("entry has no Service or Node object")
-    # An instance registered without an address is reachable at its node's address (Consul's own rule).
-    address = svc.get("Address") or node.get("Address")
+    address, instance_id = _address_and_id(svc, node)
     port = svc.get("Port")
-    if isinstance(address, str):
-        address = address.strip("[]")  # an IPv6 literal may come bracketed
     if not isinstance(address, str) or not address:
         raise ValueError("instance has no address and neither has its node")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
@@ -67,7 +74,7 @@ def endpoint_from_entry(service: str, entry: Mapping[str, Any], dc: str = "") ->
             weight = passing
     return Endpoint(
         service=service,
-        instance_id=str(svc.get("ID") or f"{address}:{port}"),
+        instance_id=instance_id,
         address=address,
         port=port,
         node=str(node.get("Node", "")),
@@ -282,10 +289,7 @@ def _entry_identity(entry: Mapping[str, Any]) -> tuple[str, str]:
     svc, node = entry.get("Service"), entry.get("Node")
     if not isinstance(svc, Mapping) or not isinstance(node, Mapping):
         return ("", "")
-    address, port = svc.get("Address") or node.get("Address"), svc.get("Port")
-    if isinstance(address, str):
-        address = address.strip("[]")
-    return (str(node.get("Node", "")), str(svc.get("ID") or f"{address}:{port}"))
+    return (str(node.get("Node", "")), _address_and_id(svc, node)[1])
 
 
 def _instance_routes(
@@ -323,10 +327,10 @@ def merge_catalogs(catalogs: Sequence[Mapping[str, Sequence[str]]]) -> dict[str,
     return merged
 
 
-def serving_datacenters(snapshot: Snapshot) -> dict[str, str]:
+def serving_datacenters(services: Iterable[ServiceRoutes]) -> dict[str, str]:
     """{service: the datacenter its endpoints come from} for the services that have endpoints from a named
     datacenter (none with a single datacenter)."""
-    return {s.name: s.endpoints[0].dc for s in snapshot.services if s.endpoints and s.endpoints[0].dc}
+    return {s.name: s.endpoints[0].dc for s in services if s.endpoints and s.endpoints[0].dc}
 
 
 def datacenter_switches(before: Mapping[str, str], after: Mapping[str, str]) -> list[tuple[str, str, str]]:
@@ -334,12 +338,3 @@ def datacenter_switches(before: Mapping[str, str], after: Mapping[str, str]) -> 
     served from. `before` holds the last datacenter that served each service (kept while none serves it);
     a service served for the first time is not a switch."""
     return [(name, before[name], dc) for name, dc in sorted(after.items()) if name in before and before[name] != dc]
-
-
-def routed_services(catalog: Mapping[str, Sequence[str]], prefix: str = DEFAULT_PREFIX) -> set[str]:
-    """Names of services with at least one route tag (valid or not: validity is reported by the builder)."""
-    return {
-        name
-        for name, tags in catalog.items()
-        if isinstance(tags, list) and any(isinstance(t, str) and is_route_tag(t, prefix) for t in tags)
-    }

@@ -33,7 +33,7 @@ import structlog
 from .consul import ConsulError
 from .follow import DEFAULT_LIMIT, Backoff, Outage, RateLimit, follow
 from .model import Problem, ServiceRoutes, Snapshot, SnapshotDelta
-from .snapshot import build_service, datacenter_switches
+from .snapshot import build_service, datacenter_switches, serving_datacenters
 from .tags import DEFAULT_PREFIX
 from .tasks import start_task
 from .triggers import Checks, CheckView, catalog_changes, health_changes, routed
@@ -128,7 +128,7 @@ class _HandOver:
         self._on_change(delta)
 
     def _log_failovers(self, changed: tuple[ServiceRoutes, ...]) -> None:
-        serving = {s.name: s.endpoints[0].dc for s in changed if s.endpoints and s.endpoints[0].dc}
+        serving = serving_datacenters(changed)
         for service, was, now in datacenter_switches(self._serving, serving):
             log.info("datacenter_failover", service=service, **{"from": was}, to=now)
         self._serving.update(serving)

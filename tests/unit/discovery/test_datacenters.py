@@ -160,7 +160,7 @@ class TestServingDatacenter:
             "web": (RouteSpec("", "/"), RouteSpec("", "/web")),
         }
         # api's route comes from dc2, its instances from dc1, the preferred one that has some
-        assert serving_datacenters(snapshot) == {"api": "dc1", "shop": "dc2", "web": "dc1"}
+        assert serving_datacenters(snapshot.services) == {"api": "dc1", "shop": "dc2", "web": "dc1"}
 
     def test_balancing_settings_come_from_the_preferred_datacenter_even_after_a_failover(self) -> None:
         health = {"web": {"dc1": [entry("web", "w-1", 8001, "critical", ferryman_lb="least_conn")],
@@ -204,7 +204,7 @@ class TestSwitches:
             ServiceRoutes("b", (RouteSpec("", "/b"),), ()),
             ServiceRoutes("c", (RouteSpec("", "/c"),), (Endpoint("c", "c-1", "10.0.0.1", 1),)),
         ))
-        assert serving_datacenters(snapshot) == {"a": "dc2"}
+        assert serving_datacenters(snapshot.services) == {"a": "dc2"}
 
 
 class TestEndpointIdentity:

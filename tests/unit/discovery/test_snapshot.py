@@ -11,7 +11,8 @@ import pytest
 
 from discovery.health import failing_checks, is_passing
 from discovery.model import Endpoint, Problem, RouteOptions, RouteSpec, ServiceRoutes, ServiceSettings, Snapshot
-from discovery.snapshot import build_service, build_snapshot, routed_services
+from discovery.snapshot import build_service, build_snapshot
+from discovery.triggers import routed
 
 RECORDING = Path(__file__).resolve().parents[2] / "fixtures" / "consul_1_8_7.json"
 
@@ -274,7 +275,7 @@ class TestWhichServicesAreRouted:
     def test_routed_services_counts_malformed_route_tags(self) -> None:
         """The watcher follows every service with a route tag; whether it is valid is the builder's call."""
         catalog, _ = recorded()
-        assert routed_services(catalog) == {"api", "web"}
+        assert routed(catalog) == {"api", "web"}
 
 
 class TestSnapshotEquality:
