@@ -130,7 +130,7 @@ class Exchange:
             return
         pool = self.pool
         now = self.loop.time()
-        if pool.ejecting:  # (a dict, shared with the pool: no call on the way of nearly every request)
+        if pool.ejected:
             for instance in pool.readmit(now):
                 request_log(self.req, "info", "upstream_readmitted", service=self.service, instance=instance)
         tried = self.tried

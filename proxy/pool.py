@@ -65,7 +65,7 @@ class Pool:
         "check_skip_verify",
         "connect_timeout",
         "departed",
-        "ejecting",
+        "ejected",
         "endpoints",
         "hash_on",
         "health_path",
@@ -104,8 +104,9 @@ class Pool:
         policy = policy or DEFAULTS.health
         self._budget = RetryBudget(ratio=policy.retry_budget)
         self._outliers = Outliers(after=policy.eject_after, base=policy.eject_base, max_share=policy.eject_max_share)
-        # The ejected instances (the outlier record's own dict, changed in place): read on every request.
-        self.ejecting: Mapping[str, float] = self._outliers.ejected
+        # The ejected instances, until when (the event loop's clock): the outlier record's own dict, changed in
+        # place, read-only here; an attribute, not a property, since every request reads it.
+        self.ejected: Mapping[str, float] = self._outliers.ejected
         self._policy = policy
         self._down: set[str] = set()  # failing Ferryman's own active checks
         self.health_path: str | None = None  # service meta ferryman-health-path: checked by Ferryman itself
@@ -264,11 +265,6 @@ class Pool:
         self._down.clear()
 
     # --- read-only views, for the status page and the state report ---
-    @property
-    def ejected(self) -> Mapping[str, float]:
-        """Ejected instances, until when (the event loop's clock)."""
-        return self._outliers.ejected
-
     def is_down(self, key: str) -> bool:
         return key in self._down
 
