@@ -17,7 +17,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, Self, cast
 
 import pytest
 
@@ -294,21 +294,16 @@ async def _read_body(reader: asyncio.StreamReader, req: UpstreamRequest) -> byte
     return await reader.readexactly(int(req.header("Content-Length") or 0))
 
 
-class RawUpstream:
-    """A loopback HTTP/1.1 server that reads requests properly and answers with whatever `handler` writes."""
+class LoopbackServer:
+    """A TCP server on a free loopback port: `start` binds it and returns it, `stop` closes it and cuts every
+    connection it still has. Subclasses serve connections in `_serve`, registering each writer in `_writers`."""
 
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
+    def __init__(self) -> None:
         self.port = 0
-        self.connections = 0
-        self.requests: list[UpstreamRequest] = []  # complete requests, body included
-        self.heads: list[str] = []  # "METHOD target" of every request head that arrived, complete or not
-        self.head_seen = asyncio.Event()  # set as soon as a request head arrived, before its body
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def start(self) -> RawUpstream:
+    async def start(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -318,6 +313,25 @@ class RawUpstream:
             self._server.close()
         for writer in list(self._writers):
             writer.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class RawUpstream(LoopbackServer):
+    """A loopback HTTP/1.1 server that reads requests properly and answers with whatever `handler` writes."""
+
+    def __init__(self, handler: Handler) -> None:
+        super().__init__()
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[UpstreamRequest] = []  # complete requests, body included
+        self.heads: list[str] = []  # "METHOD target" of every request head that arrived, complete or not
+        self.head_seen = asyncio.Event()  # set as soon as a request head arrived, before its body
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def stop(self) -> None:
+        await super().stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -477,34 +491,21 @@ def _careless_chunks(raw: bytes, at: int) -> tuple[bytes, int] | None:
         at += size + 2
 
 
-class RecordingUpstream:
+class RecordingUpstream(LoopbackServer):
     """A loopback HTTP/1.1 server that keeps every byte it receives, per connection, and answers every request it
     reads there with `200` and the body `METHOD target`. It frames requests as carelessly as real backends do
     (see `_careless_head`), so a request the proxy relays ambiguously shows up here as a request nobody sent, or
     as bytes it cannot read (`unframeable`)."""
 
     def __init__(self) -> None:
-        self.port = 0
+        super().__init__()
         self.raw: list[bytearray] = []  # every byte received, one entry per connection
         self.requests: list[UpstreamRequest] = []
         self.unframeable: list[str] = []
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def seen(self) -> list[str]:
         return [f"{r.method} {r.target}" for r in self.requests]
-
-    async def start(self) -> RecordingUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
