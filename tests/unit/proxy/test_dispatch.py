@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import pytest
 
-from discovery.model import Endpoint, ServiceRoutes, Snapshot
-from discovery.tags import parse_route_tag
-from proxy.access import AccessRules
 from proxy.dispatch import Plan, hash_key, plan
 from proxy.errors import (
     BadRequest,
@@ -21,33 +17,11 @@ from proxy.errors import (
     ToHttps,
 )
 from proxy.h1.head import Request, check_head
-from proxy.headers import TrustedProxies
 from proxy.pool import Pools
 from proxy.table import RoutingTable
 from proxy.tls import HttpsRedirect
 
-
-@dataclass(frozen=True)
-class Limits:
-    redirect: HttpsRedirect | None = None
-    max_body: int = 0
-    trusted: TrustedProxies | None = None
-    access: AccessRules | None = None
-
-
-def ep(service: str, i: int) -> Endpoint:
-    return Endpoint(service, f"{service}-{i}", "127.0.0.1", 9000 + i)
-
-
-def world(**services: tuple[list[str], int]) -> tuple[RoutingTable, Pools]:
-    """{service: ([route tags], healthy instances)} -> the table and the pools of that world."""
-    snapshot = Snapshot(tuple(
-        ServiceRoutes(name, tuple(parse_route_tag(t) for t in tags), tuple(ep(name, i) for i in range(n)))
-        for name, (tags, n) in sorted(services.items())
-    ))
-    pools = Pools()
-    pools.reconcile(snapshot)
-    return RoutingTable.from_snapshot(snapshot), pools
+from .worlds import Limits, world
 
 
 def request(target: bytes = b"/", host: bytes = b"example.com", method: str = "GET",

@@ -5,40 +5,18 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from dataclasses import dataclass
 
 import pytest
 
-from discovery.model import Endpoint, ServiceRoutes, Snapshot
 from discovery.tags import parse_route_tag
 from proxy.access import AccessRules, client_address
 from proxy.dispatch import Client, Plan, plan
 from proxy.errors import BadRequest, Forbidden, Redirect
 from proxy.h1.head import Request, check_head
 from proxy.headers import TrustedProxies, upstream_request_head
-from proxy.pool import Pools
-from proxy.table import Route, RoutingTable
-from proxy.tls import HttpsRedirect
+from proxy.table import Route
 
-
-@dataclass(frozen=True)
-class Limits:
-    redirect: HttpsRedirect | None = None
-    max_body: int = 0
-    trusted: TrustedProxies | None = None
-    access: AccessRules | None = None
-
-
-def world(**services: tuple[list[str], int]) -> tuple[RoutingTable, Pools]:
-    """{service: ([route tags], healthy instances)} -> the table and the pools of that world."""
-    snapshot = Snapshot(tuple(
-        ServiceRoutes(name, tuple(parse_route_tag(t) for t in tags),
-                      tuple(Endpoint(name, f"{name}-{i}", "10.0.0.9", 9000 + i) for i in range(n)))
-        for name, (tags, n) in sorted(services.items())
-    ))
-    pools = Pools()
-    pools.reconcile(snapshot)
-    return RoutingTable.from_snapshot(snapshot), pools
+from .worlds import Limits, world
 
 
 def request(target: bytes, host: bytes = b"foo.com", xff: bytes = b"") -> Request:
