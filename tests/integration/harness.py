@@ -279,28 +279,33 @@ class FerrymanProcess:
 
     def start(self) -> None:
         # A free port can be taken between choosing it and Ferryman binding it (the suite's own outgoing
-        # connections use the same range): then Ferryman exits at once, and it is started again on new ports.
+        # connections use the same range): then Ferryman (its supervisor or a worker) exits soon after, and it is
+        # started again on new ports.
         for attempt in range(3):
             self._spawn()
-            deadline = time.monotonic() + 20
+            deadline, last_error = time.monotonic() + 40, "none"
             while self.proc is not None and self.proc.poll() is None and time.monotonic() < deadline:
-                with contextlib.suppress(OSError, ValueError):
-                    if _http_json("GET", f"{self.admin_url}/api/routes", timeout=1) is not None:
-                        break
+                try:
+                    if self._answers() and self._proxy_accepts():
+                        return
+                except (OSError, ValueError, RuntimeError) as exc:  # still starting up
+                    last_error = repr(exc)
                 time.sleep(0.05)
-            if self.proc is None or self.proc.poll() is None or attempt == 2:
-                break
-            if "address already in use" not in self.log_path.read_text(errors="replace").lower():
-                break
-            self.proc = None
-            self.port, self.admin_port = free_port(), free_port()
-        try:
-            wait_until(lambda: _http_json("GET", f"{self.admin_url}/api/routes", timeout=1) is not None, 20,
-                       "Ferryman's admin listener")
-            wait_until(self._proxy_accepts, 20, "Ferryman's proxy listener")
-        except BaseException:
+            exited = None if self.proc is None else self.proc.poll()
+            log = self.log_path
             self.stop()  # a start that failed leaves no process behind
-            raise
+            if exited is None:
+                raise TimeoutError(f"Ferryman did not listen within 40 s (last error: {last_error}); see {log}")
+            if attempt == 2 or "address already in use" not in self._log_text():
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(f"ferryman exited with {exited}; see {log}; its log ends:\n{tail}")
+            self.port, self.admin_port = free_port(), free_port()
+
+    def _answers(self) -> bool:
+        return _http_json("GET", f"{self.admin_url}/api/routes", timeout=1) is not None
+
+    def _log_text(self) -> str:
+        return self.log_path.read_text(errors="replace").lower() if self.log_path.exists() else ""
 
     def _spawn(self) -> None:
         exe = Path(sys.executable).parent / "ferryman"
