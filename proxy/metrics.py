@@ -81,6 +81,7 @@ class Metrics:
         self._upstream: dict[str, Buckets] = {}
         self._bytes: dict[str, list[int]] = {}
         self.totals = RequestTotals()
+        self._flushed_services = -1  # services in the totals at the last flush (-1: none yet: write once)
         # A worker shares its totals with the supervisor through this directory (None: a single process).
         self._share_dir = os.environ.get(MULTIPROC_ENV) or None
         # Registered first, so the request metrics lead the exposition as they always did.
@@ -143,8 +144,13 @@ class Metrics:
 
     def flush(self) -> None:
         """Add what was counted since the last flush to the totals; a worker also writes them for the
-        supervisor."""
+        supervisor. Every count passes through `_requests`: while it stays empty and no service was added, there is
+        nothing to add or write (an idle worker with 10,000 services would otherwise walk and write them all every
+        second: a third of a per cent of a core each)."""
+        if not self._requests and len(self.totals.request_bytes) == self._flushed_services:
+            return
         self._collect_totals()
+        self._flushed_services = len(self.totals.request_bytes)
         if self._share_dir is not None:
             self.totals.write(Path(self._share_dir) / _WORKER_FILE.format(pid=os.getpid()))
 
