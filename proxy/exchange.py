@@ -180,7 +180,7 @@ class Exchange:
         if client.writing_paused:
             conn.pause_reading()  # the client is still behind on an earlier answer on this connection
             self.client_backlog = client.backlog()  # its progress, from here, keeps this request alive
-        self._arm_timer()
+        self.armed, self.last_activity = not self.over, self.loop.time()  # the inactivity clock (_arm_timer)
         self.sent_at = time.perf_counter()
         route = self.route
         conn.send(upstream_request_head(
@@ -276,7 +276,6 @@ class Exchange:
     # --- response, upstream -> client (the upstream connection's ResponseSink) ---
     def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int) -> None:
         self.upstream_s = time.perf_counter() - self.sent_at
-        self.last_activity = self.loop.time()
         self.status = status
         self.head_sent = True
         endpoint = self.endpoint
@@ -285,7 +284,8 @@ class Exchange:
                 self._instance_failed(endpoint, status)
             else:
                 self.pool.succeeded(endpoint)
-        self._arm_timer()  # an upstream may answer before it read the whole body: its silence counts from now
+        # (_arm_timer inlined) an upstream may answer before it read the whole body: its silence counts from now
+        self.armed, self.last_activity = not self.over, self.loop.time()
         self.client.send_head(
             self.req, status, reason, headers, framing,
             sticky_cookie(self.pool.sticky, self.endpoint, self.pin, self.route.path) if self.pool.sticky else (),

@@ -130,9 +130,11 @@ def check_head(req: Request, method: str, version: str, keep_alive: bool, upgrad
             upgrade = value
     if req.content_length >= 0:
         _canonical_length(req)
-    req.bad = _refusal(req, version, hosts, coding)
-    if req.bad is not None:
-        req.keep_alive = False
+    # The common head (HTTP/1.1, one Host of plain host characters, no transfer coding) needs no refusal call.
+    if hosts != 1 or coding or version != "1.1" or req.host.translate(None, _HOST_CHARS):
+        req.bad = _refusal(req, version, hosts, coding)
+        if req.bad is not None:
+            req.keep_alive = False
     if method == "CONNECT":
         req.bad = MethodNotAllowed("CONNECT is not supported: this is a reverse proxy")
     if upgrade_head:
