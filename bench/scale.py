@@ -504,6 +504,19 @@ class Bench:
         self.fig.add("registration", f"{a.services * a.instances} instances (+ checks) in {took:.1f} s, "
                      f"{catalog.calls} txn calls over <= {a.agent_conns} connections")
 
+    async def consul_floor(self, http: Any) -> None:
+        """How long the agent itself takes to answer the two whole-datacenter queries a change wakes (median of 5
+        plain reads, before Ferryman starts): no watcher of the whole datacenter learns of a change faster."""
+        for query in ("/v1/health/state/any", "/v1/catalog/services"):
+            took, size = [], 0
+            for _ in range(5):
+                t0 = time.monotonic()
+                async with http.get(f"{self.agent.url}{query}") as resp:
+                    size = len(await resp.read())
+                took.append(time.monotonic() - t0)
+            self.fig.add(f"the agent's own answer to {query} (median of 5, {size / 1e6:.1f} MB)",
+                         ms(statistics.median(took)), "")
+
     async def routed(self, started: float) -> None:
         a = self.a
         deadline = started + a.routed_timeout
@@ -724,6 +737,7 @@ class Bench:
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
             catalog = Catalog(self.agent.url, http)
             await self.register(catalog, bulk, dedicated)
+            await self.consul_floor(http)
             started = time.monotonic()
             self.start_ferryman()
             assert self.ferryman is not None
