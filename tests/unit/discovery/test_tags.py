@@ -84,7 +84,6 @@ VALID = [
 ]
 
 MALFORMED = [
-    ("urlprefix-$DC.example.com/", "variables in a route", "fabio-variable-not-yet"),
     ("urlprefix-/api allow=ip:10.0.0.0/8 deny=ip:10.1.0.0/16", "allow= and deny= on the same route",
      "allow-and-deny"),
     ("urlprefix-/api allow=ip:nonsense", "is not ip:ADDRESS or ip:CIDR", "allow-not-an-address"),
