@@ -7,7 +7,7 @@ Lookup order, most specific first:
 2. within a level, an exact path (`exact=true`) first, then the longest path prefix on a segment boundary:
    `/api` matches `/api` and `/api/x`, never `/apix`. Each level is a dict keyed by path, and a lookup walks
    the path's own prefixes from the longest down, so its cost grows with the path's depth, not with the
-   number of routes.
+   number of routes. Glob and iprefix routes (Fabio's matchers) join in Fabio's order: see levels.py.
 3. at one path, routes with more conditions (method, header, cookie, query, a listener port) first, then the
    higher `priority`, then by service name; the first whose conditions all hold wins, else the next path.
 
