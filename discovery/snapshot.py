@@ -25,9 +25,11 @@ from .tags import DEFAULT_PREFIX, TagError, is_route_tag, parse_route_tag, with_
 
 
 def routes_from_tags(
-    service: str, tags: Sequence[str], prefix: str = DEFAULT_PREFIX
+    service: str, tags: Sequence[str], prefix: str = DEFAULT_PREFIX, *, matcher: str = "prefix",
+    env: Mapping[str, str] | None = None,
 ) -> tuple[tuple[RouteSpec, ...], list[Problem]]:
-    """The valid routes a service's tags declare, deduplicated and sorted, and a Problem per bad tag."""
+    """The valid routes a service's tags declare, deduplicated and sorted, and a Problem per bad tag. `matcher`:
+    the global path_matcher; `env`: the declaring instance's variables (`$DC`)."""
     routes: set[RouteSpec] = set()
     problems: list[Problem] = []
     for tag in tags:
@@ -36,7 +38,7 @@ def routes_from_tags(
         if tag.strip() == prefix:
             continue  # the bare prefix: "my routes are in service meta" (ferryman-route); it makes no route
         try:
-            spec = parse_route_tag(tag, prefix)
+            spec = parse_route_tag(tag, prefix, matcher=matcher, env=env)
         except TagError as exc:
             problems.append(Problem("route_tag_invalid", service, str(exc), tag))
             continue
@@ -153,7 +155,8 @@ _META_ROUTE = re.compile(r"^ferryman-route(-\d{1,3})?$")
 
 
 def meta_routes(
-    service: str, entries: Sequence[Mapping[str, Any]], prefix: str = DEFAULT_PREFIX,
+    service: str, entries: Sequence[Mapping[str, Any]], prefix: str = DEFAULT_PREFIX, *, matcher: str = "prefix",
+    dc: str = "",
 ) -> tuple[set[RouteSpec], list[Problem]]:
     """Routes from the instances' service meta (`ferryman-route`, `ferryman-route-1`, ... in tag syntax without
     the prefix), for services whose routes do not fit in tags; a bad one is reported with its key and skipped."""
@@ -164,7 +167,7 @@ def meta_routes(
             if not isinstance(key, str) or not _META_ROUTE.match(key) or not isinstance(value, str):
                 continue
             try:
-                spec = parse_route_tag(prefix + value.strip(), prefix)
+                spec = parse_route_tag(prefix + value.strip(), prefix, matcher=matcher, env=variables(entry, dc))
             except TagError as exc:
                 problems.append(Problem("service_meta_invalid", service, str(exc), f"{key}={value}"))
                 continue
@@ -181,6 +184,8 @@ def build_snapshot(
     catalog: Mapping[str, Sequence[str]],
     health: Mapping[str, Sequence[Mapping[str, Any]]],
     prefix: str = DEFAULT_PREFIX,
+    *,
+    matcher: str = "prefix",
 ) -> Snapshot:
     """The routed services of `catalog` whose health is known in `health`, as one Snapshot.
 
@@ -188,7 +193,7 @@ def build_snapshot(
     service never flashes through a 503 state with zero instances.
     """
     return build_dc_snapshot(("",), {"": catalog}, {name: {"": entries} for name, entries in health.items()},
-                             prefix)
+                             prefix, matcher=matcher)
 
 
 def build_dc_snapshot(
@@ -197,6 +202,8 @@ def build_dc_snapshot(
     health: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
     prefix: str = DEFAULT_PREFIX,
     also: frozenset[str] = frozenset(),
+    *,
+    matcher: str = "prefix",
 ) -> Snapshot:
     """One Snapshot from several datacenters: `catalogs[dc]` and `health[service][dc]` as far as they are known,
     `datacenters` in order of preference. Services in `also` (routed from elsewhere than tags: the config
@@ -205,7 +212,8 @@ def build_dc_snapshot(
     services: list[ServiceRoutes] = []
     problems: list[Problem] = []
     for name in sorted(catalog):
-        svc, bad = build_service(name, datacenters, health.get(name, {}), prefix, name in also, catalog[name])
+        svc, bad = build_service(name, datacenters, health.get(name, {}), prefix, name in also, catalog[name],
+                                 matcher=matcher)
         problems.extend(bad)
         if svc is not None:
             services.append(svc)
@@ -229,6 +237,8 @@ def build_service(
     prefix: str = DEFAULT_PREFIX,
     also: bool = False,
     catalog_tags: Sequence[str] = (),
+    *,
+    matcher: str = "prefix",
 ) -> tuple[ServiceRoutes | None, list[Problem]]:
     """One service from its health entries in each datacenter where they are known (`known[dc]`).
 
@@ -262,7 +272,7 @@ def build_service(
         if serving:
             endpoints = healthy
         keys = {(e.node, e.instance_id): e.key for e in healthy} if serving else {}
-        for entry, routes in _instance_routes(name, entries, prefix, problems):
+        for entry, routes in _instance_routes(name, entries, prefix, problems, matcher, dc):
             key = keys.get(_entry_identity(entry))
             for spec in routes:
                 members = declared.setdefault(spec, set())
@@ -273,7 +283,10 @@ def build_service(
         found = found.over(settings)  # the preferred datacenter's first
     everyone = {e.key for e in endpoints}
     if not tagged:
-        routes_of_all, bad = routes_from_tags(name, catalog_tags, prefix)
+        read_in = next((d for d in datacenters if d in known), "")
+        first = next((e for e in known.get(read_in, ()) if isinstance(e, Mapping)), {})
+        routes_of_all, bad = routes_from_tags(name, catalog_tags, prefix, matcher=matcher,
+                                              env=variables(first, read_in))
         problems.extend(bad)
         for spec in routes_of_all:
             declared.setdefault(spec, set()).update(everyone)
@@ -293,7 +306,7 @@ def _entry_identity(entry: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def _instance_routes(
-    name: str, entries: Sequence[Mapping[str, Any]], prefix: str, problems: list[Problem],
+    name: str, entries: Sequence[Mapping[str, Any]], prefix: str, problems: list[Problem], matcher: str, dc: str,
 ) -> list[tuple[Mapping[str, Any], tuple[RouteSpec, ...]]]:
     """Each instance's routes: its tags' and its meta's. A bad tag is reported once per service."""
     out: list[tuple[Mapping[str, Any], tuple[RouteSpec, ...]]] = []
@@ -305,14 +318,24 @@ def _instance_routes(
         if not isinstance(svc, Mapping):
             continue
         tags = svc.get("Tags")
-        routes, bad = routes_from_tags(name, tags if isinstance(tags, list) else [], prefix)
-        from_meta, bad_meta = meta_routes(name, [entry], prefix)
+        routes, bad = routes_from_tags(name, tags if isinstance(tags, list) else [], prefix, matcher=matcher,
+                                       env=variables(entry, dc))
+        from_meta, bad_meta = meta_routes(name, [entry], prefix, matcher=matcher, dc=dc)
         for problem in (*bad, *bad_meta):
             if problem not in reported:
                 reported.add(problem)
                 problems.append(problem)
         out.append((entry, tuple(set(routes) | from_meta)))
     return out
+
+
+def variables(entry: Mapping[str, Any], dc: str = "") -> dict[str, str] | None:
+    """What Fabio expands in the routes an instance declares: `$DC`, the instance's datacenter (its node's, as
+    Consul reports it; else the one it was read from). None when it is not known."""
+    node = entry.get("Node")
+    named = node.get("Datacenter") if isinstance(node, Mapping) else None
+    datacenter = named if isinstance(named, str) and named else dc
+    return {"DC": datacenter} if datacenter else None
 
 
 def merge_catalogs(catalogs: Sequence[Mapping[str, Sequence[str]]]) -> dict[str, list[str]]:

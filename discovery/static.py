@@ -89,7 +89,7 @@ def _instance(raw: Any, name: str) -> dict[str, Any]:
     }
 
 
-def parse_static(text: str, path: str, prefix: str = DEFAULT_PREFIX) -> Snapshot:
+def parse_static(text: str, path: str, prefix: str = DEFAULT_PREFIX, *, matcher: str = "prefix") -> Snapshot:
     """A static file's text to a Snapshot; StaticError naming file, line and key."""
     try:
         data = tomllib.loads(text)
@@ -135,21 +135,21 @@ def parse_static(text: str, path: str, prefix: str = DEFAULT_PREFIX) -> Snapshot
         health[name] = entries
     # Every service of the file is kept, routed or not: the config file's [[routes]] may send to it.
     snapshot = build_dc_snapshot(("",), {"": catalog}, {name: {"": entries} for name, entries in health.items()},
-                                 prefix, frozenset(catalog))
+                                 prefix, frozenset(catalog), matcher=matcher)
     if snapshot.problems:
         problem = snapshot.problems[0]
         raise StaticError(f"{path}: service {problem.service!r}: {problem.item or problem.kind}: {problem.detail}")
     return snapshot
 
 
-def load_static(path: str, prefix: str = DEFAULT_PREFIX) -> Snapshot:
+def load_static(path: str, prefix: str = DEFAULT_PREFIX, *, matcher: str = "prefix") -> Snapshot:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise StaticError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise StaticError(f"{path}: not UTF-8 text") from exc
-    return parse_static(text, path, prefix)
+    return parse_static(text, path, prefix, matcher=matcher)
 
 
 class StaticWatcher:
@@ -158,8 +158,8 @@ class StaticWatcher:
     (`static_file_invalid`) and the last good one stays. A discovery `Source`, like the Consul `Watcher`."""
 
     def __init__(self, path: str, on_snapshot: Callable[[Snapshot], None], *, prefix: str = DEFAULT_PREFIX,
-                 interval: float = 2.0) -> None:
-        self.path, self.prefix, self.interval = path, prefix, interval
+                 interval: float = 2.0, matcher: str = "prefix") -> None:
+        self.path, self.prefix, self.interval, self.matcher = path, prefix, interval, matcher
         self._on_snapshot = on_snapshot
         self._last: Snapshot | None = None
         self._stamp: tuple[int, int, int] | None = None
@@ -177,7 +177,7 @@ class StaticWatcher:
     def load(self) -> None:
         """Read the file now (start-up, SIGHUP); StaticError when it does not load."""
         stamp = file_stamp(self.path)
-        snapshot = load_static(self.path, self.prefix)
+        snapshot = load_static(self.path, self.prefix, matcher=self.matcher)
         self._stamp = stamp
         self.last_success = time.time()
         if snapshot != self._last:

@@ -7,6 +7,9 @@
 The part after the prefix is `[host[:port]]/path`, then options separated by blanks, each `key=value`; blanks
 around the whole tag are trimmed, as Fabio does. A port in the host (`host:80/`, `*:80/`) restricts the route to
 requests that arrived on that listener port, which is how Fabio users write an HTTP-to-HTTPS redirect.
+As in Fabio, `$DC` (or `${DC}`) in the host and path is the declaring instance's datacenter; any other name is
+refused (Fabio would put "" there). The path matches as a prefix, a case-insensitive prefix or a glob
+(discovery.globs): the tag's `matcher=`, else the global `path_matcher` the caller passes.
 Options are parsed here, once, into the RouteSpec's typed RouteOptions (one branch per option in
 `_route_option`), so a typo is reported at the tag rather than misbehaving at request time and nothing
 downstream reads option text again. An option Ferryman does not implement makes the whole tag invalid: a
@@ -23,10 +26,11 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Final, TypeVar
 
+from .globs import GlobError, compile_glob
 from .matchers import KINDS, parse_conditions, parse_methods
 from .model import RouteOptions, RouteSpec, ServiceSettings
 
@@ -43,6 +47,7 @@ LB_CHOICES: Final = ("round_robin", "weighted", "least_conn", "p2c", "random", "
 _LABEL: Final = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOST_RE: Final = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
 _PATH_RE: Final = re.compile(r"^/[^\s?#]*$")
+_GLOB_PATH_RE: Final = re.compile(r"^/[^\s#]*$")  # '?' is the glob's one character
 _OPTION_KEY_RE: Final = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -64,8 +69,12 @@ def is_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> bool:
     return tag.strip().startswith(prefix)
 
 
-def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
-    """Parse one `urlprefix-` tag into a RouteSpec; raise TagError for a malformed one."""
+def parse_route_tag(
+    tag: str, prefix: str = DEFAULT_PREFIX, *, matcher: str = "prefix", env: Mapping[str, str] | None = None,
+) -> RouteSpec:
+    """Parse one `urlprefix-` tag into a RouteSpec; raise TagError for a malformed one. `matcher`: the global
+    `path_matcher`, for routes without `matcher=`; `env`: the variables of the instance declaring the route
+    (`{"DC": "dc1"}`), None where there is no instance (the config file, Consul KV, the static file)."""
     tag = tag.strip()
     if not tag.startswith(prefix):
         raise TagError(f"not a route tag (does not start with {prefix!r})")
@@ -73,21 +82,28 @@ def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
     if not words:
         raise TagError("empty route: expected [host]/path after the prefix")
     target, option_words = words[0], words[1:]
-    if "$" in target:
-        # Fabio expands $DC and other names here; routing the text literally would quietly differ.
-        raise TagError(f"route {target!r}: variables in a route ($DC, ...) are not yet expanded (issue 15)")
-
     slash = target.find("/")
     if slash < 0:
         if target.startswith(":"):
             raise TagError("TCP routes (urlprefix-:port) are not supported; declare an HTTP path")
         raise TagError(f"route {target!r} has no path: write {target}/ for every path of the host")
-    (host, port), path = _host_port(target[:slash]), target[slash:]
-    if not _PATH_RE.match(path):
-        raise TagError(f"invalid path {path!r}: no blanks, '?' or '#' allowed")
+    # As Fabio: host and path are expanded apart ($DC, ${DC}), then the host is lower-cased.
+    raw_host, path = expand_variables(target[:slash], env), expand_variables(target[slash:], env)
+    host, port = _host_port(raw_host)
+    matcher = _matcher(option_words, matcher)
+    if not (_GLOB_PATH_RE if matcher == "glob" else _PATH_RE).match(path):
+        raise TagError(f"invalid path {path!r}: no blanks, '?' or '#' allowed" if matcher != "glob"
+                       else f"invalid path {path!r}: no blanks or '#' allowed")
     if "/../" in path + "/" or "/./" in path + "/":
         raise TagError(f"invalid path {path!r}: dot-segments are not allowed in a route")
-    path = normalize_prefix(path)
+    if matcher == "glob":
+        try:
+            compile_glob(path)
+        except GlobError as exc:
+            said = "matcher=glob" if any(w.startswith("matcher=") for w in option_words) else "path_matcher = glob"
+            raise TagError(f"path {path!r} is not a glob ({said}): {exc}") from exc
+    else:  # a glob is matched whole, so its trailing '/' means something; a prefix's does not
+        path = normalize_prefix(path)
 
     found: dict[str, Any] = {}  # RouteOptions field (or condition kind) -> typed value
     seen: set[str] = set()
@@ -105,7 +121,68 @@ def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
             # Fabio refuses both on one route too: which one wins would be a guess.
             raise TagError("allow= and deny= on the same route: use one of them")
         found[typed[0]] = typed[1]
+    found["matcher"] = matcher
     return RouteSpec(host=host, path=path, options=_options(found), port=port)
+
+
+MATCHERS: Final = ("prefix", "glob", "iprefix")  # Fabio's proxy.matcher values
+
+
+def _matcher(option_words: list[str], default: str) -> str:
+    """The route's path matcher: its `matcher=` option (Ferryman's; Fabio has only the global proxy.matcher),
+    else the global `path_matcher`. An `exact=true` route matches its path exactly whatever the global one."""
+    chosen = next((w.partition("=")[2] for w in option_words if w.startswith("matcher=")), None)
+    exact = "exact=true" in option_words
+    if chosen is None:
+        return "prefix" if exact else default
+    if chosen not in MATCHERS:
+        raise TagError(f"matcher={chosen!r} must be one of {', '.join(MATCHERS)}")
+    if exact and chosen != "prefix":
+        raise TagError(f"exact=true and matcher={chosen} on one route: use one of them")
+    return chosen
+
+
+# Fabio expands these in a route's host and path (os.Expand over an env of the instance's datacenter); a name
+# it does not know becomes "" there, which would route somewhere else: here it refuses the tag, naming it.
+VARIABLES: Final = ("DC",)
+_SPECIAL_VARS: Final = frozenset("*#$@!?-0123456789")
+
+
+def expand_variables(text: str, env: Mapping[str, str] | None) -> str:
+    """`$NAME` and `${NAME}` replaced by `env[NAME]`, with Go's os.Expand syntax (what Fabio uses): a `$` not
+    followed by a name stays as it is. TagError for a name `env` lacks and for `${` without its `}`."""
+    if "$" not in text:
+        return text
+    out: list[str] = []
+    i = 0
+    while (j := text.find("$", i)) >= 0 and j + 1 < len(text):
+        out.append(text[i:j])
+        rest = text[j + 1 :]
+        if rest[0] == "{":
+            close = rest.find("}")
+            if close <= 1:
+                raise TagError(f"{text!r}: '${{' without a name and its '}}'")
+            name, width = rest[1:close], close + 1
+        elif rest[0] in _SPECIAL_VARS:
+            name, width = rest[0], 1
+        else:
+            width = 0
+            while width < len(rest) and (rest[width] == "_" or (rest[width].isascii() and rest[width].isalnum())):
+                width += 1
+            name = rest[:width]
+        if not name:
+            out.append("$")  # `$/`: no name, kept (Go's os.Expand keeps it too)
+        elif env is not None and name in env:
+            out.append(env[name])
+        elif name in VARIABLES:
+            raise TagError(f"${name} in {text!r}: the value is known only for routes of instances read from "
+                           "Consul (service tags and meta)")
+        else:
+            raise TagError(f"${name} in {text!r} is not a variable Fabio expands (known: "
+                           f"{', '.join('$' + v for v in VARIABLES)})")
+        i = j + 1 + width
+    out.append(text[i:])
+    return "".join(out)
 
 
 def normalize_prefix(path: str) -> str:
@@ -312,6 +389,8 @@ def _route_option(key: str, value: str, path: str) -> tuple[str, Any]:
         return "access", _access(key, value)
     if key == "weight":
         return "weight", _weight(value)
+    if key == "matcher":  # chosen (and checked) by _matcher before the path is read
+        return "matcher", value
     if key == "priority":
         digits = value[1:] if value.startswith("-") else value
         if not (digits.isascii() and digits.isdigit() and -1000 <= int(value) <= 1000):

@@ -144,6 +144,7 @@ class Watcher(_HandOver):
         on_change: OnChange,
         *,
         prefix: str = DEFAULT_PREFIX,
+        matcher: str = "prefix",
         on_error: Callable[[str], None] | None = None,
         on_request: Callable[[str, float], None] | None = None,
         backoff_base: float = 0.05,
@@ -157,7 +158,7 @@ class Watcher(_HandOver):
         self._source = source
         self._on_error = on_error or (lambda reason: None)
         self._on_request = on_request or (lambda query, seconds: None)
-        self._prefix = prefix
+        self._prefix, self._matcher = prefix, matcher  # the tag prefix and the global path_matcher
         self.also: frozenset[str] = frozenset()  # services followed without route tags (config and KV routes)
         self._backoff_base, self._backoff_cap, self._limit = backoff_base, backoff_cap, limit
         self._datacenters: tuple[str, ...] = tuple(source.datacenters) or ("",)
@@ -391,7 +392,7 @@ class Watcher(_HandOver):
     def _rebuild(self, name: str) -> None:
         known = self._health.get(name, {})
         svc, problems = build_service(name, self._datacenters, known, self._prefix, name in self.also,
-                                      self._merged_tags(name))
+                                      self._merged_tags(name), matcher=self._matcher)
         fresh = set(problems) - self._known_problems.get(name, set())
         for problem in sorted(fresh, key=lambda p: (p.service, p.item)):
             log.warning(problem.kind, service=problem.service, tag=problem.item, error=problem.detail)

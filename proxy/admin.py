@@ -20,18 +20,65 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
+from .dispatch import side_shares
 from .listener import Router
 from .pool import Pools
 from .state import Report
+from .table import Route
 
 STATUS_PAGE: Final = Path(__file__).with_name("static") / "status.html"
 
 
+def _instances(service: str, pools: Pools) -> list[dict[str, Any]]:
+    # `datacenter`: where the instance was read from when several are followed (consul_dc = "dc1,dc2"), the one
+    # serving this service now; null with a single datacenter.
+    pool = pools.get(service)
+    return [
+        {"id": e.instance_id, "node": e.node, "address": e.address, "port": e.port, "weight": e.weight,
+         "datacenter": e.dc or None, "service": service}
+        for e in (pool.endpoints if pool else ())
+    ]
+
+
+def route_sides(route: Route) -> list[dict[str, Any]]:
+    """Every service a route sends to, with its weight: the sides of a route several services share (`weight`:
+    the side's weight=, null when it goes by instance count), the services of a config split (its weights), or
+    the route's one service (null)."""
+    if route.shares:
+        return [{"name": side.service, "weight": side.weight or None} for side in route.shares]
+    if route.split:
+        before, out = 0, []
+        for name, upto in route.split:
+            out.append({"name": name, "weight": upto - before})
+            before = upto
+        return out
+    return [{"name": route.service, "weight": None}]
+
+
+def route_services(route: Route, pools: Pools) -> list[dict[str, Any]]:
+    """`route_sides`, each with its share of the route's traffic now (a shared route's sides without a healthy
+    instance take none) and its instances."""
+    sides = route_sides(route)
+    if route.shares:
+        computed = side_shares(route, pools)
+        now = [next((share for side, share in computed if side is s), 0.0) for s in route.shares]
+    else:
+        now = [float(side["weight"] or 1) for side in sides]
+    total = sum(now) or 1.0
+    for side, share in zip(sides, now, strict=True):
+        side["share"] = round(share / total, 4)
+        side["instances"] = _instances(side["name"], pools)
+    return sides
+
+
 def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
+    """Routes in match order. A route that sends to several services (shared by their tags, or a split) lists
+    each in `services`, with its weight, share and instances; `instances` holds every one of them, each naming
+    its service; `service` is the first."""
     table = router.current
     out = []
     for route in table.routes:
-        pool = pools.get(route.service)
+        services = route_services(route, pools)
         out.append({
             "id": route.id,
             "host": route.host or "*",
@@ -43,13 +90,9 @@ def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
             "methods": sorted(route.methods),
             "conditions": [f"{c.kind} {c.text()}" for c in route.conditions],
             "priority": route.priority,
-            # `datacenter`: where the instance was read from when several are followed (consul_dc = "dc1,dc2"),
-            # the one serving this service now; null with a single datacenter.
-            "instances": [
-                {"id": e.instance_id, "node": e.node, "address": e.address, "port": e.port, "weight": e.weight,
-                 "datacenter": e.dc or None}
-                for e in (pool.endpoints if pool else ())
-            ],
+            "matcher": "exact" if route.exact else route.matcher,
+            "services": services,
+            "instances": [instance for service in services for instance in service["instances"]],
         })
     return {
         "generation": table.generation,
@@ -92,7 +135,7 @@ def status_document(router: Router, report: Report, consul: str, max_sync_age: f
         "connections": report.connections,
         "routes": [
             {"id": r.id, "host": r.host or "*", "path": r.path, "service": r.service, "strip": r.strip,
-             "proto": r.scheme}
+             "proto": r.scheme, "services": route_sides(r)}
             for r in router.current.routes
         ],
         "services": [

@@ -58,7 +58,7 @@ REPORT_INTERVAL_S = 1.0
 REPORT_REFRESH_S = 3.0
 
 
-def kv_routes(prefix: str, values: dict[str, bytes]) -> RoutePart:
+def kv_routes(prefix: str, values: dict[str, bytes], matcher: str = "prefix") -> RoutePart:
     """Routes under a Consul KV prefix, one per key, each holding a [[routes]] table in TOML: the `kv` part.
     Operators add, change (a canary's weight) and delete routes at run time. A key that does not load is logged
     with its name and left out; the others apply. Empty keys are folders."""
@@ -67,7 +67,8 @@ def kv_routes(prefix: str, values: dict[str, bytes]) -> RoutePart:
         if not raw.strip():
             continue  # a folder key, or an emptied one
         try:
-            routes.append(Route.from_config(parse_route_entry(tomllib.loads(raw.decode("utf-8")), f"consul kv {key}")))
+            entry = parse_route_entry(tomllib.loads(raw.decode("utf-8")), f"consul kv {key}", matcher)
+            routes.append(Route.from_config(entry))
         except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError is a ValueError
             log.warning("kv_route_invalid", key=key, error=str(exc))
     log.info("kv_routes_loaded", prefix=prefix, routes=len(routes))
@@ -225,7 +226,7 @@ class Ferryman:
             )
             return self._source
         if s.static_file:
-            static = StaticWatcher(s.static_file, self._snapshot, prefix=s.consul.tag_prefix)
+            static = StaticWatcher(s.static_file, self._snapshot, prefix=s.consul.tag_prefix, matcher=s.path_matcher)
             self._source = self.routing.source = static
             try:
                 static.load()
@@ -234,7 +235,7 @@ class Ferryman:
             return static
         self._consul = await consul_client(s)
         watcher = Watcher(
-            self._consul, self._snapshot, prefix=s.consul.tag_prefix,
+            self._consul, self._snapshot, prefix=s.consul.tag_prefix, matcher=s.path_matcher,
             on_error=lambda reason: self.metrics.discovery_errors.labels(reason).inc(),
             on_request=self.metrics.observe_consul,
         )
@@ -267,7 +268,7 @@ class Ferryman:
     def _kv_routes(self, prefix: str, values: dict[str, bytes]) -> None:
         if self.share is not None:
             self.share.kv_routes(values)
-        self.routing.update(self.world.with_part(kv_routes(prefix, values)))
+        self.routing.update(self.world.with_part(kv_routes(prefix, values, self.settings.path_matcher)))
 
     def _tls_kv(self, prefix: str, values: dict[str, bytes]) -> None:
         if self.share is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from discovery.model import RouteSpec, ServiceSettings
-from discovery.tags import TagError, parse_route_tag, with_service_setting
+from discovery.tags import MATCHERS, TagError, parse_route_tag, with_service_setting
 
 from .config_table import BY_NAME, ENV_PREFIX, KEYS, SECTIONS, Key, build, env_name, flag_name, value_of, with_values
 from .headers import HeaderRules
@@ -92,9 +92,12 @@ def text_line_of(data: bytes, offset: int) -> int:
     return data.count(b"\n", 0, offset) + 1
 
 
-def load_file(path: str | Path, sources: dict[str, str] | None = None) -> dict[str, Any]:
+def load_file(
+    path: str | Path, sources: dict[str, str] | None = None, matcher: str | None = None,
+) -> dict[str, Any]:
     """Read and parse a TOML config file: {key: parsed value}; ConfigError naming file, line and key. Where each
-    key was set goes into `sources` (file:line)."""
+    key was set goes into `sources` (file:line). `matcher`: the path_matcher the environment or a flag sets,
+    which [[routes]] follow over the file's own."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -108,6 +111,10 @@ def load_file(path: str | Path, sources: dict[str, str] | None = None) -> dict[s
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     out: dict[str, Any] = {}
+    # [[routes]] are parsed with the path_matcher in force, whichever line of the file sets it.
+    in_file = data.get("path_matcher")
+    if matcher is None:
+        matcher = in_file if isinstance(in_file, str) and in_file in MATCHERS else "prefix"
     for key, value in data.items():
         line = _key_line(text, key)
         where = f"{path}:{line}" if line else str(path)
@@ -115,7 +122,7 @@ def load_file(path: str | Path, sources: dict[str, str] | None = None) -> dict[s
             out["services"] = _load_services(value, text, path, where)
             continue
         if key == "routes":
-            out["routes"] = _load_routes(value, text, path, where)
+            out["routes"] = _load_routes(value, text, path, where, matcher)
             continue
         row = BY_NAME.get(key)
         if row is None:
@@ -184,8 +191,9 @@ def _rule_name(name: str, key: str) -> bytes:
     return name.encode("ascii")
 
 
-def parse_route_entry(table: Any, origin: str) -> ConfigRoute:
-    """One route table (a `[[routes]]` entry, or a Consul KV value holding the same keys); ValueError."""
+def parse_route_entry(table: Any, origin: str, matcher: str = "prefix") -> ConfigRoute:
+    """One route table (a `[[routes]]` entry, or a Consul KV value holding the same keys); ValueError.
+    `matcher`: the global path_matcher, for a route without matcher=."""
     if not isinstance(table, dict):
         raise ValueError("must be a table")
     unknown = set(table) - set(_ROUTE_KEYS)
@@ -195,7 +203,7 @@ def parse_route_entry(table: Any, origin: str) -> ConfigRoute:
     if not isinstance(route, str):
         raise ValueError("key 'route' must be a route in tag syntax, such as \"/api strip=/api\"")
     try:
-        spec = parse_route_tag("x-" + route.strip(), "x-")
+        spec = parse_route_tag("x-" + route.strip(), "x-", matcher=matcher)
     except TagError as exc:
         raise ValueError(f"key 'route': {exc}") from exc
     service, split = table.get("service"), table.get("split")
@@ -235,7 +243,7 @@ def _rewrite(value: Any) -> tuple[re.Pattern[str], str] | None:
     return pattern, value["replacement"]
 
 
-def _load_routes(value: Any, text: str, path: Path, where: str) -> tuple[ConfigRoute, ...]:
+def _load_routes(value: Any, text: str, path: Path, where: str, matcher: str) -> tuple[ConfigRoute, ...]:
     """`[[routes]]` tables, each checked like a route tag; errors name file, line and key."""
     if not isinstance(value, list):
         raise ConfigError(f"{where}: 'routes' must be [[routes]] tables")
@@ -244,7 +252,7 @@ def _load_routes(value: Any, text: str, path: Path, where: str) -> tuple[ConfigR
     for index, table in enumerate(value):
         here = f"{path}:{headers[index]}" if index < len(headers) else where
         try:
-            out.append(parse_route_entry(table, here))
+            out.append(parse_route_entry(table, here, matcher))
         except ValueError as exc:
             raise ConfigError(f"{here}: routes[{index}]: {exc}") from exc
     return tuple(out)
@@ -308,12 +316,12 @@ def load(
 ) -> Settings:
     merged: dict[str, Any] = dict(_PARSED_DEFAULTS)
     sources: dict[str, str] = {}
-    if config_file:
-        merged.update(load_file(config_file, sources))
     from_env = load_env(environ)
+    from_flags = load_flags(flags)
+    if config_file:
+        merged.update(load_file(config_file, sources, from_flags.get("path_matcher", from_env.get("path_matcher"))))
     merged.update(from_env)
     sources.update({key: f"environment variable {env_name(key)}" for key in from_env})
-    from_flags = load_flags(flags)
     merged.update(from_flags)
     sources.update({key: f"flag {flag_name(key)}" for key in from_flags})
     settings = build(merged, **{name: merged[name] for name in SECTIONS if name in merged})

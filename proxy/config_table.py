@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from discovery.consul import ConsulAddress, parse_datacenters
-from discovery.tags import parse_size
+from discovery.tags import MATCHERS, parse_size
 
 from .settings import GROUPS, HostPort, IPNetwork, Settings
 
@@ -162,6 +162,10 @@ KEYS: Final[tuple[Key, ...]] = (
         "read services' health with ?cached: the agent's cache answers (needs a local agent, not a server)"),
     Key("tag_prefix", str, "urlprefix-", "consul.tag_prefix", _prefix, RESTART,
         "prefix of route tags (Fabio's urlprefix-)"),
+    Key("path_matcher", str, "prefix", "path_matcher", _choice(*MATCHERS), RESTART,
+        "how route paths match (Fabio's proxy.matcher): prefix (on a segment boundary), iprefix (the same, "
+        "ignoring case) or glob (the whole path; * and ** match any characters, / included); a route's "
+        "matcher= option wins"),
     Key("log_format", str, "auto", "logs.format", _choice("auto", "json", "console"), RESTART,
         "auto (json unless stdout is a terminal), json or console"),
     Key("log_level", str, "info", "logs.level", _choice("debug", "info", "warning", "error"), RESTART,

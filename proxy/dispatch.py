@@ -161,10 +161,24 @@ def _location(route: Route, req: Request, path: str) -> bytes:
 
 
 def _shared_side(route: Route, pools: Pools, draw: float) -> Route:
-    """The side of a route several services declare that this draw falls on, weighted as Fabio weighs a
-    route's targets: a side with `weight=` gets that share (shares summing over 1 are scaled down, and scaled up
-    when every side has one), the rest is split among the other sides' instances, one share per instance.
-    Sides without a healthy instance take no share; when none has one, the first side (its 503)."""
+    """The side of a route several services declare that this draw falls on (`side_shares`); when no side has
+    a healthy instance, the first side (its 503)."""
+    weighted = side_shares(route, pools)
+    if not weighted:
+        return route.shares[0]
+    point = draw * sum(w for _, w in weighted)
+    for side, share in weighted:
+        if point < share:
+            return side
+        point -= share
+    return next((side for side, share in reversed(weighted) if share > 0), weighted[-1][0])
+
+
+def side_shares(route: Route, pools: Pools) -> list[tuple[Route, float]]:
+    """The sides of a route several services declare, each with its share of the traffic now, weighted as
+    Fabio weighs a route's targets: a side with `weight=` gets that share (shares summing over 1 are scaled
+    down, and scaled up when every side has one), the rest is split among the other sides' instances, one
+    share per instance. Sides without a healthy instance take no share and are left out."""
     fixed: list[tuple[Route, float]] = []
     counted: list[tuple[Route, int]] = []
     for side in route.shares:
@@ -175,19 +189,11 @@ def _shared_side(route: Route, pools: Pools, draw: float) -> Route:
                 fixed.append((side, side.weight))
             else:
                 counted.append((side, instances))
-    if not fixed and not counted:
-        return route.shares[0]
     total_fixed = sum(w for _, w in fixed)
     scale = 1 / total_fixed if total_fixed > 1 or (fixed and not counted) else 1.0
     instances = sum(n for _, n in counted)
     per_instance = max(0.0, 1 - total_fixed) / instances if instances else 0.0
-    weighted = [(side, w * scale) for side, w in fixed] + [(side, n * per_instance) for side, n in counted]
-    point = draw * sum(w for _, w in weighted)
-    for side, share in weighted:
-        if point < share:
-            return side
-        point -= share
-    return next((side for side, share in reversed(weighted) if share > 0), weighted[-1][0])
+    return [(side, w * scale) for side, w in fixed] + [(side, n * per_instance) for side, n in counted]
 
 
 def _split_side(route: Route, pools: Pools, draw: float) -> str:

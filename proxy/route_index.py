@@ -23,9 +23,9 @@ from discovery.model import Problem
 if TYPE_CHECKING:
     from .table import Route, RoutePart
 
-# (host, path, listener port, exact, methods, conditions): two routes with the same identity cannot both be
-# matched.
-Identity = tuple[str, str, int, bool, frozenset[str], tuple[Condition, ...]]
+# (host, path, listener port, exact, methods, conditions, matcher): two routes with the same identity cannot
+# both be matched.
+Identity = tuple[str, str, int, bool, frozenset[str], tuple[Condition, ...], str]
 # (source precedence, service among tags or "" for a declared part, position within the service or part)
 Rank = tuple[int, str, int]
 
@@ -36,7 +36,7 @@ TAGS: Final = SOURCES.index("tags")
 
 
 def identity(route: Route) -> Identity:
-    return (route.host, route.path, route.port, route.exact, route.methods, route.conditions)
+    return (route.host, route.path, route.port, route.exact, route.methods, route.conditions, route.matcher)
 
 
 @dataclass(frozen=True, slots=True)

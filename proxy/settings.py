@@ -168,6 +168,8 @@ class Settings:
     tls: TlsSettings
     workers: int  # 0: one per CPU
     static_file: str  # "" for Consul
+    # How route paths match when a route does not say (Fabio's proxy.matcher): prefix, iprefix or glob.
+    path_matcher: str = "prefix"
     # [services.NAME] tables of the config file: per-service balancing and limits, which take precedence over
     # service meta and route tags. File only: no flag or variable sets them.
     services: ServiceTables = ()

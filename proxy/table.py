@@ -7,7 +7,7 @@ Lookup order, most specific first:
 2. within a level, an exact path (`exact=true`) first, then the longest path prefix on a segment boundary:
    `/api` matches `/api` and `/api/x`, never `/apix`. Each level is a dict keyed by path, and a lookup walks
    the path's own prefixes from the longest down, so its cost grows with the path's depth, not with the
-   number of routes.
+   number of routes. Glob and iprefix routes (Fabio's matchers) join in Fabio's order: see levels.py.
 3. at one path, routes with more conditions (method, header, cookie, query, a listener port) first, then the
    higher `priority`, then by service name; the first whose conditions all hold wins, else the next path.
 
@@ -28,11 +28,13 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Protocol
 
+from discovery.globs import compile_glob
 from discovery.matchers import Condition, holds
 from discovery.model import Problem, RouteSpec, ServiceRoutes, Snapshot, SnapshotDelta
 
 from .access import AccessRules
 from .headers import HeaderRules
+from .levels import Level, Place, make_level
 from .route_index import SOURCES, Identity, RouteIndex, identity
 
 if TYPE_CHECKING:
@@ -48,11 +50,12 @@ class RequestLike(Protocol):
 
 
 def route_id(service: str, host: str, path: str, exact: bool, methods: frozenset[str],
-             conditions: tuple[Condition, ...], port: int = 0) -> str:
+             conditions: tuple[Condition, ...], port: int = 0, matcher: str = "prefix") -> str:
     """`web@*any*/api`, and for a route with conditions their text: `web@*any*/api[exact,GET,header:x-canary:1]`;
-    a listener port after the host: `web@shop.example.com:80/`. Bounded by the routes declared, so usable as a
-    metric label."""
-    parts = (["exact"] if exact else []) + (["|".join(sorted(methods))] if methods else []) + [
+    a listener port after the host: `web@shop.example.com:80/`; a glob or iprefix route says so:
+    `web@*any*/api/*[glob]`. Bounded by the routes declared, so usable as a metric label."""
+    how = ["exact"] if exact else [] if matcher == "prefix" else [matcher]
+    parts = how + (["|".join(sorted(methods))] if methods else []) + [
         f"{c.kind}:{c.text()}" for c in conditions
     ]
     where = f"{host or '*any*'}{f':{port}' if port else ''}{path}"
@@ -89,6 +92,7 @@ class Route:
     access: AccessRules | None = None  # allow= / deny=: who may use the route
     weight: float = 0.0  # weight=: this service's fixed share of a shared route (0: by instance count)
     shares: tuple[Route, ...] = ()  # a route several services declare: each one's own route (a side)
+    matcher: str = "prefix"  # how `path` matches: prefix, iprefix or glob (discovery.tags, Fabio's matchers)
     # Read on every request, so computed once: the Host as bytes, whether the target is rewritten at all,
     # whether the Host is the instance's address, and whether anything beyond host and path decides a match.
     upstream_host_bytes: bytes = field(default=b"", compare=False, repr=False)
@@ -96,8 +100,15 @@ class Route:
     host_dst: bool = field(default=False, compare=False, repr=False)
     strip_bytes: bytes = field(default=b"", compare=False, repr=False)  # X-Forwarded-Prefix
     gated: bool = field(default=False, compare=False, repr=False)
+    # A glob route's compiled pattern; an iprefix route's path in lower case.
+    glob: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    folded: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.matcher == "glob":
+            object.__setattr__(self, "glob", compile_glob(self.path))
+        elif self.matcher == "iprefix":
+            object.__setattr__(self, "folded", self.path.lower())
         dst = self.upstream_host == "dst"
         object.__setattr__(self, "host_dst", dst)
         object.__setattr__(self, "strip_bytes", (self.strip or "").encode("latin-1"))
@@ -109,7 +120,8 @@ class Route:
     def from_spec(cls, service: str, spec: RouteSpec, members: frozenset[str] | None = None) -> Route:
         options = spec.options  # parsed and checked by discovery.tags: read, never parsed again
         return cls(
-            id=route_id(service, spec.host, spec.path, options.exact, options.methods, options.conditions, spec.port),
+            id=route_id(service, spec.host, spec.path, options.exact, options.methods, options.conditions, spec.port,
+                        options.matcher),
             service=service,
             host=spec.host,
             path=spec.path,
@@ -129,6 +141,7 @@ class Route:
             port=spec.port,
             access=AccessRules.from_option(options.access),
             weight=options.weight,
+            matcher=options.matcher,
         )
 
     @classmethod
@@ -190,6 +203,14 @@ class Route:
             # `/$path` with a request for `//evil.example/` would be a protocol-relative URL: another site.
             location = "/" + location.lstrip("/")
         return location.encode("latin-1")
+
+    def matches(self, path: str, folded: str) -> bool:
+        """Whether a glob or iprefix route's path matches the request's (`folded`: it in lower case). A glob
+        matches the whole path; an iprefix matches on a segment boundary, as a prefix route does."""
+        if self.glob is not None:
+            return self.glob.fullmatch(path) is not None
+        mine = self.folded
+        return mine == "/" or folded == mine or folded.startswith(mine + "/")
 
     def accepts(self, req: RequestLike | None, port: int = 0) -> bool:
         """Whether the request meets every condition (always, for a route without any). Without a request to
@@ -375,48 +396,6 @@ def normalize_host(host: str | None) -> str:
     return host.rstrip(".")
 
 
-def _path_prefixes(path: str) -> Iterable[str]:
-    """`/a/b/c` -> `/a/b/c`, `/a/b`, `/a`, `/` (a trailing slash is not a segment of its own)."""
-    p = path.rstrip("/") or "/"
-    while True:
-        yield p
-        if p == "/":
-            return
-        cut = p.rfind("/")
-        p = p[:cut] if cut > 0 else "/"
-
-
-@dataclass(frozen=True, slots=True)
-class Level:
-    """One host level's routes: by exact path and by path prefix, each path's routes in the order they are
-    tried (more conditions first, then priority, then service name)."""
-
-    exact: Mapping[str, tuple[Route, ...]]
-    prefix: Mapping[str, tuple[Route, ...]]
-
-    def __bool__(self) -> bool:
-        return bool(self.exact or self.prefix)
-
-    def match(self, path: str, req: RequestLike | None, port: int) -> tuple[Route | None, bool]:
-        """(route, whether a condition took part in the answer)."""
-        conditional = False
-        candidates = self.exact.get(path) if self.exact else None
-        if candidates is not None:
-            for route in candidates:
-                conditional = conditional or route.gated
-                if route.accepts(req, port):
-                    return route, conditional
-        prefix = self.prefix
-        for p in _path_prefixes(path):
-            candidates = prefix.get(p)
-            if candidates is not None:
-                for route in candidates:
-                    conditional = conditional or route.gated
-                    if route.accepts(req, port):
-                        return route, conditional
-        return None, conditional
-
-
 _EMPTY_LEVEL: Final = Level(MappingProxyType({}), MappingProxyType({}))
 _MEMO_SIZE: Final = 4096
 
@@ -425,19 +404,28 @@ def _order(routes: list[Route]) -> tuple[Route, ...]:
     return tuple(sorted(routes, key=lambda r: (-r.specificity[0], -r.specificity[1], r.service, r.id)))
 
 
-# A slot of the table: (host kind, host key, exact path?, path) -> the routes tried there, in order.
-Slot = tuple[int, str, bool, str]
+# A slot of the table: (host kind, host key, how the path matches, path) -> the routes tried there, in order;
+# how: "exact" (exact=true), else the route's matcher ("prefix", "iprefix", "glob").
+Slot = tuple[int, str, str, str]
 
 
 def _slot(route: Route) -> Slot:
     kind = _host_kind(route.host)
-    return (kind, route.host[1:] if kind == 1 else route.host, route.exact, route.path)  # wildcards by ".suffix"
+    mode = "exact" if route.exact else route.matcher
+    return (kind, route.host[1:] if kind == 1 else route.host, mode, route.path)  # wildcards by ".suffix"
 
 
-def _rank(route: Route) -> tuple[int, int, str, int, int, int, int, str, str]:
-    """Match order, for /api/routes: host kind, longer host first, exact paths, longer paths, conditions."""
-    return (_host_kind(route.host), -len(route.host), route.host, 0 if route.exact else 1, -len(route.path),
-            -route.specificity[0], -route.specificity[1], route.service, route.id)
+def _descending(text: str) -> tuple[int, ...]:
+    """A sort key putting texts in reverse lexicographic order (a text before its own prefixes)."""
+    return (*(-ord(c) for c in text), 0)
+
+
+def _rank(route: Route) -> tuple[object, ...]:
+    """Match order, for /api/routes: host kind, longer host first, exact paths, then paths as a level tries
+    them (reverse lexicographic: longer prefixes first), conditions."""
+    return (_host_kind(route.host), -len(route.host), route.host, 0 if route.exact else 1,
+            _descending(route.path), route.matcher != "prefix", -route.specificity[0], -route.specificity[1],
+            route.service, route.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,43 +483,39 @@ class RoutingTable:
             touched |= keys
         slots: dict[Slot, tuple[Route, ...]] = {}
         for key in touched:
-            host, path, exact = key[0], key[1], key[3]
+            host, path, exact, matcher = key[0], key[1], key[3], key[6]
             kind = _host_kind(host)
-            slot: Slot = (kind, host[1:] if kind == 1 else host, exact, path)
+            slot: Slot = (kind, host[1:] if kind == 1 else host, "exact" if exact else matcher, path)
             if slot in slots:
                 continue
             current = self._slot_routes(slot)
             keep = [r for r in current if identity(r) not in touched]
-            winners = [w for k in touched if (k[0], k[1], k[3]) == (host, path, exact)
+            winners = [w for k in touched if (k[0], k[1], k[3], k[6]) == (host, path, exact, matcher)
                        and (w := index.winner(k)) is not None]
             slots[slot] = _order([*keep, *winners])
         return self._with_slots(RoutingTable(generation=generation, exact=self.exact, wildcard=self.wildcard,
                                              any_host=self.any_host, index=index), slots)
 
     def _slot_routes(self, slot: Slot) -> tuple[Route, ...]:
-        kind, key, exact, path = slot
+        kind, key, mode, path = slot
         level = self.any_host if kind == 2 else (self.exact if kind == 0 else self.wildcard).get(key)
         if level is None:
             return ()
-        return (level.exact if exact else level.prefix).get(path, ())
+        return level.at((mode, path))
 
     @staticmethod
     def _with_slots(table: RoutingTable, slots: Mapping[Slot, tuple[Route, ...]]) -> RoutingTable:
         """`table` with these slots set (an empty tuple removes a slot); levels not touched are shared."""
         exact, wildcard, any_host = dict(table.exact), dict(table.wildcard), table.any_host
-        levels: dict[tuple[int, str], tuple[dict[str, tuple[Route, ...]], dict[str, tuple[Route, ...]]]] = {}
-        for (kind, key, is_exact, path), routes in slots.items():
-            maps = levels.get((kind, key))
-            if maps is None:
+        levels: dict[tuple[int, str], dict[Place, tuple[Route, ...]]] = {}
+        for (kind, key, mode, path), routes in slots.items():
+            places = levels.get((kind, key))
+            if places is None:
                 level = any_host if kind == 2 else (exact if kind == 0 else wildcard).get(key, _EMPTY_LEVEL)
-                maps = levels[kind, key] = (dict(level.exact), dict(level.prefix))
-            target = maps[0] if is_exact else maps[1]
-            if routes:
-                target[path] = routes
-            else:
-                target.pop(path, None)
-        for (kind, key), (exact_paths, prefixes) in levels.items():
-            level = Level(MappingProxyType(exact_paths), MappingProxyType(prefixes))
+                places = levels[kind, key] = level.places()
+            places[mode, path] = routes  # an empty tuple: make_level leaves the place out
+        for (kind, key), places in levels.items():
+            level = make_level(places)
             if kind == 2:
                 any_host = level if level else _EMPTY_LEVEL
                 continue

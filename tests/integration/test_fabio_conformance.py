@@ -10,7 +10,8 @@ Differences that remain (each also marked `differs=` at its case):
 - lookup: Fabio's prefix match is a string prefix (`/foo` matches `/foobar`); Ferryman's stops at a segment
   boundary, so `/foobar` is not a request for `/foo` (a deliberate safety choice, README "Declaring routes").
 - lookup: Fabio keeps `/foo` and `/foo/` as two routes; Ferryman treats them as the same prefix.
-- matchers: Fabio's `glob` and `iprefix` matchers are not yet implemented (issue 15, item 10).
+- matchers: Fabio's iprefix matcher is a string prefix too (`/foo` matches `/Fool`); Ferryman's stops at a
+  segment boundary, as its prefix matcher does.
 - access: Fabio checks every X-Forwarded-For entry whoever sent it; Ferryman reads X-Forwarded-For only from
   `trusted_proxies` (the right-most untrusted entry), so a client cannot get itself refused or, with allow=,
   must be allowed itself: from an untrusted peer a denied address in X-Forwarded-For does not refuse, and an
@@ -121,8 +122,15 @@ REDIRECTS = [
     Case("host-static", "/r10/abc", host="foo.com", status=301, location="https://foo.com/"),
 ]
 
-# --- matchers: Fabio's prefix matcher (route/matcher_test.go) ---
-MATCHER_SERVICES = {"mt-foo": ["urlprefix-mt.test/foo"], "mt-root": ["urlprefix-mt.test/"]}
+# --- matchers: Fabio's prefix, iprefix and glob matchers (route/matcher_test.go, docs/content/ref/proxy.matcher.md),
+# per route with matcher= here, globally with path_matcher in test_global_glob_matcher_as_fabio ---
+MATCHER_SERVICES = {
+    "mt-foo": ["urlprefix-mt.test/foo"], "mt-root": ["urlprefix-mt.test/"],
+    "mi-foo": ["urlprefix-mi.test/Foo matcher=iprefix"], "mi-root": ["urlprefix-mi.test/"],
+    "mg-q": ["urlprefix-mg.test/foo? matcher=glob"], "mg-star": ["urlprefix-mg.test/bar* matcher=glob"],
+    "mg-mid": ["urlprefix-mg.test/x/*/y matcher=glob"], "mg-super": ["urlprefix-mg.test/z/**/y matcher=glob"],
+    "mg-root": ["urlprefix-mg.test/"],
+}
 MATCHERS = [
     Case("prefix-exact", "/foo", host="mt.test", served_by="mt-foo"),
     Case("prefix-slash", "/foo/", host="mt.test", served_by="mt-foo"),
@@ -131,8 +139,20 @@ MATCHERS = [
     Case("prefix-case-sensitive", "/FOO", host="mt.test", served_by="mt-root"),
     Case("prefix-string", "/foobar", host="mt.test", served_by="mt-root",
          differs="Fabio: /foo matches /foobar; Ferryman: only on a segment boundary"),
-    Case("iprefix-not-yet", "/FOO/x", host="mt.test", served_by="mt-root",
-         differs="Fabio's iprefix matcher is not yet implemented (issue 15, item 10): case-sensitive prefix"),
+    Case("iprefix-same-case", "/Foo", host="mi.test", served_by="mi-foo"),
+    Case("iprefix-other-case", "/foo", host="mi.test", served_by="mi-foo"),
+    Case("iprefix-deeper", "/FOO/x", host="mi.test", served_by="mi-foo"),
+    Case("iprefix-shorter", "/fo", host="mi.test", served_by="mi-root"),
+    Case("iprefix-string", "/Fool", host="mi.test", served_by="mi-root",
+         differs="Fabio: iprefix /foo matches /Fool; Ferryman: only on a segment boundary"),
+    Case("glob-question-mark", "/fool", host="mg.test", served_by="mg-q"),
+    Case("glob-question-mark-one-char", "/fools", host="mg.test", served_by="mg-root"),
+    Case("glob-star", "/barbaz", host="mg.test", served_by="mg-star"),
+    Case("glob-star-crosses-slash", "/bar/baz", host="mg.test", served_by="mg-star"),
+    Case("glob-star-mid", "/x/a/y", host="mg.test", served_by="mg-mid"),
+    Case("glob-star-mid-deeper", "/x/a/b/y", host="mg.test", served_by="mg-mid"),
+    Case("glob-super", "/z/a/b/c/y", host="mg.test", served_by="mg-super"),
+    Case("glob-whole-path", "/z/a/b/c/yz", host="mg.test", served_by="mg-root"),
 ]
 
 # --- proxy path handling and the options that shape the upstream request ---
@@ -213,14 +233,30 @@ PARSED = {"tp-blanks@*any*/tp-blanks", "tp-host@tp.test/x", "tp-opts@*any*/tp-op
 REFUSED = {"tp-auth": "auth=", "tp-register": "register=", "tp-tcp": "TCP routes", "tp-pxy": "pxyproto=",
            "tp-both": "allow= and deny="}
 
+# --- the global matcher: Fabio's `proxy.matcher = glob` is Ferryman's `path_matcher = glob` ---
+GLOBAL_GLOB_SERVICES = {
+    "gg-foo": ["urlprefix-gg.test/foo"], "gg-star": ["urlprefix-gg.test/foo/*"],
+    "gg-lit": ["urlprefix-gg.test/foo/bar"], "gg-prefix": ["urlprefix-gg.test/api matcher=prefix"],
+}
+GLOBAL_GLOB = [
+    Case("literal-is-whole-path", "/foo", host="gg.test", served_by="gg-foo"),
+    Case("literal-not-a-prefix", "/fools", host="gg.test", status=404),
+    Case("star", "/foo/x/y", host="gg.test", served_by="gg-star"),
+    Case("literal-sorts-before-star", "/foo/bar", host="gg.test", served_by="gg-lit"),
+    Case("route-option-beats-global", "/api/v1", host="gg.test", served_by="gg-prefix"),
+    Case("no-match", "/other", host="gg.test", status=404),
+]
+
 AREAS = {"lookup": LOOKUP, "redirects": REDIRECTS, "matchers": MATCHERS, "paths": PATHS, "access": ACCESS}
 SERVICES = {"lookup": LOOKUP_SERVICES, "redirects": REDIRECT_SERVICES, "matchers": MATCHER_SERVICES,
             "paths": PATH_SERVICES, "access": ACCESS_SERVICES}
 AREA_COUNTS = {
     **{area: len(cases) for area, cases in AREAS.items()},
     "access": len(ACCESS) + len(TRUSTED_ACCESS),
+    "global-glob": len(GLOBAL_GLOB),
     "parsing": len(PARSED) + len(REFUSED),
-    "sharing": 3,
+    "variables": 3,
+    "sharing": 4,
 }
 DIFFERS = [f"{area}/{c.id}: {c.differs}" for area, cases in AREAS.items() for c in cases if c.differs]
 
@@ -411,5 +447,84 @@ async def test_a_port_in_the_host_restricts_the_route_to_that_listener(
 def test_the_differences_listed_are_the_cases_marked() -> None:
     """The module docstring's list and the marked cases stay in step; the counts are what the report gives."""
     assert len(DIFFERS) == 5
-    assert AREA_COUNTS == {"lookup": 15, "redirects": 22, "matchers": 7, "paths": 10, "access": 13,
-                           "parsing": 8, "sharing": 3}
+    assert AREA_COUNTS == {"lookup": 15, "redirects": 22, "matchers": 19, "global-glob": 6, "paths": 10,
+                           "access": 13, "parsing": 8, "variables": 3, "sharing": 4}
+
+
+async def test_global_glob_matcher_as_fabio(consul: ConsulAgent, workdir: Path, backends: list[Backend],
+                                            http: aiohttp.ClientSession) -> None:
+    """`--path-matcher glob` (Fabio's proxy.matcher = glob): plain tags match as whole-path globs, in Fabio's
+    order; a route's matcher= still wins; a path that is no glob is refused naming the setting."""
+    proxy = FerrymanProcess(consul.addr, workdir, extra=["--path-matcher", "glob"])
+    await asyncio.to_thread(proxy.start)
+    try:
+        ids = await _register(consul, proxy, backends, GLOBAL_GLOB_SERVICES)
+        backend = await Backend("gg-bad").start()
+        backends.append(backend)
+        await asyncio.to_thread(consul.register, "gg-bad", "gg-bad-0", backend.port, ["urlprefix-gg.test/[x"])
+        ids.append("gg-bad-0")
+        try:
+            problems = [p for case in GLOBAL_GLOB for p in await _check(http, proxy, case)]
+            assert problems == []
+
+            def refused() -> list[str]:
+                return [str(e.get("error")) for e in proxy.log_events()
+                        if e.get("event") == "route_tag_invalid" and e.get("service") == "gg-bad"]
+
+            await asyncio.to_thread(wait_until, lambda: bool(refused()), 15, "the bad glob refused")
+            assert "path_matcher = glob" in refused()[0]
+        finally:
+            for instance in ids:
+                await asyncio.to_thread(consul.deregister, instance)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+
+
+async def test_dc_variable_in_tags_as_fabio(consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend],
+                                            http: aiohttp.ClientSession) -> None:
+    """`$DC` and `${DC}` in a tag's host and path are the instance's datacenter (the test agent's `dc1`), as in
+    Fabio; a name Fabio does not expand refuses the tag, naming it, where Fabio would route `""` there."""
+    ids = await _register(consul, ferryman, backends, {
+        "var-host": ["urlprefix-$DC.vars.test/"], "var-path": ["urlprefix-vars.test/${DC}/api"],
+    })
+    backend = await Backend("var-bad").start()
+    backends.append(backend)
+    await asyncio.to_thread(consul.register, "var-bad", "var-bad-0", backend.port, ["urlprefix-/$REGION/api"])
+    ids.append("var-bad-0")
+    try:
+        cases = [Case("dc-in-host", "/x", host="dc1.vars.test", served_by="var-host"),
+                 Case("dc-in-path", "/dc1/api/x", host="vars.test", served_by="var-path", upstream_path="/dc1/api/x")]
+        assert [p for case in cases for p in await _check(http, ferryman, case)] == []
+
+        def refused() -> list[str]:
+            return [str(e.get("error")) for e in ferryman.log_events()
+                    if e.get("event") == "route_tag_invalid" and e.get("service") == "var-bad"]
+
+        await asyncio.to_thread(wait_until, lambda: bool(refused()), 15, "the unknown variable refused")
+        assert "$REGION" in refused()[0]
+    finally:
+        for instance in ids:
+            await asyncio.to_thread(consul.deregister, instance)
+
+
+async def test_api_routes_lists_every_service_sharing_a_route(
+    consul: ConsulAgent, ferryman: FerrymanProcess, backends: list[Backend],
+) -> None:
+    """/api/routes shows a route two services share with both, each with its weight, share and instances."""
+    ids = await _register(consul, ferryman, backends, {"ar-blue": ["urlprefix-ar.test/"]}, instances=2)
+    ids += await _register(consul, ferryman, backends, {"ar-green": ["urlprefix-ar.test/ weight=0.2"]}, instances=1)
+    try:
+        def shared() -> dict[str, Any] | None:
+            return next((r for r in ferryman.routes()["routes"] if r["id"] == "ar-blue+ar-green@ar.test/"
+                         and sum(len(s["instances"]) for s in r["services"]) == 3), None)
+
+        await asyncio.to_thread(wait_until, lambda: shared() is not None, 15, "the shared route with 3 instances")
+        route = shared()
+        assert route is not None
+        assert [(s["name"], s["weight"], s["share"], sorted(i["id"] for i in s["instances"]))
+                for s in route["services"]] == [("ar-blue", None, 0.8, ["ar-blue-0", "ar-blue-1"]),
+                                                ("ar-green", 0.2, 0.2, ["ar-green-0"])]
+        assert sorted(i["service"] for i in route["instances"]) == ["ar-blue", "ar-blue", "ar-green"]
+    finally:
+        for instance in ids:
+            await asyncio.to_thread(consul.deregister, instance)

@@ -228,9 +228,9 @@ class TestEndpointIdentity:
         instances = {r["service"]: r["instances"] for r in document["routes"]}
         assert instances == {
             "web": [{"id": "w-9", "node": "n9", "address": "10.0.0.9", "port": 8009, "weight": 1,
-                     "datacenter": "dc2"}],
+                     "datacenter": "dc2", "service": "web"}],
             "one": [{"id": "o-1", "node": "n1", "address": "10.0.0.1", "port": 8001, "weight": 1,
-                     "datacenter": None}],
+                     "datacenter": None, "service": "one"}],
         }
 
 

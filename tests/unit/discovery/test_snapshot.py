@@ -476,3 +476,40 @@ class TestBuildService:
         for svc in snapshot.services:
             built, _ = build_service(svc.name, ("",), {"": health[svc.name]}, catalog_tags=catalog[svc.name])
             assert built == svc
+
+
+class TestVariablesInRoutes:
+    """`$DC` in a route tag is the datacenter of the instance declaring it, as Consul reports its node's."""
+
+    def test_dc_is_the_instances_datacenter(self) -> None:
+        """An instance in dc1 declaring `urlprefix-$DC.example.com/` routes `dc1.example.com/`."""
+        declared = entry("web", "web-1")
+        declared["Node"]["Datacenter"] = "dc1"
+        declared["Service"]["Tags"] = ["urlprefix-$DC.example.com/", "urlprefix-/${DC}/api"]
+        svc, problems = build_service("web", ("",), {"": [declared]})
+        assert problems == []
+        assert svc is not None and {(r.host, r.path) for r in svc.routes} == {("dc1.example.com", "/"),
+                                                                               ("", "/dc1/api")}
+
+    def test_the_datacenter_read_from_when_the_node_does_not_say(self) -> None:
+        """Read from a named datacenter, an entry without Node.Datacenter takes that name."""
+        declared = entry("web", "web-1")
+        declared["Service"]["Tags"] = ["urlprefix-/$DC"]
+        svc, _ = build_service("web", ("dc2",), {"dc2": [declared]})
+        assert svc is not None and [r.path for r in svc.routes] == ["/dc2"]
+
+    def test_an_unknown_variable_is_a_route_tag_invalid(self) -> None:
+        """`$NAME` Fabio does not expand refuses that tag, naming it; the service's other routes stay."""
+        declared = entry("web", "web-1")
+        declared["Node"]["Datacenter"] = "dc1"
+        declared["Service"]["Tags"] = ["urlprefix-/$REGION/api", "urlprefix-/ok"]
+        svc, problems = build_service("web", ("",), {"": [declared]})
+        assert svc is not None and [r.path for r in svc.routes] == ["/ok"]
+        assert [(p.kind, "$REGION" in p.detail) for p in problems] == [("route_tag_invalid", True)]
+
+    def test_the_global_matcher_reaches_the_tags(self) -> None:
+        """build_snapshot parses tags with the global path_matcher."""
+        declared = entry("web", "web-1")
+        declared["Service"]["Tags"] = ["urlprefix-/x/*"]
+        snapshot = build_snapshot({"web": ["urlprefix-/x/*"]}, {"web": [declared]}, matcher="glob")
+        assert [r.options.matcher for r in snapshot.services[0].routes] == ["glob"]

@@ -84,7 +84,6 @@ VALID = [
 ]
 
 MALFORMED = [
-    ("urlprefix-$DC.example.com/", "variables in a route", "fabio-variable-not-yet"),
     ("urlprefix-/api allow=ip:10.0.0.0/8 deny=ip:10.1.0.0/16", "allow= and deny= on the same route",
      "allow-and-deny"),
     ("urlprefix-/api allow=ip:nonsense", "is not ip:ADDRESS or ip:CIDR", "allow-not-an-address"),
@@ -266,3 +265,88 @@ class TestServiceSettings:
     def test_settings_accumulate(self) -> None:
         settings = with_service_setting(ServiceSettings(lb="hash"), "sticky", "s")
         assert settings == ServiceSettings(lb="hash", sticky="s")
+
+
+# Path matchers: the tag's matcher= (Ferryman's; Fabio has only the global proxy.matcher), else the global one.
+MATCHER_TAGS = [
+    ("urlprefix-/foo/* matcher=glob", "prefix", "/foo/*", "glob", "option"),
+    ("urlprefix-/foo/*", "glob", "/foo/*", "glob", "global"),
+    ("urlprefix-/foo/ matcher=glob", "prefix", "/foo/", "glob", "glob-keeps-trailing-slash"),
+    ("urlprefix-/foo/", "iprefix", "/foo", "iprefix", "iprefix-normalized-as-a-prefix"),
+    ("urlprefix-/fo? matcher=glob", "prefix", "/fo?", "glob", "glob-question-mark"),
+    ("urlprefix-/Foo matcher=prefix", "glob", "/Foo", "prefix", "option-beats-global"),
+    ("urlprefix-/x exact=true", "glob", "/x", "prefix", "exact-whatever-the-global"),
+]
+
+
+class TestMatchers:
+    """A route's path matcher, from its tag or the global path_matcher, and patterns refused at the tag."""
+
+    @pytest.mark.parametrize(("tag", "default", "path", "matcher"), [c[:4] for c in MATCHER_TAGS],
+                             ids=[c[4] for c in MATCHER_TAGS])
+    def test_matcher_of_a_tag(self, tag: str, default: str, path: str, matcher: str) -> None:
+        """The route keeps its path as the matcher reads it, and says which matcher it is."""
+        route = parse_route_tag(tag, matcher=default)
+        assert (route.path, route.options.matcher) == (path, matcher)
+
+    @pytest.mark.parametrize(("tag", "default", "message"), [
+        ("urlprefix-/a[ matcher=glob", "prefix", "matcher=glob"),
+        ("urlprefix-/a[", "glob", "path_matcher = glob"),
+        ("urlprefix-/a matcher=regex", "prefix", "matcher='regex' must be one of prefix, glob, iprefix"),
+        ("urlprefix-/a exact=true matcher=glob", "prefix", "exact=true and matcher=glob"),
+        ("urlprefix-/a? matcher=iprefix", "prefix", "'?'"),
+    ], ids=["bad-glob-names-the-option", "bad-glob-names-the-setting", "unknown-matcher", "exact-and-glob",
+            "question-mark-outside-a-glob"])
+    def test_refused(self, tag: str, default: str, message: str) -> None:
+        """A route whose pattern cannot be compiled, or whose matcher is unknown, is refused naming it."""
+        with pytest.raises(TagError) as info:
+            parse_route_tag(tag, matcher=default)
+        assert message in str(info.value)
+
+    def test_a_bad_glob_is_a_fine_prefix(self) -> None:
+        """Under the default prefix matcher, `[` is an ordinary character of a path, as before."""
+        assert parse_route_tag("urlprefix-/a[").path == "/a["
+
+
+DC1 = {"DC": "dc1"}
+# Fabio's registry/consul/routecmd_test.go TestParseTag cases with variables, with Fabio's one variable, $DC.
+VARIABLE_TAGS = [
+    ("urlprefix-$DC.example.com/", DC1, "dc1.example.com", "/", "host"),
+    ("urlprefix-${DC}.example.com/", DC1, "dc1.example.com", "/", "host-braces"),
+    ("urlprefix-/$DC/api", {"DC": "EU-1"}, "", "/EU-1/api", "path-keeps-case"),
+    ("urlprefix-$DC.example.com/$DC", {"DC": "EU-1"}, "eu-1.example.com", "/EU-1", "host-lower-cased"),
+    ("urlprefix-/a$/b", DC1, "", "/a$/b", "dollar-without-a-name-kept"),
+    ("urlprefix-/a$", None, "", "/a$", "dollar-at-the-end-kept"),
+]
+
+
+class TestVariables:
+    """Fabio's variable expansion in a route's host and path: `$DC`, the declaring instance's datacenter."""
+
+    @pytest.mark.parametrize(("tag", "env", "host", "path"), [c[:4] for c in VARIABLE_TAGS],
+                             ids=[c[4] for c in VARIABLE_TAGS])
+    def test_expanded(self, tag: str, env: dict[str, str] | None, host: str, path: str) -> None:
+        """`$DC` and `${DC}` become the datacenter; the host is lower-cased after, as in Fabio."""
+        route = parse_route_tag(tag, env=env)
+        assert (route.host, route.path) == (host, path)
+
+    @pytest.mark.parametrize(("tag", "env", "message"), [
+        ("urlprefix-/$x", DC1, "$x in '/$x' is not a variable Fabio expands"),
+        ("urlprefix-/${HOME}/a", DC1, "$HOME"),
+        ("urlprefix-/$1", DC1, "$1"),
+        ("urlprefix-/$DCX", DC1, "$DCX"),
+        ("urlprefix-/${}", DC1, "'${' without a name"),
+        ("urlprefix-/${DC", DC1, "'${' without a name"),
+        ("urlprefix-/$DC", None, "known only for routes of instances read from Consul"),
+    ], ids=["unknown-name", "unknown-braced", "special-variable", "longer-name", "empty-braces", "open-braces",
+            "no-instance"])
+    def test_refused_naming_the_variable(self, tag: str, env: dict[str, str] | None, message: str) -> None:
+        """A name Fabio does not expand would become "" there (another route): refused, naming it."""
+        with pytest.raises(TagError) as info:
+            parse_route_tag(tag, env=env)
+        assert message in str(info.value)
+
+    def test_redirect_targets_keep_their_request_time_variables(self) -> None:
+        """Options are not expanded (Fabio expands host and path only): `$path` and `$host` stay for the request."""
+        route = parse_route_tag("urlprefix-$DC.example.com/ redirect=301,https://$host$path", env=DC1)
+        assert route.options.redirect == (301, "https://$host$path")

@@ -132,3 +132,37 @@ def test_a_redirect_never_becomes_protocol_relative() -> None:
     route = Route.from_spec("s", parse_route_tag("urlprefix-/ redirect=301,/$path"))
     assert route.location("//evil.example/x", "", "h") == b"/evil.example/x"
     assert route.location("/a", "b=1", "h") == b"/a?b=1"
+
+
+class TestPathMatcher:
+    """`path_matcher` (Fabio's proxy.matcher) in the file, the environment or a flag; [[routes]] follow it."""
+
+    ROUTES = 'path_matcher = "glob"\n\n[[routes]]\nroute = "/static/*"\nservice = "web"\n'
+
+    def test_file_routes_follow_the_files_matcher(self, tmp_path: Path) -> None:
+        """A [[routes]] route without matcher= takes the file's path_matcher, wherever the key is written."""
+        loaded = _load(tmp_path, self.ROUTES)
+        assert loaded["path_matcher"] == "glob"
+        assert [r.spec.options.matcher for r in loaded["routes"]] == ["glob"]
+
+    def test_a_flag_wins_for_the_routes_too(self, tmp_path: Path) -> None:
+        """--path-matcher over the file's key: the routes are parsed with the flag's matcher."""
+        from proxy.config import load
+        path = tmp_path / "f.toml"
+        path.write_text(self.ROUTES.replace("/static/*", "/static"))
+        settings = load(config_file=str(path), environ={"FERRYMAN_PATH_MATCHER": "iprefix"},
+                        flags={"path_matcher": "prefix"})
+        assert settings.path_matcher == "prefix"
+        assert [r.spec.options.matcher for r in settings.routes] == ["prefix"]
+        settings = load(config_file=str(path), environ={"FERRYMAN_PATH_MATCHER": "iprefix"}, flags={})
+        assert [r.spec.options.matcher for r in settings.routes] == ["iprefix"]
+
+    def test_a_bad_value_names_the_key(self, tmp_path: Path) -> None:
+        """An unknown matcher is a config error naming the file, line and key."""
+        with pytest.raises(ConfigError, match=r"f.toml:1: key 'path_matcher': must be one of prefix, glob, iprefix"):
+            _load(tmp_path, 'path_matcher = "regex"\n')
+
+    def test_a_bad_glob_route_names_the_setting(self, tmp_path: Path) -> None:
+        """A [[routes]] path that is no glob under path_matcher = glob is refused at load, naming the setting."""
+        with pytest.raises(ConfigError, match=r"path_matcher = glob"):
+            _load(tmp_path, self.ROUTES.replace("/static/*", "/static["))

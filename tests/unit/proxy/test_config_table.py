@@ -122,7 +122,7 @@ class TestReloadRule:
         """The keys that shape listeners, processes, the Consul client and logging need a restart."""
         assert RESTART_KEYS == {
             "listen", "admin_listen", "workers", "consul_addr", "consul_token", "consul_dc", "consul_wait",
-            "consul_stale", "consul_cached", "tag_prefix", "log_format", "log_level", "access_log",
+            "consul_stale", "consul_cached", "tag_prefix", "path_matcher", "log_format", "log_level", "access_log",
             "access_log_format", "access_log_file",
             "log_flush_interval", "tls_listen", "tls_kv_prefix", "tls_reload_interval", "upstream_ca_file",
             "static_file", "routes_kv_prefix",
