@@ -32,6 +32,7 @@ from discovery.watcher import OnChange, Watcher
 from . import logs
 from .access import AccessRules
 from .admin import make_admin_app
+from .auth import AuthError, Realms
 from .certs import Certificates
 from .channel import Broadcaster, ChannelSource
 from .checks import active_checks
@@ -106,7 +107,7 @@ async def start_admin(app: web.Application, address: HostPort) -> web.AppRunner:
     return runner
 
 
-def listener_limits(s: Settings, proto: str) -> ListenerLimits:
+def listener_limits(s: Settings, proto: str, realms: Realms | None = None) -> ListenerLimits:
     """The settings a listener follows (at start and on every reload), as one value."""
     redirect = None
     if proto == "http" and s.tls.https_redirect:
@@ -121,6 +122,7 @@ def listener_limits(s: Settings, proto: str) -> ListenerLimits:
         access_sample=s.logs.access_sample, redirect=redirect,
         trusted=TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
         access=AccessRules(s.client.allow, s.client.deny) if s.client.allow or s.client.deny else None,
+        realms=realms,
     )
 
 
@@ -183,6 +185,7 @@ class Ferryman:
                                RoutedWorld(parts=(RoutePart.declared("file", settings.routes),)))
         self._proxies: list[ProxyServer] = []  # the plain listener, then the TLS ones
         self.certs: Certificates | None = None
+        self.realms = Realms(settings.auth)  # basic-authentication realms (auth=NAME), read at start
         self._consul: ConsulClient | None = None
         self._source: Source | None = None
         self._make_source = make_source
@@ -283,6 +286,12 @@ class Ferryman:
                 self.certs.load()
             except TlsError as exc:
                 raise ConfigError(f"tls_certs: {exc}") from exc
+        if self.serve_proxy:
+            try:  # a file that cannot be read is a config error naming it (the loader checked it already)
+                self.realms.load()
+            except AuthError as exc:
+                raise ConfigError(str(exc)) from exc
+            self._tasks.append(start_task(self.realms.watch(), "auth-files"))
         source = await self._build_source()
         self._tasks.append(start_task(source.run(), "consul-watcher", self._discovery_crashed_restart))
         if self._consul is not None and s.consul.routes_kv_prefix:
@@ -331,7 +340,7 @@ class Ferryman:
         return ProxyContext(
             router=self.router, pools=self.pools, upstream=self.upstream, metrics=self.metrics, listen_port=port,
             proto=proto, access_log=access_log, loop=asyncio.get_running_loop(),
-            limits=listener_limits(self.settings, proto),
+            limits=listener_limits(self.settings, proto, self.realms),
         )
 
     def reload(self, new: Settings) -> None:
@@ -339,8 +348,10 @@ class Ferryman:
         Keys that shape listeners, processes, the Consul client or logging keep their running values (logged)."""
         settings, changed, restart = reloaded(self.settings, new)
         self.settings = s = settings
+        if self.serve_proxy:
+            self.realms.configure(s.auth)
         for proxy in self._proxies:
-            proxy.cfg.limits = listener_limits(s, proxy.cfg.proto.decode())
+            proxy.cfg.limits = listener_limits(s, proxy.cfg.proto.decode(), self.realms)
         if self.certs is not None:
             self.certs.reload(s.tls.certs, s.tls.reload_interval)
         if self._source is not None:

@@ -256,7 +256,7 @@ KEYS: Final[tuple[Key, ...]] = (
 
 BY_NAME: Final[Mapping[str, Key]] = {key.name: key for key in KEYS}
 # The config file's tables, besides the keys: read from the file only, taken over on SIGHUP.
-SECTIONS: Final = ("services", "routes")
+SECTIONS: Final = ("services", "routes", "auth")
 
 
 def value_of(settings: Settings, key: Key) -> Any:

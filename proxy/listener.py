@@ -21,6 +21,7 @@ from typing import Final
 import structlog
 
 from .access import AccessRules
+from .auth import Realms
 from .errors import TooManyConnections
 from .h1.client import ClientConnection
 from .h1.upstream import UpstreamPool
@@ -69,6 +70,7 @@ class ListenerLimits:
     trusted: TrustedProxies | None = None  # peers whose forwarding headers are kept (trusted_proxies)
     access: AccessRules | None = None  # the global allow / deny settings; None: everyone
     underscores_in_headers: bool = False  # keep request header fields whose name has '_'
+    realms: Realms | None = None  # basic-authentication realms routes name with auth=NAME
     # One endless line never completes a field, so the per-field checks would never run: the head as a whole
     # is bounded too.
     max_head: int = field(init=False)

@@ -20,6 +20,7 @@ from discovery.consul import ConsulAddress
 from discovery.model import ServiceSettings
 
 if TYPE_CHECKING:
+    from .auth import RealmSettings
     from .config import ConfigRoute
     from .tls import CertFile  # tls loads `cryptography`: imported only when certificates are configured
 
@@ -173,6 +174,8 @@ class Settings:
     services: ServiceTables = ()
     # [[routes]] of the config file: routes operators declare beside the tags, with header rules and splits.
     routes: tuple[ConfigRoute, ...] = ()
+    # [auth.NAME] tables: the basic-authentication realms route tags name with auth=NAME.
+    auth: tuple[RealmSettings, ...] = ()
 
     def service_overrides(self) -> dict[str, ServiceSettings]:
         return dict(self.services)

@@ -89,6 +89,7 @@ class Route:
     access: AccessRules | None = None  # allow= / deny=: who may use the route
     weight: float = 0.0  # weight=: this service's fixed share of a shared route (0: by instance count)
     shares: tuple[Route, ...] = ()  # a route several services declare: each one's own route (a side)
+    auth: str | None = None  # auth=: the basic-authentication realm every request must pass (proxy/auth.py)
     # Read on every request, so computed once: the Host as bytes, whether the target is rewritten at all,
     # whether the Host is the instance's address, and whether anything beyond host and path decides a match.
     upstream_host_bytes: bytes = field(default=b"", compare=False, repr=False)
@@ -129,6 +130,7 @@ class Route:
             port=spec.port,
             access=AccessRules.from_option(options.access),
             weight=options.weight,
+            auth=options.auth,
         )
 
     @classmethod
@@ -164,7 +166,10 @@ class Route:
         services = "+".join(side.service for side in sides)
         shared_id = services + self.id[self.id.index("@"):]
         sides = tuple(replace(side, id=shared_id) for side in sides)
-        return replace(sides[0], shares=sides)
+        # Authentication is checked before a side is drawn: one side asking for it guards the whole route, so
+        # no share of its traffic is ever served without it.
+        auth = next((side.auth for side in sides if side.auth is not None), None)
+        return replace(sides[0], shares=sides, auth=auth)
 
     def location(self, path: str, query: str, host: str) -> bytes:
         """A redirect route's Location, as Fabio builds it: `$path` is the request's path with `strip` removed
