@@ -119,6 +119,7 @@ def listener_limits(s: Settings, proto: str, realms: Realms | None = None) -> Li
         max_connections=s.client.max_connections, max_target=s.client.max_request_target,
         max_header_bytes=s.client.max_header_bytes, max_header_count=s.client.max_header_count,
         max_body=s.client.max_body, underscores_in_headers=s.client.underscores_in_headers,
+        proxy_header_timeout=s.client.proxy_header_timeout,
         access_sample=s.logs.access_sample, redirect=redirect,
         trusted=TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
         access=AccessRules(s.client.allow, s.client.deny) if s.client.allow or s.client.deny else None,
@@ -329,12 +330,14 @@ class Ferryman:
         access_log = logs.access_writer(s.logs.access_format, s.logs.access_file) if s.logs.access else None
         plain = ProxyServer(self._context("http", s.listeners.plain.port, access_log))
         self._proxies.append(plain)
-        await plain.start(s.listeners.plain.host, s.listeners.plain.port, reuse_port=self.reuse_port)
+        await plain.start(s.listeners.plain.host, s.listeners.plain.port, reuse_port=self.reuse_port,
+                          proxy_protocol=s.listeners.expects_proxy_header(s.listeners.plain))
         for address in s.listeners.tls:
             assert self.certs is not None
             secure = ProxyServer(self._context("https", address.port, access_log))
             self._proxies.append(secure)
-            await secure.start(address.host, address.port, reuse_port=self.reuse_port, ssl=self.certs.context)
+            await secure.start(address.host, address.port, reuse_port=self.reuse_port, ssl=self.certs.context,
+                               proxy_protocol=s.listeners.expects_proxy_header(address))
 
     def _context(self, proto: str, port: int, access_log: logs.AccessWriter | None) -> ProxyContext:
         return ProxyContext(

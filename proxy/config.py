@@ -368,6 +368,18 @@ def _check_together(settings: Settings, sources: Mapping[str, str]) -> None:
         key = "tls_listen"
         raise ConfigError(f"{sources.get(key, 'default')}: key 'tls_listen': a TLS listener needs certificates: "
                           "set tls_certs (files) or tls_kv_prefix (Consul KV)")
+    listeners = settings.listeners
+    if listeners.proxy_protocol:
+        key = "proxy_protocol"
+        where = sources.get(key, "default")
+        known = [str(a) for a in (listeners.plain, *listeners.tls)]
+        unknown = [a for a in listeners.proxy_protocol if a != "*" and a not in known]
+        if unknown:
+            raise ConfigError(f"{where}: key 'proxy_protocol': {unknown[0]} is not a listener (listen, tls_listen: "
+                              f"{', '.join(known)})")
+        if not settings.client.trusted_proxies:
+            raise ConfigError(f"{where}: key 'proxy_protocol': a PROXY header is believed only from "
+                              "trusted_proxies, which is empty: set it to the balancers' addresses")
     realms = {realm.name for realm in settings.auth}
     for route in settings.routes:
         if route.spec.options.auth is not None and route.spec.options.auth not in realms:
