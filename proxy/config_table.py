@@ -213,8 +213,8 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("deny", str, "", "client.deny", _networks, LIVE,
         "CIDRs/addresses of clients refused with 403, on every route"),
     Key("proxy_protocol", str, "", "listeners.proxy_protocol", _proxy_listeners, RESTART,
-        "listeners (host:port of listen / tls_listen, comma-separated, or *) whose connections start with a "
-        "PROXY protocol v1 or v2 header, accepted from trusted_proxies only; empty: none"),
+        "listeners (host:port as in listen or tls_listen, several separated by commas, or *) whose connections "
+        "start with a PROXY protocol v1 or v2 header, accepted from trusted_proxies only; empty: none"),
     Key("proxy_protocol_timeout", float, 3.0, "client.proxy_header_timeout", _between(0.01, 600), LIVE,
         "seconds a PROXY protocol header may take to arrive before the connection is closed"),
     Key("routes_kv_prefix", str, "ferryman/routes/", "consul.routes_kv_prefix", _kv_prefix, RESTART,
