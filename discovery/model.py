@@ -73,6 +73,7 @@ class RouteOptions:
     # How the path matches (Fabio's proxy.matcher): "prefix" (on a segment boundary), "iprefix" (the same,
     # ignoring case) or "glob" (the whole path, gobwas syntax); the tag's matcher= or the global path_matcher.
     matcher: str = "prefix"
+    auth: str | None = None  # auth=: the basic-authentication realm (the config file's [auth.NAME]) guarding it
 
     def order_key(self) -> tuple[tuple[Any, ...], ...]:
         """A total order over options (sets and conditions made comparable), so routes that share host and path

@@ -49,6 +49,8 @@ _HOST_RE: Final = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
 _PATH_RE: Final = re.compile(r"^/[^\s?#]*$")
 _GLOB_PATH_RE: Final = re.compile(r"^/[^\s#]*$")  # '?' is the glob's one character
 _OPTION_KEY_RE: Final = re.compile(r"^[a-z][a-z0-9_]*$")
+# An auth= realm name, as a config file's [auth.NAME] table may be named.
+REALM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class TagError(ValueError):
@@ -57,7 +59,6 @@ class TagError(ValueError):
 
 # Fabio route options Ferryman does not implement, with what to use instead: the tag is refused with this.
 NOT_IMPLEMENTED: Final = {
-    "auth": "basic authentication per route is not yet implemented (issue 15)",
     "pxyproto": "PROXY protocol towards instances is for TCP routes, which Ferryman does not proxy",
     "register": "Ferryman does not register itself in Consul; register the host name's service yourself",
     "gzip": "response compression is not yet implemented (issue 15)",
@@ -391,6 +392,10 @@ def _route_option(key: str, value: str, path: str) -> tuple[str, Any]:
         return "weight", _weight(value)
     if key == "matcher":  # chosen (and checked) by _matcher before the path is read
         return "matcher", value
+    if key == "auth":  # Fabio's basic authentication: a realm of the config file's [auth.NAME] tables
+        if not REALM_NAME_RE.match(value):
+            raise TagError(f"auth={value!r} must name a realm: letters, digits, '_', '.' or '-'")
+        return "auth", value
     if key == "priority":
         digits = value[1:] if value.startswith("-") else value
         if not (digits.isascii() and digits.isdigit() and -1000 <= int(value) <= 1000):

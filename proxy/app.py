@@ -32,6 +32,7 @@ from discovery.watcher import OnChange, Watcher
 from . import logs
 from .access import AccessRules
 from .admin import make_admin_app
+from .auth import AuthError, Realms
 from .certs import Certificates
 from .channel import Broadcaster, ChannelSource
 from .checks import active_checks
@@ -107,7 +108,7 @@ async def start_admin(app: web.Application, address: HostPort) -> web.AppRunner:
     return runner
 
 
-def listener_limits(s: Settings, proto: str) -> ListenerLimits:
+def listener_limits(s: Settings, proto: str, realms: Realms | None = None) -> ListenerLimits:
     """The settings a listener follows (at start and on every reload), as one value."""
     redirect = None
     if proto == "http" and s.tls.https_redirect:
@@ -119,9 +120,11 @@ def listener_limits(s: Settings, proto: str) -> ListenerLimits:
         max_connections=s.client.max_connections, max_target=s.client.max_request_target,
         max_header_bytes=s.client.max_header_bytes, max_header_count=s.client.max_header_count,
         max_body=s.client.max_body, underscores_in_headers=s.client.underscores_in_headers,
+        proxy_header_timeout=s.client.proxy_header_timeout,
         access_sample=s.logs.access_sample, redirect=redirect,
         trusted=TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
         access=AccessRules(s.client.allow, s.client.deny) if s.client.allow or s.client.deny else None,
+        realms=realms,
     )
 
 
@@ -184,6 +187,7 @@ class Ferryman:
                                RoutedWorld(parts=(RoutePart.declared("file", settings.routes),)))
         self._proxies: list[ProxyServer] = []  # the plain listener, then the TLS ones
         self.certs: Certificates | None = None
+        self.realms = Realms(settings.auth)  # basic-authentication realms (auth=NAME), read at start
         self._consul: ConsulClient | None = None
         self._source: Source | None = None
         self._make_source = make_source
@@ -284,6 +288,12 @@ class Ferryman:
                 self.certs.load()
             except TlsError as exc:
                 raise ConfigError(f"tls_certs: {exc}") from exc
+        if self.serve_proxy:
+            try:  # a file that cannot be read is a config error naming it (the loader checked it already)
+                self.realms.load()
+            except AuthError as exc:
+                raise ConfigError(str(exc)) from exc
+            self._tasks.append(start_task(self.realms.watch(), "auth-files"))
         source = await self._build_source()
         self._tasks.append(start_task(source.run(), "consul-watcher", self._discovery_crashed_restart))
         if self._consul is not None and s.consul.routes_kv_prefix:
@@ -321,18 +331,20 @@ class Ferryman:
         access_log = logs.access_writer(s.logs.access_format, s.logs.access_file) if s.logs.access else None
         plain = ProxyServer(self._context("http", s.listeners.plain.port, access_log))
         self._proxies.append(plain)
-        await plain.start(s.listeners.plain.host, s.listeners.plain.port, reuse_port=self.reuse_port)
+        await plain.start(s.listeners.plain.host, s.listeners.plain.port, reuse_port=self.reuse_port,
+                          proxy_protocol=s.listeners.expects_proxy_header(s.listeners.plain))
         for address in s.listeners.tls:
             assert self.certs is not None
             secure = ProxyServer(self._context("https", address.port, access_log))
             self._proxies.append(secure)
-            await secure.start(address.host, address.port, reuse_port=self.reuse_port, ssl=self.certs.context)
+            await secure.start(address.host, address.port, reuse_port=self.reuse_port, ssl=self.certs.context,
+                               proxy_protocol=s.listeners.expects_proxy_header(address))
 
     def _context(self, proto: str, port: int, access_log: logs.AccessWriter | None) -> ProxyContext:
         return ProxyContext(
             router=self.router, pools=self.pools, upstream=self.upstream, metrics=self.metrics, listen_port=port,
             proto=proto, access_log=access_log, loop=asyncio.get_running_loop(),
-            limits=listener_limits(self.settings, proto),
+            limits=listener_limits(self.settings, proto, self.realms),
         )
 
     def reload(self, new: Settings) -> None:
@@ -340,8 +352,10 @@ class Ferryman:
         Keys that shape listeners, processes, the Consul client or logging keep their running values (logged)."""
         settings, changed, restart = reloaded(self.settings, new)
         self.settings = s = settings
+        if self.serve_proxy:
+            self.realms.configure(s.auth)
         for proxy in self._proxies:
-            proxy.cfg.limits = listener_limits(s, proxy.cfg.proto.decode())
+            proxy.cfg.limits = listener_limits(s, proxy.cfg.proto.decode(), self.realms)
         if self.certs is not None:
             self.certs.reload(s.tls.certs, s.tls.reload_interval)
         if self._source is not None:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from discovery.model import RouteSpec, ServiceSettings
-from discovery.tags import MATCHERS, TagError, parse_route_tag, with_service_setting
+from discovery.tags import MATCHERS, REALM_NAME_RE, TagError, parse_route_tag, with_service_setting
 
+from .auth import RealmSettings
 from .config_table import BY_NAME, ENV_PREFIX, KEYS, SECTIONS, Key, build, env_name, flag_name, value_of, with_values
 from .headers import HeaderRules
 from .settings import HostPort, ServiceTables, Settings
@@ -123,6 +124,9 @@ def load_file(
             continue
         if key == "routes":
             out["routes"] = _load_routes(value, text, path, where, matcher)
+            continue
+        if key == "auth":
+            out["auth"] = _load_auth(value, text, path, where)
             continue
         row = BY_NAME.get(key)
         if row is None:
@@ -285,6 +289,39 @@ def _load_services(value: Any, text: str, path: Path, where: str) -> ServiceTabl
     return tuple(out)
 
 
+_AUTH_KEYS: Final = ("file", "realm", "forward_authorization")
+
+
+def _load_auth(value: Any, text: str, path: Path, where: str) -> tuple[RealmSettings, ...]:
+    """`[auth.NAME]` tables: an htpasswd `file` (read now, so --check finds a missing one), the `realm` the
+    challenge shows (default NAME), `forward_authorization` (default false). Errors name file, line and key."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: 'auth' must be tables such as [auth.ops]")
+    out = []
+    for name, table in sorted(value.items()):
+        header = re.compile(rf"^\s*\[\s*auth\.(\"{re.escape(name)}\"|{re.escape(name)})\s*\]")
+        line = next((n for n, text_line in enumerate(text.splitlines(), 1) if header.match(text_line)), None)
+        here = f"{path}:{line}" if line else where
+        if not REALM_NAME_RE.match(name):
+            raise ConfigError(f"{here}: auth.{name}: a realm name is letters, digits, '_', '.' or '-'")
+        if not isinstance(table, dict) or set(table) - set(_AUTH_KEYS):
+            raise ConfigError(f"{here}: auth.{name} must be a table of {', '.join(_AUTH_KEYS)}")
+        file, realm, forward = table.get("file"), table.get("realm", name), table.get("forward_authorization", False)
+        if not isinstance(file, str) or not file:
+            raise ConfigError(f"{here}: key 'auth.{name}.file': the htpasswd file's path is required")
+        try:
+            Path(file).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{here}: key 'auth.{name}.file': cannot read htpasswd file {file}: "
+                              f"{exc.strerror or exc}") from exc
+        if not isinstance(realm, str) or not realm or any(c in realm for c in '"\\') or not realm.isprintable():
+            raise ConfigError(f"{here}: key 'auth.{name}.realm': text without quotes, backslashes or controls")
+        if not isinstance(forward, bool):
+            raise ConfigError(f"{here}: key 'auth.{name}.forward_authorization': must be true or false")
+        out.append(RealmSettings(name, file, realm, forward, here))
+    return tuple(out)
+
+
 def _load_text(name: str, text: str, where: str) -> Any:
     """A value given as text (environment, flag): typed and parsed, or ConfigError naming `where`."""
     key = BY_NAME[name]
@@ -339,6 +376,23 @@ def _check_together(settings: Settings, sources: Mapping[str, str]) -> None:
         key = "tls_listen"
         raise ConfigError(f"{sources.get(key, 'default')}: key 'tls_listen': a TLS listener needs certificates: "
                           "set tls_certs (files) or tls_kv_prefix (Consul KV)")
+    listeners = settings.listeners
+    if listeners.proxy_protocol:
+        key = "proxy_protocol"
+        where = sources.get(key, "default")
+        known = [str(a) for a in (listeners.plain, *listeners.tls)]
+        unknown = [a for a in listeners.proxy_protocol if a != "*" and a not in known]
+        if unknown:
+            raise ConfigError(f"{where}: key 'proxy_protocol': {unknown[0]} is not a listener (listen, tls_listen: "
+                              f"{', '.join(known)})")
+        if not settings.client.trusted_proxies:
+            raise ConfigError(f"{where}: key 'proxy_protocol': a PROXY header is believed only from "
+                              "trusted_proxies, which is empty: set it to the balancers' addresses")
+    realms = {realm.name for realm in settings.auth}
+    for route in settings.routes:
+        if route.spec.options.auth is not None and route.spec.options.auth not in realms:
+            raise ConfigError(f"{route.origin}: key 'route': auth={route.spec.options.auth} names no [auth.NAME] "
+                              "table of this file")
     # A healthy blocking query answers within consul_wait plus up to 1/16 of jitter: a shorter bound would
     # flap /ready on a quiet, healthy cluster.
     wait, max_sync_age = settings.consul.wait, settings.timeouts.max_sync_age

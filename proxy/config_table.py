@@ -123,6 +123,12 @@ def _networks(text: str) -> tuple[IPNetwork, ...]:
     return tuple(out)
 
 
+def _proxy_listeners(text: str) -> tuple[str, ...]:
+    """`*`, or listener addresses as in listen / tls_listen (`127.0.0.1:8080`, `:8443`), normalized."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    return tuple(item if item == "*" else str(HostPort.parse(item)) for item in items)
+
+
 def _redirect_hosts(text: str) -> tuple[str, ...]:
     out = []
     for item in (part.strip().lower() for part in text.split(",")):
@@ -210,6 +216,11 @@ KEYS: Final[tuple[Key, ...]] = (
         "CIDRs/addresses of the only clients served (403 for others); empty: everyone"),
     Key("deny", str, "", "client.deny", _networks, LIVE,
         "CIDRs/addresses of clients refused with 403, on every route"),
+    Key("proxy_protocol", str, "", "listeners.proxy_protocol", _proxy_listeners, RESTART,
+        "listeners (host:port as in listen or tls_listen, several separated by commas, or *) whose connections "
+        "start with a PROXY protocol v1 or v2 header, accepted from trusted_proxies only; empty: none"),
+    Key("proxy_protocol_timeout", float, 3.0, "client.proxy_header_timeout", _between(0.01, 600), LIVE,
+        "seconds a PROXY protocol header may take to arrive before the connection is closed"),
     Key("routes_kv_prefix", str, "ferryman/routes/", "consul.routes_kv_prefix", _kv_prefix, RESTART,
         "Consul KV prefix whose keys each hold a [[routes]] table in TOML; empty: off"),
     Key("tls_listen", str, "", "listeners.tls", _host_ports, RESTART,
@@ -260,7 +271,7 @@ KEYS: Final[tuple[Key, ...]] = (
 
 BY_NAME: Final[Mapping[str, Key]] = {key.name: key for key in KEYS}
 # The config file's tables, besides the keys: read from the file only, taken over on SIGHUP.
-SECTIONS: Final = ("services", "routes")
+SECTIONS: Final = ("services", "routes", "auth")
 
 
 def value_of(settings: Settings, key: Key) -> Any:

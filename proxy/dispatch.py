@@ -18,7 +18,9 @@ from typing import Final, Protocol
 from discovery.matchers import cookie_values, header_values
 
 from .access import AccessRules, client_address
+from .auth import AUTHORIZATION, Realms
 from .errors import (
+    AuthRealmUnknown,
     BadRequest,
     Forbidden,
     NoHealthyEndpoint,
@@ -28,6 +30,7 @@ from .errors import (
     Redirect,
     ServiceOverloaded,
     ToHttps,
+    Unauthorized,
 )
 from .h1.head import BODY_NONE, Request
 from .headers import TrustedProxies
@@ -52,6 +55,8 @@ class Limits(Protocol):
     def trusted(self) -> TrustedProxies | None: ...
     @property
     def access(self) -> AccessRules | None: ...
+    @property
+    def realms(self) -> Realms | None: ...
 
 
 class Plan:
@@ -109,6 +114,8 @@ def plan(
                 raise BadRequest("absolute request target for a host this proxy does not route")
             raise NoRoute("no route for this host and path")
         result.route_id = route.id
+        if route.auth is not None:
+            _check_auth(route.auth, req, limits.realms)
         if route.shares:
             route = _shared_side(route, pools, rng.random())
         result.service = service = route.service
@@ -149,6 +156,20 @@ def _check_access(rules: AccessRules, req: Request, limits: Limits, client: Clie
     address = client_address(client.peer, limits.trusted if client.trusted else None, req.headers)
     if not rules.permits(address):
         raise Forbidden(f"{whose} allow/deny rules refuse {address.decode('latin-1')}")
+
+
+def _check_auth(name: str, req: Request, realms: Realms | None) -> None:
+    """The route's realm must accept the request's credentials (one Authorization field; two are refused as
+    ambiguous); unless the realm forwards them, they stop here."""
+    realm = realms.get(name) if realms is not None else None
+    if realm is None:
+        raise AuthRealmUnknown(f"the route's authentication realm {name!r} is not configured ([auth.{name}])")
+    values = [value for field, value in req.headers if field.lower() == AUTHORIZATION]
+    if not realm.permits(values[0] if len(values) == 1 else None):
+        raise Unauthorized("authentication required" if not values else "invalid credentials",
+                           headers=realm.challenge)
+    if not realm.forward:
+        req.headers = [pair for pair in req.headers if pair[0].lower() != AUTHORIZATION]
 
 
 def _location(route: Route, req: Request, path: str) -> bytes:

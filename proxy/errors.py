@@ -56,6 +56,20 @@ class Forbidden(ProxyError):
     reason = "forbidden"
 
 
+class Unauthorized(ProxyError):
+    """A route with `auth=` and no valid credentials (headers: the realm's WWW-Authenticate challenge)."""
+
+    status = 401
+    reason = "unauthorized"
+
+
+class AuthRealmUnknown(ProxyError):
+    """A route's `auth=` names a realm the configuration does not declare: never served without it."""
+
+    status = 503
+    reason = "auth_realm_unknown"
+
+
 class NoRoute(ProxyError):
     status = 404
     reason = "no_route"

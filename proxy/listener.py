@@ -21,6 +21,7 @@ from typing import Final
 import structlog
 
 from .access import AccessRules
+from .auth import Realms
 from .errors import TooManyConnections
 from .h1.client import ClientConnection
 from .h1.upstream import UpstreamPool
@@ -28,6 +29,7 @@ from .headers import TrustedProxies
 from .logs import AccessWriter
 from .metrics import Metrics
 from .pool import Pools
+from .proxied import ProxiedAcceptor, listening_socket
 from .table import RoutingTable
 from .tls import HttpsRedirect
 
@@ -69,6 +71,8 @@ class ListenerLimits:
     trusted: TrustedProxies | None = None  # peers whose forwarding headers are kept (trusted_proxies)
     access: AccessRules | None = None  # the global allow / deny settings; None: everyone
     underscores_in_headers: bool = False  # keep request header fields whose name has '_'
+    realms: Realms | None = None  # basic-authentication realms routes name with auth=NAME
+    proxy_header_timeout: float = 3.0  # a PROXY protocol header must arrive within this (proxy_protocol_timeout)
     # One endless line never completes a field, so the per-field checks would never run: the head as a whole
     # is bounded too.
     max_head: int = field(init=False)
@@ -114,6 +118,8 @@ class ProxyServer:
         self.draining = False
         self.drained = asyncio.Event()
         self._server: asyncio.Server | None = None
+        self._acceptor: ProxiedAcceptor | None = None  # a PROXY-protocol listener accepts by itself
+        self._accepting: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._refused = 0
         self._refused_logged_at = float("-inf")
@@ -145,11 +151,18 @@ class ProxyServer:
 
     async def start(
         self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024, ssl: SSLContext | None = None,
+        proxy_protocol: bool = False,
     ) -> None:
-        self._server = await self.cfg.loop.create_server(
-            lambda: ClientConnection(self.cfg, self), host, port, reuse_port=reuse_port or None, backlog=backlog,
-            ssl=ssl,
-        )
+        """`proxy_protocol`: every connection starts with a PROXY protocol header (proxy/proxied.py)."""
+        if proxy_protocol:
+            sock = listening_socket(host, port, reuse_port=reuse_port, backlog=backlog)
+            self._acceptor = ProxiedAcceptor(self, sock, ssl)
+            self._accepting = self.cfg.loop.create_task(self._acceptor.run(), name="proxy-protocol-accept")
+        else:
+            self._server = await self.cfg.loop.create_server(
+                lambda: ClientConnection(self.cfg, self), host, port, reuse_port=reuse_port or None, backlog=backlog,
+                ssl=ssl,
+            )
         self._sweeper = self.cfg.loop.create_task(self._sweep(), name="proxy-timeouts")
 
     async def _sweep(self) -> None:
@@ -171,6 +184,9 @@ class ProxyServer:
         self.draining = self.stopping = True
         if self._server is not None:
             self._server.close()
+        if self._accepting is not None and self._acceptor is not None:
+            self._accepting.cancel()
+            await self._acceptor.stop()
         for conn in list(self.connections):
             conn.shutdown()
         if self.connections:

@@ -20,6 +20,7 @@ from discovery.consul import ConsulAddress
 from discovery.model import ServiceSettings
 
 if TYPE_CHECKING:
+    from .auth import RealmSettings
     from .config import ConfigRoute
     from .tls import CertFile  # tls loads `cryptography`: imported only when certificates are configured
 
@@ -53,6 +54,12 @@ class Listeners:
     plain: HostPort
     tls: tuple[HostPort, ...]
     admin: HostPort
+    # Listeners whose connections start with a PROXY protocol header: `host:port` as written in listen or
+    # tls_listen, or "*" for every one; () when off.
+    proxy_protocol: tuple[str, ...] = ()
+
+    def expects_proxy_header(self, address: HostPort) -> bool:
+        return "*" in self.proxy_protocol or str(address) in self.proxy_protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +114,7 @@ class ClientLimits:
     deny: tuple[IPNetwork, ...] = ()
     # Keep header fields named with '_' (`Transfer_Encoding`): CGI/WSGI backends read them as their '-' twins.
     underscores_in_headers: bool = False
+    proxy_header_timeout: float = 3.0  # seconds a PROXY protocol header may take (proxy_protocol listeners)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +183,8 @@ class Settings:
     services: ServiceTables = ()
     # [[routes]] of the config file: routes operators declare beside the tags, with header rules and splits.
     routes: tuple[ConfigRoute, ...] = ()
+    # [auth.NAME] tables: the basic-authentication realms route tags name with auth=NAME.
+    auth: tuple[RealmSettings, ...] = ()
 
     def service_overrides(self) -> dict[str, ServiceSettings]:
         return dict(self.services)

@@ -93,6 +93,7 @@ class Route:
     weight: float = 0.0  # weight=: this service's fixed share of a shared route (0: by instance count)
     shares: tuple[Route, ...] = ()  # a route several services declare: each one's own route (a side)
     matcher: str = "prefix"  # how `path` matches: prefix, iprefix or glob (discovery.tags, Fabio's matchers)
+    auth: str | None = None  # auth=: the basic-authentication realm every request must pass (proxy/auth.py)
     # Read on every request, so computed once: the Host as bytes, whether the target is rewritten at all,
     # whether the Host is the instance's address, and whether anything beyond host and path decides a match.
     upstream_host_bytes: bytes = field(default=b"", compare=False, repr=False)
@@ -142,6 +143,7 @@ class Route:
             access=AccessRules.from_option(options.access),
             weight=options.weight,
             matcher=options.matcher,
+            auth=options.auth,
         )
 
     @classmethod
@@ -177,7 +179,10 @@ class Route:
         services = "+".join(side.service for side in sides)
         shared_id = services + self.id[self.id.index("@"):]
         sides = tuple(replace(side, id=shared_id) for side in sides)
-        return replace(sides[0], shares=sides)
+        # Authentication is checked before a side is drawn: one side asking for it guards the whole route, so
+        # no share of its traffic is ever served without it.
+        auth = next((side.auth for side in sides if side.auth is not None), None)
+        return replace(sides[0], shares=sides, auth=auth)
 
     def location(self, path: str, query: str, host: str) -> bytes:
         """A redirect route's Location, as Fabio builds it: `$path` is the request's path with `strip` removed

@@ -70,10 +70,15 @@ class ClientConnection(ResponseWriter):
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.peer_text = peer[0] if isinstance(peer, tuple) else ""
-        self.peer = self.peer_text.encode()
+        self.begin(transport, peer[0] if isinstance(peer, tuple) else "")
+
+    def begin(self, transport: asyncio.BaseTransport, client: str) -> None:
+        """The connection is up; `client` is the peer's address, or the one a PROXY header named
+        (proxy/proxied.py): the client for logs, forwarding headers, access rules and hashing."""
+        self.transport = transport  # type: ignore[assignment]
+        self.peer_text = client
+        self.peer = client.encode()
         trusted = self.cfg.limits.trusted
         self.trusted = trusted is not None and self.peer in trusted
         self.client = Client(self.peer, self.trusted)

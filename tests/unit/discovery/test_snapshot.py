@@ -240,11 +240,11 @@ class TestWhichServicesAreRouted:
         )
 
     def test_unknown_option_refuses_the_tag_and_names_the_option(self) -> None:
-        snapshot = build_snapshot({"a": ["urlprefix-/a auth=basic", "urlprefix-/b"]}, {"a": [entry("a", "a-1")]})
+        snapshot = build_snapshot({"a": ["urlprefix-/a register=web", "urlprefix-/b"]}, {"a": [entry("a", "a-1")]})
         svc = snapshot.service("a")
         assert svc is not None and svc.routes == (RouteSpec("", "/b"),)
-        assert [(p.kind, p.item) for p in snapshot.problems] == [("route_tag_invalid", "urlprefix-/a auth=basic")]
-        assert "auth=" in snapshot.problems[0].detail
+        assert [(p.kind, p.item) for p in snapshot.problems] == [("route_tag_invalid", "urlprefix-/a register=web")]
+        assert "register=" in snapshot.problems[0].detail
 
     def test_blanks_around_a_tag_are_trimmed_as_fabio_does(self) -> None:
         svc = build_snapshot({"a": ["  urlprefix-/foo  "]}, {"a": [entry("a", "a-1")]}).service("a")

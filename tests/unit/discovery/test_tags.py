@@ -81,6 +81,7 @@ VALID = [
     ("urlprefix-/api deny=100.123.0.0/16", spec("/api", access=("deny", ("100.123.0.0/16",))),
      "deny-without-ip-kind"),
     ("urlprefix-/api weight=0.25", spec("/api", weight=0.25), "weight"),
+    ("urlprefix-/admin auth=ops-team.1", spec("/admin", auth="ops-team.1"), "fabio-auth-realm"),
 ]
 
 MALFORMED = [
@@ -90,7 +91,7 @@ MALFORMED = [
     ("urlprefix-/api allow=host:example.com", "is not ip:ADDRESS or ip:CIDR", "allow-unknown-kind"),
     ("urlprefix-/api weight=25", "weight='25' must be a share from 0 to 1", "weight-percent-not-share"),
     ("urlprefix-/api weight=nan", "weight='nan' must be a share", "weight-nan"),
-    ("urlprefix-/api auth=basic", "option auth= is not supported", "fabio-auth-not-yet"),
+    ("urlprefix-/api auth=a;b", "auth='a;b' must name a realm", "auth-not-a-realm-name"),
     ("urlprefix-/api health_path=/h", "health_path= is a service setting", "service-setting-in-a-tag"),
     ("urlprefix-/api sticky=a;b", "sticky='a;b' must be a cookie name", "sticky-not-a-cookie-name"),
     ("urlprefix-/api lb=fastest", "lb='fastest' must be one of round_robin", "unknown-lb"),
@@ -179,13 +180,12 @@ class TestUnknownOptions:
     @pytest.mark.parametrize(
         ("tag", "named"),
         [
-            ("urlprefix-/api auth=basic", "auth="),
             ("urlprefix-/api strip=/api tls=auto", "tls="),
             ("urlprefix-/api register=web", "register="),
             ("urlprefix-/api pxyproto=true", "pxyproto="),
             ("urlprefix-/api health_path=/health", "health_path="),
         ],
-        ids=["fabio-auth", "unknown-after-known", "fabio-register", "fabio-pxyproto", "service-setting"],
+        ids=["unknown-after-known", "fabio-register", "fabio-pxyproto", "service-setting"],
     )
     def test_refuses_unknown(self, tag: str, named: str) -> None:
         with pytest.raises(TagError, match=named):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from discovery.model import Endpoint, ServiceRoutes, Snapshot
 from discovery.tags import parse_route_tag
 from proxy.access import AccessRules
+from proxy.auth import Realms
 from proxy.headers import TrustedProxies
 from proxy.pool import Pools
 from proxy.table import RoutingTable
@@ -21,6 +22,7 @@ class Limits:
     max_body: int = 0
     trusted: TrustedProxies | None = None
     access: AccessRules | None = None
+    realms: Realms | None = None
 
 
 def ep(service: str, i: int) -> Endpoint:
