@@ -70,6 +70,9 @@ class RouteOptions:
     weight: float = 0.0  # weight=: the service's fixed share of a route it shares (0: by instance count)
     read_timeout: float | None = None  # read_timeout=: the service's upstream read timeout in seconds
     connect_timeout: float | None = None  # connect_timeout=: the service's connect timeout in seconds
+    # gzip=on|off (Ferryman's; Fabio compresses by its global setting only): compress this route's answers
+    # even when gzip_content_type is empty / never; None: as the setting says.
+    gzip: bool | None = None
 
     def order_key(self) -> tuple[tuple[Any, ...], ...]:
         """A total order over options (sets and conditions made comparable), so routes that share host and path

@@ -21,6 +21,7 @@ from typing import Final
 import structlog
 
 from .access import AccessRules
+from .compression import Compression
 from .errors import TooManyConnections
 from .h1.client import ClientConnection
 from .h1.upstream import UpstreamPool
@@ -69,6 +70,10 @@ class ListenerLimits:
     trusted: TrustedProxies | None = None  # peers whose forwarding headers are kept (trusted_proxies)
     access: AccessRules | None = None  # the global allow / deny settings; None: everyone
     underscores_in_headers: bool = False  # keep request header fields whose name has '_'
+    # Response compression: the gzip_content_type setting's policy (None: off unless a route says gzip=on),
+    # and the one routes with gzip=on follow (the same when the setting is on; Fabio's example types when off).
+    gzip: Compression | None = None
+    gzip_route: Compression = field(default_factory=Compression)
     # One endless line never completes a field, so the per-field checks would never run: the head as a whole
     # is bounded too.
     max_head: int = field(init=False)

@@ -89,6 +89,7 @@ class Route:
     access: AccessRules | None = None  # allow= / deny=: who may use the route
     weight: float = 0.0  # weight=: this service's fixed share of a shared route (0: by instance count)
     shares: tuple[Route, ...] = ()  # a route several services declare: each one's own route (a side)
+    gzip: bool | None = None  # gzip=on/off: compress answers whatever gzip_content_type says; None: as it says
     # Read on every request, so computed once: the Host as bytes, whether the target is rewritten at all,
     # whether the Host is the instance's address, and whether anything beyond host and path decides a match.
     upstream_host_bytes: bytes = field(default=b"", compare=False, repr=False)
@@ -129,6 +130,7 @@ class Route:
             port=spec.port,
             access=AccessRules.from_option(options.access),
             weight=options.weight,
+            gzip=options.gzip,
         )
 
     @classmethod
