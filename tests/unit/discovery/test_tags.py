@@ -81,6 +81,9 @@ VALID = [
     ("urlprefix-/api deny=100.123.0.0/16", spec("/api", access=("deny", ("100.123.0.0/16",))),
      "deny-without-ip-kind"),
     ("urlprefix-/api weight=0.25", spec("/api", weight=0.25), "weight"),
+    ("urlprefix-/api gzip=on", spec("/api", gzip=True), "gzip-on"),
+    ("urlprefix-/api gzip=off", spec("/api", gzip=False), "gzip-off"),
+    ("urlprefix-/api gzip=true", spec("/api", gzip=True), "gzip-true-is-on"),
 ]
 
 MALFORMED = [
@@ -90,6 +93,7 @@ MALFORMED = [
     ("urlprefix-/api allow=ip:nonsense", "is not ip:ADDRESS or ip:CIDR", "allow-not-an-address"),
     ("urlprefix-/api allow=host:example.com", "is not ip:ADDRESS or ip:CIDR", "allow-unknown-kind"),
     ("urlprefix-/api weight=25", "weight='25' must be a share from 0 to 1", "weight-percent-not-share"),
+    ("urlprefix-/api gzip=br", "gzip='br' must be on or off", "gzip-not-on-or-off"),
     ("urlprefix-/api weight=nan", "weight='nan' must be a share", "weight-nan"),
     ("urlprefix-/api auth=basic", "option auth= is not supported", "fabio-auth-not-yet"),
     ("urlprefix-/api health_path=/h", "health_path= is a service setting", "service-setting-in-a-tag"),
