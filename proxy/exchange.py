@@ -9,6 +9,8 @@ head, a failure may lead to another attempt (`retry.Attempts` decides); after it
 The exchange never touches a client socket: it talks to a `Downstream` (send the head, send body bytes, end,
 abort, pause and resume the request body), which the HTTP/1.1 client connection implements, so another
 client protocol reuses the exchange unchanged. Outcomes go to the `Pool` through its outcome interface.
+When the answer is to be compressed (decided once, at its head: proxy/compression.py), an `Encoder` stands
+between the exchange and the client for the body (`out`); otherwise `out` is the client itself.
 """
 
 from __future__ import annotations
