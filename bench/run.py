@@ -820,7 +820,7 @@ def machine_busy_ticks(cpus: frozenset[int] | None = None) -> int:
 
 
 def measure(proxy: str, proc: Proc, port: int, path: str, connections: int, duration: int,
-            backends: Proc | None = None) -> Run:
+            backends: Proc | None = None, headers: Sequence[str] = ()) -> Run:
     """One wrk run against one proxy, with the proxy tree's CPU time read before and after, and the busy time
     of the whole machine, wrk and the backends, to tell how much other processes took meanwhile (on any CPU:
     others beside wrk slow the load down, and an instance that is not saturated spends more per request)."""
@@ -834,7 +834,8 @@ def measure(proxy: str, proc: Proc, port: int, path: str, connections: int, dura
     busy_before = machine_busy_ticks()
     wall_start = time.monotonic()
     wrk = subprocess.Popen(
-        [tool("wrk"), "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "2s", "--latency", url],
+        [tool("wrk"), "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "2s", "--latency",
+         *(arg for header in headers for arg in ("-H", header)), url],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     limit = time.monotonic() + duration + 20

@@ -74,6 +74,9 @@ class RouteOptions:
     # ignoring case) or "glob" (the whole path, gobwas syntax); the tag's matcher= or the global path_matcher.
     matcher: str = "prefix"
     auth: str | None = None  # auth=: the basic-authentication realm (the config file's [auth.NAME]) guarding it
+    # gzip=on|off (Ferryman's; Fabio compresses by its global setting only): compress this route's answers
+    # even when gzip_content_type is empty / never; None: as the setting says.
+    gzip: bool | None = None
 
     def order_key(self) -> tuple[tuple[Any, ...], ...]:
         """A total order over options (sets and conditions made comparable), so routes that share host and path

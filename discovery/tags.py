@@ -61,7 +61,6 @@ class TagError(ValueError):
 NOT_IMPLEMENTED: Final = {
     "pxyproto": "PROXY protocol towards instances is for TCP routes, which Ferryman does not proxy",
     "register": "Ferryman does not register itself in Consul; register the host name's service yourself",
-    "gzip": "response compression is not yet implemented (issue 15)",
 }
 
 
@@ -405,6 +404,10 @@ def _route_option(key: str, value: str, path: str) -> tuple[str, Any]:
         return "max_body", parse_size(value)
     if key in ("read_timeout", "connect_timeout"):
         return key, _seconds(key, value)
+    if key == "gzip":
+        if value not in ("on", "off", "true", "false"):
+            raise TagError(f"gzip={value!r} must be on or off")
+        return "gzip", value in ("on", "true")
     if key in SERVICE_OPTIONS:  # health_path=, max_body_size=, max_concurrent= are not route options
         raise TagError(f"option {key}= is a service setting, not a route option: set it in service meta "
                        f"(ferryman-{key.replace('_', '-')}) or a [services.NAME] table")

@@ -36,6 +36,7 @@ from .auth import AuthError, Realms
 from .certs import Certificates
 from .channel import Broadcaster, ChannelSource
 from .checks import active_checks
+from .compression import Compression
 from .config import ConfigError, HostPort, Settings, parse_route_entry, reloaded
 from .h1.upstream import UpstreamPool
 from .headers import TrustedProxies
@@ -114,6 +115,8 @@ def listener_limits(s: Settings, proto: str, realms: Realms | None = None) -> Li
     if proto == "http" and s.tls.https_redirect:
         tls = s.listeners.tls
         redirect = HttpsRedirect(s.tls.https_redirect, tls[0].port if tls else 443)
+    c = s.compression
+    gzip = None if c.content_type is None else Compression(c.content_type, c.level, c.min_length)
     return ListenerLimits(
         read_timeout=s.timeouts.read, idle_timeout=s.client.idle_timeout, header_timeout=s.client.header_timeout,
         tunnel_idle_timeout=s.client.websocket_idle_timeout, max_attempts=max(1, s.upstream.max_attempts),
@@ -125,6 +128,7 @@ def listener_limits(s: Settings, proto: str, realms: Realms | None = None) -> Li
         trusted=TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
         access=AccessRules(s.client.allow, s.client.deny) if s.client.allow or s.client.deny else None,
         realms=realms,
+        gzip=gzip, gzip_route=gzip or Compression(level=c.level, min_length=c.min_length),
     )
 
 

@@ -145,6 +145,16 @@ def _prefix(value: Any) -> Any:
     return value
 
 
+def _regex(text: str) -> re.Pattern[str] | None:
+    """A regular expression (Python's, searched as Fabio's Go MatchString: not anchored); "" is None (off)."""
+    if not text:
+        return None
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"{text!r} is not a regular expression: {exc}") from None
+
+
 RESTART, LIVE = False, True
 
 # In the order `--help` lists them (and a reload reports them).
@@ -249,6 +259,13 @@ KEYS: Final[tuple[Key, ...]] = (
         "request body limit, such as 1048576, 512k, 10m, 1g; 0 = none; beyond: 413"),
     Key("service_max_concurrent", int, 0, "health.service_max_concurrent", _between(0, 10_000_000), LIVE,
         "requests in progress per service and worker; 0 = no limit; beyond: 503 with Retry-After"),
+    Key("gzip_content_type", str, "", "compression.content_type", _regex, LIVE,
+        "regular expression of response Content-Types compressed for clients that accept gzip (or br), as "
+        "Fabio's proxy.gzip.contenttype; empty = off (except routes with gzip=on)"),
+    Key("gzip_level", int, 1, "compression.level", _between(1, 9), LIVE,
+        "gzip compression level, 1 (fastest) to 9 (smallest)"),
+    Key("gzip_min_length", int, 1024, "compression.min_length", _between(0, 1 << 40), LIVE,
+        "bytes: an answer with a shorter Content-Length is not compressed"),
     Key("workers", int, 0, "workers", _between(0, 256), RESTART,
         "proxy processes sharing the listener (SO_REUSEPORT); 0 = one per CPU"),
     Key("eject_after", int, 3, "health.eject_after", _between(1, 1000), LIVE,

@@ -9,6 +9,8 @@ head, a failure may lead to another attempt (`retry.Attempts` decides); after it
 The exchange never touches a client socket: it talks to a `Downstream` (send the head, send body bytes, end,
 abort, pause and resume the request body), which the HTTP/1.1 client connection implements, so another
 client protocol reuses the exchange unchanged. Outcomes go to the `Pool` through its outcome interface.
+When the answer is to be compressed (decided once, at its head: proxy/compression.py), an `Encoder` stands
+between the exchange and the client for the body (`out`); otherwise `out` is the client itself.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from discovery.model import Endpoint
 
+from .compression import BodyOut, Encoder, choose, encoded_head, with_vary
 from .dispatch import hash_key
 from .errors import NoHealthyEndpoint, PayloadTooLarge, ProxyError, ProxyInternalError
 from .h1.head import BODY_CHUNKED, BODY_NONE, Request
-from .h1.upstream import PoolKey, UpstreamConnection
+from .h1.upstream import FRAMING_CHUNKED, FRAMING_NONE, PoolKey, UpstreamConnection
 from .headers import upstream_request_head
 from .logs import request_log
 from .pool import Pool, sticky_cookie
@@ -91,7 +94,7 @@ class Exchange:
 
     __slots__ = (
         "armed", "attempts", "bytes_out", "client", "client_backlog", "conn", "ctx", "endpoint", "fresh",
-        "head_request", "head_sent", "last_activity", "loop", "over", "path", "pin", "pool", "req", "reused",
+        "head_request", "head_sent", "last_activity", "loop", "out", "over", "path", "pin", "pool", "req", "reused",
         "route", "sent_at", "service", "started", "status", "target", "tried", "tunnel", "upstream_s",
     )
 
@@ -101,6 +104,7 @@ class Exchange:
     ) -> None:
         ctx = self.ctx = client.ctx
         self.client, self.loop, self.req, self.route, self.pool = client, ctx.loop, req, route, pool
+        self.out: BodyOut = client  # where the response body goes: the client, or an Encoder in front of it
         self.service = service  # the route's, or the one a split drew
         self.target, self.started, self.path = target, started, path
         self.tried: set[str] = set()  # instances this request was sent to
@@ -286,23 +290,45 @@ class Exchange:
                 self.pool.succeeded(endpoint)
         # (_arm_timer inlined) an upstream may answer before it read the whole body: its silence counts from now
         self.armed, self.last_activity = not self.over, self.loop.time()
+        # Compression is decided here, once per answer; off (no setting, no gzip= on the route) it costs these
+        # two attribute tests and nothing per chunk.
+        if self.ctx.limits.gzip is not None or self.route.gzip:
+            headers, framing = self._compression(status, headers, framing)
         self.client.send_head(
             self.req, status, reason, headers, framing,
             sticky_cookie(self.pool.sticky, self.endpoint, self.pin, self.route.path) if self.pool.sticky else (),
             self.route,
         )
 
+    def _compression(
+        self, status: int, headers: list[tuple[bytes, bytes]], framing: int,
+    ) -> tuple[list[tuple[bytes, bytes]], int]:
+        """The answer's head and framing as the client gets them, with an Encoder in front of the client when
+        the body is compressed (proxy/compression.py decides)."""
+        route_gzip = self.route.gzip
+        if route_gzip is False or framing == FRAMING_NONE:
+            return headers, framing
+        limits = self.ctx.limits
+        policy = limits.gzip_route if route_gzip else limits.gzip
+        assert policy is not None
+        decision = choose(self.req.method, self.req.headers, status, headers, policy)
+        if decision.encoding is None:
+            return (with_vary(headers) if decision.vary else headers), framing
+        self.out = Encoder(self.client, decision.encoding, policy.level, self, self.ctx.metrics)
+        # The encoded length is known only at its end: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
+        return encoded_head(headers, decision.encoding), FRAMING_CHUNKED
+
     def on_body(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
         self.bytes_out += len(data)
-        self.client.send_body(data)
+        self.out.send_body(data)
 
     def flush(self) -> None:
-        self.client.flush()
+        self.out.flush()
 
     def on_complete(self, reusable: bool) -> None:
         self.armed = False
-        self.client.end()
+        self.out.end()
         if self.conn is not None:
             self.ctx.upstream.release(self.conn, reusable and self.req.body_done)
         self._finish(self.status)

@@ -22,6 +22,7 @@ import structlog
 
 from .access import AccessRules
 from .auth import Realms
+from .compression import Compression
 from .errors import TooManyConnections
 from .h1.client import ClientConnection
 from .h1.upstream import UpstreamPool
@@ -73,6 +74,10 @@ class ListenerLimits:
     underscores_in_headers: bool = False  # keep request header fields whose name has '_'
     realms: Realms | None = None  # basic-authentication realms routes name with auth=NAME
     proxy_header_timeout: float = 3.0  # a PROXY protocol header must arrive within this (proxy_protocol_timeout)
+    # Response compression: the gzip_content_type setting's policy (None: off unless a route says gzip=on),
+    # and the one routes with gzip=on follow (the same when the setting is on; Fabio's example types when off).
+    gzip: Compression | None = None
+    gzip_route: Compression = field(default_factory=Compression)
     # One endless line never completes a field, so the per-field checks would never run: the head as a whole
     # is bounded too.
     max_head: int = field(init=False)

@@ -106,6 +106,19 @@ class Metrics:
             "ferryman_upstream_ejections", "Instances taken out of a pool by passive health checks, by service.",
             ["service"], registry=r,
         )
+        # Response compression (gzip_content_type, gzip=on): counted once per compressed answer, never per chunk.
+        self.compressed = Counter(
+            "ferryman_compressed_responses", "Responses compressed on the way to the client, by encoding.",
+            ["encoding"], registry=r,
+        )
+        self.compression_in = Counter(
+            "ferryman_compression_input_bytes", "Response body bytes before compression, by encoding.",
+            ["encoding"], registry=r,
+        )
+        self.compression_out = Counter(
+            "ferryman_compression_output_bytes", "Response body bytes after compression, by encoding.",
+            ["encoding"], registry=r,
+        )
         # Known label values start at 0, so the first error shows in rate() and dashboards show 0, not "no data".
         for reason in ERROR_REASONS:
             self.discovery_errors.labels(reason)
@@ -171,6 +184,12 @@ class Metrics:
                 totals.response_bytes[service] = totals.response_bytes.get(service, 0) + sums[1]
             sums[0] = sums[1] = 0
         return totals
+
+    def observe_compression(self, encoding: str, bytes_in: int, bytes_out: int) -> None:
+        """One compressed answer finished: its body's size before and after."""
+        self.compressed.labels(encoding).inc()
+        self.compression_in.labels(encoding).inc(bytes_in)
+        self.compression_out.labels(encoding).inc(bytes_out)
 
     def observe_consul(self, query: str, seconds: float) -> None:
         self.consul_duration.labels(query).observe(seconds)

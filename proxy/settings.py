@@ -13,6 +13,7 @@ is the table's defaults parsed).
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -165,6 +166,15 @@ class TlsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CompressionSettings:
+    """Response compression (Fabio's proxy.gzip.contenttype): which Content-Types, how hard, from what size."""
+
+    content_type: re.Pattern[str] | None  # None: off, except on routes with gzip=on
+    level: int  # zlib's 1..9
+    min_length: int  # bytes: an answer declaring a shorter Content-Length goes out as it is
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listeners: Listeners
     consul: ConsulSettings
@@ -174,6 +184,7 @@ class Settings:
     health: HealthPolicy
     logs: LogSettings
     tls: TlsSettings
+    compression: CompressionSettings
     workers: int  # 0: one per CPU
     static_file: str  # "" for Consul
     # How route paths match when a route does not say (Fabio's proxy.matcher): prefix, iprefix or glob.
@@ -194,4 +205,5 @@ class Settings:
 GROUPS: Final[dict[str, type]] = {
     "listeners": Listeners, "consul": ConsulSettings, "upstream": UpstreamSettings, "client": ClientLimits,
     "timeouts": Timeouts, "health": HealthPolicy, "logs": LogSettings, "tls": TlsSettings,
+    "compression": CompressionSettings,
 }

@@ -94,6 +94,7 @@ class Route:
     shares: tuple[Route, ...] = ()  # a route several services declare: each one's own route (a side)
     matcher: str = "prefix"  # how `path` matches: prefix, iprefix or glob (discovery.tags, Fabio's matchers)
     auth: str | None = None  # auth=: the basic-authentication realm every request must pass (proxy/auth.py)
+    gzip: bool | None = None  # gzip=on/off: compress answers whatever gzip_content_type says; None: as it says
     # Read on every request, so computed once: the Host as bytes, whether the target is rewritten at all,
     # whether the Host is the instance's address, and whether anything beyond host and path decides a match.
     upstream_host_bytes: bytes = field(default=b"", compare=False, repr=False)
@@ -144,6 +145,7 @@ class Route:
             weight=options.weight,
             matcher=options.matcher,
             auth=options.auth,
+            gzip=options.gzip,
         )
 
     @classmethod

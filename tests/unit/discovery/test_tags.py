@@ -82,6 +82,9 @@ VALID = [
      "deny-without-ip-kind"),
     ("urlprefix-/api weight=0.25", spec("/api", weight=0.25), "weight"),
     ("urlprefix-/admin auth=ops-team.1", spec("/admin", auth="ops-team.1"), "fabio-auth-realm"),
+    ("urlprefix-/api gzip=on", spec("/api", gzip=True), "gzip-on"),
+    ("urlprefix-/api gzip=off", spec("/api", gzip=False), "gzip-off"),
+    ("urlprefix-/api gzip=true", spec("/api", gzip=True), "gzip-true-is-on"),
 ]
 
 MALFORMED = [
@@ -90,6 +93,7 @@ MALFORMED = [
     ("urlprefix-/api allow=ip:nonsense", "is not ip:ADDRESS or ip:CIDR", "allow-not-an-address"),
     ("urlprefix-/api allow=host:example.com", "is not ip:ADDRESS or ip:CIDR", "allow-unknown-kind"),
     ("urlprefix-/api weight=25", "weight='25' must be a share from 0 to 1", "weight-percent-not-share"),
+    ("urlprefix-/api gzip=br", "gzip='br' must be on or off", "gzip-not-on-or-off"),
     ("urlprefix-/api weight=nan", "weight='nan' must be a share", "weight-nan"),
     ("urlprefix-/api auth=a;b", "auth='a;b' must name a realm", "auth-not-a-realm-name"),
     ("urlprefix-/api health_path=/h", "health_path= is a service setting", "service-setting-in-a-tag"),

@@ -111,10 +111,13 @@ class TestFileErrors:
             ('listen = "8080"\n', 1, "listen", "is not host:port"),
             ('consul_addr = "ftp://consul:21"\n', 1, "consul_addr", "scheme must be http or https"),
             ('tag_prefix = "url prefix-"\n', 1, "tag_prefix", "without blanks"),
+            ('gzip_content_type = "^(text/"\n', 1, "gzip_content_type", "is not a regular expression"),
+            ('gzip_level = 0\n', 1, "gzip_level", "must be between 1 and 9"),
         ],
         ids=["text-for-float", "float-for-int", "bool-for-int", "bool-for-float", "text-for-bool",
              "number-for-text", "quoted-key", "log-format-choice", "zero-timeout", "attempts-out-of-range",
-             "listen-without-colon", "consul-scheme", "prefix-with-blank"],
+             "listen-without-colon", "consul-scheme", "prefix-with-blank", "gzip-content-type-not-a-regex",
+             "gzip-level-zero"],
     )
     def test_bad_value(self, tmp_path: Path, text: str, line: int, key: str, detail: str) -> None:
         config = write(tmp_path, text)
