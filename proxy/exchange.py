@@ -155,23 +155,7 @@ class Exchange:
         if conn is not None:
             self._send(endpoint, conn, reused=True)
         else:
-            self.loop.create_task(self._connect(endpoint, key))
-
-    async def _connect(self, endpoint: Endpoint, key: PoolKey) -> None:
-        try:
-            conn = await self.ctx.upstream.connect(key, self.pool.connect_timeout)
-        except ProxyError as err:
-            self._attempt_failed(endpoint, err, connected=False)
-            return
-        except Exception:  # a bug, not an upstream failure: answer 500 rather than leave the client hanging
-            request_log(self.req, "exception", "internal_error", service=self.service, path=self.path)
-            self._answer(ProxyInternalError("internal proxy error"))
-            return
-        if self.over or self.client.closing:
-            self.ctx.upstream.release(conn, True)
-            self._finish(499)
-            return
-        self._send(endpoint, conn, reused=False)
+            self.loop.create_task(connect_and_send(self, endpoint, key))
 
     def _send(self, endpoint: Endpoint, conn: UpstreamConnection, *, reused: bool) -> None:
         client = self.client
@@ -293,30 +277,12 @@ class Exchange:
         # Compression is decided here, once per answer; off (no setting, no gzip= on the route) it costs these
         # two attribute tests and nothing per chunk.
         if self.ctx.limits.gzip is not None or self.route.gzip:
-            headers, framing = self._compression(status, headers, framing)
+            headers, framing = compressed_head(self, status, headers, framing)
         self.client.send_head(
             self.req, status, reason, headers, framing,
             sticky_cookie(self.pool.sticky, self.endpoint, self.pin, self.route.path) if self.pool.sticky else (),
             self.route,
         )
-
-    def _compression(
-        self, status: int, headers: list[tuple[bytes, bytes]], framing: int,
-    ) -> tuple[list[tuple[bytes, bytes]], int]:
-        """The answer's head and framing as the client gets them, with an Encoder in front of the client when
-        the body is compressed (proxy/compression.py decides)."""
-        route_gzip = self.route.gzip
-        if route_gzip is False or framing == FRAMING_NONE:
-            return headers, framing
-        limits = self.ctx.limits
-        policy = limits.gzip_route if route_gzip else limits.gzip
-        assert policy is not None
-        decision = choose(self.req.method, self.req.headers, status, headers, policy)
-        if decision.encoding is None:
-            return (with_vary(headers) if decision.vary else headers), framing
-        self.out = Encoder(self.client, decision.encoding, policy.level, self, self.ctx.metrics)
-        # The encoded length is known only at its end: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
-        return encoded_head(headers, decision.encoding), FRAMING_CHUNKED
 
     def on_body(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -422,3 +388,40 @@ class Exchange:
         if status == 499:
             self.req.keep_alive = False
         self.client.done(self, status)
+
+
+async def connect_and_send(ex: Exchange, endpoint: Endpoint, key: PoolKey) -> None:
+    """Open a new connection to the instance (no idle one was at hand), then send; a failure is the attempt's."""
+    try:
+        conn = await ex.ctx.upstream.connect(key, ex.pool.connect_timeout)
+    except ProxyError as err:
+        ex._attempt_failed(endpoint, err, connected=False)
+        return
+    except Exception:  # a bug, not an upstream failure: answer 500 rather than leave the client hanging
+        request_log(ex.req, "exception", "internal_error", service=ex.service, path=ex.path)
+        ex._answer(ProxyInternalError("internal proxy error"))
+        return
+    if ex.over or ex.client.closing:
+        ex.ctx.upstream.release(conn, True)
+        ex._finish(499)
+        return
+    ex._send(endpoint, conn, reused=False)
+
+
+def compressed_head(
+    ex: Exchange, status: int, headers: list[tuple[bytes, bytes]], framing: int,
+) -> tuple[list[tuple[bytes, bytes]], int]:
+    """The answer's head and framing as the client gets them, with an Encoder in front of the client when
+    the body is compressed (proxy/compression.py decides)."""
+    route_gzip = ex.route.gzip
+    if route_gzip is False or framing == FRAMING_NONE:
+        return headers, framing
+    limits = ex.ctx.limits
+    policy = limits.gzip_route if route_gzip else limits.gzip
+    assert policy is not None
+    decision = choose(ex.req.method, ex.req.headers, status, headers, policy)
+    if decision.encoding is None:
+        return (with_vary(headers) if decision.vary else headers), framing
+    ex.out = Encoder(ex.client, decision.encoding, policy.level, ex, ex.ctx.metrics)
+    # The encoded length is known only at its end: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
+    return encoded_head(headers, decision.encoding), FRAMING_CHUNKED
