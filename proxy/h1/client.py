@@ -25,6 +25,8 @@ from ..accounting import record
 from ..dispatch import Client, plan
 from ..errors import HeaderTimeout, ProxyError, ProxyInternalError
 from ..exchange import Exchange
+from ..h2.connection import H2ClientConnection
+from ..h2.limits import PREFACE, H2Limits
 from ..logs import request_log
 from ..metrics import NO_ROUTE, NO_SERVICE
 from ..timeouts import check_timeout
@@ -71,6 +73,12 @@ class ClientConnection(ResponseWriter):
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        h2 = self.cfg.limits.h2
+        if h2 is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                self._hand_over(h2, b"")  # RFC 9113 §3.2: the client chose HTTP/2 in the TLS handshake
+                return
         peer = transport.get_extra_info("peername")
         self.peer_text = peer[0] if isinstance(peer, tuple) else ""
         self.peer = self.peer_text.encode()
@@ -85,6 +93,13 @@ class ClientConnection(ResponseWriter):
     def data_received(self, data: bytes) -> None:
         if self._deferred_error is not None or self.closing:
             return  # the stream is broken (nothing after the bad request is read), or the connection refused
+        if self.fresh and data[:1] == b"P" and not self.reader.in_head and self.cfg.limits.h2 is not None:
+            # h2c with prior knowledge (RFC 9113 §3.3): the connection opens with the HTTP/2 preface. Tested on
+            # a new connection's first bytes only (no HTTP/1.1 method begins "PRI * HTTP/2.0"); `fresh` is false
+            # from the first request head on, so later reads pay one attribute test.
+            if data[:24] == PREFACE or (3 < len(data) < 24 and PREFACE.startswith(data)):
+                self._hand_over(self.cfg.limits.h2, data)
+                return
         if self._upgraded:
             # After an Upgrade or CONNECT head the bytes are not HTTP (another protocol, or a body smuggled past
             # a head that claimed none): relayed once a WebSocket tunnel is up (the upstream answered 101), kept
@@ -140,6 +155,19 @@ class ClientConnection(ResponseWriter):
                 exchange.conn.resume_reading()
         if not self.body_paused and len(self.queue) < MAX_PIPELINED:
             self.resume_reading()
+
+    def _hand_over(self, limits: H2Limits, data: bytes) -> None:
+        """This connection speaks HTTP/2: its transport goes to an HTTP/2 protocol, with the bytes read so far."""
+        transport = self.transport
+        assert transport is not None
+        self.closing = True
+        self.idle_since = None
+        self.server.gone(self)
+        h2 = H2ClientConnection(self.cfg, self.server, limits)
+        transport.set_protocol(h2)
+        h2.connection_made(transport)
+        if data:
+            h2.data_received(data)
 
     # --- what the reader reports ---
     def upgraded(self, rest: bytes) -> None:  # an Upgrade or CONNECT head: see data_received
