@@ -129,3 +129,31 @@ def response_fields(
     if request_id:
         out.append((b"x-request-id", request_id))
     return out
+
+
+# gRPC status codes (grpc/doc/statuscodes.md) for the answers the proxy gives itself; the HTTP statuses as gRPC's
+# own HTTP-to-gRPC mapping reads them (doc/http-grpc-status-mapping.md), with a timeout as DEADLINE_EXCEEDED.
+GRPC_UNAVAILABLE: Final = 14
+_GRPC_STATUS: Final = {
+    400: 13, 401: 16, 403: 7, 404: 12, 408: 4, 413: 8, 429: 14, 431: 8, 500: 13, 502: 14, 503: 14, 504: 4,
+}
+
+
+def is_grpc(req: Request) -> bool:
+    """A gRPC call (content-type application/grpc, +proto and the like)."""
+    return any(name == b"content-type" and value.startswith(b"application/grpc") for name, value in req.headers)
+
+
+def grpc_error_fields(status: int, message: str, request_id: bytes) -> list[Field]:
+    """A trailers-only gRPC answer (one HEADERS frame with END_STREAM): what a gRPC client reads as an error,
+    where a text body would be a protocol error to it. grpc-message is percent-encoded (PROTOCOL-HTTP2.md)."""
+    code = _GRPC_STATUS.get(status, 2)  # 2: UNKNOWN
+    text = "".join(c if " " <= c <= "~" and c != "%" else "".join(f"%{b:02X}" for b in c.encode())
+                   for c in message)
+    fields: list[Field] = [
+        (b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"%d" % code),
+        (b"grpc-message", text.encode()),
+    ]
+    if request_id:
+        fields.append((b"x-request-id", request_id))
+    return fields

@@ -29,7 +29,7 @@ from ..h1.head import SANE_REQUEST_ID, new_request_id
 from ..headers import error_body_size
 from ..logs import request_log
 from ..metrics import NO_ROUTE, NO_SERVICE
-from .head import response_fields
+from .head import grpc_error_fields, is_grpc, response_fields
 
 if TYPE_CHECKING:
     from ..h1.head import Request
@@ -264,6 +264,10 @@ class Stream:
     def send_error(self, req: Request, err: ProxyError) -> int:
         """The proxy's own answer on this stream; the body bytes sent, for the access line."""
         if self.closing:
+            return 0
+        if is_grpc(req):
+            self.conn.send_headers(self.id, grpc_error_fields(err.status, err.public_message, req.request_id),
+                                   end_stream=True)
             return 0
         body = f"{err.status} {err.public_message}\n".encode()
         fields = [

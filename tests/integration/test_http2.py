@@ -15,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,3 +178,18 @@ def negotiated(port: int, ca: TestCA, offered: list[str]) -> str | None:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
             ctx.wrap_socket(raw, server_hostname=NAME) as tls:
         return tls.selected_alpn_protocol()
+
+
+class TestGrpcClient:
+    """A grpcio client through Ferryman reads the proxy's own errors as gRPC statuses."""
+
+    def test_no_route_is_unimplemented(self, proxy: H2Ferryman) -> None:
+        import grpc  # grpcio, from the test extras
+
+        with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as channel:
+            call = channel.unary_unary("/nowhere.Svc/Call")
+            with pytest.raises(grpc.RpcError) as caught:
+                call(b"", timeout=10)
+        error: Any = caught.value
+        assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "no route" in error.details()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -21,6 +22,7 @@ from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, H
 
 from proxy.h1.upstream import FRAMING_CHUNKED, FRAMING_LENGTH
 from proxy.h2.connection import H2ClientConnection
+from proxy.h2.head import grpc_error_fields
 from proxy.h2.limits import PREFACE, H2Limits
 
 from .wire import Wire, plain_client
@@ -281,3 +283,25 @@ class TestNegotiation:
         conn, transport = plain_client(h2=None)
         conn.data_received(PREFACE)
         assert transport.protocol is None and transport.out.startswith(b"HTTP/1.1 4")
+
+
+class TestGrpcErrors:
+    """The proxy's own errors reach a gRPC client as gRPC errors (trailers-only), never as a text body."""
+
+    def test_no_route_is_unimplemented(self) -> None:
+        wire = Wire()
+        sid = wire.request(b"/pkg.Svc/Call", method=b"POST", authority=b"unknown.example",
+                           extra=[(b"content-type", b"application/grpc"), (b"te", b"trailers")])
+        events = wire.send()
+        fields = response_of(events, sid)
+        assert (fields[b":status"], fields[b"content-type"], fields[b"grpc-status"]) == (
+            b"200", b"application/grpc", b"12")
+        assert body_of(events, sid) == b""
+        assert any(isinstance(e, StreamEnded) and e.stream_id == sid for e in events)
+
+    @pytest.mark.parametrize(("status", "code"), [(503, b"14"), (502, b"14"), (504, b"4"), (404, b"12")],
+                             ids=["no-instance-unavailable", "refused-unavailable", "timeout-deadline",
+                                  "no-route-unimplemented"])
+    def test_status_mapping(self, status: int, code: bytes) -> None:
+        assert dict(grpc_error_fields(status, "x é", b""))[b"grpc-status"] == code
+        assert dict(grpc_error_fields(status, "x é", b""))[b"grpc-message"] == b"x %C3%A9"
