@@ -39,6 +39,7 @@ from .checks import active_checks
 from .compression import Compression
 from .config import ConfigError, HostPort, Settings, parse_route_entry, reloaded
 from .h1.upstream import UpstreamPool
+from .h2.limits import H2Limits
 from .headers import TrustedProxies
 from .listener import ListenerLimits, ProxyContext, ProxyServer, Router
 from .metrics import Metrics, StateCollector
@@ -129,6 +130,18 @@ def listener_limits(s: Settings, proto: str, realms: Realms | None = None) -> Li
         access=AccessRules(s.client.allow, s.client.deny) if s.client.allow or s.client.deny else None,
         realms=realms,
         gzip=gzip, gzip_route=gzip or Compression(level=c.level, min_length=c.min_length),
+        h2=h2_limits(s),
+    )
+
+
+def h2_limits(s: Settings) -> H2Limits | None:
+    c = s.client
+    if not c.http2:
+        return None
+    return H2Limits(
+        max_concurrent_streams=c.http2_max_concurrent_streams, max_header_list_size=c.http2_max_header_list_size,
+        max_frame_size=c.http2_max_frame_size, header_table_size=c.http2_header_table_size,
+        max_resets=c.http2_max_resets, max_control_frames=c.http2_max_control_frames,
     )
 
 
@@ -287,7 +300,7 @@ class Ferryman:
     async def start(self) -> None:
         s = self.settings
         if self.serve_proxy and s.listeners.tls:
-            self.certs = Certificates(s.tls.certs, s.tls.reload_interval)
+            self.certs = Certificates(s.tls.certs, s.tls.reload_interval, http2=s.client.http2)
             try:  # read before anything starts: a bad file is a config error naming it
                 self.certs.load()
             except TlsError as exc:

@@ -14,7 +14,7 @@ import ssl
 
 import structlog
 
-from .tls import CertFile, Certificate, Terminator, TlsError, kv_certificates
+from .tls import ALPN_H1, ALPN_H2, CertFile, Certificate, Terminator, TlsError, kv_certificates
 
 log = structlog.get_logger("ferryman")
 
@@ -23,8 +23,8 @@ class Certificates:
     """The certificates behind the TLS listeners' context. `load()` at start raises TlsError (naming the file),
     for the app to report as a config error."""
 
-    def __init__(self, tls_certs: tuple[CertFile, ...], reload_interval: float) -> None:
-        self.terminator = Terminator(tls_certs)
+    def __init__(self, tls_certs: tuple[CertFile, ...], reload_interval: float, *, http2: bool = True) -> None:
+        self.terminator = Terminator(tls_certs, ALPN_H2 if http2 else ALPN_H1)
         self.interval = reload_interval
         self._kv: dict[str, Certificate] = {}  # what Consul KV serves now, by name
 
@@ -67,7 +67,7 @@ class Certificates:
     def kv_changed(self, prefix: str, values: dict[str, bytes]) -> None:
         """Certificates under a Consul KV prefix (`<name>/cert`, `<name>/key`), so every Ferryman of a cluster
         serves the same ones without files."""
-        self._kv, problems = kv_certificates(prefix, values, self._kv)
+        self._kv, problems = kv_certificates(prefix, values, self._kv, self.terminator.alpn)
         for problem in problems:
             log.warning("tls_kv_certificate_invalid", error=problem)
         self.terminator.set_kv(self._kv.values())

@@ -26,6 +26,8 @@ from .compression import Compression
 from .errors import TooManyConnections
 from .h1.client import ClientConnection
 from .h1.upstream import UpstreamPool
+from .h2.connection import H2ClientConnection
+from .h2.limits import H2Limits
 from .headers import TrustedProxies
 from .logs import AccessWriter
 from .metrics import Metrics
@@ -40,6 +42,7 @@ log = structlog.get_logger("ferryman.proxy")
 MAX_TARGET_BYTES: Final = 8 * 1024
 MAX_HEADER_BYTES: Final = 64 * 1024
 MAX_HEADER_COUNT: Final = 100
+DEFAULT_H2: Final = H2Limits()
 _RETRY_AFTER: Final = ((b"Retry-After", b"1"),)
 _LIMITED_LOG_EVERY_S: Final = 10.0
 
@@ -78,6 +81,7 @@ class ListenerLimits:
     # and the one routes with gzip=on follow (the same when the setting is on; Fabio's example types when off).
     gzip: Compression | None = None
     gzip_route: Compression = field(default_factory=Compression)
+    h2: H2Limits | None = DEFAULT_H2  # HTTP/2 to clients and its limits; None: HTTP/1.1 only (http2 = false)
     # One endless line never completes a field, so the per-field checks would never run: the head as a whole
     # is bounded too.
     max_head: int = field(init=False)
@@ -116,7 +120,7 @@ class ProxyServer:
 
     def __init__(self, cfg: ProxyContext) -> None:
         self.cfg = cfg
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[ClientConnection | H2ClientConnection] = set()
         self.stopping = False  # the listener closes: idle connections go, the busy ones after their answer
         # From the first moment of a drain (SIGTERM, then drain_delay) every answer says Connection: close, so
         # kept-alive clients move to new connections while the listener still accepts them.
@@ -129,7 +133,7 @@ class ProxyServer:
         self._refused = 0
         self._refused_logged_at = float("-inf")
 
-    def admit(self, conn: ClientConnection) -> bool:
+    def admit(self, conn: ClientConnection | H2ClientConnection) -> bool:
         """A new connection: tracked, or (over max_connections) refused with a 503 and Retry-After and closed
         at once, so the proxy stays responsive for the connections it has."""
         if len(self.connections) < self.cfg.limits.max_connections:
@@ -149,7 +153,7 @@ class ProxyServer:
             self._refused = 0
         return False
 
-    def gone(self, conn: ClientConnection) -> None:
+    def gone(self, conn: ClientConnection | H2ClientConnection) -> None:
         self.connections.discard(conn)
         if self.stopping and not self.connections:
             self.drained.set()

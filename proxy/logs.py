@@ -148,6 +148,7 @@ class AccessRequest(Protocol):
     target: bytes
     headers: list[tuple[bytes, bytes]]
     http10: bool
+    http2: bool
     request_id: bytes
 
 
@@ -221,7 +222,7 @@ def _ncsa_writer(out: LineBuffer, *, combined: bool) -> AccessWriter:
 
     def write(req: AccessRequest, path: str, status: int, service: str, upstream: str,
               duration_ms: float, sent: int, client: str) -> None:
-        version = b"HTTP/1.0" if req.http10 else b"HTTP/1.1"
+        version = b"HTTP/2.0" if req.http2 else b"HTTP/1.0" if req.http10 else b"HTTP/1.1"
         line = b'%b - - [%b] "%b %b %b" %d %b' % (
             client.encode() or b"-", stamp(clock()), req.method.encode(), _ncsa_escape(req.target), version,
             status, str(sent).encode() if sent else b"-",

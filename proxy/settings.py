@@ -116,6 +116,14 @@ class ClientLimits:
     # Keep header fields named with '_' (`Transfer_Encoding`): CGI/WSGI backends read them as their '-' twins.
     underscores_in_headers: bool = False
     proxy_header_timeout: float = 3.0  # seconds a PROXY protocol header may take (proxy_protocol listeners)
+    # HTTP/2 to clients (ALPN h2 on the TLS listeners, h2c with prior knowledge on the plain one) and its limits.
+    http2: bool = True
+    http2_max_concurrent_streams: int = 100
+    http2_max_header_list_size: int = 65536
+    http2_max_frame_size: int = 16384
+    http2_header_table_size: int = 4096
+    http2_max_resets: int = 200
+    http2_max_control_frames: int = 100
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,12 +73,19 @@ class Certificate:
     context: ssl.SSLContext
 
 
-def server_context() -> ssl.SSLContext:
+# ALPN (RFC 7301): h2 offered first, so a client that speaks both gets HTTP/2 (RFC 9113 §3.2); http2 = false
+# offers http/1.1 alone. A certificate's context replaces the listener's in the SNI callback, and OpenSSL then
+# answers ALPN from the new one: every context carries the same list.
+ALPN_H2: Final = ("h2", "http/1.1")
+ALPN_H1: Final = ("http/1.1",)
+
+
+def server_context(alpn: Sequence[str] = ALPN_H2) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(CIPHERS_TLS12)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
@@ -98,14 +105,14 @@ def names_of(cert_pem: bytes, origin: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def load_files(entry: CertFile) -> Certificate:
+def load_files(entry: CertFile, alpn: Sequence[str] = ALPN_H2) -> Certificate:
     """A certificate and key from files; TlsError naming the file that is wrong."""
     try:
         cert_pem = Path(entry.cert).read_bytes()
     except OSError as exc:
         raise TlsError(entry.cert, f"cannot read certificate: {exc.strerror or exc}") from exc
     names = names_of(cert_pem, entry.cert)
-    ctx = server_context()
+    ctx = server_context(alpn)
     try:
         ctx.load_cert_chain(entry.cert, entry.key)
     except FileNotFoundError as exc:
@@ -115,11 +122,11 @@ def load_files(entry: CertFile) -> Certificate:
     return Certificate(entry.cert, names, ctx)
 
 
-def load_pem(cert_pem: bytes, key_pem: bytes, origin: str) -> Certificate:
+def load_pem(cert_pem: bytes, key_pem: bytes, origin: str, alpn: Sequence[str] = ALPN_H2) -> Certificate:
     """A certificate and key given as PEM text (from Consul KV); load_cert_chain reads files, so they pass
     through a private temporary directory that is removed at once."""
     names = names_of(cert_pem, origin)
-    ctx = server_context()
+    ctx = server_context(alpn)
     with tempfile.TemporaryDirectory(prefix="ferryman-tls-") as tmp:
         cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
         for path, data in ((cert_path, cert_pem), (key_path, key_pem)):
@@ -169,13 +176,14 @@ class CertStore:
 class Terminator:
     """The listeners' TLS context and the certificates behind it."""
 
-    def __init__(self, files: Sequence[CertFile]) -> None:
+    def __init__(self, files: Sequence[CertFile], alpn: Sequence[str] = ALPN_H2) -> None:
         self.files = tuple(files)
+        self.alpn = tuple(alpn)
         self._from_files: tuple[Certificate, ...] = ()
         self._from_kv: tuple[Certificate, ...] = ()
         self.store = CertStore(())
         self._stamps: dict[str, tuple[int, int, int] | None] = {}
-        self.context = server_context()
+        self.context = server_context(alpn)
         self.context.sni_callback = self._pick
 
     def _pick(self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext) -> None:
@@ -188,7 +196,7 @@ class Terminator:
         """(Re)read every certificate file; TlsError (naming the file) leaves the current ones in place. The
         files' stamps are taken either way, so a file that does not load is reported once per change."""
         self._stamps = self._file_stamps()
-        self._from_files = tuple(load_files(entry) for entry in self.files)
+        self._from_files = tuple(load_files(entry, self.alpn) for entry in self.files)
         self._rebuild()
 
     def set_kv(self, certificates: Iterable[Certificate]) -> None:
@@ -207,6 +215,7 @@ class Terminator:
 
 def kv_certificates(
     prefix: str, values: dict[str, bytes], previous: Mapping[str, Certificate] | None = None,
+    alpn: Sequence[str] = ALPN_H2,
 ) -> tuple[dict[str, Certificate], list[str]]:
     """Certificates from a KV prefix holding `<name>/cert` and `<name>/key`, by name; and the problems (a
     name with one half missing, a pair that does not load), each naming its keys.
@@ -233,7 +242,7 @@ def kv_certificates(
             problems.append(f"{origin}: no {prefix}{name}/{missing}{keeping}")
         else:
             try:
-                out[name] = load_pem(pair["cert"], pair["key"], origin)
+                out[name] = load_pem(pair["cert"], pair["key"], origin, alpn)
                 continue
             except TlsError as exc:
                 problems.append(f"{exc}{keeping}")

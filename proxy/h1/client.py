@@ -25,6 +25,8 @@ from ..accounting import record
 from ..dispatch import Client, plan
 from ..errors import HeaderTimeout, ProxyError, ProxyInternalError
 from ..exchange import Exchange
+from ..h2.connection import H2ClientConnection
+from ..h2.limits import PREFACE, H2Limits
 from ..logs import request_log
 from ..metrics import NO_ROUTE, NO_SERVICE
 from ..timeouts import check_timeout
@@ -79,6 +81,12 @@ class ClientConnection(ResponseWriter):
         self.transport = transport  # type: ignore[assignment]
         self.peer_text = client
         self.peer = client.encode()
+        h2 = self.cfg.limits.h2
+        if h2 is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                hand_over_to_h2(self, h2, b"")  # RFC 9113 §3.2: the client chose HTTP/2 in the TLS handshake
+                return
         trusted = self.cfg.limits.trusted
         self.trusted = trusted is not None and self.peer in trusted
         self.client = Client(self.peer, self.trusted)
@@ -90,18 +98,19 @@ class ClientConnection(ResponseWriter):
     def data_received(self, data: bytes) -> None:
         if self._deferred_error is not None or self.closing:
             return  # the stream is broken (nothing after the bad request is read), or the connection refused
+        if self.fresh and data[:1] == b"P" and not self.reader.in_head and self.cfg.limits.h2 is not None:
+            # h2c with prior knowledge (RFC 9113 §3.3): the connection opens with the HTTP/2 preface. Tested on
+            # a new connection's first bytes only (no HTTP/1.1 method begins "PRI * HTTP/2.0"); `fresh` is false
+            # from the first request head on, so later reads pay one attribute test.
+            if data[:24] == PREFACE or (3 < len(data) < 24 and PREFACE.startswith(data)):
+                hand_over_to_h2(self, self.cfg.limits.h2, data)
+                return
         if self._upgraded:
             # After an Upgrade or CONNECT head the bytes are not HTTP (another protocol, or a body smuggled past
             # a head that claimed none): relayed once a WebSocket tunnel is up (the upstream answered 101), kept
             # until then (reading pauses), never parsed. Any other upgrade is answered as plain HTTP (Upgrade is
             # hop-by-hop) and the connection then closes.
-            exchange = self.exchange
-            if exchange is not None and exchange.tunnel is not None:
-                exchange.tunnel.from_client(data)
-            else:
-                self._tunnel_early += data  # nothing is dropped: reading pauses once enough waits
-                if len(self._tunnel_early) >= MAX_BUFFERED_BODY:
-                    self.pause_reading()
+            _after_upgrade_head(self, data)
             return
         try:
             err = self.reader.feed(data)
@@ -334,3 +343,28 @@ class ClientConnection(ResponseWriter):
     def shutdown(self) -> None:  # stop after the request in progress; close now if there is none
         if not self._serving:
             self._close()
+
+
+def hand_over_to_h2(conn: ClientConnection, limits: H2Limits, data: bytes) -> None:
+    """This connection speaks HTTP/2: its transport goes to an HTTP/2 protocol, with the bytes read so far."""
+    transport = conn.transport
+    assert transport is not None
+    conn.closing = True
+    conn.idle_since = None
+    conn.server.gone(conn)
+    h2 = H2ClientConnection(conn.cfg, conn.server, limits, conn.peer_text)
+    transport.set_protocol(h2)
+    h2.connection_made(transport)
+    if data:
+        h2.data_received(data)
+
+
+def _after_upgrade_head(conn: ClientConnection, data: bytes) -> None:
+    """Bytes after an Upgrade or CONNECT head: to the tunnel once it is up, else kept (see data_received)."""
+    exchange = conn.exchange
+    if exchange is not None and exchange.tunnel is not None:
+        exchange.tunnel.from_client(data)
+    else:
+        conn._tunnel_early += data  # nothing is dropped: reading pauses once enough waits
+        if len(conn._tunnel_early) >= MAX_BUFFERED_BODY:
+            conn.pause_reading()

@@ -66,6 +66,7 @@ class Request:
         "expect_continue",
         "headers",
         "host",
+        "http2",
         "http10",
         "keep_alive",
         "max_body",
@@ -83,6 +84,7 @@ class Request:
         self.host = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.http10 = False
+        self.http2 = False  # arrived on an HTTP/2 stream (the access log says HTTP/2.0)
         self.keep_alive = True
         self.body_kind = BODY_NONE
         self.expect_continue = False

@@ -26,7 +26,7 @@ from proxy.state import InstanceState, Report, ServiceState, merge, pools_state,
 
 
 def _req(**kw: object) -> SimpleNamespace:
-    base = dict(method="GET", host=b"shop.example", target=b"/cart?id=7", headers=[], http10=False,
+    base = dict(method="GET", host=b"shop.example", target=b"/cart?id=7", headers=[], http10=False, http2=False,
                 request_id=b"rid-1")
     base.update(kw)
     return SimpleNamespace(**base)
@@ -43,12 +43,14 @@ class TestAccessFormats:
         write, path = _writer("common", tmp_path)
         write(_req(), "/cart", 200, "shop", "10.0.0.5:80", 1.0, 512, "192.0.2.1")
         write(_req(http10=True, method="HEAD"), "/cart", 404, "none", "", 0.1, 0, "192.0.2.2")
-        first, second = path.read_text().splitlines()
+        write(_req(http2=True), "/cart", 200, "shop", "10.0.0.5:80", 1.0, 5, "192.0.2.3")
+        first, second, third = path.read_text().splitlines()
         assert re.fullmatch(
             r'192\.0\.2\.1 - - \[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d \+0000\] "GET /cart\?id=7 HTTP/1\.1" 200 512',
             first,
         ), first
         assert second.endswith('"HEAD /cart?id=7 HTTP/1.0" 404 -')
+        assert third.endswith('"GET /cart?id=7 HTTP/2.0" 200 5')  # a request on an HTTP/2 stream
 
     def test_combined_adds_referer_and_agent_escaped(self, tmp_path: Path) -> None:
         write, path = _writer("combined", tmp_path)

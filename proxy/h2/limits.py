@@ -1,0 +1,38 @@
+"""The limits an HTTP/2 client connection enforces, as one frozen value a reload replaces whole. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+# RFC 9113 §3.4: every HTTP/2 connection opens with these 24 bytes (then a SETTINGS frame).
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class H2Limits:
+    """What one HTTP/2 client connection may do (the http2_* settings)."""
+
+    max_concurrent_streams: int = 100  # advertised in SETTINGS; streams beyond are refused (REFUSED_STREAM)
+    max_header_list_size: int = 65536  # decoded header list (RFC 9113 §6.5.2 accounting), advertised
+    max_frame_size: int = 16384  # the largest frame the client may send, advertised
+    header_table_size: int = 4096  # the HPACK dynamic table the client may make us keep
+    max_resets: int = 200  # RST_STREAM frames per second from the client (rapid reset, CVE-2023-44487)
+    max_control_frames: int = 100  # SETTINGS, PING and PRIORITY frames per second from the client
+
+
+class Rate:
+    """Events counted per one-second window: `over(now)` counts one and says whether the limit is passed."""
+
+    __slots__ = ("count", "limit", "since")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.since = float("-inf")
+
+    def over(self, now: float) -> bool:
+        if now - self.since >= 1.0:
+            self.since, self.count = now, 0
+        self.count += 1
+        return self.count > self.limit
