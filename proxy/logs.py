@@ -183,7 +183,8 @@ def access_writer(access_format: str = "json", path: str = "") -> AccessWriter:
 
         def via_structlog(req: AccessRequest, path: str, status: int, service: str, upstream: str,
                           duration_ms: float, sent: int, client: str) -> None:
-            logger.info("access", method=req.method, host=req.host.decode("latin-1"), path=path, status=status,
+            logger.info("access", method=req.method, protocol=_protocol(req), host=req.host.decode("latin-1"),
+                        path=path, status=status,
                         service=service, upstream=upstream, duration_ms=duration_ms, bytes=sent, client=client,
                         request_id=req.request_id.decode("latin-1"))
 
@@ -198,7 +199,8 @@ def access_writer(access_format: str = "json", path: str = "") -> AccessWriter:
     def fast(req: AccessRequest, path: str, status: int, service: str, upstream: str,
              duration_ms: float, sent: int, client: str) -> None:
         line = {
-            **context, "method": req.method, "host": req.host.decode("latin-1"), "path": path, "status": status,
+            **context, "method": req.method, "protocol": "HTTP/2.0" if req.http2 else "HTTP/1.0" if req.http10
+            else "HTTP/1.1", "host": req.host.decode("latin-1"), "path": path, "status": status,
             "service": service, "upstream": upstream, "duration_ms": duration_ms, "bytes": sent, "client": client,
             "request_id": req.request_id.decode("latin-1"), "event": "access", "level": "info",
             "timestamp": stamp(clock()),
@@ -206,6 +208,10 @@ def access_writer(access_format: str = "json", path: str = "") -> AccessWriter:
         add(dumps(line) + b"\n", False)
 
     return fast
+
+
+def _protocol(req: AccessRequest) -> str:
+    return "HTTP/2.0" if req.http2 else "HTTP/1.0" if req.http10 else "HTTP/1.1"
 
 
 def _ncsa_escape(value: bytes) -> bytes:

@@ -112,22 +112,25 @@ def _curl(url: str, *args: str) -> tuple[int, bytes]:
 
 
 @pytest.mark.parametrize("frontend", ["v1", "v2", "tls-v1", "tls-v2"])
-async def test_client_behind_haproxy_is_the_one_the_header_names(world: World, frontend: str) -> None:
-    """Through HAProxy, the instance gets the client's address in X-Forwarded-For and X-Real-IP, the access log
-    names it, and deny= refuses it."""
+@pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/2.0"])
+async def test_client_behind_haproxy_is_the_one_the_header_names(world: World, frontend: str, protocol: str) -> None:
+    """Through HAProxy, over HTTP/1.1 or HTTP/2 (ALPN over TLS, prior knowledge on plain), the instance gets the
+    client's address in X-Forwarded-For and X-Real-IP, the access log names it, and deny= refuses it."""
     port = world.haproxy[frontend]
     if frontend.startswith("tls"):
         base = f"https://pp.test:{port}"
         args = ["--resolve", f"pp.test:{port}:127.0.0.1", "--cacert", str(world.ca_path)]
+        args.append("--http2" if protocol == "HTTP/2.0" else "--http1.1")
     else:
-        base, args = f"http://127.0.0.1:{port}", []
+        base, args = f"http://127.0.0.1:{port}", ["--http2-prior-knowledge"] if protocol == "HTTP/2.0" else []
     status, body = await asyncio.to_thread(_curl, f"{base}/pp/{frontend}", *args)
     assert status == 200
     headers = dict(json.loads(body)["headers"])
     assert (headers["X-Forwarded-For"], headers["X-Real-IP"]) == (CLIENT, CLIENT)
     assert headers["X-Forwarded-Proto"] == ("https" if frontend.startswith("tls") else "http")
     assert (await asyncio.to_thread(_curl, f"{base}/pp-deny/x", *args))[0] == 403
-    lines = [e for e in world.ferryman.log_events() if e.get("event") == "access" and e["path"] == f"/pp/{frontend}"]
+    lines = [e for e in world.ferryman.log_events() if e.get("event") == "access" and e["path"] == f"/pp/{frontend}"
+             and e["protocol"] == protocol]
     assert [line["client"] for line in lines] == [CLIENT]
 
 

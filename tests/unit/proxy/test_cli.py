@@ -185,10 +185,10 @@ class TestAccessLine:
         try:
             write = logs.access_writer()
             req = SimpleNamespace(method="GET", host=b"shop.example.com", target=b"/cart?x=1", headers=[],
-                                  http10=False, request_id=b"abc123")
+                                  http10=False, http2=False, request_id=b"abc123")
             write(req, "/cart", 200, "shop", "10.0.0.5:8080", 1.25, 512, "192.0.2.1")
-            structlog.get_logger("t").info("access", method="GET", host="shop.example.com", path="/cart",
-                                           status=200, service="shop", upstream="10.0.0.5:8080",
+            structlog.get_logger("t").info("access", method="GET", protocol="HTTP/1.1", host="shop.example.com",
+                                           path="/cart", status=200, service="shop", upstream="10.0.0.5:8080",
                                            duration_ms=1.25, bytes=512, client="192.0.2.1", request_id="abc123")
         finally:
             structlog.contextvars.clear_contextvars()
