@@ -40,7 +40,8 @@ class Endpoint:
         object.__setattr__(self, "authority", f"{host}:{self.port}")
 
 
-Proto = Literal["http", "https"]
+# tcp: a byte stream relayed to the instances (TCP and TLS pass-through routes, proxy/tcp/).
+Proto = Literal["http", "https", "tcp"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,7 @@ class RouteOptions:
     weight: float = 0.0  # weight=: the service's fixed share of a route it shares (0: by instance count)
     read_timeout: float | None = None  # read_timeout=: the service's upstream read timeout in seconds
     connect_timeout: float | None = None  # connect_timeout=: the service's connect timeout in seconds
+    proxy_protocol: int = 0  # pxyproto=v1|v2 on a TCP route: the PROXY header version sent to instances; 0: none
 
     def order_key(self) -> tuple[tuple[Any, ...], ...]:
         """A total order over options (sets and conditions made comparable), so routes that share host and path
@@ -90,7 +92,8 @@ def _orderable(value: object) -> tuple[Any, ...]:
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
     """What one route tag declares: host (lower case, no port; "" = any host), path prefix, options, and the
-    listener port the route is restricted to (`host:80/`, `*:80/`; 0: any listener)."""
+    listener port the route is restricted to (`host:80/`, `*:80/`; 0: any listener). A TCP route (proto=tcp)
+    has the path "": `:6379` (host "", the TCP listener's port) or `db.example.com/` (by TLS server name)."""
 
     host: str
     path: str

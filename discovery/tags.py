@@ -11,6 +11,10 @@ Options are parsed here, once, into the RouteSpec's typed RouteOptions (one bran
 `_route_option`), so a typo is reported at the tag rather than misbehaving at request time and nothing
 downstream reads option text again. An option Ferryman does not implement makes the whole tag invalid: a
 Fabio tag either means the same here or is refused loudly, never a route that quietly behaves otherwise.
+A TCP route (`proto=tcp`, Fabio's syntax) has no path: `urlprefix-:6379 proto=tcp` takes every connection to the
+TCP listener on port 6379, `urlprefix-db.example.com/ proto=tcp` the TLS connections whose ClientHello names
+db.example.com on an SNI listener; it takes only the options that mean something to a byte stream
+(TCP_OPTIONS), `pxyproto=v1|v2` among them.
 Per-service settings (`lb`, `hash_key`, `sticky`, `health_path`, `max_body_size`, `max_concurrent`,
 `read_timeout`, `connect_timeout`)
 from service meta or a config file's `[services.NAME]` table are parsed by `with_service_setting` into a
@@ -53,7 +57,6 @@ class TagError(ValueError):
 # Fabio route options Ferryman does not implement, with what to use instead: the tag is refused with this.
 NOT_IMPLEMENTED: Final = {
     "auth": "basic authentication per route is not yet implemented (issue 15)",
-    "pxyproto": "PROXY protocol towards instances is for TCP routes, which Ferryman does not proxy",
     "register": "Ferryman does not register itself in Consul; register the host name's service yourself",
     "gzip": "response compression is not yet implemented (issue 15)",
 }
@@ -76,11 +79,13 @@ def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
     if "$" in target:
         # Fabio expands $DC and other names here; routing the text literally would quietly differ.
         raise TagError(f"route {target!r}: variables in a route ($DC, ...) are not yet expanded (issue 15)")
+    if "proto=tcp" in option_words:
+        return _tcp_route(target, option_words)
 
     slash = target.find("/")
     if slash < 0:
         if target.startswith(":"):
-            raise TagError("TCP routes (urlprefix-:port) are not supported; declare an HTTP path")
+            raise TagError(f"route {target!r}: a TCP route needs proto=tcp (urlprefix-{target} proto=tcp)")
         raise TagError(f"route {target!r} has no path: write {target}/ for every path of the host")
     (host, port), path = _host_port(target[:slash]), target[slash:]
     if not _PATH_RE.match(path):
@@ -89,7 +94,44 @@ def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
         raise TagError(f"invalid path {path!r}: dot-segments are not allowed in a route")
     path = normalize_prefix(path)
 
-    found: dict[str, Any] = {}  # RouteOptions field (or condition kind) -> typed value
+    found = _typed_options(option_words, path)
+    if "proxy_protocol" in found:
+        raise TagError("option pxyproto= is not supported here: the PROXY header is for TCP routes (proto=tcp)")
+    return RouteSpec(host=host, path=path, options=_options(found), port=port)
+
+
+# Options a TCP route may carry; the others shape HTTP requests and mean nothing to a byte stream.
+TCP_OPTIONS: Final = ("proto", "lb", "hash_key", "connect_timeout", "allow", "deny", "weight", "pxyproto")
+
+
+def _tcp_route(target: str, option_words: list[str]) -> RouteSpec:
+    """`:PORT` (every connection to the TCP listener on PORT) or `HOST/` (TLS connections whose ClientHello
+    names HOST, `*.suffix` for any name under suffix, on an SNI listener), with TCP_OPTIONS only."""
+    if target.startswith(":"):
+        host, port = _host_port("*" + target)
+        if not port:
+            raise TagError(f"TCP route {target!r}: write :PORT, the port of a TCP listener")
+    else:
+        if not target.endswith("/") or target.count("/") != 1:
+            raise TagError(f"TCP route {target!r}: write :PORT (a TCP listener) or HOST/ (by TLS server name); "
+                           "a byte stream has no path")
+        host, port = _host_port(target[:-1])
+        if not host or port:
+            raise TagError(f"TCP route {target!r}: write :PORT (a TCP listener) or HOST/ (by TLS server name)")
+    for word in option_words:
+        key = word.partition("=")[0]
+        if key not in TCP_OPTIONS and _OPTION_KEY_RE.match(key):
+            raise TagError(f"option {key}= has no meaning on a TCP route (proto=tcp); it takes "
+                           f"{', '.join(o + '=' for o in TCP_OPTIONS)}")
+    found = _typed_options(option_words, "")
+    if found.get("hash_on", ("ip", "")) != ("ip", ""):
+        raise TagError("hash_key= on a TCP route can only be ip: a byte stream has no header or cookie")
+    return RouteSpec(host=host, path="", options=_options(found), port=port)
+
+
+def _typed_options(option_words: list[str], path: str) -> dict[str, Any]:
+    """RouteOptions field (or condition kind) -> typed value, for one tag's options."""
+    found: dict[str, Any] = {}
     seen: set[str] = set()
     for word in option_words:
         key, eq, value = word.partition("=")
@@ -105,7 +147,7 @@ def parse_route_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> RouteSpec:
             # Fabio refuses both on one route too: which one wins would be a guess.
             raise TagError("allow= and deny= on the same route: use one of them")
         found[typed[0]] = typed[1]
-    return RouteSpec(host=host, path=path, options=_options(found), port=port)
+    return found
 
 
 def normalize_prefix(path: str) -> str:
@@ -266,11 +308,17 @@ def _route_option(key: str, value: str, path: str) -> tuple[str, Any]:
             raise TagError(f"strip={value!r} is not a prefix of the route path {path!r}")
         return "strip", value
     if key == "proto":
-        if value == "tcp" or value == "grpc" or value == "grpcs":
-            raise TagError(f"proto={value} is not supported; Ferryman proxies HTTP")
-        if value not in ("http", "https"):
-            raise TagError(f"proto={value!r} must be http or https")
+        if value == "grpc" or value == "grpcs":
+            raise TagError(f"proto={value} is not supported; Ferryman proxies HTTP and TCP")
+        if value not in ("http", "https", "tcp"):
+            raise TagError(f"proto={value!r} must be http, https or tcp")
         return "proto", value
+    if key == "pxyproto":
+        # Fabio's pxyproto=true sends version 1, the text form.
+        versions = {"v1": 1, "true": 1, "v2": 2, "false": 0}
+        if value not in versions:
+            raise TagError(f"pxyproto={value!r} must be v1 or v2 (true: v1)")
+        return "proxy_protocol", versions[value]
     if key in ("tlsskipverify", "exact"):
         if value not in ("true", "false"):
             raise TagError(f"{key}={value!r} must be true or false")

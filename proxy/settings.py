@@ -157,6 +157,18 @@ class TlsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpSettings:
+    """TCP and TLS pass-through listeners (proxy/tcp/) and what their connections may do."""
+
+    listen: tuple[HostPort, ...]  # TCP listeners: routes `urlprefix-:PORT proto=tcp`
+    sni_listen: tuple[HostPort, ...]  # TLS pass-through listeners: routes `urlprefix-HOST/ proto=tcp`
+    idle_timeout: float  # seconds a connection may pass no byte either way
+    max_connections: int  # open connections per listener and worker
+    hello_timeout: float  # seconds a client of an SNI listener has to send its whole ClientHello
+    sni_default_service: str  # where a TLS connection no route names goes; "": closed
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listeners: Listeners
     consul: ConsulSettings
@@ -166,6 +178,7 @@ class Settings:
     health: HealthPolicy
     logs: LogSettings
     tls: TlsSettings
+    tcp: TcpSettings
     workers: int  # 0: one per CPU
     static_file: str  # "" for Consul
     # [services.NAME] tables of the config file: per-service balancing and limits, which take precedence over
@@ -181,5 +194,5 @@ class Settings:
 # The group types by their field name in Settings: the table says "health.slow_start", this finds the class.
 GROUPS: Final[dict[str, type]] = {
     "listeners": Listeners, "consul": ConsulSettings, "upstream": UpstreamSettings, "client": ClientLimits,
-    "timeouts": Timeouts, "health": HealthPolicy, "logs": LogSettings, "tls": TlsSettings,
+    "timeouts": Timeouts, "health": HealthPolicy, "logs": LogSettings, "tls": TlsSettings, "tcp": TcpSettings,
 }
