@@ -132,7 +132,12 @@ $(VENV)/bin/promtool: | $(VENV)/.installed
 	$(UNPACK_DEB) prometheus prometheus promtool
 	$(VENV)/bin/prometheus --version >/dev/null && $(VENV)/bin/promtool --version >/dev/null
 
-test-debs: $(VENV)/bin/promtool
+# Debian's redis-server (with redis-cli and redis-benchmark from redis-tools) for the TCP route tests and
+# bench/tcp.py, unpacked like prometheus: installed, the package would start a system Redis on :6379.
+$(VENV)/bin/redis-server: | $(VENV)/.installed
+	$(UNPACK_DEB) redis-server redis-server redis-cli redis-benchmark
+
+test-debs: $(VENV)/bin/promtool $(VENV)/bin/redis-server
 	$(call APT_ENSURE,$(TEST_APT_DEBS))
 
 test: $(VENV)/.installed $(CONSUL) test-debs

@@ -222,8 +222,8 @@ KEYS: Final[tuple[Key, ...]] = (
         "TCP listeners, host:port, several separated by commas: a connection goes to the service tagged "
         "urlprefix-:PORT proto=tcp"),
     Key("sni_listen", str, "", "tcp.sni_listen", _host_ports, RESTART,
-        "TLS pass-through listeners, host:port, several separated by commas: a connection goes, never decrypted, to the "
-        "service tagged urlprefix-NAME/ proto=tcp for the server name in its ClientHello"),
+        "TLS pass-through listeners, host:port, several separated by commas: a connection goes, never decrypted, "
+        "to the service tagged urlprefix-NAME/ proto=tcp for the server name in its ClientHello"),
     Key("tcp_idle_timeout", float, 3600.0, "tcp.idle_timeout", _positive, LIVE,
         "seconds a TCP or TLS pass-through connection may pass no byte either way before it is closed"),
     Key("tcp_max_connections", int, 10_000, "tcp.max_connections", _between(1, 10_000_000), LIVE,

@@ -19,7 +19,8 @@ pool's open connection released, metrics, one access line.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final
+import time
+from typing import TYPE_CHECKING, Final, cast
 
 import structlog
 
@@ -76,6 +77,7 @@ class Relay(asyncio.Protocol):
         "endpoint",
         "last",
         "name",
+        "opened_at",
         "peer",
         "pending",
         "pool",
@@ -96,6 +98,7 @@ class Relay(asyncio.Protocol):
         self.peer: tuple[str, int] = ("", 0)
         self.sock: tuple[str, int] = ("", 0)
         self.started = self.last = server.ctx.loop.time()
+        self.opened_at = time.monotonic()  # the access line's duration: finer than uvloop's millisecond clock
         self.pending = b""  # read before the upstream connection is open: the ClientHello, replayed
         self.name: str | None = None  # the server name of an SNI listener's connection
         self.route: Route | None = None
@@ -108,8 +111,8 @@ class Relay(asyncio.Protocol):
 
     # --- the client side (asyncio calls these) ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.client = transport
+        # uvloop's transports implement asyncio.Transport without deriving from it: no isinstance check.
+        self.client = transport = cast(asyncio.Transport, transport)
         peer, sock = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         self.peer = (peer[0], peer[1]) if peer else ("", 0)
         self.sock = (sock[0], sock[1]) if sock else ("", 0)
@@ -139,7 +142,7 @@ class Relay(asyncio.Protocol):
                 self.end("not_tls")  # closed before its ClientHello was complete
             return True  # a TCP client's bytes and its close are passed on once connected
         if self.upstream_done:
-            self.end("client_closed")
+            self.end("upstream_closed")  # the instance closed first; the client's close completes it
         elif self.upstream.can_write_eof():
             self.upstream.write_eof()
         return True
@@ -166,7 +169,7 @@ class Relay(asyncio.Protocol):
         self.upstream_done = True
         client = self.client
         if self.client_eof or client is None:
-            self.end("upstream_closed")
+            self.end("client_closed")  # the client closed first; the instance's close completes it
         elif client.can_write_eof():
             client.write_eof()
         return True
@@ -235,7 +238,6 @@ class Relay(asyncio.Protocol):
             except (OSError, TimeoutError) as exc:
                 self._failed(pool, endpoint, exc)
                 continue
-            assert isinstance(transport, asyncio.Transport)
             if self.ended:  # the client left while this connected
                 transport.close()
                 return
@@ -317,5 +319,5 @@ class Relay(asyncio.Protocol):
                 server_name=self.name, service=self.service,
                 instance=endpoint.instance_id if endpoint is not None else None,
                 upstream=endpoint.authority if endpoint is not None else None, bytes_in=self.bytes_in,
-                bytes_out=self.bytes_out, duration_ms=round((ctx.loop.time() - self.started) * 1000, 3), end=how,
+                bytes_out=self.bytes_out, duration_ms=round((time.monotonic() - self.opened_at) * 1000, 3), end=how,
             )
