@@ -23,8 +23,16 @@ from . import __version__
 from .listener import Router
 from .pool import Pools
 from .state import Report
+from .table import Route
 
 STATUS_PAGE: Final = Path(__file__).with_name("static") / "status.html"
+
+
+def shown_host(route: Route) -> str:
+    """The host column: `*` for any host; a TCP route of a TCP listener shows its port (`:6379`)."""
+    if route.scheme == "tcp" and not route.host:
+        return f":{route.port}"
+    return route.host or "*"
 
 
 def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
@@ -34,7 +42,7 @@ def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
         pool = pools.get(route.service)
         out.append({
             "id": route.id,
-            "host": route.host or "*",
+            "host": shown_host(route),
             "path": route.path,
             "service": route.service,
             "strip": route.strip,
@@ -43,6 +51,8 @@ def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
             "methods": sorted(route.methods),
             "conditions": [f"{c.kind} {c.text()}" for c in route.conditions],
             "priority": route.priority,
+            "port": route.port,  # the listener port a route is restricted to (a TCP route's listener); 0: any
+            "pxyproto": route.proxy_protocol or None,  # a TCP route's PROXY header version
             # `datacenter`: where the instance was read from when several are followed (consul_dc = "dc1,dc2"),
             # the one serving this service now; null with a single datacenter.
             "instances": [
@@ -91,7 +101,7 @@ def status_document(router: Router, report: Report, consul: str, max_sync_age: f
         "worker_reports": [asdict(w) for w in report.worker_reports],
         "connections": report.connections,
         "routes": [
-            {"id": r.id, "host": r.host or "*", "path": r.path, "service": r.service, "strip": r.strip,
+            {"id": r.id, "host": shown_host(r), "path": r.path, "service": r.service, "strip": r.strip,
              "proto": r.scheme}
             for r in router.current.routes
         ],
