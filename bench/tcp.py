@@ -232,7 +232,8 @@ def main() -> int:
         sampler.done.set()
         sampler.join()
         verdict = "intact (sha256 equal)" if intact else "CORRUPT"
-        print(f"{total / 2**30:.2f} GiB through a TCP route and back: {verdict}, {total / MIB / seconds:,.0f} MiB/s each way, Ferryman RSS {before:.1f} MiB before, peak "
+        print(f"{total / 2**30:.2f} GiB through a TCP route and back: {verdict}, "
+              f"{total / MIB / seconds:,.0f} MiB/s each way, Ferryman RSS {before:.1f} MiB before, peak "
               f"{sampler.peak:.1f} MiB")
         if args.idle:
             time.sleep(1)
