@@ -209,8 +209,8 @@ PARSING_SERVICES = {
     "tp-pxy": ["urlprefix-/tp-pxy pxyproto=true"],
     "tp-both": ["urlprefix-/tp-both allow=ip:10.0.0.0/8 deny=ip:10.1.0.0/16"],
 }
-PARSED = {"tp-blanks@*any*/tp-blanks", "tp-host@tp.test/x", "tp-opts@*any*/tp-opts"}
-REFUSED = {"tp-auth": "auth=", "tp-register": "register=", "tp-tcp": "TCP routes", "tp-pxy": "pxyproto=",
+PARSED = {"tp-blanks@*any*/tp-blanks", "tp-host@tp.test/x", "tp-opts@*any*/tp-opts", "tp-tcp@*any*:1234"}
+REFUSED = {"tp-auth": "auth=", "tp-register": "register=", "tp-pxy": "pxyproto=",
            "tp-both": "allow= and deny="}
 
 AREAS = {"lookup": LOOKUP, "redirects": REDIRECTS, "matchers": MATCHERS, "paths": PATHS, "access": ACCESS}
@@ -326,7 +326,7 @@ async def test_tag_parsing_as_fabio_or_refused_naming_the_option(
     """Fabio's tag forms route as in Fabio; options Ferryman does not implement refuse the tag, logged as
     `route_tag_invalid` with the option named; never a route that quietly behaves otherwise."""
     ids = await _register(consul, ferryman, backends, {k: PARSING_SERVICES[k] for k in ("tp-blanks", "tp-host",
-                                                                                        "tp-opts")})
+                                                                                        "tp-opts", "tp-tcp")})
     for name in REFUSED:
         backend = await Backend(name).start()
         backends.append(backend)
