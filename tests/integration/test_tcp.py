@@ -235,8 +235,8 @@ class TestSniPassThrough:
         serial_b, answer_b = _tls_exchange(ports.sni, "x.b.tls.test", ca)
         assert (answer_a, answer_b) == (b"alpha hello\n", b"beta hello\n")
         assert serial_a == x509_serial(ca, "a") and serial_b == x509_serial(ca, "b")
-        line = next(e for e in reversed(_tcp_lines(proxy)) if e["service"] == "tls-b")
-        assert line["server_name"] == "x.b.tls.test"
+        wait_until(lambda: any(e["service"] == "tls-b" and e["server_name"] == "x.b.tls.test"
+                               for e in _tcp_lines(proxy)), 5, "the access line of the tls-b connection")
 
     def test_client_hello_in_one_byte_segments(
         self, ports: Ports, tls_backends: tuple[TestCA, TlsEcho, TlsEcho],
