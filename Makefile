@@ -137,7 +137,12 @@ $(VENV)/bin/promtool: | $(VENV)/.installed
 $(VENV)/bin/nghttp: | $(VENV)/.installed
 	$(UNPACK_DEB) nghttp2-client nghttp h2load
 
-test-debs: $(VENV)/bin/promtool $(VENV)/bin/nghttp
+# Debian's redis-server (with redis-cli and redis-benchmark from redis-tools) for the TCP route tests and
+# bench/tcp.py, unpacked like prometheus: installed, the package would start a system Redis on :6379.
+$(VENV)/bin/redis-server: | $(VENV)/.installed
+	$(UNPACK_DEB) redis-server redis-server redis-cli redis-benchmark
+
+test-debs: $(VENV)/bin/promtool $(VENV)/bin/nghttp $(VENV)/bin/redis-server
 	$(call APT_ENSURE,$(TEST_APT_DEBS))
 
 test: $(VENV)/.installed $(CONSUL) test-debs

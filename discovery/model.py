@@ -40,7 +40,8 @@ class Endpoint:
         object.__setattr__(self, "authority", f"{host}:{self.port}")
 
 
-Proto = Literal["http", "https"]
+# tcp: a byte stream relayed to the instances (TCP and TLS pass-through routes, proxy/tcp/).
+Proto = Literal["http", "https", "tcp"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,7 @@ class RouteOptions:
     # gzip=on|off (Ferryman's; Fabio compresses by its global setting only): compress this route's answers
     # even when gzip_content_type is empty / never; None: as the setting says.
     gzip: bool | None = None
+    proxy_protocol: int = 0  # pxyproto=v1|v2 on a TCP route: the PROXY header version sent to instances; 0: none
 
     def order_key(self) -> tuple[tuple[Any, ...], ...]:
         """A total order over options (sets and conditions made comparable), so routes that share host and path
@@ -97,7 +99,8 @@ def _orderable(value: object) -> tuple[Any, ...]:
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
     """What one route tag declares: host (lower case, no port; "" = any host), path prefix, options, and the
-    listener port the route is restricted to (`host:80/`, `*:80/`; 0: any listener)."""
+    listener port the route is restricted to (`host:80/`, `*:80/`; 0: any listener). A TCP route (proto=tcp)
+    has the path "": `:6379` (host "", the TCP listener's port) or `db.example.com/` (by TLS server name)."""
 
     host: str
     path: str

@@ -14,6 +14,10 @@ Options are parsed here, once, into the RouteSpec's typed RouteOptions (one bran
 `_route_option`), so a typo is reported at the tag rather than misbehaving at request time and nothing
 downstream reads option text again. An option Ferryman does not implement makes the whole tag invalid: a
 Fabio tag either means the same here or is refused loudly, never a route that quietly behaves otherwise.
+A TCP route (`proto=tcp`, Fabio's syntax) has no path: `urlprefix-:6379 proto=tcp` takes every connection to the
+TCP listener on port 6379, `urlprefix-db.example.com/ proto=tcp` the TLS connections whose ClientHello names
+db.example.com on an SNI listener; it takes only the options that mean something to a byte stream
+(TCP_OPTIONS), `pxyproto=v1|v2` among them.
 Per-service settings (`lb`, `hash_key`, `sticky`, `health_path`, `max_body_size`, `max_concurrent`,
 `read_timeout`, `connect_timeout`)
 from service meta or a config file's `[services.NAME]` table are parsed by `with_service_setting` into a
@@ -59,7 +63,6 @@ class TagError(ValueError):
 
 # Fabio route options Ferryman does not implement, with what to use instead: the tag is refused with this.
 NOT_IMPLEMENTED: Final = {
-    "pxyproto": "PROXY protocol towards instances is for TCP routes, which Ferryman does not proxy",
     "register": "Ferryman does not register itself in Consul; register the host name's service yourself",
 }
 
@@ -82,10 +85,13 @@ def parse_route_tag(
     if not words:
         raise TagError("empty route: expected [host]/path after the prefix")
     target, option_words = words[0], words[1:]
+    if "proto=tcp" in option_words:
+        return _tcp_route(expand_variables(target, env), option_words)
+
     slash = target.find("/")
     if slash < 0:
         if target.startswith(":"):
-            raise TagError("TCP routes (urlprefix-:port) are not supported; declare an HTTP path")
+            raise TagError(f"route {target!r}: a TCP route needs proto=tcp (urlprefix-{target} proto=tcp)")
         raise TagError(f"route {target!r} has no path: write {target}/ for every path of the host")
     # As Fabio: host and path are expanded apart ($DC, ${DC}), then the host is lower-cased.
     raw_host, path = expand_variables(target[:slash], env), expand_variables(target[slash:], env)
@@ -105,7 +111,45 @@ def parse_route_tag(
     else:  # a glob is matched whole, so its trailing '/' means something; a prefix's does not
         path = normalize_prefix(path)
 
-    found: dict[str, Any] = {}  # RouteOptions field (or condition kind) -> typed value
+    found = _typed_options(option_words, path)
+    found["matcher"] = matcher
+    if "proxy_protocol" in found:
+        raise TagError("option pxyproto= is not supported here: the PROXY header is for TCP routes (proto=tcp)")
+    return RouteSpec(host=host, path=path, options=_options(found), port=port)
+
+
+# Options a TCP route may carry; the others shape HTTP requests and mean nothing to a byte stream.
+TCP_OPTIONS: Final = ("proto", "lb", "hash_key", "connect_timeout", "allow", "deny", "weight", "pxyproto")
+
+
+def _tcp_route(target: str, option_words: list[str]) -> RouteSpec:
+    """`:PORT` (every connection to the TCP listener on PORT) or `HOST/` (TLS connections whose ClientHello
+    names HOST, `*.suffix` for any name under suffix, on an SNI listener), with TCP_OPTIONS only."""
+    if target.startswith(":"):
+        host, port = _host_port("*" + target)
+        if not port:
+            raise TagError(f"TCP route {target!r}: write :PORT, the port of a TCP listener")
+    else:
+        if not target.endswith("/") or target.count("/") != 1:
+            raise TagError(f"TCP route {target!r}: write :PORT (a TCP listener) or HOST/ (by TLS server name); "
+                           "a byte stream has no path")
+        host, port = _host_port(target[:-1])
+        if not host or port:
+            raise TagError(f"TCP route {target!r}: write :PORT (a TCP listener) or HOST/ (by TLS server name)")
+    for word in option_words:
+        key = word.partition("=")[0]
+        if key not in TCP_OPTIONS and _OPTION_KEY_RE.match(key):
+            raise TagError(f"option {key}= has no meaning on a TCP route (proto=tcp); it takes "
+                           f"{', '.join(o + '=' for o in TCP_OPTIONS)}")
+    found = _typed_options(option_words, "")
+    if found.get("hash_on", ("ip", "")) != ("ip", ""):
+        raise TagError("hash_key= on a TCP route can only be ip: a byte stream has no header or cookie")
+    return RouteSpec(host=host, path="", options=_options(found), port=port)
+
+
+def _typed_options(option_words: list[str], path: str) -> dict[str, Any]:
+    """RouteOptions field (or condition kind) -> typed value, for one tag's options."""
+    found: dict[str, Any] = {}
     seen: set[str] = set()
     for word in option_words:
         key, eq, value = word.partition("=")
@@ -121,8 +165,7 @@ def parse_route_tag(
             # Fabio refuses both on one route too: which one wins would be a guess.
             raise TagError("allow= and deny= on the same route: use one of them")
         found[typed[0]] = typed[1]
-    found["matcher"] = matcher
-    return RouteSpec(host=host, path=path, options=_options(found), port=port)
+    return found
 
 
 MATCHERS: Final = ("prefix", "glob", "iprefix")  # Fabio's proxy.matcher values
@@ -343,11 +386,17 @@ def _route_option(key: str, value: str, path: str) -> tuple[str, Any]:
             raise TagError(f"strip={value!r} is not a prefix of the route path {path!r}")
         return "strip", value
     if key == "proto":
-        if value == "tcp" or value == "grpc" or value == "grpcs":
-            raise TagError(f"proto={value} is not supported; Ferryman proxies HTTP")
-        if value not in ("http", "https"):
-            raise TagError(f"proto={value!r} must be http or https")
+        if value == "grpc" or value == "grpcs":
+            raise TagError(f"proto={value} is not supported; Ferryman proxies HTTP and TCP")
+        if value not in ("http", "https", "tcp"):
+            raise TagError(f"proto={value!r} must be http, https or tcp")
         return "proto", value
+    if key == "pxyproto":
+        # Fabio's pxyproto=true sends version 1, the text form.
+        versions = {"v1": 1, "true": 1, "v2": 2, "false": 0}
+        if value not in versions:
+            raise TagError(f"pxyproto={value!r} must be v1 or v2 (true: v1)")
+        return "proxy_protocol", versions[value]
     if key in ("tlsskipverify", "exact"):
         if value not in ("true", "false"):
             raise TagError(f"{key}={value!r} must be true or false")

@@ -71,6 +71,13 @@ def route_services(route: Route, pools: Pools) -> list[dict[str, Any]]:
     return sides
 
 
+def shown_host(route: Route) -> str:
+    """The host column: `*` for any host; a TCP route of a TCP listener shows its port (`:6379`)."""
+    if route.scheme == "tcp" and not route.host:
+        return f":{route.port}"
+    return route.host or "*"
+
+
 def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
     """Routes in match order. A route that sends to several services (shared by their tags, or a split) lists
     each in `services`, with its weight, share and instances; `instances` holds every one of them, each naming
@@ -81,7 +88,7 @@ def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
         services = route_services(route, pools)
         out.append({
             "id": route.id,
-            "host": route.host or "*",
+            "host": shown_host(route),
             "path": route.path,
             "service": route.service,
             "strip": route.strip,
@@ -93,6 +100,8 @@ def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
             "matcher": "exact" if route.exact else route.matcher,
             "services": services,
             "instances": [instance for service in services for instance in service["instances"]],
+            "port": route.port,  # the listener port a route is restricted to (a TCP route's listener); 0: any
+            "pxyproto": route.proxy_protocol or None,  # a TCP route's PROXY header version
         })
     return {
         "generation": table.generation,
@@ -134,7 +143,7 @@ def status_document(router: Router, report: Report, consul: str, max_sync_age: f
         "worker_reports": [asdict(w) for w in report.worker_reports],
         "connections": report.connections,
         "routes": [
-            {"id": r.id, "host": r.host or "*", "path": r.path, "service": r.service, "strip": r.strip,
+            {"id": r.id, "host": shown_host(r), "path": r.path, "service": r.service, "strip": r.strip,
              "proto": r.scheme, "services": route_sides(r)}
             for r in router.current.routes
         ],

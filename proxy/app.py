@@ -17,6 +17,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -47,6 +48,7 @@ from .pool import Pools
 from .routing import Routing
 from .state import Report, pools_state, write_report
 from .table import Route, RoutedWorld, RoutePart
+from .tcp.listener import TcpContext, TcpServer
 from .tls import HttpsRedirect, TlsError
 
 log = structlog.get_logger("ferryman")
@@ -145,6 +147,14 @@ def h2_limits(s: Settings) -> H2Limits | None:
     )
 
 
+def tcp_limits(s: Settings) -> dict[str, Any]:
+    """What TCP and SNI listeners follow that a reload may change: TcpContext's attributes by name."""
+    return {
+        "settings": s.tcp, "connect_timeout": s.upstream.connect_timeout, "max_attempts": s.upstream.max_attempts,
+        "access": AccessRules(s.client.allow, s.client.deny) if s.client.allow or s.client.deny else None,
+    }
+
+
 async def consul_client(s: Settings) -> ConsulClient:
     """The Consul client, its access checked: a token Consul refuses is a config error (exit 2); an
     unreachable Consul is not (serve, retry)."""
@@ -203,6 +213,8 @@ class Ferryman:
         self.routing = Routing(self.router, self.pools, self.upstream, self.metrics,
                                RoutedWorld(parts=(RoutePart.declared("file", settings.routes),)))
         self._proxies: list[ProxyServer] = []  # the plain listener, then the TLS ones
+        self._tcp: list[TcpServer] = []  # the TCP listeners, then the SNI ones
+        self._tcp_ctx: TcpContext | None = None
         self.certs: Certificates | None = None
         self.realms = Realms(settings.auth)  # basic-authentication realms (auth=NAME), read at start
         self._consul: ConsulClient | None = None
@@ -356,6 +368,11 @@ class Ferryman:
             self._proxies.append(secure)
             await secure.start(address.host, address.port, reuse_port=self.reuse_port, ssl=self.certs.context,
                                proxy_protocol=s.listeners.expects_proxy_header(address))
+        if s.tcp.listen or s.tcp.sni_listen:
+            self._tcp_ctx = TcpContext(
+                router=self.router, pools=self.pools, metrics=self.metrics, loop=asyncio.get_running_loop(),
+                log_access=s.logs.access, **tcp_limits(s))
+            await start_tcp_listeners(s, self._tcp_ctx, self._tcp, reuse_port=self.reuse_port)
 
     def _context(self, proto: str, port: int, access_log: logs.AccessWriter | None) -> ProxyContext:
         return ProxyContext(
@@ -373,6 +390,9 @@ class Ferryman:
             self.realms.configure(s.auth)
         for proxy in self._proxies:
             proxy.cfg.limits = listener_limits(s, proxy.cfg.proto.decode(), self.realms)
+        if self._tcp_ctx is not None:
+            for name, value in tcp_limits(s).items():
+                setattr(self._tcp_ctx, name, value)
         if self.certs is not None:
             self.certs.reload(s.tls.certs, s.tls.reload_interval)
         if self._source is not None:
@@ -434,8 +454,10 @@ class Ferryman:
         self.draining = True
         log.info("ferryman_stopping", shutdown_timeout_s=self.settings.timeouts.shutdown)
         # Listeners first (in-flight requests finish within shutdown_timeout), then discovery and clients.
-        await asyncio.gather(*(p.stop(self.settings.timeouts.shutdown) for p in self._proxies))
+        await asyncio.gather(*(p.stop(self.settings.timeouts.shutdown) for p in self._proxies),
+                             *(t.stop(self.settings.timeouts.shutdown) for t in self._tcp))
         self._proxies.clear()
+        self._tcp.clear()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
@@ -447,3 +469,11 @@ class Ferryman:
             await self._consul.close()
         self.upstream.close()
         log.info("ferryman_stopped")
+
+
+async def start_tcp_listeners(s: Settings, ctx: TcpContext, servers: list[TcpServer], *, reuse_port: bool) -> None:
+    """The TCP and TLS pass-through listeners, each added to `servers` as it starts (so a stop stops those)."""
+    for address, sni in [*((a, False) for a in s.tcp.listen), *((a, True) for a in s.tcp.sni_listen)]:
+        server = TcpServer(ctx, sni=sni, port=address.port, address=str(address))
+        servers.append(server)
+        await server.start(address.host, reuse_port=reuse_port)

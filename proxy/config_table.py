@@ -243,6 +243,21 @@ KEYS: Final[tuple[Key, ...]] = (
         "seconds between checks of the certificate files for changes"),
     Key("https_redirect", str, "", "tls.https_redirect", _redirect_hosts, LIVE,
         "plain-HTTP hosts answered with a redirect to HTTPS: * or names, comma-separated"),
+    Key("tcp_listen", str, "", "tcp.listen", _host_ports, RESTART,
+        "TCP listeners, host:port, several separated by commas: a connection goes to the service tagged "
+        "urlprefix-:PORT proto=tcp"),
+    Key("sni_listen", str, "", "tcp.sni_listen", _host_ports, RESTART,
+        "TLS pass-through listeners, host:port, several separated by commas: a connection goes, never decrypted, "
+        "to the service tagged urlprefix-NAME/ proto=tcp for the server name in its ClientHello"),
+    Key("tcp_idle_timeout", float, 3600.0, "tcp.idle_timeout", _positive, LIVE,
+        "seconds a TCP or TLS pass-through connection may pass no byte either way before it is closed"),
+    Key("tcp_max_connections", int, 10_000, "tcp.max_connections", _between(1, 10_000_000), LIVE,
+        "open connections per TCP or SNI listener and worker; beyond: closed at once"),
+    Key("sni_hello_timeout", float, 5.0, "tcp.hello_timeout", _between(0.1, 600), LIVE,
+        "seconds a client of an SNI listener has to send its ClientHello before it is closed"),
+    Key("sni_default_service", str, "", "tcp.sni_default_service", _same, LIVE,
+        "service a TLS connection goes to when no route names its server name (or it names none); "
+        "empty: closed"),
     Key("upstream_ca_file", str, "", "upstream.ca_file", _same, RESTART,
         "CA bundle to verify proto=https upstreams (default: the system store)"),
     Key("max_connections", int, 10_000, "client.max_connections", _between(1, 10_000_000), LIVE,

@@ -119,6 +119,22 @@ class Metrics:
             "ferryman_compression_output_bytes", "Response body bytes after compression, by encoding.",
             ["encoding"], registry=r,
         )
+        # TCP and TLS pass-through (proxy/tcp/); the open connections are a state gauge (StateCollector).
+        self.tcp_connections = Counter(
+            "ferryman_tcp_connections", "TCP and TLS pass-through connections ended, by service and how they "
+            "ended (client_closed, upstream_closed, idle, shutdown, no_route, no_instance, connect_failed, not_tls, "
+            "hello_timeout, limited, denied).",
+            ["service", "result"], registry=r,
+        )
+        self.tcp_bytes = Counter(
+            "ferryman_tcp_bytes", "Bytes relayed by TCP and TLS pass-through connections, by service and direction "
+            "(in: from clients to instances, out: from instances to clients).", ["service", "direction"], registry=r,
+        )
+        self.tcp_connect_duration = Histogram(
+            "ferryman_tcp_connect_duration_seconds", "Time to connect to an instance for a TCP or TLS "
+            "pass-through connection, by service (successful connects).", ["service"], buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         # Known label values start at 0, so the first error shows in rate() and dashboards show 0, not "no data".
         for reason in ERROR_REASONS:
             self.discovery_errors.labels(reason)
@@ -390,10 +406,16 @@ class StateCollector(Collector):
         )
         for service in report.services:
             websockets.add_metric([service.name], service.websockets)
+        tcp = GaugeMetricFamily(
+            "ferryman_tcp_connections", "TCP and TLS pass-through connections open, by service.", labels=["service"],
+        )
+        for service in report.services:
+            tcp.add_metric([service.name], service.tcp_connections)
         yield instances
         yield up
         yield in_flight
         yield websockets
+        yield tcp
 
         yield GaugeMetricFamily(
             "ferryman_client_connections", "Open client connections.", value=report.connections,

@@ -72,7 +72,7 @@ def service_policy(
         else defaults.max_concurrent,
         max_body=(override.max_body or 0) if override else 0,
         health_path=declared.health_path,
-        check_scheme=first.proto if first else "http",
+        check_scheme="https" if first and first.proto == "https" else "http",  # a TCP service: plain HTTP checks
         check_skip_verify=bool(first and first.tls_skip_verify),
         read_timeout=balancing.read_timeout or 0.0,
         connect_timeout=balancing.connect_timeout or 0.0,

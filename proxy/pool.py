@@ -76,6 +76,7 @@ class Pool:
         "rng",
         "service",
         "sticky",
+        "tcp_open",
         "tunnels",
     )
 
@@ -116,6 +117,7 @@ class Pool:
         self._errors = RecentErrors()  # failed attempts per instance, for the status page
         self.active = 0  # requests of this service in progress in this process (read-only outside)
         self.tunnels = 0  # WebSocket connections of this service open in this process (read-only outside)
+        self.tcp_open = 0  # TCP and TLS pass-through connections of this service open in this process (same)
         self.max_concurrent = policy.service_max_concurrent  # beyond it: 503 with Retry-After (0: no limit)
         self.max_body = 0  # request body limit in bytes from [services.NAME] max_body_size (0: the global one)
         self.read_timeout = 0.0  # the service's own read timeout in seconds (0: the global one)
@@ -249,6 +251,18 @@ class Pool:
     def tunnel_closed(self) -> None:
         self.tunnels -= 1
 
+    def tcp_opened(self, endpoint: Endpoint) -> None:
+        """A TCP connection to the instance is open: a success, counted in flight (p2c and least_conn balance
+        open connections) until `tcp_closed`."""
+        self._outliers.success(endpoint.key)
+        self.acquire(endpoint)
+        self.tcp_open += 1
+        self._touched.add(self.service)
+
+    def tcp_closed(self, endpoint: Endpoint) -> None:
+        self.release(endpoint)
+        self.tcp_open -= 1
+
     # --- Ferryman's own active checks ---
     def mark_down(self, key: str, down: bool) -> bool:
         """Take an instance out of rotation (an active check failed) or back in; True when that changed."""
@@ -274,8 +288,8 @@ class Pool:
     @property
     def idle(self) -> bool:
         """Nothing to report beyond its instances: no request, error, ejection, check failure or drain."""
-        return not (self.active or self.tunnels or self.in_flight or self._outliers.ejected or self._down
-                    or self._errors.any() or self.departed)
+        return not (self.active or self.tunnels or self.tcp_open or self.in_flight or self._outliers.ejected
+                    or self._down or self._errors.any() or self.departed)
 
     def ramping(self, key: str) -> bool:
         """The instance is still in slow start."""

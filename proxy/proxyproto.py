@@ -129,9 +129,15 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     raise ProxyProtocolError(f"version 2 header: address family byte {family:#04x}")
 
 
+def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
+
+
 def _pair(client: Address, server: Address) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
     """Both addresses in one family: when one is IPv6, an IPv4 one is written IPv4-mapped (as HAProxy does)."""
-    addresses = [ipaddress.ip_address(client[0]), ipaddress.ip_address(server[0])]
+    # An IPv4-mapped address (`::ffff:10.1.2.3`, from a dual-stack socket) is the IPv4 address it carries.
+    addresses = [_unmapped(ipaddress.ip_address(client[0])), _unmapped(ipaddress.ip_address(server[0]))]
     if any(a.version == 6 for a in addresses):
         addresses = [ipaddress.IPv6Address(f"::ffff:{a}") if a.version == 4 else a for a in addresses]
     for _, port in (client, server):

@@ -183,6 +183,18 @@ class CompressionSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpSettings:
+    """TCP and TLS pass-through listeners (proxy/tcp/) and what their connections may do."""
+
+    listen: tuple[HostPort, ...]  # TCP listeners: routes `urlprefix-:PORT proto=tcp`
+    sni_listen: tuple[HostPort, ...]  # TLS pass-through listeners: routes `urlprefix-HOST/ proto=tcp`
+    idle_timeout: float  # seconds a connection may pass no byte either way
+    max_connections: int  # open connections per listener and worker
+    hello_timeout: float  # seconds a client of an SNI listener has to send its whole ClientHello
+    sni_default_service: str  # where a TLS connection no route names goes; "": closed
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listeners: Listeners
     consul: ConsulSettings
@@ -193,6 +205,7 @@ class Settings:
     logs: LogSettings
     tls: TlsSettings
     compression: CompressionSettings
+    tcp: TcpSettings
     workers: int  # 0: one per CPU
     static_file: str  # "" for Consul
     # How route paths match when a route does not say (Fabio's proxy.matcher): prefix, iprefix or glob.
@@ -213,5 +226,5 @@ class Settings:
 GROUPS: Final[dict[str, type]] = {
     "listeners": Listeners, "consul": ConsulSettings, "upstream": UpstreamSettings, "client": ClientLimits,
     "timeouts": Timeouts, "health": HealthPolicy, "logs": LogSettings, "tls": TlsSettings,
-    "compression": CompressionSettings,
+    "compression": CompressionSettings, "tcp": TcpSettings,
 }

@@ -52,6 +52,7 @@ class ServiceState:
     algorithm: str
     instances: tuple[InstanceState, ...]
     websockets: int = 0  # WebSocket connections open
+    tcp_connections: int = 0  # TCP and TLS pass-through connections open
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,7 @@ def pool_state(pool: Pool, now: float) -> ServiceState:
         instances.append(_instance(endpoint, state, pool, now, labels[key]))
     for endpoint in pool.draining():
         instances.append(_instance(endpoint, "draining", pool, now, endpoint.key))
-    return ServiceState(pool.service, pool.algorithm, tuple(instances), pool.tunnels)
+    return ServiceState(pool.service, pool.algorithm, tuple(instances), pool.tunnels, pool.tcp_open)
 
 
 def pools_state(pools: Iterable[Pool], now: float) -> tuple[ServiceState, ...]:
@@ -149,7 +150,8 @@ def merge(base: Report, workers: Sequence[Report], expected: int) -> Report:
                     errors_recent=sum(v.errors_recent for v in views), label=key,
                 ))
         websockets = sum(s.websockets for w in workers for s in w.services if s.name == service.name)
-        services.append(replace(service, instances=tuple(instances), websockets=websockets))
+        tcp = sum(s.tcp_connections for w in workers for s in w.services if s.name == service.name)
+        services.append(replace(service, instances=tuple(instances), websockets=websockets, tcp_connections=tcp))
     complete = len(workers) >= expected
     successes = [w.last_success for w in workers]
     return replace(
@@ -199,7 +201,7 @@ def remove_report(directory: str, pid: int) -> None:
 def _from_json(data: dict[str, Any]) -> Report:
     services = tuple(
         ServiceState(s["name"], s["algorithm"], tuple(InstanceState(**i) for i in s["instances"]),
-                     s.get("websockets", 0))
+                     s.get("websockets", 0), s.get("tcp_connections", 0))
         for s in data.pop("services")
     )
     summaries = tuple(WorkerSummary(**w) for w in data.pop("worker_reports", ()))

@@ -11,6 +11,9 @@ Lookup order, most specific first:
 3. at one path, routes with more conditions (method, header, cookie, query, a listener port) first, then the
    higher `priority`, then by service name; the first whose conditions all hold wins, else the next path.
 
+TCP routes (proto=tcp, path "") are in the index, so /api/routes lists them, but in no slot: HTTP requests
+never match them; proxy/tcp/routes.py indexes them by listener port and by TLS server name.
+
 Routes come from three sources, each a whole `RoutePart` of the `RoutedWorld` a table is built from: Consul KV,
 the config file's [[routes]], service tags and meta. `merge_routes` (pure) takes them in that order of
 precedence; two declarations of the same host, path and conditions by different sources are a conflict: the
@@ -95,6 +98,7 @@ class Route:
     matcher: str = "prefix"  # how `path` matches: prefix, iprefix or glob (discovery.tags, Fabio's matchers)
     auth: str | None = None  # auth=: the basic-authentication realm every request must pass (proxy/auth.py)
     gzip: bool | None = None  # gzip=on/off: compress answers whatever gzip_content_type says; None: as it says
+    proxy_protocol: int = 0  # a TCP route's pxyproto=: the PROXY header version sent to instances (0: none)
     # Read on every request, so computed once: the Host as bytes, whether the target is rewritten at all,
     # whether the Host is the instance's address, and whether anything beyond host and path decides a match.
     upstream_host_bytes: bytes = field(default=b"", compare=False, repr=False)
@@ -146,6 +150,7 @@ class Route:
             matcher=options.matcher,
             auth=options.auth,
             gzip=options.gzip,
+            proxy_protocol=options.proxy_protocol,
         )
 
     @classmethod
@@ -474,7 +479,8 @@ class RoutingTable:
         index = world.index()
         slots: dict[Slot, list[Route]] = {}
         for route in index.winners():
-            slots.setdefault(_slot(route), []).append(route)
+            if route.path:  # TCP routes (path "") are listed, never matched by HTTP requests: proxy/tcp/ has them
+                slots.setdefault(_slot(route), []).append(route)
         return cls._with_slots(cls(generation=generation, index=index), {k: _order(v) for k, v in slots.items()})
 
     def updated(self, before: Snapshot, delta: SnapshotDelta, generation: int) -> RoutingTable:
@@ -491,6 +497,8 @@ class RoutingTable:
         slots: dict[Slot, tuple[Route, ...]] = {}
         for key in touched:
             host, path, exact, matcher = key[0], key[1], key[3], key[6]
+            if not path:
+                continue  # a TCP route: in the index (listed), in no HTTP slot
             kind = _host_kind(host)
             slot: Slot = (kind, host[1:] if kind == 1 else host, "exact" if exact else matcher, path)
             if slot in slots:

@@ -292,9 +292,16 @@ def own_consul(tmp_path: Path) -> Iterator[ConsulAgent]:
 
 
 @pytest.fixture
-def proxy(own_consul: ConsulAgent, tmp_path: Path) -> Iterator[FerrymanProcess]:
+def tcp_port() -> int:
+    """The TCP listener's port: the dash service is also routed there (`urlprefix-:PORT proto=tcp`)."""
+    return free_port()
+
+
+@pytest.fixture
+def proxy(own_consul: ConsulAgent, tmp_path: Path, tcp_port: int) -> Iterator[FerrymanProcess]:
     # Short blocking queries, so Consul's latency histogram fills within the test.
-    proc = FerrymanProcess(own_consul.addr, tmp_path, extra=["--consul-wait", "1", "--access-log", "false"])
+    proc = FerrymanProcess(own_consul.addr, tmp_path, extra=["--consul-wait", "1", "--access-log", "false",
+                                                             "--tcp-listen", f"127.0.0.1:{tcp_port}"])
     proc.start()
     yield proc
     proc.stop()
@@ -316,8 +323,10 @@ def prometheus(proxy: FerrymanProcess, tmp_path: Path) -> Iterator[PrometheusSer
 BODY = b"x" * 4096
 
 
-async def traffic(http: aiohttp.ClientSession, base: str, stop: asyncio.Event, statuses: Counter[int]) -> None:
-    """Bounded in time and count. Every kind of request the dashboard has a panel for."""
+async def traffic(http: aiohttp.ClientSession, base: str, stop: asyncio.Event, statuses: Counter[int],
+                  tcp_base: str) -> None:
+    """Bounded in time and count. Every kind of request the dashboard has a panel for; HTTP through the TCP
+    listener too (a new connection each time: TCP connections opened and ended, bytes relayed)."""
     requests: list[tuple[str, str, dict[str, Any]]] = [
         ("GET", "/dash/page", {}),                                         # 200
         ("POST", "/dash/upload", {"data": BODY}),                          # 200, request and response bytes
@@ -335,12 +344,14 @@ async def traffic(http: aiohttp.ClientSession, base: str, stop: asyncio.Event, s
         for method, path, kwargs in batch:
             status, _, _ = await fetch(http, f"{base}{path}", method=method, **kwargs)
             statuses[status] += 1
+        status, _, _ = await fetch(http, f"{tcp_base}/dash/page", headers={"Connection": "close"})
+        statuses[status] += 1
         await asyncio.sleep(0.02)
 
 
 async def test_every_dashboard_query_returns_data(
     own_consul: ConsulAgent, proxy: FerrymanProcess, prometheus: PrometheusServer, backends: list[Backend],
-    http: aiohttp.ClientSession,
+    http: aiohttp.ClientSession, tcp_port: int,
 ) -> None:
     promtool = _binary("PROMTOOL_BIN", "promtool")
     queries, _ = dashboard_queries()
@@ -349,12 +360,12 @@ async def test_every_dashboard_query_returns_data(
     dash = [await Backend(name).start() for name in ("dash-a", "dash-b")]
     shop = await Backend("shop-a").start()
     backends.extend([*dash, shop])
+    dash_tags = ["urlprefix-/dash lb=round_robin", f"urlprefix-:{tcp_port} proto=tcp"]
     for backend in dash:
         backend.health_status = 500  # GET /dash/healthcheck answers 500 (no active checks are configured)
-        await asyncio.to_thread(own_consul.register, "dash", backend.instance, backend.port,
-                                ["urlprefix-/dash lb=round_robin"])
+        await asyncio.to_thread(own_consul.register, "dash", backend.instance, backend.port, dash_tags)
     # Registered and passing in Consul, but nothing listens there: refused connections, retries, an ejection.
-    await asyncio.to_thread(own_consul.register, "dash", "dash-dead", free_port(), ["urlprefix-/dash lb=round_robin"])
+    await asyncio.to_thread(own_consul.register, "dash", "dash-dead", free_port(), dash_tags)
     await asyncio.to_thread(own_consul.register, "shop", shop.instance, shop.port, ["urlprefix-shop.example/"])
     await asyncio.to_thread(proxy.wait_instances, "dash@*any*/dash", ["dash-a", "dash-b", "dash-dead"])
     await asyncio.to_thread(proxy.wait_instances, "shop@shop.example/", ["shop-a"])
@@ -362,7 +373,8 @@ async def test_every_dashboard_query_returns_data(
     prom = PromAPI(http, prometheus.url)
     stop = asyncio.Event()
     statuses: Counter[int] = Counter()
-    clients = [asyncio.create_task(traffic(http, proxy.url, stop, statuses)) for _ in range(2)]
+    clients = [asyncio.create_task(traffic(http, proxy.url, stop, statuses, f"http://127.0.0.1:{tcp_port}"))
+               for _ in range(2)]
     passes = ["All", "service=dash"]
     failures: list[str] = []
     try:

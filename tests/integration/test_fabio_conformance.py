@@ -229,8 +229,9 @@ PARSING_SERVICES = {
     "tp-pxy": ["urlprefix-/tp-pxy pxyproto=true"],
     "tp-both": ["urlprefix-/tp-both allow=ip:10.0.0.0/8 deny=ip:10.1.0.0/16"],
 }
-PARSED = {"tp-blanks@*any*/tp-blanks", "tp-host@tp.test/x", "tp-opts@*any*/tp-opts", "tp-auth@*any*/tp-auth"}
-REFUSED = {"tp-register": "register=", "tp-tcp": "TCP routes", "tp-pxy": "pxyproto=",
+PARSED = {"tp-blanks@*any*/tp-blanks", "tp-host@tp.test/x", "tp-opts@*any*/tp-opts", "tp-auth@*any*/tp-auth",
+          "tp-tcp@*any*:1234"}
+REFUSED = {"tp-register": "register=", "tp-pxy": "pxyproto=",
            "tp-both": "allow= and deny="}
 
 # --- the global matcher: Fabio's `proxy.matcher = glob` is Ferryman's `path_matcher = glob` ---
@@ -361,8 +362,8 @@ async def test_tag_parsing_as_fabio_or_refused_naming_the_option(
 ) -> None:
     """Fabio's tag forms route as in Fabio; options Ferryman does not implement refuse the tag, logged as
     `route_tag_invalid` with the option named; never a route that quietly behaves otherwise."""
-    ids = await _register(consul, ferryman, backends, {k: PARSING_SERVICES[k] for k in ("tp-blanks", "tp-host",
-                                                                                        "tp-opts", "tp-auth")})
+    parsed = ("tp-blanks", "tp-host", "tp-opts", "tp-auth", "tp-tcp")
+    ids = await _register(consul, ferryman, backends, {k: PARSING_SERVICES[k] for k in parsed})
     for name in REFUSED:
         backend = await Backend(name).start()
         backends.append(backend)

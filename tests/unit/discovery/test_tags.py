@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -105,7 +106,7 @@ MALFORMED = [
     ("urlprefix-", "empty route", "empty"),
     ("urlprefix-   ", "empty route", "only-blanks"),
     ("urlprefix-foo", "has no path: write foo/", "no-path"),
-    ("urlprefix-:3306 proto=tcp", "TCP routes", "tcp-route"),
+    ("urlprefix-:3306", "a TCP route needs proto=tcp", "tcp-route-without-proto"),
     ("urlprefix-/api strip", "option 'strip' is not key=value", "option-without-equals"),
     ("urlprefix-/api =x", "is not key=value", "option-without-name"),
     ("urlprefix-/api Strip=/api", "option name 'Strip' is invalid", "option-name-upper-case"),
@@ -114,8 +115,8 @@ MALFORMED = [
     ("urlprefix-/apix strip=/api", "is not a prefix", "strip-not-on-segment-boundary"),
     ("urlprefix-/api strip=api", "strip='api' must start with '/'", "strip-without-slash"),
     ("urlprefix-/api strip=/", "strips nothing", "strip-root"),
-    ("urlprefix-/ proto=ftp", "proto='ftp' must be http or https", "proto-ftp"),
-    ("urlprefix-/ proto=tcp", "not supported", "proto-tcp"),
+    ("urlprefix-/ proto=ftp", "proto='ftp' must be http, https or tcp", "proto-ftp"),
+    ("urlprefix-/ proto=tcp", "write :PORT (a TCP listener) or HOST/", "proto-tcp-without-port-or-host"),
     ("urlprefix-/ proto=grpc", "not supported", "proto-grpc"),
     ("urlprefix-/ tlsskipverify=yes", "must be true or false", "tlsskipverify-not-boolean"),
     ("urlprefix-ex!ample.com/", "invalid host 'ex!ample.com'", "bad-host-char"),
@@ -175,6 +176,58 @@ class TestParseMalformedTags:
 
     def test_tag_error_is_a_value_error(self) -> None:
         assert issubclass(TagError, ValueError)
+
+
+def tcp(host: str = "", port: int = 0, /, **options: Any) -> RouteSpec:
+    """The RouteSpec of a TCP route (no path)."""
+    return RouteSpec(host=host, path="", options=RouteOptions(proto="tcp", **options), port=port)
+
+
+class TestTcpRoutes:
+    """`proto=tcp` routes (Fabio's syntax): `:PORT` for a TCP listener, `HOST/` for an SNI listener."""
+
+    @pytest.mark.parametrize(
+        ("tag", "expected"),
+        [
+            ("urlprefix-:6379 proto=tcp", tcp("", 6379)),
+            ("urlprefix-:6379   proto=tcp lb=hash", tcp("", 6379, lb="hash")),
+            ("urlprefix-Db.Example.com/ proto=tcp", tcp("db.example.com")),
+            ("urlprefix-*.example.com/ proto=tcp", tcp("*.example.com")),
+            ("urlprefix-:5432 proto=tcp pxyproto=v2", tcp("", 5432, proxy_protocol=2)),
+            ("urlprefix-:5432 proto=tcp pxyproto=v1", tcp("", 5432, proxy_protocol=1)),
+            ("urlprefix-:5432 proto=tcp pxyproto=true", tcp("", 5432, proxy_protocol=1)),
+            ("urlprefix-:5432 proto=tcp connect_timeout=0.5", tcp("", 5432, connect_timeout=0.5)),
+            ("urlprefix-:5432 proto=tcp allow=ip:10.0.0.0/8", tcp("", 5432, access=("allow", ("10.0.0.0/8",)))),
+            ("urlprefix-:5432 proto=tcp lb=hash hash_key=ip", tcp("", 5432, lb="hash", hash_on=("ip", ""))),
+            ("urlprefix-:5432 proto=tcp weight=0.25", tcp("", 5432, weight=0.25)),
+        ],
+        ids=["port", "port-with-lb", "sni-host-lower-cased", "sni-wildcard", "pxyproto-v2", "pxyproto-v1",
+             "pxyproto-true-is-fabio-v1", "connect-timeout", "allow", "hash-on-ip", "weight"],
+    )
+    def test_tcp_tag_to_route_spec(self, tag: str, expected: RouteSpec) -> None:
+        """A TCP route tag parses to a RouteSpec without a path."""
+        assert parse_route_tag(tag) == expected
+
+    @pytest.mark.parametrize(
+        ("tag", "message"),
+        [
+            ("urlprefix-:6379 proto=tcp strip=/a", "strip= has no meaning on a TCP route"),
+            ("urlprefix-:6379 proto=tcp header=X-A:1", "header= has no meaning on a TCP route"),
+            ("urlprefix-db.example.com/x proto=tcp", "a byte stream has no path"),
+            ("urlprefix-db.example.com proto=tcp", "write :PORT (a TCP listener) or HOST/"),
+            ("urlprefix-db.example.com:443/ proto=tcp", "write :PORT (a TCP listener) or HOST/"),
+            ("urlprefix-:0 proto=tcp", "invalid port"),
+            ("urlprefix-:6379 proto=tcp hash_key=header:x", "hash_key= on a TCP route can only be ip"),
+            ("urlprefix-:6379 proto=tcp pxyproto=v3", "pxyproto='v3' must be v1 or v2"),
+            ("urlprefix-/api pxyproto=v1", "the PROXY header is for TCP routes"),
+        ],
+        ids=["strip", "condition", "sni-with-path", "sni-without-slash", "sni-with-port", "port-zero",
+             "hash-on-header", "pxyproto-v3", "pxyproto-on-http"],
+    )
+    def test_refused(self, tag: str, message: str) -> None:
+        """A TCP route with an option a byte stream cannot honour, or a malformed target, is refused by name."""
+        with pytest.raises(TagError, match=re.escape(message)):
+            parse_route_tag(tag)
 
 
 class TestUnknownOptions:

@@ -138,7 +138,8 @@ def test_template_variables(dashboard: dict[str, Any]) -> None:
 
 SERVICE_LABELLED = ("requests_total", "request_duration_seconds", "upstream_duration_seconds",
                     "request_bytes_total", "response_bytes_total", "requests_in_flight", "upstream_instances",
-                    "upstream_up", "upstream_ejections_total", "upstream_retries_total")
+                    "upstream_up", "upstream_ejections_total", "upstream_retries_total", "tcp_connections",
+                    "tcp_connections_total", "tcp_bytes_total", "tcp_connect_duration_seconds")
 SELECTOR = re.compile(r"\b(ferryman_\w+?)(?:_bucket|_sum|_count)?\b(\{[^}]*\})?")
 
 

@@ -1,0 +1,158 @@
+"""Real peers for the TCP and TLS pass-through tests: Debian's redis-server, a TLS echo server with its own
+certificate, and a backend that reads a PROXY protocol v2 header; each counts the connections it accepted.
+
+Everything listens on 127.0.0.1 on a free port and is stopped by the test that started it (redis-server by its
+PID). Redis comes from .venv/bin (unpacked there by `make test-debs`) or from PATH.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+from .harness import REPO, free_port, wait_until
+
+
+def redis_binary(name: str) -> str:
+    """A Redis command from .venv/bin (make unpacks Debian's redis-tools there) or from PATH."""
+    local = REPO / ".venv" / "bin" / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"no {name}: run `make test-debs`, which unpacks Debian's redis-tools into .venv")
+    return found
+
+
+class Redis:
+    """A throwaway redis-server: no persistence, loopback only."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Redis:
+        self.proc = subprocess.Popen(
+            [redis_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        wait_until(lambda: self.command("PING") == "PONG", 10, f"redis-server on {self.port}")
+        return self
+
+    def command(self, *args: str, port: int | None = None) -> str:
+        """redis-cli's answer to one command, against this server or `port` (Ferryman's listener)."""
+        done = subprocess.run([redis_binary("redis-cli"), "-h", "127.0.0.1", "-p", str(port or self.port), *args],
+                              capture_output=True, timeout=10, check=False)
+        return done.stdout.decode().strip()
+
+    def clients(self) -> int:
+        """Client connections redis-server has accepted since it started (INFO stats)."""
+        for line in self.command("INFO", "stats").splitlines():
+            if line.startswith("total_connections_received:"):
+                return int(line.split(":")[1])
+        raise AssertionError("no total_connections_received in INFO stats")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+class LineServer:
+    """A threaded TCP server; `handle(conn)` serves one accepted connection. Counts what it accepted."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.accepted = 0
+        self._sock = socket.create_server(("127.0.0.1", self.port))
+        self._sock.settimeout(0.2)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def start(self) -> LineServer:
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            try:
+                self.handle(conn)
+            except (OSError, ssl.SSLError, ValueError):
+                pass  # the tests that close early or send garbage end here
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._thread.join(5)
+        self._sock.close()
+
+
+class TlsEcho(LineServer):
+    """TLS with its own certificate; answers each line with `<name> <line>`."""
+
+    def __init__(self, name: str, cert: Path, key: Path) -> None:
+        super().__init__()
+        self.name = name
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(cert), str(key))
+
+    def handle(self, conn: socket.socket) -> None:
+        with self.context.wrap_socket(conn, server_side=True) as tls:
+            reader = tls.makefile("rb")
+            for line in reader:
+                tls.sendall(f"{self.name} ".encode() + line)
+
+
+def read_proxy_v2(conn: socket.socket) -> tuple[str, int, str, int]:
+    """Read a PROXY protocol v2 header (HAProxy's spec, section 2.2) off `conn`: (source address, source port,
+    destination address, destination port)."""
+    head = _exactly(conn, 16)
+    if head[:12] != b"\r\n\r\n\x00\r\nQUIT\n" or head[12] != 0x21:
+        raise ValueError(f"not a PROXY v2 PROXY command: {head!r}")
+    family, length = head[13], struct.unpack("!H", head[14:16])[0]
+    body = _exactly(conn, length)
+    size = {0x11: 4, 0x21: 16}[family]
+    source = str(ipaddress.ip_address(body[:size]))
+    destination = str(ipaddress.ip_address(body[size:2 * size]))
+    sport, dport = struct.unpack("!HH", body[2 * size:2 * size + 4])
+    return source, sport, destination, dport
+
+
+def _exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise ValueError("closed inside the PROXY header")
+        data += chunk
+    return data
+
+
+class ProxyV2Backend(LineServer):
+    """Reads the PROXY v2 header Ferryman sends, then answers `source-ip source-port` and echoes the rest."""
+
+    def handle(self, conn: socket.socket) -> None:
+        source, sport, _, _ = read_proxy_v2(conn)
+        conn.sendall(f"{source} {sport}\n".encode())
+        while data := conn.recv(65536):
+            conn.sendall(data)
