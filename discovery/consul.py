@@ -21,6 +21,7 @@ client to another address.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -234,10 +235,14 @@ class ConsulClient:
             raise ConsulError("bad_response", f"health/service/{service} did not return a list")
         return _index(raw_index), data
 
-    async def checks(self, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]:
+    async def checks(self, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]] | None]:
         """(index, checks) from /v1/health/state/any of datacenter `dc`: every check of every node and
-        instance; blocks until one changes when index > 0."""
-        raw_index, data = await self._get("/v1/health/state/any", index, dc)
+        instance; blocks until one changes when index > 0. (index, None) when the query's wait ran out with
+        nothing changed (the same index): the answer is not decoded, since at 30,000 checks that alone is about
+        100 ms of CPU, at every wait (an idle cost)."""
+        raw_index, data = await self._get("/v1/health/state/any", index, dc, unchanged_at=index)
+        if data is _UNCHANGED:
+            return _index(raw_index), None
         if data is None:
             data = []
         if not isinstance(data, list):
@@ -245,7 +250,7 @@ class ConsulClient:
         return _index(raw_index), data
 
     async def _get(
-        self, path: str, index: int, dc: str, extra: Sequence[tuple[str, str]] = (),
+        self, path: str, index: int, dc: str, extra: Sequence[tuple[str, str]] = (), unchanged_at: int = 0,
     ) -> tuple[Any, Any]:
         """A read through py-consul's HTTP client with the parameters both Consul 1.8 and current releases
         take: index and wait (blocking), dc, stale, cached."""
@@ -256,8 +261,10 @@ class ConsulClient:
         params += self._consistency
         params += extra
 
+        decode = functools.partial(_indexed_json, unchanged_at=unchanged_at) if unchanged_at else _indexed_json
+
         def make(api: consul.aio.Consul) -> Awaitable[Any]:
-            return api.http.get(_indexed_json, path, params=params,  # type: ignore[no-any-return]
+            return api.http.get(decode, path, params=params,  # type: ignore[no-any-return]
                                 headers=api.prepare_headers(self._token))
 
         return await self._request(make)  # type: ignore[no-any-return]
@@ -434,13 +441,19 @@ class ConsulClient:
         return api
 
 
-def _indexed_json(response: Any) -> tuple[Any, Any]:
+_UNCHANGED: Final = object()  # a blocking read whose wait ran out at the index it asked with: not decoded
+
+
+def _indexed_json(response: Any, unchanged_at: int = 0) -> tuple[Any, Any]:
     """py-consul's answer callback, decoding with orjson: state/any of a large cluster is megabytes of JSON
     (30,000 checks: about 10 MB), read again at every change; the standard library's decoder was the biggest
-    share of a change's cost there. Status errors are py-consul's own (`CB._status`), as for every other read."""
+    share of a change's cost there. With `unchanged_at`, an answer at that same index (the wait ran out) is
+    _UNCHANGED, not decoded. Status errors are py-consul's own (`CB._status`), as for every other read."""
     CB._status(response, allow_404=True)
     if response.code == 404:
         return response.headers.get("X-Consul-Index"), None
+    if unchanged_at and response.headers.get("X-Consul-Index") == str(unchanged_at):
+        return response.headers["X-Consul-Index"], _UNCHANGED
     try:
         return response.headers["X-Consul-Index"], orjson.loads(response.body)
     except orjson.JSONDecodeError as exc:

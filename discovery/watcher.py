@@ -57,7 +57,8 @@ class CatalogSource(Protocol):
     @property
     def datacenters(self) -> tuple[str, ...]: ...
     async def services(self, index: int, dc: str = "") -> tuple[int, dict[str, list[str]]]: ...
-    async def checks(self, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]: ...
+    async def checks(self, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]] | None]:
+        """None: the same index as asked (the wait ran out), nothing to read."""
     async def health(self, service: str, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]: ...
 
 
@@ -288,8 +289,10 @@ class Watcher(_HandOver):
         self._wake.set()
 
     async def _checks_loop(self, dc: str) -> None:
-        def answered(answer: tuple[int, list[dict[str, Any]]]) -> None:
+        def answered(answer: tuple[int, list[dict[str, Any]] | None]) -> None:
             index, checks = answer
+            if checks is None:
+                return  # the wait ran out at the same index: nothing changed
             after = Checks.read(checks)
             # The indexes checks were written at (and this answer's, for checks removed): a catalog change at
             # one of them came with a check change.
@@ -306,7 +309,7 @@ class Watcher(_HandOver):
             self._dirty |= {(name, dc) for name in changed if name in wanted}
             self._wake.set()
 
-        async def fetch(index: int) -> tuple[int, tuple[int, list[dict[str, Any]]]]:
+        async def fetch(index: int) -> tuple[int, tuple[int, list[dict[str, Any]] | None]]:
             returned, checks = await _timed(self._on_request, "checks", self._source.checks(index, dc=dc))
             return returned, (returned, checks)
 

@@ -32,19 +32,28 @@ _MAX_BUFFERED: Final = 64 * 1024
 class LineBuffer:
     """Log lines collected in memory and written in batches; `urgent` lines flush the batch at once."""
 
-    __slots__ = ("_file", "_max", "_parts", "_size")
+    __slots__ = ("_file", "_max", "_parts", "_size", "wake")
 
     def __init__(self, file: BinaryIO, max_bytes: int = _MAX_BUFFERED) -> None:
         self._file = file
         self._max = max_bytes
         self._parts: list[bytes] = []
         self._size = 0
+        # Called when a line arrives in an empty buffer (the flusher's alarm): an idle process wakes for nothing.
+        self.wake: Callable[[], None] | None = None
 
     def add(self, line: bytes, urgent: bool) -> None:
+        if not self._parts and self.wake is not None:
+            self.wake()
         self._parts.append(line)
         self._size += len(line)
         if urgent or self._size >= self._max:  # max_bytes 0: every line is written at once
             self.flush()
+
+    @property
+    def waiting(self) -> bool:
+        """Lines are waiting to be written."""
+        return bool(self._parts)
 
     def flush(self) -> None:
         if self._parts:
@@ -124,15 +133,23 @@ def configure(
 
 
 def start_flushing(interval: float) -> asyncio.Task[None] | None:
-    """Flush buffered log lines every `interval` seconds on the running loop (None when not buffered).
-    Cancel the task to stop; call flush() once more at exit."""
+    """Flush buffered log lines at most `interval` seconds after the first one of a batch arrived, on the running
+    loop (None when not buffered); while nothing is logged the task sleeps without waking. Cancel the task to
+    stop; call flush() once more at exit."""
     buffer = _buffer
     if buffer is None or interval <= 0:
         return None
+    pending = asyncio.Event()
+    for each in (buffer, *_extra_buffers):
+        each.wake = pending.set
+        if each.waiting:
+            pending.set()  # lines logged before the flusher ran (start-up): they would not call wake again
 
     async def flusher() -> None:
         while True:
+            await pending.wait()
             await asyncio.sleep(interval)
+            pending.clear()
             buffer.flush()
             for extra in _extra_buffers:
                 extra.flush()
@@ -172,6 +189,8 @@ def access_writer(access_format: str = "json", path: str = "") -> AccessWriter:
     out = _json_out
     if path:
         out = LineBuffer(open(path, "ab"), max_bytes=_MAX_BUFFERED if _buffer is not None else 0)
+        if _buffer is not None:
+            out.wake = _buffer.wake  # the flusher's alarm, when it runs already (else start_flushing sets it)
         _extra_buffers.append(out)
     elif access_format != "json" and out is None:
         out = LineBuffer(sys.stdout.buffer, max_bytes=0)
