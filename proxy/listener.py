@@ -130,6 +130,7 @@ class ProxyServer:
         self._acceptor: ProxiedAcceptor | None = None  # a PROXY-protocol listener accepts by itself
         self._accepting: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._busy = asyncio.Event()  # set while there are connections to sweep
         self._refused = 0
         self._refused_logged_at = float("-inf")
 
@@ -137,6 +138,8 @@ class ProxyServer:
         """A new connection: tracked, or (over max_connections) refused with a 503 and Retry-After and closed
         at once, so the proxy stays responsive for the connections it has."""
         if len(self.connections) < self.cfg.limits.max_connections:
+            if not self.connections:
+                self._busy.set()  # the sweeper, asleep while there was no connection, runs again
             self.connections.add(conn)
             return True
         transport = conn.transport
@@ -177,6 +180,10 @@ class ProxyServer:
     async def _sweep(self) -> None:
         cfg = self.cfg
         while True:
+            if not self.connections:
+                # Nothing to time out: sleep until a connection comes (an idle worker does not wake each second).
+                self._busy.clear()
+                await self._busy.wait()
             await asyncio.sleep(cfg.limits.sweep_interval)  # read each time: a reload may shorten the timeouts
             now = cfg.loop.time()
             for conn in list(self.connections):
