@@ -31,6 +31,7 @@ import yaml
 from .engine import REPO, STATE, UNPACKED, DockerEngine
 
 LABEL = "org.ferryman.standin.recipe"
+RECIPE_VERSION = "1"  # part of every recipe's hash: raise it when how the images are made changes
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 # What is removed from a fresh root filesystem before it becomes an image: nothing a container runs needs it.
 TRIM = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/info",
@@ -137,7 +138,7 @@ def _digest(*parts: str | Path) -> str:
 
 def rootfs_key(rootfs: Rootfs, codename: str) -> str:
     files = [p for item in sorted(rootfs.files.items()) for p in (item[0], item[1])]
-    return _digest(Path(__file__), codename, rootfs.tag, *rootfs.include, *rootfs.changes, *files)
+    return _digest(RECIPE_VERSION, codename, *TRIM, rootfs.tag, *rootfs.include, *rootfs.changes, *files)
 
 
 def built_key(image: Built, base_key: str) -> str:

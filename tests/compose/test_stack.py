@@ -68,6 +68,8 @@ def _everything_ready(stack: ComposeStack) -> list[str] | None:
     for service in sorted(SERVICES):
         state = containers.get(service, {}).get("State", {})
         health = state.get("Health", {}).get("Status", "none")
+        if state.get("Status") == "exited" and containers[service]["HostConfig"]["RestartPolicy"]["Name"] in ("", "no"):
+            raise AssertionError(f"{service} exited with code {state['ExitCode']}:\n{stack.logs(40)}")
         if not state.get("Running") or health not in ("healthy", "none"):
             not_ready.append(f"{service}: {state.get('Status', 'no container')}, health {health}")
     if not_ready:
@@ -86,8 +88,15 @@ def _everything_ready(stack: ComposeStack) -> list[str] | None:
 
 @pytest.fixture(scope="module")
 def ready(stack: ComposeStack) -> ComposeStack:
-    stack.wait("every service up, healthy and routed", 180, lambda: _everything_ready(stack) is None)
+    wait_everything_ready(stack, 180)
     return stack
+
+
+def wait_everything_ready(stack: ComposeStack, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (pending := _everything_ready(stack)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert pending is None, f"not ready within {timeout:.0f} s: {pending}\n{stack.logs()}"
 
 
 class TestTheStackUp:
@@ -282,7 +291,7 @@ def test_sigterm_drains_ferryman_within_its_grace_period(ready: ComposeStack) ->
     assert state["ExitCode"] == 0 and not state["OOMKilled"], state
     assert took < grace, f"stop took {took:.1f} s: killed at the end of the grace period"
     ready.compose("start", "ferryman")
-    ready.wait("ferryman healthy again", 60, lambda: _everything_ready(ready) is None)
+    wait_everything_ready(ready, 60)
 
 
 def test_down_leaves_nothing_behind(ready: ComposeStack) -> None:
