@@ -2,8 +2,8 @@
 
 `docker-compose config` (Debian's docker-compose package, installed by `make test`) validates the compose file
 and prints it normalized (relative paths made absolute, anchors merged); the checks below read that output. The
-Dockerfile is parsed here instruction by instruction. Building the images and `docker compose up` need an engine
-and are not run by the test suite.
+Dockerfile is parsed here instruction by instruction. Building the images and running the stack need an engine:
+tests/compose does that (`make compose-test`).
 """
 
 from __future__ import annotations
