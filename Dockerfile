@@ -21,7 +21,8 @@ COPY pyproject.toml README.md ./
 COPY discovery ./discovery
 COPY proxy ./proxy
 RUN /opt/ferryman/bin/pip install --no-cache-dir . \
- && /opt/ferryman/bin/python -c "import importlib.resources as r; assert r.files('proxy').joinpath('static/status.html').is_file()"
+ && /opt/ferryman/bin/python -c "import importlib.resources as r; assert r.files('proxy').joinpath('static/status.html').is_file()" \
+ && cd / && /opt/ferryman/bin/python -c "import proxy.app, proxy.workers, proxy.cli"
 
 # Runtime base: the virtual environment only (no sources, no pip cache), run as an unprivileged user.
 FROM ${PYTHON_IMAGE} AS runtime

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CONSUL := $(VENV)/bin/consul
 SHARED_ENSURE_CONSUL := ../shared/bin/ensure-consul
 
-.PHONY: demo test test-debs bench bench-debs bench-scale lint clean consul venv
+.PHONY: demo test test-debs compose-debs compose-test bench bench-debs bench-scale lint clean consul venv
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ferryman needs Python 3.11 or newer")'
@@ -146,7 +146,26 @@ test-debs: $(VENV)/bin/promtool $(VENV)/bin/nghttp $(VENV)/bin/redis-server
 	$(call APT_ENSURE,$(TEST_APT_DEBS))
 
 test: $(VENV)/.installed $(CONSUL) test-debs
-	CONSUL_BIN=$(abspath $(CONSUL)) $(PY) -m pytest -q
+	CONSUL_BIN=$(abspath $(CONSUL)) $(PY) -m pytest -q --ignore=tests/compose
+	$(MAKE) --no-print-directory compose-test
+
+# The compose stack for real (issue 20): tests/compose starts a Docker engine of its own (Debian's dockerd with
+# containerd, runc, tini and iptables, unpacked into .venv/debs like prometheus: installed, docker.io would start
+# and enable the system's docker service), builds stand-ins for the public images from Debian packages with
+# debootstrap (also unpacked; it runs from .venv/debs with DEBOOTSTRAP_DIR), then Ferryman's images from the
+# Dockerfile, and runs docker-compose.yml with Debian's docker-compose. The engine's state (images, the stand-ins,
+# debootstrap's .debs) lives under /var/tmp/ferryman-docker, so a second run reuses it. Root is needed (dockerd).
+COMPOSE_BINS := $(VENV)/bin/dockerd $(VENV)/bin/debootstrap
+
+$(VENV)/bin/dockerd: | $(VENV)/.installed
+	$(UNPACK_DEB) docker.io dockerd docker-proxy containerd containerd-shim-runc-v2 runc docker-init xtables-nft-multi
+$(VENV)/bin/debootstrap: | $(VENV)/.installed
+	$(UNPACK_DEB) debootstrap debootstrap
+
+compose-debs: $(COMPOSE_BINS)
+
+compose-test: $(VENV)/.installed $(CONSUL) test-debs compose-debs
+	CONSUL_BIN=$(abspath $(CONSUL)) $(PY) -m pytest -q tests/compose $(PYTEST_ARGS)
 
 # The benchmark (issue 3): Ferryman beside nginx, HAProxy and Caddy, through a real Consul agent, on loopback.
 # Debian's wrk, nginx-light, haproxy and caddy are unpacked into .venv like prometheus (installed, nginx,

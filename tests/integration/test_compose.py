@@ -1,7 +1,7 @@
 """What the compose stack runs, run here without Docker: the image's healthcheck command against a real Ferryman,
 and demo/backend.py the way docker-compose.yml starts it (an HTTP check Consul runs against GET /health) against
 a real Consul agent and Ferryman. The compose file and the Dockerfile themselves are checked statically by
-tests/unit/test_compose.py; building the images and `docker compose up` need a Docker engine.
+tests/unit/project/test_compose.py; tests/compose builds the images and runs the stack on a Docker engine.
 """
 
 from __future__ import annotations

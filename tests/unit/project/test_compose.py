@@ -2,8 +2,8 @@
 
 `docker-compose config` (Debian's docker-compose package, installed by `make test`) validates the compose file
 and prints it normalized (relative paths made absolute, anchors merged); the checks below read that output. The
-Dockerfile is parsed here instruction by instruction. Building the images and `docker compose up` need an engine
-and are not run by the test suite.
+Dockerfile is parsed here instruction by instruction. Building the images and running the stack need an engine:
+tests/compose does that (`make compose-test`).
 """
 
 from __future__ import annotations
@@ -402,11 +402,22 @@ def test_dockerfile_installs_ferryman_non_editable_with_what_pyproject_needs() -
     assert "." in words and "-e" not in words and "--editable" not in words, install.group(0)
     assert "--no-cache-dir" in words
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    needed = {"pyproject.toml", pyproject["project"]["readme"], *pyproject["tool"]["setuptools"]["packages"]}
+    packages = pyproject["tool"]["setuptools"]["packages"]
+    needed = {"pyproject.toml", pyproject["project"]["readme"], *(p.split(".")[0] for p in packages)}
     copied = {src.rstrip("/") for c in build.copies for src in c.sources}
     assert needed <= copied, f"the build stage does not copy {sorted(needed - copied)}"
     runtime = dockerfile.stages[1]
     assert [(c.from_stage, c.sources) for c in runtime.copies] == [("build", ["/opt/ferryman"])]
+
+
+def test_pyproject_lists_every_package_a_regular_install_needs() -> None:
+    """Each directory of discovery/ and proxy/ with an __init__.py is a listed package: pip install . (the
+    image) installs only those, and a missing subpackage fails at import inside the container."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    found = {init.parent.relative_to(REPO).as_posix().replace("/", ".")
+             for top in ("discovery", "proxy") for init in (REPO / top).rglob("__init__.py")}
+    assert found == listed
 
 
 def _dockerignore_regex(pattern: str) -> re.Pattern[str]:

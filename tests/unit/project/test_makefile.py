@@ -15,7 +15,7 @@ import pytest
 MAKEFILE = Path(__file__).resolve().parents[3] / "Makefile"
 # Debian packages whose installation starts (and enables) a system service: a systemd unit or an init script.
 SHIP_A_SERVICE = ("prometheus", "nginx", "nginx-light", "nginx-core", "nginx-full", "nginx-common", "haproxy",
-                  "caddy", "docker.io", "consul", "grafana")
+                  "caddy", "docker.io", "containerd", "consul", "grafana")
 
 
 def _text() -> str:
@@ -83,3 +83,17 @@ def test_the_apt_installed_packages_ship_no_service(package: str) -> None:
         pytest.skip(f"{package} is not installed here")
     services = [f for f in listing.stdout.splitlines() if re.search(r"/systemd/system/|^/etc/init\.d/", f)]
     assert services == []
+
+
+def test_the_compose_test_unpacks_its_engine_and_debootstrap_and_make_test_runs_it() -> None:
+    """`make compose-test` unpacks docker.io (with containerd, runc, tini, iptables) and debootstrap into .venv;
+    `make test` runs it after the rest of the suite, which leaves tests/compose to it."""
+    text = _text()
+    assert re.search(r"^\t\$\(UNPACK_DEB\) docker\.io dockerd .*containerd .*runc docker-init xtables-nft-multi$",
+                     text, re.M)
+    assert re.search(r"^\t\$\(UNPACK_DEB\) debootstrap debootstrap$", text, re.M)
+    recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", text, re.M)
+    assert recipe, "no test target"
+    lines = recipe.group(1).splitlines()
+    assert "--ignore=tests/compose" in lines[0] and lines[-1].strip().endswith("compose-test")
+    assert re.search(r"^compose-test:.*compose-debs", text, re.M)
