@@ -182,6 +182,8 @@ class RawH2:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
         self.h2.initiate_connection()
+        # The connection's window wide open, as real clients keep it: a stream not read holds only its own.
+        self.h2.increment_flow_control_window(2**30)
         self.events: list[Event] = []
         self.acknowledge: set[int] = set()  # streams whose DATA is acknowledged (the others' windows stay shut)
         self.sock.sendall(self.h2.data_to_send())
@@ -216,12 +218,14 @@ class RawH2:
 
 
 def metric(proxy: FerrymanProcess, name: str, **labels: str) -> float:
+    """One series' value on the admin port's /metrics (0 when absent), whatever order its labels come in."""
     with urllib.request.urlopen(f"{proxy.admin_url}/metrics", timeout=5) as answer:
         text = answer.read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    want = {f'{k}="{v}"' for k, v in labels.items()}
     for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}} "):
-            return float(line.rsplit(" ", 1)[1])
+        series, _, value = line.rpartition(" ")
+        if series.startswith(name + "{") and set(series[len(name) + 1:-1].split(",")) == want:
+            return float(value)
     return 0.0
 
 
@@ -374,7 +378,7 @@ class TestUnavailable:
         instance = f"grpc-sick-{next(_ids)}"
         consul.register("grpc-sick", instance, free_port(), ["urlprefix-/sick.Service proto=grpc"])
         proxy.wait_instances("grpc-sick@*any*/sick.Service", [instance])
-        consul.ttl(instance, "fail")
+        consul.ttl(instance, "critical")
         try:
             proxy.wait_instances("grpc-sick@*any*/sick.Service", [])
             with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as ch, pytest.raises(grpc.RpcError) as caught:
