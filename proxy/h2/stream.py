@@ -8,8 +8,10 @@ upstream's socket is full (`pause_body`) or no upstream has the request yet, not
 client can never have more in flight than the window it was given. Neither a slow client nor a slow upstream
 grows memory past a window per stream.
 
-Errors the proxy answers itself go out as a short text body (as over HTTP/1.1); a cut after the head went out
-is a RST_STREAM of this stream only, never the connection.
+Errors the proxy answers itself go out as a short text body (as over HTTP/1.1), or as a trailers-only gRPC
+answer to a gRPC call; a cut after the head went out is a RST_STREAM of this stream only, never the connection.
+An HTTP/2 upstream's trailers (proto=grpc routes: proxy/h2/grpc.py) end the stream as a HEADERS frame with
+END_STREAM after the DATA still waiting (`send_trailers`).
 """
 
 from __future__ import annotations

@@ -329,7 +329,7 @@ class TestStatuses:
     def test_grpc_timeout_is_passed_on(self, channel: Any) -> None:
         """The instance sees the caller's deadline (grpc-timeout forwarded)."""
         left = float(unary(channel, "/pkg.Service/Remaining")(b"", timeout=5))
-        assert 0 < left <= 5
+        assert 3 < left <= 6  # grpc-timeout is written with a few digits: grpcio rounds it up a little
 
     def test_a_deadline_exceeded_at_the_upstream(self, channel: Any) -> None:
         """A call slower than its deadline ends DEADLINE_EXCEEDED."""
