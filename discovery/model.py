@@ -40,8 +40,9 @@ class Endpoint:
         object.__setattr__(self, "authority", f"{host}:{self.port}")
 
 
-# tcp: a byte stream relayed to the instances (TCP and TLS pass-through routes, proxy/tcp/).
-Proto = Literal["http", "https", "tcp"]
+# grpc / grpcs: HTTP/2 to the instances, without / with TLS (proxy/h2/upstream.py); tcp: a byte stream relayed to
+# the instances (TCP and TLS pass-through routes, proxy/tcp/).
+Proto = Literal["http", "https", "grpc", "grpcs", "tcp"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,7 @@ class RouteOptions:
     hash_on: tuple[str, str] | None = None  # hash_key=: ("ip", ""), ("header", lower-case name), ("cookie", name)
     sticky: str | None = None  # sticky=: session cookie name
     max_body: int = 0  # maxbody=: request body limit in bytes; 0: the service's or the global one
-    sni: str | None = None  # sni=: TLS server name for proto=https
+    sni: str | None = None  # sni=: TLS server name for proto=https and proto=grpcs
     methods: frozenset[str] = frozenset()  # method=GET|HEAD; empty: any method
     conditions: tuple[Condition, ...] = ()  # header=, cookie=, query=, in that order
     exact: bool = False  # exact=true: the path must be the whole request path

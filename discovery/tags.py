@@ -386,10 +386,9 @@ def _route_option(key: str, value: str, path: str) -> tuple[str, Any]:
             raise TagError(f"strip={value!r} is not a prefix of the route path {path!r}")
         return "strip", value
     if key == "proto":
-        if value == "grpc" or value == "grpcs":
-            raise TagError(f"proto={value} is not supported; Ferryman proxies HTTP and TCP")
-        if value not in ("http", "https", "tcp"):
-            raise TagError(f"proto={value!r} must be http, https or tcp")
+        # grpc: HTTP/2 without TLS (h2c) to the instances; grpcs: HTTP/2 over TLS (ALPN h2), as Fabio's.
+        if value not in ("http", "https", "grpc", "grpcs", "tcp"):
+            raise TagError(f"proto={value!r} must be http, https, grpc, grpcs or tcp")
         return "proto", value
     if key == "pxyproto":
         # Fabio's pxyproto=true sends version 1, the text form.

@@ -41,6 +41,7 @@ from .compression import Compression
 from .config import ConfigError, HostPort, Settings, parse_route_entry, reloaded
 from .h1.upstream import UpstreamPool
 from .h2.limits import H2Limits
+from .h2.upstream import H2UpstreamPool
 from .headers import TrustedProxies
 from .listener import ListenerLimits, ProxyContext, ProxyServer, Router
 from .metrics import Metrics, StateCollector
@@ -209,6 +210,10 @@ class Ferryman:
             keepalive=settings.upstream.keepalive,
             idle_timeout=settings.upstream.idle_timeout,
             ca_file=settings.upstream.ca_file,
+        )
+        self.upstream.h2 = self.h2_upstream = H2UpstreamPool(
+            connect_timeout=settings.upstream.connect_timeout, idle_timeout=settings.upstream.idle_timeout,
+            max_connections=settings.upstream.grpc_max_connections, ca_file=settings.upstream.ca_file,
         )
         self.routing = Routing(self.router, self.pools, self.upstream, self.metrics,
                                RoutedWorld(parts=(RoutePart.declared("file", settings.routes),)))
@@ -399,6 +404,8 @@ class Ferryman:
             self._source.reload()
         self.upstream.connect_timeout, self.upstream.keepalive, self.upstream.idle_timeout = (
             s.upstream.connect_timeout, s.upstream.keepalive, s.upstream.idle_timeout)
+        self.h2_upstream.connect_timeout, self.h2_upstream.idle_timeout, self.h2_upstream.max_connections = (
+            s.upstream.connect_timeout, s.upstream.idle_timeout, s.upstream.grpc_max_connections)
         self.pools.configure(s.service_overrides(), s.health)
         if "routes" in changed:
             self.routing.update(self.world.with_part(RoutePart.declared("file", s.routes)))  # the file's new [[routes]]

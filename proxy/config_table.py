@@ -203,6 +203,8 @@ KEYS: Final[tuple[Key, ...]] = (
         "instances tried per request on connection failures (capped by the pool size)"),
     Key("upstream_keepalive", int, 64, "upstream.keepalive", _between(0, 100_000), LIVE,
         "idle keep-alive connections kept per upstream instance"),
+    Key("grpc_max_connections_per_instance", int, 4, "upstream.grpc_max_connections", _between(1, 1000), LIVE,
+        "HTTP/2 connections per instance of proto=grpc / grpcs routes (each carries up to 100 streams)"),
     Key("upstream_idle_timeout", float, 30.0, "upstream.idle_timeout", _positive, LIVE,
         "seconds an idle upstream keep-alive connection is kept"),
     Key("shutdown_timeout", float, 10.0, "timeouts.shutdown", _between(0, 3600), LIVE,

@@ -31,6 +31,7 @@ from .errors import (
     ServiceOverloaded,
     ToHttps,
     Unauthorized,
+    VersionNotSupported,
 )
 from .h1.head import BODY_NONE, Request
 from .headers import TrustedProxies
@@ -119,6 +120,10 @@ def plan(
         if route.shares:
             route = _shared_side(route, pools, rng.random())
         result.service = service = route.service
+        if route.grpc and not req.http2:
+            # The instances speak HTTP/2 only (gRPC's framing and trailers have no HTTP/1.1 form here).
+            raise VersionNotSupported("this route speaks gRPC (HTTP/2 only): connect with HTTP/2 (h2c prior "
+                                      "knowledge, or ALPN h2 over TLS)")
         if route.access is not None:
             _check_access(route.access, req, limits, client, "the route's")
         # The path as routed is the path forwarded (Fabio, nginx and Envoy do the same): a backend that does not

@@ -58,6 +58,10 @@ class Downstream(Protocol):
         extra: tuple[tuple[bytes, bytes], ...], route: Route,
     ) -> None: ...
     def send_body(self, data: bytes) -> None: ...
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """The answer's last fields, which end it (HTTP/2: a HEADERS frame with END_STREAM); before any head was
+        sent, `fields` hold `:status` too: a trailers-only answer (gRPC's errors)."""
+
     def write(self, data: bytes) -> None:
         """Raw bytes to the client (a tunnel's)."""
 
@@ -148,6 +152,11 @@ class Exchange:
             self._answer(NoHealthyEndpoint(f"no healthy instance of service {self.service!r}"))
             return
         tried.add(endpoint.key)
+        self.dial(endpoint, now)
+
+    def dial(self, endpoint: Endpoint, now: float) -> None:
+        """Send to the instance: on an idle keep-alive connection at once, else once a new one is open (an
+        HTTP/2 upstream's exchange, proxy/h2/grpc.py, takes a stream instead)."""
         route = self.route
         key: PoolKey = (route.scheme, endpoint.address, endpoint.port, route.tls_skip_verify, route.sni)
         conn = None if self.fresh else self.ctx.upstream.take_idle(key, now)

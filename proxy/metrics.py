@@ -56,6 +56,13 @@ _WORKER_GLOB: Final = "requests-*.json"
 
 _K = TypeVar("_K")
 
+# gRPC status codes by number (grpc/doc/statuscodes.md), as the grpc-status field carries them.
+_GRPC_CODES: Final = {str(number).encode(): name for number, name in enumerate((
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+))}
+
 _REQUESTS: Final = ("ferryman_requests", "Requests answered, by service, route, method and status code.")
 _REQUEST_DURATION: Final = (
     "ferryman_request_duration_seconds",
@@ -135,6 +142,12 @@ class Metrics:
             "pass-through connection, by service (successful connects).", ["service"], buckets=DURATION_BUCKETS,
             registry=r,
         )
+        # gRPC calls (HTTP/2 streams with a grpc-status): counted by the status's name, from a fixed set.
+        self.grpc_responses = Counter(
+            "ferryman_grpc_responses", "gRPC calls answered, by service and gRPC status (OK, UNAVAILABLE, ...): the "
+            "instance's grpc-status or the proxy's own.", ["service", "code"], registry=r,
+        )
+        self._grpc: dict[tuple[str, bytes], Any] = {}  # (service, grpc-status as sent) -> its counter child
         # Known label values start at 0, so the first error shows in rate() and dashboards show 0, not "no data".
         for reason in ERROR_REASONS:
             self.discovery_errors.labels(reason)
@@ -162,6 +175,14 @@ class Metrics:
                 sums = self._bytes[service] = [0, 0]
             sums[0] += request_bytes
             sums[1] += response_bytes
+
+    def observe_grpc(self, service: str, code: bytes) -> None:
+        """One gRPC call answered with grpc-status `code` (any other value than gRPC's 17 counts as UNKNOWN)."""
+        key = (service, code if code in _GRPC_CODES else b"2")
+        child = self._grpc.get(key)
+        if child is None:
+            child = self._grpc[key] = self.grpc_responses.labels(service, _GRPC_CODES[key[1]])
+        child.inc()
 
     def new_service(self, service: str) -> None:
         """A routed service appeared: its retry, ejection and body-byte counters start at 0 (a service that

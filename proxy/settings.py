@@ -94,6 +94,7 @@ class UpstreamSettings:
     idle_timeout: float
     ca_file: str  # "" for the system store
     max_attempts: int  # instances tried per request
+    grpc_max_connections: int = 4  # HTTP/2 connections per instance of proto=grpc / grpcs routes
 
 
 @dataclass(frozen=True, slots=True)

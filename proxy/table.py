@@ -75,7 +75,7 @@ class Route:
     scheme: str = "http"
     tls_skip_verify: bool = False
     max_body: int = 0  # request body limit in bytes (tag option maxbody=); 0: the service's or the global one
-    sni: str = ""  # TLS server name for proto=https upstreams (tag option sni=); "": the instance's address
+    sni: str = ""  # TLS server name for proto=https and grpcs upstreams (tag option sni=); "": the instance's address
     exact: bool = False  # the path must be the whole request path, not a prefix
     methods: frozenset[str] = frozenset()  # empty: any method
     conditions: tuple[Condition, ...] = ()  # header, cookie and query conditions, all of which must hold
@@ -109,8 +109,10 @@ class Route:
     # A glob route's compiled pattern; an iprefix route's path in lower case.
     glob: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
     folded: str = field(default="", compare=False, repr=False)
+    grpc: bool = field(default=False, compare=False, repr=False)  # proto=grpc(s): HTTP/2 to the instances
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "grpc", self.scheme == "grpc" or self.scheme == "grpcs")
         if self.matcher == "glob":
             object.__setattr__(self, "glob", compile_glob(self.path))
         elif self.matcher == "iprefix":

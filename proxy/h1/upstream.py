@@ -16,11 +16,14 @@ import asyncio
 import ssl
 import time
 from collections.abc import Collection, Container
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import httptools
 
 from ..errors import ProxyError, UpstreamConnectError, UpstreamConnectTimeout, UpstreamProtocolError
+
+if TYPE_CHECKING:
+    from ..h2.upstream import H2UpstreamPool
 
 # How a response body is delimited, as far as the relay is concerned.
 FRAMING_NONE: Final = 0  # HEAD, 1xx, 204, 304: no body whatever the headers say
@@ -332,6 +335,9 @@ class UpstreamPool:
         self._ssl_verified: ssl.SSLContext | None = None
         self.read_buffer = memoryview(bytearray(READ_SIZE))  # every connection of this pool reads into it
         self._ssl_unverified: ssl.SSLContext | None = None
+        # HTTP/2 connections to the instances of proto=grpc / grpcs routes (set by the app); drained and closed
+        # with these.
+        self.h2: H2UpstreamPool | None = None
 
     def take_idle(self, key: PoolKey, now: float) -> UpstreamConnection | None:
         """An idle keep-alive connection to the instance, most recently used first (no await: the fast path)."""
@@ -365,6 +371,8 @@ class UpstreamPool:
         their own connections, and are not pooled again). `live` is the pools' view of the instances in use,
         kept up to date by them; `gone` the addresses that left it since the last call."""
         self._live = live
+        if self.h2 is not None:
+            self.h2.close_idle_to(gone, live)
         if not gone:
             return
         for key in [k for k in self._idle if (k[1], k[2]) in gone]:
@@ -383,6 +391,8 @@ class UpstreamPool:
             if conn.transport is not None:
                 conn.transport.close()
         self._idle.clear()
+        if self.h2 is not None:
+            self.h2.close()
 
     async def connect(self, key: PoolKey, timeout: float = 0.0) -> UpstreamConnection:
         """A new connection to the instance, within `timeout` (the service's own connect timeout) or else

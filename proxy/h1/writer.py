@@ -92,6 +92,11 @@ class ResponseWriter(asyncio.Protocol):
             self._chunked_out = False
         self.flush()
 
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """Never called: only HTTP/2 upstreams (proto=grpc) send trailers, and HTTP/1.1 clients are refused
+        those routes (dispatch)."""
+        self.end()
+
     def abort(self) -> None:
         """Cut the connection with a TCP reset (SO_LINGER 0): a plain close sends FIN, which a client reading
         a close-delimited body takes for a complete response."""

@@ -5,7 +5,7 @@ or by opening with the connection preface on the plain one (h2c with prior knowl
 hands its transport over (see h1/client.py). The `h2` library (sans-IO) parses and frames; this class turns its
 events into requests and flow control and writes what the library has to send once per read or upstream read.
 Each request head is planned exactly as over HTTP/1.1 (`dispatch.plan`) and runs an `Exchange` to an HTTP/1.1
-upstream, with its `Stream` as the exchange's Downstream.
+upstream (a `GrpcExchange` to an HTTP/2 one on proto=grpc routes), with its `Stream` as the exchange's Downstream.
 
 Protections, each a setting (`H2Limits`): streams beyond max_concurrent_streams are refused (REFUSED_STREAM);
 the header list (decoded size), frame size and HPACK table are advertised in SETTINGS and enforced by the

@@ -8,8 +8,10 @@ upstream's socket is full (`pause_body`) or no upstream has the request yet, not
 client can never have more in flight than the window it was given. Neither a slow client nor a slow upstream
 grows memory past a window per stream.
 
-Errors the proxy answers itself go out as a short text body (as over HTTP/1.1); a cut after the head went out
-is a RST_STREAM of this stream only, never the connection.
+Errors the proxy answers itself go out as a short text body (as over HTTP/1.1), or as a trailers-only gRPC
+answer to a gRPC call; a cut after the head went out is a RST_STREAM of this stream only, never the connection.
+An HTTP/2 upstream's trailers (proto=grpc routes: proxy/h2/grpc.py) end the stream as a HEADERS frame with
+END_STREAM after the DATA still waiting (`send_trailers`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..h1.head import SANE_REQUEST_ID, new_request_id
 from ..headers import error_body_size
 from ..logs import request_log
 from ..metrics import NO_ROUTE, NO_SERVICE
+from .grpc import GrpcExchange
 from .head import grpc_error_fields, is_grpc, response_fields
 
 if TYPE_CHECKING:
@@ -61,6 +64,7 @@ class Stream:
         "pending_size",
         "req",
         "sent_all",
+        "trailers",
         "trusted",
         "unacked",
         "writing_paused",
@@ -77,6 +81,7 @@ class Stream:
         self.pending: collections.deque[bytes] = collections.deque()  # answer bytes the windows hold back
         self.pending_size = 0
         self.ending = False  # END_STREAM goes after what is pending
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # the HEADERS frame that carries END_STREAM, if any
         self.sent_all = False  # END_STREAM sent (or the stream was reset): the answer is over on the wire
         self.unacked = 0  # request body bytes received and not yet acknowledged (flow-controlled length)
 
@@ -100,6 +105,13 @@ class Stream:
         self.pump()
         if self.pending_size > _HIGH and not self.writing_paused:
             self.pause_upstream()
+
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """The answer ends with these fields (an HTTP/2 upstream's trailers, or a whole trailers-only answer),
+        sent after what the windows still hold back."""
+        if not self.closing:
+            self.trailers = fields
+            self.end()
 
     def flush(self) -> None:
         self.conn.flush()
@@ -211,7 +223,10 @@ class Stream:
                 h2.send_data(sid, chunk)
             if self.ending and not self.sent_all:
                 self.sent_all = True
-                h2.end_stream(sid)
+                if self.trailers is not None:
+                    h2.send_headers(sid, self.trailers, end_stream=True)
+                else:
+                    h2.end_stream(sid)
                 if not self.req.body_done:
                     # RFC 9113 §8.1: the answer is complete before the request; the rest of it is not wanted.
                     h2.reset_stream(sid, ErrorCodes.NO_ERROR)
@@ -237,7 +252,9 @@ class Stream:
                                     decision.route_id)
                 return
             assert decision.route is not None and decision.pool is not None
-            exchange = self.exchange = Exchange(
+            # A route whose instances speak HTTP/2 (proto=grpc, grpcs) takes a stream to one of them.
+            kind = GrpcExchange if decision.route.grpc else Exchange
+            exchange = self.exchange = kind(
                 self, req, decision.route, decision.pool, decision.target, started, decision.path,
                 decision.service,
             )
@@ -257,17 +274,18 @@ class Stream:
         if err.status >= 400:
             request_log(req, "warning", "proxy_error", status=err.status, reason=err.reason, error=err.message,
                         service=service, upstream=err.upstream, method=req.method, path=path)
-        sent = self.send_error(req, err)
+        sent = self.send_error(req, err, service)
         record(self.ctx, req, service, route_id, err.status, started, err.upstream, sent, path, None, self.peer_text)
         self.finished()
 
-    def send_error(self, req: Request, err: ProxyError) -> int:
+    def send_error(self, req: Request, err: ProxyError, service: str) -> int:
         """The proxy's own answer on this stream; the body bytes sent, for the access line."""
         if self.closing:
             return 0
         if is_grpc(req):
-            self.conn.send_headers(self.id, grpc_error_fields(err.status, err.public_message, req.request_id),
-                                   end_stream=True)
+            fields = grpc_error_fields(err.status, err.public_message, req.request_id)
+            self.ctx.metrics.observe_grpc(service, fields[2][1])  # grpc-status
+            self.conn.send_headers(self.id, fields, end_stream=True)
             return 0
         body = f"{err.status} {err.public_message}\n".encode()
         fields = [

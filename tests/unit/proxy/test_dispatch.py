@@ -145,3 +145,20 @@ class TestHashKey:
     def test_hash_key(self, hash_on: tuple[str, str], headers: tuple[tuple[bytes, bytes], ...],
                       expected: str | None) -> None:
         assert hash_key(request(extra=headers), "10.0.0.1", hash_on) == expected
+
+
+class TestGrpcRoutes:
+    """A route whose instances speak HTTP/2 (proto=grpc) takes HTTP/2 streams only."""
+
+    GRPC_TABLE, GRPC_POOLS = world(svc=(["urlprefix-/pkg.Service proto=grpc"], 1))
+
+    @pytest.mark.parametrize("http2", [False, True], ids=["http1-refused-505", "http2-forwarded"])
+    def test_only_http2_reaches_the_instances(self, http2: bool) -> None:
+        req = request(b"/pkg.Service/Call", method="POST", extra=((b"Content-Type", b"application/grpc"),))
+        req.http2 = http2
+        result = decide(req, table=self.GRPC_TABLE, pools=self.GRPC_POOLS)
+        if http2:
+            assert result.error is None and result.route is not None and result.route.grpc
+        else:
+            assert result.error is not None and result.error.status == 505
+            assert "HTTP/2" in result.error.message

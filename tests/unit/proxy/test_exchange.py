@@ -128,6 +128,9 @@ class FakeClient:
     def end(self) -> None:
         self.events.append(("end",))
 
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        self.events.append(("trailers", fields))
+
     def abort(self) -> None:
         self.events.append(("abort",))
 
