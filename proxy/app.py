@@ -263,14 +263,10 @@ class Ferryman:
                 on_tls_kv=lambda values: self._tls_kv(s.tls.kv_prefix, values),
             )
             return self._source
-        if s.static_file:
-            static = StaticWatcher(s.static_file, self._snapshot, prefix=s.consul.tag_prefix, matcher=s.path_matcher)
-            self._source = self.routing.source = static
-            try:
-                static.load()
-            except StaticError as exc:
-                raise ConfigError(f"static_file: {exc}") from exc
-            return static
+        if s.static_file:  # (the source is in place before the file's first snapshot arrives)
+            static = self._source = self.routing.source = StaticWatcher(
+                s.static_file, self._snapshot, prefix=s.consul.tag_prefix, matcher=s.path_matcher)
+            return load_static(static)
         self._consul = await consul_client(s)
         watcher = Watcher(
             self._consul, self._snapshot, prefix=s.consul.tag_prefix, matcher=s.path_matcher,
@@ -484,3 +480,12 @@ async def start_tcp_listeners(s: Settings, ctx: TcpContext, servers: list[TcpSer
         server = TcpServer(ctx, sni=sni, port=address.port, address=str(address))
         servers.append(server)
         await server.start(address.host, reuse_port=reuse_port)
+
+
+def load_static(static: StaticWatcher) -> StaticWatcher:
+    """The static provider, its file loaded once: a file that does not load is a config error (exit 2)."""
+    try:
+        static.load()
+    except StaticError as exc:
+        raise ConfigError(f"static_file: {exc}") from exc
+    return static

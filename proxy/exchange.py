@@ -200,7 +200,7 @@ class Exchange:
             return
         err.upstream = endpoint.authority
         if counts_against_instance(err, connected=connected, reused=self.reused):
-            self._instance_failed(endpoint)
+            instance_failed(self, endpoint)
         if connected:
             self.armed = False
             self.pool.release(endpoint)
@@ -208,7 +208,10 @@ class Exchange:
             self.conn = None
         attempts = self.attempts
         if attempts is None:
-            attempts = self.attempts = Attempts(self.ctx.limits.max_attempts, len(self.pool.endpoints),
+            # The instances it may go to: those in the pool now, and those tried (one that failed as it left the
+            # pool, in a deploy, still counts: else the last one left would never be tried).
+            instances = len({e.key for e in self.pool.endpoints} | self.tried)
+            attempts = self.attempts = Attempts(self.ctx.limits.max_attempts, instances,
                                                 self.req.method, self.tried)
         verdict = attempts.after_failure(
             err, connected=connected, reused=self.reused, body_sent=self.req.body_sent,
@@ -224,14 +227,6 @@ class Exchange:
                     reason=err.reason, error=err.message, attempt=len(self.tried))
         self.ctx.metrics.retries.labels(self.service).inc()
         self.attempt()
-
-    def _instance_failed(self, endpoint: Endpoint, status: int = 0) -> None:
-        now = self.loop.time()
-        ejected_for = self.pool.answered(endpoint, status, now) if status else self.pool.failed(endpoint, now)
-        if ejected_for is not None:
-            request_log(self.req, "warning", "upstream_ejected", service=self.service, upstream=endpoint.authority,
-                        instance=endpoint.key, for_s=ejected_for)
-            self.ctx.metrics.ejections.labels(self.service).inc()
 
     def _answer(self, err: ProxyError) -> None:
         if not self.over:
@@ -278,7 +273,7 @@ class Exchange:
         endpoint = self.endpoint
         if endpoint is not None:
             if status >= 500:
-                self._instance_failed(endpoint, status)
+                instance_failed(self, endpoint, status)
             else:
                 self.pool.succeeded(endpoint)
         # (_arm_timer inlined) an upstream may answer before it read the whole body: its silence counts from now
@@ -434,3 +429,13 @@ def compressed_head(
     ex.out = Encoder(ex.client, decision.encoding, policy.level, ex, ex.ctx.metrics)
     # The encoded length is known only at its end: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
     return encoded_head(headers, decision.encoding), FRAMING_CHUNKED
+
+
+def instance_failed(ex: Exchange, endpoint: Endpoint, status: int = 0) -> None:
+    """An attempt failed at `endpoint` (no answer, or a 5xx `status`): counted by its pool, which may eject it."""
+    now = ex.loop.time()
+    ejected_for = ex.pool.answered(endpoint, status, now) if status else ex.pool.failed(endpoint, now)
+    if ejected_for is not None:
+        request_log(ex.req, "warning", "upstream_ejected", service=ex.service, upstream=endpoint.authority,
+                    instance=endpoint.key, for_s=ejected_for)
+        ex.ctx.metrics.ejections.labels(ex.service).inc()

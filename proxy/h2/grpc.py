@@ -29,7 +29,7 @@ from h2.exceptions import ProtocolError
 from discovery.model import Endpoint
 
 from ..errors import PayloadTooLarge, ProxyError, ProxyInternalError, UpstreamConnectError, UpstreamTimeout
-from ..exchange import Exchange
+from ..exchange import Exchange, instance_failed
 from ..h1.head import BODY_NONE
 from ..headers import upstream_request_head
 from ..logs import request_log
@@ -207,7 +207,7 @@ class GrpcExchange(Exchange):
         endpoint = self.endpoint
         if endpoint is not None:
             if status >= 500:
-                self._instance_failed(endpoint, status)
+                instance_failed(self, endpoint, status)
             else:
                 self.pool.succeeded(endpoint)
         out = response_fields(status, fields, (), self.req.request_id, self.route.response_rules)

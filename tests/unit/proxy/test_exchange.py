@@ -234,6 +234,20 @@ class TestRetries:
         assert pool.recent_errors(A.key, loop.now) == 1 and pool.recent_errors(B.key, loop.now) == 1
         assert pool.active == 0
 
+    def test_instance_that_left_the_pool_while_connecting_is_followed_by_the_one_left(self) -> None:
+        """A deploy: the picked instance leaves Consul and refuses; the request goes to the instance still there."""
+        upstream = FakeUpstream()
+        ex, client, loop, pool = setup(upstream, method="GET")
+        ex.attempt()  # a connect task to the picked instance
+        (picked,) = ex.tried
+        left, other = (A, B) if picked == A.key else (B, A)
+        upstream.refuse.add(left.port)
+        ex.ctx.pools.reconcile(Snapshot((ServiceRoutes("web", (parse_route_tag("urlprefix-/"),), (other,)),)))
+        assert [e.key for e in pool.endpoints] == [other.key]
+        loop.run_tasks()
+        assert ex.endpoint == other and ex.tried == {A.key, B.key}
+        assert ("error", 502, "upstream_connect_failed") not in client.events
+
     def test_stale_keepalive_connection_retried_on_a_new_one_to_the_same_instance(self) -> None:
         upstream = FakeUpstream(idle={9001, 9002})
         ex, _client, loop, pool = setup(upstream, endpoints=(A,))
