@@ -132,7 +132,7 @@ $(VENV)/bin/promtool: | $(VENV)/.installed
 	$(UNPACK_DEB) prometheus prometheus promtool
 	$(VENV)/bin/prometheus --version >/dev/null && $(VENV)/bin/promtool --version >/dev/null
 
-# nghttp and h2load (HTTP/2 clients for tests/integration/test_http2.py and bench/h2.py), from Debian's
+# nghttp and h2load (HTTP/2 clients for tests/integration/test_http2.py and bench/http2.py), from Debian's
 # nghttp2-client, unpacked the same way (it ships no service, but unpacking needs no root).
 $(VENV)/bin/nghttp: | $(VENV)/.installed
 	$(UNPACK_DEB) nghttp2-client nghttp h2load

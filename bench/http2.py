@@ -4,7 +4,7 @@ beside Ferryman's own HTTP/1.1 (`h2load --h1`), in requests per CPU-second of th
 
 Every proxy forwards to the same upstream, an nginx answering a short static body, over HTTP/1.1 with keep-alive;
 Ferryman runs one worker on its static provider (no Consul), nginx one worker process. Everything on 127.0.0.1,
-every process started here and stopped by its PID. Run: `.venv/bin/python bench/h2.py [--requests N]`.
+every process started here and stopped by its PID. Run: `.venv/bin/python bench/http2.py [--requests N]`.
 """
 
 from __future__ import annotations
