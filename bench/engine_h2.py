@@ -41,6 +41,7 @@ FIELDS = [
 ]
 _BIG: int = 2**31 - 1
 SORT = "tottime"
+CALLERS = ""
 
 
 def client_reads(requests: int, streams: int) -> tuple[bytes, list[bytes]]:
@@ -101,7 +102,8 @@ async def run(requests: int, streams: int, profile: bool) -> None:
         best = min(best, (time.perf_counter() - started) / (step * streams))
     if profiler is not None:
         profiler.disable()
-        pstats.Stats(profiler).sort_stats(SORT).print_stats(45)
+        stats = pstats.Stats(profiler).sort_stats(SORT)
+        stats.print_callers(CALLERS) if CALLERS else stats.print_stats(45)
     assert not conn.closing and not conn.streams, "every stream answered and gone"
     print(f"engine h2: {best * 1e6:.2f} µs a request (best of {runs} runs of {step * streams}, {streams} streams a "
           f"read; in process, no sockets; {transport.written / (requests + 2000):.0f} bytes out a request)")

@@ -101,6 +101,52 @@ class TestRequests:
         assert b"transfer-encoding: chunked" in sent.lower() and sent.endswith(b"5\r\nhello\r\n0\r\n\r\n")
 
 
+class TestWrites:
+    """Answers go out in as few writes as the event loop allows."""
+
+    def test_answers_of_one_turn_of_the_loop_leave_in_one_write(self) -> None:
+        wire = Wire()
+        sids = [wire.request(), wire.request()]
+        wire.send()
+        wire.loop.run_tasks()
+        wire.loop.soon = []  # calls for the end of the turn wait, as on a real loop
+        writes = wire.transport.writes
+        for conn in wire.upstream.conns:
+            conn.sink.on_head(200, b"OK", [(b"Content-Length", b"2")], FRAMING_LENGTH)
+            conn.sink.on_body(b"hi")
+            conn.sink.on_complete(True)
+        assert wire.transport.writes == writes
+        wire.loop.run_soon()
+        assert wire.transport.writes == writes + 1
+        events = wire.receive()
+        assert [body_of(events, sid) for sid in sids] == [b"hi", b"hi"]
+        assert sorted(e.stream_id for e in events if isinstance(e, StreamEnded)) == sids
+
+    def test_a_small_answer_ends_on_its_data_frame(self) -> None:
+        """Head, body and end from one upstream read: HEADERS, then one DATA frame carrying END_STREAM."""
+        wire = Wire()
+        sid = wire.request()
+        wire.send()
+        conn = wire.conn
+        wire.transport.take()
+        conn.sink.on_head(200, b"OK", [(b"Content-Length", b"2")], FRAMING_LENGTH)
+        conn.sink.on_body(b"hi")
+        conn.sink.on_complete(True)
+        sent = [(type(f).__name__, f.stream_id, sorted(f.flags)) for f in frames(wire.transport.take())]
+        assert sent == [("HeadersFrame", sid, ["END_HEADERS"]), ("DataFrame", sid, ["END_STREAM"])]
+
+    def test_an_answer_without_body_ends_on_its_headers_frame(self) -> None:
+        wire = Wire()
+        sid = wire.request()
+        wire.send()
+        conn = wire.conn
+        wire.transport.take()
+        conn.sink.on_head(204, b"No Content", [], FRAMING_LENGTH)
+        conn.sink.on_complete(True)
+        sent = [(type(f).__name__, f.stream_id, sorted(f.flags)) for f in frames(wire.transport.take())]
+        assert sent == [("HeadersFrame", sid, ["END_HEADERS", "END_STREAM"])]
+
+
 class TestFlowControl:
     """Neither a slow client nor a slow upstream grows memory: windows are honoured and granted as bytes go on."""
 
