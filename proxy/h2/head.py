@@ -53,6 +53,7 @@ _REQUEST_PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":pa
 
 
 def _check_value(name: bytes, value: bytes) -> None:
+    """RFC 9113 §8.2.1 (inlined in request_from_fields)."""
     if value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE or b"\n" in value or b"\r" in value
                   or b"\0" in value):
         raise Malformed(f"invalid value of {name!r}")
@@ -73,45 +74,29 @@ def request_from_fields(
     `Malformed` for a head the protocol forbids."""
     req = Request()
     req.http2 = True
-    method = scheme = authority = path = protocol = host = None
+    pseudo: dict[bytes, bytes] = {}
+    host = None
     cookies: list[bytes] = []
     size = 0
     headers = req.headers
     regular = False
     bad: ProxyError | None = None
+    max_bytes, max_count, underscores = limits.max_header_bytes, limits.max_header_count, limits.underscores_in_headers
     for name, value in fields:
+        if value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE or b"\n" in value or b"\r" in value
+                      or b"\0" in value):
+            raise Malformed(f"invalid value of {name!r}")
         if name[:1] == b":":
-            if regular or name not in _REQUEST_PSEUDO:
-                raise Malformed(f"pseudo-header field {name!r} out of place")
-            _check_value(name, value)
-            if name == b":method":
-                if method is not None:
-                    raise Malformed("repeated :method")
-                method = value
-            elif name == b":path":
-                if path is not None:
-                    raise Malformed("repeated :path")
-                path = value
-            elif name == b":authority":
-                if authority is not None:
-                    raise Malformed("repeated :authority")
-                authority = value
-            elif name == b":scheme":
-                if scheme is not None:
-                    raise Malformed("repeated :scheme")
-                scheme = value  # says nothing the listener does not know
-            else:
-                if protocol is not None:
-                    raise Malformed("repeated :protocol")
-                protocol = value
+            if regular or name not in _REQUEST_PSEUDO or name in pseudo:
+                raise Malformed(f"pseudo-header field {name!r} out of place or repeated")
+            pseudo[name] = value
             continue
         regular = True
         if not name or name.translate(None, _NAME_CHARS):
             raise Malformed(f"invalid field name {name!r}")
-        _check_value(name, value)
         size += len(name) + len(value) + 4
-        if size > limits.max_header_bytes and bad is None:
-            bad = HeaderTooLarge(f"request header fields larger than {limits.max_header_bytes} bytes")
+        if size > max_bytes and bad is None:
+            bad = HeaderTooLarge(f"request header fields larger than {max_bytes} bytes")
         if name in CONNECTION_SPECIFIC:
             if name in _FORBIDDEN or (name == b"te" and value.lower() != b"trailers"):
                 raise Malformed(f"connection-specific field {name!r}")
@@ -121,7 +106,7 @@ def request_from_fields(
                 raise Malformed("more than one Host field")
             host = value
             continue
-        if bad is not None or (95 in name and not limits.underscores_in_headers):
+        if bad is not None or (95 in name and not underscores):
             continue  # refused already: the rest is only checked; b"_" (95): as for HTTP/1.1 (see h1/reader.py)
         if name == b"cookie":
             cookies.append(value)
@@ -132,18 +117,19 @@ def request_from_fields(
         elif name == b"x-request-id":
             req.request_id = value
         headers.append((name, value))
-        if len(headers) > limits.max_header_count:
-            bad = HeaderTooLarge(f"more than {limits.max_header_count} request header fields")
-    _check_pseudo(method, scheme, path, protocol)
+        if len(headers) > max_count:
+            bad = HeaderTooLarge(f"more than {max_count} request header fields")
+    _check_pseudo(pseudo)
+    authority = pseudo.get(b":authority")
     if authority is None and host is None:
         raise Malformed("neither :authority nor Host")
     if authority is not None and host is not None and authority != host:
         raise Malformed(":authority and Host differ")
-    path = path or b""
+    path = pseudo.get(b":path", b"")  # (:scheme says nothing the listener does not know)
     if bad is None and len(path) > limits.max_target:
         bad = UriTooLong(f"request target longer than {limits.max_target} bytes")
     req.bad = bad
-    req.method = (method or b"").decode("ascii", "replace")
+    req.method = pseudo[b":method"].decode("ascii", "replace")
     req.target = path
     req.host = authority or host or b""
     if cookies:
@@ -159,17 +145,18 @@ def request_from_fields(
     return req
 
 
-def _check_pseudo(method: bytes | None, scheme: bytes | None, path: bytes | None, protocol: bytes | None) -> None:
+def _check_pseudo(pseudo: dict[bytes, bytes]) -> None:
     """RFC 9113 §8.3.1 and §8.5, RFC 8441 §4: which pseudo-header fields a request has."""
+    method = pseudo.get(b":method")
     if method is None:
         raise Malformed("no :method")
-    if method == b"CONNECT" and protocol is None:
-        if scheme is not None or path is not None:
+    if method == b"CONNECT" and b":protocol" not in pseudo:
+        if b":scheme" in pseudo or b":path" in pseudo:
             raise Malformed("CONNECT with :scheme or :path")
         return
-    if protocol is not None and method != b"CONNECT":
+    if b":protocol" in pseudo and method != b"CONNECT":
         raise Malformed(":protocol without CONNECT")
-    if scheme is None or not path:
+    if b":scheme" not in pseudo or not pseudo.get(b":path"):
         raise Malformed("no :scheme or no :path")
 
 
@@ -193,18 +180,24 @@ def response_fields(
 ) -> list[Field]:
     """The HTTP/2 response head for an upstream's HTTP/1.1 answer: `:status`, then its end-to-end fields in
     lower case (HTTP/2 requires it), without connection-specific ones and those its Connection names."""
-    named: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
     out: list[Field] = [(b":status", b"%d" % status)]
+    drop = rules.drop if rules is not None else ()
+    connection: list[bytes] = []
     for name, value in headers:
         lower = name.lower()
-        if lower in CONNECTION_SPECIFIC or lower in named or (request_id and lower == b"x-request-id"):
+        if lower in CONNECTION_SPECIFIC:
+            if lower == b"connection":
+                connection.append(value)
             continue
-        if rules is not None and lower in rules.drop:
+        if lower in drop or (request_id and lower == b"x-request-id"):
             continue
         out.append((lower, value))
+    if connection:
+        # RFC 9110 §7.6.1: the fields Connection names are this hop's too (keep-alive, named by most, is
+        # dropped above already).
+        named = {token.strip().lower() for value in connection for token in value.split(b",")} - CONNECTION_SPECIFIC
+        if named:
+            out = [out[0], *(field for field in out[1:] if field[0] not in named)]
     if rules is not None:
         out += [(n.lower(), v) for n, v in (*rules.set, *rules.add)]
     out += [(n.lower(), v) for n, v in extra]
