@@ -138,13 +138,13 @@ class H2ClientConnection(asyncio.Protocol):
         # is given room beyond it.
         h2.local_settings = _settings(limits, 2**31 - 1)
         self.idle_since = self.ctx.loop.time()
-        self.flush()
+        self.send_out()
 
     def refuse(self, err: ProxyError, req: Request | None = None) -> None:
         """Over max_connections: GOAWAY (REFUSED_STREAM for all), closed by the listener."""
         self.h2.initiate_connection()
         self.h2.close_connection(ErrorCodes.REFUSED_STREAM)
-        self.flush()
+        self.send_out()  # now: the listener closes the transport when this returns
 
     def data_received(self, data: bytes) -> None:
         if self.closing:

@@ -24,8 +24,9 @@ from proxy.h1.upstream import FRAMING_CHUNKED, FRAMING_LENGTH
 from proxy.h2.connection import H2ClientConnection
 from proxy.h2.head import grpc_error_fields
 from proxy.h2.limits import PREFACE, H2Limits
+from proxy.listener import ProxyServer
 
-from .wire import Wire, plain_client
+from .wire import FakeLoop, FakeTransport, FakeUpstream, Wire, context, plain_client
 
 
 def response_of(events: Sequence[object], sid: int) -> dict[bytes, bytes]:
@@ -197,6 +198,17 @@ class TestProtections:
         events = wire.send()
         resets = [e for e in events if isinstance(e, StreamReset)]
         assert [(r.stream_id, r.error_code) for r in resets] == [(sids[2], ErrorCodes.REFUSED_STREAM)]
+
+    def test_a_connection_over_max_connections_gets_goaway_before_the_close(self) -> None:
+        """GOAWAY REFUSED_STREAM is written before the listener closes the transport, not at the end of the turn."""
+        loop = FakeLoop()
+        loop.soon = []
+        ctx = context(loop, FakeUpstream(), max_connections=0)
+        transport = FakeTransport()
+        H2ClientConnection(ctx, ProxyServer(ctx), H2Limits()).connection_made(transport)
+        goaway = [f for f in frames(transport.take()) if isinstance(f, GoAwayFrame)]
+        assert [g.error_code for g in goaway] == [ErrorCodes.REFUSED_STREAM]
+        assert transport.closed
 
     def test_header_list_over_the_limit_ends_the_connection(self) -> None:
         wire = Wire(H2Limits(max_header_list_size=2048))
