@@ -96,17 +96,10 @@ class H2ClientConnection(asyncio.Protocol):
         self.idle_since: float | None = None
         self.fresh = True  # no request yet: the first one must come within client_header_timeout
         self._resets = Rate(limits.max_resets)
-        self._control = Rate(limits.max_control_frames)
+        self.control = Rate(limits.max_control_frames)
         self.reading = False  # in data_received: flush() waits for the end of the read
         self.flush_soon = False  # a send_out is due at the end of this turn of the event loop
         self.h2.encoder, self.h2.decoder = PlainEncoder(), MemoDecoder()  # HPACK with less CPU (see codec.py)
-        # The events acted on, by type (one dict look-up an event, where a chain of isinstance tests was).
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            DataReceived: self._data, RequestReceived: self._request, StreamEnded: self._stream_ended,
-            WindowUpdated: self._window, StreamReset: self._stream_reset, RemoteSettingsChanged: self._control_frame,
-            PingReceived: self._control_frame, PriorityUpdated: self._control_frame, TrailersReceived: self._trailers,
-            ConnectionTerminated: self._terminated,
-        }
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -134,7 +127,7 @@ class H2ClientConnection(asyncio.Protocol):
         h2.max_inbound_frame_size = limits.max_frame_size
         h2.initiate_connection()
         # The library treats a stream over the advertised limit as a connection error (GOAWAY for every
-        # stream); `_request` refuses that one stream instead (REFUSED_STREAM, RFC 9113 §5.1.2), so the library
+        # stream); `on_request` refuses that one stream instead (REFUSED_STREAM, RFC 9113 §5.1.2), so the library
         # is given room beyond it.
         h2.local_settings = _settings(limits, 2**31 - 1)
         self.idle_since = self.ctx.loop.time()
@@ -155,42 +148,20 @@ class H2ClientConnection(asyncio.Protocol):
             log.info("http2_protocol_error", client=self.peer_text, error=str(exc))
             self._close()
             return
-        handlers = self._handlers
+        handlers = _HANDLERS
         self.reading = True  # what streams answer meanwhile goes out in one write, below
         try:
             for event in events:
                 handler = handlers.get(event.__class__)
                 if handler is not None:
-                    handler(event)
+                    handler(self, event)
                     if self.closing:
                         return
         finally:
             self.reading = False
         self.send_out()  # what this read's events made (SETTINGS ACKs, window updates, answers) in one write
 
-    def _stream_ended(self, event: StreamEnded) -> None:
-        stream = self.streams.get(event.stream_id)
-        if stream is not None:
-            stream.body_ended()
-
-    def _window(self, event: WindowUpdated) -> None:
-        self._window_updated(event.stream_id)
-
-    def _control_frame(self, event: Any) -> None:
-        if self._control.over(self.ctx.loop.time()):
-            self._calm_down("http2_control_flood", self.limits.max_control_frames)
-
-    def _trailers(self, event: TrailersReceived) -> None:
-        """Request trailers go nowhere (an HTTP/1.1 upstream gets none), but must be well formed."""
-        try:
-            check_trailers(event.headers)
-        except Malformed as exc:
-            self._malformed(exc)
-
-    def _terminated(self, event: ConnectionTerminated) -> None:
-        self._close()
-
-    def _malformed(self, exc: Malformed) -> None:
+    def malformed(self, exc: Malformed) -> None:
         """RFC 9113 §8.1.1: the connection ends with PROTOCOL_ERROR, as the library's own check would end it."""
         log.info("http2_protocol_error", client=self.peer_text, error=str(exc))
         self.h2.close_connection(ErrorCodes.PROTOCOL_ERROR, last_stream_id=self.last_stream)
@@ -217,7 +188,7 @@ class H2ClientConnection(asyncio.Protocol):
                 stream.resume_upstream()
 
     # --- requests ---
-    def _request(self, event: RequestReceived) -> None:
+    def on_request(self, event: RequestReceived) -> None:
         sid = event.stream_id
         if self.going_away or len(self.streams) >= self.limits.max_concurrent_streams:
             # RFC 9113 §5.1.2: REFUSED_STREAM tells the client the request was not processed (safe to retry).
@@ -229,12 +200,12 @@ class H2ClientConnection(asyncio.Protocol):
         try:
             req = request_from_fields(event.headers, self.ctx.limits, end_stream=event.stream_ended is not None)
         except Malformed as exc:
-            self._malformed(exc)
+            self.malformed(exc)
             return
         stream = self.streams[sid] = Stream(self, sid, req)
         stream.start(self.client)
 
-    def _data(self, event: DataReceived) -> None:
+    def on_data(self, event: DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
         length = event.flow_controlled_length
         if stream is None or stream.closing:
@@ -244,10 +215,10 @@ class H2ClientConnection(asyncio.Protocol):
             return
         stream.received(event.data, length)
 
-    def _stream_reset(self, event: StreamReset) -> None:
+    def on_stream_reset(self, event: StreamReset) -> None:
         if event.remote_reset:
             if self._resets.over(self.ctx.loop.time()):
-                self._calm_down("http2_rapid_reset", self.limits.max_resets)
+                self.calm_down("http2_rapid_reset", self.limits.max_resets)
                 return
         stream = self.streams.pop(event.stream_id, None)
         if stream is not None:
@@ -260,7 +231,7 @@ class H2ClientConnection(asyncio.Protocol):
         if exchange is not None:
             exchange.client_gone()
 
-    def _calm_down(self, event: str, limit: int) -> None:
+    def calm_down(self, event: str, limit: int) -> None:
         """Over a rate limit: the client is told to calm down and cut off."""
         log.warning(event, client=self.peer_text, limit_per_s=limit)
         self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=self.last_stream)
@@ -277,16 +248,6 @@ class H2ClientConnection(asyncio.Protocol):
             stream = self.streams.get(stream_id)
             if stream is not None:
                 stream.sent_all = True
-
-    def _window_updated(self, stream_id: int) -> None:
-        if stream_id:
-            stream = self.streams.get(stream_id)
-            if stream is not None and stream.pending:
-                stream.pump()
-            return
-        for stream in list(self.streams.values()):
-            if stream.pending:
-                stream.pump()
 
     def acknowledge(self, stream: Stream, size: int) -> None:
         try:
@@ -401,3 +362,47 @@ class H2ClientConnection(asyncio.Protocol):
         self.idle_since = None
         if self.transport is not None:
             self.transport.close()
+
+
+# --- the events acted on, by type (one dict look-up an event, where a chain of isinstance tests was) ---
+def _stream_ended(conn: H2ClientConnection, event: StreamEnded) -> None:
+    stream = conn.streams.get(event.stream_id)
+    if stream is not None:
+        stream.body_ended()
+
+
+def _window_updated(conn: H2ClientConnection, event: WindowUpdated) -> None:
+    """A window reopened: the streams it holds back send what they can."""
+    if event.stream_id:
+        stream = conn.streams.get(event.stream_id)
+        if stream is not None and stream.pending:
+            stream.pump()
+        return
+    for stream in list(conn.streams.values()):
+        if stream.pending:
+            stream.pump()
+
+
+def _control_frame(conn: H2ClientConnection, event: Any) -> None:
+    if conn.control.over(conn.ctx.loop.time()):
+        conn.calm_down("http2_control_flood", conn.limits.max_control_frames)
+
+
+def _trailers(conn: H2ClientConnection, event: TrailersReceived) -> None:
+    """Request trailers go nowhere (an HTTP/1.1 upstream gets none), but must be well formed."""
+    try:
+        check_trailers(event.headers)
+    except Malformed as exc:
+        conn.malformed(exc)
+
+
+def _terminated(conn: H2ClientConnection, event: ConnectionTerminated) -> None:
+    conn._close()  # (this module's own)
+
+
+_HANDLERS: Final[dict[type, Callable[[H2ClientConnection, Any], None]]] = {
+    DataReceived: H2ClientConnection.on_data, RequestReceived: H2ClientConnection.on_request,
+    StreamEnded: _stream_ended, WindowUpdated: _window_updated, StreamReset: H2ClientConnection.on_stream_reset,
+    RemoteSettingsChanged: _control_frame, PingReceived: _control_frame, PriorityUpdated: _control_frame,
+    TrailersReceived: _trailers, ConnectionTerminated: _terminated,
+}
