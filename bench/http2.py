@@ -5,6 +5,10 @@ beside Ferryman's own HTTP/1.1 (`h2load --h1`), in requests per CPU-second of th
 Every proxy forwards to the same upstream, an nginx answering a short static body, over HTTP/1.1 with keep-alive;
 Ferryman runs one worker on its static provider (no Consul), nginx one worker process. Everything on 127.0.0.1,
 every process started here and stopped by its PID. Run: `.venv/bin/python bench/http2.py [--requests N]`.
+
+Each figure is the median of --rounds runs, the three interleaved (a shared machine's load falls on all of them).
+With `--ab OTHER_TREE`, a second Ferryman runs from another checkout (this venv's python, PYTHONPATH=<checkout>)
+and is measured in the same rounds: "before and after" in one session.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,18 +105,34 @@ def measure(name: str, pid: int, args: list[str]) -> tuple[str, float, float, fl
     return name, done / cpu, done / wall, cpu
 
 
+def start_ferryman(tree: str | None, routes: Path, port: int) -> subprocess.Popen[bytes]:
+    """Ferryman from this tree, or from another checkout (its code first on PYTHONPATH, run from inside it)."""
+    args = ["--static-file", str(routes), "--listen", f"127.0.0.1:{port}", "--admin-listen",
+            f"127.0.0.1:{free_port()}", "--workers", "1", "--access-log", "false"]
+    if tree is None:
+        return subprocess.Popen([str(Path(sys.executable).parent / "ferryman"), *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FERRYMAN_", "PYTHON"))}
+    env.update(PYTHONPATH=tree, PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.Popen([sys.executable, "-c", "import sys; from proxy.cli import main; sys.exit(main())", *args],
+                            cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--streams", type=int, default=10, help="concurrent streams per HTTP/2 connection")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved runs; each figure is their median")
+    parser.add_argument("--ab", metavar="OTHER_TREE", help="also measure Ferryman from another checkout")
     opts = parser.parse_args()
     nginx = tool("nginx")
     procs: list[subprocess.Popen[bytes]] = []
+    runs: dict[str, list[tuple[str, float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="ferryman-h2-bench-") as tmpdir:
         tmp = Path(tmpdir)
         try:
-            up, ng, fm = free_port(), free_port(), free_port()
+            up, ng, fm, fb = free_port(), free_port(), free_port(), free_port()
             upstream = nginx_conf(tmp, "upstream", f"""server {{ listen 127.0.0.1:{up};
                 location / {{ return 200 "hello from the upstream\\n"; }} }}""")
             proxy = nginx_conf(tmp, "proxy", f"""upstream up {{ server 127.0.0.1:{up}; keepalive 64; }}
@@ -122,22 +143,25 @@ def main() -> None:
             procs.append(nginx_proxy)
             routes = tmp / "routes.toml"
             routes.write_text(f'[[services]]\nname = "web"\nroutes = ["/"]\ninstances = ["127.0.0.1:{up}"]\n')
-            ferryman = subprocess.Popen(
-                [str(Path(sys.executable).parent / "ferryman"), "--static-file", str(routes), "--listen",
-                 f"127.0.0.1:{fm}", "--admin-listen", f"127.0.0.1:{free_port()}", "--workers", "1",
-                 "--access-log", "false"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ferryman = start_ferryman(None, routes, fm)
             procs.append(ferryman)
-            for port in (up, ng, fm):
+            other = start_ferryman(opts.ab, routes, fb) if opts.ab else None
+            if other is not None:
+                procs.append(other)
+            for port in (up, ng, fm, *((fb,) if other else ())):
                 wait_port(port)
             time.sleep(1)
             common = ["-n", str(opts.requests), "-c", str(opts.clients)]
-            rows = [
-                measure("ferryman http/2 (h2c)", ferryman.pid, [*common, "-m", str(opts.streams),
-                                                                 f"http://127.0.0.1:{fm}/"]),
-                measure("nginx http/2 (h2c)", nginx_proxy.pid, [*common, "-m", str(opts.streams),
-                                                              f"http://127.0.0.1:{ng}/"]),
-                measure("ferryman http/1.1", ferryman.pid, [*common, "--h1", f"http://127.0.0.1:{fm}/"]),
-            ]
+            h2 = [*common, "-m", str(opts.streams)]
+            plan = [("ferryman http/2 (h2c)", ferryman.pid, [*h2, f"http://127.0.0.1:{fm}/"]),
+                    ("nginx http/2 (h2c)", nginx_proxy.pid, [*h2, f"http://127.0.0.1:{ng}/"]),
+                    ("ferryman http/1.1", ferryman.pid, [*common, "--h1", f"http://127.0.0.1:{fm}/"])]
+            if other is not None:
+                plan += [("B: ferryman http/2 (h2c)", other.pid, [*h2, f"http://127.0.0.1:{fb}/"]),
+                         ("B: ferryman http/1.1", other.pid, [*common, "--h1", f"http://127.0.0.1:{fb}/"])]
+            for _ in range(opts.rounds):
+                for name, pid, args in plan:
+                    runs.setdefault(name, []).append(measure(name, pid, args))
         finally:
             for proc in reversed(procs):
                 proc.send_signal(signal.SIGTERM)
@@ -145,11 +169,17 @@ def main() -> None:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    print(f"{'proxy':<24}{'req/CPU-s':>12}{'req/s':>10}{'CPU s':>8}")
-    for name, per_cpu, per_s, cpu in rows:
-        print(f"{name:<24}{per_cpu:>12.0f}{per_s:>10.0f}{cpu:>8.2f}")
-    print(f"ferryman h2 / ferryman h1 (per CPU-second): {rows[0][1] / rows[2][1]:.2f}")
-    print(f"ferryman h2 / nginx h2 (per CPU-second):    {rows[0][1] / rows[1][1]:.2f}")
+    rows = {name: tuple(statistics.median(r[i] for r in rs) for i in (1, 2, 3)) for name, rs in runs.items()}
+    print(f"{'proxy':<26}{'req/CPU-s':>12}{'req/s':>10}{'CPU s':>8}   (median of {opts.rounds})")
+    for name, (per_cpu, per_s, cpu) in rows.items():
+        print(f"{name:<26}{per_cpu:>12.0f}{per_s:>10.0f}{cpu:>8.2f}   all: "
+              + " ".join(f"{r[1]:.0f}" for r in runs[name]))
+    fm2, fm1, ng2 = (rows[n][0] for n in ("ferryman http/2 (h2c)", "ferryman http/1.1", "nginx http/2 (h2c)"))
+    print(f"ferryman h2 / ferryman h1 (per CPU-second): {fm2 / fm1:.2f}")
+    print(f"ferryman h2 / nginx h2 (per CPU-second):    {fm2 / ng2:.2f}")
+    if opts.ab:
+        b2, b1 = rows["B: ferryman http/2 (h2c)"][0], rows["B: ferryman http/1.1"][0]
+        print(f"B ({opts.ab}): h2 / h1 {b2 / b1:.2f}; A / B: http/2 {fm2 / b2:.2f}, http/1.1 {fm1 / b1:.2f}")
 
 
 if __name__ == "__main__":

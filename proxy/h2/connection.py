@@ -21,7 +21,8 @@ when its open streams are done (the listener aborts what is left at shutdown_tim
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 from h2.config import H2Configuration
@@ -36,6 +37,7 @@ from h2.events import (
     RequestReceived,
     StreamEnded,
     StreamReset,
+    TrailersReceived,
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError, StreamClosedError
@@ -46,7 +48,8 @@ from ..dispatch import Client
 from ..errors import ProxyError
 from ..h1.head import Request
 from ..timeouts import check_timeout
-from .head import request_from_fields
+from .codec import MemoDecoder, PlainEncoder
+from .head import Malformed, check_trailers, request_from_fields
 from .limits import H2Limits, Rate
 from .stream import LOW_WATER, Stream
 
@@ -55,10 +58,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("ferryman.proxy")
 
-_CONFIG: Final = H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True,
-                                 normalize_inbound_headers=True, validate_outbound_headers=False,
+# The library's header validation and normalisation are off both ways: request heads are checked by
+# `request_from_fields` (head.py) in the pass that reads them, and cookies joined there; answer heads are built
+# by `response_fields` from an upstream's parsed head, lower case and without connection-specific fields.
+_CONFIG: Final = H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
+                                 normalize_inbound_headers=False, validate_outbound_headers=False,
                                  normalize_outbound_headers=False)
-_CONTROL: Final = (RemoteSettingsChanged, PingReceived, PriorityUpdated)
 
 
 def _settings(limits: H2Limits, streams: int) -> Settings:
@@ -91,7 +96,10 @@ class H2ClientConnection(asyncio.Protocol):
         self.idle_since: float | None = None
         self.fresh = True  # no request yet: the first one must come within client_header_timeout
         self._resets = Rate(limits.max_resets)
-        self._control = Rate(limits.max_control_frames)
+        self.control = Rate(limits.max_control_frames)
+        self.reading = False  # in data_received: flush() waits for the end of the read
+        self.flush_soon = False  # a send_out is due at the end of this turn of the event loop
+        self.h2.encoder, self.h2.decoder = PlainEncoder(), MemoDecoder()  # HPACK with less CPU (see codec.py)
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -119,17 +127,17 @@ class H2ClientConnection(asyncio.Protocol):
         h2.max_inbound_frame_size = limits.max_frame_size
         h2.initiate_connection()
         # The library treats a stream over the advertised limit as a connection error (GOAWAY for every
-        # stream); `_request` refuses that one stream instead (REFUSED_STREAM, RFC 9113 §5.1.2), so the library
+        # stream); `on_request` refuses that one stream instead (REFUSED_STREAM, RFC 9113 §5.1.2), so the library
         # is given room beyond it.
         h2.local_settings = _settings(limits, 2**31 - 1)
         self.idle_since = self.ctx.loop.time()
-        self.flush()
+        self.send_out()
 
     def refuse(self, err: ProxyError, req: Request | None = None) -> None:
         """Over max_connections: GOAWAY (REFUSED_STREAM for all), closed by the listener."""
         self.h2.initiate_connection()
         self.h2.close_connection(ErrorCodes.REFUSED_STREAM)
-        self.flush()
+        self.send_out()  # now: the listener closes the transport when this returns
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -140,26 +148,24 @@ class H2ClientConnection(asyncio.Protocol):
             log.info("http2_protocol_error", client=self.peer_text, error=str(exc))
             self._close()
             return
-        for event in events:
-            if isinstance(event, DataReceived):
-                self._data(event)
-            elif isinstance(event, RequestReceived):
-                self._request(event)
-            elif isinstance(event, StreamEnded):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    stream.body_ended()
-            elif isinstance(event, WindowUpdated):
-                self._window_updated(event.stream_id)
-            elif isinstance(event, StreamReset):
-                self._stream_reset(event)
-            elif isinstance(event, _CONTROL) and self._control.over(self.ctx.loop.time()):
-                self._calm_down("http2_control_flood", self.limits.max_control_frames)
-            elif isinstance(event, ConnectionTerminated):
-                self._close()
-            if self.closing:
-                return
-        self.flush()
+        handlers = _HANDLERS
+        self.reading = True  # what streams answer meanwhile goes out in one write, below
+        try:
+            for event in events:
+                handler = handlers.get(event.__class__)
+                if handler is not None:
+                    handler(self, event)
+                    if self.closing:
+                        return
+        finally:
+            self.reading = False
+        self.send_out()  # what this read's events made (SETTINGS ACKs, window updates, answers) in one write
+
+    def malformed(self, exc: Malformed) -> None:
+        """RFC 9113 §8.1.1: the connection ends with PROTOCOL_ERROR, as the library's own check would end it."""
+        log.info("http2_protocol_error", client=self.peer_text, error=str(exc))
+        self.h2.close_connection(ErrorCodes.PROTOCOL_ERROR, last_stream_id=self.last_stream)
+        self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -182,7 +188,7 @@ class H2ClientConnection(asyncio.Protocol):
                 stream.resume_upstream()
 
     # --- requests ---
-    def _request(self, event: RequestReceived) -> None:
+    def on_request(self, event: RequestReceived) -> None:
         sid = event.stream_id
         if self.going_away or len(self.streams) >= self.limits.max_concurrent_streams:
             # RFC 9113 §5.1.2: REFUSED_STREAM tells the client the request was not processed (safe to retry).
@@ -191,11 +197,15 @@ class H2ClientConnection(asyncio.Protocol):
         self.last_stream = sid
         self.idle_since = None
         self.fresh = False
-        req = request_from_fields(event.headers, self.ctx.limits, end_stream=event.stream_ended is not None)
+        try:
+            req = request_from_fields(event.headers, self.ctx.limits, end_stream=event.stream_ended is not None)
+        except Malformed as exc:
+            self.malformed(exc)
+            return
         stream = self.streams[sid] = Stream(self, sid, req)
         stream.start(self.client)
 
-    def _data(self, event: DataReceived) -> None:
+    def on_data(self, event: DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
         length = event.flow_controlled_length
         if stream is None or stream.closing:
@@ -205,10 +215,10 @@ class H2ClientConnection(asyncio.Protocol):
             return
         stream.received(event.data, length)
 
-    def _stream_reset(self, event: StreamReset) -> None:
+    def on_stream_reset(self, event: StreamReset) -> None:
         if event.remote_reset:
             if self._resets.over(self.ctx.loop.time()):
-                self._calm_down("http2_rapid_reset", self.limits.max_resets)
+                self.calm_down("http2_rapid_reset", self.limits.max_resets)
                 return
         stream = self.streams.pop(event.stream_id, None)
         if stream is not None:
@@ -221,7 +231,7 @@ class H2ClientConnection(asyncio.Protocol):
         if exchange is not None:
             exchange.client_gone()
 
-    def _calm_down(self, event: str, limit: int) -> None:
+    def calm_down(self, event: str, limit: int) -> None:
         """Over a rate limit: the client is told to calm down and cut off."""
         log.warning(event, client=self.peer_text, limit_per_s=limit)
         self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=self.last_stream)
@@ -238,16 +248,6 @@ class H2ClientConnection(asyncio.Protocol):
             stream = self.streams.get(stream_id)
             if stream is not None:
                 stream.sent_all = True
-
-    def _window_updated(self, stream_id: int) -> None:
-        if stream_id:
-            stream = self.streams.get(stream_id)
-            if stream is not None and stream.pending:
-                stream.pump()
-            return
-        for stream in list(self.streams.values()):
-            if stream.pending:
-                stream.pump()
 
     def acknowledge(self, stream: Stream, size: int) -> None:
         try:
@@ -296,6 +296,20 @@ class H2ClientConnection(asyncio.Protocol):
         return transport.get_write_buffer_size() if transport is not None else 0
 
     def flush(self) -> None:
+        """What streams have to send goes out at the end of this read, or else of this turn of the event loop:
+        the answers of the upstreams that one turn found readable leave in one write (a write was a third of
+        a request's CPU time on loopback)."""
+        if not self.reading and not self.flush_soon:
+            self.flush_soon = True
+            self.ctx.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self.flush_soon = False
+        if not self.closing:
+            self.send_out()
+
+    def send_out(self) -> None:
+        """Write what the library has to send, now."""
         data = self.h2.data_to_send()
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
@@ -328,7 +342,7 @@ class H2ClientConnection(asyncio.Protocol):
         if self.going_away or self.closing:
             return
         self.going_away = True
-        self.flush()
+        self.send_out()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             frame = GoAwayFrame(stream_id=0, last_stream_id=self.last_stream, error_code=ErrorCodes.NO_ERROR)
@@ -343,8 +357,52 @@ class H2ClientConnection(asyncio.Protocol):
     def _close(self) -> None:
         if self.closing:
             return
-        self.flush()
+        self.send_out()
         self.closing = True
         self.idle_since = None
         if self.transport is not None:
             self.transport.close()
+
+
+# --- the events acted on, by type (one dict look-up an event, where a chain of isinstance tests was) ---
+def _stream_ended(conn: H2ClientConnection, event: StreamEnded) -> None:
+    stream = conn.streams.get(event.stream_id)
+    if stream is not None:
+        stream.body_ended()
+
+
+def _window_updated(conn: H2ClientConnection, event: WindowUpdated) -> None:
+    """A window reopened: the streams it holds back send what they can."""
+    if event.stream_id:
+        stream = conn.streams.get(event.stream_id)
+        if stream is not None and stream.pending:
+            stream.pump()
+        return
+    for stream in list(conn.streams.values()):
+        if stream.pending:
+            stream.pump()
+
+
+def _control_frame(conn: H2ClientConnection, event: Any) -> None:
+    if conn.control.over(conn.ctx.loop.time()):
+        conn.calm_down("http2_control_flood", conn.limits.max_control_frames)
+
+
+def _trailers(conn: H2ClientConnection, event: TrailersReceived) -> None:
+    """Request trailers go nowhere (an HTTP/1.1 upstream gets none), but must be well formed."""
+    try:
+        check_trailers(event.headers)
+    except Malformed as exc:
+        conn.malformed(exc)
+
+
+def _terminated(conn: H2ClientConnection, event: ConnectionTerminated) -> None:
+    conn._close()  # (this module's own)
+
+
+_HANDLERS: Final[dict[type, Callable[[H2ClientConnection, Any], None]]] = {
+    DataReceived: H2ClientConnection.on_data, RequestReceived: H2ClientConnection.on_request,
+    StreamEnded: _stream_ended, WindowUpdated: _window_updated, StreamReset: H2ClientConnection.on_stream_reset,
+    RemoteSettingsChanged: _control_frame, PingReceived: _control_frame, PriorityUpdated: _control_frame,
+    TrailersReceived: _trailers, ConnectionTerminated: _terminated,
+}

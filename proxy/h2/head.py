@@ -1,18 +1,27 @@
 """An HTTP/2 request head as the engine's `Request`, and an answer's head as HTTP/2 fields. Pure: no I/O.
 
-The `h2` library has already refused what RFC 9113 §8.2 calls malformed (upper-case names, connection-specific
-fields, a TE other than `trailers`, pseudo-header rules) before a head reaches `request_from_fields`. What is
-left is the proxy's own reading, the same as for HTTP/1.1: `:authority` is the host routed on (a `Host` field
-only when it is missing, RFC 9113 §8.3.1), a Host that is not a host name is a 400, `CONNECT` a 405, the target
-a path (or `*` with OPTIONS); header counts and bytes are bounded by the same limits. The upstream is HTTP/1.1:
-the request goes on with a `Host` field, its `cookie` fields joined with "; " (RFC 9113 §8.2.3), chunked when it
-has a body of unknown length. Connection-specific fields are dropped here as well, whatever the library let by.
+`request_from_fields` reads a decoded request head in one pass, and is where what RFC 9113 §8.2 and §8.3 call
+malformed is found (the `h2` library's own header validation is off: its chain of generators cost more than
+the rest of a request's reading; this pass checks the same things): a field name with upper case, controls,
+non-ASCII or an inner colon, an empty one; a value with NUL, CR or LF, or starting or ending with whitespace;
+connection-specific fields; a TE other than `trailers`; pseudo-header fields that are unknown, repeated,
+after a regular field, missing or out of place (`:status`, `:protocol` without CONNECT, `:path` or `:scheme`
+with an ordinary CONNECT, an empty `:path`); a Host that differs from `:authority`, two Hosts, or neither.
+Any of these raises `Malformed`: the connection answers PROTOCOL_ERROR, as the library did.
+
+What is left is the proxy's own reading, the same as for HTTP/1.1: `:authority` is the host routed on (a `Host`
+field only when it is missing, RFC 9113 §8.3.1), a Host that is not a host name is a 400, `CONNECT` a 405, the
+target a path (or `*` with OPTIONS); header counts and bytes are bounded by the same limits. The upstream is
+HTTP/1.1: the request goes on with a `Host` field, its `cookie` fields joined with "; " (RFC 9113 §8.2.3),
+chunked when it has a body of unknown length.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Final
+
+from hpack import NeverIndexedHeaderTuple
 
 from ..errors import BadRequest, HeaderTooLarge, MethodNotAllowed, ProxyError, UriTooLong
 from ..h1.head import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Request
@@ -29,55 +38,100 @@ _HOST_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 CONNECTION_SPECIFIC: Final = HOP_BY_HOP | {b"http2-settings"}
 
 
+class Malformed(Exception):
+    """A header block RFC 9113 §8.1.1 calls malformed: a PROTOCOL_ERROR, the message says which rule."""
+
+
+# RFC 9113 §8.2.1: a field name holds no 0x00-0x20, no upper case (0x41-0x5a), no 0x7f-0xff and, past a pseudo-
+# header's leading colon, no colon. Deleting the bytes allowed leaves the ones that are not.
+_NAME_CHARS: Final = bytes(c for c in range(0x21, 0x7F) if not 0x41 <= c <= 0x5A and c != 0x3A)
+_WHITESPACE: Final = (0x20, 0x09)  # SP, HTAB: never at either end of a value (§8.2.1)
+# RFC 9113 §8.2.2: these make a request malformed (te is allowed as "trailers" only); the other hop-by-hop
+# names in CONNECTION_SPECIFIC are dropped on the way.
+_FORBIDDEN: Final = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
+_REQUEST_PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+
+
+def _check_value(name: bytes, value: bytes) -> None:
+    """RFC 9113 §8.2.1 (inlined in request_from_fields)."""
+    if value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE or b"\n" in value or b"\r" in value
+                  or b"\0" in value):
+        raise Malformed(f"invalid value of {name!r}")
+
+
+def check_trailers(fields: Iterable[Field]) -> None:
+    """Trailers: the same rules for names and values, and no pseudo-header field (§8.1)."""
+    for name, value in fields:
+        if not name or name.translate(None, _NAME_CHARS):
+            raise Malformed(f"invalid field name {name!r} in trailers")
+        _check_value(name, value)
+
+
 def request_from_fields(
     fields: Iterable[Field], limits: ListenerLimits, *, end_stream: bool,
 ) -> Request:
-    """The `Request` of one HTTP/2 request head; `req.bad` says why it must be refused, when it must."""
+    """The `Request` of one HTTP/2 request head; `req.bad` says why it must be refused, when it must. Raises
+    `Malformed` for a head the protocol forbids."""
     req = Request()
     req.http2 = True
-    method = b""
-    authority = b""
-    host = b""
-    path = b""
+    pseudo: dict[bytes, bytes] = {}
+    host = None
     cookies: list[bytes] = []
     size = 0
     headers = req.headers
-    try:
-        for name, value in fields:
-            if name[:1] == b":":
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-                continue  # :scheme says nothing the listener does not know
-            size += len(name) + len(value) + 4
-            if size > limits.max_header_bytes:
-                raise HeaderTooLarge(f"request header fields larger than {limits.max_header_bytes} bytes")
-            if name in CONNECTION_SPECIFIC or (95 in name and not limits.underscores_in_headers):
-                continue  # b"_" (95): as for HTTP/1.1 (see h1/reader.py)
-            if name == b"cookie":
-                cookies.append(value)
-                continue
-            if name == b"host":
-                host = value
-                continue
-            if name == b"content-length":
-                if value.isdigit():
-                    req.content_length = int(value)
-            elif name == b"x-request-id":
-                req.request_id = value
-            headers.append((name, value))
-            if len(headers) > limits.max_header_count:
-                raise HeaderTooLarge(f"more than {limits.max_header_count} request header fields")
-        if len(path) > limits.max_target:
-            raise UriTooLong(f"request target longer than {limits.max_target} bytes")
-    except ProxyError as err:
-        req.bad = err
-    req.method = method.decode("ascii", "replace")
+    regular = False
+    bad: ProxyError | None = None
+    max_bytes, max_count, underscores = limits.max_header_bytes, limits.max_header_count, limits.underscores_in_headers
+    for name, value in fields:
+        if value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE or b"\n" in value or b"\r" in value
+                      or b"\0" in value):
+            raise Malformed(f"invalid value of {name!r}")
+        if name[:1] == b":":
+            if regular or name not in _REQUEST_PSEUDO or name in pseudo:
+                raise Malformed(f"pseudo-header field {name!r} out of place or repeated")
+            pseudo[name] = value
+            continue
+        regular = True
+        if not name or name.translate(None, _NAME_CHARS):
+            raise Malformed(f"invalid field name {name!r}")
+        size += len(name) + len(value) + 4
+        if size > max_bytes and bad is None:
+            bad = HeaderTooLarge(f"request header fields larger than {max_bytes} bytes")
+        if name in CONNECTION_SPECIFIC:
+            if name in _FORBIDDEN or (name == b"te" and value.lower() != b"trailers"):
+                raise Malformed(f"connection-specific field {name!r}")
+            continue
+        if name == b"host":
+            if host is not None:
+                raise Malformed("more than one Host field")
+            host = value
+            continue
+        if bad is not None or (95 in name and not underscores):
+            continue  # refused already: the rest is only checked; b"_" (95): as for HTTP/1.1 (see h1/reader.py)
+        if name == b"cookie":
+            cookies.append(value)
+            continue
+        if name == b"content-length":
+            if value.isdigit():  # (the library refuses any other value)
+                req.content_length = int(value)
+        elif name == b"x-request-id":
+            req.request_id = value
+        headers.append((name, value))
+        if len(headers) > max_count:
+            bad = HeaderTooLarge(f"more than {max_count} request header fields")
+    _check_pseudo(pseudo)
+    authority = pseudo.get(b":authority")
+    if authority is None and host is None:
+        raise Malformed("neither :authority nor Host")
+    if authority is not None and host is not None and authority != host:
+        raise Malformed(":authority and Host differ")
+    path = pseudo.get(b":path", b"")  # (:scheme says nothing the listener does not know)
+    if bad is None and len(path) > limits.max_target:
+        bad = UriTooLong(f"request target longer than {limits.max_target} bytes")
+    req.bad = bad
+    req.method = pseudo[b":method"].decode("ascii", "replace")
     req.target = path
-    req.host = authority or host
+    req.host = authority or host or b""
     if cookies:
         # RFC 9113 §8.2.3: a client may split Cookie into one field per pair; HTTP/1.1 allows one Cookie line.
         headers.append((b"cookie", b"; ".join(cookies)))
@@ -89,6 +143,21 @@ def request_from_fields(
     if req.bad is None:
         req.bad = _refusal(req)
     return req
+
+
+def _check_pseudo(pseudo: dict[bytes, bytes]) -> None:
+    """RFC 9113 §8.3.1 and §8.5, RFC 8441 §4: which pseudo-header fields a request has."""
+    method = pseudo.get(b":method")
+    if method is None:
+        raise Malformed("no :method")
+    if method == b"CONNECT" and b":protocol" not in pseudo:
+        if b":scheme" in pseudo or b":path" in pseudo:
+            raise Malformed("CONNECT with :scheme or :path")
+        return
+    if b":protocol" in pseudo and method != b"CONNECT":
+        raise Malformed(":protocol without CONNECT")
+    if b":scheme" not in pseudo or not pseudo.get(b":path"):
+        raise Malformed("no :scheme or no :path")
 
 
 def _refusal(req: Request) -> ProxyError | None:
@@ -111,23 +180,30 @@ def response_fields(
 ) -> list[Field]:
     """The HTTP/2 response head for an upstream's HTTP/1.1 answer: `:status`, then its end-to-end fields in
     lower case (HTTP/2 requires it), without connection-specific ones and those its Connection names."""
-    named: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
     out: list[Field] = [(b":status", b"%d" % status)]
+    drop = rules.drop if rules is not None else ()
+    connection: list[bytes] = []
     for name, value in headers:
         lower = name.lower()
-        if lower in CONNECTION_SPECIFIC or lower in named or (request_id and lower == b"x-request-id"):
+        if lower in CONNECTION_SPECIFIC:
+            if lower == b"connection":
+                connection.append(value)
             continue
-        if rules is not None and lower in rules.drop:
+        if lower in drop or (request_id and lower == b"x-request-id"):
             continue
         out.append((lower, value))
+    if connection:
+        # RFC 9110 §7.6.1: the fields Connection names are this hop's too (keep-alive, named by most, is
+        # dropped above already).
+        named = {token.strip().lower() for value in connection for token in value.split(b",")} - CONNECTION_SPECIFIC
+        if named:
+            out = [out[0], *(field for field in out[1:] if field[0] not in named)]
     if rules is not None:
         out += [(n.lower(), v) for n, v in (*rules.set, *rules.add)]
     out += [(n.lower(), v) for n, v in extra]
     if request_id:
-        out.append((b"x-request-id", request_id))
+        # New with every answer: indexed, it would push the fields that repeat out of the client's HPACK table.
+        out.append(NeverIndexedHeaderTuple(b"x-request-id", request_id))
     return out
 
 

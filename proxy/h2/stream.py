@@ -1,12 +1,14 @@
 """One HTTP/2 stream as the client side of an exchange (a `Downstream`), relaying within both flow-control windows.
 
-Answer bytes wait in the stream's queue until the client's windows (the stream's and the connection's) let them
-go; when more than `_HIGH` bytes wait, the upstream connection stops being read until the queue is below
+The answer's head and bytes wait in the stream until the exchange flushes (once per upstream read) or ends it, then
+go as HEADERS and DATA frames, END_STREAM on the last of them (a frame and a pass through the library's state
+machine fewer than a separate end). Bytes wait longer when the client's windows (the stream's and the connection's)
+hold them back; when more than `_HIGH` bytes wait, the upstream connection stops being read until the queue is below
 `LOW_WATER` again (the connection calls `pump` on each WINDOW_UPDATE). Request body bytes go to the upstream as they
 arrive, and are acknowledged to the client (its window reopened) only once the upstream takes them: while the
-upstream's socket is full (`pause_body`) or no upstream has the request yet, nothing is acknowledged, so the
-client can never have more in flight than the window it was given. Neither a slow client nor a slow upstream
-grows memory past a window per stream.
+upstream's socket is full (`pause_body`) or no upstream has the request yet, nothing is acknowledged, so the client
+can never have more in flight than the window it was given. Neither a slow client nor a slow upstream grows memory
+past a window per stream.
 
 Errors the proxy answers itself go out as a short text body (as over HTTP/1.1), or as a trailers-only gRPC
 answer to a gRPC call; a cut after the head went out is a RST_STREAM of this stream only, never the connection.
@@ -57,6 +59,7 @@ class Stream:
         "ctx",
         "ending",
         "exchange",
+        "head",
         "id",
         "peer",
         "peer_text",
@@ -78,6 +81,7 @@ class Stream:
         self.writing_paused = False  # more than _HIGH bytes wait on the client's windows
         self.body_paused = False  # the upstream does not take the request body: received data is not acknowledged
         self.exchange: Exchange | None = None
+        self.head: list[tuple[bytes, bytes]] | None = None  # the answer's head, until the next flush or end
         self.pending: collections.deque[bytes] = collections.deque()  # answer bytes the windows hold back
         self.pending_size = 0
         self.ending = False  # END_STREAM goes after what is pending
@@ -94,17 +98,17 @@ class Stream:
         extra: tuple[tuple[bytes, bytes], ...], route: Route,
     ) -> None:
         if not self.closing:
-            self.conn.send_headers(self.id, response_fields(status, headers, extra, req.request_id,
-                                                            route.response_rules))
+            self.head = response_fields(status, headers, extra, req.request_id, route.response_rules)
 
     def send_body(self, data: bytes) -> None:
         if self.closing or not data:
             return
         self.pending.append(data)
         self.pending_size += len(data)
-        self.pump()
         if self.pending_size > _HIGH and not self.writing_paused:
-            self.pause_upstream()
+            self.pump()
+            if self.pending_size > _HIGH:
+                self.pause_upstream()
 
     def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
         """The answer ends with these fields (an HTTP/2 upstream's trailers, or a whole trailers-only answer),
@@ -114,6 +118,8 @@ class Stream:
             self.end()
 
     def flush(self) -> None:
+        if self.head is not None or self.pending:
+            self.pump()
         self.conn.flush()
 
     def write(self, data: bytes) -> None:
@@ -129,6 +135,7 @@ class Stream:
 
     def abort(self) -> None:
         """Cut this stream (RST_STREAM INTERNAL_ERROR): the client sees the answer broken off, never complete."""
+        self.head = None
         self.pending.clear()
         self.pending_size = 0
         if not self.closing:
@@ -203,12 +210,21 @@ class Stream:
                 exchange.conn.resume_reading()
 
     def pump(self) -> None:
-        """Send what the stream's and the connection's windows allow; END_STREAM once nothing waits."""
+        """Send the head, then what the stream's and the connection's windows allow; END_STREAM on the last frame
+        once the exchange ended the answer and nothing waits."""
         conn = self.conn
         h2 = conn.h2
         sid = self.id
         pending = self.pending
         try:
+            head = self.head
+            if head is not None:
+                self.head = None
+                if self.ending and not pending and self.trailers is None:
+                    h2.send_headers(sid, head, end_stream=True)
+                    self._ended()
+                    return
+                h2.send_headers(sid, head)
             while pending:
                 window = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
                 if window <= 0:
@@ -220,22 +236,31 @@ class Stream:
                     pending[0] = chunk[window:]
                     chunk = chunk[:window]
                 self.pending_size -= len(chunk)
+                if self.ending and not pending and self.trailers is None:
+                    h2.send_data(sid, chunk, end_stream=True)
+                    self._ended()
+                    return
                 h2.send_data(sid, chunk)
             if self.ending and not self.sent_all:
-                self.sent_all = True
                 if self.trailers is not None:
                     h2.send_headers(sid, self.trailers, end_stream=True)
                 else:
                     h2.end_stream(sid)
-                if not self.req.body_done:
-                    # RFC 9113 §8.1: the answer is complete before the request; the rest of it is not wanted.
-                    h2.reset_stream(sid, ErrorCodes.NO_ERROR)
-                conn.forget(self)
+                self._ended()
+                return
         except (StreamClosedError, ProtocolError):
             conn.lost(sid)
             return
         if self.writing_paused and self.pending_size < LOW_WATER and not conn.paused:
             self.resume_upstream()
+
+    def _ended(self) -> None:
+        """END_STREAM went out."""
+        self.sent_all = True
+        if not self.req.body_done:
+            # RFC 9113 §8.1: the answer is complete before the request; the rest of it is not wanted.
+            self.conn.h2.reset_stream(self.id, ErrorCodes.NO_ERROR)
+        self.conn.forget(self)
 
     def start(self, client: Client) -> None:
         """Plan the request and start forwarding it; a decision that is an error is answered here."""

@@ -24,8 +24,9 @@ from proxy.h1.upstream import FRAMING_CHUNKED, FRAMING_LENGTH
 from proxy.h2.connection import H2ClientConnection
 from proxy.h2.head import grpc_error_fields
 from proxy.h2.limits import PREFACE, H2Limits
+from proxy.listener import ProxyServer
 
-from .wire import Wire, plain_client
+from .wire import FakeLoop, FakeTransport, FakeUpstream, Wire, context, plain_client
 
 
 def response_of(events: Sequence[object], sid: int) -> dict[bytes, bytes]:
@@ -101,6 +102,52 @@ class TestRequests:
         assert b"transfer-encoding: chunked" in sent.lower() and sent.endswith(b"5\r\nhello\r\n0\r\n\r\n")
 
 
+class TestWrites:
+    """Answers go out in as few writes as the event loop allows."""
+
+    def test_answers_of_one_turn_of_the_loop_leave_in_one_write(self) -> None:
+        wire = Wire()
+        sids = [wire.request(), wire.request()]
+        wire.send()
+        wire.loop.run_tasks()
+        wire.loop.soon = []  # calls for the end of the turn wait, as on a real loop
+        writes = wire.transport.writes
+        for conn in wire.upstream.conns:
+            conn.sink.on_head(200, b"OK", [(b"Content-Length", b"2")], FRAMING_LENGTH)
+            conn.sink.on_body(b"hi")
+            conn.sink.on_complete(True)
+        assert wire.transport.writes == writes
+        wire.loop.run_soon()
+        assert wire.transport.writes == writes + 1
+        events = wire.receive()
+        assert [body_of(events, sid) for sid in sids] == [b"hi", b"hi"]
+        assert sorted(e.stream_id for e in events if isinstance(e, StreamEnded)) == sids
+
+    def test_a_small_answer_ends_on_its_data_frame(self) -> None:
+        """Head, body and end from one upstream read: HEADERS, then one DATA frame carrying END_STREAM."""
+        wire = Wire()
+        sid = wire.request()
+        wire.send()
+        conn = wire.conn
+        wire.transport.take()
+        conn.sink.on_head(200, b"OK", [(b"Content-Length", b"2")], FRAMING_LENGTH)
+        conn.sink.on_body(b"hi")
+        conn.sink.on_complete(True)
+        sent = [(type(f).__name__, f.stream_id, sorted(f.flags)) for f in frames(wire.transport.take())]
+        assert sent == [("HeadersFrame", sid, ["END_HEADERS"]), ("DataFrame", sid, ["END_STREAM"])]
+
+    def test_an_answer_without_body_ends_on_its_headers_frame(self) -> None:
+        wire = Wire()
+        sid = wire.request()
+        wire.send()
+        conn = wire.conn
+        wire.transport.take()
+        conn.sink.on_head(204, b"No Content", [], FRAMING_LENGTH)
+        conn.sink.on_complete(True)
+        sent = [(type(f).__name__, f.stream_id, sorted(f.flags)) for f in frames(wire.transport.take())]
+        assert sent == [("HeadersFrame", sid, ["END_HEADERS", "END_STREAM"])]
+
+
 class TestFlowControl:
     """Neither a slow client nor a slow upstream grows memory: windows are honoured and granted as bytes go on."""
 
@@ -151,6 +198,17 @@ class TestProtections:
         events = wire.send()
         resets = [e for e in events if isinstance(e, StreamReset)]
         assert [(r.stream_id, r.error_code) for r in resets] == [(sids[2], ErrorCodes.REFUSED_STREAM)]
+
+    def test_a_connection_over_max_connections_gets_goaway_before_the_close(self) -> None:
+        """GOAWAY REFUSED_STREAM is written before the listener closes the transport, not at the end of the turn."""
+        loop = FakeLoop()
+        loop.soon = []
+        ctx = context(loop, FakeUpstream(), max_connections=0)
+        transport = FakeTransport()
+        H2ClientConnection(ctx, ProxyServer(ctx), H2Limits()).connection_made(transport)
+        goaway = [f for f in frames(transport.take()) if isinstance(f, GoAwayFrame)]
+        assert [g.error_code for g in goaway] == [ErrorCodes.REFUSED_STREAM]
+        assert transport.closed
 
     def test_header_list_over_the_limit_ends_the_connection(self) -> None:
         wire = Wire(H2Limits(max_header_list_size=2048))

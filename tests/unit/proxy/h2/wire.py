@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -29,11 +29,24 @@ A = Endpoint("web", "web-a", "127.0.0.1", 9001)
 
 
 class FakeLoop:
-    """What the connection and its exchanges ask of a loop: the time, and a task to open a connection."""
+    """What the connection and its exchanges ask of a loop: the time, a task to open a connection, and a call at
+    the end of this turn (run at once, unless `soon` collects them for a test to run with `run_soon`)."""
 
     def __init__(self) -> None:
         self.now = 100.0
         self.tasks: list[Coroutine[Any, Any, None]] = []
+        self.soon: list[Callable[[], None]] | None = None
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        if self.soon is None:
+            callback()
+        else:
+            self.soon.append(callback)
+
+    def run_soon(self) -> None:
+        calls, self.soon = self.soon or [], []
+        for callback in calls:
+            callback()
 
     def time(self) -> float:
         return self.now
@@ -96,6 +109,7 @@ class FakeTransport(asyncio.Transport):
     def __init__(self, tls_alpn: str | None = None) -> None:
         super().__init__()
         self.out = bytearray()
+        self.writes = 0
         self.closed = False
         self.protocol: Any = None
         self.buffered = 0
@@ -103,6 +117,7 @@ class FakeTransport(asyncio.Transport):
 
     def write(self, data: Any) -> None:
         self.out += data
+        self.writes += 1
 
     def take(self) -> bytes:
         out, self.out = bytes(self.out), bytearray()
