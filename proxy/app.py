@@ -152,6 +152,8 @@ def tcp_limits(s: Settings) -> dict[str, Any]:
     return {
         "settings": s.tcp, "connect_timeout": s.upstream.connect_timeout, "max_attempts": s.upstream.max_attempts,
         "access": AccessRules(s.client.allow, s.client.deny) if s.client.allow or s.client.deny else None,
+        "trusted": TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
+        "header_timeout": s.client.proxy_header_timeout,
     }
 
 
@@ -358,6 +360,10 @@ class Ferryman:
     async def _start_proxies(self) -> None:
         s = self.settings
         access_log = logs.access_writer(s.logs.access_format, s.logs.access_file) if s.logs.access else None
+        if s.tcp.listen or s.tcp.sni_listen or s.listeners.tls_passthrough:
+            self._tcp_ctx = TcpContext(
+                router=self.router, pools=self.pools, metrics=self.metrics, loop=asyncio.get_running_loop(),
+                log_access=s.logs.access, **tcp_limits(s))
         plain = ProxyServer(self._context("http", s.listeners.plain.port, access_log))
         self._proxies.append(plain)
         await plain.start(s.listeners.plain.host, s.listeners.plain.port, reuse_port=self.reuse_port,
@@ -366,12 +372,15 @@ class Ferryman:
             assert self.certs is not None
             secure = ProxyServer(self._context("https", address.port, access_log))
             self._proxies.append(secure)
+            passthrough = None
+            if s.listeners.passes_through(address) and self._tcp_ctx is not None:
+                passthrough = TcpServer(self._tcp_ctx, sni=True, port=address.port, address=str(address),
+                                        passthrough=True)
+                self._tcp.append(passthrough)
+                await passthrough.start(address.host)
             await secure.start(address.host, address.port, reuse_port=self.reuse_port, ssl=self.certs.context,
-                               proxy_protocol=s.listeners.expects_proxy_header(address))
-        if s.tcp.listen or s.tcp.sni_listen:
-            self._tcp_ctx = TcpContext(
-                router=self.router, pools=self.pools, metrics=self.metrics, loop=asyncio.get_running_loop(),
-                log_access=s.logs.access, **tcp_limits(s))
+                               proxy_protocol=s.listeners.expects_proxy_header(address), passthrough=passthrough)
+        if self._tcp_ctx is not None:
             await start_tcp_listeners(s, self._tcp_ctx, self._tcp, reuse_port=self.reuse_port)
 
     def _context(self, proto: str, port: int, access_log: logs.AccessWriter | None) -> ProxyContext:
@@ -476,4 +485,5 @@ async def start_tcp_listeners(s: Settings, ctx: TcpContext, servers: list[TcpSer
     for address, sni in [*((a, False) for a in s.tcp.listen), *((a, True) for a in s.tcp.sni_listen)]:
         server = TcpServer(ctx, sni=sni, port=address.port, address=str(address))
         servers.append(server)
-        await server.start(address.host, reuse_port=reuse_port)
+        await server.start(address.host, reuse_port=reuse_port,
+                           proxy_protocol=s.listeners.expects_proxy_header(address))
