@@ -67,7 +67,8 @@ def world(consul: ConsulAgent, workdir: Path) -> Iterator[World]:
     haproxy = subprocess.Popen([HAPROXY, "-f", str(config), "-db"], stdout=subprocess.DEVNULL,
                                stderr=open(workdir / "haproxy-tcp.log", "ab"))
     redises = [Redis(workdir).start(), Redis(workdir).start()]
-    pxy = ProxyV2Backend().start()
+    pxy = ProxyV2Backend()
+    pxy.start()
     try:
         for port in fronts.values():
             wait_until(functools.partial(_accepts, port), 10, f"HAProxy on {port}")
