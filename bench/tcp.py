@@ -297,9 +297,9 @@ def main() -> int:
 
     # Each idle connection is two sockets in the Ferryman worker that holds it; workers share them (SO_REUSEPORT).
     per_worker = (limit - 200) // 2
-    if args.idle > per_worker * max(1, args.workers) * 0.9:
+    if args.idle > per_worker * max(1, args.workers) * 0.99:
         print(f"RLIMIT_NOFILE is {limit}: at most {per_worker} connections a worker; fewer than asked ({args.idle})")
-        args.idle = int(per_worker * max(1, args.workers) * 0.9)
+        args.idle = int(per_worker * max(1, args.workers) * 0.99)
     work = new_workdir("ferryman-bench-tcp-")
     consul = ConsulAgent(work)
     consul.start()
