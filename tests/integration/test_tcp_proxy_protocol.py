@@ -1,6 +1,7 @@
 """PROXY protocol on TCP listeners, behind a real HAProxy in TCP mode sending PROXY v2 (`send-proxy-v2`), as an
 L4 balancer in front of Ferryman: the client a TCP route sees is the one HAProxy accepted, for the access line,
-deny=, `lb=hash` and the `pxyproto=v2` header Ferryman sends on to a backend that reads it. Debian's
+deny=, `lb=hash` and the `pxyproto=v2` header Ferryman sends on to a backend that reads it; an SNI listener
+behind it routes the ClientHello that follows the header. Debian's
 redis-server and redis-cli behind; a real Consul agent; Ferryman as a process.
 
 The client connects from 127.0.0.5 and up (a bound source address), HAProxy from 127.0.0.1, the only trusted
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from .certs import TestCA
 from .harness import ConsulAgent, FerrymanProcess, _stop_pid, free_port, wait_until
-from .tcp_peers import ProxyV2Backend, Redis, redis_binary
+from .tcp_peers import ProxyV2Backend, Redis, TlsEcho, redis_binary
 
 pytestmark = [
     pytest.mark.integration,
@@ -33,6 +35,7 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 CLIENT = "127.0.0.5"
 HEADER_S = 1.0
 ROUTES = ("redis", "hash", "pxy", "deny")  # Ferryman's TCP listeners, each behind its own HAProxy frontend
+SNI = "sni"  # and its SNI listener, behind one more
 
 
 @dataclass
@@ -42,6 +45,7 @@ class World:
     fronts: dict[str, int]  # HAProxy's frontends, one per listener
     redises: list[Redis]
     pxy: ProxyV2Backend
+    ca: TestCA
 
 
 def _accepts(port: int) -> bool:
@@ -51,16 +55,17 @@ def _accepts(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def world(consul: ConsulAgent, workdir: Path) -> Iterator[World]:
-    listeners = {name: free_port() for name in ROUTES}
-    fronts = {name: free_port() for name in ROUTES}
-    addresses = ",".join(f"127.0.0.1:{port}" for port in listeners.values())
+    listeners = {name: free_port() for name in (*ROUTES, SNI)}
+    fronts = {name: free_port() for name in (*ROUTES, SNI)}
+    addresses = ",".join(f"127.0.0.1:{listeners[name]}" for name in ROUTES)
     ferryman = FerrymanProcess(consul.addr, workdir, extra=[
-        "--tcp-listen", addresses, "--proxy-protocol", addresses, "--trusted-proxies", "127.0.0.1",
+        "--tcp-listen", addresses, "--sni-listen", f"127.0.0.1:{listeners[SNI]}", "--proxy-protocol", "*",
+        "--trusted-proxies", "127.0.0.1",
         "--proxy-protocol-timeout", str(HEADER_S), "--connect-timeout", "1"])
     ferryman.start()
     config = workdir / "haproxy-tcp.cfg"
     lines = ["defaults", "    mode tcp", "    timeout connect 2s", "    timeout client 10s", "    timeout server 10s"]
-    for name in ROUTES:
+    for name in (*ROUTES, SNI):
         lines += [f"listen {name}", f"    bind 127.0.0.1:{fronts[name]}",
                   f"    server ferryman 127.0.0.1:{listeners[name]} send-proxy-v2"]
     config.write_text("\n".join(lines) + "\n")
@@ -69,6 +74,10 @@ def world(consul: ConsulAgent, workdir: Path) -> Iterator[World]:
     redises = [Redis(workdir).start(), Redis(workdir).start()]
     pxy = ProxyV2Backend()
     pxy.start()
+    ca = TestCA(workdir / "pp-tcp-ca")
+    _, cert, key = ca.issue_files(ca.directory, "sni", "sni.pp.test")
+    tls = TlsEcho("sni", cert, key)
+    tls.start()
     try:
         for port in fronts.values():
             wait_until(functools.partial(_accepts, port), 10, f"HAProxy on {port}")
@@ -80,18 +89,21 @@ def world(consul: ConsulAgent, workdir: Path) -> Iterator[World]:
             consul.register("pp-hash", f"pp-hash-{i}", redis.port,
                             [f"urlprefix-:{listeners['hash']} proto=tcp lb=hash"])
         consul.register("pp-pxy", "pp-pxy-0", pxy.port, [f"urlprefix-:{listeners['pxy']} proto=tcp pxyproto=v2"])
+        consul.register("pp-sni", "pp-sni-0", tls.port, ["urlprefix-sni.pp.test/ proto=tcp"])
+        ferryman.wait_instances("pp-sni@sni.pp.test", ["pp-sni-0"])
         ferryman.wait_instances(f"pp-redis@*any*:{listeners['redis']}", ["pp-redis-0", "pp-redis-1"])
         ferryman.wait_instances(f"pp-hash@*any*:{listeners['hash']}", ["pp-hash-0", "pp-hash-1"])
         ferryman.wait_instances(f"pp-pxy@*any*:{listeners['pxy']}", ["pp-pxy-0"])
-        yield World(ferryman, listeners, fronts, redises, pxy)
+        yield World(ferryman, listeners, fronts, redises, pxy, ca)
     finally:
-        for instance in ("pp-redis-0", "pp-redis-1", "pp-hash-0", "pp-hash-1", "pp-pxy-0"):
+        for instance in ("pp-redis-0", "pp-redis-1", "pp-hash-0", "pp-hash-1", "pp-pxy-0", "pp-sni-0"):
             consul.deregister(instance)
         _stop_pid(haproxy)
         ferryman.stop()
         for redis in redises:
             redis.stop()
         pxy.stop()
+        tls.stop()
 
 
 def _connect(port: int, source: str = CLIENT) -> socket.socket:
@@ -169,6 +181,18 @@ class TestBehindHaproxy:
                 for source in sources}
         assert all(len(answers) == 1 for answers in seen.values()), seen
         assert {next(iter(answers)) for answers in seen.values()} == {b"$7\r\nredis-0\r\n", b"$7\r\nredis-1\r\n"}
+
+
+    def test_sni_listener_behind_haproxy(self, world: World) -> None:
+        """An SNI listener reads the PROXY header, then routes the ClientHello after it: the backend's own
+        certificate reaches the client, and the access line names the client behind HAProxy."""
+        with _connect(world.fronts[SNI]) as raw, \
+                world.ca.client_context().wrap_socket(raw, server_hostname="sni.pp.test") as tls:
+            tls.sendall(b"hi\n")
+            assert tls.makefile("rb").readline() == b"sni hi\n"
+            port = tls.getsockname()[1]
+        wait_until(lambda: any(e["client"] == f"{CLIENT}:{port}" and e["server_name"] == "sni.pp.test"
+                               for e in _access(world, "pp-sni")), 5, "the SNI access line naming the client")
 
 
 class TestRefused:
