@@ -169,10 +169,10 @@ class ProxyServer:
         of a TLS listener's `proto=tcp` server names (both in proxy/proxied.py)."""
         if proxy_protocol or passthrough is not None:
             sock = listening_socket(host, port, reuse_port=reuse_port, backlog=backlog)
-            limits = self.cfg
+            cfg = self.cfg  # its limits are read per connection: a reload replaces them
             self._acceptor = Acceptor(
-                self.cfg.loop, sock, http_hand_over(self, ssl, passthrough),
-                (lambda: (limits.limits.trusted, limits.limits.proxy_header_timeout)) if proxy_protocol else None)
+                cfg.loop, sock, http_hand_over(self, ssl, passthrough),
+                (lambda: (cfg.limits.trusted, cfg.limits.proxy_header_timeout)) if proxy_protocol else None)
             self._accepting = self.cfg.loop.create_task(self._acceptor.run(), name="accept")
         else:
             self._server = await self.cfg.loop.create_server(
