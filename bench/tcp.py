@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""TCP routes under load: redis-benchmark through Ferryman against direct, 1 GiB relayed intact, and the memory
-idle connections take.
+"""TCP routes under load: redis-benchmark through Ferryman against direct, 1 GiB relayed intact, the memory
+idle connections take, and a rolling deploy under connection churn.
 
     .venv/bin/python bench/tcp.py [--requests 200000] [--clients 50] [--gib 1] [--idle 10000] [--workers 1]
+                                  [--rolling 30]
 
 What runs, all on 127.0.0.1 ports picked free at start:
   * a real Consul dev agent (tests/integration/harness.py's ConsulAgent);
@@ -16,7 +17,12 @@ Figures: redis-benchmark's SET and GET operations a second direct and through Fe
 pipelining, then with -P 16); `--gib` GiB sent through the echo route and read back, sha256 of both sides
 compared, with the throughput and Ferryman's peak RSS (every process of its tree, sampled every 0.1 s);
 `--idle` connections opened and left idle, and Ferryman's RSS growth per connection (each holds a client and
-an upstream socket). The soft RLIMIT_NOFILE is raised up to the hard limit in-process (children inherit it).
+an upstream socket): opened one after another, as fast as Ferryman accepts them, with the time it took and
+any connect that failed; `--rolling` seconds of a rolling deploy: a client opens a connection through a TCP
+route to three redis-servers, sends PING, reads PONG and closes, in a loop (bounded by the time and by
+`--rolling-max` connections), while each instance is replaced in turn (a new redis-server registered, the old
+one deregistered, stopped once Ferryman no longer lists it); it prints the connections, the failed ones and
+the instances replaced. The soft RLIMIT_NOFILE is raised up to the hard limit in-process (children inherit it).
 Every process started here is stopped by its PID. Exit status 0 when the bytes arrived intact.
 """
 
@@ -35,6 +41,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -174,6 +181,98 @@ def open_gauge(admin_url: str, service: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def idle(proxy: Any, port: int, count: int) -> None:
+    """Open `count` connections through the idle route, one after another, and report Ferryman's RSS growth."""
+    from tests.integration.harness import wait_until
+
+    time.sleep(1)
+    base = rss_mib(proxy.proc.pid)
+    held, failed, started = [], 0, time.monotonic()
+    for _ in range(count):
+        try:
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        except OSError as exc:
+            failed += 1
+            if failed <= 3:
+                print(f"  connect failed: {exc!r}")
+    opened_s = time.monotonic() - started
+    try:
+        wait_until(lambda: open_gauge(proxy.admin_url, "bench-idle") >= len(held), 120, f"{len(held)} open")
+    except TimeoutError:
+        pass
+    relayed = open_gauge(proxy.admin_url, "bench-idle")
+    relayed_s = time.monotonic() - started
+    time.sleep(1.5)
+    grown = rss_mib(proxy.proc.pid) - base
+    print(f"{len(held):,} idle TCP connections opened in {opened_s:.1f} s ({failed} failed), {relayed:,.0f} relayed "
+          f"to the instance after {relayed_s:.1f} s: Ferryman RSS {base:.1f} -> {base + grown:.1f} MiB, "
+          f"{grown * 1024 / max(1, relayed):.1f} KiB per connection (its client and upstream sockets)")
+    for sock in held:
+        sock.close()
+
+
+def churn(port: int, until: float, limit: int, stop: threading.Event, counts: dict[str, int]) -> None:
+    """Open, PING, read PONG, close, in a loop: every connection that fails to connect or answer counts."""
+    while not stop.is_set() and time.monotonic() < until and counts["connections"] < limit:
+        counts["connections"] += 1
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"PING\r\n")
+                answer = b""
+                while not answer.endswith(b"\r\n"):
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        break
+                    answer += chunk
+                if answer != b"+PONG\r\n":
+                    raise ConnectionError(f"answer {answer!r}")
+        except OSError as exc:
+            counts["failed"] += 1
+            if counts["failed"] <= 3:
+                print(f"  churn connection failed: {exc!r}")
+
+
+def rolling(consul: Any, proxy: Any, work: Path, port: int, seconds: float, limit: int) -> int:
+    """Replace each of three redis instances in turn, over and over, while `churn` runs; the failures."""
+    from tests.integration.tcp_peers import Redis
+
+    route, tags = f"bench-roll@*any*:{port}", [f"urlprefix-:{port} proto=tcp"]
+    live = {f"roll-{i}": Redis(work).start() for i in range(3)}
+    for instance, redis in live.items():
+        consul.register("bench-roll", instance, redis.port, tags)
+    proxy.wait_instances(route, sorted(live))
+    counts = {"connections": 0, "failed": 0}
+    stop = threading.Event()
+    started = time.monotonic()
+    client = threading.Thread(target=churn, args=(port, started + seconds, limit, stop, counts))
+    client.start()
+    replaced, serial = 0, 3
+    try:
+        while client.is_alive():
+            old = sorted(live, key=lambda name: int(name.split("-")[1]))[0]
+            new, serial = f"roll-{serial}", serial + 1
+            live[new] = Redis(work).start()
+            consul.register("bench-roll", new, live[new].port, tags)
+            proxy.wait_instances(route, sorted(live), timeout=30)
+            consul.deregister(old)
+            leaving = live.pop(old)
+            proxy.wait_instances(route, sorted(live), timeout=30)
+            time.sleep(0.5)  # connections opened just before are done (a PING each)
+            leaving.stop()
+            replaced += 1
+    finally:
+        stop.set()
+        client.join()
+        for instance, redis in live.items():
+            consul.deregister(instance)
+            redis.stop()
+    took = time.monotonic() - started
+    print(f"rolling deploy under churn: {counts['connections']:,} connections in {took:.1f} s "
+          f"({counts['connections'] / took:,.0f}/s), {counts['failed']} failed, {replaced} instances replaced "
+          f"(3 live at a time)")
+    return counts["failed"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200_000, help="redis-benchmark requests per test")
@@ -181,6 +280,8 @@ def main() -> int:
     parser.add_argument("--gib", type=float, default=1.0, help="GiB sent through the echo route and back")
     parser.add_argument("--idle", type=int, default=10_000, help="idle connections held open")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rolling", type=float, default=0, help="seconds of rolling deploy under churn (0: off)")
+    parser.add_argument("--rolling-max", type=int, default=100_000, help="at most this many churn connections")
     parser.add_argument("--_backend", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     limit = raise_nofile()
@@ -191,12 +292,14 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(ROOT))
-    from tests.integration.harness import ConsulAgent, FerrymanProcess, free_port, new_workdir, wait_until
+    from tests.integration.harness import ConsulAgent, FerrymanProcess, free_port, new_workdir
     from tests.integration.tcp_peers import Redis
 
-    if limit < 2 * args.idle + 1000:
-        print(f"RLIMIT_NOFILE is {limit}: fewer idle connections than asked ({args.idle})")
-        args.idle = max(0, (limit - 1000) // 2)
+    # Each idle connection is two sockets in the Ferryman worker that holds it; workers share them (SO_REUSEPORT).
+    per_worker = (limit - 200) // 2
+    if args.idle > per_worker * max(1, args.workers) * 0.99:
+        print(f"RLIMIT_NOFILE is {limit}: at most {per_worker} connections a worker; fewer than asked ({args.idle})")
+        args.idle = int(per_worker * max(1, args.workers) * 0.99)
     work = new_workdir("ferryman-bench-tcp-")
     consul = ConsulAgent(work)
     consul.start()
@@ -205,7 +308,7 @@ def main() -> int:
     backend = subprocess.Popen([sys.executable, __file__, "--_backend", str(echo_port), str(idle_port)],
                                stdout=subprocess.PIPE)
     assert backend.stdout is not None and backend.stdout.readline().strip() == b"ready"
-    ports = {"redis": free_port(), "echo": free_port(), "idle": free_port()}
+    ports = {"redis": free_port(), "echo": free_port(), "idle": free_port(), "roll": free_port()}
     proxy = FerrymanProcess(consul.addr, work, workers=args.workers, extra=[
         "--tcp-listen", ",".join(f"127.0.0.1:{p}" for p in ports.values()), "--access-log", "false",
         "--tcp-max-connections", str(args.idle + 1000), "--max-attempts", "1"])
@@ -236,22 +339,10 @@ def main() -> int:
               f"{total / MIB / seconds:,.0f} MiB/s each way, Ferryman RSS {before:.1f} MiB before, peak "
               f"{sampler.peak:.1f} MiB")
         if args.idle:
-            time.sleep(1)
-            base = rss_mib(proxy.proc.pid)
-            held = []
-            for _ in range(args.idle):
-                held.append(socket.create_connection(("127.0.0.1", ports["idle"]), timeout=30))
-            try:
-                wait_until(lambda: open_gauge(proxy.admin_url, "bench-idle") >= args.idle, 60,
-                           f"{args.idle} open connections")
-            except TimeoutError:
-                print(f"only {open_gauge(proxy.admin_url, 'bench-idle'):.0f} of {args.idle} connections open")
-            time.sleep(1.5)
-            grown = rss_mib(proxy.proc.pid) - base
-            print(f"{args.idle:,} idle TCP connections: Ferryman RSS {base:.1f} -> {base + grown:.1f} MiB, "
-                  f"{grown * 1024 / args.idle:.1f} KiB per connection (its client and upstream sockets)")
-            for sock in held:
-                sock.close()
+            idle(proxy, ports["idle"], args.idle)
+        if args.rolling:
+            failures = rolling(consul, proxy, work, ports["roll"], args.rolling, args.rolling_max)
+            intact = intact and failures == 0
     finally:
         proxy.stop()
         backend.terminate()

@@ -25,6 +25,7 @@ from .listener import Router
 from .pool import Pools
 from .state import Report
 from .table import Route
+from .tcp.routes import TcpListening
 
 STATUS_PAGE: Final = Path(__file__).with_name("static") / "status.html"
 
@@ -78,10 +79,11 @@ def shown_host(route: Route) -> str:
     return route.host or "*"
 
 
-def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
+def routes_document(router: Router, pools: Pools, tcp: TcpListening | None = None) -> dict[str, Any]:
     """Routes in match order. A route that sends to several services (shared by their tags, or a split) lists
     each in `services`, with its weight, share and instances; `instances` holds every one of them, each naming
-    its service; `service` is the first."""
+    its service; `service` is the first. `warning`: why no listener takes a TCP route (null when one does)."""
+    tcp = tcp or TcpListening()
     table = router.current
     out = []
     for route in table.routes:
@@ -102,6 +104,7 @@ def routes_document(router: Router, pools: Pools) -> dict[str, Any]:
             "instances": [instance for service in services for instance in service["instances"]],
             "port": route.port,  # the listener port a route is restricted to (a TCP route's listener); 0: any
             "pxyproto": route.proxy_protocol or None,  # a TCP route's PROXY header version
+            "warning": tcp.missing(route),
         })
     return {
         "generation": table.generation,
@@ -164,8 +167,10 @@ def make_admin_app(
     *,
     consul: str = "",
     max_sync_age: Callable[[], float] = lambda: 0.0,
+    tcp: TcpListening | None = None,
 ) -> web.Application:
-    """`max_sync_age` is read at each request: a SIGHUP reload may change it."""
+    """`max_sync_age` is read at each request: a SIGHUP reload may change it. `tcp`: what the TCP listeners
+    take (TCP routes no listener takes carry a warning)."""
     async def status_page(_: web.Request) -> web.Response:
         return web.Response(body=STATUS_PAGE.read_bytes(), content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-store"})
@@ -181,7 +186,7 @@ def make_admin_app(
         return web.Response(text=why + "\n", status=200 if ok else 503, headers={"Cache-Control": "no-store"})
 
     async def api_routes(_: web.Request) -> web.Response:
-        return web.json_response(routes_document(router, pools))
+        return web.json_response(routes_document(router, pools, tcp))
 
     async def api_status(_: web.Request) -> web.Response:
         document = status_document(router, report(), consul, max_sync_age(), time.time())

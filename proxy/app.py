@@ -50,6 +50,7 @@ from .routing import Routing
 from .state import Report, pools_state, write_report
 from .table import Route, RoutedWorld, RoutePart
 from .tcp.listener import TcpContext, TcpServer
+from .tcp.routes import TcpListening
 from .tls import HttpsRedirect, TlsError
 
 log = structlog.get_logger("ferryman")
@@ -153,6 +154,8 @@ def tcp_limits(s: Settings) -> dict[str, Any]:
     return {
         "settings": s.tcp, "connect_timeout": s.upstream.connect_timeout, "max_attempts": s.upstream.max_attempts,
         "access": AccessRules(s.client.allow, s.client.deny) if s.client.allow or s.client.deny else None,
+        "trusted": TrustedProxies(s.client.trusted_proxies) if s.client.trusted_proxies else None,
+        "header_timeout": s.client.proxy_header_timeout,
     }
 
 
@@ -217,6 +220,8 @@ class Ferryman:
         )
         self.routing = Routing(self.router, self.pools, self.upstream, self.metrics,
                                RoutedWorld(parts=(RoutePart.declared("file", settings.routes),)))
+        # One process logs TCP routes no listener takes: the supervisor, or the only one.
+        self.tcp_listening = self.routing.tcp = tcp_listening(settings) if serve_admin else None
         self._proxies: list[ProxyServer] = []  # the plain listener, then the TLS ones
         self._tcp: list[TcpServer] = []  # the TCP listeners, then the SNI ones
         self._tcp_ctx: TcpContext | None = None
@@ -349,7 +354,8 @@ class Ferryman:
         if self.serve_admin:
             self._runners.append(await start_admin(
                 make_admin_app(self.router, self.pools, self.exposition, self.report_source, consul=s.consul.shown,
-                               max_sync_age=lambda: self.settings.timeouts.max_sync_age), s.listeners.admin))
+                               max_sync_age=lambda: self.settings.timeouts.max_sync_age, tcp=self.tcp_listening),
+                s.listeners.admin))
         if self.report_dir is not None:
             self._tasks.append(start_task(
                 write_reports(self.report_dir, self.report, self.metrics.flush), "state-report"))
@@ -359,6 +365,7 @@ class Ferryman:
     async def _start_proxies(self) -> None:
         s = self.settings
         access_log = logs.access_writer(s.logs.access_format, s.logs.access_file) if s.logs.access else None
+        self._tcp_ctx = tcp_context(s, self.router, self.pools, self.metrics)
         plain = ProxyServer(self._context("http", s.listeners.plain.port, access_log))
         self._proxies.append(plain)
         await plain.start(s.listeners.plain.host, s.listeners.plain.port, reuse_port=self.reuse_port,
@@ -367,12 +374,10 @@ class Ferryman:
             assert self.certs is not None
             secure = ProxyServer(self._context("https", address.port, access_log))
             self._proxies.append(secure)
+            passthrough = await passthrough_server(s, self._tcp_ctx, address, self._tcp)
             await secure.start(address.host, address.port, reuse_port=self.reuse_port, ssl=self.certs.context,
-                               proxy_protocol=s.listeners.expects_proxy_header(address))
-        if s.tcp.listen or s.tcp.sni_listen:
-            self._tcp_ctx = TcpContext(
-                router=self.router, pools=self.pools, metrics=self.metrics, loop=asyncio.get_running_loop(),
-                log_access=s.logs.access, **tcp_limits(s))
+                               proxy_protocol=s.listeners.expects_proxy_header(address), passthrough=passthrough)
+        if self._tcp_ctx is not None:
             await start_tcp_listeners(s, self._tcp_ctx, self._tcp, reuse_port=self.reuse_port)
 
     def _context(self, proto: str, port: int, access_log: logs.AccessWriter | None) -> ProxyContext:
@@ -424,12 +429,8 @@ class Ferryman:
             synced=ok and source is not None and source.synced.is_set(),
             reachable=ok and source is not None and source.reachable,
             last_success=source.last_success if source is not None else None,
-            generation=self.generation,
-            routes=self.router.current.route_count,
-            draining=self.draining,
-            at=time.time(),
-            pid=os.getpid(),
-            pools=len(self.pools),
+            generation=self.generation, routes=self.router.current.route_count, pools=len(self.pools),
+            draining=self.draining, at=time.time(), pid=os.getpid(),
         )
 
     async def wait_synced(self, timeout: float) -> bool:
@@ -474,12 +475,36 @@ class Ferryman:
         log.info("ferryman_stopped")
 
 
+def tcp_context(s: Settings, router: Router, pools: Pools, metrics: Metrics) -> TcpContext | None:
+    """What the TCP, SNI and pass-through listeners share; None when there are none."""
+    if not (s.tcp.listen or s.tcp.sni_listen or s.listeners.tls_passthrough):
+        return None
+    return TcpContext(router=router, pools=pools, metrics=metrics, loop=asyncio.get_running_loop(),
+                      log_access=s.logs.access, **tcp_limits(s))
+
+
+def tcp_listening(s: Settings) -> TcpListening:
+    return TcpListening(frozenset(a.port for a in s.tcp.listen), bool(s.tcp.sni_listen or s.listeners.tls_passthrough))
+
+
+async def passthrough_server(s: Settings, ctx: TcpContext | None, address: HostPort,
+                             servers: list[TcpServer]) -> TcpServer | None:
+    """The relays of a TLS listener of tls_passthrough (None for the others), added to `servers` as it starts."""
+    if ctx is None or not s.listeners.passes_through(address):
+        return None
+    server = TcpServer(ctx, sni=True, port=address.port, address=str(address), passthrough=True)
+    servers.append(server)
+    await server.start(address.host)
+    return server
+
+
 async def start_tcp_listeners(s: Settings, ctx: TcpContext, servers: list[TcpServer], *, reuse_port: bool) -> None:
     """The TCP and TLS pass-through listeners, each added to `servers` as it starts (so a stop stops those)."""
     for address, sni in [*((a, False) for a in s.tcp.listen), *((a, True) for a in s.tcp.sni_listen)]:
         server = TcpServer(ctx, sni=sni, port=address.port, address=str(address))
         servers.append(server)
-        await server.start(address.host, reuse_port=reuse_port)
+        await server.start(address.host, reuse_port=reuse_port,
+                           proxy_protocol=s.listeners.expects_proxy_header(address))
 
 
 def load_static(static: StaticWatcher) -> StaticWatcher:

@@ -380,14 +380,21 @@ def _check_together(settings: Settings, sources: Mapping[str, str]) -> None:
     if listeners.proxy_protocol:
         key = "proxy_protocol"
         where = sources.get(key, "default")
-        known = [str(a) for a in (listeners.plain, *listeners.tls)]
+        known = [str(a) for a in (listeners.plain, *listeners.tls, *settings.tcp.listen, *settings.tcp.sni_listen)]
         unknown = [a for a in listeners.proxy_protocol if a != "*" and a not in known]
         if unknown:
-            raise ConfigError(f"{where}: key 'proxy_protocol': {unknown[0]} is not a listener (listen, tls_listen: "
-                              f"{', '.join(known)})")
+            raise ConfigError(f"{where}: key 'proxy_protocol': {unknown[0]} is not a listener (listen, tls_listen, "
+                              f"tcp_listen, sni_listen: {', '.join(known)})")
         if not settings.client.trusted_proxies:
             raise ConfigError(f"{where}: key 'proxy_protocol': a PROXY header is believed only from "
                               "trusted_proxies, which is empty: set it to the balancers' addresses")
+    if listeners.tls_passthrough:
+        key = "tls_passthrough"
+        tls = [str(a) for a in listeners.tls]
+        unknown = [a for a in listeners.tls_passthrough if (a != "*" or not tls) and a not in tls]
+        if unknown:
+            raise ConfigError(f"{sources.get(key, 'default')}: key 'tls_passthrough': {unknown[0]} is not a TLS "
+                              f"listener (tls_listen: {', '.join(tls) or 'none'})")
     realms = {realm.name for realm in settings.auth}
     for route in settings.routes:
         if route.spec.options.auth is not None and route.spec.options.auth not in realms:

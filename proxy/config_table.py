@@ -229,14 +229,18 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("deny", str, "", "client.deny", _networks, LIVE,
         "CIDRs/addresses of clients refused with 403, on every route"),
     Key("proxy_protocol", str, "", "listeners.proxy_protocol", _proxy_listeners, RESTART,
-        "listeners (host:port as in listen or tls_listen, several separated by commas, or *) whose connections "
-        "start with a PROXY protocol v1 or v2 header, accepted from trusted_proxies only; empty: none"),
+        "listeners (host:port as in listen, tls_listen, tcp_listen or sni_listen, several separated by commas, "
+        "or *) whose connections start with a PROXY protocol v1 or v2 header, accepted from trusted_proxies "
+        "only; empty: none"),
     Key("proxy_protocol_timeout", float, 3.0, "client.proxy_header_timeout", _between(0.01, 600), LIVE,
         "seconds a PROXY protocol header may take to arrive before the connection is closed"),
     Key("routes_kv_prefix", str, "ferryman/routes/", "consul.routes_kv_prefix", _kv_prefix, RESTART,
         "Consul KV prefix whose keys each hold a [[routes]] table in TOML; empty: off"),
     Key("tls_listen", str, "", "listeners.tls", _host_ports, RESTART,
         "HTTPS listeners, host:port, comma-separated"),
+    Key("tls_passthrough", str, "", "listeners.tls_passthrough", _proxy_listeners, RESTART,
+        "TLS listeners (host:port as in tls_listen, several separated by commas, or *) that pass a connection "
+        "whose server name has a proto=tcp route through untouched (Fabio's https+tcp+sni); empty: none"),
     Key("tls_certs", str, "", "tls.certs", _cert_files, LIVE,
         "certificate files, CERT.pem:KEY.pem comma-separated; the first is the default"),
     Key("tls_kv_prefix", str, "", "tls.kv_prefix", _kv_prefix, RESTART,

@@ -16,7 +16,7 @@ import asyncio
 import random
 from dataclasses import dataclass, field
 from ssl import SSLContext
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 
@@ -32,9 +32,12 @@ from .headers import TrustedProxies
 from .logs import AccessWriter
 from .metrics import Metrics
 from .pool import Pools
-from .proxied import ProxiedAcceptor, listening_socket
+from .proxied import Acceptor, http_hand_over, listening_socket
 from .table import RoutingTable
 from .tls import HttpsRedirect
+
+if TYPE_CHECKING:
+    from .tcp.listener import TcpServer
 
 log = structlog.get_logger("ferryman.proxy")
 
@@ -127,7 +130,7 @@ class ProxyServer:
         self.draining = False
         self.drained = asyncio.Event()
         self._server: asyncio.Server | None = None
-        self._acceptor: ProxiedAcceptor | None = None  # a PROXY-protocol listener accepts by itself
+        self._acceptor: Acceptor | None = None  # a PROXY-protocol or pass-through listener accepts by itself
         self._accepting: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._busy = asyncio.Event()  # set while there are connections to sweep
@@ -163,13 +166,17 @@ class ProxyServer:
 
     async def start(
         self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024, ssl: SSLContext | None = None,
-        proxy_protocol: bool = False,
+        proxy_protocol: bool = False, passthrough: TcpServer | None = None,
     ) -> None:
-        """`proxy_protocol`: every connection starts with a PROXY protocol header (proxy/proxied.py)."""
-        if proxy_protocol:
+        """`proxy_protocol`: every connection starts with a PROXY protocol header; `passthrough`: the TCP relay
+        of a TLS listener's `proto=tcp` server names (both in proxy/proxied.py)."""
+        if proxy_protocol or passthrough is not None:
             sock = listening_socket(host, port, reuse_port=reuse_port, backlog=backlog)
-            self._acceptor = ProxiedAcceptor(self, sock, ssl)
-            self._accepting = self.cfg.loop.create_task(self._acceptor.run(), name="proxy-protocol-accept")
+            cfg = self.cfg  # its limits are read per connection: a reload replaces them
+            self._acceptor = Acceptor(
+                cfg.loop, sock, http_hand_over(self, ssl, passthrough),
+                (lambda: (cfg.limits.trusted, cfg.limits.proxy_header_timeout)) if proxy_protocol else None)
+            self._accepting = self.cfg.loop.create_task(self._acceptor.run(), name="accept")
         else:
             self._server = await self.cfg.loop.create_server(
                 lambda: ClientConnection(self.cfg, self), host, port, reuse_port=reuse_port or None, backlog=backlog,

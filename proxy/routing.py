@@ -1,6 +1,7 @@
 """The routed world in force, and the one way it changes: whole (a snapshot, a route source's new part) or by
 the services a discovery change names (a SnapshotDelta), which updates only their slots of the table and
 their pools. Pools first (every route of the new table has its pool), then the table in one assignment.
+A TCP route no configured listener takes is logged once (`tcp_route_without_listener`) when it appears.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .listener import Router
 from .metrics import Metrics
 from .pool import Pools, Reconciled
 from .route_index import identity
-from .table import RoutedWorld, RoutingTable, service_routes
+from .table import Route, RoutedWorld, RoutingTable, service_routes
+from .tcp.routes import TcpListening
 
 log = structlog.get_logger("ferryman")
 
@@ -32,6 +34,8 @@ class Routing:
         self.generation = 0
         self.source: Source | None = None  # set once the app has built it
         self._conflicts: set[Problem] = set()
+        self.tcp: TcpListening | None = None  # set where TCP routes no listener takes are to be logged
+        self._unlistened: set[str] = set()  # their ids, logged once each
 
     def take(self, change: Snapshot | SnapshotDelta) -> None:
         """A discovery source's hand-over: a new snapshot, or what changed."""
@@ -69,8 +73,9 @@ class Routing:
                       exc_info=exc, detail="the routing table in force stays")
             return
         self.world = RoutedWorld(before.snapshot.apply(delta), before.parts)
-        self._installed(table, changes, table.index.conflicts(
-            {k for s in delta.changed for k in (identity(r) for r in service_routes(s))}))
+        routes = [r for s in delta.changed for r in service_routes(s)]
+        self._installed(table, changes, table.index.conflicts({identity(r) for r in routes}))
+        self._unlistened_tcp(routes, whole=False)
 
     def apply(self, world: RoutedWorld) -> None:
         """Install a routed world: pools first (so every route of the new table has its pool), then the table
@@ -87,6 +92,18 @@ class Routing:
         new = problems - self._conflicts
         self._conflicts = problems
         self._installed(table, changes, tuple(new))
+        self._unlistened_tcp(table.index.winners(), whole=True)
+
+    def _unlistened_tcp(self, routes: Iterable[Route], *, whole: bool) -> None:
+        """Log the TCP routes among `routes` that no listener takes, each once while it stays (`whole`: these
+        are all the table's routes, so one that went away may warn again if it comes back)."""
+        if self.tcp is None:
+            return
+        found = {route.id: (route, why) for route in routes if (why := self.tcp.missing(route)) is not None}
+        for route_id in found.keys() - self._unlistened:
+            route, why = found[route_id]
+            log.warning("tcp_route_without_listener", route=route_id, service=route.service, detail=why)
+        self._unlistened = set(found) if whole else self._unlistened | found.keys()
 
     def _installed(self, table: RoutingTable, changes: Reconciled, conflicts: Iterable[Problem]) -> None:
         self.generation = table.generation

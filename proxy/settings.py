@@ -55,12 +55,18 @@ class Listeners:
     plain: HostPort
     tls: tuple[HostPort, ...]
     admin: HostPort
-    # Listeners whose connections start with a PROXY protocol header: `host:port` as written in listen or
-    # tls_listen, or "*" for every one; () when off.
+    # Listeners whose connections start with a PROXY protocol header: `host:port` as written in listen,
+    # tls_listen, tcp_listen or sni_listen, or "*" for every one; () when off.
     proxy_protocol: tuple[str, ...] = ()
+    # TLS listeners that pass the server names of `proto=tcp` routes through untouched (Fabio's https+tcp+sni):
+    # `host:port` as written in tls_listen, or "*" for every one; () when off.
+    tls_passthrough: tuple[str, ...] = ()
 
     def expects_proxy_header(self, address: HostPort) -> bool:
         return "*" in self.proxy_protocol or str(address) in self.proxy_protocol
+
+    def passes_through(self, address: HostPort) -> bool:
+        return "*" in self.tls_passthrough or str(address) in self.tls_passthrough
 
 
 @dataclass(frozen=True, slots=True)

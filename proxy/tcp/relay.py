@@ -91,12 +91,14 @@ class Relay(asyncio.Protocol):
         "upstream_done",
     )
 
-    def __init__(self, server: TcpServer) -> None:
+    def __init__(self, server: TcpServer, peer: tuple[str, int] | None = None,
+                 sock: tuple[str, int] | None = None) -> None:
+        """`peer`, `sock`: the client and the address it connected to, as a PROXY header named them."""
         self.server = server
         self.client: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
-        self.peer: tuple[str, int] = ("", 0)
-        self.sock: tuple[str, int] = ("", 0)
+        self.peer: tuple[str, int] = peer or ("", 0)
+        self.sock: tuple[str, int] = sock or ("", 0)
         self.started = self.last = server.ctx.loop.time()
         self.opened_at = time.monotonic()  # the access line's duration: finer than uvloop's millisecond clock
         self.pending = b""  # read before the upstream connection is open: the ClientHello, replayed
@@ -113,9 +115,12 @@ class Relay(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without deriving from it: no isinstance check.
         self.client = transport = cast(asyncio.Transport, transport)
-        peer, sock = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
-        self.peer = (peer[0], peer[1]) if peer else ("", 0)
-        self.sock = (sock[0], sock[1]) if sock else ("", 0)
+        if not self.peer[0]:  # not named by a PROXY header: the socket's own
+            peer = transport.get_extra_info("peername")
+            self.peer = (peer[0], peer[1]) if peer else ("", 0)
+        if not self.sock[0]:
+            sock = transport.get_extra_info("sockname")
+            self.sock = (sock[0], sock[1]) if sock else ("", 0)
         transport.set_write_buffer_limits(high=HIGH_WATER)
         if not self.server.admit(self):
             self.end("limited")
@@ -202,8 +207,9 @@ class Relay(asyncio.Protocol):
         ctx = self.server.ctx
         if route is not None and route.shares:
             route = shared_side(route, ctx.pools, ctx.rng.random())
-        service = route.service if route is not None else (ctx.settings.sni_default_service if self.server.sni
-                                                           else "")
+        server = self.server
+        service = route.service if route is not None else (
+            ctx.settings.sni_default_service if server.sni and not server.passthrough else "")
         if not service:
             self.end("no_route")
             return

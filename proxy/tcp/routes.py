@@ -4,7 +4,9 @@
 `urlprefix-:PORT proto=tcp` by port, `urlprefix-NAME/ proto=tcp` by name, `*.suffix` by suffix. A name is
 matched exactly first, then by its wildcards from the longest suffix down (`*.example.com` takes
 `a.example.com` and `a.b.example.com`, not `example.com`), as HTTP hosts are. `RouteCache` rebuilds the index
-when the router's table is replaced, once per table. Pure but for that one cached value.
+when the router's table is replaced, once per table. `TcpListening` says which TCP routes no listener of
+this configuration can take (a port without a tcp_listen listener, a name without an SNI or pass-through
+listener): logged once when such a route appears, and shown on /api/routes. Pure but for that one cached value.
 """
 
 from __future__ import annotations
@@ -53,6 +55,32 @@ class TcpRoutes:
                 return route
             dot = name.find(".", dot + 1)
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class TcpListening:
+    """What the configured listeners take: TCP routes by these ports, named ones when `names` (sni_listen or
+    tls_passthrough)."""
+
+    ports: frozenset[int] = frozenset()
+    names: bool = False
+
+    def missing(self, route: Route) -> str | None:
+        """Why no listener takes a TCP route, None when one does (or it is no TCP route)."""
+        if route.scheme != "tcp" or route.path:
+            return None
+        if not route.host:
+            return None if route.port in self.ports else f"no TCP listener on port {route.port} (tcp_listen)"
+        return None if self.names else "no listener routes by server name (sni_listen, tls_passthrough)"
+
+    def unlistened(self, table: RoutingTable) -> dict[str, str]:
+        """The TCP routes of `table` no listener takes, by route id, with why."""
+        out = {}
+        for route in table.index.winners():
+            why = self.missing(route)
+            if why is not None:
+                out[route.id] = why
+        return out
 
 
 class RouteCache:

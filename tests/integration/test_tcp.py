@@ -318,3 +318,28 @@ class TestVisible:
         wait_until(lambda: _sample(_metrics(proxy), "ferryman_tcp_connections", service="redis-tcp") == 0, 10,
                    "the gauge back at 0")
         assert re.search(r"ferryman_tcp_connections\{service=\"redis-tcp\"\} 0", _metrics(proxy))
+
+
+class TestUnlistenedRoute:
+    """A TCP route naming a port no TCP listener has is logged once and shown with a warning."""
+
+    def test_logged_once_and_shown(self, consul: ConsulAgent, proxy: FerrymanProcess, redises: list[Redis]) -> None:
+        """The warning comes once while the route stays, however often its service changes; /api/routes says why;
+        routes a listener takes carry no warning."""
+        port = free_port()
+        route_id = f"orphan@*any*:{port}"
+        consul.register("orphan", "orphan-0", redises[0].port, [f"urlprefix-:{port} proto=tcp"])
+        try:
+            proxy.wait_instances(route_id, ["orphan-0"])
+            consul.register("orphan", "orphan-1", redises[1].port, [f"urlprefix-:{port} proto=tcp"])
+            proxy.wait_instances(route_id, ["orphan-0", "orphan-1"])
+            warnings = [e for e in proxy.log_events() if e.get("event") == "tcp_route_without_listener"
+                        and e.get("route") == route_id]
+            assert len(warnings) == 1
+            assert warnings[0]["detail"] == f"no TCP listener on port {port} (tcp_listen)"
+            routes = {r["id"]: r for r in proxy.routes()["routes"]}
+            assert routes[route_id]["warning"] == f"no TCP listener on port {port} (tcp_listen)"
+            assert all(r["warning"] is None for r in routes.values() if r["id"] != route_id)
+        finally:
+            consul.deregister("orphan-0")
+            consul.deregister("orphan-1")

@@ -125,7 +125,7 @@ class TestReloadRule:
             "consul_stale", "consul_cached", "tag_prefix", "path_matcher", "log_format", "log_level", "access_log",
             "access_log_format", "access_log_file",
             "log_flush_interval", "tls_listen", "tls_kv_prefix", "tls_reload_interval", "upstream_ca_file",
-            "static_file", "routes_kv_prefix", "proxy_protocol", "http2", "tcp_listen", "sni_listen",
+            "static_file", "routes_kv_prefix", "proxy_protocol", "http2", "tcp_listen", "sni_listen", "tls_passthrough",
         }
 
     def test_a_group_mixing_both_kinds_takes_the_live_keys_only(self) -> None:

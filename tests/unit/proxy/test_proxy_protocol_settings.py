@@ -41,3 +41,43 @@ class TestProxyProtocolSettings:
     def test_errors_name_the_key(self, flags: dict[str, str], message: str) -> None:
         with pytest.raises(ConfigError, match=message):
             _load(**flags)
+
+    @pytest.mark.parametrize(
+        ("value", "tcp", "sni"),
+        [("*", True, True), ("127.0.0.1:6379", True, False), ("127.0.0.1:9443", False, True)],
+        ids=["every-listener", "tcp-listener", "sni-listener"],
+    )
+    def test_tcp_and_sni_listeners_may_expect_a_header(self, value: str, tcp: bool, sni: bool) -> None:
+        """TCP and SNI listeners are named as they are written in tcp_listen and sni_listen."""
+        listeners = load(config_file=None, environ={}, flags={
+            "proxy_protocol": value, "trusted_proxies": "10.0.0.0/8", "tcp_listen": "127.0.0.1:6379",
+            "sni_listen": "127.0.0.1:9443"}).listeners
+        assert listeners.expects_proxy_header(HostPort("127.0.0.1", 6379)) is tcp
+        assert listeners.expects_proxy_header(HostPort("127.0.0.1", 9443)) is sni
+
+
+class TestTlsPassthroughSettings:
+    """tls_passthrough names TLS listeners (as in tls_listen) or *; nothing else."""
+
+    @pytest.mark.parametrize(
+        ("value", "first", "second"),
+        [("*", True, True), ("127.0.0.1:8443", True, False), ("", False, False)],
+        ids=["every-tls-listener", "one", "off"],
+    )
+    def test_which_listeners(self, value: str, first: bool, second: bool) -> None:
+        listeners = load(config_file=None, environ={"FERRYMAN_TLS_CERTS": "x.pem"}, flags={
+            "tls_passthrough": value, "tls_listen": "127.0.0.1:8443,127.0.0.1:9443"}).listeners
+        assert listeners.passes_through(HostPort("127.0.0.1", 8443)) is first
+        assert listeners.passes_through(HostPort("127.0.0.1", 9443)) is second
+
+    @pytest.mark.parametrize(
+        ("flags", "message"),
+        [({"tls_passthrough": "*"}, "key 'tls_passthrough': \\* is not a TLS listener \\(tls_listen: none\\)"),
+         ({"tls_passthrough": ":8080", "tls_listen": "127.0.0.1:8443", "tls_certs": "x.pem"},
+          "key 'tls_passthrough': 0.0.0.0:8080 is not a TLS listener"),
+         ({"tls_passthrough": "nonsense"}, "key 'tls_passthrough': 'nonsense' is not")],
+        ids=["no-tls-listener", "the-plain-listener", "not-an-address"],
+    )
+    def test_errors_name_the_key(self, flags: dict[str, str], message: str) -> None:
+        with pytest.raises(ConfigError, match=message):
+            _load(**flags)

@@ -10,7 +10,7 @@ import pytest
 from discovery.model import Endpoint, RouteOptions, RouteSpec, ServiceRoutes, Snapshot, SnapshotDelta
 from proxy.proxyproto import V2_SIGNATURE, encode_v1, encode_v2
 from proxy.table import RoutingTable
-from proxy.tcp.routes import RouteCache, TcpRoutes
+from proxy.tcp.routes import RouteCache, TcpListening, TcpRoutes
 from proxy.tcp.sni import MAX_HELLO, Hello, NotHello, read_hello
 
 
@@ -163,6 +163,25 @@ class TestTcpRoutes:
         first = cache.of(table)
         assert cache.of(table) is first
         assert cache.of(RoutingTable.from_snapshot(WORLD)) is not first
+
+
+class TestTcpListening:
+    """Which TCP routes no configured listener takes, and why; HTTP routes never count."""
+
+    @pytest.mark.parametrize(
+        ("listening", "expected"),
+        [
+            (TcpListening(frozenset({6379}), names=True), {}),
+            (TcpListening(frozenset(), names=True),
+             {"redis@*any*:6379": "no TCP listener on port 6379 (tcp_listen)"}),
+            (TcpListening(frozenset({6379}), names=False),
+             {f"{s}@{h}": "no listener routes by server name (sni_listen, tls_passthrough)"
+              for s, h in (("exact", "db.example.com"), ("wild", "*.example.com"), ("deep", "*.eu.example.com"))}),
+        ],
+        ids=["all-taken", "port-without-listener", "names-without-sni-listener"],
+    )
+    def test_unlistened(self, listening: TcpListening, expected: dict[str, str]) -> None:
+        assert listening.unlistened(RoutingTable.from_snapshot(WORLD)) == expected
 
 
 class TestProxyHeaders:
