@@ -384,10 +384,8 @@ class Exchange:
         if self.over:
             return
         self.over = True
-        self.pool.end()
         self.armed = False
-        if self.endpoint is not None and self.conn is not None:
-            self.pool.release(self.endpoint)
+        self.pool.end(self.endpoint if self.conn is not None else None)  # and the instance it held, released
         self.conn = None
         if status == 499:
             self.req.keep_alive = False

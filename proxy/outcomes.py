@@ -67,7 +67,10 @@ class RetryBudget:
             self._retries = 0
 
     def record_request(self, now: float) -> None:
-        self._roll(now)
+        if now - self._window_start >= self.window:  # (_roll inlined: every request comes here)
+            self._window_start = now
+            self._requests = 0
+            self._retries = 0
         self._requests += 1
 
     def allow(self, now: float) -> bool:
@@ -85,13 +88,14 @@ class Outliers:
     re-admitted; a success resets it. Never more than `max_share` of a pool is ejected at once. Pure: the
     time comes in as `now`."""
 
-    __slots__ = ("_count", "_failures", "_until", "after", "base", "cap", "max_share")
+    __slots__ = ("_count", "_failures", "_until", "after", "base", "cap", "counting", "max_share")
 
     def __init__(self, after: int = 3, base: float = 10.0, cap: float = 300.0, max_share: float = 0.5) -> None:
         self.after, self.base, self.cap, self.max_share = after, base, cap, max_share
         self._failures: dict[str, int] = {}
         self._until: dict[str, float] = {}  # the ejected, until when
         self._count: dict[str, int] = {}  # ejections in a row
+        self.counting = False  # some instance has a failure or an ejection counted (a success has work to do)
 
     @property
     def ejected(self) -> Mapping[str, float]:
@@ -109,9 +113,11 @@ class Outliers:
         if key in self._failures or key in self._count:
             self._failures.pop(key, None)
             self._count.pop(key, None)
+            self.counting = bool(self._failures or self._count)
 
     def failure(self, key: str, now: float, pool_size: int) -> float | None:
         """Count a failure; returns the ejection time when this one ejects the instance."""
+        self.counting = True
         failures = self._failures[key] = self._failures.get(key, 0) + 1
         if failures < self.after or key in self._until:
             return None

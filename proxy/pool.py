@@ -201,8 +201,16 @@ class Pool:
         self._budget.record_request(now)
         self._touched.add(self.service)
 
-    def end(self) -> None:
+    def end(self, released: Endpoint | None = None) -> None:
+        """A request of this service is over; `released`: the instance it held (as `release`, in the same call:
+        every request ends, most of them holding one)."""
         self.active -= 1
+        if released is not None:
+            left = self.in_flight.get(released.key, 0) - 1
+            if left > 0:
+                self.in_flight[released.key] = left
+            else:
+                self.in_flight.pop(released.key, None)
 
     def acquire(self, endpoint: Endpoint) -> None:
         self.in_flight[endpoint.key] = self.in_flight.get(endpoint.key, 0) + 1
@@ -241,7 +249,9 @@ class Pool:
 
     def succeeded(self, endpoint: Endpoint) -> None:
         """The instance answered below 500."""
-        self._outliers.success(endpoint.key)
+        outliers = self._outliers
+        if outliers.counting:  # (most answers: no instance has a failure counted, nothing to reset)
+            outliers.success(endpoint.key)
 
     def upgraded(self, endpoint: Endpoint) -> None:
         """The instance accepted a protocol upgrade (101): a success, and a tunnel now open."""

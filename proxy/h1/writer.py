@@ -87,10 +87,13 @@ class ResponseWriter(asyncio.Protocol):
             out.clear()
 
     def end(self) -> None:
+        out = self._out
         if self._chunked_out:
-            self._out.append(_LAST_CHUNK)
+            out.append(_LAST_CHUNK)
             self._chunked_out = False
-        self.flush()
+        if out:  # (flush, inlined: every answer ends here)
+            self.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
         """Never called: only HTTP/2 upstreams (proto=grpc) send trailers, and HTTP/1.1 clients are refused
