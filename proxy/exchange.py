@@ -239,15 +239,9 @@ class Exchange:
         conn = self.conn
         if conn is None:
             return
-        req = self.req
-        if req.max_body and req.body_sent + len(data) > req.max_body:
-            # A chunked body (a declared length was checked before forwarding) grew past the limit: the upstream
-            # never gets the bytes beyond it, and the request ends here.
-            self.abandon(PayloadTooLarge(f"request body larger than {req.max_body} bytes"))
+        if not body_taken(self, data):
             return
-        req.body_sent += len(data)
-        self.last_activity = self.loop.time()
-        if req.body_kind == BODY_CHUNKED:
+        if self.req.body_kind == BODY_CHUNKED:
             conn.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             conn.write(data)
@@ -437,3 +431,32 @@ def instance_failed(ex: Exchange, endpoint: Endpoint, status: int = 0) -> None:
         request_log(ex.req, "warning", "upstream_ejected", service=ex.service, upstream=endpoint.authority,
                     instance=endpoint.key, for_s=ejected_for)
         ex.ctx.metrics.ejections.labels(ex.service).inc()
+
+
+def body_taken(ex: Exchange, data: bytes) -> bool:
+    """Request body bytes on their way upstream: counted, or (past the route's limit) the request abandoned."""
+    req = ex.req
+    if req.max_body and req.body_sent + len(data) > req.max_body:
+        # A chunked body (a declared length was checked before forwarding) grew past the limit: the upstream
+        # never gets the bytes beyond it, and the request ends here.
+        ex.abandon(PayloadTooLarge(f"request body larger than {req.max_body} bytes"))
+        return False
+    req.body_sent += len(data)
+    ex.last_activity = ex.loop.time()
+    return True
+
+
+def client_behind(ex: Exchange, backlog: int) -> None:
+    """The client stopped taking the answer: from now on the clock runs on its reading, and the upstream is not
+    read until it catches up (answers it never reads must not pile up in memory)."""
+    ex.last_activity = ex.loop.time()
+    ex.client_backlog = backlog
+    if ex.conn is not None:
+        ex.conn.pause_reading()
+
+
+def client_caught_up(ex: Exchange) -> None:
+    """The client read (progress): the upstream is read again."""
+    ex.last_activity = ex.loop.time()
+    if ex.conn is not None:
+        ex.conn.resume_reading()

@@ -24,7 +24,7 @@ import structlog
 from ..accounting import record
 from ..dispatch import Client, plan
 from ..errors import HeaderTimeout, ProxyError, ProxyInternalError
-from ..exchange import Exchange
+from ..exchange import Exchange, client_behind, client_caught_up
 from ..h2.connection import H2ClientConnection
 from ..h2.limits import PREFACE, H2Limits
 from ..logs import request_log
@@ -138,20 +138,13 @@ class ClientConnection(ResponseWriter):
         # requests from it (answers it never reads must not pile up in memory).
         self.writing_paused = True
         self.pause_reading()
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.last_activity = self.cfg.loop.time()  # from now on the clock runs on the client's reading
-            exchange.client_backlog = self.backlog()
-            if exchange.conn is not None:
-                exchange.conn.pause_reading()
+        if self.exchange is not None:
+            client_behind(self.exchange, self.backlog())
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.last_activity = self.cfg.loop.time()  # the client read: progress
-            if exchange.conn is not None:
-                exchange.conn.resume_reading()
+        if self.exchange is not None:
+            client_caught_up(self.exchange)
         if not self.body_paused and len(self.queue) < MAX_PIPELINED:
             self.resume_reading()
 

@@ -28,8 +28,8 @@ from h2.exceptions import ProtocolError
 
 from discovery.model import Endpoint
 
-from ..errors import PayloadTooLarge, ProxyError, ProxyInternalError, UpstreamConnectError, UpstreamTimeout
-from ..exchange import Exchange, instance_failed
+from ..errors import ProxyError, ProxyInternalError, UpstreamConnectError, UpstreamTimeout
+from ..exchange import Exchange, body_taken, instance_failed
 from ..h1.head import BODY_NONE
 from ..headers import upstream_request_head
 from ..logs import request_log
@@ -178,13 +178,8 @@ class GrpcExchange(Exchange):
         stream = self.stream
         if stream is None:
             return
-        req = self.req
-        if req.max_body and req.body_sent + len(data) > req.max_body:
-            self.abandon(PayloadTooLarge(f"request body larger than {req.max_body} bytes"))
-            return
-        req.body_sent += len(data)
-        self.last_activity = self.loop.time()
-        stream.write(data)
+        if body_taken(self, data):
+            stream.write(data)
 
     def end_body(self) -> None:
         if self.stream is not None:

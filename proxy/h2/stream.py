@@ -28,7 +28,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from ..accounting import record
 from ..dispatch import Client, plan
 from ..errors import ProxyError, ProxyInternalError
-from ..exchange import Exchange
+from ..exchange import Exchange, client_behind, client_caught_up
 from ..h1.head import SANE_REQUEST_ID, new_request_id
 from ..headers import error_body_size
 from ..logs import request_log
@@ -194,20 +194,13 @@ class Stream:
     # --- flow control of the answer ---
     def pause_upstream(self) -> None:
         self.writing_paused = True
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.last_activity = self.ctx.loop.time()  # from now on the clock runs on the client's reading
-            exchange.client_backlog = self.backlog()
-            if exchange.conn is not None:
-                exchange.conn.pause_reading()
+        if self.exchange is not None:
+            client_behind(self.exchange, self.backlog())
 
     def resume_upstream(self) -> None:
         self.writing_paused = False
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.last_activity = self.ctx.loop.time()
-            if exchange.conn is not None:
-                exchange.conn.resume_reading()
+        if self.exchange is not None:
+            client_caught_up(self.exchange)
 
     def pump(self) -> None:
         """Send the head, then what the stream's and the connection's windows allow; END_STREAM on the last frame
