@@ -120,6 +120,9 @@ def main() -> None:
         log.close()
 
     def stop_all(*_: object) -> None:
+        # A second Ctrl-C or SIGTERM (make passes its own on) must not cut the stopping short and leave processes.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for _, proc in reversed(procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
