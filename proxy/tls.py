@@ -22,9 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-
 from discovery.static import file_stamp
 
 # Forward secrecy and AEAD only for TLS 1.2 (Mozilla's "intermediate" profile); TLS 1.3 suites are OpenSSL's.
@@ -91,6 +88,11 @@ def server_context(alpn: Sequence[str] = ALPN_H2) -> ssl.SSLContext:
 
 def names_of(cert_pem: bytes, origin: str) -> tuple[str, ...]:
     """The DNS names a certificate serves, lower case: its SAN DNS names, else its common name."""
+    # Imported here, not at the top: cryptography's x509 module costs 15 MiB of RSS in every process, and only
+    # processes that serve TLS read certificates.
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError as exc:
