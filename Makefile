@@ -142,7 +142,8 @@ $(VENV)/bin/nghttp: | $(VENV)/.installed
 $(VENV)/bin/redis-server: | $(VENV)/.installed
 	$(UNPACK_DEB) redis-server redis-server redis-cli redis-benchmark
 
-test-debs: $(VENV)/bin/promtool $(VENV)/bin/nghttp $(VENV)/bin/redis-server
+# HAProxy (unpacked for the benchmark below) is also the L4 balancer sending PROXY headers in the PROXY protocol tests.
+test-debs: $(VENV)/bin/promtool $(VENV)/bin/nghttp $(VENV)/bin/redis-server $(VENV)/bin/haproxy
 	$(call APT_ENSURE,$(TEST_APT_DEBS))
 
 test: $(VENV)/.installed $(CONSUL) test-debs

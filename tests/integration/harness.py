@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +35,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def debian_binary(name: str, package: str) -> str:
+    """A peer's command from .venv/bin (`make test-debs` unpacks Debian's `package` there) or from PATH; a clear
+    error when neither has it (a test never skips a missing peer)."""
+    local = REPO / ".venv" / "bin" / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"no {name}: run `make test-debs`, which unpacks Debian's {package} into .venv")
+    return found
+
+
+def start_haproxy(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Debian's HAProxy in the foreground on `config` (its own ports), its output appended to `log`; the caller
+    stops it by PID (`_stop_pid`)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([debian_binary("haproxy", "haproxy"), "-f", str(config), "-db"],
+                                stdout=subprocess.DEVNULL, stderr=out, stdin=subprocess.DEVNULL)
 
 
 def consul_binary() -> str:

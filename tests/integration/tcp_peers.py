@@ -8,7 +8,6 @@ PID). Redis comes from .venv/bin (unpacked there by `make test-debs`) or from PA
 from __future__ import annotations
 
 import ipaddress
-import shutil
 import socket
 import ssl
 import struct
@@ -16,16 +15,12 @@ import subprocess
 import threading
 from pathlib import Path
 
-from .harness import REPO, free_port, wait_until
+from .harness import debian_binary, free_port, wait_until
 
 
 def redis_binary(name: str) -> str:
-    """A Redis command from .venv/bin (make unpacks Debian's redis-tools there) or from PATH."""
-    local = REPO / ".venv" / "bin" / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if found is None:
-        raise RuntimeError(f"no {name}: run `make test-debs`, which unpacks Debian's redis-tools into .venv")
-    return found
+    """A Redis command (redis-server from Debian's redis-server, redis-cli and redis-benchmark from redis-tools)."""
+    return debian_binary(name, "redis-server" if name == "redis-server" else "redis-tools")
 
 
 class Redis:

@@ -14,7 +14,6 @@ import asyncio
 import functools
 import itertools
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -27,15 +26,10 @@ import pytest
 from proxy.proxyproto import encode_v1, encode_v2
 
 from .certs import TestCA
-from .harness import Backend, ConsulAgent, FerrymanProcess, _stop_pid, free_port, wait_until
+from .harness import Backend, ConsulAgent, FerrymanProcess, _stop_pid, free_port, start_haproxy, wait_until
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists(),
-                       reason="HAProxy is not installed"),
-]
+pytestmark = pytest.mark.integration
 
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 CLIENT = "127.0.0.5"
 _INSTANCES = itertools.count(1)
 
@@ -77,8 +71,7 @@ def haproxy_world(consul: ConsulAgent, workdir: Path) -> Iterator[tuple[Ferryman
     # trusted peer, closed at proxy_protocol_timeout. That is all it needs to know.
     ferryman.start()
     config.write_text(_haproxy_config(ports, ferryman.port, tls_port))
-    haproxy = subprocess.Popen([HAPROXY, "-f", str(config), "-db"], stdout=subprocess.DEVNULL,
-                               stderr=open(workdir / "haproxy-pp.log", "ab"))
+    haproxy = start_haproxy(config, workdir / "haproxy-pp.log")
     try:
         for port in ports.values():
             wait_until(functools.partial(_accepts, port), 10, f"HAProxy on {port}")

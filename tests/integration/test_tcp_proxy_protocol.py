@@ -11,7 +11,6 @@ proxy: an address other than 127.0.0.1 that reaches a backend or the access line
 from __future__ import annotations
 
 import functools
-import shutil
 import socket
 import subprocess
 import time
@@ -22,16 +21,11 @@ from pathlib import Path
 import pytest
 
 from .certs import TestCA
-from .harness import ConsulAgent, FerrymanProcess, _stop_pid, free_port, wait_until
+from .harness import ConsulAgent, FerrymanProcess, _stop_pid, free_port, start_haproxy, wait_until
 from .tcp_peers import ProxyV2Backend, Redis, TlsEcho, redis_binary
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists(),
-                       reason="HAProxy is not installed"),
-]
+pytestmark = pytest.mark.integration
 
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 CLIENT = "127.0.0.5"
 HEADER_S = 1.0
 ROUTES = ("redis", "hash", "pxy", "deny")  # Ferryman's TCP listeners, each behind its own HAProxy frontend
@@ -69,8 +63,7 @@ def world(consul: ConsulAgent, workdir: Path) -> Iterator[World]:
         lines += [f"listen {name}", f"    bind 127.0.0.1:{fronts[name]}",
                   f"    server ferryman 127.0.0.1:{listeners[name]} send-proxy-v2"]
     config.write_text("\n".join(lines) + "\n")
-    haproxy = subprocess.Popen([HAPROXY, "-f", str(config), "-db"], stdout=subprocess.DEVNULL,
-                               stderr=open(workdir / "haproxy-tcp.log", "ab"))
+    haproxy = start_haproxy(config, workdir / "haproxy-tcp.log")
     redises = [Redis(workdir).start(), Redis(workdir).start()]
     pxy = ProxyV2Backend()
     pxy.start()
