@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Collection, Container
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Callable, Collection, Container
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import httptools
 
@@ -397,21 +397,9 @@ class UpstreamPool:
     async def connect(self, key: PoolKey, timeout: float = 0.0) -> UpstreamConnection:
         """A new connection to the instance, within `timeout` (the service's own connect timeout) or else
         connect_timeout; failures are UpstreamConnect* errors."""
-        scheme, host, port, skip_verify, server_name = key
-        loop = asyncio.get_running_loop()
-        ssl_ctx = self._ssl_context(skip_verify) if scheme == "https" else None
-        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        try:
-            async with asyncio.timeout(timeout or self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self, key), host, port, ssl=ssl_ctx,
-                    server_hostname=(server_name or host) if ssl_ctx is not None else None,
-                )
-        except TimeoutError as exc:
-            raise UpstreamConnectTimeout(f"connecting to {authority} timed out") from exc
-        except (OSError, ssl.SSLError) as exc:
-            detail = exc.strerror or str(exc) or type(exc).__name__
-            raise UpstreamConnectError(f"cannot connect to {authority}: {detail}") from exc
+        ssl_ctx = self._ssl_context(key[3]) if key[0] == "https" else None
+        conn = await open_connection(lambda: UpstreamConnection(self, key), key, ssl_ctx,
+                                     timeout or self.connect_timeout)
         self._all.add(conn)
         return conn
 
@@ -426,3 +414,27 @@ class UpstreamPool:
         if self._ssl_verified is None:
             self._ssl_verified = ssl.create_default_context(cafile=self.ca_file or None)
         return self._ssl_verified
+
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+async def open_connection(factory: Callable[[], P], key: PoolKey, ssl_ctx: ssl.SSLContext | None,
+                          timeout: float) -> P:
+    """A connection to the instance `key` names (TLS when `ssl_ctx` is given, its server name the route's `sni=`
+    or the host) within `timeout`; a failure is UpstreamConnectTimeout or UpstreamConnectError naming it. One
+    way to connect for the HTTP/1.1 and the HTTP/2 (gRPC) pools."""
+    _, host, port, _, server_name = key
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    server_hostname = (server_name or host) if ssl_ctx is not None else None
+    try:
+        async with asyncio.timeout(timeout):
+            _, conn = await asyncio.get_running_loop().create_connection(
+                factory, host, port, ssl=ssl_ctx, server_hostname=server_hostname,
+            )
+    except TimeoutError as exc:
+        raise UpstreamConnectTimeout(f"connecting to {authority} timed out") from exc
+    except (OSError, ssl.SSLError) as exc:
+        detail = exc.strerror or str(exc) or type(exc).__name__
+        raise UpstreamConnectError(f"cannot connect to {authority}: {detail}") from exc
+    return conn

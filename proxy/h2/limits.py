@@ -1,9 +1,14 @@
-"""The limits an HTTP/2 client connection enforces, as one frozen value a reload replaces whole. Pure."""
+"""The limits an HTTP/2 client connection enforces, as one frozen value a reload replaces whole; and the one rule
+both directions follow for what the peer's flow-control windows let out. Pure."""
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from h2.connection import H2Connection
 
 # RFC 9113 §3.4: every HTTP/2 connection opens with these 24 bytes (then a SETTINGS frame).
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -36,3 +41,18 @@ class Rate:
             self.since, self.count = now, 0
         self.count += 1
         return self.count > self.limit
+
+
+def window_chunk(h2: H2Connection, stream_id: int, pending: collections.deque[bytes]) -> bytes | None:
+    """The next bytes of `pending` the stream's and the connection's windows (and the frame size) allow, taken
+    off `pending`; None while a window is closed (the rest waits for WINDOW_UPDATE). The client streams and the
+    upstream (gRPC) streams send their DATA through it."""
+    window = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
+    if window <= 0:
+        return None
+    chunk = pending[0]
+    if len(chunk) <= window:
+        pending.popleft()
+        return chunk
+    pending[0] = chunk[window:]
+    return chunk[:window]

@@ -35,6 +35,7 @@ from ..logs import request_log
 from ..metrics import NO_ROUTE, NO_SERVICE
 from .grpc import GrpcExchange
 from .head import grpc_error_fields, is_grpc, response_fields
+from .limits import window_chunk
 
 if TYPE_CHECKING:
     from ..h1.head import Request
@@ -219,15 +220,9 @@ class Stream:
                     return
                 h2.send_headers(sid, head)
             while pending:
-                window = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
-                if window <= 0:
+                chunk = window_chunk(h2, sid, pending)
+                if chunk is None:
                     return
-                chunk = pending[0]
-                if len(chunk) <= window:
-                    pending.popleft()
-                else:
-                    pending[0] = chunk[window:]
-                    chunk = chunk[:window]
                 self.pending_size -= len(chunk)
                 if self.ending and not pending and self.trailers is None:
                     h2.send_data(sid, chunk, end_stream=True)

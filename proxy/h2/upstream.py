@@ -48,8 +48,9 @@ from h2.events import (
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
-from ..errors import ProxyError, UpstreamConnectError, UpstreamConnectTimeout, UpstreamProtocolError, UpstreamTimeout
-from ..h1.upstream import FRAMING_NONE, PoolKey
+from ..errors import ProxyError, UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from ..h1.upstream import FRAMING_NONE, PoolKey, open_connection
+from .limits import window_chunk
 
 log = structlog.get_logger("ferryman.proxy")
 
@@ -140,15 +141,9 @@ class UpstreamStream:
         pending = self.pending
         try:
             while pending:
-                window = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
-                if window <= 0:
+                chunk = window_chunk(h2, sid, pending)
+                if chunk is None:
                     break
-                chunk = pending[0]
-                if len(chunk) <= window:
-                    pending.popleft()
-                else:
-                    pending[0] = chunk[window:]
-                    chunk = chunk[:window]
                 self.pending_size -= len(chunk)
                 h2.send_data(sid, chunk)
             if self.ending and not pending and not self.sent_all:
@@ -491,26 +486,17 @@ class H2UpstreamPool:
 
     async def connect(self, key: PoolKey, timeout: float = 0.0) -> H2UpstreamConnection:
         """A new connection to the instance within `timeout` (else connect_timeout), added to the pool."""
-        scheme, host, port, skip_verify, server_name = key
-        loop = asyncio.get_running_loop()
-        ssl_ctx = self._ssl_context(skip_verify) if scheme == "grpcs" else None
+        ssl_ctx = self._ssl_context(key[3]) if key[0] == "grpcs" else None
         self._connecting[key] = self._connecting.get(key, 0) + 1
         try:
-            async with asyncio.timeout(timeout or self.connect_timeout):
-                transport, conn = await loop.create_connection(
-                    lambda: H2UpstreamConnection(self, key), host, port, ssl=ssl_ctx,
-                    server_hostname=(server_name or host) if ssl_ctx is not None else None,
-                )
-        except TimeoutError as exc:
-            raise UpstreamConnectTimeout(f"connecting to {self.authority(key)} timed out") from exc
-        except (OSError, ssl.SSLError) as exc:
-            detail = exc.strerror or str(exc) or type(exc).__name__
-            raise UpstreamConnectError(f"cannot connect to {self.authority(key)}: {detail}") from exc
+            conn = await open_connection(lambda: H2UpstreamConnection(self, key), key, ssl_ctx,
+                                         timeout or self.connect_timeout)
         finally:
             self._connecting[key] -= 1
             if not self._connecting[key]:
                 del self._connecting[key]
-        if ssl_ctx is not None:
+        transport = conn.transport
+        if ssl_ctx is not None and transport is not None:
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
                 transport.abort()
