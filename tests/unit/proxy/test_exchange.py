@@ -3,12 +3,10 @@ connections (no sockets, no Consul). What the client is sent, what the pool is t
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from discovery.model import Endpoint, ServiceRoutes, Snapshot
@@ -26,28 +24,10 @@ from proxy.table import RoutingTable
 from proxy.timeouts import check_timeout
 from proxy.tunnel import Tunnel
 
+from .worlds import FakeLoop
+
 A = Endpoint("web", "web-a", "127.0.0.1", 9001)
 B = Endpoint("web", "web-b", "127.0.0.1", 9002)
-
-
-class FakeLoop:
-    """The two things an exchange asks of its loop: the time, and a task to open a connection."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.tasks: list[Coroutine[Any, Any, None]] = []
-
-    def time(self) -> float:
-        return self.now
-
-    def create_task(self, coro: Coroutine[Any, Any, None]) -> None:
-        self.tasks.append(coro)
-
-    def run_tasks(self) -> None:
-        while self.tasks:
-            coro = self.tasks.pop(0)
-            with pytest.raises(StopIteration):
-                coro.send(None)
 
 
 class FakeConn:

@@ -1,8 +1,13 @@
-"""A routed world for dispatch tests: tags and instance counts in, the table and pools a request is planned on."""
+"""A routed world for dispatch tests: tags and instance counts in, the table and pools a request is planned on;
+and the fake loop exchanges run on in process."""
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
+
+import pytest
 
 from discovery.model import Endpoint, ServiceRoutes, Snapshot
 from discovery.tags import parse_route_tag
@@ -38,3 +43,23 @@ def world(**services: tuple[list[str], int]) -> tuple[RoutingTable, Pools]:
     pools = Pools()
     pools.reconcile(snapshot)
     return RoutingTable.from_snapshot(snapshot), pools
+
+
+class FakeLoop:
+    """The two things an exchange asks of its loop: the time, and a task to open a connection (run by the test)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.tasks: list[Coroutine[Any, Any, None]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def create_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.tasks.append(coro)
+
+    def run_tasks(self) -> None:
+        while self.tasks:
+            coro = self.tasks.pop(0)
+            with pytest.raises(StopIteration):
+                coro.send(None)

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import Event
@@ -25,16 +24,17 @@ from proxy.metrics import Metrics
 from proxy.pool import Pools
 from proxy.table import RoutingTable
 
+from .. import worlds
+
 A = Endpoint("web", "web-a", "127.0.0.1", 9001)
 
 
-class FakeLoop:
-    """What the connection and its exchanges ask of a loop: the time, a task to open a connection, and a call at
-    the end of this turn (run at once, unless `soon` collects them for a test to run with `run_soon`)."""
+class FakeLoop(worlds.FakeLoop):
+    """An exchange's fake loop, plus what the HTTP/2 connection asks: a call at the end of this turn (run at once,
+    unless `soon` collects them for a test to run with `run_soon`)."""
 
     def __init__(self) -> None:
-        self.now = 100.0
-        self.tasks: list[Coroutine[Any, Any, None]] = []
+        super().__init__()
         self.soon: list[Callable[[], None]] | None = None
 
     def call_soon(self, callback: Callable[[], None]) -> None:
@@ -47,18 +47,6 @@ class FakeLoop:
         calls, self.soon = self.soon or [], []
         for callback in calls:
             callback()
-
-    def time(self) -> float:
-        return self.now
-
-    def create_task(self, coro: Coroutine[Any, Any, None]) -> None:
-        self.tasks.append(coro)
-
-    def run_tasks(self) -> None:
-        while self.tasks:
-            coro = self.tasks.pop(0)
-            with pytest.raises(StopIteration):
-                coro.send(None)
 
 
 class FakeConn:
