@@ -13,6 +13,7 @@ import ssl
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 from .harness import debian_binary, free_port, wait_until
@@ -151,3 +152,27 @@ class ProxyV2Backend(LineServer):
         conn.sendall(f"{source} {sport}\n".encode())
         while data := conn.recv(65536):
             conn.sendall(data)
+
+
+def handshake_in_byte_segments(port: int, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                               hello: bytes) -> bytes:
+    """A TLS handshake through 127.0.0.1:`port` whose ClientHello (`hello`, read off `outgoing`) goes one byte
+    per segment; the server's certificate, as it arrived (DER)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for byte in hello:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.001)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                data = sock.recv(65536)
+                assert data, "closed during the handshake"
+                incoming.write(data)
+        sock.sendall(outgoing.read())
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der

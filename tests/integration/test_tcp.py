@@ -18,7 +18,7 @@ import pytest
 
 from .certs import TestCA, describe
 from .harness import ConsulAgent, FerrymanProcess, free_port, wait_until
-from .tcp_peers import ProxyV2Backend, Redis, TlsEcho
+from .tcp_peers import ProxyV2Backend, Redis, TlsEcho, handshake_in_byte_segments
 
 pytestmark = pytest.mark.integration
 
@@ -244,23 +244,8 @@ class TestSniPassThrough:
         """A ClientHello trickling in one byte per segment is still read, routed and replayed whole."""
         ca, _, _ = tls_backends
         tls, incoming, outgoing, hello = _client_hello("a.tls.test")
-        with socket.create_connection(("127.0.0.1", ports.sni), timeout=5) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for byte in hello:
-                sock.sendall(bytes([byte]))
-                time.sleep(0.001)
-            while True:
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    sock.sendall(outgoing.read())
-                    data = sock.recv(65536)
-                    assert data, "closed during the handshake"
-                    incoming.write(data)
-            sock.sendall(outgoing.read())
-            der = tls.getpeercert(binary_form=True)
-            assert der is not None and describe(der).serial == x509_serial(ca, "a")
+        der = handshake_in_byte_segments(ports.sni, tls, incoming, outgoing, hello)
+        assert describe(der).serial == x509_serial(ca, "a")
 
     @pytest.mark.parametrize(
         "send",

@@ -21,7 +21,7 @@ import pytest
 
 from .certs import TestCA, describe
 from .harness import Backend, ConsulAgent, FerrymanProcess, free_port
-from .tcp_peers import TlsEcho
+from .tcp_peers import TlsEcho, handshake_in_byte_segments
 
 pytestmark = pytest.mark.integration
 
@@ -117,22 +117,8 @@ class TestPassedThrough:
         tls = context.wrap_bio(incoming, outgoing, server_hostname="pass.pt.test")
         with pytest.raises(ssl.SSLWantReadError):
             tls.do_handshake()
-        with socket.create_connection(("127.0.0.1", world.passing), timeout=5) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for byte in outgoing.read():
-                sock.sendall(bytes([byte]))
-                time.sleep(0.001)
-            while True:
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    sock.sendall(outgoing.read())
-                    data = sock.recv(65536)
-                    assert data, "closed during the handshake"
-                    incoming.write(data)
-            der = tls.getpeercert(binary_form=True)
-            assert der is not None and describe(der).serial == world.echo_serial
+        der = handshake_in_byte_segments(world.passing, tls, incoming, outgoing, outgoing.read())
+        assert describe(der).serial == world.echo_serial
 
     def test_listener_without_the_setting_terminates_the_name(self, world: World) -> None:
         """The same name on a TLS listener not in tls_passthrough gets Ferryman's certificate."""
