@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -49,6 +48,7 @@ from ..errors import ProxyError
 from ..h1.head import Request
 from ..timeouts import check_timeout
 from .codec import MemoDecoder, PlainEncoder
+from .frames import LeanH2Connection
 from .head import Malformed, check_trailers, request_from_fields
 from .limits import H2Limits, Rate
 from .stream import LOW_WATER, Stream
@@ -87,7 +87,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.peer, self.peer_text, self.trusted = b"", "", False
         self._client = client  # the client's address when known (a PROXY header's), else the socket's peer
         self.client = Client()
-        self.h2 = H2Connection(config=_CONFIG)
+        self.h2 = LeanH2Connection(config=_CONFIG)
         self.streams: dict[int, Stream] = {}
         self.closing = False
         self.going_away = False  # a graceful GOAWAY went out: no new stream is taken
@@ -193,6 +193,7 @@ class H2ClientConnection(asyncio.Protocol):
         if self.going_away or len(self.streams) >= self.limits.max_concurrent_streams:
             # RFC 9113 §5.1.2: REFUSED_STREAM tells the client the request was not processed (safe to retry).
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self.h2.forget_closed(sid)
             return
         self.last_stream = sid
         self.idle_since = None
@@ -221,6 +222,7 @@ class H2ClientConnection(asyncio.Protocol):
                 self.calm_down("http2_rapid_reset", self.limits.max_resets)
                 return
         stream = self.streams.pop(event.stream_id, None)
+        self.h2.forget_closed(event.stream_id)
         if stream is not None:
             self._stream_gone(stream)
 
@@ -275,6 +277,7 @@ class H2ClientConnection(asyncio.Protocol):
             return  # still relaying: stream_done comes
         if self.streams.get(stream.id) is stream and (stream.sent_all or stream.closing):
             del self.streams[stream.id]
+            self.h2.forget_closed(stream.id)
             if not self.streams:
                 self._idle()
 
@@ -288,6 +291,7 @@ class H2ClientConnection(asyncio.Protocol):
 
     def lost(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
+        self.h2.forget_closed(stream_id)
         if stream is not None:
             self._stream_gone(stream)
 
@@ -336,6 +340,7 @@ class H2ClientConnection(asyncio.Protocol):
         for stream in list(self.streams.values()):
             if stream.exchange is not None:
                 check_timeout(stream.exchange, now)
+        self.h2.open_inbound_streams  # noqa: B018  # the library's walk forgets the closed streams left (frames.py)
 
     def _go_away(self) -> None:
         """A graceful GOAWAY (RFC 9113 §6.8): streams up to the last one taken are served; none after."""

@@ -1,0 +1,154 @@
+"""The short way of sending an answer's frames: every call leaves the same bytes, states, windows and errors as the
+`h2` library's own methods, and new streams are received as the library receives them."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.exceptions import FlowControlError, FrameTooLargeError, ProtocolError, StreamClosedError
+from hpack import NeverIndexedHeaderTuple
+
+from proxy.h2.codec import MemoDecoder, PlainEncoder
+from proxy.h2.frames import LeanH2Connection
+
+_CONFIG = H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
+                          normalize_inbound_headers=False, validate_outbound_headers=False,
+                          normalize_outbound_headers=False)
+GET = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"a.example")]
+POST = [(b":method", b"POST"), (b":path", b"/up"), (b":scheme", b"http"), (b":authority", b"a.example")]
+OK = [(b":status", b"200"), (b"content-type", b"text/plain"), (b"content-length", b"5")]
+Op = Callable[[H2Connection], Any]
+
+
+def pair() -> tuple[H2Connection, H2Connection, LeanH2Connection]:
+    """A client, and the library's server and ours, each handed the same client bytes (stream 1 a GET that ended,
+    stream 3 a POST whose body is still coming)."""
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    client.send_headers(1, GET, end_stream=True)
+    client.send_headers(3, POST)
+    hello = client.data_to_send()
+    library, lean = H2Connection(config=_CONFIG), LeanH2Connection(config=_CONFIG)
+    for server in (library, lean):
+        server.encoder, server.decoder = PlainEncoder(), MemoDecoder()
+        server.initiate_connection()
+        server.receive_data(hello)
+        server.data_to_send()
+    return client, library, lean
+
+
+def state(server: H2Connection) -> Any:
+    return (server.state_machine.state, server.outbound_flow_control_window,
+            {sid: (s.state_machine.state, s.outbound_flow_control_window) for sid, s in server.streams.items()})
+
+
+def outcome(server: H2Connection, op: Op) -> Any:
+    try:
+        op(server)
+    except Exception as exc:  # the same exception, type and message, from both
+        return type(exc), str(exc), server.data_to_send(), state(server)
+    return None, server.data_to_send(), state(server)
+
+
+BIG = [(b":status", b"200"), *((b"x-big-%d" % i, b"v" * 1000) for i in range(40))]
+
+
+def exactly_two_frames(server: H2Connection) -> None:
+    """A head whose block fills two HEADERS-sized frames to the byte (no third, empty CONTINUATION)."""
+    for size in range(32000, 33000):
+        fields = [(b":status", b"200"), (b"x-fill", b"v" * size)]
+        if len(copy.deepcopy(server.encoder).encode(fields)) == 2 * 16384:
+            server.send_headers(1, fields, end_stream=True)
+            return
+    raise AssertionError("no size fills two frames")
+
+
+class TestSameAsTheLibrary:
+    """Each sequence of sends gives the library's bytes, states and windows, or its error."""
+
+    @pytest.mark.parametrize("ops", [
+        [lambda s: s.send_headers(1, OK), lambda s: s.send_data(1, b"hello", end_stream=True)],
+        [lambda s: s.send_headers(1, OK, end_stream=True)],
+        [lambda s: s.send_headers(1, OK), lambda s: s.send_data(1, b"hel"), lambda s: s.send_data(1, b"lo"),
+         lambda s: s.end_stream(1)],
+        [lambda s: s.send_headers(1, OK), lambda s: s.send_headers(1, [(b"grpc-status", b"0")], end_stream=True)],
+        [lambda s: s.send_headers(1, OK), lambda s: s.send_headers(1, [(b"grpc-status", b"0")])],
+        [lambda s: s.send_headers(1, [*OK, NeverIndexedHeaderTuple(b"x-request-id", b"abc")]),
+         lambda s: s.send_headers(3, [*OK, NeverIndexedHeaderTuple(b"x-request-id", b"abd")])],
+        [lambda s: s.send_headers(1, BIG, end_stream=True)],
+        [lambda s: s.send_headers(1, BIG), lambda s: s.send_data(1, b"", end_stream=True)],
+        [exactly_two_frames],
+        [lambda s: s.send_headers(1, [(b":status", b"103"), (b"link", b"</a>")]), lambda s: s.send_headers(1, OK)],
+        [lambda s: s.send_headers(1, OK), lambda s: s.send_data(1, b"x" * 16385)],
+        [lambda s: s.send_headers(3, OK), lambda s: s.send_data(3, b"x" * 16384),
+         lambda s: s.send_data(3, b"x" * 16384), lambda s: s.send_data(3, b"x" * 16384),
+         lambda s: s.send_data(3, b"x" * 16383), lambda s: s.send_data(3, b"xx")],
+        [lambda s: s.send_headers(1, OK, end_stream=True), lambda s: s.send_data(1, b"more")],
+        [lambda s: s.send_headers(1, OK, end_stream=True), lambda s: s.send_headers(1, OK)],
+        [lambda s: s.send_headers(1, OK, end_stream=True), lambda s: s.end_stream(1)],
+        [lambda s: s.reset_stream(3, ErrorCodes.CANCEL), lambda s: s.send_headers(3, OK)],
+        [lambda s: s.send_headers(5, OK)],
+        [lambda s: s.send_data(7, b"x")],
+        [lambda s: s.send_headers(1, OK), lambda s: s.send_data(1, memoryview(b"hello"), end_stream=True)],
+        [lambda s: s.send_headers(1, OK), lambda s: s.send_data(1, b"hello", pad_length=3)],
+        [lambda s: s.close_connection(), lambda s: s.send_headers(1, OK)],
+    ], ids=["head-then-data-ending", "head-ending", "data-then-empty-end", "trailers", "trailers-without-end",
+            "never-indexed-fields", "continuation-frames", "continuation-then-end", "block-of-two-whole-frames",
+            "informational-first",
+            "frame-too-large", "window-exhausted", "data-after-end", "head-after-end", "end-after-end",
+            "head-after-reset", "stream-never-opened", "data-on-unknown-stream", "memoryview-data", "padded-data",
+            "connection-closed"])
+    def test_bytes_states_and_errors(self, ops: list[Op]) -> None:
+        _, library, lean = pair()
+        for op in ops:
+            assert outcome(lean, op) == outcome(library, op)
+
+    def test_errors_are_the_library_s(self) -> None:
+        """The errors the connection catches keep their classes."""
+        _, _, lean = pair()
+        lean.send_headers(1, OK, end_stream=True)
+        with pytest.raises(StreamClosedError):
+            lean.send_data(1, b"x")
+        lean.send_headers(3, OK)
+        with pytest.raises(FrameTooLargeError):
+            lean.send_data(3, b"x" * 16385)
+        lean.send_data(3, b"x" * 16384)
+        lean.send_data(3, b"x" * 16384)
+        lean.send_data(3, b"x" * 16384)
+        with pytest.raises(FlowControlError):
+            lean.send_data(3, b"x" * 16384)
+        with pytest.raises(ProtocolError):
+            lean.send_headers(3, [(b"grpc-status", b"0")])
+
+
+class TestReceiving:
+    """New streams are received as the library receives them, and closed ones forgotten when asked."""
+
+    def test_events_are_the_library_s(self) -> None:
+        client, library, lean = pair()
+        client.send_headers(5, GET, end_stream=True)
+        client.send_headers(7, POST)
+        client.send_data(7, b"body", end_stream=True)
+        data = client.data_to_send()
+
+        def seen(server: H2Connection) -> Any:
+            return [(type(e), sorted((k, repr(v)) for k, v in vars(e).items())) for e in server.receive_data(data)]
+
+        assert seen(lean) == seen(library)
+        assert state(lean) == state(library)
+
+    def test_a_closed_stream_is_forgotten_as_the_library_forgets_it(self) -> None:
+        _, library, lean = pair()
+        for server in (library, lean):
+            server.send_headers(1, OK, end_stream=True)
+        lean.forget_closed(1)
+        lean.forget_closed(3)  # still open: kept
+        library.open_inbound_streams  # noqa: B018  # the library's own walk
+        assert sorted(lean.streams) == sorted(library.streams) == [3]
+        assert lean._closed_streams == library._closed_streams
