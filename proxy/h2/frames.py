@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from h2.connection import AllowedStreamIDs, ConnectionInputs, H2Connection, _decode_headers
-from h2.events import Event
+from h2.events import Event, RequestReceived
 from h2.exceptions import FlowControlError, FrameTooLargeError, ProtocolError
 from h2.stream import StreamInputs
 from h2.utilities import is_informational_response
@@ -43,6 +43,8 @@ _RECV_HEADERS: Final = ConnectionInputs.RECV_HEADERS
 _STREAM_SEND_HEADERS: Final = StreamInputs.SEND_HEADERS
 _STREAM_SEND_DATA: Final = StreamInputs.SEND_DATA
 _STREAM_SEND_END: Final = StreamInputs.SEND_END_STREAM
+_STREAM_RECV_HEADERS: Final = StreamInputs.RECV_HEADERS
+_STREAM_RECV_END: Final = StreamInputs.RECV_END_STREAM
 
 
 def frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
@@ -118,15 +120,29 @@ class LeanH2Connection(H2Connection):
         self._data_to_send += frame_header(0, _DATA, _END_STREAM, stream_id)
 
     def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[Event]]:
-        if frame.stream_id in self.streams or self.config.client_side or "PRIORITY" in frame.flags:
+        config = self.config
+        if (frame.stream_id in self.streams or config.client_side or "PRIORITY" in frame.flags
+                or config.header_encoding or config.validate_inbound_headers or config.normalize_inbound_headers):
             return super()._receive_headers_frame(frame)
         # A new stream: as the library, without counting the open ones (see the module's doc).
         headers = _decode_headers(self.decoder, frame.data)
         events: list[Event] = self.state_machine.process_input(_RECV_HEADERS)
         stream = self._begin_new_stream(frame.stream_id, AllowedStreamIDs.ODD)  # a client's stream
-        frames, stream_events = stream.receive_headers(headers, "END_STREAM" in frame.flags,
-                                                       self.config.header_encoding)
-        return frames, events + stream_events
+        end_stream = "END_STREAM" in frame.flags
+        if is_informational_response(headers):  # (refused by the stream's state machine: the library says how)
+            frames, stream_events = stream.receive_headers(headers, end_stream, None)
+            return frames, events + stream_events
+        # The stream's receive_headers, less what validation (off) and header_encoding (None) would do.
+        machine = stream.state_machine
+        stream_events = machine.process_input(_STREAM_RECV_HEADERS)
+        request = cast(RequestReceived, stream_events[0])  # a new stream's first head, from a client
+        if end_stream:
+            ended = machine.process_input(_STREAM_RECV_END)
+            request.stream_ended = ended[0]  # type: ignore[assignment]  # (StreamEnded: the library's list is of Event)
+            stream_events += ended
+        stream._initialize_content_length(headers)
+        request.headers = headers  # type: ignore[assignment]  # (the decoder's list: the library copies it)
+        return [], events + stream_events
 
     def forget_closed(self, stream_id: int) -> None:
         """The library's own cleanup of one closed stream (it did it while counting open streams)."""
