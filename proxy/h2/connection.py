@@ -49,7 +49,7 @@ from ..h1.head import Request
 from ..timeouts import check_timeout
 from .codec import MemoDecoder, PlainEncoder
 from .frames import LeanH2Connection
-from .head import Malformed, check_trailers, request_from_fields
+from .head import HeadMemo, Malformed, check_trailers
 from .limits import H2Limits, Rate
 from .stream import LOW_WATER, Stream
 
@@ -100,6 +100,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.reading = False  # in data_received: flush() waits for the end of the read
         self.flush_soon = False  # a send_out is due at the end of this turn of the event loop
         self.h2.encoder, self.h2.decoder = PlainEncoder(), MemoDecoder()  # HPACK with less CPU (see codec.py)
+        self.heads = HeadMemo()  # the requests of heads seen before (see head.py)
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -199,7 +200,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.idle_since = None
         self.fresh = False
         try:
-            req = request_from_fields(event.headers, self.ctx.limits, end_stream=event.stream_ended is not None)
+            req = self.heads.request(event.headers, self.ctx.limits, end_stream=event.stream_ended is not None)
         except Malformed as exc:
             self.malformed(exc)
             return

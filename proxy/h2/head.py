@@ -19,7 +19,7 @@ chunked when it has a body of unknown length.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from hpack import NeverIndexedHeaderTuple
 
@@ -143,6 +143,53 @@ def request_from_fields(
     if req.bad is None:
         req.bad = _refusal(req)
     return req
+
+
+_MEMO_SIZE: Final = 32  # heads kept per connection; emptied when full (a client varying its heads parses as before)
+
+
+class HeadMemo:
+    """The requests of the heads one connection saw before (pure state, one per client connection).
+
+    A client repeating a request sends the same fields (h2load's, an API client's polling, a browser's assets
+    less the path): their reading gives the same `Request`, so what `request_from_fields` found is kept, keyed by
+    the fields, and copied into a new `Request` instead of reading them again (that reading was a tenth of an
+    HTTP/2 request's CPU time). Kept only for a head that passed (a malformed one raises every time, one refused
+    gets its own error), and that carries no request id (unique to each request: it would only push the others
+    out). Another ListenerLimits (a reload) empties it."""
+
+    __slots__ = ("heads", "limits")
+
+    def __init__(self) -> None:
+        self.heads: dict[tuple[Any, ...], Request] = {}
+        self.limits: ListenerLimits | None = None
+
+    def request(self, fields: Sequence[Field], limits: ListenerLimits, *, end_stream: bool) -> Request:
+        heads = self.heads
+        if limits is not self.limits:
+            heads.clear()
+            self.limits = limits
+        key = (end_stream, *fields)
+        seen = heads.get(key)
+        if seen is None:
+            req = request_from_fields(fields, limits, end_stream=end_stream)
+            if not req.request_id and req.bad is None:
+                if len(heads) >= _MEMO_SIZE:
+                    heads.clear()
+                seen = heads[key] = Request()
+                _copy(req, seen)
+            return req
+        req = Request()
+        _copy(seen, req)
+        return req
+
+
+def _copy(source: Request, req: Request) -> None:
+    """What request_from_fields sets, onto another request (the fields list copied: it is the exchange's)."""
+    req.http2 = True
+    req.headers = list(source.headers)
+    req.method, req.target, req.host = source.method, source.target, source.host
+    req.content_length, req.body_kind, req.body_done = source.content_length, source.body_kind, source.body_done
 
 
 def _check_pseudo(pseudo: dict[bytes, bytes]) -> None:

@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 
 from proxy.errors import HeaderTooLarge
-from proxy.h2.head import Malformed, request_from_fields, response_fields
+from proxy.h1.head import Request
+from proxy.h2.head import HeadMemo, Malformed, request_from_fields, response_fields
 from proxy.listener import ListenerLimits
 
 Fields = list[tuple[bytes, bytes]]
@@ -45,3 +46,68 @@ class TestRequestFromFields:
         assert isinstance(req.bad, HeaderTooLarge)
         with pytest.raises(Malformed):
             request_from_fields([*GET, (b"x-big", b"v" * 100), (b"X-A", b"1")], limits, end_stream=True)
+
+
+def slots(req: Request) -> dict[str, object]:
+    """Every slot; an error by its class and message."""
+    values = {name: getattr(req, name) for name in Request.__slots__}
+    values["bad"] = (type(req.bad), str(req.bad))
+    return values
+
+
+class TestHeadMemo:
+    """A head seen before on the connection gives the Request its reading gives, as a Request of its own."""
+
+    @pytest.mark.parametrize(("fields", "end_stream"), [
+        (GET, True),
+        ([*GET, (b"accept", b"*/*"), (b"cookie", b"a=1"), (b"cookie", b"b=2")], True),
+        ([(b":method", b"POST"), *GET[1:], (b"content-length", b"12")], False),
+        ([(b":method", b"POST"), *GET[1:]], False),
+        ([*GET[:3], (b":path", b"noslash")], True),
+        ([*GET, *((b"x-%d" % i, b"1") for i in range(200))], True),
+        ([(b":method", b"CONNECT"), (b":authority", b"example.com:443")], True),
+    ], ids=["get", "cookies-joined", "body-with-length", "body-chunked", "bad-target", "too-many-fields",
+            "connect"])
+    def test_same_request_as_reading_it(self, fields: Fields, end_stream: bool) -> None:
+        memo, limits = HeadMemo(), ListenerLimits()
+        expected = slots(request_from_fields(fields, limits, end_stream=end_stream))
+        for _ in range(3):
+            assert slots(memo.request(fields, limits, end_stream=end_stream)) == expected
+
+    def test_end_stream_is_part_of_the_head(self) -> None:
+        memo, limits = HeadMemo(), ListenerLimits()
+        post = [(b":method", b"POST"), *GET[1:]]
+        assert memo.request(post, limits, end_stream=True).body_done
+        assert not memo.request(post, limits, end_stream=False).body_done
+
+    def test_each_request_is_its_own(self) -> None:
+        """What an exchange does to one request's fields or id is not seen by the next."""
+        memo, limits = HeadMemo(), ListenerLimits()
+        first = memo.request(GET, limits, end_stream=True)
+        second = memo.request(GET, limits, end_stream=True)
+        second.headers.append((b"x-added", b"1"))
+        second.request_id = b"given"
+        third = memo.request(GET, limits, end_stream=True)
+        assert third.headers == first.headers == [(b"host", b"example.com")]
+        assert third.request_id == b""
+
+    def test_a_client_s_request_id_is_never_given_to_another_request(self) -> None:
+        memo, limits = HeadMemo(), ListenerLimits()
+        ids = [memo.request([*GET, (b"x-request-id", b"id-%d" % i)], limits, end_stream=True).request_id
+               for i in range(3)]
+        assert ids == [b"id-0", b"id-1", b"id-2"]
+        assert memo.request(GET, limits, end_stream=True).request_id == b""
+
+    def test_new_limits_read_the_head_again(self) -> None:
+        """After a reload lowers a limit, a head taken before is refused."""
+        memo = HeadMemo()
+        fields = [*GET, (b"x-a", b"1"), (b"x-b", b"2")]
+        assert memo.request(fields, ListenerLimits(), end_stream=True).bad is None
+        assert isinstance(memo.request(fields, replace(ListenerLimits(), max_header_count=1), end_stream=True).bad,
+                          HeaderTooLarge)
+
+    def test_a_malformed_head_is_refused_every_time(self) -> None:
+        memo, limits = HeadMemo(), ListenerLimits()
+        for _ in range(2):
+            with pytest.raises(Malformed):
+                memo.request([*GET, (b"X-Up", b"1")], limits, end_stream=True)

@@ -85,6 +85,19 @@ class TestMalformedHeads:
         assert [e.error_code for e in events if isinstance(e, ConnectionTerminated)] == [ErrorCodes.PROTOCOL_ERROR]
         assert wire.transport.closed
 
+    @pytest.mark.parametrize("fields", [MALFORMED["upper-case-name"], MALFORMED["cr-lf-in-value"],
+                                        MALFORMED["duplicate-path"]], ids=["upper-case-name", "cr-lf-in-value",
+                                                                           "duplicate-path"])
+    def test_malformed_head_after_well_formed_ones_remembered_ends_the_connection(self, fields: Fields) -> None:
+        """Heads seen before are not read again (head.py's HeadMemo): a malformed variant of them still is."""
+        wire = Wire()
+        for sid in (1, 3, 5):
+            wire.send(raw_head(wire, GET, sid=sid))
+        assert not wire.transport.closed
+        events = wire.send(raw_head(wire, fields, sid=7))
+        assert [e.error_code for e in events if isinstance(e, ConnectionTerminated)] == [ErrorCodes.PROTOCOL_ERROR]
+        assert wire.transport.closed
+
     @pytest.mark.parametrize("trailers", [
         [(b":path", b"/x")], [(b"x-a", b"1\r\nx-b: 2")], [(b"X-A", b"1")],
     ], ids=["pseudo-header", "cr-lf-in-value", "upper-case-name"])
