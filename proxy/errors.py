@@ -86,6 +86,13 @@ class UpstreamConnectError(ProxyError):
     public = "the upstream could not be reached"
 
 
+class UpstreamStreamRefused(UpstreamConnectError):
+    """An HTTP/2 instance refused the stream (RST_STREAM REFUSED_STREAM, or above the last stream its GOAWAY
+    took): RFC 9113 §8.7 says it was never processed, so any method may be tried on another instance."""
+
+    reason = "upstream_stream_refused"
+
+
 class UpstreamProtocolError(ProxyError):
     status = 502
     reason = "upstream_bad_response"

@@ -11,7 +11,14 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Final
 
-from .errors import ProxyError, RequestTimeout, UpstreamConnectError, UpstreamConnectTimeout, UpstreamTimeout
+from .errors import (
+    ProxyError,
+    RequestTimeout,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamStreamRefused,
+    UpstreamTimeout,
+)
 
 # RFC 9110 §9.2.2: methods whose repetition has the same effect; only these are retried after a reused
 # connection dropped. Any method is retried when the connection was never established.
@@ -37,7 +44,8 @@ class Attempts:
     """The instances one request has been tried on, and what it may still try.
 
     - The connection was never made (refused, connect timeout): nothing reached the upstream, so any method
-      goes to another instance.
+      goes to another instance. So does a stream an HTTP/2 instance refused (never processed, RFC 9113 §8.7)
+      whose body, if any, can be sent again (body_sent is back to 0).
     - The upstream closed the connection before any byte of its response and the request is idempotent with
       no body byte sent (RFC 9110 §9.2.2): a reused keep-alive connection the upstream had already dropped is
       retried once on a new connection to the same instance, and otherwise another instance is tried.
@@ -69,7 +77,7 @@ class Attempts:
             if closed_early and reused and self.stale_retry_left:
                 self.stale_retry_left = False
                 return Verdict.SAME_INSTANCE
-            may_retry = closed_early
+            may_retry = closed_early or (isinstance(err, UpstreamStreamRefused) and body_sent == 0)
         if may_retry and len(self.tried) < self.limit and not client_gone and budget():
             return Verdict.OTHER_INSTANCE
         return Verdict.ANSWER

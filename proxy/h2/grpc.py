@@ -28,7 +28,7 @@ from h2.exceptions import ProtocolError
 
 from discovery.model import Endpoint
 
-from ..errors import ProxyError, ProxyInternalError, UpstreamConnectError, UpstreamTimeout
+from ..errors import ProxyError, ProxyInternalError, UpstreamConnectError, UpstreamStreamRefused, UpstreamTimeout
 from ..exchange import Exchange, body_taken, instance_failed
 from ..h1.head import BODY_NONE
 from ..headers import upstream_request_head
@@ -48,6 +48,9 @@ Field = tuple[bytes, bytes]
 # grpc-timeout: at most 8 digits and a unit (gRPC's PROTOCOL-HTTP2.md).
 _UNITS: Final = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _DEADLINE_TRAILERS: Final = [(b"grpc-status", b"4"), (b"grpc-message", b"deadline exceeded")]
+# Request body kept until the instance answers, to send again if it refuses the stream; a body larger than this
+# is not kept (and a refused call with it is answered UNAVAILABLE): memory stays bounded per stream.
+REPLAY_MAX: Final = 16 * 1024
 
 
 class DeadlineExceeded(UpstreamTimeout):
@@ -99,7 +102,7 @@ def grpc_status(fields: Iterable[Field]) -> bytes | None:
 class GrpcExchange(Exchange):
     """One request on an HTTP/2 stream to an instance: the base exchange with a stream for a connection."""
 
-    __slots__ = ("stream", "timer")
+    __slots__ = ("replay", "replay_size", "stream", "timer")
 
     def __init__(
         self, client: Stream, req: Request, route: Route, pool: Pool, target: bytes, started: float, path: str,
@@ -108,6 +111,8 @@ class GrpcExchange(Exchange):
         super().__init__(client, req, route, pool, target, started, path, service)
         self.stream: UpstreamStream | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.replay: list[bytes] | None = []  # the body sent on this attempt, while at most REPLAY_MAX
+        self.replay_size = 0
         timeout = grpc_timeout(req.headers)
         if timeout is not None:
             self.timer = self.loop.call_later(timeout, self._deadline_passed)
@@ -179,12 +184,31 @@ class GrpcExchange(Exchange):
         if stream is None:
             return
         if body_taken(self, data):
+            replay = self.replay
+            if replay is not None:
+                self.replay_size += len(data)
+                if self.replay_size > REPLAY_MAX:
+                    self.replay = None
+                else:
+                    replay.append(data)
             stream.write(data)
 
     def end_body(self) -> None:
         if self.stream is not None:
             self.stream.end()
             self._arm_timer()
+
+    def on_error(self, error: ProxyError, *, nothing_received: bool) -> None:
+        """A refused stream was never processed (RFC 9113 §8.7): its body goes back in front of what the client
+        sent since, for the next attempt to send again (retry.py then tries another instance)."""
+        replay = self.replay
+        if isinstance(error, UpstreamStreamRefused) and replay is not None and not self.head_sent:
+            req = self.req
+            req.buffer[:0] = replay
+            req.buffered += self.replay_size
+            req.body_sent = 0
+            self.replay, self.replay_size = [], 0
+        super().on_error(error, nothing_received=nothing_received)
 
     # --- the answer's end ---
     def on_trailers(self, fields: list[Field]) -> None:

@@ -48,7 +48,7 @@ from h2.events import (
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
-from ..errors import ProxyError, UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from ..errors import ProxyError, UpstreamConnectError, UpstreamProtocolError, UpstreamStreamRefused, UpstreamTimeout
 from ..h1.upstream import FRAMING_NONE, PoolKey, open_connection
 from .limits import window_chunk
 
@@ -296,7 +296,9 @@ class H2UpstreamConnection(asyncio.Protocol):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     self._stream_over(stream, reset=True)
-                    stream.on_lost(UpstreamConnectError(f"upstream reset the stream ({_code(event.error_code)})"))
+                    kind = UpstreamStreamRefused if event.error_code == ErrorCodes.REFUSED_STREAM \
+                        else UpstreamConnectError
+                    stream.on_lost(kind(f"upstream reset the stream ({_code(event.error_code)})"))
             elif isinstance(event, WindowUpdated):
                 self._window_updated(event.stream_id)
             elif isinstance(event, RemoteSettingsChanged):
@@ -393,7 +395,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         refused = [s for sid, s in self.streams.items() if last_stream_id is not None and sid > last_stream_id]
         for stream in refused:
             del self.streams[stream.id]
-            stream.on_lost(UpstreamConnectError("upstream is going away (GOAWAY) and refused the stream"))
+            stream.on_lost(UpstreamStreamRefused("upstream is going away (GOAWAY) and refused the stream"))
         if not self.streams:
             self.close()
 

@@ -10,6 +10,7 @@ from proxy.errors import (
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamProtocolError,
+    UpstreamStreamRefused,
     UpstreamTimeout,
 )
 from proxy.retry import Attempts, Verdict, counts_against_instance
@@ -48,11 +49,18 @@ def verdict(
         ({"err": UpstreamConnectError("refused"), "connected": False, "pool_size": 1}, Verdict.ANSWER),
         ({"err": UpstreamConnectError("refused"), "connected": False, "budget": False}, Verdict.ANSWER),
         ({"err": UpstreamConnectError("refused"), "connected": False, "client_gone": True}, Verdict.ANSWER),
+        ({"err": UpstreamStreamRefused("REFUSED_STREAM", nothing_received=True), "method": "POST"},
+         Verdict.OTHER_INSTANCE),
+        ({"err": UpstreamStreamRefused("REFUSED_STREAM", nothing_received=True), "method": "POST", "body_sent": 5},
+         Verdict.ANSWER),
+        ({"err": UpstreamStreamRefused("REFUSED_STREAM", nothing_received=True), "method": "POST",
+          "pool_size": 1}, Verdict.ANSWER),
     ],
     ids=[
         "refused-any-method", "connect-timeout", "stale-keepalive", "stale-retry-used", "closed-early-fresh",
         "closed-early-post", "closed-early-body-sent", "reset-after-bytes", "upstream-timeout", "client-timeout",
         "bad-response", "attempts-used", "single-instance", "budget-spent", "client-gone",
+        "stream-refused-any-method", "stream-refused-body-not-kept", "stream-refused-single-instance",
     ],
 )
 def test_verdict(kwargs: dict[str, object], expected: Verdict) -> None:
