@@ -8,9 +8,10 @@ its body as DATA within the instance's windows; the answer comes back as head, D
 client's stream as a HEADERS frame with END_STREAM (`Downstream.send_trailers`); a trailers-only answer (one
 HEADERS frame with END_STREAM: most gRPC errors) stays one frame.
 
-`grpc-timeout` (the call's deadline, gRPC's PROTOCOL-HTTP2.md) is passed on as sent and bounds the whole call
-here: when it passes before the answer's head, the call is answered DEADLINE_EXCEEDED; after, the stream to the
-instance is cancelled and the client's ends with grpc-status 4. A deadline is the caller's choice: it never
+`grpc-timeout` (the call's deadline, gRPC's PROTOCOL-HTTP2.md) is passed on less the time the call already
+spent here (waiting for a stream, or on an instance that refused it), and bounds the whole call here: when it
+passes before the answer's head, the call is answered DEADLINE_EXCEEDED; after, the stream to the instance is
+cancelled and the client's ends with grpc-status 4. A deadline is the caller's choice: it never
 counts against the instance. gRPC status codes are counted per service (`ferryman_grpc_responses_total`), from
 the instance's trailers or the proxy's own answers (proxy/h2/stream.py).
 
@@ -20,6 +21,7 @@ Only streams reach this class: HTTP/1.1 requests for such routes are refused in 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final, cast
@@ -71,6 +73,22 @@ def grpc_timeout(headers: Iterable[Field]) -> float | None:
     return None
 
 
+def timeout_value(seconds: float) -> bytes:
+    """A grpc-timeout value for `seconds`, in the finest unit that fits its 8 digits, rounded up (as gRPC's own
+    clients do: a deadline a nanosecond late is answered by our own timer anyway)."""
+    for unit, scale in ((b"n", 1e9), (b"u", 1e6), (b"m", 1e3), (b"S", 1.0), (b"M", 1 / 60)):
+        count = max(1, math.ceil(seconds * scale))
+        if count <= 99_999_999:
+            return b"%d%s" % (count, unit)
+    return b"%dH" % min(99_999_999, math.ceil(seconds / 3600))
+
+
+def with_timeout(fields: list[Field], seconds: float) -> list[Field]:
+    """The fields with grpc-timeout set to what is left of the call's deadline."""
+    value = timeout_value(seconds)
+    return [(name, value) if name == b"grpc-timeout" else (name, old) for name, old in fields]
+
+
 def request_fields(head: bytes, scheme: bytes) -> list[Field]:
     """An HTTP/1.1 request head as built for an upstream (headers.upstream_request_head: header rules, X-Forwarded-*,
     Forwarded, Host) as HTTP/2 fields: pseudo-headers first (RFC 9113 §8.3.1), names in lower case, no
@@ -102,7 +120,7 @@ def grpc_status(fields: Iterable[Field]) -> bytes | None:
 class GrpcExchange(Exchange):
     """One request on an HTTP/2 stream to an instance: the base exchange with a stream for a connection."""
 
-    __slots__ = ("replay", "replay_size", "stream", "timer")
+    __slots__ = ("deadline", "replay", "replay_size", "stream", "timer")
 
     def __init__(
         self, client: Stream, req: Request, route: Route, pool: Pool, target: bytes, started: float, path: str,
@@ -111,11 +129,13 @@ class GrpcExchange(Exchange):
         super().__init__(client, req, route, pool, target, started, path, service)
         self.stream: UpstreamStream | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None  # the loop's time when the call's grpc-timeout passes
         self.replay: list[bytes] | None = []  # the body sent on this attempt, while at most REPLAY_MAX
         self.replay_size = 0
         timeout = grpc_timeout(req.headers)
         if timeout is not None:
             self.timer = self.loop.call_later(timeout, self._deadline_passed)
+            self.deadline = self.loop.time() + timeout
 
     # --- reaching an instance ---
     def dial(self, endpoint: Endpoint, now: float) -> None:
@@ -160,9 +180,12 @@ class GrpcExchange(Exchange):
             rules=route.request_rules, prefix=route.strip_bytes,
             upstream_host=endpoint.authority.encode() if route.host_dst else route.upstream_host_bytes,
         )
+        fields = request_fields(head, b"https" if route.scheme == "grpcs" else b"http")
+        if self.deadline is not None:
+            # The instance gets what is left of the deadline, not the whole of it again (gRPC's proxies do so).
+            fields = with_timeout(fields, self.deadline - self.loop.time())
         try:
-            stream = conn.open(request_fields(head, b"https" if route.scheme == "grpcs" else b"http"), self,
-                               end_stream=req.body_kind == BODY_NONE)
+            stream = conn.open(fields, self, end_stream=req.body_kind == BODY_NONE)
         except ProtocolError as exc:  # the connection closed between taking it and opening the stream
             self.pool.release(endpoint)
             self._attempt_failed(endpoint, UpstreamConnectError(f"cannot open a stream: {exc}"), connected=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.h2.grpc import grpc_status, grpc_timeout, request_fields
+from proxy.h2.grpc import grpc_status, grpc_timeout, request_fields, timeout_value, with_timeout
 from proxy.headers import upstream_request_head
 from proxy.metrics import Metrics
 
@@ -28,6 +28,27 @@ class TestGrpcTimeout:
 
     def test_absent_is_no_deadline(self) -> None:
         assert grpc_timeout([(b"content-type", b"application/grpc")]) is None
+
+
+class TestTimeoutLeft:
+    """What is left of a deadline, written back as grpc-timeout: the finest unit its 8 digits allow, rounded up."""
+
+    @pytest.mark.parametrize(("seconds", "value"), [
+        (0.05, b"50000000n"), (0.25, b"250000u"), (3.2, b"3200000u"), (150.0, b"150000m"), (1e6, b"1000000S"),
+        (1e9, b"16666667M"), (1e12, b"99999999H"), (0.0, b"1n"), (-1.0, b"1n"),
+    ], ids=["nanoseconds", "microseconds", "seconds-in-microseconds", "minutes-in-milliseconds", "days-in-seconds",
+            "years-in-minutes", "beyond-every-unit", "nothing-left", "past"])
+    def test_values(self, seconds: float, value: bytes) -> None:
+        assert timeout_value(seconds) == value
+
+    @pytest.mark.parametrize("seconds", [0.001, 0.0999, 1.5, 99.0, 7200.0])
+    def test_read_back_it_is_the_time_left_or_a_unit_more(self, seconds: float) -> None:
+        read = grpc_timeout([(b"grpc-timeout", timeout_value(seconds))])
+        assert read is not None and seconds <= read <= seconds * 1.000001 + 1e-9
+
+    def test_only_grpc_timeout_changes(self) -> None:
+        fields = [(b":path", b"/a"), (b"grpc-timeout", b"5S"), (b"x-a", b"1")]
+        assert with_timeout(fields, 3.0) == [(b":path", b"/a"), (b"grpc-timeout", b"3000000u"), (b"x-a", b"1")]
 
 
 class TestRequestFields:

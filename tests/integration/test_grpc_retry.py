@@ -1,6 +1,7 @@
-"""gRPC calls an instance never processed: a stream it refused (RST_STREAM REFUSED_STREAM, or above the last
-stream its GOAWAY took; RFC 9113 §8.7) is sent again, body and all, to another instance, whatever the method.
-Against the real binary, a real Consul agent, a grpcio client and server, and a refusing HTTP/2 instance made of
+"""gRPC calls that wait or go elsewhere: a stream an instance refused (RST_STREAM REFUSED_STREAM, or above the
+last stream its GOAWAY took; RFC 9113 §8.7: never processed) is sent again, body and all, to another instance,
+whatever the method; a call that waited for a stream reaches its instance with what is left of its deadline.
+Against the real binary, a real Consul agent, grpcio clients and servers, and a refusing HTTP/2 instance made of
 the `h2` library on a socket."""
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 import itertools
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from h2.events import RequestReceived
 from h2.exceptions import ProtocolError
 
 from .harness import ConsulAgent, FerrymanProcess
-from .test_grpc import GrpcBackend, unary
+from .test_grpc import GrpcBackend, _handlers, unary
 
 grpc = pytest.importorskip("grpc")  # grpcio, from the test extras
 
@@ -71,7 +74,9 @@ class RefusingInstance:
 
 @pytest.fixture(scope="module")
 def proxy(consul: ConsulAgent, workdir: Path) -> Iterator[FerrymanProcess]:
-    proc = FerrymanProcess(consul.addr, workdir, extra=["--read-timeout", "10"])
+    # One HTTP/2 connection per instance: a call waits while an instance's streams are all taken.
+    proc = FerrymanProcess(consul.addr, workdir, extra=["--read-timeout", "10",
+                                                        "--grpc-max-connections-per-instance", "1"])
     proc.start()
     yield proc
     proc.stop()
@@ -103,3 +108,31 @@ class TestRefusedStreams:
             consul.deregister(bad)
             server.stop()
             refusing.stop()
+
+
+class TestDeadlines:
+    """What an instance is told of a call's deadline is what is left of it when the call reaches it."""
+
+    def test_a_call_that_waited_for_a_stream_forwards_what_is_left_of_its_deadline(
+        self, consul: ConsulAgent, proxy: FerrymanProcess,
+    ) -> None:
+        """The instance takes one stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS 1) over its one connection:
+        a call made while another sleeps 2 s waits for it, then arrives with about 3 s of its 5 s left."""
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.max_concurrent_streams", 1)])
+        server.add_generic_rpc_handlers((_handlers("wait.Service"),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        instance = f"grpc-wait-{next(_ids)}"
+        consul.register("grpc-wait", instance, port, ["urlprefix-/wait.Service proto=grpc"])
+        try:
+            proxy.wait_instances("grpc-wait@*any*/wait.Service", [instance])
+            with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as ch:
+                assert unary(ch, "/wait.Service/Echo")(b"warm", timeout=10) == b"warm"  # the connection is up
+                sleeping = unary(ch, "/wait.Service/Sleep").future(b"2", timeout=10)
+                time.sleep(0.3)  # the sleeping call holds the one stream
+                left = float(unary(ch, "/wait.Service/Remaining")(b"", timeout=5))
+                assert sleeping.result() == b"late"
+            assert 1.0 < left < 3.6  # 5 s less the ~1.7 s waited (grpcio rounds the deadline up a little)
+        finally:
+            consul.deregister(instance)
+            server.stop(0)
