@@ -13,7 +13,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import FlowControlError, FrameTooLargeError, ProtocolError, StreamClosedError
 from hpack import NeverIndexedHeaderTuple
-from hyperframe.frame import HeadersFrame
+from hyperframe.frame import DataFrame, HeadersFrame, RstStreamFrame, WindowUpdateFrame
 
 from proxy.h2.codec import MemoDecoder, PlainEncoder
 from proxy.h2.frames import LeanH2Connection
@@ -133,6 +133,12 @@ def raw_head(client: H2Connection, stream_id: int, fields: list[tuple[bytes, byt
     return HeadersFrame(stream_id, client.encoder.encode(fields), flags=["END_HEADERS", "END_STREAM"]).serialize()
 
 
+def _library_before(server: H2Connection, before: Op) -> None:
+    """`before` on the library's connection: forget_closed as the library's own walk of open streams."""
+    server.forget_closed = lambda sid: server.open_inbound_streams  # type: ignore[attr-defined]  # (see docstring)
+    before(server)
+
+
 class TestReceiving:
     """New streams are received as the library receives them, and closed ones forgotten when asked."""
 
@@ -160,6 +166,39 @@ class TestReceiving:
             except Exception as exc:
                 return type(exc), str(exc), server.data_to_send()
             return [(type(e), sorted((k, repr(v)) for k, v in vars(e).items())) for e in events], state(server)
+
+        assert seen(lean) == seen(library)
+
+    @pytest.mark.parametrize(("before", "send"), [
+        (lambda s: s.reset_stream(3, ErrorCodes.CANCEL), lambda c: DataFrame(3, b"late").serialize()),
+        (lambda s: (s.reset_stream(3, ErrorCodes.CANCEL), s.forget_closed(3)),
+         lambda c: DataFrame(3, b"late").serialize()),
+        (lambda s: s.send_headers(1, OK, end_stream=True), lambda c: DataFrame(1, b"late").serialize()),
+        (lambda s: (s.send_headers(1, OK, end_stream=True), s.forget_closed(1)),
+         lambda c: DataFrame(1, b"late").serialize()),
+        (lambda s: None, lambda c: raw_head(c, 1, GET)),
+        (lambda s: None, lambda c: WindowUpdateFrame(3, 100).serialize()),
+        (lambda s: None, lambda c: RstStreamFrame(3, ErrorCodes.CANCEL).serialize()),
+    ], ids=["data-on-a-stream-we-reset", "data-on-a-stream-we-reset-and-forgot", "data-after-both-ends",
+            "data-after-both-ends-forgotten", "head-on-a-stream-that-ended", "window-update", "reset-by-client"])
+    def test_frames_on_closed_streams_as_the_library(self, before: Op, send: Callable[[H2Connection], bytes],
+                                                      ) -> None:
+        """The library's answers to frames on streams that are over: a RST_STREAM, or the connection's end."""
+        client, library, lean = pair()
+        data = send(client)
+
+        def seen(server: H2Connection) -> Any:
+            if isinstance(server, LeanH2Connection):
+                before(server)
+            else:
+                _library_before(server, before)
+            server.data_to_send()
+            try:
+                events = server.receive_data(data)
+            except Exception as exc:
+                return type(exc), str(exc), server.data_to_send()
+            return ([(type(e), sorted((k, repr(v)) for k, v in vars(e).items())) for e in events],
+                    server.data_to_send(), state(server))
 
         assert seen(lean) == seen(library)
 
