@@ -12,7 +12,8 @@ request's reading (a Python call and a debug log call per field).
 Encoding: literals go without Huffman coding (RFC 7541 §5.2 allows either): in pure Python it cost more than the
 rest of an answer's head, for a few bytes a literal on the wire. A field found whole in the tables is encoded as
 its index, which holds until the dynamic table changes: those encodings are kept, and forgotten whenever a field
-is added to the table (or its size changes); every other field is encoded by the library as before.
+is added to the table (or its size changes); a never-indexed field not found whole is written here as the library
+writes it; every other field is encoded by the library as before.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from hpack import Decoder, Encoder, HeaderTuple
+from hpack.hpack import encode_integer
 
 # Every byte 0x80-0xFE: indexed fields of index 0-126 (0x80, index 0, is refused by the library's decoding and
 # so never kept; 0xFF would start a multi-byte index).
@@ -77,6 +79,15 @@ class MemoDecoder(Decoder):
         self.header_table.maxsize = value
 
 
+def _integer(value: int, prefix_bits: int, flags: int = 0) -> bytes:
+    """RFC 7541 §5.1: an integer with an N-bit prefix, `flags` in the first byte's other bits."""
+    if value < (1 << prefix_bits) - 1:
+        return bytes((flags | value,))
+    encoded = encode_integer(value, prefix_bits)
+    encoded[0] |= flags
+    return bytes(encoded)
+
+
 class PlainEncoder(Encoder):
     """The library's HPACK encoder, literals without Huffman coding, indexed fields remembered (see the module's
     doc)."""
@@ -98,6 +109,12 @@ class PlainEncoder(Encoder):
                 name, value = field[0], field[1]
                 sensitive = not field.indexable if isinstance(field, HeaderTuple) else len(field) > 2 and field[2]
                 found = table.search(name, value)
+                if sensitive and (found is None or found[2] is None):
+                    # Never indexed (RFC 7541 §6.2.3), the table untouched: as the library writes it, less its
+                    # second search and its debug log (the request id of every answer comes this way).
+                    head = b"\x10" + _integer(len(name), 7) + name if found is None else _integer(found[0], 4, 0x10)
+                    out.append(head + _integer(len(value), 7) + value)
+                    continue
                 encoded = self.add((name, value), sensitive, False)
                 if found is not None and found[2] is not None:
                     indexed[field] = encoded  # found whole: its index, however it is marked

@@ -95,8 +95,12 @@ class TestPlainEncoder:
         [ANSWER] + [[*ANSWER, (b"etag", b"%d" % i)] for i in range(100)] + [ANSWER, ANSWER],
         [ANSWER, [(b"x-secret", b"s", True), *ANSWER], [(b"x-secret", b"s", True), *ANSWER]],
         [ANSWER, [HeaderTuple(b"x-t", b"1"), *ANSWER], [(b"x-t", b"1"), *ANSWER], ANSWER],
+        [[NeverIndexedHeaderTuple(b"authorization", b"secret"), NeverIndexedHeaderTuple(b"x-long", b"v" * 300)],
+         [(b"x-t", b"1"), NeverIndexedHeaderTuple(b"x-t", b"2"), NeverIndexedHeaderTuple(b"x-t", b"1")],
+         [NeverIndexedHeaderTuple(b"x-%d" % i, b"%d" % i) for i in range(40)] + [(b"x-t", b"1")],
+         [NeverIndexedHeaderTuple(b"x-" + b"n" * 200, b"v")]],
     ], ids=["same-answer", "never-indexed-ids", "new-entries-shift-indices", "evictions", "sensitive-triples",
-            "header-tuples"])
+            "header-tuples", "never-indexed-names-static-dynamic-long"])
     def test_writes_what_the_library_writes(self, answers: list[list[Any]]) -> None:
         ours, library, decoder = PlainEncoder(), Encoder(), Decoder()
         for i, fields in enumerate(answers):
