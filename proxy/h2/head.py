@@ -145,7 +145,10 @@ def request_from_fields(
     return req
 
 
-_MEMO_SIZE: Final = 32  # heads kept per connection; emptied when full (a client varying its heads parses as before)
+_MEMO_SIZE: Final = 16  # heads kept per connection; emptied when full (a client varying its heads parses as before)
+# The largest head kept (names and values): a connection holds at most 16 x 4 KiB for it, where a client sending
+# 16 heads at the header limit would otherwise pin a megabyte. Larger heads are read each time, as before.
+_MEMO_HEAD_BYTES: Final = 4096
 
 
 class HeadMemo:
@@ -155,8 +158,9 @@ class HeadMemo:
     less the path): their reading gives the same `Request`, so what `request_from_fields` found is kept, keyed by
     the fields, and copied into a new `Request` instead of reading them again (that reading was a tenth of an
     HTTP/2 request's CPU time). Kept only for a head that passed (a malformed one raises every time, one refused
-    gets its own error), and that carries no request id (unique to each request: it would only push the others
-    out). Another ListenerLimits (a reload) empties it."""
+    gets its own error), that carries no request id (unique to each request: it would only push the others
+    out), and that is small (_MEMO_HEAD_BYTES: memory per connection stays bounded). Another ListenerLimits (a
+    reload) empties it."""
 
     __slots__ = ("heads", "limits")
 
@@ -173,7 +177,8 @@ class HeadMemo:
         seen = heads.get(key)
         if seen is None:
             req = request_from_fields(fields, limits, end_stream=end_stream)
-            if not req.request_id and req.bad is None:
+            if (not req.request_id and req.bad is None
+                    and sum(len(name) + len(value) for name, value in fields) <= _MEMO_HEAD_BYTES):
                 if len(heads) >= _MEMO_SIZE:
                     heads.clear()
                 seen = heads[key] = Request()

@@ -106,6 +106,21 @@ class TestHeadMemo:
         assert isinstance(memo.request(fields, replace(ListenerLimits(), max_header_count=1), end_stream=True).bad,
                           HeaderTooLarge)
 
+    @pytest.mark.parametrize(("extra", "kept"), [(b"v" * 3000, 1), (b"v" * 5000, 0)], ids=["small", "large"])
+    def test_only_small_heads_are_kept(self, extra: bytes, kept: int) -> None:
+        """Memory per connection stays bounded: a head over 4 KiB is read each time instead."""
+        memo, limits = HeadMemo(), ListenerLimits()
+        fields = [*GET, (b"cookie", extra)]
+        for _ in range(2):
+            assert memo.request(fields, limits, end_stream=True).headers[0] == (b"cookie", extra)
+        assert len(memo.heads) == kept
+
+    def test_at_most_16_heads_are_kept(self) -> None:
+        memo, limits = HeadMemo(), ListenerLimits()
+        for i in range(40):
+            memo.request([*GET[:3], (b":path", b"/%d" % i)], limits, end_stream=True)
+            assert len(memo.heads) <= 16
+
     def test_a_malformed_head_is_refused_every_time(self) -> None:
         memo, limits = HeadMemo(), ListenerLimits()
         for _ in range(2):
