@@ -19,6 +19,8 @@ import time
 from collections.abc import Container
 from typing import TYPE_CHECKING, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from discovery.model import Endpoint
 
 from .compression import BodyOut, Encoder, choose, encoded_head, with_vary
@@ -93,6 +95,9 @@ class _NotMember:
         return key in self.tried or key not in self.members
 
 
+# Compiled (proxy/compiled.py), a class takes interpreted subclasses only when it says so:
+# proxy/h2/grpc.py subclasses it (gRPC streams).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Exchange:
     """One request, from routing to its last byte, across the instances it is tried on."""
 
