@@ -21,7 +21,7 @@ import importlib.machinery
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.abc import MetaPathFinder
 from importlib.machinery import ModuleSpec
@@ -97,14 +97,15 @@ class CompiledFinder(MetaPathFinder):
         return importlib.machinery.ModuleSpec(fullname, loader, origin=str(file))
 
 
-def read_manifest() -> tuple[dict[str, Any] | None, str]:
+def read_manifest(build_dir: Path = BUILD_DIR) -> tuple[dict[str, Any] | None, str]:
     """The manifest of a current build for this interpreter, or None and why there is none."""
+    path = build_dir / MANIFEST.name
     try:
-        manifest: dict[str, Any] = json.loads(MANIFEST.read_text())
+        manifest: dict[str, Any] = json.loads(path.read_text())
     except FileNotFoundError:
         return None, "no compiled build (python -m proxy.build makes one)"
     except (OSError, ValueError) as exc:
-        return None, f"unreadable manifest {MANIFEST}: {exc}"
+        return None, f"unreadable manifest {path}: {exc}"
     if manifest.get("cache_tag") != sys.implementation.cache_tag:
         return None, f"compiled for {manifest.get('cache_tag')}, this is {sys.implementation.cache_tag}"
     sources: dict[str, str] = manifest.get("sources", {})
@@ -118,21 +119,21 @@ def read_manifest() -> tuple[dict[str, Any] | None, str]:
     return manifest, ""
 
 
-def select(environ: dict[str, str] | os._Environ[str] = os.environ) -> Build:
+def select(environ: Mapping[str, str] = os.environ, build_dir: Path = BUILD_DIR) -> Build:
     """Install the compiled modules' finder when a current build is there and FERRYMAN_BUILD allows it."""
     choice = environ.get(ENV, "auto") or "auto"
     if choice not in CHOICES:
         raise ImportError(f"{ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
     if choice == "pure":
         return Build(False, why_pure=f"{ENV}=pure")
-    manifest, why = read_manifest()
+    manifest, why = read_manifest(build_dir)
     if manifest is None:
         if choice == "compiled":
             raise ImportError(f"{ENV}=compiled, but {why}")
         return Build(False, why_pure=why)
     modules: dict[str, str] = manifest["modules"]  # written by proxy/build.py
-    files = {name: BUILD_DIR / file for name, file in modules.items()}
-    files.update({name: BUILD_DIR / file for name, file in manifest.get("libraries", {}).items()})
+    files = {name: build_dir / file for name, file in modules.items()}
+    files.update({name: build_dir / file for name, file in manifest.get("libraries", {}).items()})
     sys.meta_path.insert(0, CompiledFinder(files))
     return Build(True, str(manifest.get("compiler", "mypyc")), tuple(modules))
 
