@@ -10,13 +10,14 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 import proxy
-from proxy import BUILD, compiled
+from proxy import BUILD, build, compiled
 from proxy.admin import status_document
 from proxy.app import Ferryman
 from proxy.config import DEFAULTS
@@ -118,3 +119,19 @@ class TestSelection:
     def test_an_unknown_choice_is_an_error(self, tmp_path: Path) -> None:
         with pytest.raises(ImportError, match="FERRYMAN_BUILD='fast'"):
             compiled.select({"FERRYMAN_BUILD": "fast"}, tmp_path)
+
+
+class TestBuildWithoutACompiler:
+    """Without a C compiler `python -m proxy.build` says why and leaves pure Python, failing only with --require."""
+
+    @pytest.mark.parametrize(("args", "status"), [([], 0), (["--require"], 1)], ids=["optional", "required"])
+    def test_no_compiler_is_said_and_pure_python_stays(self, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str], args: list[str],
+                                                       status: int) -> None:
+        monkeypatch.setattr(sysconfig, "get_config_var",
+                            lambda name: "no-such-cc -pthread" if name == "CC" else None)
+        before = sorted(p.name for p in compiled.BUILD_DIR.glob("*"))
+        assert build.main(["--force", *args]) == status
+        err = capsys.readouterr().err
+        assert "no C compiler (no-such-cc" in err and "the pure-Python build runs" in err
+        assert sorted(p.name for p in compiled.BUILD_DIR.glob("*")) == before  # nothing built, nothing removed
