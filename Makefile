@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CONSUL := $(VENV)/bin/consul
 SHARED_ENSURE_CONSUL := ../shared/bin/ensure-consul
 
-.PHONY: demo test test-debs compose-debs compose-test bench bench-debs bench-scale lint clean consul venv
+.PHONY: demo test compiled test-debs compose-debs compose-test bench bench-debs bench-scale lint clean consul venv
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ferryman needs Python 3.11 or newer")'
@@ -14,7 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed compiled
+
+# The compiled hot path (issue 18): mypyc (from the dev extra) compiles the modules listed in proxy/compiled.py
+# into proxy/_mypyc when a C compiler and Python's headers are here (Debian: gcc, python3-dev); without them it
+# says so and the pure-Python source runs. Nothing is redone while the build matches the source; an edited
+# source runs as Python (`ferryman --version` says which) until this runs again. About 30 s on 2 cores.
+compiled: $(VENV)/.installed
+	$(PY) -m proxy.build
 
 # A real Consul agent binary: one on PATH, else the project's shared helper (Debian package, no root).
 $(CONSUL):
@@ -32,7 +39,7 @@ $(CONSUL):
 consul: $(CONSUL)
 
 # Without a Consul binary the demo runs on Ferryman's static provider (it says so).
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed compiled
 	-@$(MAKE) --no-print-directory consul
 	$(PY) -m demo.run --consul-bin $(CONSUL)
 
@@ -146,8 +153,14 @@ $(VENV)/bin/redis-server: | $(VENV)/.installed
 test-debs: $(VENV)/bin/promtool $(VENV)/bin/nghttp $(VENV)/bin/redis-server $(VENV)/bin/haproxy
 	$(call APT_ENSURE,$(TEST_APT_DEBS))
 
-test: $(VENV)/.installed $(CONSUL) test-debs
-	CONSUL_BIN=$(abspath $(CONSUL)) $(PY) -m pytest -q --ignore=tests/compose
+BUILD_KIND = $(PY) -c 'import proxy; print("compiled" if proxy.BUILD.compiled else "pure")'
+
+# The whole suite runs on the compiled build when there is one (FERRYMAN_BUILD=compiled: a test of it cannot
+# pass on the source by accident), then the unit suite once more on the pure-Python source, the fallback.
+test: $(VENV)/.installed $(CONSUL) test-debs compiled
+	FERRYMAN_BUILD=$$($(BUILD_KIND)) CONSUL_BIN=$(abspath $(CONSUL)) $(PY) -m pytest -q --ignore=tests/compose
+	@if [ "$$($(BUILD_KIND))" = compiled ]; then echo "make test: the unit suite again, on the pure-Python build"; \
+		FERRYMAN_BUILD=pure CONSUL_BIN=$(abspath $(CONSUL)) $(PY) -m pytest -q tests/unit; fi
 	$(MAKE) --no-print-directory compose-test
 
 # The compose stack for real (issue 20): tests/compose starts a Docker engine of its own (Debian's dockerd with
@@ -186,7 +199,7 @@ $(VENV)/bin/caddy: | $(VENV)/.installed
 
 bench-debs: $(BENCH_BINS)
 
-bench: $(VENV)/.installed $(CONSUL) bench-debs
+bench: $(VENV)/.installed $(CONSUL) bench-debs compiled
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Discovery at cluster scale (issue 14): a Consul dev agent on its default limits, N services x M instances,
@@ -200,4 +213,4 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache proxy/_mypyc build/mypyc

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from discovery.model import Endpoint, ServiceRoutes, Snapshot
 from discovery.tags import parse_route_tag
 from proxy.h1.client import ClientConnection
-from proxy.h1.upstream import FRAMING_LENGTH, PoolKey, UpstreamPool
+from proxy.h1.upstream import FRAMING_LENGTH, PoolKey, UpstreamConnection, UpstreamPool
 from proxy.listener import ProxyContext, ProxyServer, Router
 from proxy.metrics import Metrics
 from proxy.pool import Pools
@@ -58,7 +58,7 @@ class FakeTransport(asyncio.Transport):
         return ("10.0.0.1", 5000) if name == "peername" else default
 
 
-class AnsweringConnection:
+class AnsweringConnection(UpstreamConnection):
     """A pooled upstream connection that answers at once."""
 
     closed = False

@@ -19,7 +19,7 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import __version__
+from . import BUILD, __version__
 from .dispatch import side_shares
 from .listener import Router
 from .pool import Pools
@@ -132,6 +132,7 @@ def status_document(router: Router, report: Report, consul: str, max_sync_age: f
     ready, why = readiness(report, max_sync_age, now)
     return {
         "version": __version__,
+        "build": BUILD.as_dict(),  # compiled hot path or pure Python (proxy/compiled.py)
         "ready": ready,
         "ready_reason": why,
         "draining": report.draining,

@@ -30,7 +30,7 @@ from discovery.static import StaticError, StaticWatcher
 from discovery.tasks import start_task
 from discovery.watcher import OnChange, Watcher
 
-from . import logs
+from . import BUILD, logs
 from .access import AccessRules
 from .admin import make_admin_app
 from .auth import AuthError, Realms
@@ -360,7 +360,8 @@ class Ferryman:
             self._tasks.append(start_task(
                 write_reports(self.report_dir, self.report, self.metrics.flush), "state-report"))
         log.info("ferryman_started", listen=str(s.listeners.plain) if self.serve_proxy else None,
-                 admin=str(s.listeners.admin) if self.serve_admin else None, consul=s.consul.shown)
+                 admin=str(s.listeners.admin) if self.serve_admin else None, consul=s.consul.shown,
+                 build=BUILD.describe())
 
     async def _start_proxies(self) -> None:
         s = self.settings

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from . import __version__, logs
+from . import BUILD, __version__, logs
 from .config import KEYS, ConfigError, Settings, Source, load
 from .workers import effective_workers, run_event_loop, run_supervisor, serve
 
@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="TOML config file")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    parser.add_argument("--version", action="version", version=f"ferryman {__version__}")
+    # Which build runs (proxy/compiled.py): "ferryman 0.1.0 (compiled: mypyc, 12 modules)" or "(pure Python)".
+    parser.add_argument("--version", action="version", version=f"ferryman {__version__} ({BUILD.describe()})")
     for key in KEYS:  # one flag per row of the settings table, its help line from the row
         help_line = f"{key.help} (default: {key.default!r}; env {key.env})".replace("%", "%%")  # argparse formats it
         parser.add_argument(

@@ -21,6 +21,7 @@ from discovery.model import RouteSpec, ServiceSettings
 from discovery.tags import MATCHERS, REALM_NAME_RE, TagError, parse_route_tag, with_service_setting
 
 from .auth import RealmSettings
+from .compiled import ENV as BUILD_ENV
 from .config_table import BY_NAME, ENV_PREFIX, KEYS, SECTIONS, Key, build, env_name, flag_name, value_of, with_values
 from .headers import HeaderRules
 from .settings import HostPort, ServiceTables, Settings
@@ -334,7 +335,7 @@ def _load_text(name: str, text: str, where: str) -> Any:
 def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, text in environ.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name == BUILD_ENV:  # the build is chosen at import: no setting
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key not in BY_NAME:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Container
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
+
+from mypy_extensions import mypyc_attr
 
 from discovery.model import Endpoint
 
@@ -37,6 +39,16 @@ if TYPE_CHECKING:
     from .listener import ProxyContext
 
 _LAST_CHUNK = b"0\r\n\r\n"
+
+
+class UpstreamLink(Protocol):
+    """What every exchange does with what its request went out on: an HTTP/1.1 connection here, an HTTP/2
+    stream in a gRPC exchange (proxy/h2/grpc.py). A Protocol, not the connection's class: the compiled build
+    checks an attribute's class on every assignment, and a stream is no UpstreamConnection."""
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def detach(self) -> None: ...
 
 
 class Downstream(Protocol):
@@ -93,6 +105,9 @@ class _NotMember:
         return key in self.tried or key not in self.members
 
 
+# Compiled (proxy/compiled.py), a class takes interpreted subclasses only when it says so:
+# proxy/h2/grpc.py subclasses it (gRPC streams).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Exchange:
     """One request, from routing to its last byte, across the instances it is tried on."""
 
@@ -116,7 +131,7 @@ class Exchange:
         pool.begin(self.loop.time())
         self.head_request = req.method == "HEAD"
         self.endpoint: Endpoint | None = None
-        self.conn: UpstreamConnection | None = None
+        self.conn: UpstreamLink | None = None
         self.reused = self.head_sent = False
         self.status = self.bytes_out = 0
         self.client_backlog = 0  # the client's backlog when it last paused us, or shrank
@@ -236,9 +251,9 @@ class Exchange:
 
     # --- request body, client -> upstream ---
     def send_body(self, data: bytes) -> None:
-        conn = self.conn
-        if conn is None:
+        if self.conn is None:
             return
+        conn = cast("UpstreamConnection", self.conn)  # an HTTP/1.1 exchange's (gRPC's has its own send_body)
         if not body_taken(self, data):
             return
         if self.req.body_kind == BODY_CHUNKED:
@@ -250,7 +265,7 @@ class Exchange:
         if self.conn is None:
             return
         if self.req.body_kind == BODY_CHUNKED:
-            self.conn.write(_LAST_CHUNK)
+            cast("UpstreamConnection", self.conn).write(_LAST_CHUNK)
         self._arm_timer()
 
     def upstream_pause_writing(self) -> None:
@@ -294,7 +309,7 @@ class Exchange:
         self.armed = False
         self.out.end()
         if self.conn is not None:
-            self.ctx.upstream.release(self.conn, reusable and self.req.body_done)
+            self.ctx.upstream.release(cast("UpstreamConnection", self.conn), reusable and self.req.body_done)
         self._finish(self.status)
 
     def on_error(self, error: ProxyError, *, nothing_received: bool) -> None:
@@ -310,7 +325,7 @@ class Exchange:
         self.status = 101
         self.head_sent = True
         self.armed = False
-        return Tunnel.open(self, self.conn, self.endpoint, reason, headers, rest)
+        return Tunnel.open(self, cast("UpstreamConnection", self.conn), self.endpoint, reason, headers, rest)
 
     def tunnel_ended(self, sent: int) -> None:
         """The tunnel closed: the request is over (its access line says 101)."""

@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Container
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from ..errors import ProxyError, UpstreamConnectError, UpstreamConnectTimeout, UpstreamProtocolError
 
@@ -67,6 +68,9 @@ class TunnelSink(Protocol):
 READ_SIZE: Final = 128 * 1024
 
 
+# Compiled (proxy/compiled.py), a class takes interpreted subclasses only when it says so:
+# the tests' and bench/engine.py's upstream connections answer in process.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class UpstreamConnection(asyncio.BufferedProtocol):
     __slots__ = (
         "_extra",
@@ -321,6 +325,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             sink.on_error(error, nothing_received=False)
 
 
+# Compiled (proxy/compiled.py), a class takes interpreted subclasses only when it says so:
+# tests and bench/engine.py subclass it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class UpstreamPool:
     def __init__(
         self, *, connect_timeout: float, keepalive: int, idle_timeout: float, ca_file: str = "",

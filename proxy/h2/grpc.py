@@ -24,7 +24,7 @@ import asyncio
 import math
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final
 
 from h2.exceptions import ProtocolError
 
@@ -40,7 +40,7 @@ from .upstream import H2UpstreamConnection, H2UpstreamPool, UpstreamStream
 
 if TYPE_CHECKING:
     from ..h1.head import Request
-    from ..h1.upstream import PoolKey, UpstreamConnection
+    from ..h1.upstream import PoolKey
     from ..pool import Pool
     from ..table import Route
     from .stream import Stream
@@ -191,8 +191,7 @@ class GrpcExchange(Exchange):
             self._attempt_failed(endpoint, UpstreamConnectError(f"cannot open a stream: {exc}"), connected=False)
             return
         self.stream = stream
-        # The base class calls detach, pause_reading and resume_reading on its `conn`, which a stream has.
-        self.conn = cast("UpstreamConnection", stream)
+        self.conn = stream  # the base class calls detach, pause_reading and resume_reading on it (UpstreamLink)
         if client.writing_paused:
             stream.pause_reading()
             self.client_backlog = client.backlog()

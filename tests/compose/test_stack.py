@@ -128,6 +128,13 @@ class TestTheStackUp:
         config = json.loads(ready.engine.docker("image", "inspect", "ferryman:local").stdout)[0]["Config"]
         assert config["User"] == "10001:10001" and config["Entrypoint"] == ["ferryman"]
 
+    def test_the_image_ships_the_compiled_hot_path(self, ready: ComposeStack) -> None:
+        """`ferryman --version` in the image and its /api/status say the mypyc-compiled build runs (issue 18)."""
+        version = ready.engine.docker("run", "--rm", "ferryman:local", "--version").stdout
+        assert re.fullmatch(r"ferryman \S+ \(compiled: mypyc, \d+ modules\)\n", version), version
+        build = get_json(f"{ADMIN}/api/status")["build"]
+        assert build["compiled"] and build["describe"] == version.split("(")[1].rstrip(")\n"), build
+
 
 class TestThroughFerryman:
     """Requests to 127.0.0.1:8080 reach the demo services by their route tags."""

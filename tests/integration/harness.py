@@ -328,7 +328,8 @@ class FerrymanProcess:
 
     def _spawn(self) -> None:
         exe = Path(sys.executable).parent / "ferryman"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
+        # No FERRYMAN_* setting from the caller, but the build under test (FERRYMAN_BUILD, proxy/compiled.py).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_") or k == "FERRYMAN_BUILD"}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [str(exe), "--listen", f"127.0.0.1:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin_port}",

@@ -87,7 +87,8 @@ def test_the_apt_installed_packages_ship_no_service(package: str) -> None:
 
 def test_the_compose_test_unpacks_its_engine_and_debootstrap_and_make_test_runs_it() -> None:
     """`make compose-test` unpacks docker.io (with containerd, runc, tini, iptables) and debootstrap into .venv;
-    `make test` runs it after the rest of the suite, which leaves tests/compose to it."""
+    `make test` runs it after the rest of the suite, which leaves tests/compose to it, and runs the unit suite
+    a second time on the pure-Python build (issue 18)."""
     text = _text()
     assert re.search(r"^\t\$\(UNPACK_DEB\) docker\.io dockerd .*containerd .*runc docker-init xtables-nft-multi$",
                      text, re.M)
@@ -96,4 +97,8 @@ def test_the_compose_test_unpacks_its_engine_and_debootstrap_and_make_test_runs_
     assert recipe, "no test target"
     lines = recipe.group(1).splitlines()
     assert "--ignore=tests/compose" in lines[0] and lines[-1].strip().endswith("compose-test")
+    # The whole suite on the build `make compiled` left (compiled where it could), the unit suite on pure Python.
+    assert lines[0].startswith("\tFERRYMAN_BUILD=$$($(BUILD_KIND))")
+    assert any("FERRYMAN_BUILD=pure" in line and "pytest -q tests/unit" in line for line in lines)
+    assert re.search(r"^test:.* compiled$", text, re.M)
     assert re.search(r"^compose-test:.*compose-debs", text, re.M)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from proxy import __version__
+from proxy import BUILD, __version__
 from proxy.cli import main
 
 GOOD = 'listen = ":8080"\nread_timeout = 15\nlog_format = "json"\n'
@@ -89,7 +89,7 @@ class TestArguments:
         with pytest.raises(SystemExit) as info:
             main(["--version"])
         assert info.value.code == 0
-        assert capsys.readouterr().out == f"ferryman {__version__}\n"
+        assert capsys.readouterr().out == f"ferryman {__version__} ({BUILD.describe()})\n"
 
     def test_unknown_flag(self, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit) as info:

@@ -15,7 +15,7 @@ from proxy.config import DEFAULTS
 from proxy.errors import ProxyError, UpstreamConnectError
 from proxy.exchange import Exchange
 from proxy.h1.head import Request, check_head
-from proxy.h1.upstream import FRAMING_LENGTH, PoolKey
+from proxy.h1.upstream import FRAMING_LENGTH, PoolKey, UpstreamConnection, UpstreamPool
 from proxy.listener import ListenerLimits, ProxyContext, Router
 from proxy.metrics import Metrics
 from proxy.pool import Pool, Pools
@@ -30,7 +30,8 @@ A = Endpoint("web", "web-a", "127.0.0.1", 9001)
 B = Endpoint("web", "web-b", "127.0.0.1", 9002)
 
 
-class FakeConn:
+# Subclasses of the real classes: the compiled build (proxy/compiled.py) checks the types the exchange is given.
+class FakeConn(UpstreamConnection):
     def __init__(self, key: PoolKey) -> None:
         self.key = key
         self.sent: list[bytes] = []
@@ -51,7 +52,7 @@ class FakeConn:
         self.detached = True
 
 
-class FakeUpstream:
+class FakeUpstream(UpstreamPool):
     """Idle connections on hand for some instances; connecting to others fails (refused) or succeeds."""
 
     def __init__(self, idle: AbstractSet[int] = frozenset(), refuse: AbstractSet[int] = frozenset()) -> None:
@@ -73,7 +74,8 @@ class FakeUpstream:
         self.conns.append(conn)
         return conn
 
-    def release(self, conn: FakeConn, reusable: bool) -> None:
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        assert isinstance(conn, FakeConn)
         self.released.append((conn, reusable))
 
 
@@ -142,7 +144,7 @@ def setup(
     loop = FakeLoop()
     ctx = ProxyContext(
         router=Router(RoutingTable.from_snapshot(snapshot)), pools=pools,
-        upstream=upstream,  # type: ignore[arg-type]  # a FakeUpstream plays the UpstreamPool
+        upstream=upstream,
         metrics=Metrics(registry=CollectorRegistry()), listen_port=8080, proto="http", access_log=None,
         loop=loop,  # type: ignore[arg-type]  # an exchange asks its loop only for time() and create_task()
         limits=ListenerLimits(read_timeout=5.0),
@@ -181,7 +183,7 @@ class TestRelay:
         assert len(loop.tasks) == 1 and not upstream.conns
         loop.run_tasks()
         assert len(upstream.conns) == 1
-        assert ex.conn is upstream.conns[0]  # type: ignore[comparison-overlap]  # a FakeConn plays the connection
+        assert ex.conn is upstream.conns[0]
 
 
 class TestRoutesPerInstance:

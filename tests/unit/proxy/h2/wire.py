@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from discovery.model import Endpoint, ServiceRoutes, Snapshot
 from discovery.tags import parse_route_tag
 from proxy.h1.client import ClientConnection
-from proxy.h1.upstream import PoolKey
+from proxy.h1.upstream import PoolKey, UpstreamConnection, UpstreamPool
 from proxy.h2.connection import H2ClientConnection
 from proxy.h2.limits import H2Limits
 from proxy.listener import DEFAULT_H2, ListenerLimits, ProxyContext, ProxyServer, Router
@@ -49,7 +49,8 @@ class FakeLoop(worlds.FakeLoop):
             callback()
 
 
-class FakeConn:
+# Subclasses of the real classes: the compiled build (proxy/compiled.py) checks the types the exchange is given.
+class FakeConn(UpstreamConnection):
     """An upstream connection: records the bytes it is sent and whether it is read."""
 
     def __init__(self, key: PoolKey) -> None:
@@ -76,7 +77,7 @@ class FakeConn:
         self.detached = True
 
 
-class FakeUpstream:
+class FakeUpstream(UpstreamPool):
     def __init__(self) -> None:
         self.conns: list[FakeConn] = []
         self.released: list[tuple[FakeConn, bool]] = []
@@ -89,7 +90,8 @@ class FakeUpstream:
     async def connect(self, key: PoolKey, timeout: float = 0.0) -> FakeConn:
         return self.take_idle(key, 0.0)
 
-    def release(self, conn: FakeConn, reusable: bool) -> None:
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        assert isinstance(conn, FakeConn)
         self.released.append((conn, reusable))
 
 
