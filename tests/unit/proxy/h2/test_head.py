@@ -50,7 +50,9 @@ class TestRequestFromFields:
 
 def slots(req: Request) -> dict[str, object]:
     """Every slot; an error by its class and message."""
-    values = {name: getattr(req, name) for name in Request.__slots__}
+    # A compiled Request (proxy/compiled.py) has no __slots__: mypyc lists its attributes in __mypyc_attrs__.
+    names: tuple[str, ...] = getattr(Request, "__slots__", ()) or getattr(Request, "__mypyc_attrs__", ())
+    values = {name: getattr(req, name) for name in names}
     values["bad"] = (type(req.bad), str(req.bad))
     return values
 
