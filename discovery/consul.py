@@ -1,7 +1,8 @@
 """Consul's HTTP API through py-consul's asyncio client: blocking queries on the catalog and on health.
 
 Only the endpoints every Consul release since 1.0 speaks are used: /v1/catalog/services,
-/v1/health/service/<name> and /v1/kv/<prefix>?recurse, each with `index` and `wait` (plus
+/v1/health/service/<name>, /v1/health/state/any, /v1/catalog/nodes, /v1/catalog/node/<node> and
+/v1/kv/<prefix>?recurse, each with `index` and `wait` (plus
 /v1/acl/token/self, 1.4+, in the start-time access check), and `dc` to read another datacenter. Every failure
 leaves this module as one ConsulError carrying a bounded `reason` (used as a metric label), so callers never
 see aiohttp or py-consul exception types.
@@ -234,6 +235,25 @@ class ConsulClient:
         if not isinstance(data, list):
             raise ConsulError("bad_response", f"health/service/{service} did not return a list")
         return _index(raw_index), data
+
+    async def nodes(self, dc: str = "") -> list[str]:
+        """The names of every node of datacenter `dc` (/v1/catalog/nodes)."""
+        _, data = await self._get("/v1/catalog/nodes", 0, dc)
+        if not isinstance(data, list) or not all(isinstance(n, dict) and isinstance(n.get("Node"), str)
+                                                 for n in data):
+            raise ConsulError("bad_response", "catalog/nodes did not return a list of nodes")
+        return [n["Node"] for n in data]
+
+    async def node_services(self, node: str, dc: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(the Node object, every instance on it) from /v1/catalog/node/<node>; ({}, []) for a node that is
+        gone."""
+        _, data = await self._get(f"/v1/catalog/node/{quote(node, safe='')}", 0, dc)
+        if data is None:
+            return {}, []
+        services = data.get("Services") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or not isinstance(data.get("Node"), dict) or not isinstance(services, dict):
+            raise ConsulError("bad_response", f"catalog/node/{node} did not return a Node and its Services")
+        return data["Node"], list(services.values())
 
     async def checks(self, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]] | None]:
         """(index, checks) from /v1/health/state/any of datacenter `dc`: every check of every node and

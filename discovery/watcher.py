@@ -26,13 +26,14 @@ import asyncio
 import collections
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 
 from .consul import ConsulError
 from .follow import DEFAULT_LIMIT, Backoff, Outage, RateLimit, follow
 from .model import Problem, ServiceRoutes, Snapshot, SnapshotDelta
+from .nodes import entries_from_nodes
 from .snapshot import build_service, datacenter_switches, serving_datacenters
 from .tags import DEFAULT_PREFIX
 from .tasks import start_task
@@ -48,6 +49,9 @@ T = TypeVar("T")
 # moved with the change: an instance without checks of its own changed.
 _EXPLAIN_WAIT_S = 0.5
 _EXPLAIN_MAX_S = 3.0
+# From this many services to read at start, a datacenter is read by node (nodes.py) when it has at most half as
+# many nodes as services to read: a few requests instead of one per service.
+NODE_READS_FROM: Final = 64
 
 
 class CatalogSource(Protocol):
@@ -60,6 +64,8 @@ class CatalogSource(Protocol):
     async def checks(self, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]] | None]:
         """None: the same index as asked (the wait ran out), nothing to read."""
     async def health(self, service: str, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]: ...
+    async def nodes(self, dc: str = "") -> list[str]: ...
+    async def node_services(self, node: str, dc: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]: ...
 
 
 async def _timed(on_request: Callable[[str, float], None], what: str, call: Awaitable[T]) -> T:
@@ -135,7 +141,77 @@ class _HandOver:
         self._serving.update(serving)
 
 
-class Watcher(_HandOver):
+class _NodeReads(_HandOver):
+    """The first read of a large datacenter: by node, with state/any's first answer (nodes.py), instead of
+    one read per service. The services it names wait in `_by_node` (and in `_unread`) meanwhile."""
+
+    _source: CatalogSource
+    _dirty: set[tuple[str, str]]
+    _reading: set[tuple[str, str]]
+    _wanted: dict[str, set[str]]
+    _wake: asyncio.Event
+    _fetch_concurrency: int
+    _on_request: Callable[[str, float], None]
+    _on_error: Callable[[str], None]
+    _by_node: dict[str, set[str]]  # per datacenter: the services its first read by node is to read
+    _first_checks: dict[str, tuple[int, list[dict[str, Any]]]]  # per datacenter: state/any's first answer
+    _first_answers: dict[str, asyncio.Event]  # per datacenter: its first catalog and checks answers are in
+
+    def _read(self, name: str, dc: str, entries: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def _by_service(self, dc: str) -> None:
+        """Read the services waiting for the read by node one by one after all (it failed, or is not worth it)."""
+        names = self._by_node.pop(dc, set())
+        self._dirty |= {(name, dc) for name in names if name in self._wanted.get(dc, ())}
+        self._wake.set()
+
+    async def _first_read(self, dc: str) -> None:
+        """Once the datacenter's catalog and state/any have answered: read the services waiting in `_by_node` by
+        node, the few that changed meanwhile alone."""
+        await self._first_answers[dc].wait()
+        names, first = self._by_node.get(dc), self._first_checks.pop(dc, None)
+        if not names:
+            return
+        if first is None:  # state/any failed: no checks to put the entries together with
+            self._by_service(dc)
+            return
+        try:
+            nodes = await _timed(self._on_request, "nodes", self._source.nodes(dc))
+            if len(nodes) * 2 > len(names):
+                log.info("read_by_service", datacenter=dc or None, services=len(names), nodes=len(nodes))
+                self._by_service(dc)
+                return
+            limit = asyncio.Semaphore(self._fetch_concurrency)
+
+            async def one(node: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                async with limit:
+                    return await _timed(self._on_request, "node", self._source.node_services(node, dc))
+
+            read = await asyncio.gather(*(one(node) for node in nodes))
+        except ConsulError as exc:
+            self._on_error(exc.reason)
+            log.warning("read_by_node_failed", datacenter=dc or None, reason=exc.reason, error=exc.detail)
+            self._by_service(dc)
+            return
+        names = self._by_node.pop(dc, set())
+        entries, alone = entries_from_nodes(names, read, first[1], first[0])
+        wanted = self._wanted.get(dc, set())
+        busy = self._dirty | self._reading
+        for count, (name, found) in enumerate(sorted(entries.items()), 1):
+            if name in wanted and (name, dc) in self._unread and (name, dc) not in busy:
+                self._read(name, dc, found)
+                self._unread.discard((name, dc))
+            if count % 1000 == 0:
+                await asyncio.sleep(0)  # 10,000 services build in seconds: let the loops and readers run
+        log.info("read_by_node", datacenter=dc or None, services=len(entries), nodes=len(nodes),
+                 read_alone=len(alone))
+        self._dirty |= {(name, dc) for name in alone if name in wanted}
+        self._wake.set()
+        self._maybe_hand_over()
+
+
+class Watcher(_NodeReads):
     """Runs the blocking-query loops and the reads they trigger; calls `on_change` (synchronously, on the
     loop) with the first Snapshot, then with each SnapshotDelta. A discovery `Source`."""
 
@@ -184,6 +260,10 @@ class Watcher(_HandOver):
         self._explain_max = explain_max
         self._known_problems: dict[str, set[Problem]] = {}
         self._outage = Outage()  # every loop's: an outage lasts while any of them is failing
+        self._by_node: dict[str, set[str]] = {}
+        self._first_checks: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+        self._first_answers = {dc: asyncio.Event() for dc in self._datacenters}
+        self._answered: dict[str, set[str]] = {dc: set() for dc in self._datacenters}  # which first answers came
         self.synced = asyncio.Event()
 
     @property
@@ -203,7 +283,7 @@ class Watcher(_HandOver):
     def idle(self) -> bool:
         """Nothing to read and nothing waiting to be handed over (what tests wait for)."""
         return not (self._dirty or self._reading or self._pending or self._flush_handle is not None
-                    or self._explaining or self._retrying)
+                    or self._explaining or self._retrying or any(self._by_node.values()))
 
     def reload(self) -> None:
         """Nothing to re-read: Consul is followed continuously."""
@@ -214,6 +294,7 @@ class Watcher(_HandOver):
         tasks = [start_task(self._catalog_loop(dc), _query("consul-catalog", dc)) for dc in self._datacenters]
         tasks += [start_task(self._checks_loop(dc), _query("consul-checks", dc)) for dc in self._datacenters]
         tasks += [start_task(self._reader(), f"consul-reader-{n}") for n in range(self._fetch_concurrency)]
+        tasks += [start_task(self._first_read(dc), _query("consul-first-read", dc)) for dc in self._datacenters]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -226,10 +307,17 @@ class Watcher(_HandOver):
     def _backoff(self) -> Backoff:
         return Backoff(self._backoff_base, self._backoff_cap)
 
+    def _first_answer(self, dc: str, what: str) -> None:
+        """The datacenter's first `catalog` or `checks` answer (or failure) is in."""
+        self._answered[dc].add(what)
+        if self._answered[dc] >= {"catalog", "checks"}:
+            self._first_answers[dc].set()
+
     # --- the two blocking queries per datacenter ---
     async def _catalog_loop(self, dc: str) -> None:
         def failed(exc: ConsulError) -> None:
             self._on_error(exc.reason)
+            self._first_answer(dc, "catalog")
             if dc in self._catalog_pending:
                 # A datacenter out of reach must not hold back the others: its services join when it answers.
                 self._catalog_pending.discard(dc)
@@ -242,6 +330,7 @@ class Watcher(_HandOver):
             self._catalogs[dc] = services
             self._catalog_pending.discard(dc)
             self._catalog_changed(dc, before, services, first)
+            self._first_answer(dc, "catalog")
             if not first and before == services and index > self._catalog_index.get(dc, 0):
                 # The catalog moved and shows nothing new: an instance came or went. If no check moved with it
                 # (state/any stays behind this index), it has no check of its own: look again (below).
@@ -267,6 +356,9 @@ class Watcher(_HandOver):
         new = {(name, dc) for name in read}
         if first:
             self._unread |= new
+            if len(new) >= NODE_READS_FROM and not self._first_answers[dc].is_set():
+                self._by_node[dc] = set(read)  # read by node once state/any answered (_first_read)
+                new = set()
         self._dirty |= new
         self._wake.set()
         self._maybe_hand_over()
@@ -302,12 +394,21 @@ class Watcher(_HandOver):
             before = self._checks.get(dc)
             self._checks[dc] = after
             if before is None:
-                # The first answer: what the services read so far showed of their checks is the baseline.
-                before = Checks(self._read_checks.get(dc, {}), after.nodes)
+                # The first answer: what the services read so far showed of their checks is the baseline; the
+                # services waiting for the read by node are read with this very answer.
+                before = Checks({**self._read_checks.get(dc, {}), **{n: after.services.get(n, frozenset())
+                                                                      for n in self._by_node.get(dc, ())}},
+                                after.nodes)
+                self._first_checks[dc] = (index, checks)
+                self._first_answer(dc, "checks")
             changed = health_changes(before, after, self._on_node.get(dc, {}))
             wanted = self._wanted.get(dc, set())
             self._dirty |= {(name, dc) for name in changed if name in wanted}
             self._wake.set()
+
+        def failed(exc: ConsulError) -> None:
+            self._on_error(exc.reason)
+            self._first_answer(dc, "checks")  # the first read by node does not wait for a state/any that fails
 
         async def fetch(index: int) -> tuple[int, tuple[int, list[dict[str, Any]] | None]]:
             returned, checks = await _timed(self._on_request, "checks", self._source.checks(index, dc=dc))
@@ -315,7 +416,7 @@ class Watcher(_HandOver):
 
         await follow(fetch, answered,
                      query=_query("checks", dc), outage=self._outage, limit=self._limit, backoff=self._backoff(),
-                     on_failure=lambda exc: self._on_error(exc.reason))
+                     on_failure=failed)
 
     def watch_also(self, services: frozenset[str]) -> None:
         """Also follow these services (named by routes from elsewhere than tags), from now on."""

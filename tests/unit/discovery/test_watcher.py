@@ -124,6 +124,7 @@ class FakeConsul:
         self._rows = check_rows(self.entries)
         self._modified = dict.fromkeys(self._rows, self.index)
         self._instances = instances_of(self.entries)
+        self._written: dict[str, int] = {}  # instance ID -> the index it was last (re-)registered at
         self.down = False
         self.broken: set[str] = set()
         self.forbidden: set[str] = set()
@@ -154,6 +155,22 @@ class FakeConsul:
         self.reads[service] += 1
         await self._answer(f"health:{service}", 0, service)
         return self.index, copy.deepcopy(self.entries.get(service, []))
+
+    async def nodes(self, dc: str = "") -> list[str]:
+        assert dc == "", dc
+        await self._answer("nodes", 0)
+        self.reads["<nodes>"] += 1
+        return sorted({e["Node"]["Node"] for entries in self.entries.values() for e in entries})
+
+    async def node_services(self, node: str, dc: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """/v1/catalog/node/<node>: the node and every instance on it (each with the ModifyIndex of its last
+        write, as Consul lists them)."""
+        assert dc == "", dc
+        await self._answer("nodes", 0)
+        self.reads[f"<node {node}>"] += 1
+        on = [e for entries in self.entries.values() for e in entries if e["Node"]["Node"] == node]
+        return (copy.deepcopy(on[0]["Node"]) if on else {},
+                [{**copy.deepcopy(e["Service"]), "ModifyIndex": self._written.get(e["Service"]["ID"], 0)} for e in on])
 
     # What the test does to "Consul"
 
@@ -218,6 +235,7 @@ class FakeConsul:
         if moved or rows.keys() != self._rows.keys():
             self.tables["checks"] = self.index
         self._modified = {key: self.index if key in moved else self._modified[key] for key in rows}
+        self._written |= {key[1]: self.index for key, svc in instances.items() if self._instances.get(key) != svc}
         self._instances, self._rows = instances, rows
         self._wake()
 
@@ -258,6 +276,12 @@ class FakeDatacenters:
 
     async def health(self, service: str, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]:
         return await self.dcs[dc].health(service, index)
+
+    async def nodes(self, dc: str = "") -> list[str]:
+        return await self.dcs[dc].nodes()
+
+    async def node_services(self, node: str, dc: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return await self.dcs[dc].node_services(node)
 
 
 class Harness:
@@ -412,6 +436,56 @@ class TestFirstSnapshot:
         await harness.started()
         await harness.stop()
         assert harness.consul.waiting == {}
+
+
+def many(count: int, nodes: int) -> Health:
+    """`count` routed services of two instances each, spread over `nodes` nodes; every third one's second
+    instance failing its check."""
+    return {f"s{n:03d}": [instance(f"s{n:03d}", f"s{n:03d}-{i}", 8000 + n, "critical" if i and n % 3 == 0 else
+                                   "passing", node=f"n{(n + i) % nodes}", tags=[f"urlprefix-/s{n:03d}"])
+                          for i in range(2)] for n in range(count)}
+
+
+class TestReadByNode:
+    """A large datacenter is read at start by node (its nodes' catalogs and state/any), not service by service,
+    when it has fewer nodes than half the services; the snapshot is the one reads by service give."""
+
+    async def test_many_services_on_few_nodes_are_read_by_node(self) -> None:
+        """80 services on 3 nodes: 4 requests instead of 80, and the same snapshot."""
+        health = many(80, nodes=3)
+        async with running(Harness.single(health)) as h:
+            first = await h.started()
+            assert first == expected(health)
+            assert h.reads() == Counter({"<nodes>": 1, "<node n0>": 1, "<node n1>": 1, "<node n2>": 1})
+
+    async def test_as_many_nodes_as_services_are_read_by_service(self) -> None:
+        """80 services on 80 nodes: node reads would not be fewer, so each service is read alone."""
+        health = many(80, nodes=80)
+        async with running(Harness.single(health)) as h:
+            first = await h.started()
+            assert first == expected(health)
+            assert h.reads()["<nodes>"] == 1 and not any(k.startswith("<node ") for k in h.reads())
+            assert sum(v for k, v in h.reads().items() if not k.startswith("<")) == 80
+
+    async def test_failing_node_reads_fall_back_to_reads_by_service(self) -> None:
+        """Node reads that fail leave each service to a read of its own; nothing is missing."""
+        health = many(80, nodes=3)
+        async with running(Harness.single(health)) as h:
+            h.consul.broken.add("nodes")
+            first = await h.started()
+            assert first == expected(health)
+            assert sum(v for k, v in h.reads().items() if not k.startswith("<")) == 80
+
+    async def test_changes_after_the_read_by_node_are_followed(self) -> None:
+        """After the read by node, a change to one service is read alone and handed over as a delta."""
+        health = many(80, nodes=3)
+        async with running(Harness.single(health)) as h:
+            await h.started()
+            changed = with_health(health, s005=[health["s005"][0]])
+            h.consul.change(s005=changed["s005"])
+            assert await h.next_snapshot() == expected(changed)
+            await h.settle()
+            assert h.reads()["s005"] == 1
 
 
 class TestChanges:
