@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
 import structlog
@@ -37,7 +37,7 @@ from .nodes import entries_from_nodes
 from .snapshot import build_service, datacenter_switches, serving_datacenters
 from .tags import DEFAULT_PREFIX
 from .tasks import start_task
-from .triggers import Checks, CheckView, catalog_changes, health_changes, routed
+from .triggers import Checks, CheckView, StateAny, catalog_changes, changed_checks, health_changes, routed
 
 log = structlog.get_logger("ferryman.discovery")
 
@@ -61,7 +61,7 @@ class CatalogSource(Protocol):
     @property
     def datacenters(self) -> tuple[str, ...]: ...
     async def services(self, index: int, dc: str = "") -> tuple[int, dict[str, list[str]]]: ...
-    async def checks(self, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]] | None]:
+    async def checks(self, index: int, dc: str = "") -> tuple[int, Sequence[dict[str, Any]] | None]:
         """None: the same index as asked (the wait ran out), nothing to read."""
     async def health(self, service: str, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]: ...
     async def nodes(self, dc: str = "") -> list[str]: ...
@@ -241,7 +241,8 @@ class Watcher(_NodeReads):
         self._datacenters: tuple[str, ...] = tuple(source.datacenters) or ("",)
         self._catalogs: dict[str, dict[str, list[str]]] = {}  # per datacenter, once it answered
         self._catalog_pending: set[str] = set(self._datacenters)  # datacenters whose first catalog is due
-        self._checks: dict[str, Checks] = {}  # per datacenter: state/any as last read
+        self._checks: dict[str, Checks] = {}  # per datacenter: state/any as last read (a source of decoded lists)
+        self._raw: dict[str, StateAny] = {}  # per datacenter: state/any as last read, as Consul sent it
         self._catalog_index: dict[str, int] = {}  # per datacenter: the index of the catalog last read
         self._check_writes: dict[str, set[int]] = {}  # per datacenter: indexes checks were written at
         self._check_answers: dict[str, collections.deque[int]] = {}  # and the indexes state/any answered at
@@ -381,27 +382,14 @@ class Watcher(_NodeReads):
         self._wake.set()
 
     async def _checks_loop(self, dc: str) -> None:
-        def answered(answer: tuple[int, list[dict[str, Any]] | None]) -> None:
+        def answered(answer: tuple[int, Sequence[dict[str, Any]] | None]) -> None:
             index, checks = answer
             if checks is None:
                 return  # the wait ran out at the same index: nothing changed
-            after = Checks.read(checks)
-            # The indexes checks were written at (and this answer's, for checks removed): a catalog change at
-            # one of them came with a check change.
-            self._check_writes[dc] = {v[5] for views in after.services.values() for v in views}
+            # The indexes state/any answered at (a catalog change at one of them came with a check change).
             self._check_answers.setdefault(dc, collections.deque(maxlen=256)).append(index)
             self._checks_at[dc] = max(self._checks_at.get(dc, 0), index)
-            before = self._checks.get(dc)
-            self._checks[dc] = after
-            if before is None:
-                # The first answer: what the services read so far showed of their checks is the baseline; the
-                # services waiting for the read by node are read with this very answer.
-                before = Checks({**self._read_checks.get(dc, {}), **{n: after.services.get(n, frozenset())
-                                                                      for n in self._by_node.get(dc, ())}},
-                                after.nodes)
-                self._first_checks[dc] = (index, checks)
-                self._first_answer(dc, "checks")
-            changed = health_changes(before, after, self._on_node.get(dc, {}))
+            changed = self._checks_changed(dc, index, checks)
             wanted = self._wanted.get(dc, set())
             self._dirty |= {(name, dc) for name in changed if name in wanted}
             self._wake.set()
@@ -410,13 +398,47 @@ class Watcher(_NodeReads):
             self._on_error(exc.reason)
             self._first_answer(dc, "checks")  # the first read by node does not wait for a state/any that fails
 
-        async def fetch(index: int) -> tuple[int, tuple[int, list[dict[str, Any]] | None]]:
+        async def fetch(index: int) -> tuple[int, tuple[int, Sequence[dict[str, Any]] | None]]:
             returned, checks = await _timed(self._on_request, "checks", self._source.checks(index, dc=dc))
             return returned, (returned, checks)
 
         await follow(fetch, answered,
                      query=_query("checks", dc), outage=self._outage, limit=self._limit, backoff=self._backoff(),
                      on_failure=failed)
+
+    def _checks_changed(self, dc: str, index: int, checks: Sequence[dict[str, Any]]) -> set[str]:
+        """The services a state/any answer names: compared on the raw text with the last answer when both are
+        StateAny (the check rows that differ), else decoded and compared whole."""
+        raw = checks if isinstance(checks, StateAny) else None
+        previous = self._raw.get(dc)
+        if raw is not None:
+            self._raw[dc] = raw
+        if previous is not None and raw is not None:
+            changes = changed_checks(previous, raw)
+            if changes is not None:
+                writes = self._check_writes.setdefault(dc, set())
+                writes |= changes.written
+                if len(writes) > 4 * len(raw.part_set()) + 4096:  # bounded: only indexes a catalog change may ask
+                    floor = min([self._catalog_index.get(dc, 0), *(i for d, i in self._explaining if d == dc)])
+                    self._check_writes[dc] = {i for i in writes if i >= floor}
+                on_node = self._on_node.get(dc, {})
+                return set(changes.services).union(*(on_node.get(node, ()) for node in changes.nodes))
+            before: Checks | None = Checks.read(previous)
+        else:
+            before = self._checks.get(dc)
+        after = Checks.read(checks)
+        if raw is None:
+            self._checks[dc] = after
+        # The indexes checks were written at: a catalog change at one of them came with a check change.
+        self._check_writes[dc] = {v[5] for views in after.services.values() for v in views}
+        if before is None:
+            # The first answer: what the services read so far showed of their checks is the baseline; the
+            # services waiting for the read by node are read with this very answer.
+            before = Checks({**self._read_checks.get(dc, {}), **{n: after.services.get(n, frozenset())
+                                                                  for n in self._by_node.get(dc, ())}}, after.nodes)
+            self._first_checks[dc] = (index, raw.checks() if raw is not None else list(checks))
+            self._first_answer(dc, "checks")
+        return health_changes(before, after, self._on_node.get(dc, {}))
 
     def watch_also(self, services: frozenset[str]) -> None:
         """Also follow these services (named by routes from elsewhere than tags), from now on."""
