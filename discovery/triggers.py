@@ -171,6 +171,7 @@ class CheckChanges:
     services: frozenset[str]
     nodes: frozenset[str]
     written: frozenset[int]
+    removed: bool = False  # some check is gone (its deletion's index is nowhere in the answer)
 
 
 def changed_checks(before: StateAny, after: StateAny) -> CheckChanges | None:
@@ -184,6 +185,8 @@ def changed_checks(before: StateAny, after: StateAny) -> CheckChanges | None:
     services: set[str] = set()
     nodes: set[str] = set()
     written: set[int] = set()
+    kept: set[tuple[str, str]] = set()  # (node, check id) of the new or rewritten checks
+    gone: set[tuple[str, str]] = set()  # and of the old texts: those not rewritten are removed
     for part, is_new in [*((p, True) for p in added), *((p, False) for p in removed)]:
         try:
             check = orjson.loads(b'{"Node":' + part + b"}")
@@ -196,6 +199,7 @@ def changed_checks(before: StateAny, after: StateAny) -> CheckChanges | None:
             services.add(name)
         else:
             nodes.add(str(check.get("Node", "")))
+        (kept if is_new else gone).add((str(check.get("Node", "")), str(check.get("CheckID", ""))))
         if is_new:
             written.add(_int(check.get("ModifyIndex")))
-    return CheckChanges(frozenset(services), frozenset(nodes), frozenset(written))
+    return CheckChanges(frozenset(services), frozenset(nodes), frozenset(written), removed=bool(gone - kept))

@@ -141,7 +141,62 @@ class _HandOver:
         self._serving.update(serving)
 
 
-class _NodeReads(_HandOver):
+class _Services(_HandOver):
+    """What the reads of each service became: its health entries per datacenter, and the service rebuilt alone."""
+
+    _health: dict[str, dict[str, list[dict[str, Any]]]]
+    _read_checks: dict[str, dict[str, frozenset[CheckView]]]
+    _on_node: dict[str, dict[str, set[str]]]
+    _dirty: set[tuple[str, str]]
+    _datacenters: tuple[str, ...]
+    _prefix: str
+    _matcher: str
+    also: frozenset[str]
+    _known_problems: dict[str, set[Problem]]
+
+    def _read(self, name: str, dc: str, entries: list[dict[str, Any]]) -> None:
+        self._health.setdefault(name, {})[dc] = entries
+        self._read_checks.setdefault(dc, {})[name] = Checks.of_service(name, entries)
+        on_node = self._on_node.setdefault(dc, {})
+        for entry in entries:
+            node = entry.get("Node") if isinstance(entry, dict) else None
+            if isinstance(node, dict) and isinstance(node.get("Node"), str):
+                on_node.setdefault(node["Node"], set()).add(name)
+        self._rebuild(name)
+
+    def _forget(self, name: str, dc: str) -> None:
+        self._dirty.discard((name, dc))
+        self._unread.discard((name, dc))
+        known = self._health.get(name)
+        if known is not None and dc in known:
+            del known[dc]
+            if not known:
+                del self._health[name]
+            self._rebuild(name)
+
+    def _rebuild(self, name: str) -> None:
+        known = self._health.get(name, {})
+        svc, problems = build_service(name, self._datacenters, known, self._prefix, name in self.also,
+                                      self._merged_tags(name), matcher=self._matcher)
+        fresh = set(problems) - self._known_problems.get(name, set())
+        for problem in sorted(fresh, key=lambda p: (p.service, p.item)):
+            log.warning(problem.kind, service=problem.service, tag=problem.item, error=problem.detail)
+        self._known_problems[name] = set(problems)
+        if svc != self._current.get(name):
+            self._pending[name] = svc
+        else:
+            self._pending.pop(name, None)
+
+    def _merged_tags(self, name: str) -> list[str]:
+        tags: list[str] = []
+        for dc in self._datacenters:
+            for tag in self._catalogs.get(dc, {}).get(name) or ():
+                if tag not in tags:
+                    tags.append(tag)
+        return tags
+
+
+class _NodeReads(_Services):
     """The first read of a large datacenter: by node, with state/any's first answer (nodes.py), instead of
     one read per service. The services it names wait in `_by_node` (and in `_unread`) meanwhile."""
 
@@ -156,9 +211,6 @@ class _NodeReads(_HandOver):
     _by_node: dict[str, set[str]]  # per datacenter: the services its first read by node is to read
     _first_checks: dict[str, tuple[int, list[dict[str, Any]]]]  # per datacenter: state/any's first answer
     _first_answers: dict[str, asyncio.Event]  # per datacenter: its first catalog and checks answers are in
-
-    def _read(self, name: str, dc: str, entries: list[dict[str, Any]]) -> None:
-        raise NotImplementedError
 
     def _by_service(self, dc: str) -> None:
         """Read the services waiting for the read by node one by one after all (it failed, or is not worth it)."""
@@ -246,6 +298,7 @@ class Watcher(_NodeReads):
         self._catalog_index: dict[str, int] = {}  # per datacenter: the index of the catalog last read
         self._check_writes: dict[str, set[int]] = {}  # per datacenter: indexes checks were written at
         self._check_answers: dict[str, collections.deque[int]] = {}  # and the indexes state/any answered at
+        self._removals: dict[str, collections.deque[tuple[int, int]]] = {}  # (since, at]: checks removed within
         self._checks_at: dict[str, int] = {}  # the highest index state/any answered at
         self._explaining: set[tuple[str, int]] = set()  # catalog changes waiting to be explained
         self._wanted: dict[str, set[str]] = {}  # per datacenter: the services it routes (from its catalog)
@@ -367,9 +420,12 @@ class Watcher(_NodeReads):
     def _explain(self, dc: str, index: int, deadline: float) -> None:
         """A catalog change no check change came with: every routed service of the datacenter is read again
         (rate-limited by the readers), since nothing tells which one gained or lost an instance without checks."""
-        if index in self._check_writes.get(dc, ()) or index in self._check_answers.get(dc, ()):
+        if (index in self._check_writes.get(dc, ()) or index in self._check_answers.get(dc, ())
+                or any(since < index <= at for since, at in self._removals.get(dc, ()))):
+            # Explained: a check was written with it, or removed (at that index, or between two answers
+            # around it: a deregistration coalesced with other changes), and its service is being read.
             self._explaining.discard((dc, index))
-            return  # explained: a check was written (or removed) with it, and its service is being read
+            return
         loop = asyncio.get_running_loop()
         if self._checks_at.get(dc, 0) < index and loop.time() < deadline:
             loop.call_later(_EXPLAIN_WAIT_S, self._explain, dc, index, deadline)  # state/any not there yet
@@ -388,8 +444,10 @@ class Watcher(_NodeReads):
                 return  # the wait ran out at the same index: nothing changed
             # The indexes state/any answered at (a catalog change at one of them came with a check change).
             self._check_answers.setdefault(dc, collections.deque(maxlen=256)).append(index)
-            self._checks_at[dc] = max(self._checks_at.get(dc, 0), index)
-            changed = self._checks_changed(dc, index, checks)
+            since, self._checks_at[dc] = self._checks_at.get(dc, 0), max(self._checks_at.get(dc, 0), index)
+            changed, removed = self._checks_changed(dc, index, checks)
+            if removed:  # a check deleted since the last answer, at an index this answer does not show
+                self._removals.setdefault(dc, collections.deque(maxlen=256)).append((since, index))
             wanted = self._wanted.get(dc, set())
             self._dirty |= {(name, dc) for name in changed if name in wanted}
             self._wake.set()
@@ -406,9 +464,10 @@ class Watcher(_NodeReads):
                      query=_query("checks", dc), outage=self._outage, limit=self._limit, backoff=self._backoff(),
                      on_failure=failed)
 
-    def _checks_changed(self, dc: str, index: int, checks: Sequence[dict[str, Any]]) -> set[str]:
-        """The services a state/any answer names: compared on the raw text with the last answer when both are
-        StateAny (the check rows that differ), else decoded and compared whole."""
+    def _checks_changed(self, dc: str, index: int, checks: Sequence[dict[str, Any]]) -> tuple[set[str], bool]:
+        """The services a state/any answer names, and whether some check was removed: compared on the raw text
+        with the last answer when both are StateAny (the check rows that differ), else decoded and compared
+        whole."""
         raw = checks if isinstance(checks, StateAny) else None
         previous = self._raw.get(dc)
         if raw is not None:
@@ -422,7 +481,8 @@ class Watcher(_NodeReads):
                     floor = min([self._catalog_index.get(dc, 0), *(i for d, i in self._explaining if d == dc)])
                     self._check_writes[dc] = {i for i in writes if i >= floor}
                 on_node = self._on_node.get(dc, {})
-                return set(changes.services).union(*(on_node.get(node, ()) for node in changes.nodes))
+                named = set(changes.services).union(*(on_node.get(node, ()) for node in changes.nodes))
+                return named, changes.removed
             before: Checks | None = Checks.read(previous)
         else:
             before = self._checks.get(dc)
@@ -438,7 +498,10 @@ class Watcher(_NodeReads):
                                                                   for n in self._by_node.get(dc, ())}}, after.nodes)
             self._first_checks[dc] = (index, raw.checks() if raw is not None else list(checks))
             self._first_answer(dc, "checks")
-        return health_changes(before, after, self._on_node.get(dc, {}))
+        changed = health_changes(before, after, self._on_node.get(dc, {}))
+        identity = {(v[0], v[2]) for views in after.services.values() for v in views}
+        removed = any((v[0], v[2]) not in identity for name in changed for v in before.services.get(name, ()))
+        return changed, removed
 
     def watch_also(self, services: frozenset[str]) -> None:
         """Also follow these services (named by routes from elsewhere than tags), from now on."""
@@ -494,44 +557,3 @@ class Watcher(_NodeReads):
         if key[0] in self._wanted.get(key[1], ()):
             self._dirty.add(key)
             self._wake.set()
-
-    def _read(self, name: str, dc: str, entries: list[dict[str, Any]]) -> None:
-        self._health.setdefault(name, {})[dc] = entries
-        self._read_checks.setdefault(dc, {})[name] = Checks.of_service(name, entries)
-        on_node = self._on_node.setdefault(dc, {})
-        for entry in entries:
-            node = entry.get("Node") if isinstance(entry, dict) else None
-            if isinstance(node, dict) and isinstance(node.get("Node"), str):
-                on_node.setdefault(node["Node"], set()).add(name)
-        self._rebuild(name)
-
-    def _forget(self, name: str, dc: str) -> None:
-        self._dirty.discard((name, dc))
-        self._unread.discard((name, dc))
-        known = self._health.get(name)
-        if known is not None and dc in known:
-            del known[dc]
-            if not known:
-                del self._health[name]
-            self._rebuild(name)
-
-    def _rebuild(self, name: str) -> None:
-        known = self._health.get(name, {})
-        svc, problems = build_service(name, self._datacenters, known, self._prefix, name in self.also,
-                                      self._merged_tags(name), matcher=self._matcher)
-        fresh = set(problems) - self._known_problems.get(name, set())
-        for problem in sorted(fresh, key=lambda p: (p.service, p.item)):
-            log.warning(problem.kind, service=problem.service, tag=problem.item, error=problem.detail)
-        self._known_problems[name] = set(problems)
-        if svc != self._current.get(name):
-            self._pending[name] = svc
-        else:
-            self._pending.pop(name, None)
-
-    def _merged_tags(self, name: str) -> list[str]:
-        tags: list[str] = []
-        for dc in self._datacenters:
-            for tag in self._catalogs.get(dc, {}).get(name) or ():
-                if tag not in tags:
-                    tags.append(tag)
-        return tags

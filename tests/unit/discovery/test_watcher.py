@@ -693,6 +693,24 @@ class TestWorkFollowsChanges:
             assert h.reads() - reads == Counter({"api": 1, "web": 1})
             assert h.nothing_handed_over()
 
+    async def test_a_deregistration_coalesced_with_a_later_change_reads_only_what_changed(self) -> None:
+        """web-2 deregistered, then api's check changed, both before state/any answers: its one answer shows web-2's
+        check gone and sits past the catalog's move, which that removal explains; nothing else is read."""
+        async with running(Harness.single()) as h:
+            await h.started()
+            reads = h.reads()
+
+            with capture_logs() as logs:
+                h.consul.change(web=[HEALTH["web"][0]])
+                h.consul.change(api=[instance("api", "api-1", 9001, "critical")])
+                await h.until(lambda: h.current == expected(with_health(
+                    HEALTH, web=[HEALTH["web"][0]], api=[instance("api", "api-1", 9001, "critical")])))
+                await asyncio.sleep(1.0)  # past the explanation's deadline (explain_max 0.6 s)
+                await h.settle()
+
+            assert h.reads() - reads == Counter({"web": 1, "api": 1})
+            assert not [e for e in logs if e["event"] == "catalog_resync"]
+
     async def test_a_re_registration_reads_only_that_service(self, harness: Harness) -> None:
         """A new port rewrites the instance's checks (their ModifyIndex): the catalog's move is explained."""
         await harness.started()
