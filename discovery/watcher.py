@@ -197,11 +197,11 @@ class _Services(_HandOver):
 
 
 class _NodeReads(_Services):
-    """The first read of a large datacenter: by node, with state/any's first answer (nodes.py), instead of
-    one read per service. The services it names wait in `_by_node` (and in `_unread`) meanwhile."""
+    """Most of a large datacenter read by node, with a state/any answer (nodes.py), instead of one read per
+    service: at start (the services wait in `_by_node`, and in `_unread`, meanwhile), and when a catalog move
+    nothing explains makes every routed service due again (`_resync`)."""
 
     _source: CatalogSource
-    _dirty: set[tuple[str, str]]
     _reading: set[tuple[str, str]]
     _wanted: dict[str, set[str]]
     _wake: asyncio.Event
@@ -211,16 +211,19 @@ class _NodeReads(_Services):
     _by_node: dict[str, set[str]]  # per datacenter: the services its first read by node is to read
     _first_checks: dict[str, tuple[int, list[dict[str, Any]]]]  # per datacenter: state/any's first answer
     _first_answers: dict[str, asyncio.Event]  # per datacenter: its first catalog and checks answers are in
+    _raw: dict[str, StateAny]  # per datacenter: state/any as last read
+    _checks_at: dict[str, int]
+    _resyncing: set[str]  # datacenters being read again by node
 
-    def _by_service(self, dc: str) -> None:
-        """Read the services waiting for the read by node one by one after all (it failed, or is not worth it)."""
-        names = self._by_node.pop(dc, set())
+    def _by_service(self, dc: str, names: set[str] | None = None) -> None:
+        """Read these services one by one after all (reading by node failed, or is not worth it)."""
+        names = self._by_node.pop(dc, set()) if names is None else names
         self._dirty |= {(name, dc) for name in names if name in self._wanted.get(dc, ())}
         self._wake.set()
 
     async def _first_read(self, dc: str) -> None:
-        """Once the datacenter's catalog and state/any have answered: read the services waiting in `_by_node` by
-        node, the few that changed meanwhile alone."""
+        """Once the datacenter's catalog and state/any have answered: the services waiting in `_by_node` read
+        by node, the few that changed meanwhile alone."""
         await self._first_answers[dc].wait()
         names, first = self._by_node.get(dc), self._first_checks.pop(dc, None)
         if not names:
@@ -228,11 +231,38 @@ class _NodeReads(_Services):
         if first is None:  # state/any failed: no checks to put the entries together with
             self._by_service(dc)
             return
+        await self._read_by_node(dc, names, *first, start=True)
+
+    def _resync(self, dc: str) -> None:
+        """Every routed service of the datacenter is due again: read by node when it is large and state/any's
+        last answer is at hand as Consul sent it, else one by one (rate-limited by the readers)."""
+        wanted = self._wanted.get(dc, set())
+        raw = self._raw.get(dc)
+        if raw is None or len(wanted) < NODE_READS_FROM or dc in self._resyncing:
+            if dc not in self._resyncing:
+                self._by_service(dc, wanted)
+            return
+        self._resyncing.add(dc)
+
+        async def again() -> None:
+            try:
+                await self._read_by_node(dc, set(wanted), self._checks_at.get(dc, 0), raw.checks(), start=False)
+            except ValueError:  # an answer that does not decode (the checks loop said so already)
+                self._by_service(dc, wanted)
+            finally:
+                self._resyncing.discard(dc)
+
+        start_task(again(), _query("consul-resync", dc))
+
+    async def _read_by_node(self, dc: str, names: set[str], index: int, checks: list[dict[str, Any]], *,
+                            start: bool) -> None:
+        """Read `names` by node with state/any's answer `checks` (read at `index`); `start`: the first read,
+        which fills in the services not read yet (`_unread`); else services read since are left as they are."""
         try:
             nodes = await _timed(self._on_request, "nodes", self._source.nodes(dc))
             if len(nodes) * 2 > len(names):
                 log.info("read_by_service", datacenter=dc or None, services=len(names), nodes=len(nodes))
-                self._by_service(dc)
+                self._by_service(dc, self._by_node.pop(dc, set()) if start else names)
                 return
             limit = asyncio.Semaphore(self._fetch_concurrency)
 
@@ -244,22 +274,23 @@ class _NodeReads(_Services):
         except ConsulError as exc:
             self._on_error(exc.reason)
             log.warning("read_by_node_failed", datacenter=dc or None, reason=exc.reason, error=exc.detail)
-            self._by_service(dc)
+            self._by_service(dc, self._by_node.pop(dc, set()) if start else names)
             return
-        names = self._by_node.pop(dc, set())
-        entries, alone = entries_from_nodes(names, read, first[1], first[0])
+        if start:
+            names = self._by_node.pop(dc, set())
+        entries, alone = entries_from_nodes(names, read, checks, index)
         wanted = self._wanted.get(dc, set())
         busy = self._dirty | self._reading
         for count, (name, found) in enumerate(sorted(entries.items()), 1):
-            if name in wanted and (name, dc) in self._unread and (name, dc) not in busy:
+            due = (name, dc) in self._unread if start else self._health.get(name, {}).get(dc) != found
+            if name in wanted and due and (name, dc) not in busy:
                 self._read(name, dc, found)
                 self._unread.discard((name, dc))
             if count % 1000 == 0:
                 await asyncio.sleep(0)  # 10,000 services build in seconds: let the loops and readers run
         log.info("read_by_node", datacenter=dc or None, services=len(entries), nodes=len(nodes),
                  read_alone=len(alone))
-        self._dirty |= {(name, dc) for name in alone if name in wanted}
-        self._wake.set()
+        self._by_service(dc, alone)
         self._maybe_hand_over()
 
 
@@ -317,6 +348,7 @@ class Watcher(_NodeReads):
         self._by_node: dict[str, set[str]] = {}
         self._first_checks: dict[str, tuple[int, list[dict[str, Any]]]] = {}
         self._first_answers = {dc: asyncio.Event() for dc in self._datacenters}
+        self._resyncing: set[str] = set()
         self._answered: dict[str, set[str]] = {dc: set() for dc in self._datacenters}  # which first answers came
         self.synced = asyncio.Event()
 
@@ -337,7 +369,7 @@ class Watcher(_NodeReads):
     def idle(self) -> bool:
         """Nothing to read and nothing waiting to be handed over (what tests wait for)."""
         return not (self._dirty or self._reading or self._pending or self._flush_handle is not None
-                    or self._explaining or self._retrying or any(self._by_node.values()))
+                    or self._explaining or self._retrying or any(self._by_node.values()) or self._resyncing)
 
     def reload(self) -> None:
         """Nothing to re-read: Consul is followed continuously."""
@@ -431,11 +463,9 @@ class Watcher(_NodeReads):
             loop.call_later(_EXPLAIN_WAIT_S, self._explain, dc, index, deadline)  # state/any not there yet
             return
         self._explaining.discard((dc, index))
-        wanted = self._wanted.get(dc, set())
-        log.info("catalog_resync", datacenter=dc or None, services=len(wanted),
+        log.info("catalog_resync", datacenter=dc or None, services=len(self._wanted.get(dc, ())),
                  reason="an instance changed and no check with it")
-        self._dirty |= {(name, dc) for name in wanted}
-        self._wake.set()
+        self._resync(dc)
 
     async def _checks_loop(self, dc: str) -> None:
         def answered(answer: tuple[int, Sequence[dict[str, Any]] | None]) -> None:

@@ -211,8 +211,9 @@ class TestChangedChecks:
             (WEB[:2], True),
             ([*WEB[:2], svc_check("api", "api-1", "critical", ModifyIndex=9)], False),
             ([*WEB, svc_check("db", "db-1", ModifyIndex=10)], False),
+            ([*WEB[:2], svc_check("api", "api-1", ModifyIndex=12, CreateIndex=12)], True),
         ],
-        ids=["a-check-gone", "a-check-rewritten", "a-check-added"],
+        ids=["a-check-gone", "a-check-rewritten", "a-check-added", "a-check-gone-and-created-again"],
     )
     def test_says_whether_a_check_was_removed(self, after: list[dict[str, Any]], removed: bool) -> None:
         """A check gone (not merely rewritten) is said: its deletion's index is in neither answer."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from discovery.consul import ConsulError
 from discovery.follow import RateLimit
 from discovery.model import RouteSpec, Snapshot, SnapshotDelta
 from discovery.snapshot import build_dc_snapshot, build_snapshot
+from discovery.triggers import StateAny
 from discovery.watcher import CatalogSource, Watcher
 
 WAIT_S = 5.0  # an upper bound so a broken watcher fails the test instead of hanging it; never asserted on
@@ -486,6 +488,47 @@ class TestReadByNode:
             assert await h.next_snapshot() == expected(changed)
             await h.settle()
             assert h.reads()["s005"] == 1
+
+
+class RawConsul(FakeConsul):
+    """A FakeConsul whose state/any answers come as Consul sends them (bytes, read as a StateAny)."""
+
+    async def checks(self, index: int, dc: str = "") -> tuple[int, StateAny]:  # type: ignore[override]
+        returned, rows = await super().checks(index, dc)
+        return returned, StateAny(json.dumps(rows, separators=(",", ":")).encode())
+
+
+class TestRawStateAny:
+    """Answers kept as Consul sent them are compared on their text; what the watcher hands over is the same."""
+
+    async def test_changes_are_followed_from_raw_answers(self) -> None:
+        """A check turning critical and an instance going are each read alone and handed over."""
+        consul = RawConsul(HEALTH)
+        async with running(Harness(consul, consul)) as h:
+            await h.started()
+            reads = h.reads()
+            consul.change(api=[instance("api", "api-1", 9001, "critical")])
+            await h.until(lambda: h.current == expected(with_health(HEALTH, api=[
+                instance("api", "api-1", 9001, "critical")])))
+            consul.change(web=[HEALTH["web"][0]])
+            await h.until(lambda: h.current == expected(with_health(HEALTH, web=[HEALTH["web"][0]], api=[
+                instance("api", "api-1", 9001, "critical")])))
+            await h.settle()
+            assert h.reads() - reads == Counter({"api": 1, "web": 1})
+
+    async def test_an_unexplained_catalog_move_in_a_large_datacenter_is_read_by_node(self) -> None:
+        """80 services on 3 nodes, a move nothing explains: read again by node (4 requests), not 80 reads."""
+        health = many(80, nodes=3)
+        consul = RawConsul(health)
+        async with running(Harness(consul, consul)) as h:
+            await h.started()
+            reads = h.reads()
+            with capture_logs() as logs:
+                consul.rewrite()
+                await h.until(lambda: any(e["event"] == "read_by_node" for e in logs))
+                await h.settle()
+            assert h.reads() - reads == Counter({"<nodes>": 1, "<node n0>": 1, "<node n1>": 1, "<node n2>": 1})
+            assert h.nothing_handed_over()
 
 
 class TestChanges:
