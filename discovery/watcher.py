@@ -6,7 +6,10 @@ services whose instances must be read again, and only those are read, with /v1/h
 at a time: `fetch_concurrency`). Each service is rebuilt alone (`snapshot.build_service`) and the services
 that changed go out as one `SnapshotDelta`; a burst (a deploy replacing 500 instances) is coalesced: at most
 one hand-over per `min_interval`, the first at once. While nothing changes the two queries block for `wait`
-and nothing else is asked of Consul.
+and nothing else is asked of Consul. A large datacenter (more routed services than twice its nodes) is read by
+node at start, and again when a catalog move nothing explains makes every service due (`_NodeReads`,
+`nodes.py`): a few requests instead of one per service. state/any answers are compared on their raw text
+(`triggers.StateAny`), so a change among 30,000 checks costs tens of milliseconds, not the decoding of all.
 
 Every loop is the blocking-query loop of `follow.py` (index rules, backoff, token-bucket rate limit), and all
 share one outage bookkeeping: the first failure of an outage logs `consul_unreachable`, the moment every
@@ -214,6 +217,7 @@ class _NodeReads(_Services):
     _raw: dict[str, StateAny]  # per datacenter: state/any as last read
     _checks_at: dict[str, int]
     _resyncing: set[str]  # datacenters being read again by node
+    _side_tasks: set[asyncio.Task[None]]
 
     def _by_service(self, dc: str, names: set[str] | None = None) -> None:
         """Read these services one by one after all (reading by node failed, or is not worth it)."""
@@ -252,7 +256,9 @@ class _NodeReads(_Services):
             finally:
                 self._resyncing.discard(dc)
 
-        start_task(again(), _query("consul-resync", dc))
+        task = start_task(again(), _query("consul-resync", dc))
+        self._side_tasks.add(task)  # (cancelled with the watcher)
+        task.add_done_callback(self._side_tasks.discard)
 
     async def _read_by_node(self, dc: str, names: set[str], index: int, checks: list[dict[str, Any]], *,
                             start: bool) -> None:
@@ -349,6 +355,7 @@ class Watcher(_NodeReads):
         self._first_checks: dict[str, tuple[int, list[dict[str, Any]]]] = {}
         self._first_answers = {dc: asyncio.Event() for dc in self._datacenters}
         self._resyncing: set[str] = set()
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._answered: dict[str, set[str]] = {dc: set() for dc in self._datacenters}  # which first answers came
         self.synced = asyncio.Event()
 
@@ -384,6 +391,7 @@ class Watcher(_NodeReads):
         try:
             await asyncio.gather(*tasks)
         finally:
+            tasks += self._side_tasks
             for task in tasks:
                 task.cancel()
             if self._flush_handle is not None:
