@@ -1,7 +1,8 @@
 """Consul's HTTP API through py-consul's asyncio client: blocking queries on the catalog and on health.
 
 Only the endpoints every Consul release since 1.0 speaks are used: /v1/catalog/services,
-/v1/health/service/<name> and /v1/kv/<prefix>?recurse, each with `index` and `wait` (plus
+/v1/health/service/<name>, /v1/health/state/any, /v1/catalog/nodes, /v1/catalog/node/<node> and
+/v1/kv/<prefix>?recurse, each with `index` and `wait` (plus
 /v1/acl/token/self, 1.4+, in the start-time access check), and `dc` to read another datacenter. Every failure
 leaves this module as one ConsulError carrying a bounded `reason` (used as a metric label), so callers never
 see aiohttp or py-consul exception types.
@@ -35,6 +36,8 @@ import consul.aio
 import orjson
 import structlog
 from consul.callback import CB
+
+from .triggers import StateAny
 
 log = structlog.get_logger("ferryman.discovery")
 
@@ -235,22 +238,44 @@ class ConsulClient:
             raise ConsulError("bad_response", f"health/service/{service} did not return a list")
         return _index(raw_index), data
 
-    async def checks(self, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]] | None]:
+    async def nodes(self, dc: str = "") -> list[str]:
+        """The names of every node of datacenter `dc` (/v1/catalog/nodes)."""
+        _, data = await self._get("/v1/catalog/nodes", 0, dc)
+        if not isinstance(data, list) or not all(isinstance(n, dict) and isinstance(n.get("Node"), str)
+                                                 for n in data):
+            raise ConsulError("bad_response", "catalog/nodes did not return a list of nodes")
+        return [n["Node"] for n in data]
+
+    async def node_services(self, node: str, dc: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(the Node object, every instance on it) from /v1/catalog/node/<node>; ({}, []) for a node that is
+        gone."""
+        _, data = await self._get(f"/v1/catalog/node/{quote(node, safe='')}", 0, dc)
+        if data is None:
+            return {}, []
+        services = data.get("Services") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or not isinstance(data.get("Node"), dict) or not isinstance(services, dict):
+            raise ConsulError("bad_response", f"catalog/node/{node} did not return a Node and its Services")
+        return data["Node"], list(services.values())
+
+    async def checks(self, index: int, dc: str = "") -> tuple[int, StateAny | None]:
         """(index, checks) from /v1/health/state/any of datacenter `dc`: every check of every node and
         instance; blocks until one changes when index > 0. (index, None) when the query's wait ran out with
-        nothing changed (the same index): the answer is not decoded, since at 30,000 checks that alone is about
-        100 ms of CPU, at every wait (an idle cost)."""
-        raw_index, data = await self._get("/v1/health/state/any", index, dc, unchanged_at=index)
+        nothing changed (the same index). The answer is kept as Consul sent it and decoded only when read as a
+        list (triggers.StateAny): at 30,000 checks decoding alone is about 100 ms of CPU."""
+        raw_index, data = await self._get("/v1/health/state/any", index, dc, unchanged_at=index, raw=True)
         if data is _UNCHANGED:
             return _index(raw_index), None
-        if data is None:
-            data = []
-        if not isinstance(data, list):
-            raise ConsulError("bad_response", "health/state/any did not return a list")
-        return _index(raw_index), data
+        answer = StateAny(data if isinstance(data, bytes) else b"[]")
+        if answer.parts() is None:  # a layout the raw comparison does not know: decoded (and checked) now
+            try:
+                answer.checks()
+            except ValueError as exc:  # orjson's JSONDecodeError too
+                raise ConsulError("bad_response", f"health/state/any: {exc}") from exc
+        return _index(raw_index), answer
 
     async def _get(
         self, path: str, index: int, dc: str, extra: Sequence[tuple[str, str]] = (), unchanged_at: int = 0,
+        raw: bool = False,
     ) -> tuple[Any, Any]:
         """A read through py-consul's HTTP client with the parameters both Consul 1.8 and current releases
         take: index and wait (blocking), dc, stale, cached."""
@@ -261,11 +286,11 @@ class ConsulClient:
         params += self._consistency
         params += extra
 
-        decode = functools.partial(_indexed_json, unchanged_at=unchanged_at) if unchanged_at else _indexed_json
+        decode = functools.partial(_indexed_json, unchanged_at=unchanged_at, raw=raw)
 
         def make(api: consul.aio.Consul) -> Awaitable[Any]:
             return api.http.get(decode, path, params=params,  # type: ignore[no-any-return]
-                                headers=api.prepare_headers(self._token))
+                                headers=api.prepare_headers(self._token), **({"raw": True} if raw else {}))
 
         return await self._request(make)  # type: ignore[no-any-return]
 
@@ -444,16 +469,21 @@ class ConsulClient:
 _UNCHANGED: Final = object()  # a blocking read whose wait ran out at the index it asked with: not decoded
 
 
-def _indexed_json(response: Any, unchanged_at: int = 0) -> tuple[Any, Any]:
+def _indexed_json(response: Any, unchanged_at: int = 0, raw: bool = False) -> tuple[Any, Any]:
     """py-consul's answer callback, decoding with orjson: state/any of a large cluster is megabytes of JSON
     (30,000 checks: about 10 MB), read again at every change; the standard library's decoder was the biggest
     share of a change's cost there. With `unchanged_at`, an answer at that same index (the wait ran out) is
-    _UNCHANGED, not decoded. Status errors are py-consul's own (`CB._status`), as for every other read."""
+    _UNCHANGED, not decoded; with `raw`, the body is returned as bytes, undecoded. Status errors are py-consul's
+    own (`CB._status`), as for every other read."""
+    if raw and response.code >= 400:  # error texts as py-consul words them for every other read
+        response = response._replace(body=bytes(response.body).decode("utf-8", "replace"))
     CB._status(response, allow_404=True)
     if response.code == 404:
         return response.headers.get("X-Consul-Index"), None
     if unchanged_at and response.headers.get("X-Consul-Index") == str(unchanged_at):
         return response.headers["X-Consul-Index"], _UNCHANGED
+    if raw:
+        return response.headers["X-Consul-Index"], response.body
     try:
         return response.headers["X-Consul-Index"], orjson.loads(response.body)
     except orjson.JSONDecodeError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from .matchers import Condition
 
@@ -128,8 +128,17 @@ class ServiceSettings:
 
     def over(self, fallback: ServiceSettings) -> ServiceSettings:
         """These settings, each one not set here taken from `fallback`."""
+        # Most services set nothing anywhere: the common cases skip `fields` and `replace` (they were most of the
+        # pools' work for 10,000 services at a worker's start).
+        if fallback == _NO_SETTINGS:
+            return self
+        if self == _NO_SETTINGS:
+            return fallback
         set_here = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         return replace(fallback, **set_here)
+
+
+_NO_SETTINGS: Final = ServiceSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,3 +246,25 @@ class Snapshot:
         changed = tuple(s for s in after.services if before.get(s.name) != s)
         kept = set(after.names)
         return SnapshotDelta(changed, tuple(name for name in self.names if name not in kept))
+
+
+def _quick_pickling(cls: type) -> None:
+    """Pickle a frozen slotted dataclass as a plain tuple of its fields: a worker unpickles the first snapshot of
+    a large cluster (70,000 of these values at 10,000 services), and the dataclass default walks `fields()` for
+    each value it restores (two thirds of the unpickling time)."""
+    names = tuple(f.name for f in fields(cls))
+    setter = object.__setattr__
+
+    def getstate(self: object) -> tuple[Any, ...]:
+        return tuple([getattr(self, name) for name in names])
+
+    def setstate(self: object, state: tuple[Any, ...]) -> None:
+        for name, value in zip(names, state, strict=True):
+            setter(self, name, value)
+
+    setattr(cls, "__getstate__", getstate)  # noqa: B010  (replacing the methods @dataclass gave the class)
+    setattr(cls, "__setstate__", setstate)  # noqa: B010
+
+
+for _cls in (Endpoint, RouteOptions, RouteSpec, ServiceSettings, ServiceRoutes):
+    _quick_pickling(_cls)

@@ -359,7 +359,17 @@ def _options(found: dict[str, Any]) -> RouteOptions:
     """RouteOptions from one tag's typed options; the conditions of every kind in one tuple, in KINDS order."""
     fields = {name: value for name, value in found.items() if name not in KINDS}
     conditions = tuple(c for kind in KINDS for c in found.get(kind, ()))
+    if not conditions and fields.keys() <= {"matcher"}:
+        # One value for every tag without options (most tags): memory, and one object in a worker's pickle.
+        matcher = fields.get("matcher", "prefix")
+        plain = _PLAIN_OPTIONS.get(matcher)
+        if plain is None:
+            plain = _PLAIN_OPTIONS[matcher] = RouteOptions(matcher=matcher)
+        return plain
     return RouteOptions(**fields, conditions=conditions)
+
+
+_PLAIN_OPTIONS: dict[str, RouteOptions] = {}  # by matcher (three at most)
 
 
 def _weight(value: str) -> float:

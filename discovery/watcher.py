@@ -6,7 +6,10 @@ services whose instances must be read again, and only those are read, with /v1/h
 at a time: `fetch_concurrency`). Each service is rebuilt alone (`snapshot.build_service`) and the services
 that changed go out as one `SnapshotDelta`; a burst (a deploy replacing 500 instances) is coalesced: at most
 one hand-over per `min_interval`, the first at once. While nothing changes the two queries block for `wait`
-and nothing else is asked of Consul.
+and nothing else is asked of Consul. A large datacenter (more routed services than twice its nodes) is read by
+node at start, and again when a catalog move nothing explains makes every service due (`_NodeReads`,
+`nodes.py`): a few requests instead of one per service. state/any answers are compared on their raw text
+(`triggers.StateAny`), so a change among 30,000 checks costs tens of milliseconds, not the decoding of all.
 
 Every loop is the blocking-query loop of `follow.py` (index rules, backoff, token-bucket rate limit), and all
 share one outage bookkeeping: the first failure of an outage logs `consul_unreachable`, the moment every
@@ -25,18 +28,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 
 from .consul import ConsulError
 from .follow import DEFAULT_LIMIT, Backoff, Outage, RateLimit, follow
 from .model import Problem, ServiceRoutes, Snapshot, SnapshotDelta
+from .nodes import entries_from_nodes
 from .snapshot import build_service, datacenter_switches, serving_datacenters
 from .tags import DEFAULT_PREFIX
 from .tasks import start_task
-from .triggers import Checks, CheckView, catalog_changes, health_changes, routed
+from .triggers import Checks, CheckView, StateAny, catalog_changes, changed_checks, health_changes, routed
 
 log = structlog.get_logger("ferryman.discovery")
 
@@ -48,6 +52,9 @@ T = TypeVar("T")
 # moved with the change: an instance without checks of its own changed.
 _EXPLAIN_WAIT_S = 0.5
 _EXPLAIN_MAX_S = 3.0
+# From this many services to read at start, a datacenter is read by node (nodes.py) when it has at most half as
+# many nodes as services to read: a few requests instead of one per service.
+NODE_READS_FROM: Final = 64
 
 
 class CatalogSource(Protocol):
@@ -57,9 +64,11 @@ class CatalogSource(Protocol):
     @property
     def datacenters(self) -> tuple[str, ...]: ...
     async def services(self, index: int, dc: str = "") -> tuple[int, dict[str, list[str]]]: ...
-    async def checks(self, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]] | None]:
+    async def checks(self, index: int, dc: str = "") -> tuple[int, Sequence[dict[str, Any]] | None]:
         """None: the same index as asked (the wait ran out), nothing to read."""
     async def health(self, service: str, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]: ...
+    async def nodes(self, dc: str = "") -> list[str]: ...
+    async def node_services(self, node: str, dc: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]: ...
 
 
 async def _timed(on_request: Callable[[str, float], None], what: str, call: Awaitable[T]) -> T:
@@ -135,7 +144,163 @@ class _HandOver:
         self._serving.update(serving)
 
 
-class Watcher(_HandOver):
+class _Services(_HandOver):
+    """What the reads of each service became: its health entries per datacenter, and the service rebuilt alone."""
+
+    _health: dict[str, dict[str, list[dict[str, Any]]]]
+    _read_checks: dict[str, dict[str, frozenset[CheckView]]]
+    _on_node: dict[str, dict[str, set[str]]]
+    _dirty: set[tuple[str, str]]
+    _datacenters: tuple[str, ...]
+    _prefix: str
+    _matcher: str
+    also: frozenset[str]
+    _known_problems: dict[str, set[Problem]]
+
+    def _read(self, name: str, dc: str, entries: list[dict[str, Any]]) -> None:
+        self._health.setdefault(name, {})[dc] = entries
+        self._read_checks.setdefault(dc, {})[name] = Checks.of_service(name, entries)
+        on_node = self._on_node.setdefault(dc, {})
+        for entry in entries:
+            node = entry.get("Node") if isinstance(entry, dict) else None
+            if isinstance(node, dict) and isinstance(node.get("Node"), str):
+                on_node.setdefault(node["Node"], set()).add(name)
+        self._rebuild(name)
+
+    def _forget(self, name: str, dc: str) -> None:
+        self._dirty.discard((name, dc))
+        self._unread.discard((name, dc))
+        known = self._health.get(name)
+        if known is not None and dc in known:
+            del known[dc]
+            if not known:
+                del self._health[name]
+            self._rebuild(name)
+
+    def _rebuild(self, name: str) -> None:
+        known = self._health.get(name, {})
+        svc, problems = build_service(name, self._datacenters, known, self._prefix, name in self.also,
+                                      self._merged_tags(name), matcher=self._matcher)
+        fresh = set(problems) - self._known_problems.get(name, set())
+        for problem in sorted(fresh, key=lambda p: (p.service, p.item)):
+            log.warning(problem.kind, service=problem.service, tag=problem.item, error=problem.detail)
+        self._known_problems[name] = set(problems)
+        if svc != self._current.get(name):
+            self._pending[name] = svc
+        else:
+            self._pending.pop(name, None)
+
+    def _merged_tags(self, name: str) -> list[str]:
+        tags: list[str] = []
+        for dc in self._datacenters:
+            for tag in self._catalogs.get(dc, {}).get(name) or ():
+                if tag not in tags:
+                    tags.append(tag)
+        return tags
+
+
+class _NodeReads(_Services):
+    """Most of a large datacenter read by node, with a state/any answer (nodes.py), instead of one read per
+    service: at start (the services wait in `_by_node`, and in `_unread`, meanwhile), and when a catalog move
+    nothing explains makes every routed service due again (`_resync`)."""
+
+    _source: CatalogSource
+    _reading: set[tuple[str, str]]
+    _wanted: dict[str, set[str]]
+    _wake: asyncio.Event
+    _fetch_concurrency: int
+    _on_request: Callable[[str, float], None]
+    _on_error: Callable[[str], None]
+    _by_node: dict[str, set[str]]  # per datacenter: the services its first read by node is to read
+    _first_checks: dict[str, tuple[int, list[dict[str, Any]]]]  # per datacenter: state/any's first answer
+    _first_answers: dict[str, asyncio.Event]  # per datacenter: its first catalog and checks answers are in
+    _raw: dict[str, StateAny]  # per datacenter: state/any as last read
+    _checks_at: dict[str, int]
+    _resyncing: set[str]  # datacenters being read again by node
+    _side_tasks: set[asyncio.Task[None]]
+
+    def _by_service(self, dc: str, names: set[str] | None = None) -> None:
+        """Read these services one by one after all (reading by node failed, or is not worth it)."""
+        names = self._by_node.pop(dc, set()) if names is None else names
+        self._dirty |= {(name, dc) for name in names if name in self._wanted.get(dc, ())}
+        self._wake.set()
+
+    async def _first_read(self, dc: str) -> None:
+        """Once the datacenter's catalog and state/any have answered: the services waiting in `_by_node` read
+        by node, the few that changed meanwhile alone."""
+        await self._first_answers[dc].wait()
+        names, first = self._by_node.get(dc), self._first_checks.pop(dc, None)
+        if not names:
+            return
+        if first is None:  # state/any failed: no checks to put the entries together with
+            self._by_service(dc)
+            return
+        await self._read_by_node(dc, names, *first, start=True)
+
+    def _resync(self, dc: str) -> None:
+        """Every routed service of the datacenter is due again: read by node when it is large and state/any's
+        last answer is at hand as Consul sent it, else one by one (rate-limited by the readers)."""
+        wanted = self._wanted.get(dc, set())
+        raw = self._raw.get(dc)
+        if raw is None or len(wanted) < NODE_READS_FROM or dc in self._resyncing:
+            if dc not in self._resyncing:
+                self._by_service(dc, wanted)
+            return
+        self._resyncing.add(dc)
+
+        async def again() -> None:
+            try:
+                await self._read_by_node(dc, set(wanted), self._checks_at.get(dc, 0), raw.checks(), start=False)
+            except ValueError:  # an answer that does not decode (the checks loop said so already)
+                self._by_service(dc, wanted)
+            finally:
+                self._resyncing.discard(dc)
+
+        task = start_task(again(), _query("consul-resync", dc))
+        self._side_tasks.add(task)  # (cancelled with the watcher)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _read_by_node(self, dc: str, names: set[str], index: int, checks: list[dict[str, Any]], *,
+                            start: bool) -> None:
+        """Read `names` by node with state/any's answer `checks` (read at `index`); `start`: the first read,
+        which fills in the services not read yet (`_unread`); else services read since are left as they are."""
+        try:
+            nodes = await _timed(self._on_request, "nodes", self._source.nodes(dc))
+            if len(nodes) * 2 > len(names):
+                log.info("read_by_service", datacenter=dc or None, services=len(names), nodes=len(nodes))
+                self._by_service(dc, self._by_node.pop(dc, set()) if start else names)
+                return
+            limit = asyncio.Semaphore(self._fetch_concurrency)
+
+            async def one(node: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                async with limit:
+                    return await _timed(self._on_request, "node", self._source.node_services(node, dc))
+
+            read = await asyncio.gather(*(one(node) for node in nodes))
+        except ConsulError as exc:
+            self._on_error(exc.reason)
+            log.warning("read_by_node_failed", datacenter=dc or None, reason=exc.reason, error=exc.detail)
+            self._by_service(dc, self._by_node.pop(dc, set()) if start else names)
+            return
+        if start:
+            names = self._by_node.pop(dc, set())
+        entries, alone = entries_from_nodes(names, read, checks, index)
+        wanted = self._wanted.get(dc, set())
+        busy = self._dirty | self._reading
+        for count, (name, found) in enumerate(sorted(entries.items()), 1):
+            due = (name, dc) in self._unread if start else self._health.get(name, {}).get(dc) != found
+            if name in wanted and due and (name, dc) not in busy:
+                self._read(name, dc, found)
+                self._unread.discard((name, dc))
+            if count % 1000 == 0:
+                await asyncio.sleep(0)  # 10,000 services build in seconds: let the loops and readers run
+        log.info("read_by_node", datacenter=dc or None, services=len(entries), nodes=len(nodes),
+                 read_alone=len(alone))
+        self._by_service(dc, alone)
+        self._maybe_hand_over()
+
+
+class Watcher(_NodeReads):
     """Runs the blocking-query loops and the reads they trigger; calls `on_change` (synchronously, on the
     loop) with the first Snapshot, then with each SnapshotDelta. A discovery `Source`."""
 
@@ -165,10 +330,12 @@ class Watcher(_HandOver):
         self._datacenters: tuple[str, ...] = tuple(source.datacenters) or ("",)
         self._catalogs: dict[str, dict[str, list[str]]] = {}  # per datacenter, once it answered
         self._catalog_pending: set[str] = set(self._datacenters)  # datacenters whose first catalog is due
-        self._checks: dict[str, Checks] = {}  # per datacenter: state/any as last read
+        self._checks: dict[str, Checks] = {}  # per datacenter: state/any as last read (a source of decoded lists)
+        self._raw: dict[str, StateAny] = {}  # per datacenter: state/any as last read, as Consul sent it
         self._catalog_index: dict[str, int] = {}  # per datacenter: the index of the catalog last read
         self._check_writes: dict[str, set[int]] = {}  # per datacenter: indexes checks were written at
         self._check_answers: dict[str, collections.deque[int]] = {}  # and the indexes state/any answered at
+        self._removals: dict[str, collections.deque[tuple[int, int]]] = {}  # (since, at]: checks removed within
         self._checks_at: dict[str, int] = {}  # the highest index state/any answered at
         self._explaining: set[tuple[str, int]] = set()  # catalog changes waiting to be explained
         self._wanted: dict[str, set[str]] = {}  # per datacenter: the services it routes (from its catalog)
@@ -184,6 +351,12 @@ class Watcher(_HandOver):
         self._explain_max = explain_max
         self._known_problems: dict[str, set[Problem]] = {}
         self._outage = Outage()  # every loop's: an outage lasts while any of them is failing
+        self._by_node: dict[str, set[str]] = {}
+        self._first_checks: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+        self._first_answers = {dc: asyncio.Event() for dc in self._datacenters}
+        self._resyncing: set[str] = set()
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._answered: dict[str, set[str]] = {dc: set() for dc in self._datacenters}  # which first answers came
         self.synced = asyncio.Event()
 
     @property
@@ -203,7 +376,7 @@ class Watcher(_HandOver):
     def idle(self) -> bool:
         """Nothing to read and nothing waiting to be handed over (what tests wait for)."""
         return not (self._dirty or self._reading or self._pending or self._flush_handle is not None
-                    or self._explaining or self._retrying)
+                    or self._explaining or self._retrying or any(self._by_node.values()) or self._resyncing)
 
     def reload(self) -> None:
         """Nothing to re-read: Consul is followed continuously."""
@@ -214,9 +387,11 @@ class Watcher(_HandOver):
         tasks = [start_task(self._catalog_loop(dc), _query("consul-catalog", dc)) for dc in self._datacenters]
         tasks += [start_task(self._checks_loop(dc), _query("consul-checks", dc)) for dc in self._datacenters]
         tasks += [start_task(self._reader(), f"consul-reader-{n}") for n in range(self._fetch_concurrency)]
+        tasks += [start_task(self._first_read(dc), _query("consul-first-read", dc)) for dc in self._datacenters]
         try:
             await asyncio.gather(*tasks)
         finally:
+            tasks += self._side_tasks
             for task in tasks:
                 task.cancel()
             if self._flush_handle is not None:
@@ -226,10 +401,17 @@ class Watcher(_HandOver):
     def _backoff(self) -> Backoff:
         return Backoff(self._backoff_base, self._backoff_cap)
 
+    def _first_answer(self, dc: str, what: str) -> None:
+        """The datacenter's first `catalog` or `checks` answer (or failure) is in."""
+        self._answered[dc].add(what)
+        if self._answered[dc] >= {"catalog", "checks"}:
+            self._first_answers[dc].set()
+
     # --- the two blocking queries per datacenter ---
     async def _catalog_loop(self, dc: str) -> None:
         def failed(exc: ConsulError) -> None:
             self._on_error(exc.reason)
+            self._first_answer(dc, "catalog")
             if dc in self._catalog_pending:
                 # A datacenter out of reach must not hold back the others: its services join when it answers.
                 self._catalog_pending.discard(dc)
@@ -242,6 +424,7 @@ class Watcher(_HandOver):
             self._catalogs[dc] = services
             self._catalog_pending.discard(dc)
             self._catalog_changed(dc, before, services, first)
+            self._first_answer(dc, "catalog")
             if not first and before == services and index > self._catalog_index.get(dc, 0):
                 # The catalog moved and shows nothing new: an instance came or went. If no check moved with it
                 # (state/any stays behind this index), it has no check of its own: look again (below).
@@ -267,6 +450,9 @@ class Watcher(_HandOver):
         new = {(name, dc) for name in read}
         if first:
             self._unread |= new
+            if len(new) >= NODE_READS_FROM and not self._first_answers[dc].is_set():
+                self._by_node[dc] = set(read)  # read by node once state/any answered (_first_read)
+                new = set()
         self._dirty |= new
         self._wake.set()
         self._maybe_hand_over()
@@ -274,48 +460,86 @@ class Watcher(_HandOver):
     def _explain(self, dc: str, index: int, deadline: float) -> None:
         """A catalog change no check change came with: every routed service of the datacenter is read again
         (rate-limited by the readers), since nothing tells which one gained or lost an instance without checks."""
-        if index in self._check_writes.get(dc, ()) or index in self._check_answers.get(dc, ()):
+        if (index in self._check_writes.get(dc, ()) or index in self._check_answers.get(dc, ())
+                or any(since < index <= at for since, at in self._removals.get(dc, ()))):
+            # Explained: a check was written with it, or removed (at that index, or between two answers
+            # around it: a deregistration coalesced with other changes), and its service is being read.
             self._explaining.discard((dc, index))
-            return  # explained: a check was written (or removed) with it, and its service is being read
+            return
         loop = asyncio.get_running_loop()
         if self._checks_at.get(dc, 0) < index and loop.time() < deadline:
             loop.call_later(_EXPLAIN_WAIT_S, self._explain, dc, index, deadline)  # state/any not there yet
             return
         self._explaining.discard((dc, index))
-        wanted = self._wanted.get(dc, set())
-        log.info("catalog_resync", datacenter=dc or None, services=len(wanted),
+        log.info("catalog_resync", datacenter=dc or None, services=len(self._wanted.get(dc, ())),
                  reason="an instance changed and no check with it")
-        self._dirty |= {(name, dc) for name in wanted}
-        self._wake.set()
+        self._resync(dc)
 
     async def _checks_loop(self, dc: str) -> None:
-        def answered(answer: tuple[int, list[dict[str, Any]] | None]) -> None:
+        def answered(answer: tuple[int, Sequence[dict[str, Any]] | None]) -> None:
             index, checks = answer
             if checks is None:
                 return  # the wait ran out at the same index: nothing changed
-            after = Checks.read(checks)
-            # The indexes checks were written at (and this answer's, for checks removed): a catalog change at
-            # one of them came with a check change.
-            self._check_writes[dc] = {v[5] for views in after.services.values() for v in views}
+            # The indexes state/any answered at (a catalog change at one of them came with a check change).
             self._check_answers.setdefault(dc, collections.deque(maxlen=256)).append(index)
-            self._checks_at[dc] = max(self._checks_at.get(dc, 0), index)
-            before = self._checks.get(dc)
-            self._checks[dc] = after
-            if before is None:
-                # The first answer: what the services read so far showed of their checks is the baseline.
-                before = Checks(self._read_checks.get(dc, {}), after.nodes)
-            changed = health_changes(before, after, self._on_node.get(dc, {}))
+            since, self._checks_at[dc] = self._checks_at.get(dc, 0), max(self._checks_at.get(dc, 0), index)
+            changed, removed = self._checks_changed(dc, index, checks)
+            if removed:  # a check deleted since the last answer, at an index this answer does not show
+                self._removals.setdefault(dc, collections.deque(maxlen=256)).append((since, index))
             wanted = self._wanted.get(dc, set())
             self._dirty |= {(name, dc) for name in changed if name in wanted}
             self._wake.set()
 
-        async def fetch(index: int) -> tuple[int, tuple[int, list[dict[str, Any]] | None]]:
+        def failed(exc: ConsulError) -> None:
+            self._on_error(exc.reason)
+            self._first_answer(dc, "checks")  # the first read by node does not wait for a state/any that fails
+
+        async def fetch(index: int) -> tuple[int, tuple[int, Sequence[dict[str, Any]] | None]]:
             returned, checks = await _timed(self._on_request, "checks", self._source.checks(index, dc=dc))
             return returned, (returned, checks)
 
         await follow(fetch, answered,
                      query=_query("checks", dc), outage=self._outage, limit=self._limit, backoff=self._backoff(),
-                     on_failure=lambda exc: self._on_error(exc.reason))
+                     on_failure=failed)
+
+    def _checks_changed(self, dc: str, index: int, checks: Sequence[dict[str, Any]]) -> tuple[set[str], bool]:
+        """The services a state/any answer names, and whether some check was removed: compared on the raw text
+        with the last answer when both are StateAny (the check rows that differ), else decoded and compared
+        whole."""
+        raw = checks if isinstance(checks, StateAny) else None
+        previous = self._raw.get(dc)
+        if raw is not None:
+            self._raw[dc] = raw
+        if previous is not None and raw is not None:
+            changes = changed_checks(previous, raw)
+            if changes is not None:
+                writes = self._check_writes.setdefault(dc, set())
+                writes |= changes.written
+                if len(writes) > 4 * len(raw.part_set()) + 4096:  # bounded: only indexes a catalog change may ask
+                    floor = min([self._catalog_index.get(dc, 0), *(i for d, i in self._explaining if d == dc)])
+                    self._check_writes[dc] = {i for i in writes if i >= floor}
+                on_node = self._on_node.get(dc, {})
+                named = set(changes.services).union(*(on_node.get(node, ()) for node in changes.nodes))
+                return named, changes.removed
+            before: Checks | None = Checks.read(previous)
+        else:
+            before = self._checks.get(dc)
+        after = Checks.read(checks)
+        if raw is None:
+            self._checks[dc] = after
+        # The indexes checks were written at: a catalog change at one of them came with a check change.
+        self._check_writes[dc] = {v[5] for views in after.services.values() for v in views}
+        if before is None:
+            # The first answer: what the services read so far showed of their checks is the baseline; the
+            # services waiting for the read by node are read with this very answer.
+            before = Checks({**self._read_checks.get(dc, {}), **{n: after.services.get(n, frozenset())
+                                                                  for n in self._by_node.get(dc, ())}}, after.nodes)
+            self._first_checks[dc] = (index, raw.checks() if raw is not None else list(checks))
+            self._first_answer(dc, "checks")
+        changed = health_changes(before, after, self._on_node.get(dc, {}))
+        identity = {(v[0], v[2]) for views in after.services.values() for v in views}
+        removed = any((v[0], v[2]) not in identity for name in changed for v in before.services.get(name, ()))
+        return changed, removed
 
     def watch_also(self, services: frozenset[str]) -> None:
         """Also follow these services (named by routes from elsewhere than tags), from now on."""
@@ -371,44 +595,3 @@ class Watcher(_HandOver):
         if key[0] in self._wanted.get(key[1], ()):
             self._dirty.add(key)
             self._wake.set()
-
-    def _read(self, name: str, dc: str, entries: list[dict[str, Any]]) -> None:
-        self._health.setdefault(name, {})[dc] = entries
-        self._read_checks.setdefault(dc, {})[name] = Checks.of_service(name, entries)
-        on_node = self._on_node.setdefault(dc, {})
-        for entry in entries:
-            node = entry.get("Node") if isinstance(entry, dict) else None
-            if isinstance(node, dict) and isinstance(node.get("Node"), str):
-                on_node.setdefault(node["Node"], set()).add(name)
-        self._rebuild(name)
-
-    def _forget(self, name: str, dc: str) -> None:
-        self._dirty.discard((name, dc))
-        self._unread.discard((name, dc))
-        known = self._health.get(name)
-        if known is not None and dc in known:
-            del known[dc]
-            if not known:
-                del self._health[name]
-            self._rebuild(name)
-
-    def _rebuild(self, name: str) -> None:
-        known = self._health.get(name, {})
-        svc, problems = build_service(name, self._datacenters, known, self._prefix, name in self.also,
-                                      self._merged_tags(name), matcher=self._matcher)
-        fresh = set(problems) - self._known_problems.get(name, set())
-        for problem in sorted(fresh, key=lambda p: (p.service, p.item)):
-            log.warning(problem.kind, service=problem.service, tag=problem.item, error=problem.detail)
-        self._known_problems[name] = set(problems)
-        if svc != self._current.get(name):
-            self._pending[name] = svc
-        else:
-            self._pending.pop(name, None)
-
-    def _merged_tags(self, name: str) -> list[str]:
-        tags: list[str] = []
-        for dc in self._datacenters:
-            for tag in self._catalogs.get(dc, {}).get(name) or ():
-                if tag not in tags:
-                    tags.append(tag)
-        return tags

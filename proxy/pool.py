@@ -381,6 +381,9 @@ class Pools:
         self._gone: set[tuple[str, int]] = set()
         self._overrides = overrides or {}
         self.policy = policy or DEFAULTS.health
+        # One generator for every pool and balancer made here: seeding one from the OS costs more than the
+        # rest of a pool (10,000 services: a sixth of a second at each worker's start).
+        self._rng = random.Random()
 
     def configure(self, overrides: Mapping[str, ServiceSettings], policy: HealthPolicy) -> None:
         """New per-service tables and policy (a reload); the next reconcile() applies the tables. The pools'
@@ -415,8 +418,8 @@ class Pools:
             pool = self._pools.get(svc.name)
             if pool is None:
                 pool = self._pools[svc.name] = Pool(
-                    svc.name, svc.endpoints, algorithm=algorithm, hash_on=resolved.hash_on, policy=self.policy,
-                    touched=self._touched,
+                    svc.name, svc.endpoints, make_balancer(algorithm, self._rng), algorithm=algorithm,
+                    hash_on=resolved.hash_on, policy=self.policy, rng=self._rng, touched=self._touched,
                 )
                 _apply_policy(pool, resolved)
                 self._count(svc.endpoints, 1)
@@ -425,7 +428,7 @@ class Pools:
             _apply_policy(pool, resolved)
             if pool.algorithm != algorithm:
                 pool.algorithm = algorithm
-                pool.balancer = make_balancer(algorithm)
+                pool.balancer = make_balancer(algorithm, self._rng)
                 changed.append(svc.name)
             pool.hash_on = resolved.hash_on
             if pool.endpoints != svc.endpoints:

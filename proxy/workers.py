@@ -89,6 +89,7 @@ async def serve(
     configuration from `source`."""
     from .app import Ferryman
 
+    _settle_gc()  # the first table of a large cluster is 100,000s of objects: built without the collector's churn
     app = Ferryman(settings, **kwargs)  # type: ignore[arg-type]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -210,6 +211,7 @@ class Supervisor:
 
         # Workers are spawned (fresh interpreters), so they see this before importing prometheus-client.
         os.environ[_MULTIPROC_ENV] = self.metrics_dir
+        _settle_gc()  # (as in serve: the supervisor builds the first table of a large cluster too)
         # The one discovery of this host: the workers get its state over a Unix socket, never ask Consul.
         share = None if self.settings.static_file else Broadcaster(
             socket_path(self.metrics_dir), lambda: admin.source)

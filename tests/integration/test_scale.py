@@ -133,6 +133,13 @@ class TestAtScale:
         failed = [f"{url}: {why}" for url, why in zip(urls, answers, strict=True) if why]
         assert failed == [], f"{len(failed)} of {len(urls)} requests failed, e.g. {failed[:5]}"
 
+    async def test_the_services_are_read_by_node_at_start(self, scale: Scale) -> None:
+        """500 services on two nodes are read with a few node reads, not one read each: the discovery says so."""
+        await wait_all_routed(scale.ferryman)
+        reads = [e for e in scale.ferryman.log_events() if e.get("event") == "read_by_node"]
+        assert reads, "the discovery did not read the datacenter by node"
+        assert reads[0]["services"] >= SERVICES and reads[0]["nodes"] < 10
+
     async def test_a_deregistration_is_followed_everywhere_within_a_second(
         self, scale: Scale, new_connections: aiohttp.ClientSession
     ) -> None:

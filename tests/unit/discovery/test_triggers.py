@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
-from discovery.triggers import Checks, catalog_changes, health_changes, routed
+from discovery.triggers import Checks, StateAny, catalog_changes, changed_checks, health_changes, routed
 
 
 def svc_check(service: str, instance_id: str, status: str = "passing", *, node: str = "node-1",
@@ -168,3 +169,66 @@ class TestCatalogChanges:
     def test_changes(self, before: dict[str, list[str]], after: dict[str, list[str]],
                      expected: tuple[set[str], set[str]]) -> None:
         assert catalog_changes(before, after, routed(after)) == expected
+
+
+def as_consul_writes(checks: list[dict[str, Any]], layout: str) -> bytes:
+    """state/any's body as Consul's encoder writes it: compact, or indented (a dev agent, ?pretty), newline-ended."""
+    return (json.dumps(checks, separators=(",", ":")) if layout == "compact" else json.dumps(checks, indent=4)
+            ).encode() + b"\n"
+
+
+WEB = [node_check(ModifyIndex=5), svc_check("web", "web-1", ModifyIndex=7),
+       svc_check("api", "api-1", ModifyIndex=8, Output='he said "},{"Node":" twice')]
+
+
+class TestChangedChecks:
+    """Two state/any answers compared on their raw text: only the checks that differ are decoded, and they name
+    the services and nodes whose checks changed, and the indexes the new ones were written at."""
+
+    @pytest.mark.parametrize("layout", ["compact", "indented"])
+    @pytest.mark.parametrize(
+        ("after", "services", "nodes", "written"),
+        [
+            (WEB, set(), set(), set()),
+            ([*WEB[:2], svc_check("api", "api-1", "critical", ModifyIndex=9)], {"api"}, set(), {9}),
+            (WEB[:2], {"api"}, set(), set()),
+            ([*WEB, svc_check("db", "db-1", ModifyIndex=10)], {"db"}, set(), {10}),
+            ([node_check(status="critical", ModifyIndex=11), *WEB[1:]], set(), {"node-1"}, {11}),
+            ([], {"web", "api"}, {"node-1"}, set()),
+        ],
+        ids=["unchanged", "status-changed", "check-removed", "check-added", "node-check-changed", "all-gone"],
+    )
+    def test_names_what_changed(self, layout: str, after: list[dict[str, Any]], services: set[str],
+                                nodes: set[str], written: set[int]) -> None:
+        """The differing checks name their services (or their nodes) and the indexes they were written at."""
+        changes = changed_checks(StateAny(as_consul_writes(WEB, layout)), StateAny(as_consul_writes(after, layout)))
+        assert changes is not None
+        assert (set(changes.services), set(changes.nodes), set(changes.written)) == (services, nodes, written)
+
+    @pytest.mark.parametrize(
+        ("after", "removed"),
+        [
+            (WEB[:2], True),
+            ([*WEB[:2], svc_check("api", "api-1", "critical", ModifyIndex=9)], False),
+            ([*WEB, svc_check("db", "db-1", ModifyIndex=10)], False),
+            ([*WEB[:2], svc_check("api", "api-1", ModifyIndex=12, CreateIndex=12)], True),
+        ],
+        ids=["a-check-gone", "a-check-rewritten", "a-check-added", "a-check-gone-and-created-again"],
+    )
+    def test_says_whether_a_check_was_removed(self, after: list[dict[str, Any]], removed: bool) -> None:
+        """A check gone (not merely rewritten) is said: its deletion's index is in neither answer."""
+        before, now = StateAny(as_consul_writes(WEB, "compact")), StateAny(as_consul_writes(after, "compact"))
+        changes = changed_checks(before, now)
+        assert changes is not None and changes.removed is removed
+
+    @pytest.mark.parametrize("body", [b'[ {"Node": "n"} ]', b'{"not": "a list"}', b"[1, 2]"],
+                             ids=["other-spacing", "object", "numbers"])
+    def test_an_unknown_layout_is_left_to_a_whole_decode(self, body: bytes) -> None:
+        """A body this does not know how to split gives None, and the caller decodes both answers whole."""
+        assert changed_checks(StateAny(as_consul_writes(WEB, "compact")), StateAny(body)) is None
+
+    def test_reads_as_the_list_of_checks(self) -> None:
+        """A StateAny is the decoded list when read as one, whichever the layout."""
+        for layout in ("compact", "indented"):
+            assert list(StateAny(as_consul_writes(WEB, layout))) == WEB
+        assert len(StateAny(b"[]\n")) == 0 and StateAny(b"[]\n").parts() == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from discovery.consul import ConsulError
 from discovery.follow import RateLimit
 from discovery.model import RouteSpec, Snapshot, SnapshotDelta
 from discovery.snapshot import build_dc_snapshot, build_snapshot
+from discovery.triggers import StateAny
 from discovery.watcher import CatalogSource, Watcher
 
 WAIT_S = 5.0  # an upper bound so a broken watcher fails the test instead of hanging it; never asserted on
@@ -124,6 +126,7 @@ class FakeConsul:
         self._rows = check_rows(self.entries)
         self._modified = dict.fromkeys(self._rows, self.index)
         self._instances = instances_of(self.entries)
+        self._written: dict[str, int] = {}  # instance ID -> the index it was last (re-)registered at
         self.down = False
         self.broken: set[str] = set()
         self.forbidden: set[str] = set()
@@ -154,6 +157,22 @@ class FakeConsul:
         self.reads[service] += 1
         await self._answer(f"health:{service}", 0, service)
         return self.index, copy.deepcopy(self.entries.get(service, []))
+
+    async def nodes(self, dc: str = "") -> list[str]:
+        assert dc == "", dc
+        await self._answer("nodes", 0)
+        self.reads["<nodes>"] += 1
+        return sorted({e["Node"]["Node"] for entries in self.entries.values() for e in entries})
+
+    async def node_services(self, node: str, dc: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """/v1/catalog/node/<node>: the node and every instance on it (each with the ModifyIndex of its last
+        write, as Consul lists them)."""
+        assert dc == "", dc
+        await self._answer("nodes", 0)
+        self.reads[f"<node {node}>"] += 1
+        on = [e for entries in self.entries.values() for e in entries if e["Node"]["Node"] == node]
+        return (copy.deepcopy(on[0]["Node"]) if on else {},
+                [{**copy.deepcopy(e["Service"]), "ModifyIndex": self._written.get(e["Service"]["ID"], 0)} for e in on])
 
     # What the test does to "Consul"
 
@@ -218,6 +237,7 @@ class FakeConsul:
         if moved or rows.keys() != self._rows.keys():
             self.tables["checks"] = self.index
         self._modified = {key: self.index if key in moved else self._modified[key] for key in rows}
+        self._written |= {key[1]: self.index for key, svc in instances.items() if self._instances.get(key) != svc}
         self._instances, self._rows = instances, rows
         self._wake()
 
@@ -258,6 +278,12 @@ class FakeDatacenters:
 
     async def health(self, service: str, index: int, dc: str = "") -> tuple[int, list[dict[str, Any]]]:
         return await self.dcs[dc].health(service, index)
+
+    async def nodes(self, dc: str = "") -> list[str]:
+        return await self.dcs[dc].nodes()
+
+    async def node_services(self, node: str, dc: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return await self.dcs[dc].node_services(node)
 
 
 class Harness:
@@ -412,6 +438,97 @@ class TestFirstSnapshot:
         await harness.started()
         await harness.stop()
         assert harness.consul.waiting == {}
+
+
+def many(count: int, nodes: int) -> Health:
+    """`count` routed services of two instances each, spread over `nodes` nodes; every third one's second
+    instance failing its check."""
+    return {f"s{n:03d}": [instance(f"s{n:03d}", f"s{n:03d}-{i}", 8000 + n, "critical" if i and n % 3 == 0 else
+                                   "passing", node=f"n{(n + i) % nodes}", tags=[f"urlprefix-/s{n:03d}"])
+                          for i in range(2)] for n in range(count)}
+
+
+class TestReadByNode:
+    """A large datacenter is read at start by node (its nodes' catalogs and state/any), not service by service,
+    when it has fewer nodes than half the services; the snapshot is the one reads by service give."""
+
+    async def test_many_services_on_few_nodes_are_read_by_node(self) -> None:
+        """80 services on 3 nodes: 4 requests instead of 80, and the same snapshot."""
+        health = many(80, nodes=3)
+        async with running(Harness.single(health)) as h:
+            first = await h.started()
+            assert first == expected(health)
+            assert h.reads() == Counter({"<nodes>": 1, "<node n0>": 1, "<node n1>": 1, "<node n2>": 1})
+
+    async def test_as_many_nodes_as_services_are_read_by_service(self) -> None:
+        """80 services on 80 nodes: node reads would not be fewer, so each service is read alone."""
+        health = many(80, nodes=80)
+        async with running(Harness.single(health)) as h:
+            first = await h.started()
+            assert first == expected(health)
+            assert h.reads()["<nodes>"] == 1 and not any(k.startswith("<node ") for k in h.reads())
+            assert sum(v for k, v in h.reads().items() if not k.startswith("<")) == 80
+
+    async def test_failing_node_reads_fall_back_to_reads_by_service(self) -> None:
+        """Node reads that fail leave each service to a read of its own; nothing is missing."""
+        health = many(80, nodes=3)
+        async with running(Harness.single(health)) as h:
+            h.consul.broken.add("nodes")
+            first = await h.started()
+            assert first == expected(health)
+            assert sum(v for k, v in h.reads().items() if not k.startswith("<")) == 80
+
+    async def test_changes_after_the_read_by_node_are_followed(self) -> None:
+        """After the read by node, a change to one service is read alone and handed over as a delta."""
+        health = many(80, nodes=3)
+        async with running(Harness.single(health)) as h:
+            await h.started()
+            changed = with_health(health, s005=[health["s005"][0]])
+            h.consul.change(s005=changed["s005"])
+            assert await h.next_snapshot() == expected(changed)
+            await h.settle()
+            assert h.reads()["s005"] == 1
+
+
+class RawConsul(FakeConsul):
+    """A FakeConsul whose state/any answers come as Consul sends them (bytes, read as a StateAny)."""
+
+    async def checks(self, index: int, dc: str = "") -> tuple[int, StateAny]:  # type: ignore[override]
+        returned, rows = await super().checks(index, dc)
+        return returned, StateAny(json.dumps(rows, separators=(",", ":")).encode())
+
+
+class TestRawStateAny:
+    """Answers kept as Consul sent them are compared on their text; what the watcher hands over is the same."""
+
+    async def test_changes_are_followed_from_raw_answers(self) -> None:
+        """A check turning critical and an instance going are each read alone and handed over."""
+        consul = RawConsul(HEALTH)
+        async with running(Harness(consul, consul)) as h:
+            await h.started()
+            reads = h.reads()
+            consul.change(api=[instance("api", "api-1", 9001, "critical")])
+            await h.until(lambda: h.current == expected(with_health(HEALTH, api=[
+                instance("api", "api-1", 9001, "critical")])))
+            consul.change(web=[HEALTH["web"][0]])
+            await h.until(lambda: h.current == expected(with_health(HEALTH, web=[HEALTH["web"][0]], api=[
+                instance("api", "api-1", 9001, "critical")])))
+            await h.settle()
+            assert h.reads() - reads == Counter({"api": 1, "web": 1})
+
+    async def test_an_unexplained_catalog_move_in_a_large_datacenter_is_read_by_node(self) -> None:
+        """80 services on 3 nodes, a move nothing explains: read again by node (4 requests), not 80 reads."""
+        health = many(80, nodes=3)
+        consul = RawConsul(health)
+        async with running(Harness(consul, consul)) as h:
+            await h.started()
+            reads = h.reads()
+            with capture_logs() as logs:
+                consul.rewrite()
+                await h.until(lambda: any(e["event"] == "read_by_node" for e in logs))
+                await h.settle()
+            assert h.reads() - reads == Counter({"<nodes>": 1, "<node n0>": 1, "<node n1>": 1, "<node n2>": 1})
+            assert h.nothing_handed_over()
 
 
 class TestChanges:
@@ -618,6 +735,24 @@ class TestWorkFollowsChanges:
 
             assert h.reads() - reads == Counter({"api": 1, "web": 1})
             assert h.nothing_handed_over()
+
+    async def test_a_deregistration_coalesced_with_a_later_change_reads_only_what_changed(self) -> None:
+        """web-2 deregistered, then api's check changed, both before state/any answers: its one answer shows web-2's
+        check gone and sits past the catalog's move, which that removal explains; nothing else is read."""
+        async with running(Harness.single()) as h:
+            await h.started()
+            reads = h.reads()
+
+            with capture_logs() as logs:
+                h.consul.change(web=[HEALTH["web"][0]])
+                h.consul.change(api=[instance("api", "api-1", 9001, "critical")])
+                await h.until(lambda: h.current == expected(with_health(
+                    HEALTH, web=[HEALTH["web"][0]], api=[instance("api", "api-1", 9001, "critical")])))
+                await asyncio.sleep(1.0)  # past the explanation's deadline (explain_max 0.6 s)
+                await h.settle()
+
+            assert h.reads() - reads == Counter({"web": 1, "api": 1})
+            assert not [e for e in logs if e["event"] == "catalog_resync"]
 
     async def test_a_re_registration_reads_only_that_service(self, harness: Harness) -> None:
         """A new port rewrites the instance's checks (their ModifyIndex): the catalog's move is explained."""
