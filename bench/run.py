@@ -411,6 +411,15 @@ def ferryman_has_workers_flag() -> bool:
     return "--workers" in out.stdout
 
 
+def ferryman_version() -> str:
+    """What `ferryman --version` says: the version and which build runs (compiled or pure Python, issue 18)."""
+    try:
+        out = subprocess.run([str(VENV_BIN / "ferryman"), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    return out.stdout.strip() or out.stderr.strip() or "unknown"
+
+
 def ferryman_argv(listen: int, admin: int, consul: int, workers: int, workers_flag: bool) -> list[str]:
     argv = [str(VENV_BIN / "ferryman"), "--listen", f"127.0.0.1:{listen}",
             "--admin-listen", f"127.0.0.1:{admin}", "--consul-addr", f"127.0.0.1:{consul}",
@@ -1471,6 +1480,7 @@ def render(runs: dict[str, list[Run]], mem: dict[str, Any], workers: int, durati
     out += [
         f"- load: `wrk -t1 -c64 -d{duration}s --latency` (and `-c8`), one proxy at a time, loopback; "
         f"backends: 1 nginx (1 worker) with two ports, registered in a Consul dev agent as one service",
+        f"- Ferryman's build: `{ferryman_version()}`",
         f"- proxies: Ferryman {workers} worker(s) (routing from Consul, round robin, metrics, JSON access "
         "log to a file), nginx 1 worker (upstream keepalive 64), HAProxy nbthread 1 (http-reuse always), "
         f"Caddy (Go, GOMAXPROCS = its default, {os.cpu_count()} here; round robin, upstream keep-alive 64 per "
@@ -1545,6 +1555,7 @@ def render(runs: dict[str, list[Run]], mem: dict[str, Any], workers: int, durati
                    f"{_num(f2_row.rps)} vs {_num(caddy_row.rps)} req/s ({_pct(f2_row.rps, caddy_row.rps)} of "
                    f"Caddy) | {verdict(f2_row.rps > caddy_row.rps)} |")
 
+    out += issue18_targets(r1, d, c2)
     if skipped or notes:
         out += ["", "## Notes", ""]
         out += [f"- {n}" for n in notes]
@@ -1553,6 +1564,26 @@ def render(runs: dict[str, list[Run]], mem: dict[str, Any], workers: int, durati
     out += ["", f"Whole run: {elapsed:.0f} s. Reproduce: `make bench` "
             "(or `.venv/bin/python bench/run.py --quick` for a smoke run)."]
     return "\n".join(out)
+
+
+def issue18_targets(r1: float | None, p99_delta: float | None, c2: tuple[Row, Row] | None) -> list[str]:
+    """The goals of issue 18 (a compiled hot path), from the same rounds as issue 3's table."""
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("yes" if ok else "no")
+
+    out = ["", "## Against the targets of issue 18", "", "| target | measured | met |", "|---|---|---|"]
+    out.append(f"| req per CPU-s ≥ 50% of nginx (1 KiB, c64, access log on) | "
+               f"{'n/a' if r1 is None else f'{100 * r1:.1f}%'} | {verdict(None if r1 is None else r1 >= 0.5)} |")
+    out.append(f"| p99 at 8 connections within 1 ms of nginx | "
+               f"{'n/a' if p99_delta is None else f'{p99_delta:+.2f} ms'} | "
+               f"{verdict(None if p99_delta is None else p99_delta <= 1.0)} |")
+    if c2 is None:
+        out.append(f"| {FERRY2_WORKERS} workers ≥ 2 x Caddy's req/s (1 KiB, c64) | n/a (not measured) | n/a |")
+    else:
+        caddy_row, f2_row = c2
+        out.append(f"| {FERRY2_WORKERS} workers ≥ 2 x Caddy's req/s (1 KiB, c64) | "
+                   f"{_pct(f2_row.rps, caddy_row.rps)} of Caddy | {verdict(f2_row.rps >= 2 * caddy_row.rps)} |")
+    return out
 
 
 if __name__ == "__main__":
