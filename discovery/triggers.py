@@ -95,6 +95,32 @@ def routed(catalog: Mapping[str, Any], prefix: str = DEFAULT_PREFIX, also: Itera
     return names | (set(also) & catalog.keys())
 
 
+def place_on_nodes(on_node: dict[str, set[str]], name: str, before: Iterable[Any], after: Iterable[Any]) -> None:
+    """Keep `on_node` (node -> services with instances there) true after a service's health entries went from
+    `before` to `after`: it leaves the nodes it no longer runs on, and a node with no service left is dropped
+    (otherwise the map only grows as instances move and nodes come and go, and a node's check wakes reads of
+    services long gone from it)."""
+    old, new = _entry_nodes(before), _entry_nodes(after)
+    for node in old - new:
+        names = on_node.get(node)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del on_node[node]
+    for node in new:
+        on_node.setdefault(node, set()).add(name)
+
+
+def _entry_nodes(entries: Iterable[Any]) -> set[str]:
+    """The nodes of /v1/health/service entries (each entry's Node.Node)."""
+    nodes = set()
+    for entry in entries:
+        node = entry.get("Node") if isinstance(entry, dict) else None
+        if isinstance(node, dict) and isinstance(node.get("Node"), str):
+            nodes.add(node["Node"])
+    return nodes
+
+
 def catalog_changes(
     before: Mapping[str, Any], after: Mapping[str, Any], wanted: set[str],
 ) -> tuple[set[str], set[str]]:

@@ -33,6 +33,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 
+from . import triggers
 from .consul import ConsulError
 from .follow import DEFAULT_LIMIT, Backoff, Outage, RateLimit, follow
 from .model import Problem, ServiceRoutes, Snapshot, SnapshotDelta
@@ -158,13 +159,10 @@ class _Services(_HandOver):
     _known_problems: dict[str, set[Problem]]
 
     def _read(self, name: str, dc: str, entries: list[dict[str, Any]]) -> None:
-        self._health.setdefault(name, {})[dc] = entries
+        known = self._health.setdefault(name, {})
+        triggers.place_on_nodes(self._on_node.setdefault(dc, {}), name, known.get(dc, ()), entries)
+        known[dc] = entries
         self._read_checks.setdefault(dc, {})[name] = Checks.of_service(name, entries)
-        on_node = self._on_node.setdefault(dc, {})
-        for entry in entries:
-            node = entry.get("Node") if isinstance(entry, dict) else None
-            if isinstance(node, dict) and isinstance(node.get("Node"), str):
-                on_node.setdefault(node["Node"], set()).add(name)
         self._rebuild(name)
 
     def _forget(self, name: str, dc: str) -> None:
@@ -172,7 +170,7 @@ class _Services(_HandOver):
         self._unread.discard((name, dc))
         known = self._health.get(name)
         if known is not None and dc in known:
-            del known[dc]
+            triggers.place_on_nodes(self._on_node.setdefault(dc, {}), name, known.pop(dc), ())
             if not known:
                 del self._health[name]
             self._rebuild(name)

@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from discovery.triggers import Checks, StateAny, catalog_changes, changed_checks, health_changes, routed
+from discovery.triggers import (
+    Checks,
+    StateAny,
+    catalog_changes,
+    changed_checks,
+    health_changes,
+    place_on_nodes,
+    routed,
+)
 
 
 def svc_check(service: str, instance_id: str, status: str = "passing", *, node: str = "node-1",
@@ -121,6 +129,41 @@ class TestHealthChanges:
 
     def test_from_nothing_every_service_with_checks_changed(self) -> None:
         assert health_changes(Checks(), Checks.read(BASE), {}) == {"web", "api"}
+
+
+def entry(node: str) -> dict[str, Any]:
+    """One /v1/health/service entry, as far as its node goes."""
+    return {"Node": {"Node": node}, "Service": {"ID": f"x-{node}"}, "Checks": []}
+
+
+class TestPlaceOnNodes:
+    """Which services run on each node follows every read: a service leaves the nodes it moved off, and a node
+    no service runs on any more is forgotten (the map never only grows)."""
+
+    @pytest.mark.parametrize(
+        ("on_node", "before", "after", "expected"),
+        [
+            pytest.param({}, [], ["a", "b"], {"a": {"web"}, "b": {"web"}}, id="first-read"),
+            pytest.param({"a": {"web"}}, ["a"], ["b"], {"b": {"web"}}, id="moved-to-another-node"),
+            pytest.param({"a": {"web", "api"}}, ["a"], ["b"], {"a": {"api"}, "b": {"web"}},
+                         id="moved-off-a-shared-node"),
+            pytest.param({"a": {"web"}, "b": {"web"}}, ["a", "b"], [], {}, id="gone"),
+            pytest.param({"a": {"web"}}, ["a"], ["a", "a"], {"a": {"web"}}, id="two-instances-on-one-node"),
+        ],
+    )
+    def test_place(self, on_node: dict[str, set[str]], before: list[str], after: list[str],
+                   expected: dict[str, set[str]]) -> None:
+        place_on_nodes(on_node, "web", [entry(n) for n in before], [entry(n) for n in after])
+        assert on_node == expected
+
+    def test_a_node_check_then_names_only_the_services_still_there(self) -> None:
+        """After web moved from node-1 to node-2, node-1's serfHealth failing names nothing to read."""
+        on_node: dict[str, set[str]] = {}
+        place_on_nodes(on_node, "web", [], [entry("node-1")])
+        place_on_nodes(on_node, "web", [entry("node-1")], [entry("node-2")])
+        before = Checks.read([node_check("node-1")])
+        after = Checks.read([node_check("node-1", status="critical")])
+        assert health_changes(before, after, on_node) == set()
 
 
 class TestRouted:
