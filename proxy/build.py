@@ -2,12 +2,12 @@
 
 How it works. mypyc (part of mypy, the dev extra) type-checks the modules with the project's mypy settings and
 writes C for them into build/mypyc/ (git ignores build/); setuptools' build_ext compiles that with the
-interpreter's C compiler into one shared library (`ferryman__mypyc`, where calls between the modules stay
-native) and a small extension per module. The results replace `proxy/_mypyc/` whole, with a manifest holding
-each source's SHA-256, which `proxy/compiled.py` checks before it loads anything from there. Without a C
-compiler, Python's headers or mypyc this prints why and leaves the pure-Python build in place (exit status
-0, or 1 with --require, for builds that must ship compiled code such as the container image). A build that is
-still current is not redone.
+interpreter's C compiler into one shared library (`ferryman__mypyc`, where calls between the modules stay native)
+and a small extension per module. The results replace `proxy/_mypyc/` whole, with a manifest holding each compiled
+source's SHA-256 and one over every module of proxy/ and discovery/, which `proxy/compiled.py` checks before it
+loads anything from there. Without a C compiler, Python's headers or mypyc this prints why and leaves the pure-
+Python build in place (exit status 0, or 1 with --require, for builds that must ship compiled code such as the
+container image). A build that is still current is not redone.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from .compiled import BUILD_DIR, MANIFEST, MODULES, ROOT, read_manifest, source_hash, source_path
+from .compiled import BUILD_DIR, MANIFEST, MODULES, ROOT, read_manifest, source_hash, source_path, tree_hash
 
 WORK_DIR: Final = ROOT / "build" / "mypyc"
 GROUP: Final = "ferryman"  # mypyc's shared library is then the top-level module `ferryman__mypyc`
@@ -50,6 +50,7 @@ def compile_modules(modules: Sequence[str], jobs: int) -> dict[str, object]:
     from setuptools import Distribution
 
     sources = {module: source_hash(module) for module in modules}  # before mypyc reads them
+    tree = tree_hash()
     shutil.rmtree(WORK_DIR, ignore_errors=True)
     os.chdir(ROOT)  # mypy reads the project's settings (pyproject.toml) and names modules from here
     extensions = mypycify([str(source_path(m).relative_to(ROOT)) for m in modules], opt_level="3",
@@ -74,6 +75,7 @@ def compile_modules(modules: Sequence[str], jobs: int) -> dict[str, object]:
     manifest: dict[str, object] = {
         "compiler": f"mypyc {mypy_version}", "cache_tag": sys.implementation.cache_tag, "modules": files,
         "libraries": {library: library + suffix}, "sources": sources,
+        "tree": tree,
     }
     (staged / MANIFEST.name).write_text(json.dumps(manifest, indent=1) + "\n")
     shutil.rmtree(BUILD_DIR, ignore_errors=True)

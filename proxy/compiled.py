@@ -1,12 +1,13 @@
 """Which build of the hot path runs: the mypyc-compiled modules or the pure-Python source they are built from.
 
 How it works. `python -m proxy.build` (run by `make venv`, `make compiled` and the Dockerfile) compiles the
-modules in `MODULES` with mypyc into `proxy/_mypyc/`, beside a manifest naming each module's extension file
-and the SHA-256 of the source it was compiled from. The source stays the single source of truth: nothing is
-written next to it, so an edited `.py` is never shadowed by an old `.so`. When the `proxy` package is
-imported, `select()` reads the manifest and, when the build matches this interpreter and every source still
-hashes as it did, puts a finder first on `sys.meta_path` that loads exactly those modules (and mypyc's shared
-library) from their extension files; every other module, and all of them in the pure build, come from source.
+modules in `MODULES` with mypyc into `proxy/_mypyc/`, beside a manifest naming each module's extension file and
+the SHA-256 of the source it was compiled from, with one over every module of proxy/ and discovery/. The source
+stays the single source of truth: nothing is written next to it, so an edited `.py` is never shadowed by an old
+`.so`. When the `proxy` package is imported, `select()` reads the manifest and, when the build matches this
+interpreter and every source still hashes as it did, puts a finder first on `sys.meta_path` that loads exactly
+those modules (and mypyc's shared library) from their extension files; every other module, and all of them in the
+pure build, come from source.
 
 `FERRYMAN_BUILD` chooses: `auto` (the default: compiled when a current build is there, else pure Python),
 `pure` (always the source) or `compiled` (the compiled build or an ImportError saying why not: what a test of
@@ -50,6 +51,7 @@ PACKAGE_DIR: Final = Path(__file__).resolve().parent
 ROOT: Final = PACKAGE_DIR.parent
 BUILD_DIR: Final = PACKAGE_DIR / "_mypyc"
 MANIFEST: Final = BUILD_DIR / "manifest.json"
+PACKAGES: Final = ("discovery", "proxy")  # every module whose source the manifest's tree hash covers
 ENV: Final = "FERRYMAN_BUILD"
 CHOICES: Final = ("auto", "pure", "compiled")
 
@@ -97,6 +99,20 @@ class CompiledFinder(MetaPathFinder):
         return importlib.machinery.ModuleSpec(fullname, loader, origin=str(file))
 
 
+def tree_hash(root: Path = ROOT) -> str:
+    """One SHA-256 over every module of the two packages (names and contents). mypyc copies what compiled code
+    imports from interpreted modules into the build (a `Final` constant's value, a field's type that it then
+    checks): an edit anywhere in them, not only in a compiled module, makes the build stale."""
+    digest = hashlib.sha256()
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            relative = path.relative_to(root)
+            if relative.parts[:2] == ("proxy", BUILD_DIR.name):
+                continue
+            digest.update(str(relative).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def read_manifest(build_dir: Path = BUILD_DIR) -> tuple[dict[str, Any] | None, str]:
     """The manifest of a current build for this interpreter, or None and why there is none."""
     path = build_dir / MANIFEST.name
@@ -116,6 +132,8 @@ def read_manifest(build_dir: Path = BUILD_DIR) -> tuple[dict[str, Any] | None, s
             return None, f"the source of {module} is missing"
         if sources.get(module) != current:
             return None, f"{source_path(module).relative_to(ROOT)} changed since the build (python -m proxy.build)"
+    if manifest.get("tree") != tree_hash():
+        return None, "a module of proxy/ or discovery/ changed since the build (python -m proxy.build)"
     return manifest, ""
 
 

@@ -145,9 +145,12 @@ def request_from_fields(
     return req
 
 
-_MEMO_SIZE: Final = 16  # heads kept per connection; emptied when full (a client varying its heads parses as before)
-# The largest head kept (names and values): a connection holds at most 16 x 4 KiB for it, where a client sending
-# 16 heads at the header limit would otherwise pin a megabyte. Larger heads are read each time, as before.
+_MEMO_SIZE: Final = 8  # heads kept per connection; emptied when full (a client varying its heads parses as before)
+# The largest head kept: at most 32 fields and 4 KiB counted as HPACK counts a header list (RFC 7541 §4.1: 32
+# bytes a field on top of its name and value, about what a field costs in Python objects). A connection then holds
+# about 33 KiB at most for its memo (8 heads of 32 fields near 4 KiB; tests/unit/proxy/h2/test_head.py keeps it
+# under 64 KiB), where heads of many small fields would pin 600 KiB or more. Larger heads are read each time.
+_MEMO_HEAD_FIELDS: Final = 32
 _MEMO_HEAD_BYTES: Final = 4096
 
 
@@ -159,8 +162,8 @@ class HeadMemo:
     the fields, and copied into a new `Request` instead of reading them again (that reading was a tenth of an
     HTTP/2 request's CPU time). Kept only for a head that passed (a malformed one raises every time, one refused
     gets its own error), that carries no request id (unique to each request: it would only push the others
-    out), and that is small (_MEMO_HEAD_BYTES: memory per connection stays bounded). Another ListenerLimits (a
-    reload) empties it."""
+    out), and that is small (_MEMO_HEAD_FIELDS, _MEMO_HEAD_BYTES: memory per connection stays bounded).
+    Another ListenerLimits (a reload) empties it."""
 
     __slots__ = ("heads", "limits")
 
@@ -177,8 +180,8 @@ class HeadMemo:
         seen = heads.get(key)
         if seen is None:
             req = request_from_fields(fields, limits, end_stream=end_stream)
-            if (not req.request_id and req.bad is None
-                    and sum(len(name) + len(value) for name, value in fields) <= _MEMO_HEAD_BYTES):
+            if (not req.request_id and req.bad is None and len(fields) <= _MEMO_HEAD_FIELDS
+                    and sum(32 + len(name) + len(value) for name, value in fields) <= _MEMO_HEAD_BYTES):
                 if len(heads) >= _MEMO_SIZE:
                     heads.clear()
                 seen = heads[key] = Request()

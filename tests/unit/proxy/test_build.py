@@ -86,7 +86,7 @@ class TestSelection:
         manifest: dict[str, object] = {
             "compiler": "mypyc 0", "cache_tag": sys.implementation.cache_tag,
             "modules": {"proxy.headers": "proxy/headers.so"}, "libraries": {},
-            "sources": {"proxy.headers": compiled.source_hash("proxy.headers")},
+            "sources": {"proxy.headers": compiled.source_hash("proxy.headers")}, "tree": compiled.tree_hash(),
         }
         manifest.update(changes)
         build_dir.mkdir(exist_ok=True)
@@ -95,7 +95,8 @@ class TestSelection:
     @pytest.mark.parametrize(("changes", "why"), [
         ({"cache_tag": "cpython-20"}, "compiled for cpython-20"),
         ({"sources": {"proxy.headers": "0" * 64}}, "proxy/headers.py changed since the build"),
-    ], ids=["other-python", "edited-source"])
+        ({"tree": "0" * 64}, "a module of proxy/ or discovery/ changed since the build"),
+    ], ids=["other-python", "edited-source", "edited-interpreted-module"])
     def test_a_build_that_does_not_fit_is_not_loaded(self, tmp_path: Path, changes: dict[str, object],
                                                      why: str) -> None:
         self.write(tmp_path, **changes)
@@ -105,6 +106,22 @@ class TestSelection:
         assert sys.meta_path == finders
         with pytest.raises(ImportError, match=why):
             compiled.select({"FERRYMAN_BUILD": "compiled"}, tmp_path)
+
+    def test_the_tree_hash_covers_every_module_of_both_packages_but_the_build(self, tmp_path: Path) -> None:
+        """An edit to any module of proxy/ or discovery/ changes the hash (mypyc copies constants and types from
+        interpreted modules into compiled ones); the build's own files do not."""
+        for name in ("discovery/model.py", "proxy/proxyproto.py", "proxy/h2/codec.py", "proxy/_mypyc/x.py"):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text("LIMIT: Final = 5\n")
+        first = compiled.tree_hash(tmp_path)
+        (tmp_path / "proxy/_mypyc/x.py").write_text("changed\n")
+        assert compiled.tree_hash(tmp_path) == first
+        for name in ("discovery/model.py", "proxy/proxyproto.py", "proxy/h2/codec.py"):
+            (tmp_path / name).write_text("LIMIT: Final = 6\n")
+            assert compiled.tree_hash(tmp_path) != first, name
+            (tmp_path / name).write_text("LIMIT: Final = 5\n")
+        (tmp_path / "proxy/new.py").write_text("\n")
+        assert compiled.tree_hash(tmp_path) != first
 
     def test_no_build_is_pure_python(self, tmp_path: Path) -> None:
         build = compiled.select({}, tmp_path)

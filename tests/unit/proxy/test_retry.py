@@ -85,8 +85,11 @@ def test_a_timeout_stops_every_later_retry() -> None:
         (UpstreamTimeout("hung"), True, False, True),
         (RequestTimeout("client"), True, False, False),
         (UpstreamProtocolError("garbage"), True, False, False),
+        (UpstreamStreamRefused("at its stream limit"), True, False, False),
+        (UpstreamStreamRefused("going away"), True, True, False),
     ],
-    ids=["refused", "connect-timeout", "stale-pooled", "reset-fresh", "hung", "client-timeout", "bad-response"],
+    ids=["refused", "connect-timeout", "stale-pooled", "reset-fresh", "hung", "client-timeout", "bad-response",
+         "h2-stream-refused-fresh", "h2-stream-refused-reused"],
 )
 def test_counts_against_instance(err: ProxyError, connected: bool, reused: bool, counts: bool) -> None:
     assert counts_against_instance(err, connected=connected, reused=reused) is counts

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from dataclasses import replace
 
 import pytest
@@ -99,6 +101,29 @@ class TestHeadMemo:
                for i in range(3)]
         assert ids == [b"id-0", b"id-1", b"id-2"]
         assert memo.request(GET, limits, end_stream=True).request_id == b""
+
+    @pytest.mark.parametrize("extra", [
+        [(b"cookie", b"%c" % (97 + i % 26)) for i in range(570)],
+        [(b"x-f%02d" % i, b"v" * 80) for i in range(28)],
+        [(b"x-f%02d" % i, b"v" * 400) for i in range(6)],
+    ], ids=["570-one-byte-cookies", "32-fields-near-4-KiB", "few-long-fields"])
+    def test_what_a_connection_holds_stays_bounded(self, extra: Fields) -> None:
+        """Forty distinct heads of the given shape leave at most 64 KiB held by one connection's memo."""
+        memo, limits = HeadMemo(), ListenerLimits()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(40):
+                head = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"example.com"),
+                        (b":path", b"/%d" % i), *((bytes(n), bytes(v)) for n, v in extra)]
+                memo.request(head, limits, end_stream=True)
+                del head
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert held <= 64 * 1024
 
     def test_new_limits_read_the_head_again(self) -> None:
         """After a reload lowers a limit, a head taken before is refused."""
