@@ -5,11 +5,13 @@ exist, with their tags) and /v1/health/state/any (every check). When either answ
 services whose instances must be read again, and only those are read, with /v1/health/service/<name> (a few
 at a time: `fetch_concurrency`). Each service is rebuilt alone (`snapshot.build_service`) and the services
 that changed go out as one `SnapshotDelta`; a burst (a deploy replacing 500 instances) is coalesced: at most
-one hand-over per `min_interval`, the first at once. While nothing changes the two queries block for `wait`
-and nothing else is asked of Consul. A large datacenter (more routed services than twice its nodes) is read by
-node at start, and again when a catalog move nothing explains makes every service due (`_NodeReads`,
-`nodes.py`): a few requests instead of one per service. state/any answers are compared on their raw text
-(`triggers.StateAny`), so a change among 30,000 checks costs tens of milliseconds, not the decoding of all.
+one hand-over per `min_interval`, the first at once (`handover.py`). While nothing changes the two queries
+block for `wait` and nothing else is asked of Consul. A large datacenter (more routed services than twice its
+nodes) is read by node at start, and again when a catalog move nothing explains makes every service due
+(`_NodeReads`, `nodes.py`): a few requests instead of one per service; a service read alone while the node
+reads were under way keeps that read, and a move during them reads by node once more after them. state/any
+answers are compared on their raw text (`triggers.StateAny`), so a change among 30,000 checks costs tens of
+milliseconds, not the decoding of all.
 
 Every loop is the blocking-query loop of `follow.py` (index rules, backoff, token-bucket rate limit), and all
 share one outage bookkeeping: the first failure of an outage logs `consul_unreachable`, the moment every
@@ -27,25 +29,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 
-from . import triggers
 from .consul import ConsulError
 from .follow import DEFAULT_LIMIT, Backoff, Outage, RateLimit, follow
-from .model import Problem, ServiceRoutes, Snapshot, SnapshotDelta
+from .handover import OnChange as OnChange  # (proxy/app.py takes it from here)
+from .handover import Services
+from .model import Problem, Snapshot
 from .nodes import entries_from_nodes
-from .snapshot import build_service, datacenter_switches, serving_datacenters
 from .tags import DEFAULT_PREFIX
 from .tasks import start_task
 from .triggers import Checks, CheckView, StateAny, catalog_changes, changed_checks, health_changes, routed
 
 log = structlog.get_logger("ferryman.discovery")
 
-OnChange = Callable[[Snapshot | SnapshotDelta], None]
 T = TypeVar("T")
 # A catalog change that shows nothing new is explained by a check written at the same index (an instance with a
 # check came, went or changed: both answers carry that index). Until state/any has answered at or past that index
@@ -84,120 +86,7 @@ def _query(what: str, dc: str) -> str:
     return f"{what}@{dc}" if dc else what
 
 
-class _HandOver:
-    """The hand-over half of the watcher: the services built since the last hand-over, and when they go out
-    (the first Snapshot once everything was read, then SnapshotDeltas, at most one per `min_interval`)."""
-
-    _catalog_pending: set[str]
-    _catalogs: dict[str, dict[str, list[str]]]
-    _unread: set[tuple[str, str]]
-    synced: asyncio.Event
-
-    def __init__(self, on_change: OnChange, min_interval: float) -> None:
-        self._on_change = on_change
-        self._current: dict[str, ServiceRoutes] = {}  # what was handed over, by service
-        self._pending: dict[str, ServiceRoutes | None] = {}  # built, not handed over yet (None: gone)
-        self._min_interval = min_interval
-        self._last_handover = float("-inf")
-        self._flush_handle: asyncio.TimerHandle | None = None
-        self._last: Snapshot | None = None
-        self._serving: dict[str, str] = {}  # service -> the datacenter that last served it (several followed)
-
-    def _maybe_hand_over(self) -> None:
-        """Hand the pending changes over now, or once `min_interval` has passed since the last hand-over."""
-        if self._catalog_pending or not self._catalogs or self._unread:
-            return  # nothing before every catalog answered and each routed service was read once
-        if not self._pending and self._last is not None:
-            return
-        loop = asyncio.get_running_loop()
-        due = self._last_handover + self._min_interval - loop.time()
-        if due <= 0:
-            self._hand_over()
-        elif self._flush_handle is None:
-            self._flush_handle = loop.call_later(due, self._hand_over)
-
-    def _hand_over(self) -> None:
-        self._flush_handle = None
-        pending, self._pending = self._pending, {}
-        self._last_handover = asyncio.get_running_loop().time()
-        changed = tuple(s for s in pending.values() if s is not None)
-        removed = tuple(n for n, s in pending.items() if s is None and n in self._current)
-        for svc in changed:
-            self._current[svc.name] = svc
-        for name in removed:
-            del self._current[name]
-        self._log_failovers(changed)
-        if self._last is None:
-            self._last = Snapshot(tuple(sorted(self._current.values(), key=lambda s: s.name)))
-            self.synced.set()
-            self._on_change(self._last)
-            return
-        delta = SnapshotDelta(tuple(sorted(changed, key=lambda s: s.name)), removed)
-        if not delta:
-            return
-        self._last = self._last.apply(delta)
-        self._on_change(delta)
-
-    def _log_failovers(self, changed: tuple[ServiceRoutes, ...]) -> None:
-        serving = serving_datacenters(changed)
-        for service, was, now in datacenter_switches(self._serving, serving):
-            log.info("datacenter_failover", service=service, **{"from": was}, to=now)
-        self._serving.update(serving)
-
-
-class _Services(_HandOver):
-    """What the reads of each service became: its health entries per datacenter, and the service rebuilt alone."""
-
-    _health: dict[str, dict[str, list[dict[str, Any]]]]
-    _read_checks: dict[str, dict[str, frozenset[CheckView]]]
-    _on_node: dict[str, dict[str, set[str]]]
-    _dirty: set[tuple[str, str]]
-    _datacenters: tuple[str, ...]
-    _prefix: str
-    _matcher: str
-    also: frozenset[str]
-    _known_problems: dict[str, set[Problem]]
-
-    def _read(self, name: str, dc: str, entries: list[dict[str, Any]]) -> None:
-        known = self._health.setdefault(name, {})
-        triggers.place_on_nodes(self._on_node.setdefault(dc, {}), name, known.get(dc, ()), entries)
-        known[dc] = entries
-        self._read_checks.setdefault(dc, {})[name] = Checks.of_service(name, entries)
-        self._rebuild(name)
-
-    def _forget(self, name: str, dc: str) -> None:
-        self._dirty.discard((name, dc))
-        self._unread.discard((name, dc))
-        known = self._health.get(name)
-        if known is not None and dc in known:
-            triggers.place_on_nodes(self._on_node.setdefault(dc, {}), name, known.pop(dc), ())
-            if not known:
-                del self._health[name]
-            self._rebuild(name)
-
-    def _rebuild(self, name: str) -> None:
-        known = self._health.get(name, {})
-        svc, problems = build_service(name, self._datacenters, known, self._prefix, name in self.also,
-                                      self._merged_tags(name), matcher=self._matcher)
-        fresh = set(problems) - self._known_problems.get(name, set())
-        for problem in sorted(fresh, key=lambda p: (p.service, p.item)):
-            log.warning(problem.kind, service=problem.service, tag=problem.item, error=problem.detail)
-        self._known_problems[name] = set(problems)
-        if svc != self._current.get(name):
-            self._pending[name] = svc
-        else:
-            self._pending.pop(name, None)
-
-    def _merged_tags(self, name: str) -> list[str]:
-        tags: list[str] = []
-        for dc in self._datacenters:
-            for tag in self._catalogs.get(dc, {}).get(name) or ():
-                if tag not in tags:
-                    tags.append(tag)
-        return tags
-
-
-class _NodeReads(_Services):
+class _NodeReads(Services):
     """Most of a large datacenter read by node, with a state/any answer (nodes.py), instead of one read per
     service: at start (the services wait in `_by_node`, and in `_unread`, meanwhile), and when a catalog move
     nothing explains makes every routed service due again (`_resync`)."""
@@ -214,7 +103,10 @@ class _NodeReads(_Services):
     _first_answers: dict[str, asyncio.Event]  # per datacenter: its first catalog and checks answers are in
     _raw: dict[str, StateAny]  # per datacenter: state/any as last read
     _checks_at: dict[str, int]
+    _raw_at: dict[str, int]  # per datacenter: the index of that answer
     _resyncing: set[str]  # datacenters being read again by node
+    _resync_again: set[str]  # datacenters asked to resync while they were: once more after it
+    _reads_done: itertools.count[int]
     _side_tasks: set[asyncio.Task[None]]
 
     def _by_service(self, dc: str, names: set[str] | None = None) -> None:
@@ -233,35 +125,46 @@ class _NodeReads(_Services):
         if first is None:  # state/any failed: no checks to put the entries together with
             self._by_service(dc)
             return
-        await self._read_by_node(dc, names, *first, start=True)
+        await self._read_by_node(dc, names, *first, start=True, mark=next(self._reads_done))
 
     def _resync(self, dc: str) -> None:
         """Every routed service of the datacenter is due again: read by node when it is large and state/any's
         last answer is at hand as Consul sent it, else one by one (rate-limited by the readers)."""
+        if dc in self._resyncing:
+            # Its node reads may have been answered before the move that asks for this: once more after it.
+            self._resync_again.add(dc)
+            return
         wanted = self._wanted.get(dc, set())
-        raw = self._raw.get(dc)
-        if raw is None or len(wanted) < NODE_READS_FROM or dc in self._resyncing:
-            if dc not in self._resyncing:
-                self._by_service(dc, wanted)
+        raw, index = self._raw.get(dc), self._raw_at.get(dc, 0)
+        if raw is None or len(wanted) < NODE_READS_FROM:
+            self._by_service(dc, wanted)
             return
         self._resyncing.add(dc)
+        mark = next(self._reads_done)  # a service read alone after this is newer than what the nodes may say
 
         async def again() -> None:
             try:
-                await self._read_by_node(dc, set(wanted), self._checks_at.get(dc, 0), raw.checks(), start=False)
+                await self._read_by_node(dc, set(wanted), index, raw.checks(), start=False, mark=mark)
             except ValueError:  # an answer that does not decode (the checks loop said so already)
+                self._resync_again.discard(dc)
                 self._by_service(dc, wanted)
             finally:
                 self._resyncing.discard(dc)
+            if dc in self._resync_again:
+                self._resync_again.discard(dc)
+                self._resync(dc)
 
         task = start_task(again(), _query("consul-resync", dc))
         self._side_tasks.add(task)  # (cancelled with the watcher)
         task.add_done_callback(self._side_tasks.discard)
 
     async def _read_by_node(self, dc: str, names: set[str], index: int, checks: list[dict[str, Any]], *,
-                            start: bool) -> None:
+                            start: bool, mark: int) -> None:
         """Read `names` by node with state/any's answer `checks` (read at `index`); `start`: the first read,
-        which fills in the services not read yet (`_unread`); else services read since are left as they are."""
+        which fills in the services not read yet (`_unread`); else those whose entries differ. A service read
+        alone since `mark` (taken before the node reads), or about to be, keeps that read: the nodes may have
+        answered before it (an instance deregistered meanwhile would come back, and nothing would take it
+        out again)."""
         try:
             nodes = await _timed(self._on_request, "nodes", self._source.nodes(dc))
             if len(nodes) * 2 > len(names):
@@ -287,7 +190,8 @@ class _NodeReads(_Services):
         busy = self._dirty | self._reading
         for count, (name, found) in enumerate(sorted(entries.items()), 1):
             due = (name, dc) in self._unread if start else self._health.get(name, {}).get(dc) != found
-            if name in wanted and due and (name, dc) not in busy:
+            newer = (name, dc) in busy or self._read_at.get((name, dc), -1) > mark
+            if name in wanted and due and not newer:
                 self._read(name, dc, found)
                 self._unread.discard((name, dc))
             if count % 1000 == 0:
@@ -330,10 +234,10 @@ class Watcher(_NodeReads):
         self._catalog_pending: set[str] = set(self._datacenters)  # datacenters whose first catalog is due
         self._checks: dict[str, Checks] = {}  # per datacenter: state/any as last read (a source of decoded lists)
         self._raw: dict[str, StateAny] = {}  # per datacenter: state/any as last read, as Consul sent it
+        self._raw_at: dict[str, int] = {}  # and the index it answered at
         self._catalog_index: dict[str, int] = {}  # per datacenter: the index of the catalog last read
         self._check_writes: dict[str, set[int]] = {}  # per datacenter: indexes checks were written at
         self._check_answers: dict[str, collections.deque[int]] = {}  # and the indexes state/any answered at
-        self._removals: dict[str, collections.deque[tuple[int, int]]] = {}  # (since, at]: checks removed within
         self._checks_at: dict[str, int] = {}  # the highest index state/any answered at
         self._explaining: set[tuple[str, int]] = set()  # catalog changes waiting to be explained
         self._wanted: dict[str, set[str]] = {}  # per datacenter: the services it routes (from its catalog)
@@ -353,6 +257,9 @@ class Watcher(_NodeReads):
         self._first_checks: dict[str, tuple[int, list[dict[str, Any]]]] = {}
         self._first_answers = {dc: asyncio.Event() for dc in self._datacenters}
         self._resyncing: set[str] = set()
+        self._resync_again: set[str] = set()
+        self._reads_done = itertools.count()  # completed reads alone, counted (`_read_at`)
+        self._read_at: dict[tuple[str, str], int] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._answered: dict[str, set[str]] = {dc: set() for dc in self._datacenters}  # which first answers came
         self.synced = asyncio.Event()
@@ -458,10 +365,10 @@ class Watcher(_NodeReads):
     def _explain(self, dc: str, index: int, deadline: float) -> None:
         """A catalog change no check change came with: every routed service of the datacenter is read again
         (rate-limited by the readers), since nothing tells which one gained or lost an instance without checks."""
-        if (index in self._check_writes.get(dc, ()) or index in self._check_answers.get(dc, ())
-                or any(since < index <= at for since, at in self._removals.get(dc, ()))):
-            # Explained: a check was written with it, or removed (at that index, or between two answers
-            # around it: a deregistration coalesced with other changes), and its service is being read.
+        if index in self._check_writes.get(dc, ()) or index in self._check_answers.get(dc, ()):
+            # Explained: a check was written or removed at that index, and its service is being read. A check
+            # removed between two answers (at an index neither shows) explains nothing: another instance, one
+            # without checks, may have gone at any index in between.
             self._explaining.discard((dc, index))
             return
         loop = asyncio.get_running_loop()
@@ -480,10 +387,8 @@ class Watcher(_NodeReads):
                 return  # the wait ran out at the same index: nothing changed
             # The indexes state/any answered at (a catalog change at one of them came with a check change).
             self._check_answers.setdefault(dc, collections.deque(maxlen=256)).append(index)
-            since, self._checks_at[dc] = self._checks_at.get(dc, 0), max(self._checks_at.get(dc, 0), index)
-            changed, removed = self._checks_changed(dc, index, checks)
-            if removed:  # a check deleted since the last answer, at an index this answer does not show
-                self._removals.setdefault(dc, collections.deque(maxlen=256)).append((since, index))
+            self._checks_at[dc] = max(self._checks_at.get(dc, 0), index)
+            changed = self._checks_changed(dc, index, checks)
             wanted = self._wanted.get(dc, set())
             self._dirty |= {(name, dc) for name in changed if name in wanted}
             self._wake.set()
@@ -500,14 +405,13 @@ class Watcher(_NodeReads):
                      query=_query("checks", dc), outage=self._outage, limit=self._limit, backoff=self._backoff(),
                      on_failure=failed)
 
-    def _checks_changed(self, dc: str, index: int, checks: Sequence[dict[str, Any]]) -> tuple[set[str], bool]:
-        """The services a state/any answer names, and whether some check was removed: compared on the raw text
-        with the last answer when both are StateAny (the check rows that differ), else decoded and compared
-        whole."""
+    def _checks_changed(self, dc: str, index: int, checks: Sequence[dict[str, Any]]) -> set[str]:
+        """The services a state/any answer names: compared on the raw text with the last answer when both are
+        StateAny (the check rows that differ), else decoded and compared whole."""
         raw = checks if isinstance(checks, StateAny) else None
         previous = self._raw.get(dc)
         if raw is not None:
-            self._raw[dc] = raw
+            self._raw[dc], self._raw_at[dc] = raw, index
         if previous is not None and raw is not None:
             changes = changed_checks(previous, raw)
             if changes is not None:
@@ -518,7 +422,7 @@ class Watcher(_NodeReads):
                     self._check_writes[dc] = {i for i in writes if i >= floor}
                 on_node = self._on_node.get(dc, {})
                 named = set(changes.services).union(*(on_node.get(node, ()) for node in changes.nodes))
-                return named, changes.removed
+                return named
             before: Checks | None = Checks.read(previous)
         else:
             before = self._checks.get(dc)
@@ -534,10 +438,7 @@ class Watcher(_NodeReads):
                                                                   for n in self._by_node.get(dc, ())}}, after.nodes)
             self._first_checks[dc] = (index, raw.checks() if raw is not None else list(checks))
             self._first_answer(dc, "checks")
-        changed = health_changes(before, after, self._on_node.get(dc, {}))
-        identity = {(v[0], v[2]) for views in after.services.values() for v in views}
-        removed = any((v[0], v[2]) not in identity for name in changed for v in before.services.get(name, ()))
-        return changed, removed
+        return health_changes(before, after, self._on_node.get(dc, {}))
 
     def watch_also(self, services: frozenset[str]) -> None:
         """Also follow these services (named by routes from elsewhere than tags), from now on."""
@@ -582,6 +483,7 @@ class Watcher(_NodeReads):
             finally:
                 self._reading.discard(key)
             backoff.reset()
+            self._read_at[key] = next(self._reads_done)
             self._outage.succeeded(_query("health", dc))
             if name in self._wanted.get(dc, ()):
                 self._read(name, dc, entries)

@@ -531,6 +531,61 @@ class TestRawStateAny:
             assert h.nothing_handed_over()
 
 
+class SlowNodes(RawConsul):
+    """A RawConsul whose node reads, while `gate` is set to an unset Event, answer with what Consul held when
+    asked, but arrive only once the gate opens."""
+
+    gate: asyncio.Event | None = None
+
+    async def node_services(self, node: str, dc: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        answer = await super().node_services(node, dc)
+        if self.gate is not None:
+            await self.gate.wait()
+        return answer
+
+
+class TestResyncByNode:
+    """A resync by node takes time; what happens meanwhile is not undone by its answers, and not lost."""
+
+    async def test_a_service_read_alone_meanwhile_keeps_that_read(self) -> None:
+        """s001-1 deregistered while node reads are under way: its read alone is handed over, and the node
+        answers, older, do not bring the instance back."""
+        health = many(80, nodes=3)
+        consul = SlowNodes(health)
+        async with running(Harness(consul, consul)) as h:
+            await h.started()
+            consul.gate = asyncio.Event()
+            consul.rewrite()
+            await h.until(lambda: consul.reads["<node n0>"] == 2)
+
+            changed = with_health(health, s001=[health["s001"][0]])
+            consul.change(s001=changed["s001"])
+            await h.until(lambda: h.current == expected(changed))
+            consul.gate.set()
+            await h.settle()  # (not idle while the resync is under way)
+
+            assert h.current == expected(changed)
+
+    async def test_a_move_nothing_explains_during_a_resync_is_read_again_after_it(self) -> None:
+        """legacy-2 (no check of its own) goes while node reads asked before are under way: once they are
+        applied, the datacenter is read by node again, and legacy-2 leaves."""
+        legacy = [instance("legacy", "legacy-1", 5001, node="n0", own_check=False),
+                  instance("legacy", "legacy-2", 5002, node="n1", own_check=False)]
+        health = with_health(many(80, nodes=3), legacy=legacy)
+        consul = SlowNodes(health)
+        async with running(Harness(consul, consul)) as h:
+            await h.started()
+            consul.gate = asyncio.Event()
+            with capture_logs() as logs:
+                consul.rewrite()
+                await h.until(lambda: consul.reads["<node n1>"] == 2)
+                consul.change(legacy=[legacy[0]])
+                await h.until(lambda: sum(e["event"] == "catalog_resync" for e in logs) == 2)
+                consul.gate.set()
+
+                await h.until(lambda: h.current == expected(with_health(health, legacy=[legacy[0]])))
+
+
 class TestChanges:
     """Each change hands over one delta naming only the services that changed; an unchanged answer hands over
     nothing and reads nothing."""
@@ -736,9 +791,10 @@ class TestWorkFollowsChanges:
             assert h.reads() - reads == Counter({"api": 1, "web": 1})
             assert h.nothing_handed_over()
 
-    async def test_a_deregistration_coalesced_with_a_later_change_reads_only_what_changed(self) -> None:
-        """web-2 deregistered, then api's check changed, both before state/any answers: its one answer shows web-2's
-        check gone and sits past the catalog's move, which that removal explains; nothing else is read."""
+    async def test_a_deregistration_coalesced_with_a_later_change_is_read_again_as_unexplained(self) -> None:
+        """web-2 deregistered, then api's check changed, both before state/any answers: the deregistration's
+        index is in neither answer, so nothing tells it from an instance without checks going at that index,
+        and every routed service is read again; both changes are handed over."""
         async with running(Harness.single()) as h:
             await h.started()
             reads = h.reads()
@@ -748,11 +804,26 @@ class TestWorkFollowsChanges:
                 h.consul.change(api=[instance("api", "api-1", 9001, "critical")])
                 await h.until(lambda: h.current == expected(with_health(
                     HEALTH, web=[HEALTH["web"][0]], api=[instance("api", "api-1", 9001, "critical")])))
-                await asyncio.sleep(1.0)  # past the explanation's deadline (explain_max 0.6 s)
+                await h.until(lambda: any(e["event"] == "catalog_resync" for e in logs))
                 await h.settle()
 
-            assert h.reads() - reads == Counter({"web": 1, "api": 1})
-            assert not [e for e in logs if e["event"] == "catalog_resync"]
+            assert h.reads() - reads == Counter({"web": 2, "api": 2})
+
+    async def test_an_instance_without_checks_going_is_not_hidden_by_another_removal(self) -> None:
+        """legacy-2 (no check of its own) goes and the catalog answers at its index; then web-2 goes and
+        state/any answers once, past both: web-2's removal does not explain legacy-2's, which is found."""
+        legacy = [instance("legacy", "legacy-1", 5001, own_check=False),
+                  instance("legacy", "legacy-2", 5002, own_check=False)]
+        base = with_health(HEALTH, legacy=legacy)
+        async with running(Harness.single(base)) as h:
+            await h.started()
+
+            h.consul.change(legacy=[legacy[0]])
+            await h.until(lambda: h.consul.waiting.get("catalog") == h.consul.tables["catalog"])
+            h.consul.change(web=[HEALTH["web"][0]])
+
+            await h.until(lambda: h.current == expected(with_health(base, legacy=[legacy[0]],
+                                                                    web=[HEALTH["web"][0]])))
 
     async def test_a_re_registration_reads_only_that_service(self, harness: Harness) -> None:
         """A new port rewrites the instance's checks (their ModifyIndex): the catalog's move is explained."""
