@@ -197,7 +197,6 @@ class CheckChanges:
     services: frozenset[str]
     nodes: frozenset[str]
     written: frozenset[int]
-    removed: bool = False  # some check is gone (its deletion's index is nowhere in the answer)
 
 
 def changed_checks(before: StateAny, after: StateAny) -> CheckChanges | None:
@@ -211,10 +210,6 @@ def changed_checks(before: StateAny, after: StateAny) -> CheckChanges | None:
     services: set[str] = set()
     nodes: set[str] = set()
     written: set[int] = set()
-    # (node, check id, CreateIndex) of the new or rewritten checks, and of the old texts: those not rewritten are
-    # removed (a check deregistered and registered again between two answers is created anew: removed too).
-    kept: set[tuple[str, str, int]] = set()
-    gone: set[tuple[str, str, int]] = set()
     for part, is_new in [*((p, True) for p in added), *((p, False) for p in removed)]:
         try:
             check = orjson.loads(b'{"Node":' + part + b"}")
@@ -227,8 +222,6 @@ def changed_checks(before: StateAny, after: StateAny) -> CheckChanges | None:
             services.add(name)
         else:
             nodes.add(str(check.get("Node", "")))
-        (kept if is_new else gone).add((str(check.get("Node", "")), str(check.get("CheckID", "")),
-                                        _int(check.get("CreateIndex"))))
         if is_new:
             written.add(_int(check.get("ModifyIndex")))
-    return CheckChanges(frozenset(services), frozenset(nodes), frozenset(written), removed=bool(gone - kept))
+    return CheckChanges(frozenset(services), frozenset(nodes), frozenset(written))

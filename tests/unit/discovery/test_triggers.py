@@ -248,22 +248,6 @@ class TestChangedChecks:
         assert changes is not None
         assert (set(changes.services), set(changes.nodes), set(changes.written)) == (services, nodes, written)
 
-    @pytest.mark.parametrize(
-        ("after", "removed"),
-        [
-            (WEB[:2], True),
-            ([*WEB[:2], svc_check("api", "api-1", "critical", ModifyIndex=9)], False),
-            ([*WEB, svc_check("db", "db-1", ModifyIndex=10)], False),
-            ([*WEB[:2], svc_check("api", "api-1", ModifyIndex=12, CreateIndex=12)], True),
-        ],
-        ids=["a-check-gone", "a-check-rewritten", "a-check-added", "a-check-gone-and-created-again"],
-    )
-    def test_says_whether_a_check_was_removed(self, after: list[dict[str, Any]], removed: bool) -> None:
-        """A check gone (not merely rewritten) is said: its deletion's index is in neither answer."""
-        before, now = StateAny(as_consul_writes(WEB, "compact")), StateAny(as_consul_writes(after, "compact"))
-        changes = changed_checks(before, now)
-        assert changes is not None and changes.removed is removed
-
     @pytest.mark.parametrize("body", [b'[ {"Node": "n"} ]', b'{"not": "a list"}', b"[1, 2]"],
                              ids=["other-spacing", "object", "numbers"])
     def test_an_unknown_layout_is_left_to_a_whole_decode(self, body: bytes) -> None:
