@@ -34,10 +34,10 @@ class Verdict(Enum):
 def counts_against_instance(err: ProxyError, *, connected: bool, reused: bool) -> bool:
     """Whether a failure is the instance's fault (toward ejection). A refusal, reset or connect timeout is;
     a pooled connection the upstream had already dropped is not; an instance that accepts but does not answer
-    is (Envoy's consecutive gateway failures: otherwise a hung backend keeps 1/N of requests waiting). An HTTP/2
-    stream the instance refused is not: it answers, and refuses when at its stream limit or going away."""
-    if isinstance(err, UpstreamStreamRefused):
-        return False
+    is (Envoy's consecutive gateway failures: otherwise a hung backend keeps 1/N of requests waiting). So is an
+    HTTP/2 stream the instance refused: ejection needs `eject_after` failures in a row, which an instance refusing
+    now and then at its stream limit never reaches, and one refusing every stream would otherwise keep taking its
+    share of calls, each retried on the pool's budget."""
     if isinstance(err, UpstreamConnectError | UpstreamConnectTimeout):
         return not (connected and reused)
     return isinstance(err, UpstreamTimeout) and not isinstance(err, RequestTimeout) and connected

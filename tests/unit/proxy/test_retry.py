@@ -85,7 +85,7 @@ def test_a_timeout_stops_every_later_retry() -> None:
         (UpstreamTimeout("hung"), True, False, True),
         (RequestTimeout("client"), True, False, False),
         (UpstreamProtocolError("garbage"), True, False, False),
-        (UpstreamStreamRefused("at its stream limit"), True, False, False),
+        (UpstreamStreamRefused("at its stream limit"), True, False, True),
         (UpstreamStreamRefused("going away"), True, True, False),
     ],
     ids=["refused", "connect-timeout", "stale-pooled", "reset-fresh", "hung", "client-timeout", "bad-response",
