@@ -124,17 +124,22 @@ def read_manifest(build_dir: Path = BUILD_DIR) -> tuple[dict[str, Any] | None, s
         return None, f"unreadable manifest {path}: {exc}"
     if manifest.get("cache_tag") != sys.implementation.cache_tag:
         return None, f"compiled for {manifest.get('cache_tag')}, this is {sys.implementation.cache_tag}"
+    if manifest.get("tree") != tree_hash():  # (it covers the compiled modules' sources too)
+        return None, _what_changed(manifest)
+    return manifest, ""
+
+
+def _what_changed(manifest: dict[str, Any]) -> str:
+    """Why a build no longer matches the source: a compiled module's source, named, else some other module."""
     sources: dict[str, str] = manifest.get("sources", {})
     for module in manifest.get("modules", {}):
         try:
             current = source_hash(module)
         except OSError:
-            return None, f"the source of {module} is missing"
+            return f"the source of {module} is missing"
         if sources.get(module) != current:
-            return None, f"{source_path(module).relative_to(ROOT)} changed since the build (python -m proxy.build)"
-    if manifest.get("tree") != tree_hash():
-        return None, "a module of proxy/ or discovery/ changed since the build (python -m proxy.build)"
-    return manifest, ""
+            return f"{source_path(module).relative_to(ROOT)} changed since the build (python -m proxy.build)"
+    return "a module of proxy/ or discovery/ changed since the build (python -m proxy.build)"
 
 
 def select(environ: Mapping[str, str] = os.environ, build_dir: Path = BUILD_DIR) -> Build:

@@ -94,7 +94,7 @@ class TestSelection:
 
     @pytest.mark.parametrize(("changes", "why"), [
         ({"cache_tag": "cpython-20"}, "compiled for cpython-20"),
-        ({"sources": {"proxy.headers": "0" * 64}}, "proxy/headers.py changed since the build"),
+        ({"sources": {"proxy.headers": "0" * 64}, "tree": "0" * 64}, "proxy/headers.py changed since the build"),
         ({"tree": "0" * 64}, "a module of proxy/ or discovery/ changed since the build"),
     ], ids=["other-python", "edited-source", "edited-interpreted-module"])
     def test_a_build_that_does_not_fit_is_not_loaded(self, tmp_path: Path, changes: dict[str, object],
