@@ -50,7 +50,7 @@ from ..timeouts import check_timeout
 from .codec import MemoDecoder, PlainEncoder
 from .frames import LeanH2Connection
 from .head import HeadMemo, Malformed, check_trailers
-from .limits import H2Limits, Rate
+from .limits import H2Limits, Rate, window_reopened
 from .stream import LOW_WATER, Stream
 
 if TYPE_CHECKING:
@@ -378,15 +378,7 @@ def _stream_ended(conn: H2ClientConnection, event: StreamEnded) -> None:
 
 
 def _window_updated(conn: H2ClientConnection, event: WindowUpdated) -> None:
-    """A window reopened: the streams it holds back send what they can."""
-    if event.stream_id:
-        stream = conn.streams.get(event.stream_id)
-        if stream is not None and stream.pending:
-            stream.pump()
-        return
-    for stream in list(conn.streams.values()):
-        if stream.pending:
-            stream.pump()
+    window_reopened(conn.streams, event.stream_id)
 
 
 def _control_frame(conn: H2ClientConnection, event: Any) -> None:

@@ -1,11 +1,13 @@
 """The limits an HTTP/2 client connection enforces, as one frozen value a reload replaces whole; and the one rule
-both directions follow for what the peer's flow-control windows let out. Pure."""
+both directions follow for what the peer's flow-control windows let out, and when a reopened window lets them
+out. Pure."""
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
     from h2.connection import H2Connection
@@ -56,3 +58,24 @@ def window_chunk(h2: H2Connection, stream_id: int, pending: collections.deque[by
         return chunk
     pending[0] = chunk[window:]
     return chunk[:window]
+
+
+class Held(Protocol):
+    """A stream whose DATA the windows may hold back (client streams and upstream gRPC streams)."""
+
+    pending: collections.deque[bytes]
+
+    def pump(self) -> None: ...
+
+
+def window_reopened(streams: Mapping[int, Held], stream_id: int) -> None:
+    """A WINDOW_UPDATE arrived for `stream_id` (0: the connection's window): the streams it held back send what
+    they now can."""
+    if stream_id:
+        stream = streams.get(stream_id)
+        if stream is not None and stream.pending:
+            stream.pump()
+        return
+    for stream in list(streams.values()):
+        if stream.pending:
+            stream.pump()

@@ -50,7 +50,7 @@ from h2.settings import SettingCodes, Settings
 
 from ..errors import ProxyError, UpstreamConnectError, UpstreamProtocolError, UpstreamStreamRefused, UpstreamTimeout
 from ..h1.upstream import FRAMING_NONE, PoolKey, open_connection
-from .limits import window_chunk
+from .limits import window_chunk, window_reopened
 
 log = structlog.get_logger("ferryman.proxy")
 
@@ -300,7 +300,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                         else UpstreamConnectError
                     stream.on_lost(kind(f"upstream reset the stream ({_code(event.error_code)})"))
             elif isinstance(event, WindowUpdated):
-                self._window_updated(event.stream_id)
+                window_reopened(self.streams, event.stream_id)
             elif isinstance(event, RemoteSettingsChanged):
                 self.pool.wake(self.key)  # the instance may allow more streams now
             elif isinstance(event, ConnectionTerminated):
@@ -361,16 +361,6 @@ class H2UpstreamConnection(asyncio.Protocol):
             transport.write(data)
 
     # --- internals ---
-    def _window_updated(self, stream_id: int) -> None:
-        if stream_id:
-            stream = self.streams.get(stream_id)
-            if stream is not None and stream.pending:
-                stream.pump()
-            return
-        for stream in list(self.streams.values()):
-            if stream.pending:
-                stream.pump()
-
     def _stream_over(self, stream: UpstreamStream, *, reset: bool = False) -> None:
         if self.streams.get(stream.id) is not stream:
             return
