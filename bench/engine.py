@@ -92,16 +92,22 @@ class AnsweringPool(UpstreamPool):
     def release(self, conn: Any, reusable: bool) -> None: ...
 
 
-async def run(requests: int) -> None:
+def proxy_context() -> ProxyContext:
+    """One service `web` of two instances on `urlprefix-/`, answered by AnsweringPool; no access log (also
+    bench/engine_h2.py's)."""
     snapshot = Snapshot((ServiceRoutes("web", (parse_route_tag("urlprefix-/"),), (
         Endpoint("web", "a", "127.0.0.1", 9001), Endpoint("web", "b", "127.0.0.1", 9002))),))
     pools = Pools()
     pools.reconcile(snapshot)
-    ctx = ProxyContext(
+    return ProxyContext(
         router=Router(RoutingTable.from_snapshot(snapshot, 1)), pools=pools, upstream=AnsweringPool(),
         metrics=Metrics(registry=CollectorRegistry()), listen_port=8080, proto="http", access_log=None,
         loop=asyncio.get_running_loop(),
     )
+
+
+async def run(requests: int) -> None:
+    ctx = proxy_context()
     conn = ClientConnection(ctx, ProxyServer(ctx))
     conn.connection_made(FakeTransport())
     for _ in range(2000):  # warm-up: caches, the route memo

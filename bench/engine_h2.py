@@ -15,25 +15,18 @@ access log is off), with the garbage collector settled as a worker settles it. T
 from __future__ import annotations
 
 import argparse
-import asyncio
 import pstats
 import sys
 import time
 from typing import Any
 
-from engine import AnsweringPool, FakeTransport  # bench/engine.py, beside this script
+from engine import FakeTransport, proxy_context  # bench/engine.py, beside this script
 from hpack import Encoder
 from hyperframe.frame import HeadersFrame, SettingsFrame, WindowUpdateFrame
-from prometheus_client import CollectorRegistry
 
-from discovery.model import Endpoint, ServiceRoutes, Snapshot
-from discovery.tags import parse_route_tag
 from proxy.h2.connection import H2ClientConnection
 from proxy.h2.limits import PREFACE
-from proxy.listener import DEFAULT_H2, ProxyContext, ProxyServer, Router
-from proxy.metrics import Metrics
-from proxy.pool import Pools
-from proxy.table import RoutingTable
+from proxy.listener import DEFAULT_H2, ProxyServer
 from proxy.workers import _settle_gc as settle_gc
 from proxy.workers import run_event_loop
 
@@ -64,15 +57,7 @@ def client_reads(requests: int, streams: int) -> tuple[bytes, list[bytes]]:
 
 
 async def run(requests: int, streams: int, profile: bool) -> None:
-    snapshot = Snapshot((ServiceRoutes("web", (parse_route_tag("urlprefix-/"),), (
-        Endpoint("web", "a", "127.0.0.1", 9001), Endpoint("web", "b", "127.0.0.1", 9002))),))
-    pools = Pools()
-    pools.reconcile(snapshot)
-    ctx = ProxyContext(
-        router=Router(RoutingTable.from_snapshot(snapshot, 1)), pools=pools, upstream=AnsweringPool(),
-        metrics=Metrics(registry=CollectorRegistry()), listen_port=8080, proto="http", access_log=None,
-        loop=asyncio.get_running_loop(),
-    )
+    ctx = proxy_context()
     assert DEFAULT_H2 is not None
     conn = H2ClientConnection(ctx, ProxyServer(ctx), DEFAULT_H2)
     transport = FakeTransport()

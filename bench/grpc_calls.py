@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from concurrent import futures
 from pathlib import Path
 
 # The process-tree CPU reading and port helpers bench/http2.py measures with (one copy for both benches).
-from http2 import cpu_seconds, free_port, wait_port
+from http2 import cpu_seconds, free_port, stop_all, wait_port
 
 
 def serve(port: int) -> None:
@@ -100,12 +99,7 @@ def main() -> None:
                     if row[0] not in best or row[1] > best[row[0]][1]:
                         best[row[0]] = row
         finally:
-            for proc in reversed(procs):
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(procs)
     direct, through = best["direct"], best["through ferryman"]
     print(f"{opts.calls} unary calls of {opts.size} bytes, {opts.concurrency} in flight, one channel, "
           f"best of {opts.rounds} rounds")

@@ -71,6 +71,17 @@ def wait_port(port: int, timeout: float = 15) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the processes this script started, by their PIDs, the last started first (SIGTERM, then SIGKILL
+    after 10 s)."""
+    for proc in reversed(procs):
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def nginx_conf(tmp: Path, name: str, body: str) -> Path:
     conf = tmp / f"{name}.conf"
     conf.write_text(f"""
@@ -163,12 +174,7 @@ def main() -> None:
                 for name, pid, args in plan:
                     runs.setdefault(name, []).append(measure(name, pid, args))
         finally:
-            for proc in reversed(procs):
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(procs)
     rows = {name: tuple(statistics.median(r[i] for r in rs) for i in (1, 2, 3)) for name, rs in runs.items()}
     print(f"{'proxy':<26}{'req/CPU-s':>12}{'req/s':>10}{'CPU s':>8}   (median of {opts.rounds})")
     for name, (per_cpu, per_s, cpu) in rows.items():

@@ -1525,9 +1525,6 @@ def render(runs: dict[str, list[Run]], mem: dict[str, Any], workers: int, durati
             return rs["ferryman"].per_cpu / rs["nginx"].per_cpu
         return None
 
-    def verdict(ok: bool | None) -> str:
-        return "n/a" if ok is None else ("yes" if ok else "no")
-
     r1 = ratio("1k-c64")
     out.append(f"| req per CPU-s ≥ 25% of nginx (1 KiB, c64, Ferryman {workers} worker(s)) | "
                f"{'n/a' if r1 is None else f'{100 * r1:.1f}%'} | "
@@ -1566,11 +1563,13 @@ def render(runs: dict[str, list[Run]], mem: dict[str, Any], workers: int, durati
     return "\n".join(out)
 
 
+def verdict(ok: bool | None) -> str:
+    """A target table's "met" column: n/a when not measured."""
+    return "n/a" if ok is None else ("yes" if ok else "no")
+
+
 def issue18_targets(r1: float | None, p99_delta: float | None, c2: tuple[Row, Row] | None) -> list[str]:
     """The goals of issue 18 (a compiled hot path), from the same rounds as issue 3's table."""
-    def verdict(ok: bool | None) -> str:
-        return "n/a" if ok is None else ("yes" if ok else "no")
-
     out = ["", "## Against the targets of issue 18", "", "| target | measured | met |", "|---|---|---|"]
     out.append(f"| req per CPU-s ≥ 50% of nginx (1 KiB, c64, access log on) | "
                f"{'n/a' if r1 is None else f'{100 * r1:.1f}%'} | {verdict(None if r1 is None else r1 >= 0.5)} |")
