@@ -154,6 +154,23 @@ class ProxyV2Backend(LineServer):
             conn.sendall(data)
 
 
+def client_hello(name: str | None, context: ssl.SSLContext | None = None,
+                 ) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
+    """A client's TLS state and the ClientHello it sends first (SNI `name`, or none); `context` checks the
+    server's certificate, by default nothing is checked."""
+    if context is None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return tls, incoming, outgoing, outgoing.read()
+    raise AssertionError("a TLS client finished its handshake with no server")
+
+
 def handshake_in_byte_segments(port: int, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
                                hello: bytes) -> bytes:
     """A TLS handshake through 127.0.0.1:`port` whose ClientHello (`hello`, read off `outgoing`) goes one byte

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import ssl
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 
 from .certs import TestCA, describe
 from .harness import ConsulAgent, FerrymanProcess, free_port, wait_until
-from .tcp_peers import ProxyV2Backend, Redis, TlsEcho, handshake_in_byte_segments
+from .tcp_peers import ProxyV2Backend, Redis, TlsEcho, client_hello, handshake_in_byte_segments
 
 pytestmark = pytest.mark.integration
 
@@ -211,18 +210,6 @@ def _tls_exchange(port: int, name: str | None, ca: TestCA, line: bytes = b"hello
         return describe(der).serial, tls.makefile("rb").readline()
 
 
-def _client_hello(name: str | None) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
-    """A client's TLS state and the ClientHello it would send first (SNI `name`, or none)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return tls, incoming, outgoing, outgoing.read()
-
-
 class TestSniPassThrough:
     """TLS connections routed by the ClientHello's server name, never decrypted."""
 
@@ -243,15 +230,15 @@ class TestSniPassThrough:
     ) -> None:
         """A ClientHello trickling in one byte per segment is still read, routed and replayed whole."""
         ca, _, _ = tls_backends
-        tls, incoming, outgoing, hello = _client_hello("a.tls.test")
+        tls, incoming, outgoing, hello = client_hello("a.tls.test")
         der = handshake_in_byte_segments(ports.sni, tls, incoming, outgoing, hello)
         assert describe(der).serial == x509_serial(ca, "a")
 
     @pytest.mark.parametrize(
         "send",
         [
-            pytest.param(lambda: _client_hello(None)[3], id="no-sni"),
-            pytest.param(lambda: _client_hello("nobody.example")[3], id="unknown-name"),
+            pytest.param(lambda: client_hello(None)[3], id="no-sni"),
+            pytest.param(lambda: client_hello("nobody.example")[3], id="unknown-name"),
             pytest.param(lambda: b"GET / HTTP/1.1\r\nHost: a.tls.test\r\n\r\n", id="not-tls"),
             pytest.param(lambda: b"\x16\x03\x01\x00\x09\x01\x00\x00\x05\x03\x03\x00\x00\x00", id="truncated"),
             pytest.param(lambda: b"\x16\x03\x01\x3e\x80\x01\x00\x9c\x40" + bytes(16_000 - 4), id="oversized"),

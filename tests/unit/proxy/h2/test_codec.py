@@ -52,23 +52,20 @@ class TestMemoDecoder:
         first.clear()
         assert plain(memo.decode(block, raw=True)) == GET
 
-    def test_a_lower_header_list_limit_applies_to_a_block_seen_before(self) -> None:
+    @pytest.mark.parametrize(("limit", "value", "error"), [
+        ("max_header_list_size", 100, OversizedHeaderListError),
+        ("max_allowed_table_size", 16, InvalidTableSizeError),
+    ], ids=["header-list", "table"])
+    def test_a_lower_limit_applies_to_a_block_seen_before(self, limit: str, value: int,
+                                                          error: type[Exception]) -> None:
+        """A limit lowered (SETTINGS_MAX_HEADER_LIST_SIZE, or SETTINGS_HEADER_TABLE_SIZE acknowledged): a block
+        remembered under the old one is checked anew and refused."""
         encoder, memo = Encoder(), MemoDecoder()
         memo.decode(encoder.encode(GET), raw=True)
         block = encoder.encode(GET)
         memo.decode(block, raw=True)
-        memo.max_header_list_size = 100
-        with pytest.raises(OversizedHeaderListError):
-            memo.decode(block, raw=True)
-
-    def test_a_lower_table_limit_applies_to_a_block_seen_before(self) -> None:
-        """SETTINGS_HEADER_TABLE_SIZE lowered and acknowledged: a client that did not shrink its table is refused."""
-        encoder, memo = Encoder(), MemoDecoder()
-        memo.decode(encoder.encode(GET), raw=True)
-        block = encoder.encode(GET)
-        memo.decode(block, raw=True)
-        memo.max_allowed_table_size = 16
-        with pytest.raises(InvalidTableSizeError):
+        setattr(memo, limit, value)
+        with pytest.raises(error):
             memo.decode(block, raw=True)
 
     @pytest.mark.parametrize("block", [b"\x80", b"\x82\x80", b"\xff\x7f", b"\xfe"],
